@@ -1,0 +1,187 @@
+//! Server configuration: TOML file, CLI overrides, embedded defaults.
+//!
+//! Parsed once and validated into [`ServerConfig`], which the runtime and
+//! the core accept; errors name the offending key and value.
+
+use crate::core::NodeConfig;
+use canopy_client::protocol::FRAME_LEN_MAX_DEFAULT;
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+
+/// The default client listen address.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:4400";
+
+/// The configuration file as written (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The node's name.
+    pub name: Option<String>,
+    /// The client listen address.
+    pub listen: Option<String>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: FileLimits,
+    /// Retention buffer.
+    #[serde(default)]
+    pub retention: FileRetention,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    /// Largest frame, bytes.
+    pub frame_len_max: Option<usize>,
+    /// Outbound queue per client, frames.
+    pub queue_frames_max: Option<usize>,
+    /// Subscriptions per connection.
+    pub subscriptions_per_session_max: Option<usize>,
+    /// Publishers remembered for deduplication.
+    pub publishers_max: Option<usize>,
+    /// Watermark period, milliseconds.
+    pub watermark_interval_ms: Option<u64>,
+}
+
+/// `[retention]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetention {
+    /// Messages retained at most.
+    pub count_max: Option<usize>,
+    /// Bytes retained at most.
+    pub bytes_max: Option<usize>,
+}
+
+/// A validated server configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The client listen address.
+    pub listen: String,
+    /// Frames queued per client before it counts as slow.
+    pub queue_frames_max: usize,
+    /// The core's settings.
+    pub node: NodeConfig,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("`{key}` = {value} is out of range: {why}")]
+    Range {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// The allowed range.
+        why: &'static str,
+    },
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Fills defaults and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError::Range`] naming the first bad value.
+    pub fn validate(self, stream: u64) -> Result<ServerConfig, ConfigError> {
+        let d = NodeConfig::default();
+        let frame_len_max = self.limits.frame_len_max.unwrap_or(FRAME_LEN_MAX_DEFAULT);
+        range("limits.frame_len_max", frame_len_max, 4096, 64 << 20, "4096 to 64 MiB")?;
+        let queue_frames_max = self.limits.queue_frames_max.unwrap_or(1024);
+        range("limits.queue_frames_max", queue_frames_max, 1, 1 << 20, "1 to 1048576")?;
+        let subs = self.limits.subscriptions_per_session_max.unwrap_or(d.subscriptions_per_session_max);
+        range("limits.subscriptions_per_session_max", subs, 1, 1 << 20, "1 to 1048576")?;
+        let publishers = self.limits.publishers_max.unwrap_or(d.publishers_max);
+        range("limits.publishers_max", publishers, 1, 1 << 24, "1 to 16777216")?;
+        let wm = self
+            .limits
+            .watermark_interval_ms
+            .unwrap_or(d.watermark_interval.as_millis() as u64);
+        range("limits.watermark_interval_ms", wm as usize, 10, 3_600_000, "10 ms to 1 hour")?;
+        let count = self.retention.count_max.unwrap_or(d.retention_count_max);
+        range("retention.count_max", count, 1, 1 << 32, "1 to 2^32")?;
+        let bytes = self.retention.bytes_max.unwrap_or(d.retention_bytes_max);
+        range("retention.bytes_max", bytes, 4096, 1 << 40, "4 KiB to 1 TiB")?;
+        Ok(ServerConfig {
+            listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
+            queue_frames_max,
+            node: NodeConfig {
+                name: self.name.unwrap_or_else(|| "canopy".to_owned()),
+                stream,
+                frame_len_max,
+                retention_count_max: count,
+                retention_bytes_max: bytes,
+                subscriptions_per_session_max: subs,
+                publishers_max: publishers,
+                batch_len_max: d.batch_len_max,
+                watermark_interval: Duration::from_millis(wm),
+            },
+        })
+    }
+}
+
+fn range(key: &'static str, value: usize, min: usize, max: usize, why: &'static str) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::Range {
+            key,
+            value: value.to_string(),
+            why,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/single.toml");
+        let cfg = FileConfig::load(&path).expect("parses").validate(1).expect("valid");
+        assert_eq!(cfg.listen, LISTEN_DEFAULT);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = toml::from_str::<FileConfig>("listen = \"x\"\nbogus = 1").expect_err("unknown key");
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let cfg: FileConfig = toml::from_str("[limits]\nqueue_frames_max = 0").expect("parses");
+        let err = cfg.validate(1).expect_err("out of range");
+        assert!(err.to_string().contains("limits.queue_frames_max"), "{err}");
+    }
+}

@@ -1,0 +1,818 @@
+//! `Node`: the sans-IO state machine of a single Canopy node.
+//!
+//! It owns the sessions of one node, the one total order (it assigns every
+//! accepted publish the next `seq`), publisher deduplication, the retention
+//! buffer and fan-out. It leaves sockets, queues and time to the shell.
+//!
+//! # Driving it
+//! The shell calls `handle_open` when it accepts a connection, `handle_frame`
+//! for every decoded frame, `handle_bad_input` when a frame could not be
+//! decoded, `handle_closed` when a connection ends, `handle_queue_full` when a
+//! transmit did not fit the session's outbound queue, and `handle_timeout`
+//! once `poll_timeout` has passed. After any input it drains `poll_output`
+//! until `None`, executing each output in the order given.
+//!
+//! # Invariants
+//! - Sequence numbers are assigned once, contiguously, in acceptance order,
+//!   and each session receives its deliveries in ascending seq order
+//!   (DESIGN.md guarantees 1 and 3).
+//! - A publish is acknowledged only after it is ordered and retained; a
+//!   retry of an acknowledged `(publisher, pub_seq)` is acknowledged again but
+//!   never ordered twice (guarantee 2).
+//! - Nothing a session receives is silently dropped: a session that cannot
+//!   keep up is either closed with `slow_consumer` or, if it chose
+//!   conflation, told the exact range it missed with a gap notice.
+//! - Every queue here is bounded: pending publishes by `batch_len_max`,
+//!   retention by count and bytes, subscriptions per session, publishers.
+
+use super::index::Index;
+use super::retention::{Ordered, Retention};
+use super::SessionId;
+use bytes::Bytes;
+use canopy_client::protocol::{
+    self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, PingHead, PubAck, PubSeq,
+    PublishHead, PublisherId, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
+};
+use canopy_client::topic::{Pattern, Topic};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Validated settings of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The node's name, told to clients in the handshake.
+    pub name: String,
+    /// The identity of this node's ordered stream (random per start).
+    pub stream: u64,
+    /// The largest frame content accepted and sent, in bytes.
+    pub frame_len_max: usize,
+    /// Retention bound: messages.
+    pub retention_count_max: usize,
+    /// Retention bound: bytes.
+    pub retention_bytes_max: usize,
+    /// Subscriptions one session may hold.
+    pub subscriptions_per_session_max: usize,
+    /// Publishers whose deduplication state is remembered.
+    pub publishers_max: usize,
+    /// Publishes ordered per fan-out batch at most.
+    pub batch_len_max: usize,
+    /// How often sessions are told the current position.
+    pub watermark_interval: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: "canopy".into(),
+            stream: 1,
+            frame_len_max: protocol::FRAME_LEN_MAX_DEFAULT,
+            retention_count_max: 1_000_000,
+            retention_bytes_max: 256 << 20,
+            subscriptions_per_session_max: 1024,
+            publishers_max: 100_000,
+            batch_len_max: 1024,
+            watermark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a transmit carries, which decides what a full queue means for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransmitKind {
+    /// Ordered messages `seqs.0..=seqs.1`.
+    Deliver,
+    /// A gap notice for `seqs.0..=seqs.1`.
+    Gap,
+    /// A watermark; harmless to drop, the next one supersedes it.
+    Watermark,
+    /// Anything else (handshake, acks, subscription answers, pongs).
+    Control,
+}
+
+/// An action for the shell.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Queue `frame` (length prefix included) on the session's outbound queue
+    /// without waiting. If the queue is full, call
+    /// [`Node::handle_queue_full`] with this transmit's kind and seqs.
+    Transmit {
+        /// The receiving session.
+        session: SessionId,
+        /// The encoded frame.
+        frame: Bytes,
+        /// What the frame carries.
+        kind: TransmitKind,
+        /// For deliveries and gaps: the first and last seq covered.
+        seqs: (Seq, Seq),
+    },
+    /// Close the session: send `frame` last if given, after what is already
+    /// queued when `drain` is set, or instead of it otherwise.
+    Close {
+        /// The session.
+        session: SessionId,
+        /// A final error frame.
+        frame: Option<Bytes>,
+        /// Whether queued frames go out before the final frame.
+        drain: bool,
+    },
+}
+
+struct Session {
+    /// Set by a valid `Hello`; nothing but `Hello` is accepted before.
+    hello: Option<SessionHello>,
+    patterns: Vec<Pattern>,
+    /// A conflating session's missed range, reported before its next delivery.
+    gap: Option<(Seq, Seq)>,
+    /// The acknowledgement owed after the current batch.
+    ack_due: Option<PubAck>,
+    /// Closed by the core; the `Close` output is queued.
+    closing: bool,
+}
+
+struct SessionHello {
+    publisher: PublisherId,
+    slow: SlowPolicy,
+}
+
+#[derive(Clone, Copy)]
+struct PublisherState {
+    last_pub_seq: PubSeq,
+    last_seq: Seq,
+}
+
+/// The single-node state machine. See the module docs for how to drive it.
+pub struct Node {
+    config: NodeConfig,
+    sessions: HashMap<SessionId, Session>,
+    index: Index,
+    publishers: HashMap<PublisherId, PublisherState>,
+    retention: Retention,
+    /// The last assigned seq.
+    head: Seq,
+    /// Ordered but not yet fanned out; at most `batch_len_max`.
+    pending: Vec<Ordered>,
+    /// Sessions with `ack_due` set.
+    acks_due: Vec<SessionId>,
+    outputs: VecDeque<Output>,
+    watermark_next: Duration,
+    watermark_sent: Seq,
+    fanout: Fanout,
+    stats: Stats,
+}
+
+/// Counters for logs, benchmarks and the dashboard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Publishes ordered.
+    pub published: u64,
+    /// Publishes recognised as retries and not ordered again.
+    pub duplicates: u64,
+    /// Delivery frames handed to the shell.
+    pub deliver_frames: u64,
+    /// Sessions cut off as slow consumers.
+    pub slow_consumers: u64,
+    /// Gap notices sent.
+    pub gaps: u64,
+    /// Sessions closed for bad input.
+    pub bad_input: u64,
+}
+
+impl Node {
+    /// A node with nothing ordered yet; `now` is its start time.
+    pub fn new(now: Duration, config: NodeConfig) -> Self {
+        Node {
+            index: Index::new(4096),
+            retention: Retention::new(config.retention_count_max, config.retention_bytes_max),
+            sessions: HashMap::new(),
+            publishers: HashMap::new(),
+            head: Seq(0),
+            pending: Vec::new(),
+            acks_due: Vec::new(),
+            outputs: VecDeque::new(),
+            watermark_next: now + config.watermark_interval,
+            watermark_sent: Seq(0),
+            fanout: Fanout::default(),
+            stats: Stats::default(),
+            config,
+        }
+    }
+
+    /// The last assigned sequence number.
+    pub fn head(&self) -> Seq {
+        self.head
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The number of open sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A connection was accepted. Call before any other input for `session`.
+    pub fn handle_open(&mut self, _now: Duration, session: SessionId) {
+        self.sessions.insert(
+            session,
+            Session {
+                hello: None,
+                patterns: Vec::new(),
+                gap: None,
+                ack_due: None,
+                closing: false,
+            },
+        );
+    }
+
+    /// A connection ended (by the peer or by the shell after a `Close`).
+    pub fn handle_closed(&mut self, _now: Duration, session: SessionId) {
+        if let Some(s) = self.sessions.remove(&session) {
+            for p in &s.patterns {
+                self.index.remove(p, session);
+            }
+        }
+    }
+
+    /// Bytes from `session` could not be decoded into a frame. The session is
+    /// closed with an error frame carrying `code` and `message`.
+    pub fn handle_bad_input(&mut self, _now: Duration, session: SessionId, code: ErrorCode, message: String) {
+        self.close_with_error(session, code, message);
+    }
+
+    /// A transmit of kind `kind` covering `seqs` did not fit `session`'s
+    /// outbound queue. Call at once, before the next `poll_output`.
+    pub fn handle_queue_full(&mut self, _now: Duration, session: SessionId, kind: TransmitKind, seqs: (Seq, Seq)) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if s.closing {
+            return;
+        }
+        let conflate = s.hello.as_ref().is_some_and(|h| h.slow == SlowPolicy::Conflate);
+        match kind {
+            TransmitKind::Watermark => {}
+            TransmitKind::Deliver | TransmitKind::Gap if conflate => {
+                s.gap = Some(match s.gap {
+                    Some((from, to)) => (from.min(seqs.0), to.max(seqs.1)),
+                    None => seqs,
+                });
+            }
+            _ => {
+                self.stats.slow_consumers += 1;
+                let frame = error_frame(ErrorCode::SlowConsumer, "outbound queue full: the client did not keep up");
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.closing = true;
+                    for p in std::mem::take(&mut s.patterns) {
+                        self.index.remove(&p, session);
+                    }
+                }
+                // Ahead of everything queued: what is queued for this session
+                // can no longer be delivered in order anyway.
+                self.outputs.push_front(Output::Close {
+                    session,
+                    frame: Some(frame),
+                    drain: false,
+                });
+            }
+        }
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        Some(self.watermark_next)
+    }
+
+    /// Time has reached `now`: sends watermarks when they are due.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if now < self.watermark_next {
+            return;
+        }
+        self.watermark_next = now + self.config.watermark_interval;
+        self.fan_out();
+        if self.head == self.watermark_sent {
+            return;
+        }
+        self.watermark_sent = self.head;
+        let frame = protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
+        for (&session, s) in &self.sessions {
+            if s.hello.is_some() && !s.closing {
+                self.outputs.push_back(Output::Transmit {
+                    session,
+                    frame: frame.clone(),
+                    kind: TransmitKind::Watermark,
+                    seqs: (self.head, self.head),
+                });
+            }
+        }
+    }
+
+    /// The next action for the shell, or `None` when there is nothing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        loop {
+            if self.outputs.is_empty() {
+                self.fan_out();
+            }
+            let out = self.outputs.pop_front()?;
+            match out {
+                Output::Transmit {
+                    session,
+                    kind: TransmitKind::Deliver,
+                    seqs,
+                    ..
+                } => {
+                    let Some(s) = self.sessions.get_mut(&session) else { continue };
+                    if s.closing {
+                        continue;
+                    }
+                    if let Some((from, _)) = s.gap.take() {
+                        // A conflating session missed something: this batch
+                        // joins the gap, and the notice goes in its place so
+                        // that the client hears of the gap before any later seq.
+                        self.stats.gaps += 1;
+                        let gap = GapHead { from, to: seqs.1 };
+                        return Some(Output::Transmit {
+                            session,
+                            frame: protocol::encode(kind::GAP, &gap, &[]),
+                            kind: TransmitKind::Gap,
+                            seqs: (from, seqs.1),
+                        });
+                    }
+                    return Some(out);
+                }
+                Output::Transmit { session, .. } => {
+                    if self.sessions.get(&session).is_some_and(|s| !s.closing) {
+                        return Some(out);
+                    }
+                }
+                Output::Close { session, .. } => {
+                    self.sessions.remove(&session);
+                    return Some(out);
+                }
+            }
+        }
+    }
+
+    /// A decoded frame arrived from `session`.
+    pub fn handle_frame(&mut self, _now: Duration, session: SessionId, frame: protocol::ClientFrame) {
+        use protocol::ClientFrame as F;
+        let Some(s) = self.sessions.get(&session) else { return };
+        if s.closing {
+            return;
+        }
+        match (frame, s.hello.is_some()) {
+            (F::Hello(hello), false) => self.on_hello(session, hello),
+            (F::Hello(_), true) => {
+                self.close_with_error(session, ErrorCode::DuplicateHello, "Hello sent twice".into())
+            }
+            (other, false) => self.close_with_error(
+                session,
+                ErrorCode::HandshakeRequired,
+                format!("{} before Hello: send Hello first", frame_name(&other)),
+            ),
+            (F::Subscribe(SubscribeHead { pattern }), true) => self.on_subscribe(session, &pattern),
+            (F::Unsubscribe(SubscribeHead { pattern }), true) => self.on_unsubscribe(session, &pattern),
+            (F::Publish(head, payload), true) => self.on_publish(session, head, payload),
+            (F::Ping(p), true) => self.control(session, kind::PONG, &p),
+            (F::Pong(PingHead { .. }), true) => {}
+        }
+    }
+
+    fn on_hello(&mut self, session: SessionId, hello: Hello) {
+        if hello.version != protocol::PROTOCOL_VERSION {
+            let msg = format!(
+                "client speaks protocol version {}, this server speaks {}",
+                hello.version,
+                protocol::PROTOCOL_VERSION
+            );
+            return self.close_with_error(session, ErrorCode::UnsupportedVersion, msg);
+        }
+        if hello.subscriptions.len() > self.config.subscriptions_per_session_max {
+            let msg = format!(
+                "{} subscriptions, at most {} per connection",
+                hello.subscriptions.len(),
+                self.config.subscriptions_per_session_max
+            );
+            return self.close_with_error(session, ErrorCode::TooManySubscriptions, msg);
+        }
+        let mut patterns = Vec::with_capacity(hello.subscriptions.len());
+        for text in &hello.subscriptions {
+            match Pattern::new(text) {
+                Ok(p) if !patterns.contains(&p) => patterns.push(p),
+                Ok(_) => {}
+                Err(e) => return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string()),
+            }
+        }
+        // Order what is pending first, so the replay below and the live
+        // stream after it meet exactly at `head`.
+        self.fan_out();
+        for p in &patterns {
+            self.index.insert(p, session);
+        }
+        let pub_acked = self
+            .publishers
+            .get(&hello.publisher)
+            .map_or(PubSeq(0), |p| p.last_pub_seq);
+        let welcome = Welcome {
+            version: protocol::PROTOCOL_VERSION,
+            server: self.config.name.clone(),
+            session: session.0,
+            stream: self.config.stream,
+            head: self.head,
+            pub_acked,
+            frame_len_max: u32::try_from(self.config.frame_len_max).unwrap_or(u32::MAX),
+        };
+        self.control(session, kind::WELCOME, &welcome);
+        let resume_after = hello
+            .resume
+            .filter(|r| r.stream == self.config.stream)
+            .map(|r| r.after);
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.patterns = patterns;
+            s.hello = Some(SessionHello {
+                publisher: hello.publisher,
+                slow: hello.slow,
+            });
+        }
+        if let Some(after) = resume_after {
+            self.replay(session, after);
+        }
+    }
+
+    /// Sends `session` what it missed after `after`: a gap notice for what
+    /// retention no longer holds, then the retained messages that match.
+    fn replay(&mut self, session: SessionId, after: Seq) {
+        if after >= self.head {
+            return;
+        }
+        let first_held = self.retention.first().unwrap_or(self.head.next());
+        if after.next() < first_held {
+            self.stats.gaps += 1;
+            let gap = GapHead {
+                from: after.next(),
+                to: Seq(first_held.0 - 1),
+            };
+            self.outputs.push_back(Output::Transmit {
+                session,
+                frame: protocol::encode(kind::GAP, &gap, &[]),
+                kind: TransmitKind::Gap,
+                seqs: (gap.from, gap.to),
+            });
+        }
+        let Some(s) = self.sessions.get(&session) else { return };
+        let mut builder = DeliverBuilder::default();
+        let mut first = Seq(0);
+        let limits = FrameLimits::new(self.config.frame_len_max);
+        for m in self.retention.after(after) {
+            if !s.patterns.iter().any(|p| p.matches(&m.topic)) {
+                continue;
+            }
+            if limits.full(&builder, m) {
+                let last = Seq(m.seq.0 - 1);
+                self.outputs.push_back(deliver(session, builder.finish(), first, last));
+            }
+            if builder.is_empty() {
+                first = m.seq;
+            }
+            builder.push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
+        }
+        if !builder.is_empty() {
+            self.outputs.push_back(deliver(session, builder.finish(), first, self.head));
+        }
+    }
+
+    fn on_subscribe(&mut self, session: SessionId, text: &str) {
+        let pattern = match Pattern::new(text) {
+            Ok(p) => p,
+            Err(e) => return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string()),
+        };
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if !s.patterns.contains(&pattern) {
+            if s.patterns.len() >= self.config.subscriptions_per_session_max {
+                let msg = format!(
+                    "at most {} subscriptions per connection",
+                    self.config.subscriptions_per_session_max
+                );
+                return self.close_with_error(session, ErrorCode::TooManySubscriptions, msg);
+            }
+            // Fan out what is pending under the old subscriptions, so that the
+            // new one starts exactly after `head` as the answer says.
+            self.fan_out();
+            self.index.insert(&pattern, session);
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.patterns.push(pattern);
+            }
+        }
+        let answer = SubscribedHead {
+            pattern: text.to_owned(),
+            head: self.head,
+        };
+        self.control(session, kind::SUBSCRIBED, &answer);
+    }
+
+    fn on_unsubscribe(&mut self, session: SessionId, text: &str) {
+        let pattern = match Pattern::new(text) {
+            Ok(p) => p,
+            Err(e) => return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string()),
+        };
+        self.fan_out();
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if let Some(i) = s.patterns.iter().position(|p| *p == pattern) {
+                s.patterns.swap_remove(i);
+                self.index.remove(&pattern, session);
+            }
+        }
+        let answer = SubscribedHead {
+            pattern: text.to_owned(),
+            head: self.head,
+        };
+        self.control(session, kind::UNSUBSCRIBED, &answer);
+    }
+
+    fn on_publish(&mut self, session: SessionId, head: PublishHead, payload: Bytes) {
+        let topic = match Topic::new(&head.topic) {
+            Ok(t) => t,
+            Err(e) => return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string()),
+        };
+        let Some(publisher) = self.sessions.get(&session).and_then(|s| s.hello.as_ref()).map(|h| h.publisher)
+        else {
+            return;
+        };
+        let state = self.publishers.get(&publisher).copied();
+        let ack = match state {
+            Some(p) if head.pub_seq <= p.last_pub_seq => {
+                // A retry of something already ordered: acknowledge, do not
+                // order again (guarantee 2).
+                self.stats.duplicates += 1;
+                PubAck {
+                    pub_seq: p.last_pub_seq,
+                    seq: p.last_seq,
+                }
+            }
+            Some(p) if head.pub_seq.0 != p.last_pub_seq.0 + 1 => {
+                let msg = format!(
+                    "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
+                    head.pub_seq.0, p.last_pub_seq.0
+                );
+                return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
+            }
+            _ => {
+                self.head = self.head.next();
+                self.stats.published += 1;
+                self.remember_publisher(publisher, head.pub_seq, self.head);
+                self.pending.push(Ordered {
+                    seq: self.head,
+                    topic: Arc::from(topic.as_str()),
+                    publisher,
+                    pub_seq: head.pub_seq,
+                    payload,
+                });
+                PubAck {
+                    pub_seq: head.pub_seq,
+                    seq: self.head,
+                }
+            }
+        };
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if s.ack_due.replace(ack).is_none() {
+                self.acks_due.push(session);
+            }
+        }
+        if self.pending.len() >= self.config.batch_len_max {
+            self.fan_out();
+        }
+    }
+
+    fn remember_publisher(&mut self, publisher: PublisherId, pub_seq: PubSeq, seq: Seq) {
+        if !self.publishers.contains_key(&publisher) && self.publishers.len() >= self.config.publishers_max {
+            // Forget the publisher that has been quiet longest. Its retries
+            // would be ordered again if it ever came back with old
+            // pub_seqs, which the bound makes a documented trade-off.
+            if let Some((&oldest, _)) = self.publishers.iter().min_by_key(|(_, p)| p.last_seq) {
+                self.publishers.remove(&oldest);
+            }
+        }
+        self.publishers.insert(
+            publisher,
+            PublisherState {
+                last_pub_seq: pub_seq,
+                last_seq: seq,
+            },
+        );
+    }
+
+    /// Fans the pending batch out to matching sessions, retains it, and
+    /// queues the acknowledgements it earned.
+    fn fan_out(&mut self) {
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            let limits = FrameLimits::new(self.config.frame_len_max);
+            let frames = self.fanout.run(&batch, &mut self.index, limits, &mut self.outputs);
+            self.stats.deliver_frames += frames;
+            for m in batch {
+                self.retention.push(m);
+            }
+        }
+        for session in self.acks_due.drain(..) {
+            let Some(ack) = self.sessions.get_mut(&session).and_then(|s| s.ack_due.take()) else {
+                continue;
+            };
+            self.outputs.push_back(Output::Transmit {
+                session,
+                frame: protocol::encode(kind::PUB_ACK, &ack, &[]),
+                kind: TransmitKind::Control,
+                seqs: (ack.seq, ack.seq),
+            });
+        }
+    }
+
+    fn control<H: serde::Serialize>(&mut self, session: SessionId, k: u8, head: &H) {
+        self.outputs.push_back(Output::Transmit {
+            session,
+            frame: protocol::encode(k, head, &[]),
+            kind: TransmitKind::Control,
+            seqs: (self.head, self.head),
+        });
+    }
+
+    fn close_with_error(&mut self, session: SessionId, code: ErrorCode, message: String) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if s.closing {
+            return;
+        }
+        if code != ErrorCode::SlowConsumer {
+            self.stats.bad_input += 1;
+        }
+        s.closing = true;
+        for p in std::mem::take(&mut s.patterns) {
+            self.index.remove(&p, session);
+        }
+        // Anything this session published before the bad frame is ordered
+        // and its acknowledgement goes out before the error (drain).
+        self.fan_out();
+        self.outputs.push_back(Output::Close {
+            session,
+            frame: Some(error_frame(code, &message)),
+            drain: true,
+        });
+    }
+}
+
+fn frame_name(f: &protocol::ClientFrame) -> &'static str {
+    use protocol::ClientFrame as F;
+    match f {
+        F::Hello(_) => "Hello",
+        F::Subscribe(_) => "Subscribe",
+        F::Unsubscribe(_) => "Unsubscribe",
+        F::Publish(..) => "Publish",
+        F::Ping(_) => "Ping",
+        F::Pong(_) => "Pong",
+    }
+}
+
+fn error_frame(code: ErrorCode, message: &str) -> Bytes {
+    protocol::encode(
+        kind::ERROR,
+        &ErrorFrame {
+            code,
+            message: message.to_owned(),
+        },
+        &[],
+    )
+}
+
+fn deliver(session: SessionId, frame: Bytes, first: Seq, last: Seq) -> Output {
+    Output::Transmit {
+        session,
+        frame,
+        kind: TransmitKind::Deliver,
+        seqs: (first, last),
+    }
+}
+
+/// How much one delivery frame may carry, leaving room for its head.
+#[derive(Clone, Copy)]
+struct FrameLimits {
+    body_max: usize,
+    msgs_max: usize,
+}
+
+impl FrameLimits {
+    fn new(frame_len_max: usize) -> Self {
+        // A head entry is at most 5 CBOR integers (<= 45 bytes): half of the
+        // frame for bodies and a message count whose head fits in the rest.
+        FrameLimits {
+            body_max: frame_len_max / 2,
+            msgs_max: (frame_len_max / 2 / 48).max(1),
+        }
+    }
+
+    /// Whether `m` must go into a new frame.
+    fn full(&self, b: &DeliverBuilder, m: &Ordered) -> bool {
+        !b.is_empty() && (b.len() >= self.msgs_max || b.body_len() + m.topic.len() + m.payload.len() > self.body_max)
+    }
+}
+
+/// Reusable scratch space for fanning a batch out.
+///
+/// A batch is grouped by the (cached, shared) set of sessions each message
+/// matches. In the common case every session matches one group, and each
+/// group's frame is encoded once and handed to all its sessions as the same
+/// `Bytes`. A session in several groups gets its own merged frame, cached by
+/// its group list so that sessions with the same list still share one.
+/// The work per batch is one index lookup per message plus one entry per
+/// (session, group) pair; nothing is done per session per message.
+#[derive(Default)]
+struct Fanout {
+    groups: Vec<(Arc<[SessionId]>, Vec<u32>)>,
+    group_of_set: HashMap<usize, usize>,
+    pairs: Vec<(SessionId, u32)>,
+    frames: HashMap<Vec<u32>, Vec<(Bytes, Seq, Seq)>>,
+    builder: DeliverBuilder,
+    merged: Vec<u32>,
+}
+
+impl Fanout {
+    /// Queues delivery transmits for `batch`; returns the frames encoded.
+    fn run(&mut self, batch: &[Ordered], index: &mut Index, limits: FrameLimits, out: &mut VecDeque<Output>) -> u64 {
+        self.groups.clear();
+        self.group_of_set.clear();
+        for (i, m) in batch.iter().enumerate() {
+            let set = index.lookup(&m.topic);
+            if set.is_empty() {
+                continue;
+            }
+            let key = Arc::as_ptr(&set) as *const () as usize;
+            let g = *self.group_of_set.entry(key).or_insert_with(|| {
+                self.groups.push((set, Vec::new()));
+                self.groups.len() - 1
+            });
+            self.groups[g].1.push(u32::try_from(i).expect("invariant: batches hold far fewer than 2^32 messages"));
+        }
+        let mut encoded = 0;
+        if self.groups.len() == 1 {
+            let (set, idx) = &self.groups[0];
+            let frames = encode_frames(&mut self.builder, batch, idx, limits);
+            encoded += frames.len() as u64;
+            for &session in set.iter() {
+                for (frame, first, last) in &frames {
+                    out.push_back(deliver(session, frame.clone(), *first, *last));
+                }
+            }
+            return encoded;
+        }
+        self.pairs.clear();
+        for (g, (set, _)) in self.groups.iter().enumerate() {
+            let g = g as u32;
+            self.pairs.extend(set.iter().map(|&s| (s, g)));
+        }
+        self.pairs.sort_unstable();
+        self.frames.clear();
+        let mut at = 0;
+        while at < self.pairs.len() {
+            let session = self.pairs[at].0;
+            let end = at + self.pairs[at..].iter().take_while(|(s, _)| *s == session).count();
+            let key: Vec<u32> = self.pairs[at..end].iter().map(|(_, g)| *g).collect();
+            if !self.frames.contains_key(&key) {
+                self.merged.clear();
+                for &g in &key {
+                    self.merged.extend_from_slice(&self.groups[g as usize].1);
+                }
+                self.merged.sort_unstable();
+                let frames = encode_frames(&mut self.builder, batch, &self.merged, limits);
+                encoded += frames.len() as u64;
+                self.frames.insert(key.clone(), frames);
+            }
+            for (frame, first, last) in &self.frames[&key] {
+                out.push_back(deliver(session, frame.clone(), *first, *last));
+            }
+            at = end;
+        }
+        encoded
+    }
+}
+
+/// Encodes the messages `idx` of `batch` into as few frames as the limits allow.
+fn encode_frames(b: &mut DeliverBuilder, batch: &[Ordered], idx: &[u32], limits: FrameLimits) -> Vec<(Bytes, Seq, Seq)> {
+    let mut frames = Vec::with_capacity(1);
+    let mut first = Seq(0);
+    let mut last = Seq(0);
+    for &i in idx {
+        let m = &batch[i as usize];
+        if limits.full(b, m) {
+            frames.push((b.finish(), first, last));
+        }
+        if b.is_empty() {
+            first = m.seq;
+        }
+        last = m.seq;
+        b.push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
+    }
+    if !b.is_empty() {
+        frames.push((b.finish(), first, last));
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests;

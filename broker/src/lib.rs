@@ -1,0 +1,8 @@
+//! `canopy-broker`: the Canopy node (sans-IO core and tokio runtime shell),
+//! its configuration, and the command-line tools of the `canopy` binary.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod runtime;

@@ -1,0 +1,126 @@
+//! The `canopy` binary: run a server, publish, subscribe.
+
+use anyhow::Context;
+use canopy_broker::config::{FileConfig, LISTEN_DEFAULT};
+use canopy_broker::{cli, runtime};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Canopy: pub/sub with one agreed order and loss-free resume.
+///
+/// Start a server with `canopy serve`, then in other terminals
+/// `canopy sub 'demo.>'` and `canopy pub demo.hello "hi"`.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Log as JSON lines instead of text (logs go to stderr; filter with RUST_LOG).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a Canopy server (embedded defaults unless --config is given).
+    Serve {
+        /// TOML config file (see configs/single.toml for every key).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Client listen address, overriding the config [default: 127.0.0.1:4400].
+        #[arg(long)]
+        listen: Option<String>,
+        /// Node name, overriding the config.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Publish MESSAGE to TOPIC, or each line of stdin when MESSAGE is omitted.
+    Pub {
+        /// Server addresses, comma-separated; the client fails over between them.
+        #[arg(long, env = "CANOPY_SERVER", default_value = LISTEN_DEFAULT)]
+        server: String,
+        /// Topic: tokens separated by dots, such as `factory.line3.temp`.
+        topic: String,
+        /// The message; without it, every line of stdin is one message.
+        message: Option<String>,
+    },
+    /// Print messages matching PATTERN, one per line: `seq topic payload`.
+    Sub {
+        /// Server addresses, comma-separated; the client fails over between them.
+        #[arg(long, env = "CANOPY_SERVER", default_value = LISTEN_DEFAULT)]
+        server: String,
+        /// Pattern: `*` matches one token, a final `>` the rest (`md.NASDAQ.*`, `factory.>`).
+        pattern: String,
+        /// Print one JSON object per line (seq, topic, payload, publisher, pub_seq).
+        #[arg(long)]
+        json: bool,
+        /// Exit after printing this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+fn init_logs(json: bool, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, listen, name } => {
+            init_logs(cli.log_json, "info");
+            serve(config, listen, name).await
+        }
+        Command::Pub { server, topic, message } => {
+            init_logs(cli.log_json, "warn");
+            cli::publish(&server, &topic, message).await.map(|n| {
+                eprintln!("canopy pub: {n} message(s) acknowledged");
+            })
+        }
+        Command::Sub {
+            server,
+            pattern,
+            json,
+            count,
+        } => {
+            init_logs(cli.log_json, "warn");
+            cli::subscribe(&server, &pattern, json, count).await
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("canopy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>, listen: Option<String>, name: Option<String>) -> anyhow::Result<()> {
+    let mut file = match &config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    if listen.is_some() {
+        file.listen = listen;
+    }
+    if name.is_some() {
+        file.name = name;
+    }
+    let config = file.validate(rand::random())?;
+    let server = runtime::start(config).await?;
+    // Tests and scripts read the bound address from this line.
+    println!("canopy listening on {}", server.local_addr());
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    eprintln!("canopy: shutting down");
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The SDK's error type.
+
+use crate::protocol::ErrorCode;
+use crate::topic::TopicError;
+
+/// What can go wrong for a Canopy client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// No server in the list could be reached within the reconnect time.
+    #[error("cannot reach any Canopy server of [{servers}]: {last}")]
+    Unreachable {
+        /// The addresses tried.
+        servers: String,
+        /// The last failure.
+        last: String,
+    },
+    /// A server rejected what this client sent; retrying will not help.
+    #[error("server rejected the client ({code:?}): {message}")]
+    Rejected {
+        /// The server's error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// A topic or pattern is not valid.
+    #[error("invalid topic or pattern: {0}")]
+    Topic(#[from] TopicError),
+    /// A payload is larger than a frame may carry.
+    #[error("payload of {len} bytes is larger than the {max}-byte limit")]
+    PayloadTooLarge {
+        /// The payload length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The server broke the protocol (a bug or a wrong address).
+    #[error("server broke the protocol: {0}")]
+    Protocol(String),
+    /// The client was closed, or failed earlier with another error.
+    #[error("client is closed")]
+    Closed,
+}

@@ -1,0 +1,688 @@
+//! The Canopy client wire protocol: frame layout, every message type, encoding
+//! and decoding. `PROTOCOL.md` beside this file describes the same thing for
+//! readers who do not read Rust.
+//!
+//! A frame on the wire is a 4-byte big-endian length followed by that many
+//! bytes of content (tokio-util's `LengthDelimitedCodec` with its defaults).
+//! The content is:
+//!
+//! ```text
+//! [kind: u8] [head: one CBOR item] [body: raw bytes, possibly empty]
+//! ```
+//!
+//! The kind byte says which message follows, the CBOR head carries its fields,
+//! and the body carries payload bytes uninterpreted, so that a receiver can
+//! slice payloads out of the received buffer without copying and a sender can
+//! encode a delivery once and share it with every subscriber.
+//!
+//! Heads are CBOR maps decoded with serde; unknown fields are ignored, so a
+//! later protocol version can add fields (credentials in `Hello`, for example)
+//! without breaking older peers.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The default maximum frame content length, in bytes.
+pub const FRAME_LEN_MAX_DEFAULT: usize = 1 << 20;
+
+/// A global sequence number: a message's position in the one total order.
+///
+/// Sequence numbers start at 1; `Seq(0)` means "before the first message".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// The sequence number after this one.
+    pub fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Identifies a publisher across reconnects; chosen by the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PublisherId(pub u64);
+
+impl fmt::Display for PublisherId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A publisher's own sequence number for its messages, starting at 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PubSeq(pub u64);
+
+/// What the broker does when a client's outbound queue is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowPolicy {
+    /// Close the connection with a `slow_consumer` error; the client resumes later.
+    #[default]
+    Disconnect,
+    /// Drop deliveries and send a gap notice instead (conflating market data).
+    Conflate,
+}
+
+/// Error codes carried by [`ErrorFrame`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame content was not a valid head for its kind.
+    Malformed,
+    /// The frame was longer than the negotiated maximum.
+    FrameTooLarge,
+    /// The kind byte named no known message.
+    UnknownKind,
+    /// The client's protocol version is not supported.
+    UnsupportedVersion,
+    /// A message other than `Hello` arrived before the handshake.
+    HandshakeRequired,
+    /// A second `Hello` on one connection.
+    DuplicateHello,
+    /// A topic was not valid.
+    InvalidTopic,
+    /// A subscription pattern was not valid.
+    InvalidPattern,
+    /// A publish skipped publisher sequence numbers.
+    PubSeqGap,
+    /// Too many subscriptions on one connection.
+    TooManySubscriptions,
+    /// The client did not keep up with its deliveries and was cut off.
+    SlowConsumer,
+    /// The server is shutting down; reconnect elsewhere.
+    ShuttingDown,
+    /// A frame the client must never send (a server-to-client kind).
+    UnexpectedKind,
+}
+
+impl ErrorCode {
+    /// Whether a client that receives this error should reconnect and resume
+    /// (the condition is the server's or temporary), rather than give up
+    /// (the client itself misbehaved).
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorCode::SlowConsumer | ErrorCode::ShuttingDown)
+    }
+}
+
+/// Frame kind bytes.
+pub mod kind {
+    /// Client to server: handshake.
+    pub const HELLO: u8 = 0x01;
+    /// Client to server: add a subscription.
+    pub const SUBSCRIBE: u8 = 0x02;
+    /// Client to server: remove a subscription.
+    pub const UNSUBSCRIBE: u8 = 0x03;
+    /// Client to server: publish one message (payload in the body).
+    pub const PUBLISH: u8 = 0x04;
+    /// Either way: liveness probe.
+    pub const PING: u8 = 0x05;
+    /// Either way: answer to a ping.
+    pub const PONG: u8 = 0x06;
+    /// Server to client: handshake answer.
+    pub const WELCOME: u8 = 0x81;
+    /// Server to client: a batch of ordered messages (topics and payloads in the body).
+    pub const DELIVER: u8 = 0x82;
+    /// Server to client: cumulative publish acknowledgement.
+    pub const PUB_ACK: u8 = 0x83;
+    /// Server to client: a subscription is active.
+    pub const SUBSCRIBED: u8 = 0x84;
+    /// Server to client: a subscription was removed.
+    pub const UNSUBSCRIBED: u8 = 0x85;
+    /// Server to client: the stream position, for quiet subscriptions.
+    pub const WATERMARK: u8 = 0x86;
+    /// Server to client: messages in a range may have been missed.
+    pub const GAP: u8 = 0x87;
+    /// Server to client: an error; fatal errors are followed by a close.
+    pub const ERROR: u8 = 0x88;
+}
+
+/// Client to server: the first frame on every connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the client speaks.
+    pub version: u32,
+    /// A human-readable client name for logs and the dashboard.
+    #[serde(default)]
+    pub name: String,
+    /// The client's publisher id, stable across its reconnects.
+    pub publisher: PublisherId,
+    /// Subscriptions to install before anything is delivered.
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    /// When resuming: where the client stopped. The server replays retained
+    /// messages after it that match `subscriptions`.
+    #[serde(default)]
+    pub resume: Option<Resume>,
+    /// What to do when this client cannot keep up.
+    #[serde(default)]
+    pub slow: SlowPolicy,
+}
+
+/// Where a resuming client stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The ordered stream the position belongs to ([`Welcome::stream`]).
+    pub stream: u64,
+    /// The last sequence number the client delivered or was told of by a
+    /// watermark.
+    pub after: Seq,
+}
+
+/// Client to server: add or remove one subscription.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubscribeHead {
+    /// The pattern.
+    pub pattern: String,
+}
+
+/// Client to server: publish; the payload is the frame body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PublishHead {
+    /// The topic.
+    pub topic: String,
+    /// This publisher's sequence number for the message.
+    pub pub_seq: PubSeq,
+}
+
+/// Either way: ping or pong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingHead {
+    /// Echoed in the pong.
+    pub nonce: u64,
+}
+
+/// Server to client: the handshake answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version the server speaks.
+    pub version: u32,
+    /// The server's name.
+    pub server: String,
+    /// The server's session number for this connection (for logs).
+    pub session: u64,
+    /// Identifies the ordered stream. It changes only when the whole stream
+    /// was lost (every server restarted); sequence numbers then start again
+    /// and a client must not resume by its old position.
+    pub stream: u64,
+    /// The last sequence number ordered so far.
+    pub head: Seq,
+    /// The highest publisher sequence number already ordered for this
+    /// client's publisher id; everything up to it is acknowledged.
+    pub pub_acked: PubSeq,
+    /// The largest frame content the server accepts, in bytes.
+    pub frame_len_max: u32,
+}
+
+/// One message inside a [`Deliver`] head. Its topic and payload follow, in
+/// this order and without separators, in the frame body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverEntry(pub Seq, pub PublisherId, pub PubSeq, pub u16, pub u32);
+
+/// Server to client: a batch of ordered messages, ascending by sequence number.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeliverHead {
+    /// `(seq, publisher, pub_seq, topic_len, payload_len)` per message.
+    pub msgs: Vec<DeliverEntry>,
+}
+
+/// Server to client: every publish of this connection's publisher up to and
+/// including `pub_seq` is ordered (and, in a cluster, stable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PubAck {
+    /// Cumulative: all publisher sequence numbers up to this one.
+    pub pub_seq: PubSeq,
+    /// The global sequence number given to `pub_seq`.
+    pub seq: Seq,
+}
+
+/// Server to client: a subscription change took effect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubscribedHead {
+    /// The pattern.
+    pub pattern: String,
+    /// The last sequence number ordered when the change took effect.
+    pub head: Seq,
+}
+
+/// Server to client: every message up to `seq` that matches this client's
+/// subscriptions has been sent before this frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatermarkHead {
+    /// The position.
+    pub seq: Seq,
+}
+
+/// Server to client: matching messages with sequence numbers in `from..=to`
+/// may have been missed and will not be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapHead {
+    /// First possibly missed sequence number.
+    pub from: Seq,
+    /// Last possibly missed sequence number.
+    pub to: Seq,
+}
+
+/// Server to client: an error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// What went wrong, for programs.
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// A decoded client-to-server frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientFrame {
+    /// Handshake.
+    Hello(Hello),
+    /// Add a subscription.
+    Subscribe(SubscribeHead),
+    /// Remove a subscription.
+    Unsubscribe(SubscribeHead),
+    /// Publish a message.
+    Publish(PublishHead, Bytes),
+    /// Liveness probe.
+    Ping(PingHead),
+    /// Answer to a server ping.
+    Pong(PingHead),
+}
+
+/// A decoded server-to-client frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ServerFrame {
+    /// Handshake answer.
+    Welcome(Welcome),
+    /// Ordered messages; the body holds their topics and payloads.
+    Deliver(DeliverHead, Bytes),
+    /// Publish acknowledgement.
+    PubAck(PubAck),
+    /// Subscription active.
+    Subscribed(SubscribedHead),
+    /// Subscription removed.
+    Unsubscribed(SubscribedHead),
+    /// Stream position.
+    Watermark(WatermarkHead),
+    /// Missed range.
+    Gap(GapHead),
+    /// Error.
+    Error(ErrorFrame),
+    /// Liveness probe.
+    Ping(PingHead),
+    /// Answer to a client ping.
+    Pong(PingHead),
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The content was empty: no kind byte.
+    #[error("empty frame")]
+    Empty,
+    /// The kind byte names no message of this direction.
+    #[error("unknown frame kind 0x{0:02x}")]
+    UnknownKind(u8),
+    /// The kind is known but travels the other way.
+    #[error("frame kind 0x{0:02x} is never sent in this direction")]
+    WrongDirection(u8),
+    /// The head was not valid CBOR for the kind, or the body did not add up.
+    #[error("malformed frame of kind 0x{kind:02x}: {reason}")]
+    Malformed {
+        /// The kind byte.
+        kind: u8,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl DecodeError {
+    /// The error code a server answers this decode error with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::Empty | DecodeError::Malformed { .. } => ErrorCode::Malformed,
+            DecodeError::UnknownKind(_) => ErrorCode::UnknownKind,
+            DecodeError::WrongDirection(_) => ErrorCode::UnexpectedKind,
+        }
+    }
+}
+
+/// Encodes a frame with its 4-byte length prefix, ready to write to a socket.
+pub fn encode<H: Serialize>(kind: u8, head: &H, body: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64 + body.len());
+    encode_into(&mut buf, kind, head, body);
+    buf.freeze()
+}
+
+/// Appends a frame with its 4-byte length prefix to `buf`.
+pub fn encode_into<H: Serialize>(buf: &mut BytesMut, kind: u8, head: &H, body: &[u8]) {
+    let start = buf.len();
+    buf.put_u32(0);
+    buf.put_u8(kind);
+    // Writing CBOR into memory fails only if the head's Serialize impl fails,
+    // and every head in this module is plain data.
+    ciborium::into_writer(head, (&mut *buf).writer())
+        .expect("invariant: protocol heads always serialize to memory");
+    buf.extend_from_slice(body);
+    let len = u32::try_from(buf.len() - start - 4)
+        .expect("invariant: frames are bounded far below 4 GiB by frame_len_max");
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Splits content into kind, decoded head and the remaining body.
+fn split<H: for<'de> Deserialize<'de>>(kind: u8, content: &Bytes) -> Result<(H, Bytes), DecodeError> {
+    let mut rest: &[u8] = &content[1..];
+    let head = ciborium::from_reader(&mut rest).map_err(|e| DecodeError::Malformed {
+        kind,
+        reason: e.to_string(),
+    })?;
+    let offset = content.len() - rest.len();
+    Ok((head, content.slice(offset..)))
+}
+
+fn no_body<H>(kind: u8, (head, body): (H, Bytes)) -> Result<H, DecodeError> {
+    if body.is_empty() {
+        Ok(head)
+    } else {
+        Err(DecodeError::Malformed {
+            kind,
+            reason: format!("{} unexpected bytes after the head", body.len()),
+        })
+    }
+}
+
+/// Decodes the content of a client-to-server frame (length prefix removed).
+///
+/// # Errors
+/// [`DecodeError`] when the content is not a valid client frame.
+pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
+    let k = *content.first().ok_or(DecodeError::Empty)?;
+    Ok(match k {
+        kind::HELLO => ClientFrame::Hello(no_body(k, split(k, &content)?)?),
+        kind::SUBSCRIBE => ClientFrame::Subscribe(no_body(k, split(k, &content)?)?),
+        kind::UNSUBSCRIBE => ClientFrame::Unsubscribe(no_body(k, split(k, &content)?)?),
+        kind::PUBLISH => {
+            let (head, body) = split(k, &content)?;
+            ClientFrame::Publish(head, body)
+        }
+        kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
+        kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
+        k if k >= 0x80 && k <= kind::ERROR => return Err(DecodeError::WrongDirection(k)),
+        k => return Err(DecodeError::UnknownKind(k)),
+    })
+}
+
+/// Decodes the content of a server-to-client frame (length prefix removed).
+///
+/// # Errors
+/// [`DecodeError`] when the content is not a valid server frame.
+pub fn decode_server(content: Bytes) -> Result<ServerFrame, DecodeError> {
+    let k = *content.first().ok_or(DecodeError::Empty)?;
+    Ok(match k {
+        kind::WELCOME => ServerFrame::Welcome(no_body(k, split(k, &content)?)?),
+        kind::DELIVER => {
+            let (head, body): (DeliverHead, Bytes) = split(k, &content)?;
+            let need: usize = head
+                .msgs
+                .iter()
+                .map(|e| usize::from(e.3) + e.4 as usize)
+                .sum();
+            if need != body.len() {
+                return Err(DecodeError::Malformed {
+                    kind: k,
+                    reason: format!("entries need {need} body bytes, body has {}", body.len()),
+                });
+            }
+            ServerFrame::Deliver(head, body)
+        }
+        kind::PUB_ACK => ServerFrame::PubAck(no_body(k, split(k, &content)?)?),
+        kind::SUBSCRIBED => ServerFrame::Subscribed(no_body(k, split(k, &content)?)?),
+        kind::UNSUBSCRIBED => ServerFrame::Unsubscribed(no_body(k, split(k, &content)?)?),
+        kind::WATERMARK => ServerFrame::Watermark(no_body(k, split(k, &content)?)?),
+        kind::GAP => ServerFrame::Gap(no_body(k, split(k, &content)?)?),
+        kind::ERROR => ServerFrame::Error(no_body(k, split(k, &content)?)?),
+        kind::PING => ServerFrame::Ping(no_body(k, split(k, &content)?)?),
+        kind::PONG => ServerFrame::Pong(no_body(k, split(k, &content)?)?),
+        k if k < 0x80 => return Err(DecodeError::WrongDirection(k)),
+        k => return Err(DecodeError::UnknownKind(k)),
+    })
+}
+
+/// Encodes a client frame (used by the SDK and by tests).
+pub fn encode_client(frame: &ClientFrame) -> Bytes {
+    match frame {
+        ClientFrame::Hello(h) => encode(kind::HELLO, h, &[]),
+        ClientFrame::Subscribe(h) => encode(kind::SUBSCRIBE, h, &[]),
+        ClientFrame::Unsubscribe(h) => encode(kind::UNSUBSCRIBE, h, &[]),
+        ClientFrame::Publish(h, body) => encode(kind::PUBLISH, h, body),
+        ClientFrame::Ping(h) => encode(kind::PING, h, &[]),
+        ClientFrame::Pong(h) => encode(kind::PONG, h, &[]),
+    }
+}
+
+/// Encodes a server frame other than `Deliver` (which the broker builds in
+/// batches with [`DeliverBuilder`]).
+pub fn encode_server(frame: &ServerFrame) -> Bytes {
+    match frame {
+        ServerFrame::Welcome(h) => encode(kind::WELCOME, h, &[]),
+        ServerFrame::Deliver(h, body) => encode(kind::DELIVER, h, body),
+        ServerFrame::PubAck(h) => encode(kind::PUB_ACK, h, &[]),
+        ServerFrame::Subscribed(h) => encode(kind::SUBSCRIBED, h, &[]),
+        ServerFrame::Unsubscribed(h) => encode(kind::UNSUBSCRIBED, h, &[]),
+        ServerFrame::Watermark(h) => encode(kind::WATERMARK, h, &[]),
+        ServerFrame::Gap(h) => encode(kind::GAP, h, &[]),
+        ServerFrame::Error(h) => encode(kind::ERROR, h, &[]),
+        ServerFrame::Ping(h) => encode(kind::PING, h, &[]),
+        ServerFrame::Pong(h) => encode(kind::PONG, h, &[]),
+    }
+}
+
+/// Builds one `Deliver` frame from many messages, reusing its buffers.
+#[derive(Default)]
+pub struct DeliverBuilder {
+    head: DeliverHead,
+    body: BytesMut,
+}
+
+impl Default for DeliverHead {
+    fn default() -> Self {
+        DeliverHead { msgs: Vec::new() }
+    }
+}
+
+impl DeliverBuilder {
+    /// Adds one message.
+    ///
+    /// # Panics
+    /// If the topic is longer than 65,535 bytes; topics are validated far
+    /// below that ([`crate::topic::TOPIC_LEN_MAX`]).
+    pub fn push(&mut self, seq: Seq, publisher: PublisherId, pub_seq: PubSeq, topic: &str, payload: &[u8]) {
+        let topic_len = u16::try_from(topic.len()).expect("invariant: topics are validated to TOPIC_LEN_MAX");
+        let payload_len = u32::try_from(payload.len()).expect("invariant: payloads are bounded by frame_len_max");
+        self.head
+            .msgs
+            .push(DeliverEntry(seq, publisher, pub_seq, topic_len, payload_len));
+        self.body.extend_from_slice(topic.as_bytes());
+        self.body.extend_from_slice(payload);
+    }
+
+    /// The number of messages added since the last [`DeliverBuilder::finish`].
+    pub fn len(&self) -> usize {
+        self.head.msgs.len()
+    }
+
+    /// Whether no message was added since the last finish.
+    pub fn is_empty(&self) -> bool {
+        self.head.msgs.is_empty()
+    }
+
+    /// The body bytes added so far.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Encodes the frame (with length prefix) and clears the builder.
+    pub fn finish(&mut self) -> Bytes {
+        let frame = encode(kind::DELIVER, &self.head, &self.body);
+        self.head.msgs.clear();
+        self.body.clear();
+        frame
+    }
+}
+
+/// One delivered message as the SDK hands it to the application; topic and
+/// payload are slices of the received frame (no copy).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Global sequence number.
+    pub seq: Seq,
+    /// Who published it.
+    pub publisher: PublisherId,
+    /// The publisher's own sequence number for it.
+    pub pub_seq: PubSeq,
+    topic: Bytes,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        // Validated as UTF-8 in `messages` before the Message was built.
+        std::str::from_utf8(&self.topic).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("seq", &self.seq)
+            .field("publisher", &self.publisher)
+            .field("pub_seq", &self.pub_seq.0)
+            .field("topic", &self.topic())
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+/// Splits a decoded `Deliver` into messages, slicing the body.
+///
+/// # Errors
+/// [`DecodeError::Malformed`] when a topic is not UTF-8 or sequence numbers
+/// do not ascend.
+pub fn messages(head: &DeliverHead, body: &Bytes, out: &mut Vec<Message>) -> Result<(), DecodeError> {
+    let mut at = 0usize;
+    let mut last = Seq(0);
+    for &DeliverEntry(seq, publisher, pub_seq, topic_len, payload_len) in &head.msgs {
+        let topic_end = at + usize::from(topic_len);
+        let end = topic_end + payload_len as usize;
+        let bad = |reason: &str| DecodeError::Malformed {
+            kind: kind::DELIVER,
+            reason: reason.to_owned(),
+        };
+        if end > body.len() {
+            return Err(bad("entry runs past the body"));
+        }
+        if std::str::from_utf8(&body[at..topic_end]).is_err() {
+            return Err(bad("topic is not UTF-8"));
+        }
+        if seq <= last {
+            return Err(bad("sequence numbers do not ascend"));
+        }
+        last = seq;
+        out.push(Message {
+            seq,
+            publisher,
+            pub_seq,
+            topic: body.slice(at..topic_end),
+            payload: body.slice(topic_end..end),
+        });
+        at = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn content(frame: Bytes) -> Bytes {
+        frame.slice(4..)
+    }
+
+    #[test]
+    fn client_frames_round_trip() {
+        let frames = vec![
+            ClientFrame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                name: "t".into(),
+                publisher: PublisherId(7),
+                subscriptions: vec!["a.>".into()],
+                resume: Some(Resume { stream: 3, after: Seq(9) }),
+                slow: SlowPolicy::Conflate,
+            }),
+            ClientFrame::Subscribe(SubscribeHead { pattern: "a.*".into() }),
+            ClientFrame::Unsubscribe(SubscribeHead { pattern: "a.*".into() }),
+            ClientFrame::Publish(
+                PublishHead { topic: "a.b".into(), pub_seq: PubSeq(3) },
+                Bytes::from_static(b"payload"),
+            ),
+            ClientFrame::Ping(PingHead { nonce: 1 }),
+            ClientFrame::Pong(PingHead { nonce: 2 }),
+        ];
+        for f in frames {
+            let bytes = encode_client(&f);
+            let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+            assert_eq!(len, bytes.len() - 4);
+            assert_eq!(decode_client(content(bytes)), Ok(f));
+        }
+    }
+
+    #[test]
+    fn deliver_batches_slice_topics_and_payloads() {
+        let mut b = DeliverBuilder::default();
+        b.push(Seq(1), PublisherId(1), PubSeq(1), "a.b", b"one");
+        b.push(Seq(5), PublisherId(2), PubSeq(1), "c", b"");
+        let frame = b.finish();
+        assert!(b.is_empty());
+        let ServerFrame::Deliver(head, body) = decode_server(content(frame)).expect("decodes") else {
+            panic!("not a deliver frame");
+        };
+        let mut out = Vec::new();
+        messages(&head, &body, &mut out).expect("valid");
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].seq, out[0].topic(), &out[0].payload[..]), (Seq(1), "a.b", &b"one"[..]));
+        assert_eq!((out[1].seq, out[1].topic(), &out[1].payload[..]), (Seq(5), "c", &b""[..]));
+    }
+
+    #[test]
+    fn bad_content_gets_a_specific_decode_error() {
+        assert_eq!(decode_client(Bytes::new()), Err(DecodeError::Empty));
+        assert_eq!(decode_client(Bytes::from_static(&[0x7f])), Err(DecodeError::UnknownKind(0x7f)));
+        assert_eq!(
+            decode_client(Bytes::from_static(&[kind::WELCOME])),
+            Err(DecodeError::WrongDirection(kind::WELCOME))
+        );
+        let garbage = decode_client(Bytes::from_static(&[kind::HELLO, 0xff, 0x00]));
+        assert!(matches!(garbage, Err(DecodeError::Malformed { kind: kind::HELLO, .. })));
+        let trailing = {
+            let f = encode_client(&ClientFrame::Ping(PingHead { nonce: 1 }));
+            let mut v = f.slice(4..).to_vec();
+            v.push(0);
+            Bytes::from(v)
+        };
+        assert!(matches!(decode_client(trailing), Err(DecodeError::Malformed { .. })));
+    }
+}
