@@ -1,1 +1,298 @@
-fn main(){}
+//! `canopy-bench`: load generator and side-by-side broker comparisons.
+//!
+//! `canopy-bench fanout` connects N subscriber connections and P publishers
+//! to a broker, then runs two phases:
+//! 1. **throughput**: the publishers send M messages as fast as the broker
+//!    takes them; every subscriber checks completeness and order, and the
+//!    aggregate delivered rate is `N * M / time until the last subscriber
+//!    has everything`;
+//! 2. **latency**: a paced run at `--rate` messages per second; each payload
+//!    carries its send time and subscribers record the one-way latency in an
+//!    HDR histogram (p50/p99/p99.9).
+//!
+//! It runs against Canopy (in-process on its own runtime threads, or a
+//! running server with `--addr`) and against `nats-server` (started from
+//! PATH, or a running one with `--nats-addr`), in the same process and run.
+
+mod brokers;
+mod harness;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Canopy load generator and broker comparisons")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fan-out: P publishers, N subscribers on one topic.
+    Fanout(FanoutArgs),
+}
+
+/// Which brokers to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// Canopy only.
+    Canopy,
+    /// nats-server only.
+    Nats,
+    /// Both, Canopy first.
+    Both,
+}
+
+/// Arguments of `fanout`.
+#[derive(Parser, Clone, Debug)]
+pub struct FanoutArgs {
+    /// Subscriber connections, comma-separated for several runs (e.g. 1,100,1000).
+    #[arg(long, default_value = "100", value_delimiter = ',')]
+    pub subs: Vec<usize>,
+    /// Messages published in the throughput phase.
+    #[arg(long, default_value_t = 100_000)]
+    pub msgs: u64,
+    /// Payload size in bytes (at least 16: a timestamp and a counter).
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Publisher connections.
+    #[arg(long, default_value_t = 1)]
+    pub pubs: usize,
+    /// Paced rate of the latency phase, messages per second (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Duration of the latency phase, seconds.
+    #[arg(long, default_value_t = 3)]
+    pub latency_secs: u64,
+    /// Target a running Canopy server instead of starting one in-process.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Target a running nats-server instead of starting `nats-server` from PATH.
+    #[arg(long)]
+    pub nats_addr: Option<String>,
+    /// Which brokers to run.
+    #[arg(long, value_enum, default_value = "canopy")]
+    pub broker: Target,
+    /// Repeat each configuration this many times and report the median.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+/// What one subscriber saw.
+#[derive(Debug, Default, Clone)]
+pub struct SubReport {
+    /// Messages received.
+    pub received: u64,
+    /// Out-of-order, duplicated or skipped messages seen.
+    pub order_violations: u64,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Broker name.
+    pub broker: &'static str,
+    /// Subscriber connections.
+    pub subs: usize,
+    /// Publisher connections.
+    pub pubs: usize,
+    /// Messages published.
+    pub msgs: u64,
+    /// Payload bytes.
+    pub size: usize,
+    /// Published messages per second (until the last was accepted).
+    pub publish_rate: f64,
+    /// Delivered messages per second, all subscribers together.
+    pub delivered_rate: f64,
+    /// Subscribers that received every message.
+    pub complete_subs: usize,
+    /// Messages missing, summed over subscribers.
+    pub missing: u64,
+    /// Order violations, summed over subscribers.
+    pub order_violations: u64,
+    /// Latency phase rate, messages per second.
+    pub latency_rate: u64,
+    /// Latency percentiles in microseconds: p50, p99, p99.9.
+    pub latency_us: [u64; 3],
+    /// Latency samples recorded.
+    pub latency_samples: u64,
+}
+
+/// Per-message checks shared by all brokers: order per publisher and counts.
+pub struct Checker {
+    expect_per_pub: Vec<u64>,
+    report: SubReport,
+    latency: Histogram<u64>,
+    base: Instant,
+}
+
+impl Checker {
+    /// A checker for `pubs` publishers; timestamps are relative to `base`.
+    pub fn new(pubs: usize, base: Instant) -> Self {
+        Checker {
+            expect_per_pub: vec![0; pubs],
+            report: SubReport::default(),
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            base,
+        }
+    }
+
+    /// Checks one payload: `[publisher u32][counter u32][sent nanos u64]...`.
+    pub fn observe(&mut self, payload: &[u8], record_latency: bool) {
+        self.report.received += 1;
+        let Some(head) = payload.get(..16) else {
+            self.report.order_violations += 1;
+            return;
+        };
+        let publisher = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let counter = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
+        let sent = u64::from_le_bytes([head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15]]);
+        match self.expect_per_pub.get_mut(publisher) {
+            Some(next) if *next == counter => *next += 1,
+            Some(next) => {
+                self.report.order_violations += 1;
+                *next = counter + 1;
+            }
+            None => self.report.order_violations += 1,
+        }
+        if record_latency {
+            let now = self.base.elapsed().as_nanos() as u64;
+            let _ = self.latency.record((now.saturating_sub(sent) / 1000).max(1));
+        }
+    }
+
+    /// Resets order tracking for a new phase.
+    pub fn reset_counters(&mut self) {
+        self.expect_per_pub.iter_mut().for_each(|c| *c = 0);
+        self.report = SubReport::default();
+    }
+
+    /// What was seen.
+    pub fn report(&self) -> SubReport {
+        self.report.clone()
+    }
+
+    /// The latency histogram.
+    pub fn latency(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+}
+
+/// Fills a payload for publisher `publisher`, message `counter`.
+pub fn payload(size: usize, publisher: u32, counter: u32, base: Instant) -> Vec<u8> {
+    let mut p = vec![0u8; size.max(16)];
+    p[..4].copy_from_slice(&publisher.to_le_bytes());
+    p[4..8].copy_from_slice(&counter.to_le_bytes());
+    p[8..16].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+    p
+}
+
+/// Splits `total` messages among `pubs` publishers.
+pub fn share(total: u64, pubs: usize, i: usize) -> u64 {
+    total / pubs as u64 + u64::from((i as u64) < total % pubs as u64)
+}
+
+/// Summarises subscriber reports into a [`RunReport`].
+#[allow(clippy::too_many_arguments)]
+pub fn summarise(
+    broker: &'static str,
+    args: &FanoutArgs,
+    subs: usize,
+    publish_elapsed: Duration,
+    deliver_elapsed: Duration,
+    reports: &[SubReport],
+    latency: &Histogram<u64>,
+) -> RunReport {
+    let complete = reports.iter().filter(|r| r.received == args.msgs && r.order_violations == 0).count();
+    let delivered: u64 = reports.iter().map(|r| r.received.min(args.msgs)).sum();
+    RunReport {
+        broker,
+        subs,
+        pubs: args.pubs,
+        msgs: args.msgs,
+        size: args.size,
+        publish_rate: args.msgs as f64 / publish_elapsed.as_secs_f64(),
+        delivered_rate: delivered as f64 / deliver_elapsed.as_secs_f64(),
+        complete_subs: complete,
+        missing: reports.iter().map(|r| args.msgs.saturating_sub(r.received)).sum(),
+        order_violations: reports.iter().map(|r| r.order_violations).sum(),
+        latency_rate: args.rate,
+        latency_us: [
+            latency.value_at_quantile(0.5),
+            latency.value_at_quantile(0.99),
+            latency.value_at_quantile(0.999),
+        ],
+        latency_samples: latency.len(),
+    }
+}
+
+fn median(mut runs: Vec<RunReport>) -> RunReport {
+    runs.sort_by(|a, b| a.delivered_rate.total_cmp(&b.delivered_rate));
+    runs.swap_remove(runs.len() / 2)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let Cmd::Fanout(args) = cli.command;
+    anyhow::ensure!(args.size >= 16, "--size must be at least 16 bytes (timestamp and counter)");
+    anyhow::ensure!(args.pubs >= 1 && args.repeat >= 1, "--pubs and --repeat must be at least 1");
+    let clients = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut results = Vec::new();
+    for &subs in &args.subs {
+        if matches!(args.broker, Target::Canopy | Target::Both) {
+            let runs = (0..args.repeat)
+                .map(|_| clients.block_on(harness::run(&args, subs, brokers::Kind::Canopy)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            results.push(median(runs));
+        }
+        if matches!(args.broker, Target::Nats | Target::Both) {
+            let runs = (0..args.repeat)
+                .map(|_| clients.block_on(harness::run(&args, subs, brokers::Kind::Nats)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            results.push(median(runs));
+        }
+        if !args.json {
+            eprintln!("done: {subs} subscribers");
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print_table(&results);
+    }
+    Ok(())
+}
+
+fn print_table(results: &[RunReport]) {
+    println!(
+        "{:<7} {:>6} {:>5} {:>9} {:>6} {:>12} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
+        "broker", "subs", "pubs", "msgs", "size", "publish/s", "delivered/s", "complete", "missing", "order", "p50 us", "p99 us", "p99.9 us"
+    );
+    for r in results {
+        println!(
+            "{:<7} {:>6} {:>5} {:>9} {:>6} {:>12.0} {:>14.0} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
+            r.broker,
+            r.subs,
+            r.pubs,
+            r.msgs,
+            r.size,
+            r.publish_rate,
+            r.delivered_rate,
+            format!("{}/{}", r.complete_subs, r.subs),
+            r.missing,
+            r.order_violations,
+            r.latency_us[0],
+            r.latency_us[1],
+            r.latency_us[2]
+        );
+    }
+}
