@@ -290,6 +290,19 @@ impl Node {
         }
         self.watermark_next = now + self.config.watermark_interval;
         self.fan_out();
+        // A conflating session that fell behind while the stream went quiet
+        // hears of its gap now rather than at the next delivery.
+        for (&session, s) in &mut self.sessions {
+            if let Some((from, to)) = s.gap.take() {
+                self.stats.gaps += 1;
+                self.outputs.push_back(Output::Transmit {
+                    session,
+                    frame: protocol::encode(kind::GAP, &GapHead { from, to }, &[]),
+                    kind: TransmitKind::Gap,
+                    seqs: (from, to),
+                });
+            }
+        }
         if self.head == self.watermark_sent {
             return;
         }
@@ -340,8 +353,13 @@ impl Node {
                     }
                     return Some(out);
                 }
-                Output::Transmit { session, .. } => {
-                    if self.sessions.get(&session).is_some_and(|s| !s.closing) {
+                Output::Transmit { session, kind, .. } => {
+                    // A watermark must not overtake a gap the session has
+                    // not been told of yet: it would claim the gap was sent.
+                    let pass = self.sessions.get(&session).is_some_and(|s| {
+                        !s.closing && !(kind == TransmitKind::Watermark && s.gap.is_some())
+                    });
+                    if pass {
                         return Some(out);
                     }
                 }

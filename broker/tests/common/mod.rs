@@ -1,0 +1,283 @@
+//! Helpers for integration tests: a real `canopy serve` process, a TCP proxy
+//! that can cut connections, and a raw protocol client for misbehaving.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use canopy_client::protocol::{self, ClientFrame, Hello, PublisherId, ServerFrame, SlowPolicy};
+use canopy_client::{Client, ClientOptions, Event, Subscription};
+use futures::StreamExt;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+
+/// The bound on every wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Awaits `f` or panics naming `what` after [`WAIT`].
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// A `canopy serve` child process on a loopback port; killed on drop.
+pub struct Server {
+    child: Child,
+    /// The client address.
+    pub addr: String,
+    config: Option<std::path::PathBuf>,
+}
+
+static CONFIGS: AtomicU64 = AtomicU64::new(0);
+
+impl Server {
+    /// Starts a server with embedded defaults.
+    pub fn start() -> Server {
+        Self::with_config("")
+    }
+
+    /// Starts a server with `toml` as its config file.
+    pub fn with_config(toml: &str) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        let config = (!toml.is_empty()).then(|| {
+            let path = std::env::temp_dir().join(format!(
+                "canopy-test-{}-{}.toml",
+                std::process::id(),
+                CONFIGS.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&path, toml).expect("write config");
+            path
+        });
+        if let Some(p) = &config {
+            cmd.arg("--config").arg(p);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start canopy serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read listen line");
+        let addr = line
+            .trim()
+            .strip_prefix("canopy listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from canopy serve: {line:?}"))
+            .to_owned();
+        Server { child, addr, config }
+    }
+
+    /// Options for an SDK client of this server.
+    pub fn options(&self) -> ClientOptions {
+        ClientOptions::new([self.addr.clone()])
+    }
+
+    /// An SDK client of this server.
+    pub async fn client(&self) -> Client {
+        within("client connect", Client::connect(self.options()))
+            .await
+            .expect("client connects")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(p) = &self.config {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A TCP proxy in front of a server whose connections the test can cut.
+pub struct Proxy {
+    /// The address clients connect to.
+    pub addr: String,
+    generation: Arc<AtomicU64>,
+    refusing: Arc<AtomicBool>,
+    live: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream`.
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr").to_string();
+        let generation = Arc::new(AtomicU64::new(0));
+        let refusing = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(AtomicU64::new(0));
+        let (g, r, l, up) = (generation.clone(), refusing.clone(), live.clone(), upstream.to_owned());
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                if r.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let Ok(upstream) = TcpStream::connect(&up).await else { continue };
+                let born = g.load(Ordering::SeqCst);
+                let g = g.clone();
+                let l = l.clone();
+                l.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = upstream.into_split();
+                    let cut = async {
+                        while g.load(Ordering::SeqCst) == born {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut dr, &mut uw) => {}
+                        _ = tokio::io::copy(&mut ur, &mut dw) => {}
+                        _ = cut => {}
+                    }
+                    let _ = dw.shutdown().await;
+                    let _ = uw.shutdown().await;
+                    drop((dr, dw, ur, uw));
+                    l.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Proxy {
+            addr,
+            generation,
+            refusing,
+            live,
+        }
+    }
+
+    /// Breaks every connection open now and waits until they are closed,
+    /// so that nothing sent after this call passes the proxy.
+    pub async fn cut(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        within("proxy connections to close", async {
+            while self.live.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Refuses (closes at once) new connections while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, Ordering::SeqCst);
+    }
+}
+
+/// A raw protocol connection, for sending what the SDK never would.
+pub struct Raw {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    frames: FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
+}
+
+impl Raw {
+    /// Connects to `addr`.
+    pub async fn connect(addr: &str) -> Raw {
+        Self::from_stream(within("raw connect", TcpStream::connect(addr)).await.expect("connects"))
+    }
+
+    /// Connects with a small receive buffer, so that not reading backs up fast.
+    pub async fn connect_small(addr: &str) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("recv buffer");
+        let stream = within("raw connect", socket.connect(addr.parse().expect("socket addr")))
+            .await
+            .expect("connects");
+        Self::from_stream(stream)
+    }
+
+    fn from_stream(stream: TcpStream) -> Raw {
+        let (read, write) = stream.into_split();
+        let codec = LengthDelimitedCodec::builder().max_frame_length(64 << 20).new_codec();
+        Raw {
+            write,
+            frames: FramedRead::new(read, codec),
+        }
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.write.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends a well-formed frame.
+    pub async fn send(&mut self, frame: ClientFrame) {
+        let bytes = protocol::encode_client(&frame);
+        self.send_bytes(&bytes).await;
+    }
+
+    /// Sends a valid Hello and returns the Welcome.
+    pub async fn hello(&mut self, publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> protocol::Welcome {
+        self.send(ClientFrame::Hello(hello(publisher, subscriptions, slow))).await;
+        match self.next().await {
+            Some(ServerFrame::Welcome(w)) => w,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// The next frame, or `None` once the server closed the connection.
+    pub async fn next(&mut self) -> Option<ServerFrame> {
+        match within("a frame from the server", self.frames.next()).await {
+            Some(Ok(content)) => Some(protocol::decode_server(content.freeze()).expect("server frames decode")),
+            Some(Err(_)) | None => None,
+        }
+    }
+
+    /// Reads until an Error frame and then the close; returns the error.
+    pub async fn expect_error_and_close(&mut self) -> protocol::ErrorFrame {
+        loop {
+            match self.next().await {
+                Some(ServerFrame::Error(e)) => {
+                    assert_eq!(self.next().await, None, "connection closes after the error frame");
+                    return e;
+                }
+                Some(_) => continue,
+                None => panic!("connection closed without an error frame"),
+            }
+        }
+    }
+}
+
+/// A Hello frame.
+pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello {
+    Hello {
+        version: protocol::PROTOCOL_VERSION,
+        name: "raw".into(),
+        publisher: PublisherId(publisher),
+        subscriptions: subscriptions.iter().map(|s| (*s).to_owned()).collect(),
+        resume: None,
+        slow,
+    }
+}
+
+/// A publish frame.
+pub fn publish(topic: &str, pub_seq: u64, payload: &'static [u8]) -> ClientFrame {
+    ClientFrame::Publish(
+        protocol::PublishHead {
+            topic: topic.into(),
+            pub_seq: protocol::PubSeq(pub_seq),
+        },
+        Bytes::from_static(payload),
+    )
+}
+
+/// Collects the next `n` messages of `sub`, failing on gaps.
+pub async fn take_messages(sub: &mut Subscription, n: usize) -> Vec<canopy_client::Message> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match within("messages", sub.next()).await {
+            Some(Event::Message(m)) => out.push(m),
+            other => panic!("expected a message, got {other:?} after {} of {n}", out.len()),
+        }
+    }
+    out
+}

@@ -1,0 +1,301 @@
+//! Pub/sub over real TCP between a `canopy serve` process and SDK clients.
+
+mod common;
+
+use canopy_client::protocol::{ClientFrame, PubSeq, ServerFrame, SlowPolicy};
+use canopy_client::{Client, Event, Seq};
+use common::{publish, take_messages, within, Proxy, Raw, Server};
+use futures::StreamExt;
+use std::collections::HashMap;
+
+#[tokio::test]
+async fn wildcard_subscriptions_receive_exactly_their_topics() {
+    let server = Server::start();
+    let client = server.client().await;
+    let mut nasdaq = client.subscribe("md.NASDAQ.*").await.expect("subscribe");
+    let mut line3 = client.subscribe("factory.line3.>").await.expect("subscribe");
+    let other = server.client().await;
+    let mut all_md = other.subscribe("md.>").await.expect("subscribe");
+    let topics = [
+        "md.NASDAQ.AAPL",
+        "md.NYSE.IBM",
+        "factory.line3.temp",
+        "md.NASDAQ.AAPL.bid",
+        "factory.line3.press.max",
+        "factory.line4.temp",
+        "md.NASDAQ.MSFT",
+    ];
+    for t in topics {
+        client.publish(t, t.as_bytes().to_vec()).await.expect("publish");
+    }
+    let got = |ms: Vec<canopy_client::Message>| ms.iter().map(|m| m.topic().to_owned()).collect::<Vec<_>>();
+    assert_eq!(got(take_messages(&mut nasdaq, 2).await), ["md.NASDAQ.AAPL", "md.NASDAQ.MSFT"]);
+    assert_eq!(
+        got(take_messages(&mut line3, 2).await),
+        ["factory.line3.temp", "factory.line3.press.max"]
+    );
+    assert_eq!(
+        got(take_messages(&mut all_md, 4).await),
+        ["md.NASDAQ.AAPL", "md.NYSE.IBM", "md.NASDAQ.AAPL.bid", "md.NASDAQ.MSFT"]
+    );
+    // A marker proves nothing else was queued behind the expected messages.
+    client.publish("md.NASDAQ.END", "end").await.expect("publish");
+    assert_eq!(got(take_messages(&mut nasdaq, 1).await), ["md.NASDAQ.END"]);
+}
+
+/// Several publishers, 100 subscribers, each on its own connection: every
+/// subscriber gets every message once, all in the same order, and each
+/// publisher's messages in the order it sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_subscribers_see_one_complete_order_from_several_publishers() {
+    const PUBS: usize = 3;
+    const EACH: usize = 300;
+    let server = Server::start();
+    let mut subs = Vec::new();
+    for _ in 0..100 {
+        let c = server.client().await;
+        let s = c.subscribe("orders.>").await.expect("subscribe");
+        subs.push((c, s));
+    }
+    let mut publishers = Vec::new();
+    for p in 0..PUBS {
+        let c = server.client().await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                c.send(&format!("orders.p{p}"), format!("{p}:{i}")).await.expect("send");
+            }
+            c.flush().await.expect("flush");
+        }));
+    }
+    for p in publishers {
+        within("publishers", p).await.expect("publisher task");
+    }
+    let mut reference: Option<Vec<(Seq, String)>> = None;
+    for (_c, mut s) in subs {
+        let msgs = take_messages(&mut s, PUBS * EACH).await;
+        let seen: Vec<(Seq, String)> = msgs
+            .iter()
+            .map(|m| (m.seq, String::from_utf8_lossy(&m.payload).into_owned()))
+            .collect();
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "seqs ascend");
+        let mut next = HashMap::new();
+        for (_, text) in &seen {
+            let (p, i) = text.split_once(':').expect("payload p:i");
+            let expect = next.entry(p.to_owned()).or_insert(0usize);
+            assert_eq!(i.parse::<usize>().expect("number"), *expect, "publisher {p} FIFO");
+            *expect += 1;
+        }
+        match &reference {
+            None => reference = Some(seen),
+            Some(r) => assert_eq!(r, &seen, "every subscriber sees the same order"),
+        }
+    }
+}
+
+/// A subscriber whose connection breaks resumes from its last sequence
+/// number: nothing published meanwhile is lost, nothing is doubled.
+#[tokio::test]
+async fn resumed_subscriber_misses_nothing_and_gets_nothing_twice() {
+    let server = Server::start();
+    let proxy = Proxy::start(&server.addr).await;
+    let sub_client = within("connect", Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])))
+        .await
+        .expect("connect");
+    let mut sub = sub_client.subscribe("t.>").await.expect("subscribe");
+    let publisher = server.client().await;
+    for i in 0..50 {
+        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+    }
+    let first = take_messages(&mut sub, 50).await;
+    proxy.refuse(true);
+    proxy.cut().await;
+    for i in 50..100 {
+        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+    }
+    proxy.refuse(false);
+    for i in 100..150 {
+        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+    }
+    let rest = take_messages(&mut sub, 100).await;
+    let all: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..150).map(|i| i.to_string()).collect();
+    assert_eq!(all, expected);
+    publisher.publish("t.a", "end").await.expect("publish");
+    let end = take_messages(&mut sub, 1).await;
+    assert_eq!(&end[0].payload[..], b"end", "no duplicate was queued before the end marker");
+}
+
+/// When retention no longer holds where a client stopped, it is told the
+/// exact missed range, then gets what is retained.
+#[tokio::test]
+async fn resume_beyond_retention_reports_a_gap_then_the_retained_rest() {
+    let server = Server::with_config("[retention]\ncount_max = 10\n");
+    let proxy = Proxy::start(&server.addr).await;
+    let sub_client = within("connect", Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])))
+        .await
+        .expect("connect");
+    let mut sub = sub_client.subscribe("t.>").await.expect("subscribe");
+    let publisher = server.client().await;
+    publisher.publish("t.a", "0").await.expect("publish");
+    let first = take_messages(&mut sub, 1).await;
+    assert_eq!(first[0].seq, Seq(1));
+    proxy.refuse(true);
+    proxy.cut().await;
+    for i in 1..50 {
+        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+    }
+    proxy.refuse(false);
+    match within("gap", sub.next()).await {
+        Some(Event::Gap { from, to }) => assert_eq!((from, to), (Seq(2), Seq(40))),
+        other => panic!("expected a gap notice, got {other:?}"),
+    }
+    let rest = take_messages(&mut sub, 10).await;
+    let seqs: Vec<u64> = rest.iter().map(|m| m.seq.0).collect();
+    assert_eq!(seqs, (41..=50).collect::<Vec<_>>());
+}
+
+/// A publisher that retries after losing its connection has each message
+/// ordered once; the broker acknowledges the retries without reordering.
+#[tokio::test]
+async fn publisher_retries_are_deduplicated() {
+    let server = Server::start();
+    let sub_client = server.client().await;
+    let mut sub = sub_client.subscribe("p.>").await.expect("subscribe");
+
+    // Raw: the same publisher id sends 1, 2, reconnects and sends 1, 2, 3.
+    let mut raw = Raw::connect(&server.addr).await;
+    raw.hello(77, &[], SlowPolicy::Disconnect).await;
+    raw.send(publish("p.x", 1, b"one")).await;
+    raw.send(publish("p.x", 2, b"two")).await;
+    let mut acked = PubSeq(0);
+    while acked < PubSeq(2) {
+        match raw.next().await {
+            Some(ServerFrame::PubAck(a)) => acked = a.pub_seq,
+            other => panic!("expected PubAck, got {other:?}"),
+        }
+    }
+    drop(raw);
+    let mut raw = Raw::connect(&server.addr).await;
+    let welcome = raw.hello(77, &[], SlowPolicy::Disconnect).await;
+    assert_eq!(welcome.pub_acked, PubSeq(2), "the server remembers what it ordered");
+    raw.send(publish("p.x", 1, b"one")).await;
+    raw.send(publish("p.x", 2, b"two")).await;
+    raw.send(publish("p.x", 3, b"three")).await;
+    let mut acked = PubSeq(0);
+    while acked < PubSeq(3) {
+        match raw.next().await {
+            Some(ServerFrame::PubAck(a)) => acked = a.pub_seq,
+            other => panic!("expected PubAck, got {other:?}"),
+        }
+    }
+    let msgs = take_messages(&mut sub, 3).await;
+    let payloads: Vec<&[u8]> = msgs.iter().map(|m| &m.payload[..]).collect();
+    assert_eq!(payloads, [&b"one"[..], b"two", b"three"]);
+    sub_client.publish("p.end", "end").await.expect("publish");
+    assert_eq!(take_messages(&mut sub, 1).await[0].topic(), "p.end", "no duplicate before the marker");
+}
+
+/// The SDK resends unacknowledged publishes after a broken connection; the
+/// subscriber still sees every message exactly once and in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_publisher_failover_neither_loses_nor_duplicates() {
+    const N: usize = 3000;
+    let server = Server::start();
+    let proxy = Proxy::start(&server.addr).await;
+    let sub_client = server.client().await;
+    let mut sub = sub_client.subscribe("f.>").await.expect("subscribe");
+    let publisher = within("connect", Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])))
+        .await
+        .expect("connect");
+    let sending = tokio::spawn(async move {
+        for i in 0..N {
+            publisher.send("f.x", format!("{i}")).await.expect("send");
+        }
+        publisher.flush().await.expect("flush");
+    });
+    // Cut the publisher's connection while it has publishes in flight.
+    let first = take_messages(&mut sub, 100).await;
+    proxy.cut().await;
+    within("publisher", sending).await.expect("publisher task");
+    let rest = take_messages(&mut sub, N - 100).await;
+    let got: Vec<usize> = first
+        .iter()
+        .chain(&rest)
+        .map(|m| String::from_utf8_lossy(&m.payload).parse().expect("number"))
+        .collect();
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    sub_client.publish("f.end", "end").await.expect("publish");
+    assert_eq!(take_messages(&mut sub, 1).await[0].topic(), "f.end");
+}
+
+/// A subscriber that stops reading is cut off with `slow_consumer`; the
+/// others keep their whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_cut_off_while_fast_ones_keep_their_stream() {
+    const N: usize = 400;
+    let server = Server::with_config("[limits]\nqueue_frames_max = 4\n");
+    let mut slow = Raw::connect_small(&server.addr).await;
+    slow.hello(1, &["s.>"], SlowPolicy::Disconnect).await;
+    let fast_client = server.client().await;
+    let mut fast = fast_client.subscribe("s.>").await.expect("subscribe");
+    let publisher = server.client().await;
+    let payload = vec![7u8; 64 * 1024];
+    let reader = tokio::spawn(async move { take_messages(&mut fast, N).await });
+    for _ in 0..N {
+        publisher.publish("s.x", payload.clone()).await.expect("publish");
+    }
+    let got = within("fast subscriber", reader).await.expect("reader task");
+    assert_eq!(got.len(), N);
+    assert!(got.windows(2).all(|w| w[1].seq == w[0].seq.next()), "fast stream is complete and ordered");
+    let err = slow.expect_error_and_close().await;
+    assert_eq!(err.code, canopy_client::protocol::ErrorCode::SlowConsumer);
+}
+
+/// A conflating subscriber that falls behind is told what it missed by a
+/// gap notice instead of being cut off, and its stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflating_subscriber_gets_gap_notices_instead_of_a_cut() {
+    const N: u64 = 400;
+    let server = Server::with_config("[limits]\nqueue_frames_max = 4\nwatermark_interval_ms = 50\n");
+    let mut slow = Raw::connect_small(&server.addr).await;
+    slow.hello(1, &["s.>"], SlowPolicy::Conflate).await;
+    let publisher = server.client().await;
+    let payload = vec![7u8; 64 * 1024];
+    for _ in 0..N {
+        publisher.publish("s.x", payload.clone()).await.expect("publish");
+    }
+    // Everything up to N is accounted for by deliveries or gap notices.
+    let mut covered = 0u64;
+    let mut gaps = 0;
+    while covered < N {
+        match slow.next().await {
+            Some(ServerFrame::Deliver(head, _)) => {
+                for e in head.msgs {
+                    assert_eq!(e.0 .0, covered + 1, "deliveries continue right after what was covered");
+                    covered = e.0 .0;
+                }
+            }
+            Some(ServerFrame::Gap(g)) => {
+                assert_eq!(g.from.0, covered + 1, "a gap starts right after what was covered");
+                covered = g.to.0;
+                gaps += 1;
+            }
+            Some(ServerFrame::Watermark(_)) => {}
+            other => panic!("unexpected {other:?} at {covered}"),
+        }
+    }
+    assert!(gaps > 0, "the stalled subscriber was told of a gap");
+    // The session is still alive and keeps receiving.
+    slow.send(ClientFrame::Ping(canopy_client::protocol::PingHead { nonce: 9 })).await;
+    loop {
+        match slow.next().await {
+            Some(ServerFrame::Pong(p)) => break assert_eq!(p.nonce, 9),
+            Some(_) => continue,
+            None => panic!("conflating session was closed"),
+        }
+    }
+}
