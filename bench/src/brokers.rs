@@ -46,7 +46,9 @@ impl Broker {
     /// Starts (or names) the broker of `kind`.
     pub fn start(kind: Kind, args: &crate::FanoutArgs) -> anyhow::Result<Broker> {
         match (kind, &args.addr, &args.nats_addr) {
-            (Kind::Canopy, Some(a), _) | (Kind::Nats, _, Some(a)) => Ok(Broker::External(a.clone())),
+            (Kind::Canopy, Some(a), _) | (Kind::Nats, _, Some(a)) => {
+                Ok(Broker::External(a.clone()))
+            }
             (Kind::Canopy, None, _) => start_canopy(),
             (Kind::Nats, _, None) => start_nats(),
         }
@@ -55,7 +57,9 @@ impl Broker {
     /// The client address.
     pub fn addr(&self) -> &str {
         match self {
-            Broker::External(a) | Broker::Canopy { addr: a, .. } | Broker::Nats { addr: a, .. } => a,
+            Broker::External(a) | Broker::Canopy { addr: a, .. } | Broker::Nats { addr: a, .. } => {
+                a
+            }
         }
     }
 }
@@ -83,7 +87,11 @@ fn start_canopy() -> anyhow::Result<Broker> {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
-        let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = addr_tx.send(Err(anyhow::anyhow!(e)));
@@ -133,11 +141,16 @@ fn start_nats() -> anyhow::Result<Broker> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("cannot start nats-server (install Debian's nats-server package, or pass --nats-addr)")?;
+        .context(
+            "cannot start nats-server (install Debian's nats-server package, or pass --nats-addr)",
+        )?;
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(&addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "nats-server did not start listening on {addr}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nats-server did not start listening on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(Broker::Nats { addr, child })
@@ -189,7 +202,10 @@ impl Publisher {
 
 /// Subscribes one new connection and returns its payload stream and a
 /// guard that keeps the connection alive.
-pub async fn subscribe(kind: Kind, addr: &str) -> anyhow::Result<(BoxStream<'static, Bytes>, Box<dyn Send>)> {
+pub async fn subscribe(
+    kind: Kind,
+    addr: &str,
+) -> anyhow::Result<(BoxStream<'static, Bytes>, Box<dyn Send>)> {
     Ok(match kind {
         Kind::Canopy => {
             let mut o = canopy_client::ClientOptions::new([addr]);

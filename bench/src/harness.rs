@@ -126,5 +126,13 @@ pub async fn run(args: &FanoutArgs, subs: usize, kind: Kind) -> anyhow::Result<R
         t.abort();
     }
     drop(broker);
-    Ok(summarise(kind.name(), args, subs, publish_elapsed, deliver_elapsed, &phase1, &latency))
+    Ok(summarise(
+        kind.name(),
+        args,
+        subs,
+        publish_elapsed,
+        deliver_elapsed,
+        &phase1,
+        &latency,
+    ))
 }

@@ -155,7 +155,9 @@ impl Checker {
         };
         let publisher = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let counter = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
-        let sent = u64::from_le_bytes([head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15]]);
+        let sent = u64::from_le_bytes([
+            head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
+        ]);
         match self.expect_per_pub.get_mut(publisher) {
             Some(next) if *next == counter => *next += 1,
             Some(next) => {
@@ -166,7 +168,9 @@ impl Checker {
         }
         if record_latency {
             let now = self.base.elapsed().as_nanos() as u64;
-            let _ = self.latency.record((now.saturating_sub(sent) / 1000).max(1));
+            let _ = self
+                .latency
+                .record((now.saturating_sub(sent) / 1000).max(1));
         }
     }
 
@@ -212,7 +216,10 @@ pub fn summarise(
     reports: &[SubReport],
     latency: &Histogram<u64>,
 ) -> RunReport {
-    let complete = reports.iter().filter(|r| r.received == args.msgs && r.order_violations == 0).count();
+    let complete = reports
+        .iter()
+        .filter(|r| r.received == args.msgs && r.order_violations == 0)
+        .count();
     let delivered: u64 = reports.iter().map(|r| r.received.min(args.msgs)).sum();
     RunReport {
         broker,
@@ -223,7 +230,10 @@ pub fn summarise(
         publish_rate: args.msgs as f64 / publish_elapsed.as_secs_f64(),
         delivered_rate: delivered as f64 / deliver_elapsed.as_secs_f64(),
         complete_subs: complete,
-        missing: reports.iter().map(|r| args.msgs.saturating_sub(r.received)).sum(),
+        missing: reports
+            .iter()
+            .map(|r| args.msgs.saturating_sub(r.received))
+            .sum(),
         order_violations: reports.iter().map(|r| r.order_violations).sum(),
         latency_rate: args.rate,
         latency_us: [
@@ -243,9 +253,18 @@ fn median(mut runs: Vec<RunReport>) -> RunReport {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let Cmd::Fanout(args) = cli.command;
-    anyhow::ensure!(args.size >= 16, "--size must be at least 16 bytes (timestamp and counter)");
-    anyhow::ensure!(args.pubs >= 1 && args.repeat >= 1, "--pubs and --repeat must be at least 1");
-    let clients = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    anyhow::ensure!(
+        args.size >= 16,
+        "--size must be at least 16 bytes (timestamp and counter)"
+    );
+    anyhow::ensure!(
+        args.pubs >= 1 && args.repeat >= 1,
+        "--pubs and --repeat must be at least 1"
+    );
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let mut results = Vec::new();
     for &subs in &args.subs {
         if matches!(args.broker, Target::Canopy | Target::Both) {
@@ -275,7 +294,19 @@ fn main() -> anyhow::Result<()> {
 fn print_table(results: &[RunReport]) {
     println!(
         "{:<7} {:>6} {:>5} {:>9} {:>6} {:>12} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
-        "broker", "subs", "pubs", "msgs", "size", "publish/s", "delivered/s", "complete", "missing", "order", "p50 us", "p99 us", "p99.9 us"
+        "broker",
+        "subs",
+        "pubs",
+        "msgs",
+        "size",
+        "publish/s",
+        "delivered/s",
+        "complete",
+        "missing",
+        "order",
+        "p50 us",
+        "p99 us",
+        "p99.9 us"
     );
     for r in results {
         println!(

@@ -16,12 +16,16 @@ pub fn server_list(servers: &str) -> Vec<String> {
         .collect()
 }
 
+/// How long the CLI keeps trying when no server answers.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn connect(servers: &str, name: &str) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(server_list(servers));
     options.name = name.to_owned();
-    Client::connect(options)
-        .await
-        .with_context(|| format!("is a Canopy server running at {servers}? (start one with `canopy serve`)"))
+    options.reconnect_for = RECONNECT_FOR;
+    Client::connect(options).await.with_context(|| {
+        format!("is a Canopy server running at {servers}? (start one with `canopy serve`)")
+    })
 }
 
 /// `canopy pub`: publishes `message`, or each line of stdin when it is
@@ -30,7 +34,8 @@ async fn connect(servers: &str, name: &str) -> anyhow::Result<Client> {
 /// # Errors
 /// When no server is reachable, the topic is invalid, or a publish fails.
 pub async fn publish(servers: &str, topic: &str, message: Option<String>) -> anyhow::Result<u64> {
-    canopy_client::topic::Topic::new(topic).with_context(|| format!("cannot publish to `{topic}`"))?;
+    canopy_client::topic::Topic::new(topic)
+        .with_context(|| format!("cannot publish to `{topic}`"))?;
     let client = connect(servers, "canopy-pub").await?;
     let mut count = 0u64;
     match message {
@@ -56,10 +61,17 @@ pub async fn publish(servers: &str, topic: &str, message: Option<String>) -> any
 ///
 /// # Errors
 /// When no server is reachable, the pattern is invalid, or the client fails.
-pub async fn subscribe(servers: &str, pattern: &str, json: bool, count: Option<u64>) -> anyhow::Result<()> {
-    canopy_client::topic::Pattern::new(pattern).with_context(|| format!("cannot subscribe to `{pattern}`"))?;
+pub async fn subscribe(
+    servers: &str,
+    pattern: &str,
+    json: bool,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    canopy_client::topic::Pattern::new(pattern)
+        .with_context(|| format!("cannot subscribe to `{pattern}`"))?;
     let client = connect(servers, "canopy-sub").await?;
     let mut sub = client.subscribe(pattern).await?;
+    eprintln!("canopy sub: subscribed to {pattern}");
     let mut printed = 0u64;
     let stdout = std::io::stdout();
     while count.is_none_or(|c| printed < c) {
@@ -87,11 +99,17 @@ pub async fn subscribe(servers: &str, pattern: &str, json: bool, count: Option<u
             Event::Gap { from, to } => {
                 eprintln!("canopy sub: messages {from}..={to} may have been missed (gap)");
                 if json {
-                    writeln!(out, "{}", serde_json::json!({"event": "gap", "from": from.0, "to": to.0}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"event": "gap", "from": from.0, "to": to.0})
+                    )?;
                 }
             }
             Event::StreamReset => {
-                eprintln!("canopy sub: the server restarted its stream; sequence numbers start again");
+                eprintln!(
+                    "canopy sub: the server restarted its stream; sequence numbers start again"
+                );
                 if json {
                     writeln!(out, "{}", serde_json::json!({"event": "stream_reset"}))?;
                 }

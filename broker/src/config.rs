@@ -119,22 +119,61 @@ impl FileConfig {
     pub fn validate(self, stream: u64) -> Result<ServerConfig, ConfigError> {
         let d = NodeConfig::default();
         let frame_len_max = self.limits.frame_len_max.unwrap_or(FRAME_LEN_MAX_DEFAULT);
-        range("limits.frame_len_max", frame_len_max, 4096, 64 << 20, "4096 to 64 MiB")?;
+        range(
+            "limits.frame_len_max",
+            frame_len_max,
+            4096,
+            64 << 20,
+            "4096 to 64 MiB",
+        )?;
         let queue_frames_max = self.limits.queue_frames_max.unwrap_or(1024);
-        range("limits.queue_frames_max", queue_frames_max, 1, 1 << 20, "1 to 1048576")?;
-        let subs = self.limits.subscriptions_per_session_max.unwrap_or(d.subscriptions_per_session_max);
-        range("limits.subscriptions_per_session_max", subs, 1, 1 << 20, "1 to 1048576")?;
+        range(
+            "limits.queue_frames_max",
+            queue_frames_max,
+            1,
+            1 << 20,
+            "1 to 1048576",
+        )?;
+        let subs = self
+            .limits
+            .subscriptions_per_session_max
+            .unwrap_or(d.subscriptions_per_session_max);
+        range(
+            "limits.subscriptions_per_session_max",
+            subs,
+            1,
+            1 << 20,
+            "1 to 1048576",
+        )?;
         let publishers = self.limits.publishers_max.unwrap_or(d.publishers_max);
-        range("limits.publishers_max", publishers, 1, 1 << 24, "1 to 16777216")?;
+        range(
+            "limits.publishers_max",
+            publishers,
+            1,
+            1 << 24,
+            "1 to 16777216",
+        )?;
         let wm = self
             .limits
             .watermark_interval_ms
             .unwrap_or(d.watermark_interval.as_millis() as u64);
-        range("limits.watermark_interval_ms", wm as usize, 10, 3_600_000, "10 ms to 1 hour")?;
+        range(
+            "limits.watermark_interval_ms",
+            wm as usize,
+            10,
+            3_600_000,
+            "10 ms to 1 hour",
+        )?;
         let count = self.retention.count_max.unwrap_or(d.retention_count_max);
         range("retention.count_max", count, 1, 1 << 32, "1 to 2^32")?;
         let bytes = self.retention.bytes_max.unwrap_or(d.retention_bytes_max);
-        range("retention.bytes_max", bytes, 4096, 1 << 40, "4 KiB to 1 TiB")?;
+        range(
+            "retention.bytes_max",
+            bytes,
+            4096,
+            1 << 40,
+            "4 KiB to 1 TiB",
+        )?;
         Ok(ServerConfig {
             listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
             queue_frames_max,
@@ -153,7 +192,13 @@ impl FileConfig {
     }
 }
 
-fn range(key: &'static str, value: usize, min: usize, max: usize, why: &'static str) -> Result<(), ConfigError> {
+fn range(
+    key: &'static str,
+    value: usize,
+    min: usize,
+    max: usize,
+    why: &'static str,
+) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
         Ok(())
     } else {
@@ -172,13 +217,17 @@ mod tests {
     #[test]
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/single.toml");
-        let cfg = FileConfig::load(&path).expect("parses").validate(1).expect("valid");
+        let cfg = FileConfig::load(&path)
+            .expect("parses")
+            .validate(1)
+            .expect("valid");
         assert_eq!(cfg.listen, LISTEN_DEFAULT);
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let err = toml::from_str::<FileConfig>("listen = \"x\"\nbogus = 1").expect_err("unknown key");
+        let err =
+            toml::from_str::<FileConfig>("listen = \"x\"\nbogus = 1").expect_err("unknown key");
         assert!(err.to_string().contains("bogus"), "{err}");
         let cfg: FileConfig = toml::from_str("[limits]\nqueue_frames_max = 0").expect("parses");
         let err = cfg.validate(1).expect_err("out of range");

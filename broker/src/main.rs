@@ -78,11 +78,19 @@ fn init_logs(json: bool, default: &str) {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, listen, name } => {
+        Command::Serve {
+            config,
+            listen,
+            name,
+        } => {
             init_logs(cli.log_json, "info");
             serve(config, listen, name).await
         }
-        Command::Pub { server, topic, message } => {
+        Command::Pub {
+            server,
+            topic,
+            message,
+        } => {
             init_logs(cli.log_json, "warn");
             cli::publish(&server, &topic, message).await.map(|n| {
                 eprintln!("canopy pub: {n} message(s) acknowledged");
@@ -107,7 +115,11 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve(config: Option<PathBuf>, listen: Option<String>, name: Option<String>) -> anyhow::Result<()> {
+async fn serve(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    name: Option<String>,
+) -> anyhow::Result<()> {
     let mut file = match &config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -122,7 +134,9 @@ async fn serve(config: Option<PathBuf>, listen: Option<String>, name: Option<Str
     let server = runtime::start(config).await?;
     // Tests and scripts read the bound address from this line.
     println!("canopy listening on {}", server.local_addr());
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     eprintln!("canopy: shutting down");
     server.shutdown().await;
     Ok(())

@@ -13,7 +13,10 @@ async fn wildcard_subscriptions_receive_exactly_their_topics() {
     let server = Server::start();
     let client = server.client().await;
     let mut nasdaq = client.subscribe("md.NASDAQ.*").await.expect("subscribe");
-    let mut line3 = client.subscribe("factory.line3.>").await.expect("subscribe");
+    let mut line3 = client
+        .subscribe("factory.line3.>")
+        .await
+        .expect("subscribe");
     let other = server.client().await;
     let mut all_md = other.subscribe("md.>").await.expect("subscribe");
     let topics = [
@@ -26,20 +29,36 @@ async fn wildcard_subscriptions_receive_exactly_their_topics() {
         "md.NASDAQ.MSFT",
     ];
     for t in topics {
-        client.publish(t, t.as_bytes().to_vec()).await.expect("publish");
+        client
+            .publish(t, t.as_bytes().to_vec())
+            .await
+            .expect("publish");
     }
-    let got = |ms: Vec<canopy_client::Message>| ms.iter().map(|m| m.topic().to_owned()).collect::<Vec<_>>();
-    assert_eq!(got(take_messages(&mut nasdaq, 2).await), ["md.NASDAQ.AAPL", "md.NASDAQ.MSFT"]);
+    let got = |ms: Vec<canopy_client::Message>| {
+        ms.iter().map(|m| m.topic().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        got(take_messages(&mut nasdaq, 2).await),
+        ["md.NASDAQ.AAPL", "md.NASDAQ.MSFT"]
+    );
     assert_eq!(
         got(take_messages(&mut line3, 2).await),
         ["factory.line3.temp", "factory.line3.press.max"]
     );
     assert_eq!(
         got(take_messages(&mut all_md, 4).await),
-        ["md.NASDAQ.AAPL", "md.NYSE.IBM", "md.NASDAQ.AAPL.bid", "md.NASDAQ.MSFT"]
+        [
+            "md.NASDAQ.AAPL",
+            "md.NYSE.IBM",
+            "md.NASDAQ.AAPL.bid",
+            "md.NASDAQ.MSFT"
+        ]
     );
     // A marker proves nothing else was queued behind the expected messages.
-    client.publish("md.NASDAQ.END", "end").await.expect("publish");
+    client
+        .publish("md.NASDAQ.END", "end")
+        .await
+        .expect("publish");
     assert_eq!(got(take_messages(&mut nasdaq, 1).await), ["md.NASDAQ.END"]);
 }
 
@@ -62,7 +81,9 @@ async fn hundred_subscribers_see_one_complete_order_from_several_publishers() {
         let c = server.client().await;
         publishers.push(tokio::spawn(async move {
             for i in 0..EACH {
-                c.send(&format!("orders.p{p}"), format!("{p}:{i}")).await.expect("send");
+                c.send(&format!("orders.p{p}"), format!("{p}:{i}"))
+                    .await
+                    .expect("send");
             }
             c.flush().await.expect("flush");
         }));
@@ -82,7 +103,11 @@ async fn hundred_subscribers_see_one_complete_order_from_several_publishers() {
         for (_, text) in &seen {
             let (p, i) = text.split_once(':').expect("payload p:i");
             let expect = next.entry(p.to_owned()).or_insert(0usize);
-            assert_eq!(i.parse::<usize>().expect("number"), *expect, "publisher {p} FIFO");
+            assert_eq!(
+                i.parse::<usize>().expect("number"),
+                *expect,
+                "publisher {p} FIFO"
+            );
             *expect += 1;
         }
         match &reference {
@@ -98,23 +123,35 @@ async fn hundred_subscribers_see_one_complete_order_from_several_publishers() {
 async fn resumed_subscriber_misses_nothing_and_gets_nothing_twice() {
     let server = Server::start();
     let proxy = Proxy::start(&server.addr).await;
-    let sub_client = within("connect", Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])))
-        .await
-        .expect("connect");
+    let sub_client = within(
+        "connect",
+        Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])),
+    )
+    .await
+    .expect("connect");
     let mut sub = sub_client.subscribe("t.>").await.expect("subscribe");
     let publisher = server.client().await;
     for i in 0..50 {
-        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+        publisher
+            .publish("t.a", format!("{i}"))
+            .await
+            .expect("publish");
     }
     let first = take_messages(&mut sub, 50).await;
     proxy.refuse(true);
     proxy.cut().await;
     for i in 50..100 {
-        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+        publisher
+            .publish("t.a", format!("{i}"))
+            .await
+            .expect("publish");
     }
     proxy.refuse(false);
     for i in 100..150 {
-        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+        publisher
+            .publish("t.a", format!("{i}"))
+            .await
+            .expect("publish");
     }
     let rest = take_messages(&mut sub, 100).await;
     let all: Vec<String> = first
@@ -126,7 +163,11 @@ async fn resumed_subscriber_misses_nothing_and_gets_nothing_twice() {
     assert_eq!(all, expected);
     publisher.publish("t.a", "end").await.expect("publish");
     let end = take_messages(&mut sub, 1).await;
-    assert_eq!(&end[0].payload[..], b"end", "no duplicate was queued before the end marker");
+    assert_eq!(
+        &end[0].payload[..],
+        b"end",
+        "no duplicate was queued before the end marker"
+    );
 }
 
 /// When retention no longer holds where a client stopped, it is told the
@@ -135,9 +176,12 @@ async fn resumed_subscriber_misses_nothing_and_gets_nothing_twice() {
 async fn resume_beyond_retention_reports_a_gap_then_the_retained_rest() {
     let server = Server::with_config("[retention]\ncount_max = 10\n");
     let proxy = Proxy::start(&server.addr).await;
-    let sub_client = within("connect", Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])))
-        .await
-        .expect("connect");
+    let sub_client = within(
+        "connect",
+        Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])),
+    )
+    .await
+    .expect("connect");
     let mut sub = sub_client.subscribe("t.>").await.expect("subscribe");
     let publisher = server.client().await;
     publisher.publish("t.a", "0").await.expect("publish");
@@ -146,7 +190,10 @@ async fn resume_beyond_retention_reports_a_gap_then_the_retained_rest() {
     proxy.refuse(true);
     proxy.cut().await;
     for i in 1..50 {
-        publisher.publish("t.a", format!("{i}")).await.expect("publish");
+        publisher
+            .publish("t.a", format!("{i}"))
+            .await
+            .expect("publish");
     }
     proxy.refuse(false);
     match within("gap", sub.next()).await {
@@ -181,7 +228,11 @@ async fn publisher_retries_are_deduplicated() {
     drop(raw);
     let mut raw = Raw::connect(&server.addr).await;
     let welcome = raw.hello(77, &[], SlowPolicy::Disconnect).await;
-    assert_eq!(welcome.pub_acked, PubSeq(2), "the server remembers what it ordered");
+    assert_eq!(
+        welcome.pub_acked,
+        PubSeq(2),
+        "the server remembers what it ordered"
+    );
     raw.send(publish("p.x", 1, b"one")).await;
     raw.send(publish("p.x", 2, b"two")).await;
     raw.send(publish("p.x", 3, b"three")).await;
@@ -196,7 +247,11 @@ async fn publisher_retries_are_deduplicated() {
     let payloads: Vec<&[u8]> = msgs.iter().map(|m| &m.payload[..]).collect();
     assert_eq!(payloads, [&b"one"[..], b"two", b"three"]);
     sub_client.publish("p.end", "end").await.expect("publish");
-    assert_eq!(take_messages(&mut sub, 1).await[0].topic(), "p.end", "no duplicate before the marker");
+    assert_eq!(
+        take_messages(&mut sub, 1).await[0].topic(),
+        "p.end",
+        "no duplicate before the marker"
+    );
 }
 
 /// The SDK resends unacknowledged publishes after a broken connection; the
@@ -208,9 +263,12 @@ async fn sdk_publisher_failover_neither_loses_nor_duplicates() {
     let proxy = Proxy::start(&server.addr).await;
     let sub_client = server.client().await;
     let mut sub = sub_client.subscribe("f.>").await.expect("subscribe");
-    let publisher = within("connect", Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])))
-        .await
-        .expect("connect");
+    let publisher = within(
+        "connect",
+        Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])),
+    )
+    .await
+    .expect("connect");
     let sending = tokio::spawn(async move {
         for i in 0..N {
             publisher.send("f.x", format!("{i}")).await.expect("send");
@@ -246,11 +304,19 @@ async fn slow_consumer_is_cut_off_while_fast_ones_keep_their_stream() {
     let payload = vec![7u8; 64 * 1024];
     let reader = tokio::spawn(async move { take_messages(&mut fast, N).await });
     for _ in 0..N {
-        publisher.publish("s.x", payload.clone()).await.expect("publish");
+        publisher
+            .publish("s.x", payload.clone())
+            .await
+            .expect("publish");
     }
-    let got = within("fast subscriber", reader).await.expect("reader task");
+    let got = within("fast subscriber", reader)
+        .await
+        .expect("reader task");
     assert_eq!(got.len(), N);
-    assert!(got.windows(2).all(|w| w[1].seq == w[0].seq.next()), "fast stream is complete and ordered");
+    assert!(
+        got.windows(2).all(|w| w[1].seq == w[0].seq.next()),
+        "fast stream is complete and ordered"
+    );
     let err = slow.expect_error_and_close().await;
     assert_eq!(err.code, canopy_client::protocol::ErrorCode::SlowConsumer);
 }
@@ -260,13 +326,17 @@ async fn slow_consumer_is_cut_off_while_fast_ones_keep_their_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflating_subscriber_gets_gap_notices_instead_of_a_cut() {
     const N: u64 = 400;
-    let server = Server::with_config("[limits]\nqueue_frames_max = 4\nwatermark_interval_ms = 50\n");
+    let server =
+        Server::with_config("[limits]\nqueue_frames_max = 4\nwatermark_interval_ms = 50\n");
     let mut slow = Raw::connect_small(&server.addr).await;
     slow.hello(1, &["s.>"], SlowPolicy::Conflate).await;
     let publisher = server.client().await;
     let payload = vec![7u8; 64 * 1024];
     for _ in 0..N {
-        publisher.publish("s.x", payload.clone()).await.expect("publish");
+        publisher
+            .publish("s.x", payload.clone())
+            .await
+            .expect("publish");
     }
     // Everything up to N is accounted for by deliveries or gap notices.
     let mut covered = 0u64;
@@ -275,12 +345,20 @@ async fn conflating_subscriber_gets_gap_notices_instead_of_a_cut() {
         match slow.next().await {
             Some(ServerFrame::Deliver(head, _)) => {
                 for e in head.msgs {
-                    assert_eq!(e.0 .0, covered + 1, "deliveries continue right after what was covered");
+                    assert_eq!(
+                        e.0 .0,
+                        covered + 1,
+                        "deliveries continue right after what was covered"
+                    );
                     covered = e.0 .0;
                 }
             }
             Some(ServerFrame::Gap(g)) => {
-                assert_eq!(g.from.0, covered + 1, "a gap starts right after what was covered");
+                assert_eq!(
+                    g.from.0,
+                    covered + 1,
+                    "a gap starts right after what was covered"
+                );
                 covered = g.to.0;
                 gaps += 1;
             }
@@ -290,7 +368,10 @@ async fn conflating_subscriber_gets_gap_notices_instead_of_a_cut() {
     }
     assert!(gaps > 0, "the stalled subscriber was told of a gap");
     // The session is still alive and keeps receiving.
-    slow.send(ClientFrame::Ping(canopy_client::protocol::PingHead { nonce: 9 })).await;
+    slow.send(ClientFrame::Ping(canopy_client::protocol::PingHead {
+        nonce: 9,
+    }))
+    .await;
     loop {
         match slow.next().await {
             Some(ServerFrame::Pong(p)) => break assert_eq!(p.nonce, 9),

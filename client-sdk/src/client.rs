@@ -18,8 +18,8 @@
 
 use crate::error::Error;
 use crate::protocol::{
-    self, ClientFrame, DeliverHead, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq, PublishHead,
-    PublisherId, Resume, Seq, ServerFrame, SlowPolicy, SubscribeHead, Welcome,
+    self, ClientFrame, DeliverHead, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq,
+    PublishHead, PublisherId, Resume, Seq, ServerFrame, SlowPolicy, SubscribeHead, Welcome,
 };
 use crate::topic::{Pattern, Topic};
 use bytes::Bytes;
@@ -145,7 +145,9 @@ impl Client {
                 last: "the server list is empty".into(),
             });
         }
-        let publisher = options.publisher.unwrap_or_else(|| PublisherId(rand::random()));
+        let publisher = options
+            .publisher
+            .unwrap_or_else(|| PublisherId(rand::random()));
         let window = Arc::new(Semaphore::new(options.window.max(1)));
         let (commands, commands_rx) = flume::unbounded();
         let mut driver = Driver {
@@ -211,7 +213,11 @@ impl Client {
         permit.forget();
         let (ack, rx) = oneshot::channel();
         self.commands
-            .send(Command::Publish { topic, payload, ack })
+            .send(Command::Publish {
+                topic,
+                payload,
+                ack,
+            })
             .map_err(|_| Error::Closed)?;
         Ok(PendingAck(rx))
     }
@@ -222,7 +228,9 @@ impl Client {
     /// When the client failed or was closed.
     pub async fn flush(&self) -> Result<(), Error> {
         let (done, rx) = oneshot::channel();
-        self.commands.send(Command::Flush { done }).map_err(|_| Error::Closed)?;
+        self.commands
+            .send(Command::Flush { done })
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -233,7 +241,9 @@ impl Client {
     /// An invalid pattern, a rejection, or a closed client.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, Error> {
         let pattern = Pattern::new(pattern)?;
-        let id = self.next_sub.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self
+            .next_sub
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (events, rx) = flume::bounded(self.subscription_batches_max);
         let (done, done_rx) = oneshot::channel();
         self.commands
@@ -261,7 +271,9 @@ impl Future for PendingAck {
     type Output = Result<PubSeq, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(Error::Closed)))
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
     }
 }
 
@@ -352,13 +364,19 @@ impl Driver {
         let mut last = String::from("no attempt made");
         loop {
             for addr in self.options.servers.clone() {
-                let attempt = tokio::time::timeout(self.options.connect_timeout, self.handshake(&addr)).await;
+                let attempt =
+                    tokio::time::timeout(self.options.connect_timeout, self.handshake(&addr)).await;
                 match attempt {
                     Ok(Ok(ok)) => return Ok(ok),
                     Ok(Err(Ended::Fatal(e))) => return Err(e),
                     Ok(Err(Ended::Lost(why))) => last = format!("{addr}: {why}"),
                     Ok(Err(Ended::Done)) => return Err(Error::Closed),
-                    Err(_) => last = format!("{addr}: no handshake within {:?}", self.options.connect_timeout),
+                    Err(_) => {
+                        last = format!(
+                            "{addr}: no handshake within {:?}",
+                            self.options.connect_timeout
+                        )
+                    }
                 }
                 tracing::debug!(server = %addr, error = %last, "connect failed");
             }
@@ -374,7 +392,9 @@ impl Driver {
     }
 
     async fn handshake(&mut self, addr: &str) -> Result<(Conn, Welcome), Ended> {
-        let stream = TcpStream::connect(addr).await.map_err(|e| Ended::Lost(e.to_string()))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| Ended::Lost(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let codec = LengthDelimitedCodec::builder()
@@ -388,14 +408,20 @@ impl Driver {
             name: self.options.name.clone(),
             publisher: self.publisher,
             subscriptions: self.subscribed_patterns(),
-            resume: self.position.map(|(stream, after)| Resume { stream, after }),
+            resume: self
+                .position
+                .map(|(stream, after)| Resume { stream, after }),
             slow: self.options.slow,
         };
         let _ = out.send(protocol::encode_client(&ClientFrame::Hello(hello)));
         let welcome = match next_frame(&mut frames).await? {
             ServerFrame::Welcome(w) => w,
             ServerFrame::Error(e) => return Err(server_error(e.code, e.message)),
-            other => return Err(Ended::Fatal(Error::Protocol(format!("expected Welcome, got {other:?}")))),
+            other => {
+                return Err(Ended::Fatal(Error::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                ))))
+            }
         };
         if welcome.version != protocol::PROTOCOL_VERSION {
             return Err(Ended::Fatal(Error::Protocol(format!(
@@ -416,7 +442,11 @@ impl Driver {
 
     /// Distinct patterns of the live subscriptions.
     fn subscribed_patterns(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.subs.iter().map(|s| s.pattern.as_str().to_owned()).collect();
+        let mut v: Vec<String> = self
+            .subs
+            .iter()
+            .map(|s| s.pattern.as_str().to_owned())
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -499,7 +529,11 @@ impl Driver {
 
     fn command(&mut self, conn: &Conn, cmd: Command) {
         match cmd {
-            Command::Publish { topic, payload, ack } => {
+            Command::Publish {
+                topic,
+                payload,
+                ack,
+            } => {
                 let u = Unacked {
                     pub_seq: PubSeq(self.next_pub_seq),
                     topic,
@@ -524,23 +558,35 @@ impl Driver {
             } => {
                 let known = self.subs.iter().any(|s| s.pattern == pattern);
                 let text = pattern.as_str().to_owned();
-                self.subs.push(Sub { id, pattern, events });
+                self.subs.push(Sub {
+                    id,
+                    pattern,
+                    events,
+                });
                 if known {
                     let _ = done.send(Ok(()));
                 } else {
-                    let head = SubscribeHead { pattern: text.clone() };
-                    let _ = conn.out.send(protocol::encode_client(&ClientFrame::Subscribe(head)));
+                    let head = SubscribeHead {
+                        pattern: text.clone(),
+                    };
+                    let _ = conn
+                        .out
+                        .send(protocol::encode_client(&ClientFrame::Subscribe(head)));
                     self.pending_subs.push_back((text, done));
                 }
             }
             Command::Unsubscribe { id } => {
-                let Some(i) = self.subs.iter().position(|s| s.id == id) else { return };
+                let Some(i) = self.subs.iter().position(|s| s.id == id) else {
+                    return;
+                };
                 let sub = self.subs.swap_remove(i);
                 if !self.subs.iter().any(|s| s.pattern == sub.pattern) {
                     let head = SubscribeHead {
                         pattern: sub.pattern.as_str().to_owned(),
                     };
-                    let _ = conn.out.send(protocol::encode_client(&ClientFrame::Unsubscribe(head)));
+                    let _ = conn
+                        .out
+                        .send(protocol::encode_client(&ClientFrame::Unsubscribe(head)));
                 }
             }
         }
@@ -561,10 +607,16 @@ impl Driver {
             ServerFrame::Watermark(w) => self.advance(w.seq),
             ServerFrame::Gap(g) => {
                 self.advance(g.to);
-                self.send_all(Event::Gap { from: g.from, to: g.to }).await;
+                self.send_all(Event::Gap {
+                    from: g.from,
+                    to: g.to,
+                })
+                .await;
             }
             ServerFrame::Ping(p) => {
-                let _ = conn.out.send(protocol::encode_client(&ClientFrame::Pong(p)));
+                let _ = conn
+                    .out
+                    .send(protocol::encode_client(&ClientFrame::Pong(p)));
             }
             ServerFrame::Error(e) => return Err(server_error(e.code, e.message)),
             ServerFrame::Welcome(_) => {
@@ -583,11 +635,14 @@ impl Driver {
     /// Hands a delivery batch to the matching subscriptions.
     async fn deliver(&mut self, head: &DeliverHead, body: &Bytes) -> Result<(), Ended> {
         self.batch.clear();
-        protocol::messages(head, body, &mut self.batch).map_err(|e| Ended::Fatal(Error::Protocol(e.to_string())))?;
+        protocol::messages(head, body, &mut self.batch)
+            .map_err(|e| Ended::Fatal(Error::Protocol(e.to_string())))?;
         // A resumed stream may overlap what was already handed over.
         let at = self.position.map_or(Seq(0), |(_, s)| s);
         let skip = self.batch.iter().take_while(|m| m.seq <= at).count();
-        let Some(last) = self.batch.last().map(|m| m.seq) else { return Ok(()) };
+        let Some(last) = self.batch.last().map(|m| m.seq) else {
+            return Ok(());
+        };
         self.advance(last);
         let msgs = self.batch.drain(skip..);
         if self.subs.len() == 1 {
@@ -686,9 +741,8 @@ async fn next_frame(
     frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
 ) -> Result<ServerFrame, Ended> {
     match frames.next().await {
-        Some(Ok(content)) => {
-            protocol::decode_server(content.freeze()).map_err(|e| Ended::Fatal(Error::Protocol(e.to_string())))
-        }
+        Some(Ok(content)) => protocol::decode_server(content.freeze())
+            .map_err(|e| Ended::Fatal(Error::Protocol(e.to_string()))),
         Some(Err(e)) => Err(Ended::Lost(e.to_string())),
         None => Err(Ended::Lost("server closed the connection".into())),
     }
@@ -699,7 +753,10 @@ async fn write_loop(mut write: tokio::net::tcp::OwnedWriteHalf, out: flume::Rece
     while let Ok(frame) = out.recv_async().await {
         batch.push(frame);
         batch.extend(out.try_iter().take(255));
-        if crate::io::write_frames(&mut write, &mut batch).await.is_err() {
+        if crate::io::write_frames(&mut write, &mut batch)
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -13,7 +13,10 @@ const SLICES_MAX: usize = 64;
 /// # Errors
 /// The first write error; the connection is then unusable and `frames`
 /// holds an unspecified remainder.
-pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &mut Vec<Bytes>) -> std::io::Result<()> {
+pub async fn write_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
     let mut at = 0;
     while at < frames.len() {
         let mut slices = [IoSlice::new(&[]); SLICES_MAX];

@@ -32,7 +32,9 @@ pub const FRAME_LEN_MAX_DEFAULT: usize = 1 << 20;
 /// A global sequence number: a message's position in the one total order.
 ///
 /// Sequence numbers start at 1; `Seq(0)` means "before the first message".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -50,7 +52,9 @@ impl fmt::Display for Seq {
 }
 
 /// Identifies a publisher across reconnects; chosen by the client.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct PublisherId(pub u64);
 
@@ -61,7 +65,9 @@ impl fmt::Display for PublisherId {
 }
 
 /// A publisher's own sequence number for its messages, starting at 1.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct PubSeq(pub u64);
 
@@ -232,7 +238,7 @@ pub struct Welcome {
 pub struct DeliverEntry(pub Seq, pub PublisherId, pub PubSeq, pub u16, pub u32);
 
 /// Server to client: a batch of ordered messages, ascending by sequence number.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeliverHead {
     /// `(seq, publisher, pub_seq, topic_len, payload_len)` per message.
     pub msgs: Vec<DeliverEntry>,
@@ -382,7 +388,10 @@ pub fn encode_into<H: Serialize>(buf: &mut BytesMut, kind: u8, head: &H, body: &
 }
 
 /// Splits content into kind, decoded head and the remaining body.
-fn split<H: for<'de> Deserialize<'de>>(kind: u8, content: &Bytes) -> Result<(H, Bytes), DecodeError> {
+fn split<H: for<'de> Deserialize<'de>>(
+    kind: u8,
+    content: &Bytes,
+) -> Result<(H, Bytes), DecodeError> {
     let mut rest: &[u8] = &content[1..];
     let head = ciborium::from_reader(&mut rest).map_err(|e| DecodeError::Malformed {
         kind,
@@ -419,7 +428,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         }
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
-        k if k >= 0x80 && k <= kind::ERROR => return Err(DecodeError::WrongDirection(k)),
+        k if (0x80..=kind::ERROR).contains(&k) => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
 }
@@ -496,24 +505,31 @@ pub struct DeliverBuilder {
     body: BytesMut,
 }
 
-impl Default for DeliverHead {
-    fn default() -> Self {
-        DeliverHead { msgs: Vec::new() }
-    }
-}
-
 impl DeliverBuilder {
     /// Adds one message.
     ///
     /// # Panics
     /// If the topic is longer than 65,535 bytes; topics are validated far
     /// below that ([`crate::topic::TOPIC_LEN_MAX`]).
-    pub fn push(&mut self, seq: Seq, publisher: PublisherId, pub_seq: PubSeq, topic: &str, payload: &[u8]) {
-        let topic_len = u16::try_from(topic.len()).expect("invariant: topics are validated to TOPIC_LEN_MAX");
-        let payload_len = u32::try_from(payload.len()).expect("invariant: payloads are bounded by frame_len_max");
-        self.head
-            .msgs
-            .push(DeliverEntry(seq, publisher, pub_seq, topic_len, payload_len));
+    pub fn push(
+        &mut self,
+        seq: Seq,
+        publisher: PublisherId,
+        pub_seq: PubSeq,
+        topic: &str,
+        payload: &[u8],
+    ) {
+        let topic_len =
+            u16::try_from(topic.len()).expect("invariant: topics are validated to TOPIC_LEN_MAX");
+        let payload_len =
+            u32::try_from(payload.len()).expect("invariant: payloads are bounded by frame_len_max");
+        self.head.msgs.push(DeliverEntry(
+            seq,
+            publisher,
+            pub_seq,
+            topic_len,
+            payload_len,
+        ));
         self.body.extend_from_slice(topic.as_bytes());
         self.body.extend_from_slice(payload);
     }
@@ -582,7 +598,11 @@ impl fmt::Debug for Message {
 /// # Errors
 /// [`DecodeError::Malformed`] when a topic is not UTF-8 or sequence numbers
 /// do not ascend.
-pub fn messages(head: &DeliverHead, body: &Bytes, out: &mut Vec<Message>) -> Result<(), DecodeError> {
+pub fn messages(
+    head: &DeliverHead,
+    body: &Bytes,
+    out: &mut Vec<Message>,
+) -> Result<(), DecodeError> {
     let mut at = 0usize;
     let mut last = Seq(0);
     for &DeliverEntry(seq, publisher, pub_seq, topic_len, payload_len) in &head.msgs {
@@ -630,13 +650,23 @@ mod tests {
                 name: "t".into(),
                 publisher: PublisherId(7),
                 subscriptions: vec!["a.>".into()],
-                resume: Some(Resume { stream: 3, after: Seq(9) }),
+                resume: Some(Resume {
+                    stream: 3,
+                    after: Seq(9),
+                }),
                 slow: SlowPolicy::Conflate,
             }),
-            ClientFrame::Subscribe(SubscribeHead { pattern: "a.*".into() }),
-            ClientFrame::Unsubscribe(SubscribeHead { pattern: "a.*".into() }),
+            ClientFrame::Subscribe(SubscribeHead {
+                pattern: "a.*".into(),
+            }),
+            ClientFrame::Unsubscribe(SubscribeHead {
+                pattern: "a.*".into(),
+            }),
             ClientFrame::Publish(
-                PublishHead { topic: "a.b".into(), pub_seq: PubSeq(3) },
+                PublishHead {
+                    topic: "a.b".into(),
+                    pub_seq: PubSeq(3),
+                },
                 Bytes::from_static(b"payload"),
             ),
             ClientFrame::Ping(PingHead { nonce: 1 }),
@@ -657,32 +687,80 @@ mod tests {
         b.push(Seq(5), PublisherId(2), PubSeq(1), "c", b"");
         let frame = b.finish();
         assert!(b.is_empty());
-        let ServerFrame::Deliver(head, body) = decode_server(content(frame)).expect("decodes") else {
+        let ServerFrame::Deliver(head, body) = decode_server(content(frame)).expect("decodes")
+        else {
             panic!("not a deliver frame");
         };
         let mut out = Vec::new();
         messages(&head, &body, &mut out).expect("valid");
         assert_eq!(out.len(), 2);
-        assert_eq!((out[0].seq, out[0].topic(), &out[0].payload[..]), (Seq(1), "a.b", &b"one"[..]));
-        assert_eq!((out[1].seq, out[1].topic(), &out[1].payload[..]), (Seq(5), "c", &b""[..]));
+        assert_eq!(
+            (out[0].seq, out[0].topic(), &out[0].payload[..]),
+            (Seq(1), "a.b", &b"one"[..])
+        );
+        assert_eq!(
+            (out[1].seq, out[1].topic(), &out[1].payload[..]),
+            (Seq(5), "c", &b""[..])
+        );
     }
 
     #[test]
     fn bad_content_gets_a_specific_decode_error() {
         assert_eq!(decode_client(Bytes::new()), Err(DecodeError::Empty));
-        assert_eq!(decode_client(Bytes::from_static(&[0x7f])), Err(DecodeError::UnknownKind(0x7f)));
+        assert_eq!(
+            decode_client(Bytes::from_static(&[0x7f])),
+            Err(DecodeError::UnknownKind(0x7f))
+        );
         assert_eq!(
             decode_client(Bytes::from_static(&[kind::WELCOME])),
             Err(DecodeError::WrongDirection(kind::WELCOME))
         );
         let garbage = decode_client(Bytes::from_static(&[kind::HELLO, 0xff, 0x00]));
-        assert!(matches!(garbage, Err(DecodeError::Malformed { kind: kind::HELLO, .. })));
+        assert!(matches!(
+            garbage,
+            Err(DecodeError::Malformed {
+                kind: kind::HELLO,
+                ..
+            })
+        ));
         let trailing = {
             let f = encode_client(&ClientFrame::Ping(PingHead { nonce: 1 }));
             let mut v = f.slice(4..).to_vec();
             v.push(0);
             Bytes::from(v)
         };
-        assert!(matches!(decode_client(trailing), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(
+            decode_client(trailing),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoders() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..2000usize {
+            let mut v = Vec::with_capacity(len % 97);
+            for _ in 0..len % 97 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                v.push(rng as u8);
+            }
+            // Valid kinds in front make the CBOR decoder do the work.
+            if let Some(first) = v.first_mut() {
+                *first = [
+                    kind::HELLO,
+                    kind::PUBLISH,
+                    kind::DELIVER,
+                    kind::WELCOME,
+                    *first,
+                ][len % 5];
+            }
+            let content = Bytes::from(v);
+            let _ = decode_client(content.clone());
+            if let Ok(ServerFrame::Deliver(head, body)) = decode_server(content) {
+                let _ = messages(&head, &body, &mut Vec::new());
+            }
+        }
     }
 }

@@ -214,11 +214,20 @@ mod tests {
         assert_eq!(Topic::new(""), Err(TopicError::Empty));
         assert!(matches!(Topic::new("a..b"), Err(TopicError::EmptyToken(_))));
         assert!(matches!(Topic::new(".a"), Err(TopicError::EmptyToken(_))));
-        assert!(matches!(Topic::new("a b"), Err(TopicError::BadCharacter(_))));
+        assert!(matches!(
+            Topic::new("a b"),
+            Err(TopicError::BadCharacter(_))
+        ));
         assert!(matches!(Topic::new("a.*"), Err(TopicError::BadWildcard(_))));
         assert!(matches!(Topic::new("a.>"), Err(TopicError::BadWildcard(_))));
-        assert!(matches!(Pattern::new("a.>.b"), Err(TopicError::BadWildcard(_))));
-        assert!(matches!(Pattern::new("a.b*"), Err(TopicError::BadWildcard(_))));
+        assert!(matches!(
+            Pattern::new("a.>.b"),
+            Err(TopicError::BadWildcard(_))
+        ));
+        assert!(matches!(
+            Pattern::new("a.b*"),
+            Err(TopicError::BadWildcard(_))
+        ));
         let long = "a".repeat(TOPIC_LEN_MAX + 1);
         assert!(matches!(Topic::new(&long), Err(TopicError::TooLong { .. })));
     }

@@ -25,7 +25,10 @@ struct TrieNode {
 
 impl TrieNode {
     fn is_empty(&self) -> bool {
-        self.literal.is_empty() && self.one.is_none() && self.here.is_empty() && self.rest.is_empty()
+        self.literal.is_empty()
+            && self.one.is_none()
+            && self.here.is_empty()
+            && self.rest.is_empty()
     }
 
     fn collect(&self, tokens: &[&str], out: &mut Vec<SessionId>) {
@@ -156,7 +159,11 @@ mod tests {
     }
 
     fn ids(index: &mut Index, topic: &str) -> Vec<u64> {
-        index.lookup(&Arc::from(topic)).iter().map(|s| s.0).collect()
+        index
+            .lookup(&Arc::from(topic))
+            .iter()
+            .map(|s| s.0)
+            .collect()
     }
 
     #[test]

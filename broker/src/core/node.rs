@@ -31,7 +31,8 @@ use super::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, PingHead, PubAck, PubSeq,
-    PublishHead, PublisherId, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
+    PublishHead, PublisherId, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead,
+    Welcome,
 };
 use canopy_client::topic::{Pattern, Topic};
 use std::collections::{HashMap, VecDeque};
@@ -238,18 +239,35 @@ impl Node {
 
     /// Bytes from `session` could not be decoded into a frame. The session is
     /// closed with an error frame carrying `code` and `message`.
-    pub fn handle_bad_input(&mut self, _now: Duration, session: SessionId, code: ErrorCode, message: String) {
+    pub fn handle_bad_input(
+        &mut self,
+        _now: Duration,
+        session: SessionId,
+        code: ErrorCode,
+        message: String,
+    ) {
         self.close_with_error(session, code, message);
     }
 
     /// A transmit of kind `kind` covering `seqs` did not fit `session`'s
     /// outbound queue. Call at once, before the next `poll_output`.
-    pub fn handle_queue_full(&mut self, _now: Duration, session: SessionId, kind: TransmitKind, seqs: (Seq, Seq)) {
-        let Some(s) = self.sessions.get_mut(&session) else { return };
+    pub fn handle_queue_full(
+        &mut self,
+        _now: Duration,
+        session: SessionId,
+        kind: TransmitKind,
+        seqs: (Seq, Seq),
+    ) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
         if s.closing {
             return;
         }
-        let conflate = s.hello.as_ref().is_some_and(|h| h.slow == SlowPolicy::Conflate);
+        let conflate = s
+            .hello
+            .as_ref()
+            .is_some_and(|h| h.slow == SlowPolicy::Conflate);
         match kind {
             TransmitKind::Watermark => {}
             TransmitKind::Deliver | TransmitKind::Gap if conflate => {
@@ -260,7 +278,10 @@ impl Node {
             }
             _ => {
                 self.stats.slow_consumers += 1;
-                let frame = error_frame(ErrorCode::SlowConsumer, "outbound queue full: the client did not keep up");
+                let frame = error_frame(
+                    ErrorCode::SlowConsumer,
+                    "outbound queue full: the client did not keep up",
+                );
                 if let Some(s) = self.sessions.get_mut(&session) {
                     s.closing = true;
                     for p in std::mem::take(&mut s.patterns) {
@@ -334,7 +355,9 @@ impl Node {
                     seqs,
                     ..
                 } => {
-                    let Some(s) = self.sessions.get_mut(&session) else { continue };
+                    let Some(s) = self.sessions.get_mut(&session) else {
+                        continue;
+                    };
                     if s.closing {
                         continue;
                     }
@@ -357,7 +380,8 @@ impl Node {
                     // A watermark must not overtake a gap the session has
                     // not been told of yet: it would claim the gap was sent.
                     let pass = self.sessions.get(&session).is_some_and(|s| {
-                        !s.closing && !(kind == TransmitKind::Watermark && s.gap.is_some())
+                        let gap_first = kind == TransmitKind::Watermark && s.gap.is_some();
+                        !s.closing && !gap_first
                     });
                     if pass {
                         return Some(out);
@@ -372,24 +396,35 @@ impl Node {
     }
 
     /// A decoded frame arrived from `session`.
-    pub fn handle_frame(&mut self, _now: Duration, session: SessionId, frame: protocol::ClientFrame) {
+    pub fn handle_frame(
+        &mut self,
+        _now: Duration,
+        session: SessionId,
+        frame: protocol::ClientFrame,
+    ) {
         use protocol::ClientFrame as F;
-        let Some(s) = self.sessions.get(&session) else { return };
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
         if s.closing {
             return;
         }
         match (frame, s.hello.is_some()) {
             (F::Hello(hello), false) => self.on_hello(session, hello),
-            (F::Hello(_), true) => {
-                self.close_with_error(session, ErrorCode::DuplicateHello, "Hello sent twice".into())
-            }
+            (F::Hello(_), true) => self.close_with_error(
+                session,
+                ErrorCode::DuplicateHello,
+                "Hello sent twice".into(),
+            ),
             (other, false) => self.close_with_error(
                 session,
                 ErrorCode::HandshakeRequired,
                 format!("{} before Hello: send Hello first", frame_name(&other)),
             ),
             (F::Subscribe(SubscribeHead { pattern }), true) => self.on_subscribe(session, &pattern),
-            (F::Unsubscribe(SubscribeHead { pattern }), true) => self.on_unsubscribe(session, &pattern),
+            (F::Unsubscribe(SubscribeHead { pattern }), true) => {
+                self.on_unsubscribe(session, &pattern)
+            }
             (F::Publish(head, payload), true) => self.on_publish(session, head, payload),
             (F::Ping(p), true) => self.control(session, kind::PONG, &p),
             (F::Pong(PingHead { .. }), true) => {}
@@ -418,7 +453,9 @@ impl Node {
             match Pattern::new(text) {
                 Ok(p) if !patterns.contains(&p) => patterns.push(p),
                 Ok(_) => {}
-                Err(e) => return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string()),
+                Err(e) => {
+                    return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string())
+                }
             }
         }
         // Order what is pending first, so the replay below and the live
@@ -477,7 +514,9 @@ impl Node {
                 seqs: (gap.from, gap.to),
             });
         }
-        let Some(s) = self.sessions.get(&session) else { return };
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
         let mut builder = DeliverBuilder::default();
         let mut first = Seq(0);
         let limits = FrameLimits::new(self.config.frame_len_max);
@@ -487,7 +526,8 @@ impl Node {
             }
             if limits.full(&builder, m) {
                 let last = Seq(m.seq.0 - 1);
-                self.outputs.push_back(deliver(session, builder.finish(), first, last));
+                self.outputs
+                    .push_back(deliver(session, builder.finish(), first, last));
             }
             if builder.is_empty() {
                 first = m.seq;
@@ -495,16 +535,21 @@ impl Node {
             builder.push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
         }
         if !builder.is_empty() {
-            self.outputs.push_back(deliver(session, builder.finish(), first, self.head));
+            self.outputs
+                .push_back(deliver(session, builder.finish(), first, self.head));
         }
     }
 
     fn on_subscribe(&mut self, session: SessionId, text: &str) {
         let pattern = match Pattern::new(text) {
             Ok(p) => p,
-            Err(e) => return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string()),
+            Err(e) => {
+                return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string())
+            }
         };
-        let Some(s) = self.sessions.get_mut(&session) else { return };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
         if !s.patterns.contains(&pattern) {
             if s.patterns.len() >= self.config.subscriptions_per_session_max {
                 let msg = format!(
@@ -531,7 +576,9 @@ impl Node {
     fn on_unsubscribe(&mut self, session: SessionId, text: &str) {
         let pattern = match Pattern::new(text) {
             Ok(p) => p,
-            Err(e) => return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string()),
+            Err(e) => {
+                return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string())
+            }
         };
         self.fan_out();
         if let Some(s) = self.sessions.get_mut(&session) {
@@ -550,9 +597,15 @@ impl Node {
     fn on_publish(&mut self, session: SessionId, head: PublishHead, payload: Bytes) {
         let topic = match Topic::new(&head.topic) {
             Ok(t) => t,
-            Err(e) => return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string()),
+            Err(e) => {
+                return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string())
+            }
         };
-        let Some(publisher) = self.sessions.get(&session).and_then(|s| s.hello.as_ref()).map(|h| h.publisher)
+        let Some(publisher) = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.hello.as_ref())
+            .map(|h| h.publisher)
         else {
             return;
         };
@@ -602,7 +655,9 @@ impl Node {
     }
 
     fn remember_publisher(&mut self, publisher: PublisherId, pub_seq: PubSeq, seq: Seq) {
-        if !self.publishers.contains_key(&publisher) && self.publishers.len() >= self.config.publishers_max {
+        if !self.publishers.contains_key(&publisher)
+            && self.publishers.len() >= self.config.publishers_max
+        {
             // Forget the publisher that has been quiet longest. Its retries
             // would be ordered again if it ever came back with old
             // pub_seqs, which the bound makes a documented trade-off.
@@ -625,14 +680,20 @@ impl Node {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             let limits = FrameLimits::new(self.config.frame_len_max);
-            let frames = self.fanout.run(&batch, &mut self.index, limits, &mut self.outputs);
+            let frames = self
+                .fanout
+                .run(&batch, &mut self.index, limits, &mut self.outputs);
             self.stats.deliver_frames += frames;
             for m in batch {
                 self.retention.push(m);
             }
         }
         for session in self.acks_due.drain(..) {
-            let Some(ack) = self.sessions.get_mut(&session).and_then(|s| s.ack_due.take()) else {
+            let Some(ack) = self
+                .sessions
+                .get_mut(&session)
+                .and_then(|s| s.ack_due.take())
+            else {
                 continue;
             };
             self.outputs.push_back(Output::Transmit {
@@ -654,7 +715,9 @@ impl Node {
     }
 
     fn close_with_error(&mut self, session: SessionId, code: ErrorCode, message: String) {
-        let Some(s) = self.sessions.get_mut(&session) else { return };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
         if s.closing {
             return;
         }
@@ -727,7 +790,9 @@ impl FrameLimits {
 
     /// Whether `m` must go into a new frame.
     fn full(&self, b: &DeliverBuilder, m: &Ordered) -> bool {
-        !b.is_empty() && (b.len() >= self.msgs_max || b.body_len() + m.topic.len() + m.payload.len() > self.body_max)
+        !b.is_empty()
+            && (b.len() >= self.msgs_max
+                || b.body_len() + m.topic.len() + m.payload.len() > self.body_max)
     }
 }
 
@@ -752,7 +817,13 @@ struct Fanout {
 
 impl Fanout {
     /// Queues delivery transmits for `batch`; returns the frames encoded.
-    fn run(&mut self, batch: &[Ordered], index: &mut Index, limits: FrameLimits, out: &mut VecDeque<Output>) -> u64 {
+    fn run(
+        &mut self,
+        batch: &[Ordered],
+        index: &mut Index,
+        limits: FrameLimits,
+        out: &mut VecDeque<Output>,
+    ) -> u64 {
         self.groups.clear();
         self.group_of_set.clear();
         for (i, m) in batch.iter().enumerate() {
@@ -765,7 +836,9 @@ impl Fanout {
                 self.groups.push((set, Vec::new()));
                 self.groups.len() - 1
             });
-            self.groups[g].1.push(u32::try_from(i).expect("invariant: batches hold far fewer than 2^32 messages"));
+            self.groups[g].1.push(
+                u32::try_from(i).expect("invariant: batches hold far fewer than 2^32 messages"),
+            );
         }
         let mut encoded = 0;
         if self.groups.len() == 1 {
@@ -789,7 +862,11 @@ impl Fanout {
         let mut at = 0;
         while at < self.pairs.len() {
             let session = self.pairs[at].0;
-            let end = at + self.pairs[at..].iter().take_while(|(s, _)| *s == session).count();
+            let end = at
+                + self.pairs[at..]
+                    .iter()
+                    .take_while(|(s, _)| *s == session)
+                    .count();
             let key: Vec<u32> = self.pairs[at..end].iter().map(|(_, g)| *g).collect();
             if !self.frames.contains_key(&key) {
                 self.merged.clear();
@@ -811,7 +888,12 @@ impl Fanout {
 }
 
 /// Encodes the messages `idx` of `batch` into as few frames as the limits allow.
-fn encode_frames(b: &mut DeliverBuilder, batch: &[Ordered], idx: &[u32], limits: FrameLimits) -> Vec<(Bytes, Seq, Seq)> {
+fn encode_frames(
+    b: &mut DeliverBuilder,
+    batch: &[Ordered],
+    idx: &[u32],
+    limits: FrameLimits,
+) -> Vec<(Bytes, Seq, Seq)> {
     let mut frames = Vec::with_capacity(1);
     let mut first = Seq(0);
     let mut last = Seq(0);

@@ -59,11 +59,17 @@ impl Retention {
     /// orders messages, and a hole would make resume silently lossy.
     pub fn push(&mut self, msg: Ordered) {
         if let Some(last) = self.msgs.back() {
-            assert_eq!(msg.seq, last.seq.next(), "invariant: retained sequence numbers are contiguous");
+            assert_eq!(
+                msg.seq,
+                last.seq.next(),
+                "invariant: retained sequence numbers are contiguous"
+            );
         }
         self.bytes += msg.cost();
         self.msgs.push_back(msg);
-        while self.msgs.len() > self.count_max || (self.bytes > self.bytes_max && self.msgs.len() > 1) {
+        while self.msgs.len() > self.count_max
+            || (self.bytes > self.bytes_max && self.msgs.len() > 1)
+        {
             if let Some(old) = self.msgs.pop_front() {
                 self.bytes -= old.cost();
             }
@@ -121,8 +127,14 @@ mod tests {
             r.push(msg(s, 1));
         }
         assert_eq!(r.first(), Some(Seq(3)));
-        assert_eq!(r.after(Seq(0)).map(|m| m.seq.0).collect::<Vec<_>>(), vec![3, 4, 5]);
-        assert_eq!(r.after(Seq(4)).map(|m| m.seq.0).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(
+            r.after(Seq(0)).map(|m| m.seq.0).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(
+            r.after(Seq(4)).map(|m| m.seq.0).collect::<Vec<_>>(),
+            vec![5]
+        );
         assert_eq!(r.after(Seq(9)).count(), 0);
 
         let mut r = Retention::new(100, 200);

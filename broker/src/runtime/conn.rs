@@ -4,9 +4,9 @@ use super::{Inbound, SessionIo};
 use crate::config::ServerConfig;
 use crate::core::SessionId;
 use bytes::Bytes;
+use canopy_client::io::write_frames as write_all;
 use canopy_client::protocol::{self, ErrorCode};
 use futures::{FutureExt, StreamExt};
-use canopy_client::io::write_frames as write_all;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -26,7 +26,11 @@ pub(super) struct CloseOrder {
     pub drain: bool,
 }
 
-pub(super) async fn accept_loop(listener: TcpListener, inbox: flume::Sender<Inbound>, config: ServerConfig) {
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    inbox: flume::Sender<Inbound>,
+    config: ServerConfig,
+) {
     let mut next = 1u64;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -57,7 +61,13 @@ pub(super) async fn accept_loop(listener: TcpListener, inbox: flume::Sender<Inbo
             return;
         }
         tokio::spawn(write_loop(write, queue_rx, close_rx));
-        tokio::spawn(read_loop(read, session, inbox.clone(), cancel, config.node.frame_len_max));
+        tokio::spawn(read_loop(
+            read,
+            session,
+            inbox.clone(),
+            cancel,
+            config.node.frame_len_max,
+        ));
     }
 }
 
@@ -68,7 +78,9 @@ async fn read_loop(
     cancel: CancellationToken,
     frame_len_max: usize,
 ) {
-    let codec = LengthDelimitedCodec::builder().max_frame_length(frame_len_max).new_codec();
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(frame_len_max)
+        .new_codec();
     let mut framed = FramedRead::new(read, codec);
     loop {
         let first = tokio::select! {
@@ -95,7 +107,12 @@ async fn read_loop(
                 None => break None,
             }
         };
-        if !batch.is_empty() && inbox.send_async(Inbound::Frames(session, batch)).await.is_err() {
+        if !batch.is_empty()
+            && inbox
+                .send_async(Inbound::Frames(session, batch))
+                .await
+                .is_err()
+        {
             return;
         }
         if let Some(end) = end {
@@ -118,7 +135,11 @@ fn read_error(session: SessionId, frame_len_max: usize, e: std::io::Error) -> In
     }
 }
 
-async fn write_loop(mut write: tokio::net::tcp::OwnedWriteHalf, queue: flume::Receiver<Bytes>, mut close: oneshot::Receiver<CloseOrder>) {
+async fn write_loop(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    queue: flume::Receiver<Bytes>,
+    mut close: oneshot::Receiver<CloseOrder>,
+) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH_MAX);
     let mut close_live = true;
     loop {

@@ -106,7 +106,10 @@ async fn run_node(
 ) {
     let mut sessions: HashMap<SessionId, SessionIo> = HashMap::new();
     loop {
-        let deadline = node.poll_timeout().map_or_else(|| Instant::now() + Duration::from_secs(3600), |t| started + t);
+        let deadline = node.poll_timeout().map_or_else(
+            || Instant::now() + Duration::from_secs(3600),
+            |t| started + t,
+        );
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -142,7 +145,12 @@ async fn run_node(
     }
 }
 
-fn take(node: &mut Node, sessions: &mut HashMap<SessionId, SessionIo>, now: Duration, msg: Inbound) {
+fn take(
+    node: &mut Node,
+    sessions: &mut HashMap<SessionId, SessionIo>,
+    now: Duration,
+    msg: Inbound,
+) {
     match msg {
         Inbound::Open(id, io) => {
             sessions.insert(id, io);
@@ -170,12 +178,18 @@ fn drain(node: &mut Node, sessions: &mut HashMap<SessionId, SessionIo>, now: Dur
                 kind,
                 seqs,
             } => {
-                let Some(io) = sessions.get(&session) else { continue };
+                let Some(io) = sessions.get(&session) else {
+                    continue;
+                };
                 if let Err(flume::TrySendError::Full(_)) = io.queue.try_send(frame) {
                     node.handle_queue_full(now, session, kind, seqs);
                 }
             }
-            Output::Close { session, frame, drain } => {
+            Output::Close {
+                session,
+                frame,
+                drain,
+            } => {
                 if let Some(io) = sessions.remove(&session) {
                     tracing::debug!(%session, drain, "closing session");
                     io.reader.cancel();

@@ -66,13 +66,19 @@ impl Server {
             .expect("start canopy serve");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read listen line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
         let addr = line
             .trim()
             .strip_prefix("canopy listening on ")
             .unwrap_or_else(|| panic!("unexpected first line from canopy serve: {line:?}"))
             .to_owned();
-        Server { child, addr, config }
+        Server {
+            child,
+            addr,
+            config,
+        }
     }
 
     /// Options for an SDK client of this server.
@@ -115,14 +121,21 @@ impl Proxy {
         let generation = Arc::new(AtomicU64::new(0));
         let refusing = Arc::new(AtomicBool::new(false));
         let live = Arc::new(AtomicU64::new(0));
-        let (g, r, l, up) = (generation.clone(), refusing.clone(), live.clone(), upstream.to_owned());
+        let (g, r, l, up) = (
+            generation.clone(),
+            refusing.clone(),
+            live.clone(),
+            upstream.to_owned(),
+        );
         tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 if r.load(Ordering::SeqCst) {
                     drop(down);
                     continue;
                 }
-                let Ok(upstream) = TcpStream::connect(&up).await else { continue };
+                let Ok(upstream) = TcpStream::connect(&up).await else {
+                    continue;
+                };
                 let born = g.load(Ordering::SeqCst);
                 let g = g.clone();
                 let l = l.clone();
@@ -182,22 +195,31 @@ pub struct Raw {
 impl Raw {
     /// Connects to `addr`.
     pub async fn connect(addr: &str) -> Raw {
-        Self::from_stream(within("raw connect", TcpStream::connect(addr)).await.expect("connects"))
+        Self::from_stream(
+            within("raw connect", TcpStream::connect(addr))
+                .await
+                .expect("connects"),
+        )
     }
 
     /// Connects with a small receive buffer, so that not reading backs up fast.
     pub async fn connect_small(addr: &str) -> Raw {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(4096).expect("recv buffer");
-        let stream = within("raw connect", socket.connect(addr.parse().expect("socket addr")))
-            .await
-            .expect("connects");
+        let stream = within(
+            "raw connect",
+            socket.connect(addr.parse().expect("socket addr")),
+        )
+        .await
+        .expect("connects");
         Self::from_stream(stream)
     }
 
     fn from_stream(stream: TcpStream) -> Raw {
         let (read, write) = stream.into_split();
-        let codec = LengthDelimitedCodec::builder().max_frame_length(64 << 20).new_codec();
+        let codec = LengthDelimitedCodec::builder()
+            .max_frame_length(64 << 20)
+            .new_codec();
         Raw {
             write,
             frames: FramedRead::new(read, codec),
@@ -216,8 +238,14 @@ impl Raw {
     }
 
     /// Sends a valid Hello and returns the Welcome.
-    pub async fn hello(&mut self, publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> protocol::Welcome {
-        self.send(ClientFrame::Hello(hello(publisher, subscriptions, slow))).await;
+    pub async fn hello(
+        &mut self,
+        publisher: u64,
+        subscriptions: &[&str],
+        slow: SlowPolicy,
+    ) -> protocol::Welcome {
+        self.send(ClientFrame::Hello(hello(publisher, subscriptions, slow)))
+            .await;
         match self.next().await {
             Some(ServerFrame::Welcome(w)) => w,
             other => panic!("expected Welcome, got {other:?}"),
@@ -227,7 +255,9 @@ impl Raw {
     /// The next frame, or `None` once the server closed the connection.
     pub async fn next(&mut self) -> Option<ServerFrame> {
         match within("a frame from the server", self.frames.next()).await {
-            Some(Ok(content)) => Some(protocol::decode_server(content.freeze()).expect("server frames decode")),
+            Some(Ok(content)) => {
+                Some(protocol::decode_server(content.freeze()).expect("server frames decode"))
+            }
             Some(Err(_)) | None => None,
         }
     }
@@ -237,7 +267,11 @@ impl Raw {
         loop {
             match self.next().await {
                 Some(ServerFrame::Error(e)) => {
-                    assert_eq!(self.next().await, None, "connection closes after the error frame");
+                    assert_eq!(
+                        self.next().await,
+                        None,
+                        "connection closes after the error frame"
+                    );
                     return e;
                 }
                 Some(_) => continue,
@@ -276,7 +310,10 @@ pub async fn take_messages(sub: &mut Subscription, n: usize) -> Vec<canopy_clien
     while out.len() < n {
         match within("messages", sub.next()).await {
             Some(Event::Message(m)) => out.push(m),
-            other => panic!("expected a message, got {other:?} after {} of {n}", out.len()),
+            other => panic!(
+                "expected a message, got {other:?} after {} of {n}",
+                out.len()
+            ),
         }
     }
     out

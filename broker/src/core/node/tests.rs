@@ -1,0 +1,427 @@
+//! Unit tests of the node state machine, driven directly (no I/O).
+
+use super::*;
+use canopy_client::protocol::{ClientFrame, Resume, ServerFrame};
+
+const T0: Duration = Duration::ZERO;
+
+fn node() -> Node {
+    Node::new(T0, NodeConfig::default())
+}
+
+fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
+    ClientFrame::Hello(Hello {
+        version: protocol::PROTOCOL_VERSION,
+        name: "t".into(),
+        publisher: PublisherId(publisher),
+        subscriptions: subs.iter().map(|s| (*s).to_owned()).collect(),
+        resume: None,
+        slow,
+    })
+}
+
+fn publish(topic: &str, pub_seq: u64) -> ClientFrame {
+    ClientFrame::Publish(
+        PublishHead {
+            topic: topic.into(),
+            pub_seq: PubSeq(pub_seq),
+        },
+        Bytes::from(format!("{topic}#{pub_seq}")),
+    )
+}
+
+/// Opens a session and completes its handshake, discarding the Welcome.
+fn join(n: &mut Node, id: u64, subs: &[&str], slow: SlowPolicy) -> SessionId {
+    let s = SessionId(id);
+    n.handle_open(T0, s);
+    n.handle_frame(T0, s, hello(id, subs, slow));
+    let out = drain(n);
+    assert!(
+        matches!(out.as_slice(), [(x, ServerFrame::Welcome(_))] if *x == s),
+        "{out:?}"
+    );
+    s
+}
+
+/// Drains outputs as decoded frames; a Close becomes its error frame.
+fn drain(n: &mut Node) -> Vec<(SessionId, ServerFrame)> {
+    let mut v = Vec::new();
+    while let Some(o) = n.poll_output() {
+        match o {
+            Output::Transmit { session, frame, .. } => v.push((session, decode(frame))),
+            Output::Close { session, frame, .. } => {
+                v.push((session, decode(frame.expect("closes carry an error frame"))));
+            }
+        }
+    }
+    v
+}
+
+fn decode(frame: Bytes) -> ServerFrame {
+    protocol::decode_server(frame.slice(4..)).expect("node output decodes")
+}
+
+fn seqs(frames: &[(SessionId, ServerFrame)], who: SessionId) -> Vec<u64> {
+    let mut v = Vec::new();
+    for (s, f) in frames {
+        if *s == who {
+            if let ServerFrame::Deliver(head, _) = f {
+                v.extend(head.msgs.iter().map(|e| e.0 .0));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn publishes_are_ordered_fanned_out_in_one_frame_and_acknowledged() {
+    let mut n = node();
+    let sub = join(&mut n, 1, &["a.>"], SlowPolicy::Disconnect);
+    let publ = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    for i in 1..=3 {
+        n.handle_frame(T0, publ, publish("a.x", i));
+    }
+    let out = drain(&mut n);
+    let delivers: Vec<_> = out
+        .iter()
+        .filter(|(_, f)| matches!(f, ServerFrame::Deliver(..)))
+        .collect();
+    assert_eq!(delivers.len(), 1, "one batch, one frame");
+    assert_eq!(seqs(&out, sub), vec![1, 2, 3]);
+    let acks: Vec<_> = out
+        .iter()
+        .filter_map(|(s, f)| match f {
+            ServerFrame::PubAck(a) => Some((*s, *a)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        acks,
+        vec![(
+            publ,
+            PubAck {
+                pub_seq: PubSeq(3),
+                seq: Seq(3)
+            }
+        )]
+    );
+    assert_eq!(n.head(), Seq(3));
+}
+
+#[test]
+fn overlapping_subscriptions_get_exactly_their_messages_in_order() {
+    let mut n = node();
+    let a = join(&mut n, 1, &["a.>", "a.x"], SlowPolicy::Disconnect);
+    let b = join(&mut n, 2, &["a.x"], SlowPolicy::Disconnect);
+    let c = join(&mut n, 3, &["b.>"], SlowPolicy::Disconnect);
+    let d = join(&mut n, 4, &["a.*", "b.*"], SlowPolicy::Disconnect);
+    let p = join(&mut n, 5, &[], SlowPolicy::Disconnect);
+    for (i, t) in ["a.x", "b.y", "a.z", "b.y", "a.x"].iter().enumerate() {
+        n.handle_frame(T0, p, publish(t, i as u64 + 1));
+    }
+    let out = drain(&mut n);
+    assert_eq!(seqs(&out, a), vec![1, 3, 5]);
+    assert_eq!(seqs(&out, b), vec![1, 5]);
+    assert_eq!(seqs(&out, c), vec![2, 4]);
+    assert_eq!(seqs(&out, d), vec![1, 2, 3, 4, 5]);
+    assert_eq!(seqs(&out, p), Vec::<u64>::new());
+}
+
+#[test]
+fn retries_are_acknowledged_but_ordered_once() {
+    let mut n = node();
+    let sub = join(&mut n, 1, &[">"], SlowPolicy::Disconnect);
+    let p = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("x", 1));
+    n.handle_frame(T0, p, publish("x", 2));
+    n.handle_frame(T0, p, publish("x", 1));
+    n.handle_frame(T0, p, publish("x", 2));
+    n.handle_frame(T0, p, publish("x", 3));
+    let out = drain(&mut n);
+    assert_eq!(seqs(&out, sub), vec![1, 2, 3]);
+    assert_eq!(n.stats().duplicates, 2);
+}
+
+#[test]
+fn a_full_queue_cuts_a_strong_session_and_nothing_more_is_sent_to_it() {
+    let mut n = node();
+    let slow = join(&mut n, 1, &[">"], SlowPolicy::Disconnect);
+    let fast = join(&mut n, 2, &[">"], SlowPolicy::Disconnect);
+    let p = join(&mut n, 3, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("x", 1));
+    let mut saw_close = false;
+    let mut after_close = 0;
+    while let Some(o) = n.poll_output() {
+        match o {
+            Output::Transmit {
+                session,
+                kind,
+                seqs,
+                ..
+            } if session == slow => {
+                assert!(!saw_close);
+                n.handle_queue_full(T0, session, kind, seqs);
+            }
+            Output::Close {
+                session,
+                frame,
+                drain,
+            } => {
+                assert_eq!(session, slow);
+                assert!(!drain, "a slow consumer's backlog is not worth waiting for");
+                let ServerFrame::Error(e) = decode(frame.expect("error frame")) else {
+                    panic!()
+                };
+                assert_eq!(e.code, ErrorCode::SlowConsumer);
+                saw_close = true;
+            }
+            Output::Transmit { session, .. } => {
+                if saw_close {
+                    assert_ne!(session, slow);
+                    after_close += 1;
+                }
+            }
+        }
+    }
+    assert!(saw_close);
+    assert!(
+        after_close > 0,
+        "the fast session and the publisher still get their frames"
+    );
+    n.handle_frame(T0, p, publish("x", 2));
+    let out = drain(&mut n);
+    assert_eq!(seqs(&out, slow), Vec::<u64>::new());
+    assert_eq!(seqs(&out, fast), vec![2]);
+    assert_eq!(n.stats().slow_consumers, 1);
+}
+
+#[test]
+fn a_conflating_session_hears_of_its_gap_before_any_later_message() {
+    let mut n = node();
+    let c = join(&mut n, 1, &[">"], SlowPolicy::Conflate);
+    let p = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("x", 1));
+    n.handle_frame(T0, p, publish("x", 2));
+    // The first batch does not fit the queue.
+    while let Some(o) = n.poll_output() {
+        if let Output::Transmit {
+            session,
+            kind,
+            seqs,
+            ..
+        } = o
+        {
+            if session == c {
+                n.handle_queue_full(T0, session, kind, seqs);
+            }
+        }
+    }
+    n.handle_frame(T0, p, publish("x", 3));
+    let out: Vec<ServerFrame> = drain(&mut n)
+        .into_iter()
+        .filter(|(s, _)| *s == c)
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(
+        out,
+        vec![ServerFrame::Gap(GapHead {
+            from: Seq(1),
+            to: Seq(3)
+        })],
+        "the batch after the overflow joins the gap; the notice replaces it"
+    );
+    n.handle_frame(T0, p, publish("x", 4));
+    let out = drain(&mut n);
+    assert_eq!(seqs(&out, c), vec![4], "deliveries resume after the gap");
+}
+
+#[test]
+fn resume_replays_matching_retained_messages_after_a_gap_notice() {
+    let mut n = Node::new(
+        T0,
+        NodeConfig {
+            retention_count_max: 4,
+            stream: 9,
+            ..NodeConfig::default()
+        },
+    );
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    for i in 1..=8 {
+        n.handle_frame(T0, p, publish(if i % 2 == 0 { "even" } else { "odd" }, i));
+    }
+    drain(&mut n);
+    let r = SessionId(2);
+    n.handle_open(T0, r);
+    let mut h = hello(2, &["even"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream: 9,
+            after: Seq(2),
+        });
+    }
+    n.handle_frame(T0, r, h);
+    let out = drain(&mut n);
+    assert!(matches!(out[0].1, ServerFrame::Welcome(_)));
+    assert_eq!(
+        out[1].1,
+        ServerFrame::Gap(GapHead {
+            from: Seq(3),
+            to: Seq(4)
+        })
+    );
+    assert_eq!(seqs(&out, r), vec![6, 8]);
+}
+
+#[test]
+fn a_resume_from_another_stream_replays_nothing() {
+    let mut n = node();
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("x", 1));
+    drain(&mut n);
+    let r = SessionId(2);
+    n.handle_open(T0, r);
+    let mut h = hello(2, &[">"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream: 12345,
+            after: Seq(0),
+        });
+    }
+    n.handle_frame(T0, r, h);
+    let out = drain(&mut n);
+    assert_eq!(out.len(), 1, "only the Welcome: {out:?}");
+}
+
+#[test]
+fn quiet_sessions_get_watermarks_when_the_head_moves() {
+    let mut n = node();
+    let quiet = join(&mut n, 1, &["nothing.here"], SlowPolicy::Disconnect);
+    let p = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("x", 1));
+    drain(&mut n);
+    let due = n.poll_timeout().expect("a watermark timer");
+    n.handle_timeout(due);
+    let out = drain(&mut n);
+    assert!(out.contains(&(quiet, ServerFrame::Watermark(WatermarkHead { seq: Seq(1) }))));
+    n.handle_timeout(due + NodeConfig::default().watermark_interval);
+    assert!(
+        drain(&mut n).is_empty(),
+        "no watermark while the head stands still"
+    );
+}
+
+/// Many sessions send a deterministic mix of valid and invalid frames; the
+/// node never panics and every session's deliveries ascend.
+#[test]
+fn arbitrary_input_never_panics_and_deliveries_always_ascend() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Valid choices first; an index past VALID picks an invalid one, rarely.
+    const VALID: usize = 4;
+    let topics = ["a", "a.b", "a.b.c", "x.y", "", "a..b", "a.*", "a b"];
+    let patterns = [">", "a.>", "a.*", "x.y", "*.*", "a.>.b", "", "**"];
+    let choose = |pick: usize| {
+        if pick.is_multiple_of(20) {
+            VALID + pick / 20 % VALID
+        } else {
+            pick % VALID
+        }
+    };
+    let mut pub_seqs: HashMap<SessionId, u64> = HashMap::new();
+    let mut n = Node::new(
+        T0,
+        NodeConfig {
+            retention_count_max: 16,
+            ..NodeConfig::default()
+        },
+    );
+    let mut last_seen: HashMap<SessionId, Seq> = HashMap::new();
+    let mut open: Vec<SessionId> = Vec::new();
+    for step in 0..20_000u64 {
+        let now = Duration::from_millis(step);
+        let r = next();
+        match r % 10 {
+            0 => {
+                let s = SessionId(step);
+                n.handle_open(now, s);
+                open.push(s);
+            }
+            1 if !open.is_empty() => {
+                let s = open.swap_remove((r >> 8) as usize % open.len());
+                n.handle_closed(now, s);
+                last_seen.remove(&s);
+            }
+            _ if !open.is_empty() => {
+                let s = open[(r >> 8) as usize % open.len()];
+                let pick = (r >> 20) as usize;
+                let frame = match (r >> 4) % 8 {
+                    0 => {
+                        let mut h = hello(s.0, &[patterns[choose(pick)]], SlowPolicy::Conflate);
+                        if let ClientFrame::Hello(h) = &mut h {
+                            h.resume = pick.is_multiple_of(3).then_some(Resume {
+                                stream: 1,
+                                after: Seq(pick as u64 % 40),
+                            });
+                        }
+                        h
+                    }
+                    1 => ClientFrame::Subscribe(SubscribeHead {
+                        pattern: patterns[choose(pick)].into(),
+                    }),
+                    2 => ClientFrame::Unsubscribe(SubscribeHead {
+                        pattern: patterns[choose(pick)].into(),
+                    }),
+                    3 => ClientFrame::Ping(PingHead { nonce: 1 }),
+                    _ => {
+                        // Mostly the next pub_seq; sometimes a retry or a skip.
+                        let counter = pub_seqs.entry(s).or_insert(0);
+                        let pub_seq = match pick % 25 {
+                            0 => counter.saturating_sub(1).max(1),
+                            1 => *counter + 3,
+                            _ => *counter + 1,
+                        };
+                        *counter = (*counter).max(pub_seq);
+                        publish(topics[choose(pick)], pub_seq)
+                    }
+                };
+                n.handle_frame(now, s, frame);
+            }
+            _ => n.handle_timeout(now),
+        }
+        while let Some(o) = n.poll_output() {
+            match o {
+                Output::Transmit {
+                    session,
+                    kind,
+                    seqs,
+                    ..
+                } => {
+                    if (r >> 40).is_multiple_of(97) {
+                        n.handle_queue_full(now, session, kind, seqs);
+                    } else if kind == TransmitKind::Deliver || kind == TransmitKind::Gap {
+                        let last = last_seen.entry(session).or_insert(Seq(0));
+                        assert!(
+                            seqs.0 > *last,
+                            "session {session} got {seqs:?} after {last:?}"
+                        );
+                        *last = seqs.1;
+                    }
+                }
+                Output::Close { session, .. } => {
+                    open.retain(|s| *s != session);
+                    last_seen.remove(&session);
+                }
+            }
+        }
+    }
+    assert!(
+        n.head().0 > 100,
+        "the mix published something: {:?}",
+        n.head()
+    );
+}

@@ -1,0 +1,194 @@
+//! Bad input over real TCP: each case gets a specific error frame and only
+//! the offending connection closes; other clients keep receiving and
+//! nothing acknowledged is lost.
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use canopy_client::protocol::{
+    self, kind, ClientFrame, ErrorCode, PubSeq, ServerFrame, SlowPolicy, SubscribeHead,
+};
+use common::{hello, publish, take_messages, Raw, Server};
+
+/// What the bad client does before its bad bytes.
+#[derive(Clone, Copy, PartialEq)]
+enum Before {
+    /// Nothing: the bad bytes are the first on the connection.
+    Nothing,
+    /// A valid handshake and one acknowledged publish.
+    HelloAndPublish,
+}
+
+/// Runs one bad-input case and checks the error code, the close, and that a
+/// bystander's stream (including the bad client's acknowledged publish)
+/// is whole.
+async fn bad_input_case(before: Before, bad: &[u8], expected: ErrorCode) {
+    let server = Server::start();
+    let bystander = server.client().await;
+    let mut stream = bystander.subscribe("ok.>").await.expect("subscribe");
+    bystander
+        .publish("ok.before", "before")
+        .await
+        .expect("publish");
+
+    let mut raw = Raw::connect(&server.addr).await;
+    if before == Before::HelloAndPublish {
+        raw.hello(42, &[], SlowPolicy::Disconnect).await;
+        raw.send(publish("ok.raw", 1, b"acknowledged")).await;
+        match raw.next().await {
+            Some(ServerFrame::PubAck(a)) => assert_eq!(a.pub_seq, PubSeq(1)),
+            other => panic!("expected PubAck, got {other:?}"),
+        }
+    }
+    raw.send_bytes(bad).await;
+    let err = raw.expect_error_and_close().await;
+    assert_eq!(err.code, expected, "error message: {}", err.message);
+    assert!(!err.message.is_empty(), "the error says what was wrong");
+
+    bystander
+        .publish("ok.after", "after")
+        .await
+        .expect("publish after the bad client");
+    let mut want = vec!["ok.before"];
+    if before == Before::HelloAndPublish {
+        want.push("ok.raw");
+    }
+    want.push("ok.after");
+    let got = take_messages(&mut stream, want.len()).await;
+    let topics: Vec<&str> = got.iter().map(|m| m.topic()).collect();
+    assert_eq!(topics, want);
+}
+
+fn frame(kind_byte: u8, content: &[u8]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u32(content.len() as u32 + 1);
+    b.put_u8(kind_byte);
+    b.extend_from_slice(content);
+    b.to_vec()
+}
+
+#[tokio::test]
+async fn malformed_cbor_is_rejected() {
+    bad_input_case(
+        Before::HelloAndPublish,
+        &frame(kind::SUBSCRIBE, &[0xff, 0xff, 0x00]),
+        ErrorCode::Malformed,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_head_of_the_wrong_shape_is_rejected() {
+    // Valid CBOR (an integer) where a Subscribe head map belongs.
+    bad_input_case(
+        Before::HelloAndPublish,
+        &frame(kind::SUBSCRIBE, &[0x05]),
+        ErrorCode::Malformed,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_empty_frame_is_rejected() {
+    bad_input_case(
+        Before::HelloAndPublish,
+        &0u32.to_be_bytes(),
+        ErrorCode::Malformed,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_rejected() {
+    let mut bad = (protocol::FRAME_LEN_MAX_DEFAULT as u32 + 1)
+        .to_be_bytes()
+        .to_vec();
+    bad.extend_from_slice(&[0u8; 1024]);
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::FrameTooLarge).await;
+}
+
+#[tokio::test]
+async fn an_unknown_message_kind_is_rejected() {
+    bad_input_case(
+        Before::HelloAndPublish,
+        &frame(0x42, &[0xa0]),
+        ErrorCode::UnknownKind,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_to_client_kind_from_a_client_is_rejected() {
+    bad_input_case(
+        Before::HelloAndPublish,
+        &frame(kind::DELIVER, &[0xa0]),
+        ErrorCode::UnexpectedKind,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_wrong_protocol_version_is_rejected() {
+    let mut h = hello(1, &[], SlowPolicy::Disconnect);
+    h.version = 99;
+    let bad = protocol::encode_client(&ClientFrame::Hello(h));
+    bad_input_case(Before::Nothing, &bad, ErrorCode::UnsupportedVersion).await;
+}
+
+#[tokio::test]
+async fn publish_before_handshake_is_rejected() {
+    let bad = protocol::encode_client(&publish("ok.early", 1, b"x"));
+    bad_input_case(Before::Nothing, &bad, ErrorCode::HandshakeRequired).await;
+}
+
+#[tokio::test]
+async fn a_second_hello_is_rejected() {
+    let bad = protocol::encode_client(&ClientFrame::Hello(hello(42, &[], SlowPolicy::Disconnect)));
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::DuplicateHello).await;
+}
+
+#[tokio::test]
+async fn an_invalid_topic_is_rejected() {
+    let bad = protocol::encode_client(&publish("ok..bad", 2, b"x"));
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::InvalidTopic).await;
+}
+
+#[tokio::test]
+async fn an_invalid_pattern_is_rejected() {
+    let bad = protocol::encode_client(&ClientFrame::Subscribe(SubscribeHead {
+        pattern: "ok.>.x".into(),
+    }));
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::InvalidPattern).await;
+}
+
+#[tokio::test]
+async fn an_invalid_pattern_in_hello_is_rejected() {
+    let bad = protocol::encode_client(&ClientFrame::Hello(hello(
+        1,
+        &["a b"],
+        SlowPolicy::Disconnect,
+    )));
+    bad_input_case(Before::Nothing, &bad, ErrorCode::InvalidPattern).await;
+}
+
+#[tokio::test]
+async fn skipped_publisher_sequence_numbers_are_rejected() {
+    let bad = protocol::encode_client(&publish("ok.skip", 5, b"x"));
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::PubSeqGap).await;
+}
+
+#[tokio::test]
+async fn random_bytes_are_rejected() {
+    // Deterministic noise: a 16-bit length that fits, then a non-kind byte.
+    let noise: Vec<u8> = (0u32..64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut bad = (noise.len() as u32).to_be_bytes().to_vec();
+    bad.extend_from_slice(&noise);
+    let expected = match noise[0] {
+        kind::HELLO..=kind::PONG => ErrorCode::Malformed,
+        kind::WELCOME..=kind::ERROR => ErrorCode::UnexpectedKind,
+        _ => ErrorCode::UnknownKind,
+    };
+    bad_input_case(Before::HelloAndPublish, &bad, expected).await;
+}

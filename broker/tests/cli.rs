@@ -1,0 +1,147 @@
+//! The `canopy` command line against a real server process.
+
+mod common;
+
+use common::{within, Server};
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn canopy() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_canopy"));
+    c.kill_on_drop(true);
+    c
+}
+
+/// Starts `canopy sub` and waits until it reports its subscription.
+async fn sub(args: &[&str]) -> (Child, BufReader<tokio::process::ChildStdout>) {
+    let mut child = canopy()
+        .arg("sub")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start canopy sub");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let line = within("canopy sub to subscribe", err.next_line())
+        .await
+        .expect("read stderr")
+        .expect("a line");
+    assert!(line.starts_with("canopy sub: subscribed to"), "{line}");
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    (child, out)
+}
+
+async fn read_lines(out: &mut BufReader<tokio::process::ChildStdout>, n: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for _ in 0..n {
+        let mut l = String::new();
+        within("a line from canopy sub", out.read_line(&mut l))
+            .await
+            .expect("read");
+        lines.push(l.trim_end().to_owned());
+    }
+    lines
+}
+
+#[tokio::test]
+async fn pub_and_sub_print_messages_as_text_and_json() {
+    let server = Server::start();
+    let (mut text_child, mut text) =
+        sub(&["--server", &server.addr, "demo.>", "--count", "3"]).await;
+    let (mut json_child, mut json) = sub(&["--server", &server.addr, "demo.*.c", "--json"]).await;
+    let status = canopy()
+        .args(["pub", "--server", &server.addr, "demo.a", "hello world"])
+        .status()
+        .await
+        .expect("run canopy pub");
+    assert!(status.success());
+    let mut publisher = canopy()
+        .args(["pub", "--server", &server.addr, "demo.b.c"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("start canopy pub");
+    let mut stdin = publisher.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"line one\nline two\n")
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    assert!(within("canopy pub", publisher.wait())
+        .await
+        .expect("wait")
+        .success());
+
+    let lines = read_lines(&mut text, 3).await;
+    assert_eq!(
+        lines,
+        [
+            "1 demo.a hello world",
+            "2 demo.b.c line one",
+            "3 demo.b.c line two"
+        ]
+    );
+    assert!(within("sub --count to exit", text_child.wait())
+        .await
+        .expect("wait")
+        .success());
+
+    let lines = read_lines(&mut json, 2).await;
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).expect("JSON line");
+    assert_eq!(first["seq"], 2);
+    assert_eq!(first["topic"], "demo.b.c");
+    assert_eq!(first["payload"], "line one");
+    let second: serde_json::Value = serde_json::from_str(&lines[1]).expect("JSON line");
+    assert_eq!(second["payload"], "line two");
+    json_child.kill().await.expect("kill");
+}
+
+#[tokio::test]
+async fn cli_fails_over_past_a_dead_address() {
+    let server = Server::start();
+    // A port nothing listens on: bind, note, release.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let servers = format!("{dead},{}", server.addr);
+    let (mut child, mut out) = sub(&["--server", &servers, "x", "--count", "1"]).await;
+    let status = canopy()
+        .args(["pub", "--server", &servers, "x", "via the second address"])
+        .status()
+        .await
+        .expect("run canopy pub");
+    assert!(status.success());
+    assert_eq!(
+        read_lines(&mut out, 1).await,
+        ["1 x via the second address"]
+    );
+    assert!(within("sub to exit", child.wait())
+        .await
+        .expect("wait")
+        .success());
+}
+
+#[tokio::test]
+async fn cli_errors_say_what_to_do() {
+    let out = canopy()
+        .args(["pub", "--server", "127.0.0.1:1", "bad..topic", "x"])
+        .output()
+        .await
+        .expect("run canopy pub");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad..topic") && err.contains("empty token"),
+        "{err}"
+    );
+
+    let out = canopy()
+        .args(["serve", "--config", "/nonexistent/canopy.toml"])
+        .output()
+        .await
+        .expect("run canopy serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/canopy.toml"), "{err}");
+}
