@@ -75,6 +75,11 @@ impl Topic {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The shared text, without copying it.
+    pub fn into_shared(self) -> Arc<str> {
+        self.0
+    }
 }
 
 impl fmt::Display for Topic {

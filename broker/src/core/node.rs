@@ -633,7 +633,7 @@ impl Node {
                 self.remember_publisher(publisher, head.pub_seq, self.head);
                 self.pending.push(Ordered {
                     seq: self.head,
-                    topic: Arc::from(topic.as_str()),
+                    topic: topic.into_shared(),
                     publisher,
                     pub_seq: head.pub_seq,
                     payload,
