@@ -4,7 +4,7 @@
 //! the core accept; errors name the offending key and value.
 
 use crate::core::NodeConfig;
-use canopy_client::protocol::FRAME_LEN_MAX_DEFAULT;
+use canopy_client::protocol::{FRAME_LEN_MAX_DEFAULT, FRAME_LEN_MAX_LIMIT};
 use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
@@ -42,6 +42,10 @@ pub struct FileLimits {
     pub publishers_max: Option<usize>,
     /// Watermark period, milliseconds.
     pub watermark_interval_ms: Option<u64>,
+    /// Time a new connection has to send its Hello, milliseconds.
+    pub handshake_timeout_ms: Option<u64>,
+    /// Client connections held at most.
+    pub connections_max: Option<usize>,
 }
 
 /// `[retention]`.
@@ -123,7 +127,7 @@ impl FileConfig {
             "limits.frame_len_max",
             frame_len_max,
             4096,
-            64 << 20,
+            FRAME_LEN_MAX_LIMIT,
             "4096 to 64 MiB",
         )?;
         let queue_frames_max = self.limits.queue_frames_max.unwrap_or(1024);
@@ -164,6 +168,25 @@ impl FileConfig {
             3_600_000,
             "10 ms to 1 hour",
         )?;
+        let handshake = self
+            .limits
+            .handshake_timeout_ms
+            .unwrap_or(d.handshake_timeout.as_millis() as u64);
+        range(
+            "limits.handshake_timeout_ms",
+            handshake as usize,
+            10,
+            3_600_000,
+            "10 ms to 1 hour",
+        )?;
+        let connections = self.limits.connections_max.unwrap_or(d.sessions_max);
+        range(
+            "limits.connections_max",
+            connections,
+            1,
+            1 << 24,
+            "1 to 16777216",
+        )?;
         let count = self.retention.count_max.unwrap_or(d.retention_count_max);
         range("retention.count_max", count, 1, 1 << 32, "1 to 2^32")?;
         let bytes = self.retention.bytes_max.unwrap_or(d.retention_bytes_max);
@@ -187,6 +210,8 @@ impl FileConfig {
                 publishers_max: publishers,
                 batch_len_max: d.batch_len_max,
                 watermark_interval: Duration::from_millis(wm),
+                handshake_timeout: Duration::from_millis(handshake),
+                sessions_max: connections,
             },
         })
     }

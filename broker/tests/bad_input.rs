@@ -192,3 +192,25 @@ async fn random_bytes_are_rejected() {
     };
     bad_input_case(Before::HelloAndPublish, &bad, expected).await;
 }
+
+#[tokio::test]
+async fn a_connection_that_never_says_hello_is_closed() {
+    let server = Server::with_config("[limits]\nhandshake_timeout_ms = 200\n");
+    let mut raw = Raw::connect(&server.addr).await;
+    let err = raw.expect_error_and_close().await;
+    assert_eq!(err.code, ErrorCode::HandshakeTimeout);
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_and_the_rest_keep_working() {
+    let server = Server::with_config("[limits]\nconnections_max = 2\n");
+    let client = server.client().await;
+    let mut sub = client.subscribe("ok.>").await.expect("subscribe");
+    let mut second = Raw::connect(&server.addr).await;
+    second.hello(5, &[], SlowPolicy::Disconnect).await;
+    let mut third = Raw::connect(&server.addr).await;
+    let err = third.expect_error_and_close().await;
+    assert_eq!(err.code, ErrorCode::TooManyConnections);
+    client.publish("ok.still", "x").await.expect("publish");
+    assert_eq!(take_messages(&mut sub, 1).await[0].topic(), "ok.still");
+}

@@ -380,3 +380,63 @@ async fn conflating_subscriber_gets_gap_notices_instead_of_a_cut() {
         }
     }
 }
+
+/// A program restarted with the same publisher id continues after what the
+/// server already ordered for it, instead of having new messages taken for
+/// retries.
+#[tokio::test]
+async fn a_restarted_publisher_with_a_fixed_id_is_not_mistaken_for_a_retry() {
+    let server = Server::start();
+    let watcher = server.client().await;
+    let mut sub = watcher.subscribe("r.>").await.expect("subscribe");
+    let mut options = server.options();
+    options.publisher = Some(canopy_client::PublisherId(4242));
+    for run in 0..2 {
+        let client = within("connect", Client::connect(options.clone()))
+            .await
+            .expect("connect");
+        for i in 0..3 {
+            client
+                .publish("r.x", format!("{run}:{i}"))
+                .await
+                .expect("publish");
+        }
+    }
+    let got: Vec<String> = take_messages(&mut sub, 6)
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(got, ["0:0", "0:1", "0:2", "1:0", "1:1", "1:2"]);
+}
+
+/// An application that publishes (awaiting each acknowledgement) while not
+/// reading its own subscription does not deadlock: the client drops and
+/// resumes its connection instead of blocking on the full subscription,
+/// and the subscription later yields every message once, in order.
+#[tokio::test]
+async fn publishing_while_not_reading_a_full_subscription_does_not_deadlock() {
+    const N: usize = 500;
+    let server = Server::start();
+    let mut options = server.options();
+    options.subscription_batches_max = 2;
+    let client = within("connect", Client::connect(options))
+        .await
+        .expect("connect");
+    let mut sub = client.subscribe("d.>").await.expect("subscribe");
+    within("publishes with an undrained subscription", async {
+        for i in 0..N {
+            client
+                .publish("d.x", format!("{i}"))
+                .await
+                .expect("publish");
+        }
+    })
+    .await;
+    let got: Vec<usize> = take_messages(&mut sub, N)
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).parse().expect("number"))
+        .collect();
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+}

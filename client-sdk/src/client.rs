@@ -42,8 +42,10 @@ pub struct ClientOptions {
     pub servers: Vec<String>,
     /// A name for the server's logs and dashboard.
     pub name: String,
-    /// The publisher id; random when `None`. Keep it stable to have retries
-    /// deduplicated across restarts of the publishing program.
+    /// The publisher id; random when `None`. A fixed id lets the server
+    /// deduplicate retries across reconnects under any name; a restarted
+    /// program with the same id continues after the highest publisher
+    /// sequence number the server has ordered for it.
     pub publisher: Option<PublisherId>,
     /// Publishes in flight (sent, not acknowledged) at most.
     pub window: usize,
@@ -55,8 +57,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Ping period; a connection silent for three periods is dropped.
     pub ping_interval: Duration,
-    /// Delivery batches buffered per subscription before the client stops
-    /// reading (and the server eventually counts it as slow).
+    /// Delivery batches buffered per subscription. When the application
+    /// lets a subscription fill up, the client drops its connection and
+    /// resumes from the last message it handed over, so that the driver
+    /// never waits on the application (acknowledgements keep flowing).
     pub subscription_batches_max: usize,
 }
 
@@ -129,7 +133,6 @@ pub struct Client {
     next_sub: Arc<std::sync::atomic::AtomicU64>,
     payload_max: usize,
     publisher: PublisherId,
-    subscription_batches_max: usize,
 }
 
 impl Client {
@@ -165,7 +168,6 @@ impl Client {
         };
         let (conn, welcome) = driver.connect().await?;
         let payload_max = (welcome.frame_len_max as usize).saturating_sub(512);
-        let subscription_batches_max = driver.options.subscription_batches_max.max(1);
         tokio::spawn(driver.run(conn, welcome));
         Ok(Client {
             commands,
@@ -173,7 +175,6 @@ impl Client {
             next_sub: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             payload_max,
             publisher,
-            subscription_batches_max,
         })
     }
 
@@ -244,7 +245,10 @@ impl Client {
         let id = self
             .next_sub
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (events, rx) = flume::bounded(self.subscription_batches_max);
+        // Unbounded as a channel, bounded by the driver: it hands over a
+        // delivery batch only while fewer than `subscription_batches_max`
+        // wait, and only rare notices (gaps, resets) go past that bound.
+        let (events, rx) = flume::unbounded();
         let (done, done_rx) = oneshot::channel();
         self.commands
             .send(Command::Subscribe {
@@ -398,7 +402,7 @@ impl Driver {
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let codec = LengthDelimitedCodec::builder()
-            .max_frame_length(protocol::FRAME_LEN_MAX_DEFAULT * 64)
+            .max_frame_length(protocol::FRAME_LEN_MAX_LIMIT + protocol::FRAME_HEAD_ALLOWANCE)
             .new_codec();
         let mut frames = FramedRead::new(read, codec);
         let (out, out_rx) = flume::unbounded();
@@ -459,12 +463,16 @@ impl Driver {
             Some((stream, _)) if stream != welcome.stream => {
                 tracing::warn!(server = %conn.server, "server has a different stream; sequence numbers restart");
                 self.position = Some((welcome.stream, welcome.head));
-                self.broadcast(Event::StreamReset);
+                self.notify(Event::StreamReset);
             }
             Some(_) => {}
             None => self.position = Some((welcome.stream, welcome.head)),
         }
         self.acknowledge(welcome.pub_acked);
+        // A fixed publisher id may have published before this process
+        // started: continue after what the server has, or the server would
+        // take new messages for retries of old ones.
+        self.next_pub_seq = self.next_pub_seq.max(welcome.pub_acked.0 + 1);
         for u in &self.unacked {
             let _ = conn.out.send(encode_publish(u));
         }
@@ -496,7 +504,8 @@ impl Driver {
 
     /// Serves one connection until it ends.
     async fn serve(&mut self, conn: &mut Conn) -> Ended {
-        let mut ping = tokio::time::interval(self.options.ping_interval);
+        let period = self.options.ping_interval.max(Duration::from_millis(100));
+        let mut ping = tokio::time::interval(period);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
         let mut nonce = 0u64;
@@ -512,12 +521,12 @@ impl Driver {
                         Ok(f) => f,
                         Err(ended) => return ended,
                     };
-                    if let Err(ended) = self.frame(conn, frame).await {
+                    if let Err(ended) = self.frame(conn, frame) {
                         return ended;
                     }
                 }
                 _ = ping.tick() => {
-                    if heard.elapsed() > self.options.ping_interval * 3 {
+                    if heard.elapsed() > period * 3 {
                         return Ended::Lost("server silent for three ping periods".into());
                     }
                     nonce += 1;
@@ -592,26 +601,28 @@ impl Driver {
         }
     }
 
-    async fn frame(&mut self, conn: &Conn, frame: ServerFrame) -> Result<(), Ended> {
+    fn frame(&mut self, conn: &Conn, frame: ServerFrame) -> Result<(), Ended> {
         match frame {
-            ServerFrame::Deliver(head, body) => self.deliver(&head, &body).await?,
+            ServerFrame::Deliver(head, body) => self.deliver(&head, &body)?,
             ServerFrame::PubAck(PubAck { pub_seq, .. }) => self.acknowledge(pub_seq),
             ServerFrame::Subscribed(s) => {
+                // The server sent everything up to `head` before this answer.
+                self.advance(s.head);
                 if let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == s.pattern) {
                     if let Some((_, done)) = self.pending_subs.remove(i) {
                         let _ = done.send(Ok(()));
                     }
                 }
             }
-            ServerFrame::Unsubscribed(_) | ServerFrame::Pong(_) => {}
+            ServerFrame::Unsubscribed(s) => self.advance(s.head),
+            ServerFrame::Pong(_) => {}
             ServerFrame::Watermark(w) => self.advance(w.seq),
             ServerFrame::Gap(g) => {
                 self.advance(g.to);
-                self.send_all(Event::Gap {
+                self.notify(Event::Gap {
                     from: g.from,
                     to: g.to,
-                })
-                .await;
+                });
             }
             ServerFrame::Ping(p) => {
                 let _ = conn
@@ -633,7 +644,12 @@ impl Driver {
     }
 
     /// Hands a delivery batch to the matching subscriptions.
-    async fn deliver(&mut self, head: &DeliverHead, body: &Bytes) -> Result<(), Ended> {
+    ///
+    /// Either every matching subscription takes its part and the position
+    /// advances, or none does and the connection is dropped, to resume from
+    /// the unchanged position once reconnected: the driver never waits on
+    /// the application, and nothing is handed over twice.
+    fn deliver(&mut self, head: &DeliverHead, body: &Bytes) -> Result<(), Ended> {
         self.batch.clear();
         protocol::messages(head, body, &mut self.batch)
             .map_err(|e| Ended::Fatal(Error::Protocol(e.to_string())))?;
@@ -643,39 +659,39 @@ impl Driver {
         let Some(last) = self.batch.last().map(|m| m.seq) else {
             return Ok(());
         };
-        self.advance(last);
-        let msgs = self.batch.drain(skip..);
-        if self.subs.len() == 1 {
-            let batch: Vec<Event> = msgs.map(Event::Message).collect();
-            // A full channel makes the driver wait: the client stops reading
-            // and the server, not this process, bounds what piles up.
-            let _ = self.subs[0].events.send_async(batch).await;
-            return Ok(());
+        let cap = self.options.subscription_batches_max.max(1);
+        self.subs.retain(|s| !s.events.is_disconnected());
+        let msgs = &self.batch[skip..];
+        let wants = |sub: &Sub| msgs.iter().any(|m| sub.pattern.matches(m.topic()));
+        if self
+            .subs
+            .iter()
+            .any(|sub| sub.events.len() >= cap && wants(sub))
+        {
+            return Err(Ended::Lost(
+                "a subscription's buffer is full (the application is not keeping up); resuming later".into(),
+            ));
         }
-        let msgs: Vec<Message> = msgs.collect();
         for sub in &self.subs {
-            let batch: Vec<Event> = msgs
+            let part: Vec<Event> = msgs
                 .iter()
                 .filter(|m| sub.pattern.matches(m.topic()))
                 .cloned()
                 .map(Event::Message)
                 .collect();
-            if !batch.is_empty() {
-                let _ = sub.events.send_async(batch).await;
+            if !part.is_empty() {
+                let _ = sub.events.send(part);
             }
         }
+        self.advance(last);
         Ok(())
     }
 
-    fn broadcast(&self, event: Event) {
+    /// Tells every subscription of a rare event (a gap, a reset); these go
+    /// past the batch bound so they are never lost.
+    fn notify(&self, event: Event) {
         for sub in &self.subs {
-            let _ = sub.events.try_send(vec![event.clone()]);
-        }
-    }
-
-    async fn send_all(&self, event: Event) {
-        for sub in &self.subs {
-            let _ = sub.events.send_async(vec![event.clone()]).await;
+            let _ = sub.events.send(vec![event.clone()]);
         }
     }
 

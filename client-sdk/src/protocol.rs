@@ -29,6 +29,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The default maximum frame content length, in bytes.
 pub const FRAME_LEN_MAX_DEFAULT: usize = 1 << 20;
 
+/// The largest `frame_len_max` a server may be configured with.
+pub const FRAME_LEN_MAX_LIMIT: usize = 64 << 20;
+
+/// How much longer than the largest publish a delivery frame carrying it
+/// may be (its head and topic); clients accept frames this much longer.
+pub const FRAME_HEAD_ALLOWANCE: usize = 64 << 10;
+
 /// A global sequence number: a message's position in the one total order.
 ///
 /// Sequence numbers start at 1; `Seq(0)` means "before the first message".
@@ -96,6 +103,10 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// A message other than `Hello` arrived before the handshake.
     HandshakeRequired,
+    /// No `Hello` arrived in time.
+    HandshakeTimeout,
+    /// The server holds as many connections as it may; try another.
+    TooManyConnections,
     /// A second `Hello` on one connection.
     DuplicateHello,
     /// A topic was not valid.
@@ -119,7 +130,13 @@ impl ErrorCode {
     /// (the condition is the server's or temporary), rather than give up
     /// (the client itself misbehaved).
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::SlowConsumer | ErrorCode::ShuttingDown)
+        matches!(
+            self,
+            ErrorCode::SlowConsumer
+                | ErrorCode::ShuttingDown
+                | ErrorCode::TooManyConnections
+                | ErrorCode::HandshakeTimeout
+        )
     }
 }
 

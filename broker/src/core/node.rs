@@ -60,6 +60,10 @@ pub struct NodeConfig {
     pub batch_len_max: usize,
     /// How often sessions are told the current position.
     pub watermark_interval: Duration,
+    /// Time a new connection has to send its Hello.
+    pub handshake_timeout: Duration,
+    /// Connections held at most.
+    pub sessions_max: usize,
 }
 
 impl Default for NodeConfig {
@@ -74,6 +78,8 @@ impl Default for NodeConfig {
             publishers_max: 100_000,
             batch_len_max: 1024,
             watermark_interval: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(10),
+            sessions_max: 100_000,
         }
     }
 }
@@ -129,6 +135,9 @@ struct Session {
     ack_due: Option<PubAck>,
     /// Closed by the core; the `Close` output is queued.
     closing: bool,
+    /// With `closing`: whether what is queued for the session still goes
+    /// out before the close (an error close) or not (a slow consumer).
+    drain: bool,
 }
 
 struct SessionHello {
@@ -155,6 +164,8 @@ pub struct Node {
     pending: Vec<Ordered>,
     /// Sessions with `ack_due` set.
     acks_due: Vec<SessionId>,
+    /// Sessions awaiting their Hello, with the time it is due by, in order.
+    hello_due: VecDeque<(Duration, SessionId)>,
     outputs: VecDeque<Output>,
     watermark_next: Duration,
     watermark_sent: Seq,
@@ -190,6 +201,7 @@ impl Node {
             head: Seq(0),
             pending: Vec::new(),
             acks_due: Vec::new(),
+            hello_due: VecDeque::new(),
             outputs: VecDeque::new(),
             watermark_next: now + config.watermark_interval,
             watermark_sent: Seq(0),
@@ -215,7 +227,7 @@ impl Node {
     }
 
     /// A connection was accepted. Call before any other input for `session`.
-    pub fn handle_open(&mut self, _now: Duration, session: SessionId) {
+    pub fn handle_open(&mut self, now: Duration, session: SessionId) {
         self.sessions.insert(
             session,
             Session {
@@ -224,8 +236,18 @@ impl Node {
                 gap: None,
                 ack_due: None,
                 closing: false,
+                drain: false,
             },
         );
+        if self.sessions.len() > self.config.sessions_max {
+            let msg = format!(
+                "this server holds its maximum of {} connections",
+                self.config.sessions_max
+            );
+            return self.close_with_error(session, ErrorCode::TooManyConnections, msg);
+        }
+        self.hello_due
+            .push_back((now + self.config.handshake_timeout, session));
     }
 
     /// A connection ended (by the peer or by the shell after a `Close`).
@@ -301,11 +323,27 @@ impl Node {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        Some(self.watermark_next)
+        let hello = self.hello_due.front().map(|(t, _)| *t);
+        Some(hello.map_or(self.watermark_next, |h| h.min(self.watermark_next)))
     }
 
-    /// Time has reached `now`: sends watermarks when they are due.
+    /// Time has reached `now`: closes sessions that never said Hello and
+    /// sends watermarks when they are due.
     pub fn handle_timeout(&mut self, now: Duration) {
+        while let Some(&(due, session)) = self.hello_due.front() {
+            if due > now {
+                break;
+            }
+            self.hello_due.pop_front();
+            if self
+                .sessions
+                .get(&session)
+                .is_some_and(|s| s.hello.is_none())
+            {
+                let msg = format!("no Hello within {:?}", self.config.handshake_timeout);
+                self.close_with_error(session, ErrorCode::HandshakeTimeout, msg);
+            }
+        }
         if now < self.watermark_next {
             return;
         }
@@ -359,6 +397,9 @@ impl Node {
                         continue;
                     };
                     if s.closing {
+                        if s.drain {
+                            return Some(out);
+                        }
                         continue;
                     }
                     if let Some((from, _)) = s.gap.take() {
@@ -381,7 +422,11 @@ impl Node {
                     // not been told of yet: it would claim the gap was sent.
                     let pass = self.sessions.get(&session).is_some_and(|s| {
                         let gap_first = kind == TransmitKind::Watermark && s.gap.is_some();
-                        !s.closing && !gap_first
+                        if s.closing {
+                            s.drain
+                        } else {
+                            !gap_first
+                        }
                     });
                     if pass {
                         return Some(out);
@@ -658,11 +703,19 @@ impl Node {
         if !self.publishers.contains_key(&publisher)
             && self.publishers.len() >= self.config.publishers_max
         {
-            // Forget the publisher that has been quiet longest. Its retries
-            // would be ordered again if it ever came back with old
-            // pub_seqs, which the bound makes a documented trade-off.
-            if let Some((&oldest, _)) = self.publishers.iter().min_by_key(|(_, p)| p.last_seq) {
-                self.publishers.remove(&oldest);
+            // Forget the eighth of publishers that have been quiet longest,
+            // in one pass, so the cost per new publisher stays constant on
+            // average. A forgotten publisher that comes back with retries of
+            // old pub_seqs gets them ordered again: the price of the bound.
+            let mut by_age: Vec<(Seq, PublisherId)> = self
+                .publishers
+                .iter()
+                .map(|(id, p)| (p.last_seq, *id))
+                .collect();
+            let evict = (by_age.len() / 8).max(1);
+            by_age.select_nth_unstable(evict - 1);
+            for (_, id) in &by_age[..evict] {
+                self.publishers.remove(id);
             }
         }
         self.publishers.insert(
@@ -725,6 +778,7 @@ impl Node {
             self.stats.bad_input += 1;
         }
         s.closing = true;
+        s.drain = true;
         for p in std::mem::take(&mut s.patterns) {
             self.index.remove(&p, session);
         }

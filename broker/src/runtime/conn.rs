@@ -135,6 +135,18 @@ fn read_error(session: SessionId, frame_len_max: usize, e: std::io::Error) -> In
     }
 }
 
+/// How long a closing writer keeps trying to get its last frames out to a
+/// peer that does not read, before it drops the connection.
+const CLOSE_WRITE_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Drains the session's queue into the socket until the node closes the
+/// session (a [`CloseOrder`]) or the queue's sender is dropped.
+///
+/// A close order is watched even in the middle of a write, so a peer that
+/// stopped reading cannot pin the socket and its queue: the write in
+/// progress gets [`CLOSE_WRITE_TIME_MAX`] to finish (a frame cut in half
+/// would corrupt the stream for the final error frame), then the final
+/// frames get the same, and then the connection is dropped regardless.
 async fn write_loop(
     mut write: tokio::net::tcp::OwnedWriteHalf,
     queue: flume::Receiver<Bytes>,
@@ -142,35 +154,67 @@ async fn write_loop(
 ) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH_MAX);
     let mut close_live = true;
-    loop {
+    let order = loop {
         tokio::select! {
             biased;
-            order = &mut close, if close_live => {
-                let Ok(order) = order else {
-                    // The node dropped the session without an order: the
-                    // peer is gone; finish what is queued.
-                    close_live = false;
-                    continue;
-                };
-                if order.drain {
-                    batch.extend(queue.drain());
-                }
-                batch.extend(order.frame);
-                let _ = write_all(&mut write, &mut batch).await;
-                let _ = write.shutdown().await;
-                return;
-            }
+            order = &mut close, if close_live => match order {
+                Ok(order) => break order,
+                // The node dropped the session without an order: the peer
+                // is gone; finish what is queued.
+                Err(_) => close_live = false,
+            },
             frame = queue.recv_async() => {
                 let Ok(frame) = frame else {
+                    // The node sends its close order before it drops the
+                    // queue, but both can land between this select's polls
+                    // of `close` and `queue`: look for the order once more.
+                    if let Ok(order) = close.try_recv() {
+                        break order;
+                    }
                     let _ = write.shutdown().await;
                     return;
                 };
                 batch.push(frame);
                 batch.extend(queue.try_iter().take(WRITE_BATCH_MAX - 1));
-                if write_all(&mut write, &mut batch).await.is_err() {
-                    return;
+                let written = write_all(&mut write, &mut batch);
+                tokio::pin!(written);
+                let mut interrupted: Option<(CloseOrder, tokio::time::Instant)> = None;
+                let result = loop {
+                    let give_up = interrupted.as_ref().map(|(_, t)| *t);
+                    tokio::select! {
+                        biased;
+                        r = &mut written => break Some(r),
+                        order = &mut close, if close_live && interrupted.is_none() => match order {
+                            Ok(order) => {
+                                let t = tokio::time::Instant::now() + CLOSE_WRITE_TIME_MAX;
+                                interrupted = Some((order, t));
+                            }
+                            Err(_) => close_live = false,
+                        },
+                        _ = sleep_until_some(give_up) => break None,
+                    }
+                };
+                match (result, interrupted) {
+                    (Some(Ok(())), None) => {}
+                    (Some(Ok(())), Some((order, _))) => break order,
+                    // A failed write or a peer that would not read: drop it.
+                    (Some(Err(_)), _) | (None, _) => return,
                 }
             }
         }
+    };
+    let mut last = Vec::new();
+    if order.drain {
+        last.extend(queue.drain());
+    }
+    last.extend(order.frame);
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIME_MAX, write_all(&mut write, &mut last)).await;
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIME_MAX, write.shutdown()).await;
+}
+
+async fn sleep_until_some(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

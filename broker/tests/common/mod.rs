@@ -59,9 +59,21 @@ impl Server {
         if let Some(p) = &config {
             cmd.arg("--config").arg(p);
         }
+        // CANOPY_TEST_LOGS=DIR keeps each server's log there (with RUST_LOG).
+        let stderr = match std::env::var_os("CANOPY_TEST_LOGS") {
+            Some(dir) => {
+                let path = std::path::Path::new(&dir).join(format!(
+                    "server-{}-{}.log",
+                    std::process::id(),
+                    CONFIGS.fetch_add(1, Ordering::Relaxed)
+                ));
+                Stdio::from(std::fs::File::create(path).expect("create server log"))
+            }
+            None => Stdio::null(),
+        };
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start canopy serve");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -188,6 +200,8 @@ impl Proxy {
 
 /// A raw protocol connection, for sending what the SDK never would.
 pub struct Raw {
+    /// How the connection ended, once it did.
+    pub ended: Option<String>,
     write: tokio::net::tcp::OwnedWriteHalf,
     frames: FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
 }
@@ -221,6 +235,7 @@ impl Raw {
             .max_frame_length(64 << 20)
             .new_codec();
         Raw {
+            ended: None,
             write,
             frames: FramedRead::new(read, codec),
         }
@@ -258,7 +273,14 @@ impl Raw {
             Some(Ok(content)) => {
                 Some(protocol::decode_server(content.freeze()).expect("server frames decode"))
             }
-            Some(Err(_)) | None => None,
+            Some(Err(e)) => {
+                self.ended = Some(format!("read error: {e}"));
+                None
+            }
+            None => {
+                self.ended = Some("end of stream".into());
+                None
+            }
         }
     }
 
@@ -275,7 +297,7 @@ impl Raw {
                     return e;
                 }
                 Some(_) => continue,
-                None => panic!("connection closed without an error frame"),
+                None => panic!("connection closed without an error frame: {:?}", self.ended),
             }
         }
     }

@@ -425,3 +425,77 @@ fn arbitrary_input_never_panics_and_deliveries_always_ascend() {
         n.head()
     );
 }
+
+#[test]
+fn acknowledgements_earned_before_a_bad_frame_go_out_before_the_close() {
+    let mut n = node();
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("x", 1));
+    n.handle_frame(
+        T0,
+        p,
+        ClientFrame::Subscribe(SubscribeHead {
+            pattern: "bad pattern".into(),
+        }),
+    );
+    let mut kinds = Vec::new();
+    while let Some(o) = n.poll_output() {
+        match o {
+            Output::Transmit { frame, .. } => kinds.push(decode(frame)),
+            Output::Close { frame, drain, .. } => {
+                assert!(drain);
+                kinds.push(decode(frame.expect("error frame")));
+            }
+        }
+    }
+    assert!(
+        matches!(
+            kinds[0],
+            ServerFrame::PubAck(PubAck {
+                pub_seq: PubSeq(1),
+                ..
+            })
+        ),
+        "{kinds:?}"
+    );
+    assert!(matches!(&kinds[1], ServerFrame::Error(e) if e.code == ErrorCode::InvalidPattern));
+    assert_eq!(kinds.len(), 2);
+}
+
+#[test]
+fn a_session_that_never_says_hello_is_closed_after_the_handshake_time() {
+    let mut n = node();
+    let s = SessionId(1);
+    n.handle_open(T0, s);
+    let due = NodeConfig::default().handshake_timeout;
+    n.handle_timeout(due - Duration::from_millis(1));
+    assert!(drain(&mut n).is_empty(), "not before its time");
+    assert!(n.poll_timeout().is_some_and(|t| t <= due));
+    n.handle_timeout(due);
+    let out = drain(&mut n);
+    assert!(
+        matches!(&out[..], [(x, ServerFrame::Error(e))] if *x == s && e.code == ErrorCode::HandshakeTimeout)
+    );
+    assert_eq!(n.session_count(), 0);
+}
+
+#[test]
+fn forgetting_publishers_at_the_bound_keeps_the_most_recent() {
+    let mut n = Node::new(
+        T0,
+        NodeConfig {
+            publishers_max: 16,
+            ..NodeConfig::default()
+        },
+    );
+    for id in 1..=40u64 {
+        let s = join(&mut n, id, &[], SlowPolicy::Disconnect);
+        n.handle_frame(T0, s, publish("x", 1));
+        drain(&mut n);
+    }
+    assert!(n.publishers.len() <= 16);
+    assert!(
+        n.publishers.contains_key(&PublisherId(40)),
+        "the newest publisher is remembered"
+    );
+}
