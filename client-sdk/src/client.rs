@@ -662,26 +662,26 @@ impl Driver {
         let cap = self.options.subscription_batches_max.max(1);
         self.subs.retain(|s| !s.events.is_disconnected());
         let msgs = &self.batch[skip..];
-        let wants = |sub: &Sub| msgs.iter().any(|m| sub.pattern.matches(m.topic()));
-        if self
-            .subs
-            .iter()
-            .any(|sub| sub.events.len() >= cap && wants(sub))
-        {
-            return Err(Ended::Lost(
-                "a subscription's buffer is full (the application is not keeping up); resuming later".into(),
-            ));
-        }
-        for sub in &self.subs {
+        let mut parts = Vec::with_capacity(self.subs.len());
+        for (i, sub) in self.subs.iter().enumerate() {
             let part: Vec<Event> = msgs
                 .iter()
                 .filter(|m| sub.pattern.matches(m.topic()))
                 .cloned()
                 .map(Event::Message)
                 .collect();
-            if !part.is_empty() {
-                let _ = sub.events.send(part);
+            if part.is_empty() {
+                continue;
             }
+            if sub.events.len() >= cap {
+                return Err(Ended::Lost(
+                    "a subscription's buffer is full (the application is not keeping up); resuming later".into(),
+                ));
+            }
+            parts.push((i, part));
+        }
+        for (i, part) in parts {
+            let _ = self.subs[i].events.send(part);
         }
         self.advance(last);
         Ok(())

@@ -110,6 +110,8 @@ pub enum Token {
 pub struct Pattern {
     text: Arc<str>,
     tokens: Arc<[Token]>,
+    /// No wildcard: matching is a string comparison.
+    literal: bool,
 }
 
 impl Pattern {
@@ -132,9 +134,11 @@ impl Pattern {
             };
             tokens.push(token);
         }
+        let literal = tokens.iter().all(|t| matches!(t, Token::Literal(_)));
         Ok(Pattern {
             text: Arc::from(s),
             tokens: tokens.into(),
+            literal,
         })
     }
 
@@ -150,6 +154,9 @@ impl Pattern {
 
     /// Whether `topic` is selected by this pattern.
     pub fn matches(&self, topic: &str) -> bool {
+        if self.literal {
+            return *self.text == *topic;
+        }
         let mut parts = topic.split('.');
         for token in self.tokens.iter() {
             match token {
