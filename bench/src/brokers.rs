@@ -35,6 +35,7 @@ pub enum Broker {
     /// Canopy on its own runtime threads in this process.
     Canopy {
         addr: String,
+        http: Option<String>,
         stop: Option<std::sync::mpsc::Sender<()>>,
         thread: Option<std::thread::JoinHandle<()>>,
     },
@@ -49,8 +50,20 @@ impl Broker {
             (Kind::Canopy, Some(a), _) | (Kind::Nats, _, Some(a)) => {
                 Ok(Broker::External(a.clone()))
             }
-            (Kind::Canopy, None, _) => start_canopy(),
+            (Kind::Canopy, None, _) => start_canopy(if args.dashboard {
+                "127.0.0.1:0".into()
+            } else {
+                "off".into()
+            }),
             (Kind::Nats, _, None) => start_nats(),
+        }
+    }
+
+    /// The HTTP address of an in-process Canopy started with its dashboard.
+    pub fn http(&self) -> Option<&str> {
+        match self {
+            Broker::Canopy { http, .. } => http.as_deref(),
+            _ => None,
         }
     }
 
@@ -83,7 +96,7 @@ impl Drop for Broker {
 }
 
 /// Canopy gets its own two runtime threads, as it would as a process.
-fn start_canopy() -> anyhow::Result<Broker> {
+fn start_canopy(http: String) -> anyhow::Result<Broker> {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
@@ -101,6 +114,7 @@ fn start_canopy() -> anyhow::Result<Broker> {
         rt.block_on(async move {
             let config = canopy_broker::config::FileConfig {
                 listen: Some("127.0.0.1:0".into()),
+                http: Some(http),
                 ..Default::default()
             }
             .validate(rand_stream());
@@ -110,7 +124,8 @@ fn start_canopy() -> anyhow::Result<Broker> {
             };
             match server {
                 Ok(server) => {
-                    let _ = addr_tx.send(Ok(server.local_addr().to_string()));
+                    let http = server.http_addr().map(|a| a.to_string());
+                    let _ = addr_tx.send(Ok((server.local_addr().to_string(), http)));
                     let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
                     server.shutdown().await;
                 }
@@ -120,9 +135,10 @@ fn start_canopy() -> anyhow::Result<Broker> {
             }
         });
     });
-    let addr = addr_rx.recv().context("canopy server thread died")??;
+    let (addr, http) = addr_rx.recv().context("canopy server thread died")??;
     Ok(Broker::Canopy {
         addr,
+        http,
         stop: Some(stop),
         thread: Some(thread),
     })
@@ -233,4 +249,40 @@ pub async fn subscribe(
             (sub.map(|m| m.payload).boxed(), Box::new(client))
         }
     })
+}
+
+/// Keeps a dashboard open against `http` until aborted: one live stream
+/// (`/api/stream`, read as it comes) and one scrape of `/metrics` and
+/// `/api/snapshot` per second, as a browser and a Prometheus server would.
+pub async fn watch_dashboard(http: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn get(http: &str, path: &str) -> std::io::Result<tokio::net::TcpStream> {
+        let mut s = tokio::net::TcpStream::connect(http).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes())
+            .await?;
+        Ok(s)
+    }
+    let live = {
+        let http = http.clone();
+        tokio::spawn(async move {
+            let Ok(mut s) = get(&http, "/api/stream").await else {
+                return;
+            };
+            let mut buf = vec![0u8; 64 << 10];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for path in ["/metrics", "/api/snapshot"] {
+            if let Ok(mut s) = get(&http, path).await {
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            }
+        }
+        if live.is_finished() {
+            break;
+        }
+    }
 }

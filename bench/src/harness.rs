@@ -11,6 +11,9 @@ use tokio::sync::mpsc;
 pub async fn run(args: &FanoutArgs, subs: usize, kind: Kind) -> anyhow::Result<RunReport> {
     let broker = Broker::start(kind, args)?;
     let addr = broker.addr().to_owned();
+    let viewer = broker
+        .http()
+        .map(|h| tokio::spawn(brokers::watch_dashboard(h.to_owned())));
     let base = Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let latency_count = args.rate * args.latency_secs;
@@ -124,6 +127,9 @@ pub async fn run(args: &FanoutArgs, subs: usize, kind: Kind) -> anyhow::Result<R
     }
     for t in tasks {
         t.abort();
+    }
+    if let Some(v) = viewer {
+        v.abort();
     }
     drop(broker);
     Ok(summarise(

@@ -82,6 +82,10 @@ pub struct FanoutArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Canopy only: serve the dashboard and keep a live page stream and a
+    /// metrics scrape per second going during the run (its cost on the broker).
+    #[arg(long)]
+    pub dashboard: bool,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
@@ -125,6 +129,8 @@ pub struct RunReport {
     pub latency_us: [u64; 3],
     /// Latency samples recorded.
     pub latency_samples: u64,
+    /// Whether the dashboard was open during the run.
+    pub dashboard: bool,
 }
 
 /// Per-message checks shared by all brokers: order per publisher and counts.
@@ -242,6 +248,7 @@ pub fn summarise(
             latency.value_at_quantile(0.999),
         ],
         latency_samples: latency.len(),
+        dashboard: broker == "canopy" && args.dashboard,
     }
 }
 
@@ -292,6 +299,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn print_table(results: &[RunReport]) {
+    if results.iter().any(|r| r.dashboard) {
+        println!("(runs marked + had the dashboard open)");
+    }
     println!(
         "{:<7} {:>6} {:>5} {:>9} {:>6} {:>12} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
         "broker",
@@ -311,7 +321,7 @@ fn print_table(results: &[RunReport]) {
     for r in results {
         println!(
             "{:<7} {:>6} {:>5} {:>9} {:>6} {:>12.0} {:>14.0} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
-            r.broker,
+            format!("{}{}", r.broker, if r.dashboard { "+" } else { "" }),
             r.subs,
             r.pubs,
             r.msgs,

@@ -4,7 +4,7 @@ use anyhow::Context;
 use canopy_client::{Client, ClientOptions, Event};
 use futures::StreamExt;
 use std::io::Write;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Splits `a,b,c` into addresses.
 pub fn server_list(servers: &str) -> Vec<String> {
@@ -118,4 +118,115 @@ pub async fn subscribe(
         out.flush()?;
     }
     Ok(())
+}
+
+/// Fetches `path` from a node's HTTP address; returns the body of a 200.
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        // HTTP/1.0 keeps the answer simple: no chunking, closed at the end.
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.take(64 << 20).read_to_end(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 10 s"))?
+        .with_context(|| format!("is a Canopy node serving HTTP at {addr}? (its `http` setting, default 127.0.0.1:8080)"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("{addr} did not answer with HTTP"))?;
+    let status_line = head.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status_line.split_whitespace().nth(1) == Some("200"),
+        "{addr}{path} answered `{status_line}`"
+    );
+    Ok(body.to_owned())
+}
+
+/// `canopy status`: a node's facts in the terminal.
+///
+/// # Errors
+/// When the node cannot be reached or answers something else than its API.
+pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
+    let body = http_get(addr, "/api/snapshot").await?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let s: serde_json::Value =
+        serde_json::from_str(&body).context("the node's snapshot is not JSON")?;
+    let st = &s["status"];
+    let c = &s["counters"];
+    let r = &s["rates"];
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "{} ({}) version {}, up {:.0} s, clients on {}",
+        st["name"].as_str().unwrap_or("?"),
+        st["role"].as_str().unwrap_or("?"),
+        st["version"].as_str().unwrap_or("?"),
+        num(&st["uptime_secs"]),
+        st["listen"].as_str().unwrap_or("?")
+    );
+    let members: Vec<&str> = s["view"]["members"]
+        .as_array()
+        .map_or_else(Vec::new, |m| m.iter().filter_map(|v| v.as_str()).collect());
+    println!("view {}: {}", s["view"]["id"], members.join(", "));
+    println!(
+        "head seq {}   clients {}   published {}   delivered {}   retained {}",
+        st["head_seq"], st["clients"], c["published"], c["delivered"], c["retained"]
+    );
+    println!(
+        "rates: {:.0} msgs/s in, {:.0} deliveries/s out, {:.0} bytes/s out",
+        num(&r["msgs_in"]),
+        num(&r["msgs_out"]),
+        num(&r["bytes_out"])
+    );
+    println!(
+        "slow consumers cut {}   gap notices {}   bad input {}   deepest queue {} frames",
+        c["slow_consumers"], c["gaps"], c["bad_input"], c["queue_depth_max"]
+    );
+    println!("tree:");
+    print_tree(&s["tree"], 1);
+    if let Some(topics) = s["topics"].as_array().filter(|t| !t.is_empty()) {
+        println!("busiest topics:");
+        for t in topics.iter().take(10) {
+            println!(
+                "  {:<40} {:>10.0} msgs/s {:>12} total",
+                t["topic"].as_str().unwrap_or("?"),
+                num(&t["msgs_per_sec"]),
+                t["msgs"]
+            );
+        }
+    }
+    if let Some(events) = s["events"].as_array().filter(|e| !e.is_empty()) {
+        println!("recent events:");
+        for e in events.iter().rev().take(10) {
+            println!(
+                "  {:>8.1} s  {:<14} {}",
+                num(&e["at_secs"]),
+                e["kind"].as_str().unwrap_or("?"),
+                e["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_tree(node: &serde_json::Value, depth: usize) {
+    println!(
+        "{}{} [{}] {} clients",
+        "  ".repeat(depth),
+        node["name"].as_str().unwrap_or("?"),
+        node["role"].as_str().unwrap_or("?"),
+        node["clients"]
+    );
+    for child in node["children"].as_array().into_iter().flatten() {
+        print_tree(child, depth + 1);
+    }
 }

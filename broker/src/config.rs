@@ -12,6 +12,9 @@ use std::time::Duration;
 /// The default client listen address.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:4400";
 
+/// The default HTTP address (dashboard, API, metrics).
+pub const HTTP_DEFAULT: &str = "127.0.0.1:8080";
+
 /// The configuration file as written (every key optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +23,8 @@ pub struct FileConfig {
     pub name: Option<String>,
     /// The client listen address.
     pub listen: Option<String>,
+    /// The HTTP address of the dashboard, API and metrics, or `off`.
+    pub http: Option<String>,
     /// Limits.
     #[serde(default)]
     pub limits: FileLimits,
@@ -63,6 +68,8 @@ pub struct FileRetention {
 pub struct ServerConfig {
     /// The client listen address.
     pub listen: String,
+    /// The HTTP address, or `None` when HTTP is off.
+    pub http: Option<String>,
     /// Frames queued per client before it counts as slow.
     pub queue_frames_max: usize,
     /// The core's settings.
@@ -197,8 +204,21 @@ impl FileConfig {
             1 << 40,
             "4 KiB to 1 TiB",
         )?;
+        let http = match self.http.as_deref() {
+            None => Some(HTTP_DEFAULT.to_owned()),
+            Some("off") => None,
+            Some("") => {
+                return Err(ConfigError::Range {
+                    key: "http",
+                    value: "\"\"".into(),
+                    why: "an address such as 127.0.0.1:8080, or \"off\"",
+                })
+            }
+            Some(addr) => Some(addr.to_owned()),
+        };
         Ok(ServerConfig {
             listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
+            http,
             queue_frames_max,
             node: NodeConfig {
                 name: self.name.unwrap_or_else(|| "canopy".to_owned()),

@@ -1,7 +1,7 @@
 //! The `canopy` binary: run a server, publish, subscribe.
 
 use anyhow::Context;
-use canopy_broker::config::{FileConfig, LISTEN_DEFAULT};
+use canopy_broker::config::{FileConfig, HTTP_DEFAULT, LISTEN_DEFAULT};
 use canopy_broker::{cli, runtime};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -33,6 +33,18 @@ enum Command {
         /// Node name, overriding the config.
         #[arg(long)]
         name: Option<String>,
+        /// Dashboard, JSON API and /metrics address, or `off` [default: 127.0.0.1:8080].
+        #[arg(long)]
+        http: Option<String>,
+    },
+    /// Show a running node's status: role, view, clients, rates, events.
+    Status {
+        /// The node's HTTP address (its `http` setting).
+        #[arg(default_value = HTTP_DEFAULT)]
+        addr: String,
+        /// Print the node's full JSON snapshot instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Publish MESSAGE to TOPIC, or each line of stdin when MESSAGE is omitted.
     Pub {
@@ -82,9 +94,14 @@ async fn main() -> std::process::ExitCode {
             config,
             listen,
             name,
+            http,
         } => {
             init_logs(cli.log_json, "info");
-            serve(config, listen, name).await
+            serve(config, listen, name, http).await
+        }
+        Command::Status { addr, json } => {
+            init_logs(cli.log_json, "warn");
+            cli::status(&addr, json).await
         }
         Command::Pub {
             server,
@@ -119,6 +136,7 @@ async fn serve(
     config: Option<PathBuf>,
     listen: Option<String>,
     name: Option<String>,
+    http: Option<String>,
 ) -> anyhow::Result<()> {
     let mut file = match &config {
         Some(path) => FileConfig::load(path)?,
@@ -130,10 +148,16 @@ async fn serve(
     if name.is_some() {
         file.name = name;
     }
+    if http.is_some() {
+        file.http = http;
+    }
     let config = file.validate(rand::random())?;
     let server = runtime::start(config).await?;
     // Tests and scripts read the bound address from this line.
     println!("canopy listening on {}", server.local_addr());
+    if let Some(http) = server.http_addr() {
+        println!("canopy dashboard on http://{http}/");
+    }
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;

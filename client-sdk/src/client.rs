@@ -662,6 +662,21 @@ impl Driver {
         let cap = self.options.subscription_batches_max.max(1);
         self.subs.retain(|s| !s.events.is_disconnected());
         let msgs = &self.batch[skip..];
+        if let [sub] = &self.subs[..] {
+            // The common case, one subscription that wants the whole batch:
+            // move the messages instead of cloning them.
+            if msgs.iter().all(|m| sub.pattern.matches(m.topic())) {
+                if sub.events.len() >= cap {
+                    return Err(Ended::Lost(
+                        "the subscription's buffer is full (the application is not keeping up); resuming later".into(),
+                    ));
+                }
+                let part: Vec<Event> = self.batch.drain(skip..).map(Event::Message).collect();
+                let _ = sub.events.send(part);
+                self.advance(last);
+                return Ok(());
+            }
+        }
         let mut parts = Vec::with_capacity(self.subs.len());
         for (i, sub) in self.subs.iter().enumerate() {
             let part: Vec<Event> = msgs

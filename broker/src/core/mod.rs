@@ -23,9 +23,10 @@
 
 pub mod index;
 pub mod node;
+pub mod report;
 pub mod retention;
 
-pub use node::{Node, NodeConfig, Output, TransmitKind};
+pub use node::{Node, NodeConfig, Output, SessionReport, Stats, TransmitKind};
 
 use std::fmt;
 

@@ -26,6 +26,7 @@
 //!   retention by count and bytes, subscriptions per session, publishers.
 
 use super::index::Index;
+use super::report::{Entry, EventKind, Journal, TopicCounts};
 use super::retention::{Ordered, Retention};
 use super::SessionId;
 use bytes::Bytes;
@@ -138,9 +139,14 @@ struct Session {
     /// With `closing`: whether what is queued for the session still goes
     /// out before the close (an error close) or not (a slow consumer).
     drain: bool,
+    /// When it opened.
+    opened_at: Duration,
+    /// The last seq queued for it in a delivery (for its lag).
+    sent_through: Seq,
 }
 
 struct SessionHello {
+    name: String,
     publisher: PublisherId,
     slow: SlowPolicy,
 }
@@ -171,6 +177,10 @@ pub struct Node {
     watermark_sent: Seq,
     fanout: Fanout,
     stats: Stats,
+    journal: Journal,
+    topics: TopicCounts,
+    /// The time of the latest input, for journal entries.
+    now: Duration,
 }
 
 /// Counters for logs, benchmarks and the dashboard.
@@ -188,6 +198,31 @@ pub struct Stats {
     pub gaps: u64,
     /// Sessions closed for bad input.
     pub bad_input: u64,
+    /// Message deliveries queued for sessions.
+    pub delivered: u64,
+    /// Payload bytes received in publishes.
+    pub bytes_in: u64,
+    /// Frame bytes handed to the shell.
+    pub bytes_out: u64,
+    /// Connections opened.
+    pub connects: u64,
+}
+
+/// What the node knows of one session, for operators.
+#[derive(Clone, Debug)]
+pub struct SessionReport<'a> {
+    /// The session.
+    pub id: SessionId,
+    /// The name from its Hello (empty before).
+    pub name: &'a str,
+    /// Its slow-consumer policy.
+    pub slow: SlowPolicy,
+    /// Subscriptions held.
+    pub subscriptions: usize,
+    /// The last seq queued for it in a delivery.
+    pub sent_through: Seq,
+    /// When it opened.
+    pub opened_at: Duration,
 }
 
 impl Node {
@@ -207,6 +242,9 @@ impl Node {
             watermark_sent: Seq(0),
             fanout: Fanout::default(),
             stats: Stats::default(),
+            journal: Journal::default(),
+            topics: TopicCounts::default(),
+            now,
             config,
         }
     }
@@ -226,6 +264,38 @@ impl Node {
         self.sessions.len()
     }
 
+    /// The node's settings.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// What the node knows of each open session.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionReport<'_>> {
+        self.sessions.iter().map(|(&id, s)| SessionReport {
+            id,
+            name: s.hello.as_ref().map_or("", |h| h.name.as_str()),
+            slow: s.hello.as_ref().map_or(SlowPolicy::Disconnect, |h| h.slow),
+            subscriptions: s.patterns.len(),
+            sent_through: s.sent_through,
+            opened_at: s.opened_at,
+        })
+    }
+
+    /// Messages and bytes published per topic.
+    pub fn topics(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.topics.iter()
+    }
+
+    /// Recent notable events, oldest first.
+    pub fn journal(&self) -> impl Iterator<Item = &Entry> {
+        self.journal.entries()
+    }
+
+    /// Messages and bytes held in retention.
+    pub fn retained(&self) -> (usize, usize) {
+        (self.retention.len(), self.retention.bytes())
+    }
+
     /// A connection was accepted. Call before any other input for `session`.
     pub fn handle_open(&mut self, now: Duration, session: SessionId) {
         self.sessions.insert(
@@ -237,8 +307,14 @@ impl Node {
                 ack_due: None,
                 closing: false,
                 drain: false,
+                opened_at: now,
+                sent_through: Seq(0),
             },
         );
+        self.now = now;
+        self.stats.connects += 1;
+        self.journal
+            .record(now, EventKind::Connect, format!("session {session}"));
         if self.sessions.len() > self.config.sessions_max {
             let msg = format!(
                 "this server holds its maximum of {} connections",
@@ -251,8 +327,11 @@ impl Node {
     }
 
     /// A connection ended (by the peer or by the shell after a `Close`).
-    pub fn handle_closed(&mut self, _now: Duration, session: SessionId) {
+    pub fn handle_closed(&mut self, now: Duration, session: SessionId) {
+        self.now = now;
         if let Some(s) = self.sessions.remove(&session) {
+            self.journal
+                .record(now, EventKind::Disconnect, format!("session {session}"));
             for p in &s.patterns {
                 self.index.remove(p, session);
             }
@@ -263,11 +342,12 @@ impl Node {
     /// closed with an error frame carrying `code` and `message`.
     pub fn handle_bad_input(
         &mut self,
-        _now: Duration,
+        now: Duration,
         session: SessionId,
         code: ErrorCode,
         message: String,
     ) {
+        self.now = now;
         self.close_with_error(session, code, message);
     }
 
@@ -275,11 +355,12 @@ impl Node {
     /// outbound queue. Call at once, before the next `poll_output`.
     pub fn handle_queue_full(
         &mut self,
-        _now: Duration,
+        now: Duration,
         session: SessionId,
         kind: TransmitKind,
         seqs: (Seq, Seq),
     ) {
+        self.now = now;
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -300,6 +381,9 @@ impl Node {
             }
             _ => {
                 self.stats.slow_consumers += 1;
+                let detail = format!("session {session} cut off: outbound queue full");
+                self.journal
+                    .record(self.now, EventKind::SlowConsumer, detail);
                 let frame = error_frame(
                     ErrorCode::SlowConsumer,
                     "outbound queue full: the client did not keep up",
@@ -330,6 +414,7 @@ impl Node {
     /// Time has reached `now`: closes sessions that never said Hello and
     /// sends watermarks when they are due.
     pub fn handle_timeout(&mut self, now: Duration) {
+        self.now = now;
         while let Some(&(due, session)) = self.hello_due.front() {
             if due > now {
                 break;
@@ -353,7 +438,6 @@ impl Node {
         // hears of its gap now rather than at the next delivery.
         for (&session, s) in &mut self.sessions {
             if let Some((from, to)) = s.gap.take() {
-                self.stats.gaps += 1;
                 self.outputs.push_back(Output::Transmit {
                     session,
                     frame: protocol::encode(kind::GAP, &GapHead { from, to }, &[]),
@@ -381,6 +465,33 @@ impl Node {
 
     /// The next action for the shell, or `None` when there is nothing to do.
     pub fn poll_output(&mut self) -> Option<Output> {
+        let out = self.next_output()?;
+        if let Output::Transmit {
+            session,
+            frame,
+            kind,
+            seqs,
+        } = &out
+        {
+            self.stats.bytes_out += frame.len() as u64;
+            match kind {
+                TransmitKind::Deliver => {
+                    if let Some(s) = self.sessions.get_mut(session) {
+                        s.sent_through = seqs.1;
+                    }
+                }
+                TransmitKind::Gap => {
+                    self.stats.gaps += 1;
+                    let detail = format!("session {session} told of a gap {}..={}", seqs.0, seqs.1);
+                    self.journal.record(self.now, EventKind::Gap, detail);
+                }
+                TransmitKind::Watermark | TransmitKind::Control => {}
+            }
+        }
+        Some(out)
+    }
+
+    fn next_output(&mut self) -> Option<Output> {
         loop {
             if self.outputs.is_empty() {
                 self.fan_out();
@@ -406,7 +517,6 @@ impl Node {
                         // A conflating session missed something: this batch
                         // joins the gap, and the notice goes in its place so
                         // that the client hears of the gap before any later seq.
-                        self.stats.gaps += 1;
                         let gap = GapHead { from, to: seqs.1 };
                         return Some(Output::Transmit {
                             session,
@@ -443,11 +553,12 @@ impl Node {
     /// A decoded frame arrived from `session`.
     pub fn handle_frame(
         &mut self,
-        _now: Duration,
+        now: Duration,
         session: SessionId,
         frame: protocol::ClientFrame,
     ) {
         use protocol::ClientFrame as F;
+        self.now = now;
         let Some(s) = self.sessions.get(&session) else {
             return;
         };
@@ -529,7 +640,9 @@ impl Node {
             .map(|r| r.after);
         if let Some(s) = self.sessions.get_mut(&session) {
             s.patterns = patterns;
+            s.sent_through = self.head;
             s.hello = Some(SessionHello {
+                name: hello.name,
                 publisher: hello.publisher,
                 slow: hello.slow,
             });
@@ -547,7 +660,6 @@ impl Node {
         }
         let first_held = self.retention.first().unwrap_or(self.head.next());
         if after.next() < first_held {
-            self.stats.gaps += 1;
             let gap = GapHead {
                 from: after.next(),
                 to: Seq(first_held.0 - 1),
@@ -675,6 +787,7 @@ impl Node {
             _ => {
                 self.head = self.head.next();
                 self.stats.published += 1;
+                self.stats.bytes_in += payload.len() as u64;
                 self.remember_publisher(publisher, head.pub_seq, self.head);
                 self.pending.push(Ordered {
                     seq: self.head,
@@ -733,11 +846,13 @@ impl Node {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             let limits = FrameLimits::new(self.config.frame_len_max);
-            let frames = self
-                .fanout
-                .run(&batch, &mut self.index, limits, &mut self.outputs);
+            let (frames, delivered) =
+                self.fanout
+                    .run(&batch, &mut self.index, limits, &mut self.outputs);
             self.stats.deliver_frames += frames;
+            self.stats.delivered += delivered;
             for m in batch {
+                self.topics.count(&m.topic, m.payload.len());
                 self.retention.push(m);
             }
         }
@@ -776,6 +891,8 @@ impl Node {
         }
         if code != ErrorCode::SlowConsumer {
             self.stats.bad_input += 1;
+            let detail = format!("session {session}: {code:?}: {message}");
+            self.journal.record(self.now, EventKind::BadInput, detail);
         }
         s.closing = true;
         s.drain = true;
@@ -864,20 +981,22 @@ struct Fanout {
     groups: Vec<(Arc<[SessionId]>, Vec<u32>)>,
     group_of_set: HashMap<usize, usize>,
     pairs: Vec<(SessionId, u32)>,
-    frames: HashMap<Vec<u32>, Vec<(Bytes, Seq, Seq)>>,
+    /// Frames per group list, with the number of messages they carry.
+    frames: HashMap<Vec<u32>, (Vec<EncodedFrame>, u64)>,
     builder: DeliverBuilder,
     merged: Vec<u32>,
 }
 
 impl Fanout {
-    /// Queues delivery transmits for `batch`; returns the frames encoded.
+    /// Queues delivery transmits for `batch`; returns the frames encoded and
+    /// the message deliveries queued.
     fn run(
         &mut self,
         batch: &[Ordered],
         index: &mut Index,
         limits: FrameLimits,
         out: &mut VecDeque<Output>,
-    ) -> u64 {
+    ) -> (u64, u64) {
         self.groups.clear();
         self.group_of_set.clear();
         for (i, m) in batch.iter().enumerate() {
@@ -895,16 +1014,18 @@ impl Fanout {
             );
         }
         let mut encoded = 0;
+        let mut delivered = 0;
         if self.groups.len() == 1 {
             let (set, idx) = &self.groups[0];
             let frames = encode_frames(&mut self.builder, batch, idx, limits);
             encoded += frames.len() as u64;
+            delivered += (idx.len() * set.len()) as u64;
             for &session in set.iter() {
                 for (frame, first, last) in &frames {
                     out.push_back(deliver(session, frame.clone(), *first, *last));
                 }
             }
-            return encoded;
+            return (encoded, delivered);
         }
         self.pairs.clear();
         for (g, (set, _)) in self.groups.iter().enumerate() {
@@ -930,16 +1051,22 @@ impl Fanout {
                 self.merged.sort_unstable();
                 let frames = encode_frames(&mut self.builder, batch, &self.merged, limits);
                 encoded += frames.len() as u64;
-                self.frames.insert(key.clone(), frames);
+                self.frames
+                    .insert(key.clone(), (frames, self.merged.len() as u64));
             }
-            for (frame, first, last) in &self.frames[&key] {
+            let (frames, msgs) = &self.frames[&key];
+            delivered += msgs;
+            for (frame, first, last) in frames {
                 out.push_back(deliver(session, frame.clone(), *first, *last));
             }
             at = end;
         }
-        encoded
+        (encoded, delivered)
     }
 }
+
+/// A delivery frame with the first and last seq it carries.
+type EncodedFrame = (Bytes, Seq, Seq);
 
 /// Encodes the messages `idx` of `batch` into as few frames as the limits allow.
 fn encode_frames(

@@ -54,6 +54,7 @@ pub(super) async fn accept_loop(
             queue: queue_tx,
             close: close_tx,
             reader: cancel.clone(),
+            peer,
         };
         // Open goes into the inbox before the reader can send anything, so
         // the node always hears of a session before its frames.

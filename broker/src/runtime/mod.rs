@@ -9,8 +9,13 @@
 //! on readers (and through TCP on publishers); each session's outbound queue
 //! holds `queue_frames_max` frames, and a full queue is reported to the node,
 //! which decides between cutting the session off and a gap notice.
+//!
+//! When HTTP is on, the node task also publishes a dashboard snapshot once
+//! per `SNAPSHOT_INTERVAL` through a `watch` channel that the HTTP server
+//! (`canopy-dashboard`) reads; dashboards never touch the node itself.
 
 mod conn;
+mod report;
 
 use crate::config::ServerConfig;
 use crate::core::{Node, Output, SessionId};
@@ -30,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 const INBOX_LEN_MAX: usize = 1024;
 /// Inbox batches the node takes in one turn before it drains outputs.
 const INBOX_TURN_MAX: usize = 256;
+/// How often the dashboard snapshot is rebuilt.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What connection tasks tell the node task.
 enum Inbound {
@@ -44,11 +51,14 @@ struct SessionIo {
     queue: flume::Sender<Bytes>,
     close: oneshot::Sender<conn::CloseOrder>,
     reader: CancellationToken,
+    peer: SocketAddr,
 }
 
 /// A running server.
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    http_task: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     node_task: JoinHandle<()>,
     accept_task: JoinHandle<()>,
@@ -60,11 +70,19 @@ impl ServerHandle {
         self.local_addr
     }
 
+    /// The address of the HTTP dashboard and API, when on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
     /// Tells every client the server is going away, closes them and waits
     /// for the node task to finish.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.accept_task.abort();
+        if let Some(t) = &self.http_task {
+            t.abort();
+        }
         let _ = self.node_task.await;
     }
 
@@ -77,25 +95,58 @@ impl ServerHandle {
 /// Binds the listener and starts the server.
 ///
 /// # Errors
-/// When the listen address cannot be bound.
+/// When the listen address (or the HTTP address) cannot be bound.
 pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
+    let mut dashboard = None;
+    let mut http_addr = None;
+    let mut http_task = None;
+    if let Some(addr) = &config.http {
+        let http = TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen for HTTP on {addr}: choose another address with --http ADDR, or --http off")
+        })?;
+        http_addr = Some(http.local_addr()?);
+        let (tx, rx) = watch::channel(std::sync::Arc::new(canopy_dashboard::Snapshot::default()));
+        let router = canopy_dashboard::router(rx);
+        http_task = Some(tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, router).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }));
+        dashboard = Some(Dashboard {
+            snapshots: tx,
+            reporter: report::Reporter::new(local_addr.to_string(), &config.node.name),
+            latency: canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS),
+        });
+    }
     let (inbox_tx, inbox_rx) = flume::bounded(INBOX_LEN_MAX);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let started = Instant::now();
     let node = Node::new(Duration::ZERO, config.node.clone());
     tracing::info!(addr = %local_addr, name = %config.node.name, stream = config.node.stream, "listening");
-    let node_task = tokio::spawn(run_node(node, started, inbox_rx, shutdown_rx));
+    if let Some(addr) = http_addr {
+        tracing::info!(addr = %addr, "dashboard and API over HTTP");
+    }
+    let node_task = tokio::spawn(run_node(node, started, inbox_rx, shutdown_rx, dashboard));
     let accept_task = tokio::spawn(conn::accept_loop(listener, inbox_tx, config));
     Ok(ServerHandle {
         local_addr,
+        http_addr,
+        http_task,
         shutdown,
         node_task,
         accept_task,
     })
+}
+
+/// The node task's side of the dashboard.
+struct Dashboard {
+    snapshots: watch::Sender<std::sync::Arc<canopy_dashboard::Snapshot>>,
+    reporter: report::Reporter,
+    latency: canopy_dashboard::Histogram,
 }
 
 async fn run_node(
@@ -103,13 +154,21 @@ async fn run_node(
     started: Instant,
     inbox: flume::Receiver<Inbound>,
     mut shutdown: watch::Receiver<bool>,
+    mut dashboard: Option<Dashboard>,
 ) {
     let mut sessions: HashMap<SessionId, SessionIo> = HashMap::new();
+    let mut snapshot_next = Instant::now();
     loop {
         let deadline = node.poll_timeout().map_or_else(
             || Instant::now() + Duration::from_secs(3600),
             |t| started + t,
         );
+        let deadline = match &dashboard {
+            Some(_) => deadline.min(snapshot_next),
+            None => deadline,
+        };
+        let turn = Instant::now();
+        let published = node.stats().published;
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -131,6 +190,18 @@ async fn run_node(
             node.handle_timeout(started.elapsed());
         }
         drain(&mut node, &mut sessions, started.elapsed());
+        if let Some(d) = &mut dashboard {
+            if node.stats().published != published {
+                d.latency.observe(turn.elapsed().as_secs_f64());
+            }
+            if Instant::now() >= snapshot_next {
+                snapshot_next = Instant::now() + SNAPSHOT_INTERVAL;
+                let snap = d
+                    .reporter
+                    .snapshot(started.elapsed(), &node, &sessions, &d.latency);
+                d.snapshots.send_replace(std::sync::Arc::new(snap));
+            }
+        }
     }
     tracing::info!(sessions = sessions.len(), "shutting down");
     let frame = canopy_client::protocol::encode(

@@ -32,6 +32,8 @@ pub struct Server {
     child: Child,
     /// The client address.
     pub addr: String,
+    /// The HTTP address (dashboard, API, metrics), when started with it.
+    pub http: Option<String>,
     config: Option<std::path::PathBuf>,
 }
 
@@ -43,10 +45,19 @@ impl Server {
         Self::with_config("")
     }
 
-    /// Starts a server with `toml` as its config file.
+    /// Starts a server with `toml` as its config file, HTTP off.
     pub fn with_config(toml: &str) -> Server {
+        Self::spawn(toml, "off")
+    }
+
+    /// Starts a server with embedded defaults and HTTP on a free port.
+    pub fn with_http() -> Server {
+        Self::spawn("", "127.0.0.1:0")
+    }
+
+    fn spawn(toml: &str, http: &str) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", http]);
         let config = (!toml.is_empty()).then(|| {
             let path = std::env::temp_dir().join(format!(
                 "canopy-test-{}-{}.toml",
@@ -77,18 +88,27 @@ impl Server {
             .spawn()
             .expect("start canopy serve");
         let stdout = child.stdout.take().expect("piped stdout");
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
+        stdout.read_line(&mut line).expect("read listen line");
         let addr = line
             .trim()
             .strip_prefix("canopy listening on ")
             .unwrap_or_else(|| panic!("unexpected first line from canopy serve: {line:?}"))
             .to_owned();
+        let http = (http != "off").then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read dashboard line");
+            line.trim()
+                .strip_prefix("canopy dashboard on http://")
+                .and_then(|a| a.strip_suffix('/'))
+                .unwrap_or_else(|| panic!("unexpected second line from canopy serve: {line:?}"))
+                .to_owned()
+        });
         Server {
             child,
             addr,
+            http,
             config,
         }
     }

@@ -1,0 +1,190 @@
+//! Builds the dashboard's [`Snapshot`] from the node and the shell's own
+//! view of its connections, once per period, off the hot path.
+
+use super::SessionIo;
+use crate::core::{Node, SessionId};
+use canopy_client::protocol::SlowPolicy;
+use canopy_dashboard as dash;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Upper bounds of the delivery latency buckets, in seconds.
+pub const LATENCY_BOUNDS: [f64; 14] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 1.0,
+];
+
+/// Views kept in the history.
+const VIEWS_MAX: usize = 64;
+
+/// Per-topic `(messages, bytes)` totals.
+type TopicTotals = HashMap<String, (u64, u64)>;
+
+/// The previous snapshot's time and totals, for rates.
+type Previous = (Duration, dash::Counters, TopicTotals);
+
+/// Remembers what the previous snapshot needs for rates.
+pub struct Reporter {
+    role: &'static str,
+    listen: String,
+    previous: Option<Previous>,
+    views: Vec<dash::View>,
+}
+
+impl Reporter {
+    /// A reporter for a node listening for clients on `listen`.
+    pub fn new(listen: String, name: &str) -> Self {
+        Reporter {
+            role: "core",
+            listen,
+            previous: None,
+            // A single node is a view of one, installed at start; the server
+            // group will report its views here.
+            views: vec![dash::View {
+                id: 1,
+                members: vec![name.to_owned()],
+                installed_secs: 0.0,
+            }],
+        }
+    }
+
+    /// The snapshot as of `now`.
+    pub fn snapshot(
+        &mut self,
+        now: Duration,
+        node: &Node,
+        sessions: &HashMap<SessionId, SessionIo>,
+        latency: &dash::Histogram,
+    ) -> dash::Snapshot {
+        let stats = node.stats();
+        let head = node.head();
+        let (retained, retained_bytes) = node.retained();
+        let mut queue_depth_max = 0;
+        let clients: Vec<dash::ClientInfo> = node
+            .sessions()
+            .map(|s| {
+                let io = sessions.get(&s.id);
+                let queue_depth = io.map_or(0, |io| io.queue.len());
+                queue_depth_max = queue_depth_max.max(queue_depth);
+                dash::ClientInfo {
+                    session: s.id.0,
+                    name: s.name.to_owned(),
+                    peer: io.map_or_else(String::new, |io| io.peer.to_string()),
+                    membership: "none".into(),
+                    slow_policy: match s.slow {
+                        SlowPolicy::Disconnect => "disconnect",
+                        SlowPolicy::Conflate => "conflate",
+                    }
+                    .into(),
+                    subscriptions: s.subscriptions,
+                    lag: if s.subscriptions == 0 {
+                        0
+                    } else {
+                        head.0.saturating_sub(s.sent_through.0)
+                    },
+                    queue_depth,
+                    connected_secs: now.saturating_sub(s.opened_at).as_secs_f64(),
+                }
+            })
+            .collect();
+        let counters = dash::Counters {
+            published: stats.published,
+            duplicates: stats.duplicates,
+            delivered: stats.delivered,
+            bytes_in: stats.bytes_in,
+            bytes_out: stats.bytes_out,
+            slow_consumers: stats.slow_consumers,
+            gaps: stats.gaps,
+            bad_input: stats.bad_input,
+            view_changes: self.views.len().saturating_sub(1) as u64,
+            adoptions: 0,
+            connects: stats.connects,
+            retained: retained as u64,
+            retained_bytes: retained_bytes as u64,
+            queue_depth_max: queue_depth_max as u64,
+        };
+        let topic_totals: TopicTotals = node
+            .topics()
+            .map(|(t, m, b)| (t.to_owned(), (m, b)))
+            .collect();
+        let (rates, elapsed, before) = match &self.previous {
+            Some((at, c, topics)) if now > *at => {
+                let secs = (now - *at).as_secs_f64();
+                let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+                let rates = dash::Rates {
+                    msgs_in: per(counters.published, c.published),
+                    msgs_out: per(counters.delivered, c.delivered),
+                    bytes_in: per(counters.bytes_in, c.bytes_in),
+                    bytes_out: per(counters.bytes_out, c.bytes_out),
+                };
+                (rates, secs, Some(topics))
+            }
+            _ => (dash::Rates::default(), 0.0, None),
+        };
+        let mut topics: Vec<dash::TopicInfo> = topic_totals
+            .iter()
+            .map(|(topic, &(msgs, bytes))| {
+                let (m0, b0) = before
+                    .and_then(|t| t.get(topic).copied())
+                    .unwrap_or((msgs, bytes));
+                let per = |a: u64, b: u64| {
+                    if elapsed > 0.0 {
+                        a.saturating_sub(b) as f64 / elapsed
+                    } else {
+                        0.0
+                    }
+                };
+                dash::TopicInfo {
+                    topic: topic.clone(),
+                    msgs,
+                    bytes,
+                    msgs_per_sec: per(msgs, m0),
+                    bytes_per_sec: per(bytes, b0),
+                }
+            })
+            .collect();
+        topics.sort_by(|a, b| {
+            b.msgs_per_sec
+                .total_cmp(&a.msgs_per_sec)
+                .then(b.msgs.cmp(&a.msgs))
+        });
+        let events = node
+            .journal()
+            .map(|e| dash::EventInfo {
+                at_secs: e.at.as_secs_f64(),
+                kind: e.kind.as_str().into(),
+                detail: e.detail.clone(),
+            })
+            .collect();
+        self.previous = Some((now, counters, topic_totals));
+        self.views.truncate(VIEWS_MAX);
+        let view = self.views.last().cloned().unwrap_or_default();
+        let config = node.config();
+        dash::Snapshot {
+            status: dash::Status {
+                role: self.role.into(),
+                name: config.name.clone(),
+                stream: format!("{:016x}", config.stream),
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_secs: now.as_secs_f64(),
+                listen: self.listen.clone(),
+                head_seq: head.0,
+                clients: clients.len(),
+            },
+            tree: dash::TreeNode {
+                name: config.name.clone(),
+                role: self.role.into(),
+                clients: clients.len(),
+                children: Vec::new(),
+            },
+            view,
+            views: self.views.clone(),
+            clients,
+            topics,
+            events,
+            counters,
+            rates,
+            latency: latency.clone(),
+        }
+    }
+}

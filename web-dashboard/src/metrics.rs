@@ -1,0 +1,146 @@
+//! `/metrics` in the Prometheus text exposition format (version 0.0.4).
+//!
+//! Rendered from the latest [`Snapshot`]: counters end in `_total`, sizes in
+//! `_bytes`, times in `_seconds`, as Prometheus' naming conventions ask.
+
+use crate::model::{Histogram, Snapshot};
+use std::fmt::Write;
+
+/// The content type of the exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (bound, count) in h.bounds.iter().zip(&h.cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+}
+
+/// Renders every metric of `s`.
+pub fn render(s: &Snapshot) -> String {
+    let c = &s.counters;
+    let mut out = String::with_capacity(4096);
+    let counters: [(&str, &str, u64); 11] = [
+        (
+            "canopy_messages_published_total",
+            "Messages ordered.",
+            c.published,
+        ),
+        (
+            "canopy_messages_duplicate_total",
+            "Publisher retries recognised and not ordered again.",
+            c.duplicates,
+        ),
+        (
+            "canopy_messages_delivered_total",
+            "Message deliveries queued for subscribers.",
+            c.delivered,
+        ),
+        (
+            "canopy_received_bytes_total",
+            "Payload bytes received in publishes.",
+            c.bytes_in,
+        ),
+        (
+            "canopy_sent_bytes_total",
+            "Frame bytes queued for clients.",
+            c.bytes_out,
+        ),
+        (
+            "canopy_slow_consumers_total",
+            "Clients cut off for not keeping up.",
+            c.slow_consumers,
+        ),
+        ("canopy_gaps_total", "Gap notices sent to clients.", c.gaps),
+        (
+            "canopy_bad_input_total",
+            "Connections closed for bad input.",
+            c.bad_input,
+        ),
+        (
+            "canopy_view_changes_total",
+            "Views installed after the first.",
+            c.view_changes,
+        ),
+        (
+            "canopy_adoptions_total",
+            "Orphaned clients adopted.",
+            c.adoptions,
+        ),
+        (
+            "canopy_connections_total",
+            "Client connections accepted.",
+            c.connects,
+        ),
+    ];
+    for (name, help, value) in counters {
+        metric(&mut out, name, "counter", help, value as f64);
+    }
+    let gauges: [(&str, &str, f64); 6] = [
+        (
+            "canopy_clients",
+            "Clients connected.",
+            s.status.clients as f64,
+        ),
+        (
+            "canopy_head_seq",
+            "The last sequence number ordered.",
+            s.status.head_seq as f64,
+        ),
+        (
+            "canopy_retained_messages",
+            "Messages held for resume.",
+            c.retained as f64,
+        ),
+        (
+            "canopy_retained_bytes",
+            "Bytes held for resume.",
+            c.retained_bytes as f64,
+        ),
+        (
+            "canopy_client_queue_depth_max_frames",
+            "Deepest client outbound queue, in frames.",
+            c.queue_depth_max as f64,
+        ),
+        (
+            "canopy_uptime_seconds",
+            "Seconds since the node started.",
+            s.status.uptime_secs,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        metric(&mut out, name, "gauge", help, value);
+    }
+    histogram(
+        &mut out,
+        "canopy_delivery_latency_seconds",
+        "Time from a publish batch reaching the node to its deliveries being queued.",
+        &s.latency,
+    );
+    let _ = writeln!(out, "# HELP canopy_build_info Build and role of this node.");
+    let _ = writeln!(out, "# TYPE canopy_build_info gauge");
+    let _ = writeln!(
+        out,
+        "canopy_build_info{{version=\"{}\",role=\"{}\"}} 1",
+        escape(&s.status.version),
+        escape(&s.status.role)
+    );
+    out
+}
+
+/// Escapes a label value.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
