@@ -124,7 +124,7 @@ pub fn render(s: &Snapshot) -> String {
     histogram(
         &mut out,
         "canopy_delivery_latency_seconds",
-        "Time from a publish batch reaching the node to its deliveries being queued.",
+        "Time from a batch of publishes reaching the node task to its deliveries being queued.",
         &s.latency,
     );
     let _ = writeln!(out, "# HELP canopy_build_info Build and role of this node.");

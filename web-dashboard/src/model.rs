@@ -27,8 +27,8 @@ pub struct Snapshot {
     pub counters: Counters,
     /// Rates over the last snapshot period.
     pub rates: Rates,
-    /// Time from a publish batch reaching the node to its deliveries being
-    /// queued for subscribers.
+    /// Time from a batch of publishes reaching the node task to its
+    /// deliveries and acknowledgements being queued for the connections.
     pub latency: Histogram,
 }
 

@@ -167,13 +167,15 @@ async fn run_node(
             Some(_) => deadline.min(snapshot_next),
             None => deadline,
         };
-        let turn = Instant::now();
         let published = node.stats().published;
+        // When this turn's inputs arrived: the latency clock starts there.
+        let mut turn = None;
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             msg = inbox.recv_async() => {
-                let Ok(msg) = msg else { break };
+                                let Ok(msg) = msg else { break };
+                turn = Some(Instant::now());
                 let now = started.elapsed();
                 take(&mut node, &mut sessions, now, msg);
                 // Take what else is already waiting before draining, so one
@@ -191,7 +193,7 @@ async fn run_node(
         }
         drain(&mut node, &mut sessions, started.elapsed());
         if let Some(d) = &mut dashboard {
-            if node.stats().published != published {
+            if let Some(turn) = turn.filter(|_| node.stats().published != published) {
                 d.latency.observe(turn.elapsed().as_secs_f64());
             }
             if Instant::now() >= snapshot_next {

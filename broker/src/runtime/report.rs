@@ -124,9 +124,9 @@ impl Reporter {
         let mut topics: Vec<dash::TopicInfo> = topic_totals
             .iter()
             .map(|(topic, &(msgs, bytes))| {
-                let (m0, b0) = before
-                    .and_then(|t| t.get(topic).copied())
-                    .unwrap_or((msgs, bytes));
+                // A topic new since the previous snapshot counted from zero.
+                let (m0, b0) =
+                    before.map_or((msgs, bytes), |t| t.get(topic).copied().unwrap_or((0, 0)));
                 let per = |a: u64, b: u64| {
                     if elapsed > 0.0 {
                         a.saturating_sub(b) as f64 / elapsed
