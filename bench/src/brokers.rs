@@ -45,12 +45,12 @@ pub enum Broker {
 
 impl Broker {
     /// Starts (or names) the broker of `kind`.
-    pub fn start(kind: Kind, args: &crate::FanoutArgs) -> anyhow::Result<Broker> {
+    pub fn start(kind: Kind, args: &crate::FanoutArgs, dashboard: bool) -> anyhow::Result<Broker> {
         match (kind, &args.addr, &args.nats_addr) {
             (Kind::Canopy, Some(a), _) | (Kind::Nats, _, Some(a)) => {
                 Ok(Broker::External(a.clone()))
             }
-            (Kind::Canopy, None, _) => start_canopy(if args.dashboard {
+            (Kind::Canopy, None, _) => start_canopy(if dashboard {
                 "127.0.0.1:0".into()
             } else {
                 "off".into()

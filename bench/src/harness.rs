@@ -8,8 +8,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Runs the throughput and latency phases against a fresh broker of `kind`.
-pub async fn run(args: &FanoutArgs, subs: usize, kind: Kind) -> anyhow::Result<RunReport> {
-    let broker = Broker::start(kind, args)?;
+pub async fn run(
+    args: &FanoutArgs,
+    subs: usize,
+    kind: Kind,
+    dashboard: bool,
+) -> anyhow::Result<RunReport> {
+    let broker = Broker::start(kind, args, dashboard)?;
     let addr = broker.addr().to_owned();
     let viewer = broker
         .http()
@@ -134,6 +139,7 @@ pub async fn run(args: &FanoutArgs, subs: usize, kind: Kind) -> anyhow::Result<R
     drop(broker);
     Ok(summarise(
         kind.name(),
+        dashboard,
         args,
         subs,
         publish_elapsed,

@@ -46,6 +46,17 @@ pub enum Target {
     Both,
 }
 
+/// Whether Canopy runs with its dashboard open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DashboardMode {
+    /// HTTP off.
+    Off,
+    /// Dashboard open during every Canopy run.
+    On,
+    /// Each repetition runs Canopy closed, then open.
+    Both,
+}
+
 /// Arguments of `fanout`.
 #[derive(Parser, Clone, Debug)]
 pub struct FanoutArgs {
@@ -82,10 +93,11 @@ pub struct FanoutArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Canopy only: serve the dashboard and keep a live page stream and a
-    /// metrics scrape per second going during the run (its cost on the broker).
-    #[arg(long)]
-    pub dashboard: bool,
+    /// Canopy only: `on` serves the dashboard and keeps a live page stream
+    /// and a metrics scrape per second going during the run; `both` runs
+    /// Canopy with it closed and open, interleaved, to measure its cost.
+    #[arg(long, value_enum, default_value = "off")]
+    pub dashboard: DashboardMode,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
@@ -215,6 +227,7 @@ pub fn share(total: u64, pubs: usize, i: usize) -> u64 {
 #[allow(clippy::too_many_arguments)]
 pub fn summarise(
     broker: &'static str,
+    dashboard: bool,
     args: &FanoutArgs,
     subs: usize,
     publish_elapsed: Duration,
@@ -248,7 +261,7 @@ pub fn summarise(
             latency.value_at_quantile(0.999),
         ],
         latency_samples: latency.len(),
-        dashboard: broker == "canopy" && args.dashboard,
+        dashboard,
     }
 }
 
@@ -272,20 +285,32 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // Every configuration of one subscriber count runs once per
+    // repetition, interleaved, so that drift on a shared machine hits them
+    // alike; each reports the median of its repetitions.
+    let mut configs = Vec::new();
+    if matches!(args.broker, Target::Canopy | Target::Both) {
+        match args.dashboard {
+            DashboardMode::Off => configs.push((brokers::Kind::Canopy, false)),
+            DashboardMode::On => configs.push((brokers::Kind::Canopy, true)),
+            DashboardMode::Both => {
+                configs.push((brokers::Kind::Canopy, false));
+                configs.push((brokers::Kind::Canopy, true));
+            }
+        }
+    }
+    if matches!(args.broker, Target::Nats | Target::Both) {
+        configs.push((brokers::Kind::Nats, false));
+    }
     let mut results = Vec::new();
     for &subs in &args.subs {
-        if matches!(args.broker, Target::Canopy | Target::Both) {
-            let runs = (0..args.repeat)
-                .map(|_| clients.block_on(harness::run(&args, subs, brokers::Kind::Canopy)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            results.push(median(runs));
+        let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); configs.len()];
+        for _ in 0..args.repeat {
+            for (i, &(kind, dashboard)) in configs.iter().enumerate() {
+                runs[i].push(clients.block_on(harness::run(&args, subs, kind, dashboard))?);
+            }
         }
-        if matches!(args.broker, Target::Nats | Target::Both) {
-            let runs = (0..args.repeat)
-                .map(|_| clients.block_on(harness::run(&args, subs, brokers::Kind::Nats)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            results.push(median(runs));
-        }
+        results.extend(runs.into_iter().map(median));
         if !args.json {
             eprintln!("done: {subs} subscribers");
         }
