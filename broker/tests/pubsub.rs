@@ -123,12 +123,7 @@ async fn hundred_subscribers_see_one_complete_order_from_several_publishers() {
 async fn resumed_subscriber_misses_nothing_and_gets_nothing_twice() {
     let server = Server::start();
     let proxy = Proxy::start(&server.addr).await;
-    let sub_client = within(
-        "connect",
-        Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])),
-    )
-    .await
-    .expect("connect");
+    let sub_client = proxy.client().await;
     let mut sub = sub_client.subscribe("t.>").await.expect("subscribe");
     let publisher = server.client().await;
     for i in 0..50 {
@@ -176,12 +171,7 @@ async fn resumed_subscriber_misses_nothing_and_gets_nothing_twice() {
 async fn resume_beyond_retention_reports_a_gap_then_the_retained_rest() {
     let server = Server::with_config("[retention]\ncount_max = 10\n");
     let proxy = Proxy::start(&server.addr).await;
-    let sub_client = within(
-        "connect",
-        Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])),
-    )
-    .await
-    .expect("connect");
+    let sub_client = proxy.client().await;
     let mut sub = sub_client.subscribe("t.>").await.expect("subscribe");
     let publisher = server.client().await;
     publisher.publish("t.a", "0").await.expect("publish");
@@ -263,12 +253,7 @@ async fn sdk_publisher_failover_neither_loses_nor_duplicates() {
     let proxy = Proxy::start(&server.addr).await;
     let sub_client = server.client().await;
     let mut sub = sub_client.subscribe("f.>").await.expect("subscribe");
-    let publisher = within(
-        "connect",
-        Client::connect(canopy_client::ClientOptions::new([proxy.addr.clone()])),
-    )
-    .await
-    .expect("connect");
+    let publisher = proxy.client().await;
     let sending = tokio::spawn(async move {
         for i in 0..N {
             publisher.send("f.x", format!("{i}")).await.expect("send");

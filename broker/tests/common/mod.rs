@@ -200,6 +200,16 @@ impl Proxy {
         }
     }
 
+    /// An SDK client that reaches the server through this proxy.
+    pub async fn client(&self) -> Client {
+        within(
+            "client connect",
+            Client::connect(ClientOptions::new([self.addr.clone()])),
+        )
+        .await
+        .expect("client connects through the proxy")
+    }
+
     /// Breaks every connection open now and waits until they are closed,
     /// so that nothing sent after this call passes the proxy.
     pub async fn cut(&self) {
