@@ -174,7 +174,7 @@ async fn run_node(
             biased;
             _ = shutdown.changed() => break,
             msg = inbox.recv_async() => {
-                                let Ok(msg) = msg else { break };
+                let Ok(msg) = msg else { break };
                 turn = Some(Instant::now());
                 let now = started.elapsed();
                 take(&mut node, &mut sessions, now, msg);
