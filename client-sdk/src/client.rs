@@ -19,7 +19,7 @@
 use crate::error::Error;
 use crate::protocol::{
     self, ClientFrame, DeliverHead, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq,
-    PublishHead, PublisherId, Resume, Seq, ServerFrame, SlowPolicy, SubscribeHead, Welcome,
+    PublisherId, Resume, Seq, ServerFrame, SlowPolicy, SubscribeHead, Welcome,
 };
 use crate::topic::{Pattern, Topic};
 use bytes::Bytes;
@@ -753,11 +753,7 @@ impl Driver {
 }
 
 fn encode_publish(u: &Unacked) -> Bytes {
-    let head = PublishHead {
-        topic: u.topic.as_str().to_owned(),
-        pub_seq: u.pub_seq,
-    };
-    protocol::encode(protocol::kind::PUBLISH, &head, &u.payload)
+    protocol::encode_publish(u.topic.as_str(), u.pub_seq, &u.payload)
 }
 
 fn server_error(code: ErrorCode, message: String) -> Ended {

@@ -211,13 +211,59 @@ pub struct SubscribeHead {
     pub pattern: String,
 }
 
-/// Client to server: publish; the payload is the frame body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The head of a publish frame; the body holds `topic_len` bytes of topic
+/// (UTF-8), then the payload. The topic travels in the body, like a
+/// delivery's, so that neither side allocates a string per message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishHead {
-    /// The topic.
-    pub topic: String,
     /// This publisher's sequence number for the message.
     pub pub_seq: PubSeq,
+    /// Bytes of topic at the start of the body.
+    pub topic_len: u16,
+}
+
+/// Client to server: a decoded publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    /// This publisher's sequence number for the message.
+    pub pub_seq: PubSeq,
+    /// The topic, checked to be UTF-8 (not yet validated as a topic).
+    topic: Bytes,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+impl Publish {
+    /// A publish of `payload` to `topic`.
+    pub fn new(topic: &str, pub_seq: PubSeq, payload: Bytes) -> Self {
+        Publish {
+            pub_seq,
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            payload,
+        }
+    }
+
+    /// The topic as sent.
+    pub fn topic(&self) -> &str {
+        // Checked as UTF-8 when the frame was decoded or built.
+        std::str::from_utf8(&self.topic).unwrap_or("")
+    }
+}
+
+/// Encodes a publish frame (with its length prefix).
+///
+/// # Panics
+/// If `topic` is longer than 65,535 bytes; callers validate topics first
+/// ([`crate::topic::TOPIC_LEN_MAX`]).
+pub fn encode_publish(topic: &str, pub_seq: PubSeq, payload: &[u8]) -> Bytes {
+    let head = PublishHead {
+        pub_seq,
+        topic_len: u16::try_from(topic.len())
+            .expect("invariant: topics are validated to TOPIC_LEN_MAX"),
+    };
+    let mut buf = BytesMut::with_capacity(32 + topic.len() + payload.len());
+    encode_parts(&mut buf, kind::PUBLISH, &head, &[topic.as_bytes(), payload]);
+    buf.freeze()
 }
 
 /// Either way: ping or pong.
@@ -317,7 +363,7 @@ pub enum ClientFrame {
     /// Remove a subscription.
     Unsubscribe(SubscribeHead),
     /// Publish a message.
-    Publish(PublishHead, Bytes),
+    Publish(Publish),
     /// Liveness probe.
     Ping(PingHead),
     /// Answer to a server ping.
@@ -391,6 +437,11 @@ pub fn encode<H: Serialize>(kind: u8, head: &H, body: &[u8]) -> Bytes {
 
 /// Appends a frame with its 4-byte length prefix to `buf`.
 pub fn encode_into<H: Serialize>(buf: &mut BytesMut, kind: u8, head: &H, body: &[u8]) {
+    encode_parts(buf, kind, head, &[body]);
+}
+
+/// Appends a frame whose body is the concatenation of `body`.
+fn encode_parts<H: Serialize>(buf: &mut BytesMut, kind: u8, head: &H, body: &[&[u8]]) {
     let start = buf.len();
     buf.put_u32(0);
     buf.put_u8(kind);
@@ -398,7 +449,9 @@ pub fn encode_into<H: Serialize>(buf: &mut BytesMut, kind: u8, head: &H, body: &
     // and every head in this module is plain data.
     ciborium::into_writer(head, (&mut *buf).writer())
         .expect("invariant: protocol heads always serialize to memory");
-    buf.extend_from_slice(body);
+    for part in body {
+        buf.extend_from_slice(part);
+    }
     let len = u32::try_from(buf.len() - start - 4)
         .expect("invariant: frames are bounded far below 4 GiB by frame_len_max");
     buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -440,8 +493,23 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         kind::SUBSCRIBE => ClientFrame::Subscribe(no_body(k, split(k, &content)?)?),
         kind::UNSUBSCRIBE => ClientFrame::Unsubscribe(no_body(k, split(k, &content)?)?),
         kind::PUBLISH => {
-            let (head, body) = split(k, &content)?;
-            ClientFrame::Publish(head, body)
+            let (head, body): (PublishHead, Bytes) = split(k, &content)?;
+            let n = usize::from(head.topic_len);
+            let bad = |reason: &str| DecodeError::Malformed {
+                kind: k,
+                reason: reason.to_owned(),
+            };
+            if n > body.len() {
+                return Err(bad("topic_len runs past the body"));
+            }
+            if std::str::from_utf8(&body[..n]).is_err() {
+                return Err(bad("topic is not UTF-8"));
+            }
+            ClientFrame::Publish(Publish {
+                pub_seq: head.pub_seq,
+                topic: body.slice(..n),
+                payload: body.slice(n..),
+            })
         }
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
@@ -492,7 +560,7 @@ pub fn encode_client(frame: &ClientFrame) -> Bytes {
         ClientFrame::Hello(h) => encode(kind::HELLO, h, &[]),
         ClientFrame::Subscribe(h) => encode(kind::SUBSCRIBE, h, &[]),
         ClientFrame::Unsubscribe(h) => encode(kind::UNSUBSCRIBE, h, &[]),
-        ClientFrame::Publish(h, body) => encode(kind::PUBLISH, h, body),
+        ClientFrame::Publish(p) => encode_publish(p.topic(), p.pub_seq, &p.payload),
         ClientFrame::Ping(h) => encode(kind::PING, h, &[]),
         ClientFrame::Pong(h) => encode(kind::PONG, h, &[]),
     }
@@ -679,13 +747,11 @@ mod tests {
             ClientFrame::Unsubscribe(SubscribeHead {
                 pattern: "a.*".into(),
             }),
-            ClientFrame::Publish(
-                PublishHead {
-                    topic: "a.b".into(),
-                    pub_seq: PubSeq(3),
-                },
+            ClientFrame::Publish(Publish::new(
+                "a.b",
+                PubSeq(3),
                 Bytes::from_static(b"payload"),
-            ),
+            )),
             ClientFrame::Ping(PingHead { nonce: 1 }),
             ClientFrame::Pong(PingHead { nonce: 2 }),
         ];
@@ -748,6 +814,19 @@ mod tests {
         };
         assert!(matches!(
             decode_client(trailing),
+            Err(DecodeError::Malformed { .. })
+        ));
+        let mut past = encode_publish("a.b", PubSeq(1), b"").slice(4..).to_vec();
+        past.truncate(past.len() - 1);
+        assert!(matches!(
+            decode_client(Bytes::from(past)),
+            Err(DecodeError::Malformed { .. })
+        ));
+        let mut not_utf8 = encode_publish("ab", PubSeq(1), b"x").slice(4..).to_vec();
+        let at = not_utf8.len() - 3;
+        not_utf8[at] = 0xff;
+        assert!(matches!(
+            decode_client(Bytes::from(not_utf8)),
             Err(DecodeError::Malformed { .. })
         ));
     }

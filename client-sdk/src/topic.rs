@@ -64,11 +64,20 @@ impl Topic {
     /// # Errors
     /// [`TopicError`] naming what is wrong with `s`.
     pub fn new(s: &str) -> Result<Self, TopicError> {
+        Self::validate(s)?;
+        Ok(Topic(Arc::from(s)))
+    }
+
+    /// Checks that `s` is a valid topic without building one.
+    ///
+    /// # Errors
+    /// [`TopicError`] naming what is wrong with `s`.
+    pub fn validate(s: &str) -> Result<(), TopicError> {
         check_common(s)?;
-        if s.split('.').any(|t| t.contains('*') || t.contains('>')) {
+        if s.contains(['*', '>']) {
             return Err(TopicError::BadWildcard(s.to_owned()));
         }
-        Ok(Topic(Arc::from(s)))
+        Ok(())
     }
 
     /// The topic as text.

@@ -32,13 +32,15 @@ use super::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, PingHead, PubAck, PubSeq,
-    PublishHead, PublisherId, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead,
-    Welcome,
+    Publish, PublisherId, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
 };
 use canopy_client::topic::{Pattern, Topic};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Distinct topic texts kept for sharing at most.
+const TOPICS_INTERNED_MAX: usize = 65_536;
 
 /// Validated settings of a node.
 #[derive(Clone, Debug)]
@@ -179,6 +181,8 @@ pub struct Node {
     stats: Stats,
     journal: Journal,
     topics: TopicCounts,
+    /// Topic texts shared by every message on the topic.
+    topic_names: HashSet<Arc<str>>,
     /// The time of the latest input, for journal entries.
     now: Duration,
 }
@@ -244,6 +248,7 @@ impl Node {
             stats: Stats::default(),
             journal: Journal::default(),
             topics: TopicCounts::default(),
+            topic_names: HashSet::new(),
             now,
             config,
         }
@@ -581,7 +586,7 @@ impl Node {
             (F::Unsubscribe(SubscribeHead { pattern }), true) => {
                 self.on_unsubscribe(session, &pattern)
             }
-            (F::Publish(head, payload), true) => self.on_publish(session, head, payload),
+            (F::Publish(p), true) => self.on_publish(session, p),
             (F::Ping(p), true) => self.control(session, kind::PONG, &p),
             (F::Pong(PingHead { .. }), true) => {}
         }
@@ -751,13 +756,14 @@ impl Node {
         self.control(session, kind::UNSUBSCRIBED, &answer);
     }
 
-    fn on_publish(&mut self, session: SessionId, head: PublishHead, payload: Bytes) {
-        let topic = match Topic::new(&head.topic) {
-            Ok(t) => t,
-            Err(e) => {
-                return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string())
-            }
-        };
+    fn on_publish(&mut self, session: SessionId, publish: Publish) {
+        if let Err(e) = Topic::validate(publish.topic()) {
+            return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string());
+        }
+        let Publish {
+            pub_seq, payload, ..
+        } = &publish;
+        let (pub_seq, payload) = (*pub_seq, payload.clone());
         let Some(publisher) = self
             .sessions
             .get(&session)
@@ -768,7 +774,7 @@ impl Node {
         };
         let state = self.publishers.get(&publisher).copied();
         let ack = match state {
-            Some(p) if head.pub_seq <= p.last_pub_seq => {
+            Some(p) if pub_seq <= p.last_pub_seq => {
                 // A retry of something already ordered: acknowledge, do not
                 // order again (guarantee 2).
                 self.stats.duplicates += 1;
@@ -777,10 +783,10 @@ impl Node {
                     seq: p.last_seq,
                 }
             }
-            Some(p) if head.pub_seq.0 != p.last_pub_seq.0 + 1 => {
+            Some(p) if pub_seq.0 != p.last_pub_seq.0 + 1 => {
                 let msg = format!(
                     "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
-                    head.pub_seq.0, p.last_pub_seq.0
+                    pub_seq.0, p.last_pub_seq.0
                 );
                 return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
             }
@@ -788,16 +794,17 @@ impl Node {
                 self.head = self.head.next();
                 self.stats.published += 1;
                 self.stats.bytes_in += payload.len() as u64;
-                self.remember_publisher(publisher, head.pub_seq, self.head);
+                self.remember_publisher(publisher, pub_seq, self.head);
+                let topic = self.intern(publish.topic());
                 self.pending.push(Ordered {
                     seq: self.head,
-                    topic: topic.into_shared(),
+                    topic,
                     publisher,
-                    pub_seq: head.pub_seq,
+                    pub_seq,
                     payload,
                 });
                 PubAck {
-                    pub_seq: head.pub_seq,
+                    pub_seq,
                     seq: self.head,
                 }
             }
@@ -810,6 +817,20 @@ impl Node {
         if self.pending.len() >= self.config.batch_len_max {
             self.fan_out();
         }
+    }
+
+    /// The shared text of `topic`, allocated once per distinct topic while
+    /// fewer than `TOPICS_INTERNED_MAX` are known (then the set starts over).
+    fn intern(&mut self, topic: &str) -> Arc<str> {
+        if let Some(t) = self.topic_names.get(topic) {
+            return t.clone();
+        }
+        if self.topic_names.len() >= TOPICS_INTERNED_MAX {
+            self.topic_names.clear();
+        }
+        let t: Arc<str> = Arc::from(topic);
+        self.topic_names.insert(t.clone());
+        t
     }
 
     fn remember_publisher(&mut self, publisher: PublisherId, pub_seq: PubSeq, seq: Seq) {

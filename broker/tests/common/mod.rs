@@ -347,13 +347,11 @@ pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello 
 
 /// A publish frame.
 pub fn publish(topic: &str, pub_seq: u64, payload: &'static [u8]) -> ClientFrame {
-    ClientFrame::Publish(
-        protocol::PublishHead {
-            topic: topic.into(),
-            pub_seq: protocol::PubSeq(pub_seq),
-        },
+    ClientFrame::Publish(protocol::Publish::new(
+        topic,
+        protocol::PubSeq(pub_seq),
         Bytes::from_static(payload),
-    )
+    ))
 }
 
 /// Collects the next `n` messages of `sub`, failing on gaps.

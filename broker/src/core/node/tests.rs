@@ -21,13 +21,11 @@ fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
 }
 
 fn publish(topic: &str, pub_seq: u64) -> ClientFrame {
-    ClientFrame::Publish(
-        PublishHead {
-            topic: topic.into(),
-            pub_seq: PubSeq(pub_seq),
-        },
+    ClientFrame::Publish(Publish::new(
+        topic,
+        PubSeq(pub_seq),
         Bytes::from(format!("{topic}#{pub_seq}")),
-    )
+    ))
 }
 
 /// Opens a session and completes its handshake, discarding the Welcome.
