@@ -102,6 +102,7 @@ fn start_canopy(http: String) -> anyhow::Result<Broker> {
     let thread = std::thread::spawn(move || {
         let rt = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name("canopy-broker")
             .enable_all()
             .build()
         {
