@@ -22,6 +22,9 @@
 //! - Nothing a session receives is silently dropped: a session that cannot
 //!   keep up is either closed with `slow_consumer` or, if it chose
 //!   conflation, told the exact range it missed with a gap notice.
+//! - A resuming session is caught up from retention one frame at a time,
+//!   paced by its own queue, and gets live deliveries only once caught up,
+//!   so it sees every seq once and in order however far behind it was.
 //! - Every queue here is bounded: pending publishes by `batch_len_max`,
 //!   retention by count and bytes, subscriptions per session, publishers.
 
@@ -38,6 +41,9 @@ use canopy_client::topic::{Pattern, Topic};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long a catch-up that filled its session's queue waits to retry.
+const REPLAY_RETRY: Duration = Duration::from_millis(10);
 
 /// Distinct topic texts kept for sharing at most.
 const TOPICS_INTERNED_MAX: usize = 65_536;
@@ -96,6 +102,9 @@ pub enum TransmitKind {
     Gap,
     /// A watermark; harmless to drop, the next one supersedes it.
     Watermark,
+    /// A catch-up frame (messages or a gap notice) for a resuming session,
+    /// covering `seqs.0..=seqs.1`; a full queue only delays it.
+    Replay,
     /// Anything else (handshake, acks, subscription answers, pongs).
     Control,
 }
@@ -145,6 +154,11 @@ struct Session {
     opened_at: Duration,
     /// The last seq queued for it in a delivery (for its lag).
     sent_through: Seq,
+    /// While resuming: the last seq it has been sent from retention; live
+    /// deliveries wait until this reaches the head.
+    catch_up: Option<Seq>,
+    /// A catch-up frame did not fit its queue; wait for the retry tick.
+    replay_stalled: bool,
 }
 
 struct SessionHello {
@@ -174,6 +188,10 @@ pub struct Node {
     acks_due: Vec<SessionId>,
     /// Sessions awaiting their Hello, with the time it is due by, in order.
     hello_due: VecDeque<(Duration, SessionId)>,
+    /// Sessions with a catch-up in progress.
+    catching_up: Vec<SessionId>,
+    /// When stalled catch-ups are retried.
+    replay_retry: Option<Duration>,
     outputs: VecDeque<Output>,
     watermark_next: Duration,
     watermark_sent: Seq,
@@ -241,6 +259,8 @@ impl Node {
             pending: Vec::new(),
             acks_due: Vec::new(),
             hello_due: VecDeque::new(),
+            catching_up: Vec::new(),
+            replay_retry: None,
             outputs: VecDeque::new(),
             watermark_next: now + config.watermark_interval,
             watermark_sent: Seq(0),
@@ -314,6 +334,8 @@ impl Node {
                 drain: false,
                 opened_at: now,
                 sent_through: Seq(0),
+                catch_up: None,
+                replay_stalled: false,
             },
         );
         self.now = now;
@@ -372,6 +394,12 @@ impl Node {
         if s.closing {
             return;
         }
+        if kind == TransmitKind::Replay {
+            s.catch_up = Some(Seq(seqs.0 .0.saturating_sub(1)));
+            s.replay_stalled = true;
+            self.replay_retry.get_or_insert(now + REPLAY_RETRY);
+            return;
+        }
         let conflate = s
             .hello
             .as_ref()
@@ -413,13 +441,22 @@ impl Node {
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let hello = self.hello_due.front().map(|(t, _)| *t);
-        Some(hello.map_or(self.watermark_next, |h| h.min(self.watermark_next)))
+        let next = hello.map_or(self.watermark_next, |h| h.min(self.watermark_next));
+        Some(self.replay_retry.map_or(next, |r| r.min(next)))
     }
 
     /// Time has reached `now`: closes sessions that never said Hello and
     /// sends watermarks when they are due.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.now = now;
+        if self.replay_retry.is_some_and(|r| r <= now) {
+            self.replay_retry = None;
+            for id in &self.catching_up {
+                if let Some(s) = self.sessions.get_mut(id) {
+                    s.replay_stalled = false;
+                }
+            }
+        }
         while let Some(&(due, session)) = self.hello_due.front() {
             if due > now {
                 break;
@@ -490,6 +527,11 @@ impl Node {
                     let detail = format!("session {session} told of a gap {}..={}", seqs.0, seqs.1);
                     self.journal.record(self.now, EventKind::Gap, detail);
                 }
+                TransmitKind::Replay => {
+                    if let Some(s) = self.sessions.get_mut(session) {
+                        s.sent_through = seqs.1;
+                    }
+                }
                 TransmitKind::Watermark | TransmitKind::Control => {}
             }
         }
@@ -500,6 +542,11 @@ impl Node {
         loop {
             if self.outputs.is_empty() {
                 self.fan_out();
+            }
+            if self.outputs.is_empty() {
+                // Catch-up frames only when nothing else waits, one at a
+                // time, so a full queue is known before the next is built.
+                return self.next_catch_up();
             }
             let out = self.outputs.pop_front()?;
             match out {
@@ -516,6 +563,10 @@ impl Node {
                         if s.drain {
                             return Some(out);
                         }
+                        continue;
+                    }
+                    if s.catch_up.is_some() {
+                        // Held back: the catch-up sends it from retention.
                         continue;
                     }
                     if let Some((from, _)) = s.gap.take() {
@@ -536,7 +587,9 @@ impl Node {
                     // A watermark must not overtake a gap the session has
                     // not been told of yet: it would claim the gap was sent.
                     let pass = self.sessions.get(&session).is_some_and(|s| {
-                        let gap_first = kind == TransmitKind::Watermark && s.gap.is_some();
+                        // Nor may it claim what a catch-up has yet to send.
+                        let gap_first = kind == TransmitKind::Watermark
+                            && (s.gap.is_some() || s.catch_up.is_some());
                         if s.closing {
                             s.drain
                         } else {
@@ -652,54 +705,102 @@ impl Node {
                 slow: hello.slow,
             });
         }
-        if let Some(after) = resume_after {
-            self.replay(session, after);
+        if let Some(after) = resume_after.filter(|a| *a < self.head) {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.catch_up = Some(after);
+                self.catching_up.push(session);
+            }
         }
     }
 
-    /// Sends `session` what it missed after `after`: a gap notice for what
-    /// retention no longer holds, then the retained messages that match.
-    fn replay(&mut self, session: SessionId, after: Seq) {
-        if after >= self.head {
-            return;
-        }
-        let first_held = self.retention.first().unwrap_or(self.head.next());
-        if after.next() < first_held {
-            let gap = GapHead {
-                from: after.next(),
-                to: Seq(first_held.0 - 1),
-            };
-            self.outputs.push_back(Output::Transmit {
-                session,
-                frame: protocol::encode(kind::GAP, &gap, &[]),
-                kind: TransmitKind::Gap,
-                seqs: (gap.from, gap.to),
-            });
-        }
-        let Some(s) = self.sessions.get(&session) else {
-            return;
-        };
-        let mut builder = DeliverBuilder::default();
-        let mut first = Seq(0);
+    /// The next catch-up frame for a resuming session, if any is due.
+    ///
+    /// A resuming session is fed from retention one frame at a time, only
+    /// when nothing else is queued, while its live deliveries are held back
+    /// (they are in retention too). A frame that does not fit the session's
+    /// queue moves its cursor back and stalls it until the next retry tick,
+    /// so a client far behind is paced by its own queue instead of being
+    /// cut off as slow on every reconnect. When the cursor reaches the head,
+    /// the session goes live.
+    fn next_catch_up(&mut self) -> Option<Output> {
         let limits = FrameLimits::new(self.config.frame_len_max);
-        for m in self.retention.after(after) {
-            if !s.patterns.iter().any(|p| p.matches(&m.topic)) {
+        let mut i = 0;
+        while i < self.catching_up.len() {
+            let session = self.catching_up[i];
+            let Some(s) = self.sessions.get_mut(&session) else {
+                self.catching_up.swap_remove(i);
+                continue;
+            };
+            let Some(after) = s.catch_up.filter(|_| !s.closing) else {
+                self.catching_up.swap_remove(i);
+                continue;
+            };
+            if s.replay_stalled {
+                i += 1;
                 continue;
             }
-            if limits.full(&builder, m) {
-                let last = Seq(m.seq.0 - 1);
-                self.outputs
-                    .push_back(deliver(session, builder.finish(), first, last));
+            if after >= self.head {
+                s.catch_up = None;
+                self.catching_up.swap_remove(i);
+                continue;
             }
-            if builder.is_empty() {
-                first = m.seq;
+            let first_held = self.retention.first().unwrap_or(self.head.next());
+            if after.next() < first_held {
+                // Retention no longer holds where the client stopped: say so.
+                let gap = GapHead {
+                    from: after.next(),
+                    to: Seq(first_held.0 - 1),
+                };
+                s.catch_up = Some(gap.to);
+                self.stats.gaps += 1;
+                let detail = format!(
+                    "session {session} resumes past retention: gap {}..={}",
+                    gap.from, gap.to
+                );
+                self.journal.record(self.now, EventKind::Gap, detail);
+                return Some(Output::Transmit {
+                    session,
+                    frame: protocol::encode(kind::GAP, &gap, &[]),
+                    kind: TransmitKind::Replay,
+                    seqs: (gap.from, gap.to),
+                });
             }
-            builder.push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
+            let mut first = None;
+            let mut through = self.head;
+            for m in self.retention.after(after) {
+                if !s.patterns.iter().any(|p| p.matches(&m.topic)) {
+                    continue;
+                }
+                if limits.full(&self.fanout.builder, m) {
+                    through = Seq(m.seq.0 - 1);
+                    break;
+                }
+                first.get_or_insert(m.seq);
+                self.fanout
+                    .builder
+                    .push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
+            }
+            s.catch_up = Some(through);
+            if let Some(first) = first {
+                return Some(Output::Transmit {
+                    session,
+                    frame: self.fanout.builder.finish(),
+                    kind: TransmitKind::Replay,
+                    seqs: (first, through),
+                });
+            }
+            // Nothing matched up to the head: the session is live.
         }
-        if !builder.is_empty() {
-            self.outputs
-                .push_back(deliver(session, builder.finish(), first, self.head));
-        }
+        None
+    }
+
+    /// How far `session` has been sent everything it matches: the head,
+    /// or a catch-up's cursor (a client advances its position to this).
+    fn sent_head(&self, session: SessionId) -> Seq {
+        self.sessions
+            .get(&session)
+            .and_then(|s| s.catch_up)
+            .unwrap_or(self.head)
     }
 
     fn on_subscribe(&mut self, session: SessionId, text: &str) {
@@ -730,7 +831,7 @@ impl Node {
         }
         let answer = SubscribedHead {
             pattern: text.to_owned(),
-            head: self.head,
+            head: self.sent_head(session),
         };
         self.control(session, kind::SUBSCRIBED, &answer);
     }
@@ -751,7 +852,7 @@ impl Node {
         }
         let answer = SubscribedHead {
             pattern: text.to_owned(),
-            head: self.head,
+            head: self.sent_head(session),
         };
         self.control(session, kind::UNSUBSCRIBED, &answer);
     }

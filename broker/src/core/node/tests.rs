@@ -2,6 +2,7 @@
 
 use super::*;
 use canopy_client::protocol::{ClientFrame, Resume, ServerFrame};
+use std::collections::VecDeque;
 
 const T0: Duration = Duration::ZERO;
 
@@ -401,7 +402,10 @@ fn arbitrary_input_never_panics_and_deliveries_always_ascend() {
                 } => {
                     if (r >> 40).is_multiple_of(97) {
                         n.handle_queue_full(now, session, kind, seqs);
-                    } else if kind == TransmitKind::Deliver || kind == TransmitKind::Gap {
+                    } else if matches!(
+                        kind,
+                        TransmitKind::Deliver | TransmitKind::Gap | TransmitKind::Replay
+                    ) {
                         let last = last_seen.entry(session).or_insert(Seq(0));
                         assert!(
                             seqs.0 > *last,
@@ -496,4 +500,74 @@ fn forgetting_publishers_at_the_bound_keeps_the_most_recent() {
         n.publishers.contains_key(&PublisherId(40)),
         "the newest publisher is remembered"
     );
+}
+
+/// A client resuming far behind, whose queue holds only two frames, is fed
+/// in paced catch-up frames instead of being cut off; it gets every missed
+/// message once, in order, then the live stream, with nothing overtaking.
+#[test]
+fn a_catch_up_larger_than_the_queue_is_paced_not_cut_off() {
+    let mut n = Node::new(
+        T0,
+        NodeConfig {
+            frame_len_max: 4096, // a few messages per frame
+            stream: 5,
+            ..NodeConfig::default()
+        },
+    );
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    for i in 1..=200 {
+        n.handle_frame(T0, p, publish("t", i));
+    }
+    drain(&mut n);
+    let r = SessionId(2);
+    n.handle_open(T0, r);
+    let mut h = hello(2, &["t"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream: 5,
+            after: Seq(0),
+        });
+    }
+    n.handle_frame(T0, r, h);
+    let mut queue: VecDeque<ServerFrame> = VecDeque::new();
+    let mut got: Vec<u64> = Vec::new();
+    let mut now = T0;
+    let mut next_pub = 201;
+    for _round in 0..2000 {
+        while let Some(o) = n.poll_output() {
+            match o {
+                Output::Transmit {
+                    session,
+                    frame,
+                    kind,
+                    seqs,
+                } if session == r => {
+                    if queue.len() >= 2 {
+                        n.handle_queue_full(now, session, kind, seqs);
+                    } else {
+                        queue.push_back(decode(frame));
+                    }
+                }
+                Output::Close { session, .. } => {
+                    assert_ne!(session, r, "the resuming client was cut off")
+                }
+                _ => {}
+            }
+        }
+        // The client reads one frame per round; the stream goes on.
+        if let Some(ServerFrame::Deliver(head, _)) = queue.pop_front() {
+            got.extend(head.msgs.iter().map(|e| e.0 .0));
+        }
+        if next_pub <= 260 {
+            n.handle_frame(now, p, publish("t", next_pub));
+            next_pub += 1;
+        }
+        now += Duration::from_millis(10);
+        n.handle_timeout(now);
+        if got.len() == 260 {
+            break;
+        }
+    }
+    assert_eq!(got, (1..=260).collect::<Vec<u64>>());
 }
