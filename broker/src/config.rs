@@ -49,6 +49,8 @@ pub struct FileLimits {
     pub watermark_interval_ms: Option<u64>,
     /// Time a new connection has to send its Hello, milliseconds.
     pub handshake_timeout_ms: Option<u64>,
+    /// Time a silent connection is kept, milliseconds.
+    pub idle_timeout_ms: Option<u64>,
     /// Client connections held at most.
     pub connections_max: Option<usize>,
 }
@@ -186,6 +188,17 @@ impl FileConfig {
             3_600_000,
             "10 ms to 1 hour",
         )?;
+        let idle = self
+            .limits
+            .idle_timeout_ms
+            .unwrap_or(d.idle_timeout.as_millis() as u64);
+        range(
+            "limits.idle_timeout_ms",
+            idle as usize,
+            100,
+            86_400_000,
+            "100 ms to 1 day",
+        )?;
         let connections = self.limits.connections_max.unwrap_or(d.sessions_max);
         range(
             "limits.connections_max",
@@ -231,6 +244,7 @@ impl FileConfig {
                 batch_len_max: d.batch_len_max,
                 watermark_interval: Duration::from_millis(wm),
                 handshake_timeout: Duration::from_millis(handshake),
+                idle_timeout: Duration::from_millis(idle),
                 sessions_max: connections,
             },
         })

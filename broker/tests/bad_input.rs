@@ -214,3 +214,33 @@ async fn connections_over_the_limit_are_refused_and_the_rest_keep_working() {
     client.publish("ok.still", "x").await.expect("publish");
     assert_eq!(take_messages(&mut sub, 1).await[0].topic(), "ok.still");
 }
+
+/// A peer that goes silent (no frames, no pings) is closed, while a peer
+/// that pings stays connected across many idle periods.
+#[tokio::test]
+async fn silent_connections_are_closed_and_pinging_ones_stay() {
+    use canopy_client::protocol::PingHead;
+    let server =
+        Server::with_config("[limits]\nidle_timeout_ms = 1000\nwatermark_interval_ms = 50\n");
+    let mut pinging = Raw::connect(&server.addr).await;
+    pinging.hello(8, &[], SlowPolicy::Disconnect).await;
+    // Twenty-five pings 100 ms apart span two and a half idle periods,
+    // with a tenfold margin between the ping gap and the idle time.
+    let pings = tokio::spawn(async move {
+        for nonce in 0..25 {
+            pinging.send(ClientFrame::Ping(PingHead { nonce })).await;
+            match pinging.next().await {
+                Some(ServerFrame::Pong(p)) => assert_eq!(p.nonce, nonce),
+                other => panic!("expected Pong {nonce}, got {other:?}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let mut silent = Raw::connect(&server.addr).await;
+    silent.hello(9, &[], SlowPolicy::Disconnect).await;
+    let err = silent.expect_error_and_close().await;
+    assert_eq!(err.code, ErrorCode::IdleTimeout);
+    common::within("the pinging peer", pings)
+        .await
+        .expect("pinging peer stayed connected");
+}

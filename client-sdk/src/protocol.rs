@@ -105,6 +105,8 @@ pub enum ErrorCode {
     HandshakeRequired,
     /// No `Hello` arrived in time.
     HandshakeTimeout,
+    /// Nothing (not even a ping) arrived for the server's idle time.
+    IdleTimeout,
     /// The server holds as many connections as it may; try another.
     TooManyConnections,
     /// A second `Hello` on one connection.
@@ -136,6 +138,7 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
                 | ErrorCode::TooManyConnections
                 | ErrorCode::HandshakeTimeout
+                | ErrorCode::IdleTimeout
         )
     }
 }

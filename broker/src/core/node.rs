@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub watermark_interval: Duration,
     /// Time a new connection has to send its Hello.
     pub handshake_timeout: Duration,
+    /// A session silent this long (no frame, not even a ping) is closed.
+    pub idle_timeout: Duration,
     /// Connections held at most.
     pub sessions_max: usize,
 }
@@ -88,6 +90,7 @@ impl Default for NodeConfig {
             batch_len_max: 1024,
             watermark_interval: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
             sessions_max: 100_000,
         }
     }
@@ -159,6 +162,8 @@ struct Session {
     catch_up: Option<Seq>,
     /// A catch-up frame did not fit its queue; wait for the retry tick.
     replay_stalled: bool,
+    /// When it last sent a frame.
+    last_heard: Duration,
 }
 
 struct SessionHello {
@@ -336,6 +341,7 @@ impl Node {
                 sent_through: Seq(0),
                 catch_up: None,
                 replay_stalled: false,
+                last_heard: now,
             },
         );
         self.now = now;
@@ -476,6 +482,22 @@ impl Node {
         }
         self.watermark_next = now + self.config.watermark_interval;
         self.fan_out();
+        // Half-open connections (a peer that vanished without a FIN) are
+        // found here: clients ping well within the idle timeout.
+        let idle: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.hello.is_some()
+                    && !s.closing
+                    && now.saturating_sub(s.last_heard) > self.config.idle_timeout
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for session in idle {
+            let msg = format!("nothing heard for {:?}", self.config.idle_timeout);
+            self.close_with_error(session, ErrorCode::IdleTimeout, msg);
+        }
         // A conflating session that fell behind while the stream went quiet
         // hears of its gap now rather than at the next delivery.
         for (&session, s) in &mut self.sessions {
@@ -617,9 +639,11 @@ impl Node {
     ) {
         use protocol::ClientFrame as F;
         self.now = now;
-        let Some(s) = self.sessions.get(&session) else {
+        let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        s.last_heard = now;
+        let s = &*s;
         if s.closing {
             return;
         }
