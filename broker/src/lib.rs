@@ -6,3 +6,5 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod runtime;
+#[cfg(test)]
+pub mod sim;

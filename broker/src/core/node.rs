@@ -96,6 +96,17 @@ impl Default for NodeConfig {
     }
 }
 
+/// Deliberate protocol bugs for tests that prove the simulator's checkers
+/// catch them. Every flag is off in production; nothing outside tests sets
+/// them.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Bugs {
+    /// Order a publisher's retries again instead of deduplicating them.
+    pub order_retries: bool,
+    /// Let live deliveries overtake a resuming session's catch-up.
+    pub overtake_catch_up: bool,
+}
+
 /// What a transmit carries, which decides what a full queue means for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransmitKind {
@@ -206,6 +217,9 @@ pub struct Node {
     topics: TopicCounts,
     /// Topic texts shared by every message on the topic.
     topic_names: HashSet<Arc<str>>,
+    /// Deliberate protocol bugs, off unless a test proving a checker turns
+    /// one on.
+    pub(crate) bugs: Bugs,
     /// The time of the latest input, for journal entries.
     now: Duration,
 }
@@ -274,6 +288,7 @@ impl Node {
             journal: Journal::default(),
             topics: TopicCounts::default(),
             topic_names: HashSet::new(),
+            bugs: Bugs::default(),
             now,
             config,
         }
@@ -587,7 +602,7 @@ impl Node {
                         }
                         continue;
                     }
-                    if s.catch_up.is_some() {
+                    if s.catch_up.is_some() && !self.bugs.overtake_catch_up {
                         // Held back: the catch-up sends it from retention.
                         continue;
                     }
@@ -899,7 +914,7 @@ impl Node {
         };
         let state = self.publishers.get(&publisher).copied();
         let ack = match state {
-            Some(p) if pub_seq <= p.last_pub_seq => {
+            Some(p) if pub_seq <= p.last_pub_seq && !self.bugs.order_retries => {
                 // A retry of something already ordered: acknowledge, do not
                 // order again (guarantee 2).
                 self.stats.duplicates += 1;
@@ -908,7 +923,7 @@ impl Node {
                     seq: p.last_seq,
                 }
             }
-            Some(p) if pub_seq.0 != p.last_pub_seq.0 + 1 => {
+            Some(p) if pub_seq.0 > p.last_pub_seq.0 + 1 => {
                 let msg = format!(
                     "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
                     pub_seq.0, p.last_pub_seq.0

@@ -1,0 +1,424 @@
+//! One simulated run: a node, model clients, connections, faults.
+
+use super::checker::{Checker, Violation};
+use super::client::{After, Client};
+use super::Rng;
+use crate::core::{Node, NodeConfig, Output, SessionId};
+use bytes::Bytes;
+use canopy_client::protocol::{self, SlowPolicy};
+use canopy_client::topic::Pattern;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+const TOPICS: [&str; 5] = ["a.x", "a.y", "b.x", "c", "a.x.z"];
+const PATTERNS: [&str; 7] = [">", "a.>", "a.*", "b.x", "*.x", "c", "a.x"];
+/// Publishes a client keeps in flight at most.
+const WINDOW: usize = 16;
+/// Steps in the faulty phase.
+const FAULT_STEPS: u64 = 3000;
+/// Steps allowed for convergence after faults stop.
+const SETTLE_STEPS: u64 = 200_000;
+
+/// What a run did, and a fingerprint of everything the clients saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Publishes created.
+    pub published: u64,
+    /// Connections broken by the simulator.
+    pub breaks: u64,
+    /// Sessions the node closed (slow consumers, idle, ...).
+    pub closes: u64,
+    /// Gap notices clients received.
+    pub gaps: u64,
+    /// Deliveries clients made.
+    pub delivered: u64,
+    /// A hash of every client's deliveries and gaps, for determinism.
+    pub fingerprint: u64,
+}
+
+struct Conn {
+    client: usize,
+    session: SessionId,
+    to_node: VecDeque<(Duration, Bytes)>,
+    to_client: VecDeque<(Duration, Bytes)>,
+    /// The node closed the session: the client sees the close once
+    /// `to_client` is drained.
+    closed_by_node: bool,
+    dead: bool,
+    sent: u64,
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    now: Duration,
+    node: Node,
+    clients: Vec<Client>,
+    conns: Vec<Conn>,
+    by_session: HashMap<SessionId, usize>,
+    checker: Checker,
+    queue_max: usize,
+    delay_max_ms: u64,
+    next_session: u64,
+    stalled_until: Vec<Duration>,
+    reconnect_at: Vec<Option<Duration>>,
+    out: Outcome,
+}
+
+/// Runs seed `seed` to the end.
+///
+/// # Errors
+/// The first broken guarantee, naming the seed.
+pub fn run(seed: u64) -> Result<Outcome, Violation> {
+    run_with(seed, crate::core::node::Bugs::default())
+}
+
+/// Runs seed `seed` against a node with deliberate `bugs`.
+///
+/// # Errors
+/// As [`run`].
+pub(crate) fn run_with(seed: u64, bugs: crate::core::node::Bugs) -> Result<Outcome, Violation> {
+    let mut rng = Rng::new(seed);
+    let config = NodeConfig {
+        name: "sim".into(),
+        stream: 7,
+        frame_len_max: 4096 << rng.below(4),
+        retention_count_max: 8 + rng.below(300) as usize,
+        watermark_interval: Duration::from_millis(10 + rng.below(200)),
+        idle_timeout: Duration::from_secs(3600),
+        ..NodeConfig::default()
+    };
+    // The last client is an observer: subscribed to everything, never
+    // broken, stalled or bounded, it learns every ordered message's seq, so
+    // the checker can tell whether another client's gap covers a message.
+    let n = 3 + rng.below(7) as usize;
+    let observer = n - 1;
+    let mut clients: Vec<Client> = (0..observer)
+        .map(|id| {
+            let patterns = (0..1 + rng.below(2))
+                .map(|_| PATTERNS[rng.below(PATTERNS.len() as u64) as usize].to_owned())
+                .collect();
+            let slow = if rng.percent(25) {
+                SlowPolicy::Conflate
+            } else {
+                SlowPolicy::Disconnect
+            };
+            Client::new(id, patterns, slow)
+        })
+        .collect();
+    clients.push(Client::new(
+        observer,
+        vec![">".into()],
+        SlowPolicy::Disconnect,
+    ));
+    let mut w = World {
+        seed,
+        queue_max: 2 + rng.below(30) as usize,
+        delay_max_ms: 1 + rng.below(20),
+        rng,
+        now: Duration::ZERO,
+        node: {
+            let mut node = Node::new(Duration::ZERO, config);
+            node.bugs = bugs;
+            node
+        },
+        by_session: HashMap::new(),
+        checker: Checker::new(n),
+        clients,
+        conns: Vec::new(),
+        next_session: 1,
+        stalled_until: vec![Duration::ZERO; n],
+        reconnect_at: vec![None; n],
+        out: Outcome::default(),
+    };
+    w.play().map_err(|Violation(v)| {
+        Violation(format!(
+            "seed {seed}: {v}\n  replay: CANOPY_SIM_SEED={seed} cargo test -p canopy-broker sim::tests::replay -- --nocapture"
+        ))
+    })?;
+    w.out.fingerprint = w.fingerprint();
+    Ok(w.out)
+}
+
+impl World {
+    fn play(&mut self) -> Result<(), Violation> {
+        for c in 0..self.clients.len() {
+            self.connect(c);
+        }
+        // Everyone joins before anything is published, so that every
+        // acknowledged message is one each client should see.
+        self.settle(|w| w.clients.iter().all(|c| c.welcomed), "initial joins")?;
+        for _ in 0..FAULT_STEPS {
+            self.fault_step()?;
+        }
+        self.stalled_until
+            .iter_mut()
+            .for_each(|t| *t = Duration::ZERO);
+        self.settle(
+            |w| {
+                w.clients
+                    .iter()
+                    .all(|c| c.conn.is_some() && c.unacked.is_empty())
+                    && w.conns
+                        .iter()
+                        .all(|c| c.dead || (c.to_node.is_empty() && c.to_client.is_empty()))
+            },
+            "convergence after faults",
+        )?;
+        // A few watermark periods more, then nothing may be missing.
+        let until = self.now + Duration::from_secs(1);
+        while self.now < until {
+            self.tick(Duration::from_millis(10))?;
+            self.deliver_due()?;
+        }
+        let patterns: Vec<Vec<Pattern>> = self
+            .clients
+            .iter()
+            .map(|c| {
+                c.patterns
+                    .iter()
+                    .filter_map(|p| Pattern::new(p).ok())
+                    .collect()
+            })
+            .collect();
+        self.checker.check_complete(&patterns)
+    }
+
+    fn fault_step(&mut self) -> Result<(), Violation> {
+        let r = self.rng.below(100);
+        let c = self.rng.below(self.clients.len() as u64) as usize;
+        match r {
+            0..=29 => {
+                if self.clients[c].unacked.len() < WINDOW {
+                    let topic = TOPICS[self.rng.below(TOPICS.len() as u64) as usize];
+                    let frame = self.clients[c].publish(topic, &mut self.checker);
+                    self.out.published += 1;
+                    // Like the SDK, a client sends new publishes only once
+                    // welcomed: the Welcome's resend of older ones goes first.
+                    if let Some(conn) = self.clients[c].conn.filter(|_| self.clients[c].welcomed) {
+                        self.send_to_node(conn, frame);
+                    }
+                }
+            }
+            30..=32 => {
+                if let Some(conn) = self.clients[c].conn.filter(|_| c != self.observer()) {
+                    self.out.breaks += 1;
+                    self.break_conn(conn);
+                }
+            }
+            33..=35 if c != self.observer() => {
+                let ms = 20 + self.rng.below(400);
+                self.stalled_until[c] = self.now + Duration::from_millis(ms);
+            }
+            36..=69 => self.deliver_due()?,
+            _ => {
+                let ms = 1 + self.rng.below(15);
+                self.tick(Duration::from_millis(ms))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs without faults or new publishes until `done` holds.
+    fn settle(&mut self, done: impl Fn(&World) -> bool, what: &str) -> Result<(), Violation> {
+        for _ in 0..SETTLE_STEPS {
+            if done(self) {
+                return Ok(());
+            }
+            self.deliver_due()?;
+            self.tick(Duration::from_millis(5))?;
+        }
+        Err(Violation(format!(
+            "no {what} within {SETTLE_STEPS} steps (liveness)"
+        )))
+    }
+
+    fn observer(&self) -> usize {
+        self.clients.len() - 1
+    }
+
+    fn connect(&mut self, c: usize) {
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        self.conns.push(Conn {
+            client: c,
+            session,
+            to_node: VecDeque::new(),
+            to_client: VecDeque::new(),
+            closed_by_node: false,
+            dead: false,
+            sent: 0,
+        });
+        let conn = self.conns.len() - 1;
+        self.by_session.insert(session, conn);
+        self.clients[c].conn = Some(conn);
+        self.clients[c].welcomed = false;
+        self.clients[c].resend_acked = self.rng.percent(50);
+        self.node.handle_open(self.now, session);
+        self.drain_node();
+        let hello = self.clients[c].hello();
+        self.send_to_node(conn, hello);
+    }
+
+    /// A deterministic delay for the next frame on `conn`, whatever order
+    /// the node emitted outputs for different sessions in.
+    fn due(&mut self, conn: usize, to_client: bool) -> Duration {
+        let c = &mut self.conns[conn];
+        c.sent += 1;
+        let mut h = DefaultHasher::new();
+        (self.seed, conn, c.sent, to_client).hash(&mut h);
+        let at = self.now + Duration::from_millis(h.finish() % (self.delay_max_ms + 1));
+        let queue = if to_client { &c.to_client } else { &c.to_node };
+        queue.back().map_or(at, |(last, _)| at.max(*last))
+    }
+
+    fn send_to_node(&mut self, conn: usize, frame: Bytes) {
+        if self.conns[conn].dead || self.conns[conn].closed_by_node {
+            return;
+        }
+        let at = self.due(conn, false);
+        // Frames travel as the codec delivers them: without the length prefix.
+        self.conns[conn].to_node.push_back((at, frame.slice(4..)));
+    }
+
+    fn break_conn(&mut self, conn: usize) {
+        let c = &mut self.conns[conn];
+        if c.dead {
+            return;
+        }
+        c.dead = true;
+        c.to_node.clear();
+        c.to_client.clear();
+        let (client, session) = (c.client, c.session);
+        self.node.handle_closed(self.now, session);
+        self.drain_node();
+        self.clients[client].conn = None;
+        let ms = 1 + self.rng.below(100);
+        self.reconnect_at[client] = Some(self.now + Duration::from_millis(ms));
+    }
+
+    fn drain_node(&mut self) {
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Transmit {
+                    session,
+                    frame,
+                    kind,
+                    seqs,
+                } => {
+                    let Some(&conn) = self.by_session.get(&session) else {
+                        continue;
+                    };
+                    if self.conns[conn].dead {
+                        continue;
+                    }
+                    let bounded = self.conns[conn].client != self.observer();
+                    if bounded && self.conns[conn].to_client.len() >= self.queue_max {
+                        self.node.handle_queue_full(self.now, session, kind, seqs);
+                    } else {
+                        let at = self.due(conn, true);
+                        self.conns[conn].to_client.push_back((at, frame.slice(4..)));
+                    }
+                }
+                Output::Close {
+                    session,
+                    frame,
+                    drain,
+                } => {
+                    let Some(&conn) = self.by_session.get(&session) else {
+                        continue;
+                    };
+                    self.out.closes += 1;
+                    let c = &mut self.conns[conn];
+                    if !drain {
+                        c.to_client.clear();
+                    }
+                    if let Some(f) = frame {
+                        let at = self.now;
+                        c.to_client.push_back((at, f.slice(4..)));
+                    }
+                    c.closed_by_node = true;
+                    c.to_node.clear();
+                }
+            }
+        }
+    }
+
+    /// Moves every frame whose time has come, in time order per connection.
+    fn deliver_due(&mut self) -> Result<(), Violation> {
+        for conn in 0..self.conns.len() {
+            while let Some((at, _)) = self.conns[conn].to_node.front() {
+                if *at > self.now || self.conns[conn].dead {
+                    break;
+                }
+                let Some((_, content)) = self.conns[conn].to_node.pop_front() else {
+                    break;
+                };
+                let session = self.conns[conn].session;
+                match protocol::decode_client(content) {
+                    Ok(frame) => self.node.handle_frame(self.now, session, frame),
+                    Err(e) => {
+                        return Err(Violation(format!("the model client sent a bad frame: {e}")))
+                    }
+                }
+                self.drain_node();
+            }
+            let client = self.conns[conn].client;
+            while let Some((at, _)) = self.conns[conn].to_client.front() {
+                if *at > self.now || self.conns[conn].dead || self.stalled_until[client] > self.now
+                {
+                    break;
+                }
+                let Some((_, content)) = self.conns[conn].to_client.pop_front() else {
+                    break;
+                };
+                let before = self.checker.seen(client).gaps.len();
+                let mut replies = Vec::new();
+                let after =
+                    self.clients[client].on_frame(content, &mut self.checker, &mut replies)?;
+                self.out.gaps += (self.checker.seen(client).gaps.len() - before) as u64;
+                for r in replies {
+                    self.send_to_node(conn, r);
+                }
+                if after == After::Reconnect {
+                    self.break_conn(conn);
+                    break;
+                }
+            }
+            let c = &self.conns[conn];
+            if c.closed_by_node && !c.dead && c.to_client.is_empty() {
+                // The client read the last frame and then the close.
+                self.break_conn(conn);
+            }
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, by: Duration) -> Result<(), Violation> {
+        self.now += by;
+        if self.node.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.node.handle_timeout(self.now);
+            self.drain_node();
+        }
+        for c in 0..self.clients.len() {
+            if self.reconnect_at[c].is_some_and(|t| t <= self.now) && self.clients[c].conn.is_none()
+            {
+                self.reconnect_at[c] = None;
+                self.connect(c);
+            }
+        }
+        Ok(())
+    }
+
+    fn fingerprint(&mut self) -> u64 {
+        let mut h = DefaultHasher::new();
+        for c in 0..self.clients.len() {
+            let seen = self.checker.seen(c);
+            self.out.delivered += seen.delivered.len() as u64;
+            seen.delivered.hash(&mut h);
+            seen.gaps.hash(&mut h);
+        }
+        h.finish()
+    }
+}
