@@ -44,16 +44,15 @@ fn one_seed_replays_bit_for_bit() {
     }
 }
 
-/// `CANOPY_SIM_SEED=N cargo test -p canopy-broker sim::tests::replay -- --nocapture`
+/// `CANOPY_SIM_SEED=N cargo test -p canopy-broker --lib sim::tests::replay -- --ignored --nocapture`
 /// replays one seed and prints what it did.
 #[test]
+#[ignore = "a tool: replays the seed in CANOPY_SIM_SEED"]
 fn replay() {
-    let Some(seed) = std::env::var("CANOPY_SIM_SEED")
+    let seed: u64 = std::env::var("CANOPY_SIM_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-    else {
-        return;
-    };
+        .expect("set CANOPY_SIM_SEED to the seed to replay");
     match run(seed) {
         Ok(o) => println!("seed {seed}: {o:?}"),
         Err(v) => panic!("{}", v.0),

@@ -134,7 +134,7 @@ pub(crate) fn run_with(seed: u64, bugs: crate::core::node::Bugs) -> Result<Outco
     };
     w.play().map_err(|Violation(v)| {
         Violation(format!(
-            "seed {seed}: {v}\n  replay: CANOPY_SIM_SEED={seed} cargo test -p canopy-broker sim::tests::replay -- --nocapture"
+            "seed {seed}: {v}\n  replay: CANOPY_SIM_SEED={seed} cargo test -p canopy-broker --lib sim::tests::replay -- --ignored --nocapture"
         ))
     })?;
     w.out.fingerprint = w.fingerprint();
