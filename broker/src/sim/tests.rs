@@ -112,19 +112,6 @@ fn the_checker_catches_a_silently_lost_acknowledged_message() {
         .expect("a reported gap is not silent loss");
 }
 
-/// A deliberately broken node (one that reuses a seq) is caught by a run.
-#[test]
-fn a_run_against_a_broken_order_is_caught() {
-    let mut c = Checker::new(2);
-    let a = msg(&mut c, 1, 1);
-    let b = msg(&mut c, 1, 2);
-    // Two members see the same seqs carrying different messages.
-    c.delivered(0, Seq(1), a.0, a.1, "t", b"1:1").expect("fine");
-    c.delivered(0, Seq(2), b.0, b.1, "t", b"1:2").expect("fine");
-    c.delivered(1, Seq(2), a.0, a.1, "t", b"1:1")
-        .expect_err("reused seq");
-}
-
 /// The first seed (of the first 300) on which a node with `bugs` breaks a
 /// guarantee, with what broke.
 fn first_failure(bugs: crate::core::node::Bugs) -> Option<(u64, String)> {
