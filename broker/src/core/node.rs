@@ -554,11 +554,9 @@ impl Node {
         {
             self.stats.bytes_out += frame.len() as u64;
             match kind {
-                TransmitKind::Deliver => {
-                    if let Some(s) = self.sessions.get_mut(session) {
-                        s.sent_through = seqs.1;
-                    }
-                }
+                // Deliveries record `sent_through` in `next_output`, where
+                // the session is at hand already.
+                TransmitKind::Deliver => {}
                 TransmitKind::Gap => {
                     self.stats.gaps += 1;
                     let detail = format!("session {session} told of a gap {}..={}", seqs.0, seqs.1);
@@ -606,6 +604,7 @@ impl Node {
                         // Held back: the catch-up sends it from retention.
                         continue;
                     }
+                    s.sent_through = seqs.1;
                     if let Some((from, _)) = s.gap.take() {
                         // A conflating session missed something: this batch
                         // joins the gap, and the notice goes in its place so
