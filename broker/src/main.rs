@@ -158,9 +158,13 @@ async fn serve(
     if let Some(http) = server.http_addr() {
         println!("canopy dashboard on http://{http}/");
     }
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    // Ctrl-C, or SIGTERM from a service manager: tell clients and stop.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     eprintln!("canopy: shutting down");
     server.shutdown().await;
     Ok(())
