@@ -42,6 +42,19 @@ fn join(n: &mut Node, id: u64, subs: &[&str], slow: SlowPolicy) -> SessionId {
     s
 }
 
+/// Opens session `id` resuming `after` on `stream` with `subs`; the
+/// outputs stay queued for the caller to drain.
+fn resume(n: &mut Node, id: u64, subs: &[&str], stream: u64, after: Seq) -> SessionId {
+    let s = SessionId(id);
+    n.handle_open(T0, s);
+    let mut h = hello(id, subs, SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume { stream, after });
+    }
+    n.handle_frame(T0, s, h);
+    s
+}
+
 /// Drains outputs as decoded frames; a Close becomes its error frame.
 fn drain(n: &mut Node) -> Vec<(SessionId, ServerFrame)> {
     let mut v = Vec::new();
@@ -249,16 +262,7 @@ fn resume_replays_matching_retained_messages_after_a_gap_notice() {
         n.handle_frame(T0, p, publish(if i % 2 == 0 { "even" } else { "odd" }, i));
     }
     drain(&mut n);
-    let r = SessionId(2);
-    n.handle_open(T0, r);
-    let mut h = hello(2, &["even"], SlowPolicy::Disconnect);
-    if let ClientFrame::Hello(h) = &mut h {
-        h.resume = Some(Resume {
-            stream: 9,
-            after: Seq(2),
-        });
-    }
-    n.handle_frame(T0, r, h);
+    let r = resume(&mut n, 2, &["even"], 9, Seq(2));
     let out = drain(&mut n);
     assert!(matches!(out[0].1, ServerFrame::Welcome(_)));
     assert_eq!(
@@ -277,16 +281,7 @@ fn a_resume_from_another_stream_replays_nothing() {
     let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
     n.handle_frame(T0, p, publish("x", 1));
     drain(&mut n);
-    let r = SessionId(2);
-    n.handle_open(T0, r);
-    let mut h = hello(2, &[">"], SlowPolicy::Disconnect);
-    if let ClientFrame::Hello(h) = &mut h {
-        h.resume = Some(Resume {
-            stream: 12345,
-            after: Seq(0),
-        });
-    }
-    n.handle_frame(T0, r, h);
+    let r = resume(&mut n, 2, &[">"], 12345, Seq(0));
     let out = drain(&mut n);
     assert_eq!(out.len(), 1, "only the Welcome: {out:?}");
 }
@@ -520,16 +515,7 @@ fn a_catch_up_larger_than_the_queue_is_paced_not_cut_off() {
         n.handle_frame(T0, p, publish("t", i));
     }
     drain(&mut n);
-    let r = SessionId(2);
-    n.handle_open(T0, r);
-    let mut h = hello(2, &["t"], SlowPolicy::Disconnect);
-    if let ClientFrame::Hello(h) = &mut h {
-        h.resume = Some(Resume {
-            stream: 5,
-            after: Seq(0),
-        });
-    }
-    n.handle_frame(T0, r, h);
+    let r = resume(&mut n, 2, &["t"], 5, Seq(0));
     let mut queue: VecDeque<ServerFrame> = VecDeque::new();
     let mut got: Vec<u64> = Vec::new();
     let mut now = T0;
