@@ -166,35 +166,26 @@ impl FileConfig {
             1 << 24,
             "1 to 16777216",
         )?;
-        let wm = self
-            .limits
-            .watermark_interval_ms
-            .unwrap_or(d.watermark_interval.as_millis() as u64);
-        range(
+        let wm = millis(
             "limits.watermark_interval_ms",
-            wm as usize,
+            self.limits.watermark_interval_ms,
+            d.watermark_interval,
             10,
             3_600_000,
             "10 ms to 1 hour",
         )?;
-        let handshake = self
-            .limits
-            .handshake_timeout_ms
-            .unwrap_or(d.handshake_timeout.as_millis() as u64);
-        range(
+        let handshake = millis(
             "limits.handshake_timeout_ms",
-            handshake as usize,
+            self.limits.handshake_timeout_ms,
+            d.handshake_timeout,
             10,
             3_600_000,
             "10 ms to 1 hour",
         )?;
-        let idle = self
-            .limits
-            .idle_timeout_ms
-            .unwrap_or(d.idle_timeout.as_millis() as u64);
-        range(
+        let idle = millis(
             "limits.idle_timeout_ms",
-            idle as usize,
+            self.limits.idle_timeout_ms,
+            d.idle_timeout,
             100,
             86_400_000,
             "100 ms to 1 day",
@@ -242,11 +233,32 @@ impl FileConfig {
                 subscriptions_per_session_max: subs,
                 publishers_max: publishers,
                 batch_len_max: d.batch_len_max,
-                watermark_interval: Duration::from_millis(wm),
-                handshake_timeout: Duration::from_millis(handshake),
-                idle_timeout: Duration::from_millis(idle),
+                watermark_interval: wm,
+                handshake_timeout: handshake,
+                idle_timeout: idle,
                 sessions_max: connections,
             },
+        })
+    }
+}
+
+/// A duration set in milliseconds: `value`, or `default`, within `min..=max` ms.
+fn millis(
+    key: &'static str,
+    value: Option<u64>,
+    default: Duration,
+    min: u64,
+    max: u64,
+    why: &'static str,
+) -> Result<Duration, ConfigError> {
+    let ms = value.unwrap_or(default.as_millis() as u64);
+    if (min..=max).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(ConfigError::Range {
+            key,
+            value: ms.to_string(),
+            why,
         })
     }
 }
