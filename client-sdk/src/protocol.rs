@@ -125,6 +125,12 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A frame the client must never send (a server-to-client kind).
     UnexpectedKind,
+    /// This server is not in the primary component of the core (it is
+    /// cut off from a majority, or still joining): move to another server.
+    NotPrimary,
+    /// The server holds as many unordered publishes as it may; reconnect
+    /// and retry (the unacknowledged publishes are sent again).
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -139,6 +145,8 @@ impl ErrorCode {
                 | ErrorCode::TooManyConnections
                 | ErrorCode::HandshakeTimeout
                 | ErrorCode::IdleTimeout
+                | ErrorCode::NotPrimary
+                | ErrorCode::Overloaded
         )
     }
 }

@@ -21,6 +21,7 @@
 //! - **watermark**: "everything matching up to seq N has been sent to you".
 //! - **gap**: a range of seqs a client may have missed, always reported.
 
+pub mod group;
 pub mod index;
 pub mod node;
 pub mod report;

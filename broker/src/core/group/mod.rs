@@ -1,0 +1,575 @@
+//! The core tier's ordered group: MBRSHIP (views, failure detection, the
+//! flush, joins) and TOTAL (a sequencer, stability) for one core server.
+//!
+//! A [`Group`] turns the publishes its server submits into one total order
+//! agreed by every server of the primary view, and hands back the stable
+//! messages and the views as a stream of [`Event`]s that is the same at
+//! every member: the "group below" of DESIGN.md's layer stack.
+//!
+//! # Protocol in brief
+//! - **TOTAL.** A view's coordinator (its lowest-numbered proposer) is the
+//!   sequencer. Members forward publishes with `Submit`; the sequencer gives
+//!   them the next seqs and sends `Order` to every member; members answer
+//!   with cumulative `Ack`s; a seq held by every member is **stable**, and
+//!   only stable messages are delivered (DESIGN.md guarantee 5). Seqs
+//!   continue across views. Retries are deduplicated by the sequencer's
+//!   publisher table, which every member keeps too.
+//! - **MBRSHIP.** Every server heartbeats every other configured server.
+//!   A member not heard for `failure_timeout` is suspected; a broken link
+//!   is a hint confirmed after the shorter `link_confirm` of silence. A
+//!   server that is not in the view (restarted, or excluded) is a joiner.
+//!   The lowest-numbered live member then proposes a view (`FlushReq`);
+//!   members promise it, stop ordering and report what they hold beyond
+//!   their delivered seq (`FlushOk`). With every proposed member's answer,
+//!   and a majority of the configured core among them, the proposer
+//!   installs the view: the newest old view reported is the authority, the
+//!   messages its members hold are delivered everywhere up to the highest
+//!   of them (`NewView`), so every member that moves from V to V' delivered
+//!   the same messages in V (guarantee 4). Members that hold no usable state
+//!   (joiners, stale servers) get a `Snapshot` from the new coordinator.
+//! - **Primary component.** A view is installed only with the promises of a
+//!   majority of the *configured* core servers. Any two majorities share a
+//!   server, and a server promises only increasing proposals, so two views
+//!   can never both go on (guarantee 7). DESIGN.md words the rule as "a
+//!   majority of the previous view"; the configured majority is the form of
+//!   it that stays safe when view changes overlap (a view half installed
+//!   can otherwise count as "previous" for two successors). A server that
+//!   cannot reach a majority orders nothing, tells its clients
+//!   (`Event::NotPrimary`), and rejoins when it hears the primary.
+//! - **Rejoin.** A server that learns of a view newer than its own that it
+//!   did not install starts over as a new incarnation and joins again.
+//!
+//! # Driving it
+//! Inputs: [`Group::handle_peer`], [`Group::handle_link_down`],
+//! [`Group::handle_link_up`], [`Group::handle_timeout`], [`Group::submit`],
+//! and [`Group::send_snapshot`] in answer to `Event::SnapshotNeeded`. After
+//! any input drain [`Group::poll_event`] (events in stream order) and
+//! [`Group::poll_transmit`] (frames per peer, FIFO per peer).
+//!
+//! # Invariants
+//! - The delivered stream is contiguous in seq and identical at every
+//!   member that delivers a seq (guarantees 1 and 2).
+//! - A member delivers only seqs the coordinator declared stable, or seqs
+//!   a flush established; after promising a proposal it delivers nothing
+//!   more of the old view.
+//! - Everything is bounded: the log by `log_len_max` (the sequencer stops
+//!   ordering at the bound), unordered submissions by `unordered_max`, the
+//!   publisher table by `publishers_max`.
+
+mod mbrship;
+mod total;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use crate::core::retention::Ordered;
+use bytes::Bytes;
+use canopy_client::protocol::{PubSeq, PublisherId, Seq};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::time::Duration;
+pub use wire::{Msg, PeerMsg, Snapshot};
+
+/// A configured core server's number (its rank: lower numbers coordinate).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(transparent)]
+pub struct NodeId(pub u32);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+/// One run of a server: a restart, or a rejoin after exclusion, is a new
+/// incarnation, so that an old one can never be taken for the new.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(transparent)]
+pub struct Incarnation(pub u64);
+
+/// A member of a view: a server in one incarnation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Member {
+    /// The server.
+    pub node: NodeId,
+    /// Its incarnation.
+    pub incarnation: Incarnation,
+}
+
+/// A view's identity, which is also the identity of the proposal that made
+/// it. Ordered by epoch, then coordinator.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct ViewId {
+    /// Increases with every proposal.
+    pub epoch: u64,
+    /// The proposer, the view's coordinator and sequencer.
+    pub coordinator: NodeId,
+}
+
+impl fmt::Display for ViewId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.epoch, self.coordinator)
+    }
+}
+
+/// An installed view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    /// Its id.
+    pub id: ViewId,
+    /// Its members, by node.
+    pub members: Vec<Member>,
+    /// The ordered stream it continues (fixed when the first view forms).
+    pub stream: u64,
+}
+
+impl View {
+    fn has(&self, m: Member) -> bool {
+        self.members.contains(&m)
+    }
+}
+
+/// Validated settings of a group member.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    /// This server.
+    pub me: NodeId,
+    /// This run's incarnation (unique per start, e.g. from the clock).
+    pub incarnation: Incarnation,
+    /// Every configured core server, this one included.
+    pub servers: Vec<NodeId>,
+    /// How often heartbeats go out.
+    pub heartbeat_interval: Duration,
+    /// A member silent this long is excluded.
+    pub failure_timeout: Duration,
+    /// A member whose link broke and that stays silent this long is excluded.
+    pub link_confirm: Duration,
+    /// How long a view change may take before it is retried.
+    pub flush_timeout: Duration,
+    /// Submitted but not yet delivered publishes held at most.
+    pub unordered_max: usize,
+    /// Ordered but not yet stable messages the sequencer holds at most.
+    pub log_len_max: usize,
+    /// Publishers whose deduplication state is kept.
+    pub publishers_max: usize,
+    /// Mixed into the stream id of a newly formed core.
+    pub stream_seed: u64,
+}
+
+impl GroupConfig {
+    /// Settings for server `me` of `servers` with default timings.
+    pub fn new(me: NodeId, incarnation: Incarnation, servers: Vec<NodeId>) -> Self {
+        GroupConfig {
+            me,
+            incarnation,
+            servers,
+            heartbeat_interval: Duration::from_millis(100),
+            failure_timeout: Duration::from_millis(1000),
+            link_confirm: Duration::from_millis(300),
+            flush_timeout: Duration::from_millis(1000),
+            unordered_max: 1 << 20,
+            log_len_max: 1 << 20,
+            publishers_max: 100_000,
+            stream_seed: 0,
+        }
+    }
+
+    fn quorum(&self) -> usize {
+        self.servers.len() / 2 + 1
+    }
+}
+
+/// What the group tells its server, in stream order.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Stable messages, contiguous after the last delivered seq.
+    Deliver(Vec<Ordered>),
+    /// A view was installed after `at`, the last seq of the old view.
+    View {
+        /// The view.
+        view: View,
+        /// The last seq delivered before it.
+        at: Seq,
+    },
+    /// Build a snapshot of the delivered state (through the last delivered
+    /// seq) and pass it to [`Group::send_snapshot`] for `to`, at once.
+    SnapshotNeeded {
+        /// The lagging member.
+        to: NodeId,
+    },
+    /// Replace all delivered state with this snapshot; the stream continues
+    /// after its head.
+    Reset(Snapshot),
+    /// This server is not in a primary view: it orders nothing, and its
+    /// clients should move. Cleared by the next `View`.
+    NotPrimary,
+}
+
+/// Where this server stands in membership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Not in any view; looking for the primary or for peers to form one.
+    Joining,
+    /// In an installed view, ordering.
+    Normal,
+    /// Promised a proposal; ordering stopped until a view is installed.
+    Flushing,
+}
+
+/// What this server knows of another configured server.
+#[derive(Clone, Copy, Debug, Default)]
+struct Peer {
+    /// When anything was last heard from it.
+    heard: Option<Duration>,
+    /// The incarnation it last spoke as.
+    incarnation: Incarnation,
+    /// The view it last said it installed.
+    view: Option<ViewId>,
+    /// A broken link was reported at this time and nothing heard since.
+    link_down: Option<Duration>,
+    /// It failed to answer a proposal; not counted alive until then.
+    excluded_until: Option<Duration>,
+}
+
+/// A submission this server made and has not yet seen delivered.
+#[derive(Clone, Debug)]
+struct Pending {
+    msg: Msg,
+}
+
+/// The deduplication state of one publisher.
+#[derive(Clone, Copy, Debug)]
+struct PubState {
+    /// The last pub_seq held in the log or delivered.
+    held: PubSeq,
+    /// The last pub_seq delivered.
+    delivered: PubSeq,
+    /// The seq of its latest held message (for eviction by age).
+    seq: Seq,
+}
+
+/// A view change this server proposed.
+#[derive(Debug)]
+struct Proposal {
+    id: ViewId,
+    members: Vec<Member>,
+    oks: BTreeMap<NodeId, FlushOk>,
+    deadline: Duration,
+}
+
+/// A member's answer to a proposal.
+#[derive(Clone, Debug)]
+struct FlushOk {
+    from: Member,
+    view: Option<ViewId>,
+    delivered: Seq,
+    msgs: Vec<Msg>,
+}
+
+impl FlushOk {
+    fn held(&self) -> Seq {
+        Seq(self.delivered.0 + self.msgs.len() as u64)
+    }
+}
+
+/// Deliberate protocol bugs for tests proving the simulator's checkers.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GroupBugs {
+    /// Install new views without the flush: old-view messages that are not
+    /// yet stable everywhere are not made stable first.
+    pub skip_flush: bool,
+    /// A sequencer that gives a fresh seq to every submission, retries too.
+    pub no_dedup: bool,
+    /// Deliver on ordering, before stability.
+    pub deliver_unstable: bool,
+}
+
+/// Counters for logs and the dashboard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Views installed here.
+    pub views: u64,
+    /// Messages this server ordered as sequencer.
+    pub ordered: u64,
+    /// Submissions dropped as retries by the sequencer.
+    pub duplicates: u64,
+    /// Submissions sent again after a view change or a broken link.
+    pub resubmitted: u64,
+}
+
+/// One core server's membership and ordering state machine. See the module
+/// docs for the protocol and how to drive it.
+pub struct Group {
+    config: GroupConfig,
+    incarnation: Incarnation,
+    status: Status,
+    /// The installed view (kept while flushing; `None` while joining).
+    view: Option<View>,
+    /// The highest proposal promised (or the installed view's id).
+    promised: ViewId,
+    /// The highest epoch seen anywhere.
+    epoch_seen: u64,
+    /// Installed as lagging; the coordinator's snapshot has not come yet.
+    awaiting_snapshot: bool,
+    /// When the current non-normal stretch began (for `NotPrimary`).
+    blocked_since: Option<Duration>,
+    /// Whether `NotPrimary` was told for the current stretch.
+    told_not_primary: bool,
+    /// When a promise made without a following view times out.
+    promise_deadline: Option<Duration>,
+    proposal: Option<Proposal>,
+    peers: BTreeMap<NodeId, Peer>,
+    heartbeat_next: Duration,
+
+    /// The last seq delivered.
+    delivered: Seq,
+    /// Messages held after `delivered`, contiguous.
+    log: VecDeque<Ordered>,
+    /// The last seq known stable in the view.
+    stable: Seq,
+    /// Coordinator: the last seq each member holds.
+    acks: BTreeMap<NodeId, Seq>,
+    /// Coordinator: the stable seq last announced.
+    stable_sent: Seq,
+    /// A `Resend` was asked after this seq and not yet answered.
+    resend_asked: Option<Seq>,
+    /// The coordinator's `have` in its previous heartbeat.
+    lag_mark: Option<Seq>,
+    publishers: HashMap<PublisherId, PubState>,
+    /// Own submissions not yet delivered, in submission order.
+    unordered: VecDeque<Pending>,
+    /// The seq delivered when `unordered` was last checked for progress.
+    resubmit_check: (Duration, Seq),
+
+    events: VecDeque<Event>,
+    transmits: VecDeque<(NodeId, Bytes)>,
+    stats: GroupStats,
+    pub(crate) bugs: GroupBugs,
+}
+
+impl Group {
+    /// A server that has just started and is not in any view.
+    pub fn new(now: Duration, config: GroupConfig) -> Self {
+        let peers = config
+            .servers
+            .iter()
+            .filter(|&&n| n != config.me)
+            .map(|&n| (n, Peer::default()))
+            .collect();
+        Group {
+            incarnation: config.incarnation,
+            status: Status::Joining,
+            view: None,
+            promised: ViewId::default(),
+            epoch_seen: 0,
+            awaiting_snapshot: false,
+            blocked_since: Some(now),
+            told_not_primary: false,
+            promise_deadline: None,
+            proposal: None,
+            peers,
+            heartbeat_next: now,
+            delivered: Seq(0),
+            log: VecDeque::new(),
+            stable: Seq(0),
+            acks: BTreeMap::new(),
+            stable_sent: Seq(0),
+            resend_asked: None,
+            lag_mark: None,
+            publishers: HashMap::new(),
+            unordered: VecDeque::new(),
+            resubmit_check: (now, Seq(0)),
+            events: VecDeque::new(),
+            transmits: VecDeque::new(),
+            stats: GroupStats::default(),
+            bugs: GroupBugs::default(),
+            config,
+        }
+    }
+
+    /// This server as a member.
+    pub fn me(&self) -> Member {
+        Member {
+            node: self.config.me,
+            incarnation: self.incarnation,
+        }
+    }
+
+    /// Where it stands in membership.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// The installed view, if any.
+    pub fn view(&self) -> Option<&View> {
+        self.view.as_ref()
+    }
+
+    /// The last seq delivered.
+    pub fn delivered(&self) -> Seq {
+        self.delivered
+    }
+
+    /// Whether this server is in an installed view and ordering.
+    pub fn is_primary(&self) -> bool {
+        self.status == Status::Normal && !self.awaiting_snapshot
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> GroupStats {
+        self.stats
+    }
+
+    /// The configured servers.
+    pub fn servers(&self) -> &[NodeId] {
+        &self.config.servers
+    }
+
+    /// Whether `submit` would refuse more publishes now.
+    pub fn unordered_full(&self) -> bool {
+        self.unordered.len() >= self.config.unordered_max
+    }
+
+    /// The next event for the server, in stream order.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next frame to send, with its destination.
+    pub fn poll_transmit(&mut self) -> Option<(NodeId, Bytes)> {
+        self.transmits.pop_front()
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let mut t = self.heartbeat_next;
+        for d in [
+            self.promise_deadline,
+            self.proposal.as_ref().map(|p| p.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            t = t.min(d);
+        }
+        Some(t)
+    }
+
+    /// A frame arrived from `from` on its link.
+    ///
+    /// # Errors
+    /// When the frame does not decode; the shell should drop the link.
+    pub fn handle_peer(&mut self, now: Duration, from: NodeId, frame: &[u8]) -> Result<(), String> {
+        let msg = wire::decode(frame)?;
+        self.handle_msg(now, from, msg);
+        Ok(())
+    }
+
+    /// A decoded message arrived from `from`.
+    pub fn handle_msg(&mut self, now: Duration, from: NodeId, msg: PeerMsg) {
+        let Some(peer) = self.peers.get_mut(&from) else {
+            tracing::debug!(node = %from, "message from an unconfigured server ignored");
+            return;
+        };
+        peer.heard = Some(now);
+        peer.link_down = None;
+        match msg {
+            PeerMsg::Heartbeat {
+                from: member,
+                view,
+                epoch,
+                have,
+                stable,
+            } => self.on_heartbeat(now, member, view, epoch, have, stable),
+            PeerMsg::Submit { view, msgs } => self.on_submit(from, view, msgs),
+            PeerMsg::Order {
+                view,
+                first,
+                msgs,
+                stable,
+            } => self.on_order(from, view, first, msgs, stable),
+            PeerMsg::Ack { view, have } => self.on_ack(from, view, have),
+            PeerMsg::Stable { view, through } => self.on_stable(view, through),
+            PeerMsg::Resend { view, after } => self.on_resend(from, view, after),
+            PeerMsg::FlushReq { proposal, members } => {
+                self.on_flush_req(now, from, proposal, members)
+            }
+            PeerMsg::FlushOk {
+                proposal,
+                from: member,
+                view,
+                delivered,
+                msgs,
+            } => self.on_flush_ok(
+                now,
+                proposal,
+                FlushOk {
+                    from: member,
+                    view,
+                    delivered,
+                    msgs,
+                },
+            ),
+            PeerMsg::NewView {
+                view,
+                through,
+                first,
+                msgs,
+                lagging,
+            } => self.on_new_view(now, view, through, first, msgs, lagging),
+            PeerMsg::Snapshot { view, state } => self.on_snapshot(view, state),
+        }
+        self.announce_stable();
+    }
+
+    /// The link to or from `peer` broke: a hint that it may have failed.
+    /// It is excluded only if it then stays silent for `link_confirm`.
+    pub fn handle_link_down(&mut self, now: Duration, peer: NodeId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.link_down.get_or_insert(now);
+        }
+    }
+
+    /// The link to `peer` is (re)established. What was sent on the old link
+    /// may be lost: submissions to it are sent again.
+    pub fn handle_link_up(&mut self, _now: Duration, peer: NodeId) {
+        if self.coordinator() == Some(peer) && self.is_primary() {
+            self.resubmit();
+        }
+    }
+
+    /// Time has reached `now`: heartbeats, failure detection, view change
+    /// retries.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if now >= self.heartbeat_next {
+            self.heartbeat_next = now + self.config.heartbeat_interval;
+            self.send_heartbeats();
+            self.check_progress(now);
+        }
+        self.evaluate(now);
+        self.announce_stable();
+    }
+
+    fn send(&mut self, to: NodeId, msg: &PeerMsg) {
+        self.transmits.push_back((to, wire::encode(msg)));
+    }
+
+    /// Sends one encoding of `msg` to every member of the view but this one.
+    fn send_members(&mut self, msg: &PeerMsg) {
+        let Some(view) = &self.view else { return };
+        let frame = wire::encode(msg);
+        for m in &view.members {
+            if m.node != self.config.me {
+                self.transmits.push_back((m.node, frame.clone()));
+            }
+        }
+    }
+}

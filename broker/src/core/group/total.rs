@@ -1,0 +1,337 @@
+//! TOTAL: the sequencer, stability and delivery within one view.
+//!
+//! The view's coordinator orders submissions as they arrive (FIFO per link
+//! keeps each member's submissions in its order), drops retries by its
+//! publisher table, and tells members the seqs with `Order`. A seq is
+//! stable once every member acknowledged holding it; members deliver only
+//! stable seqs. Lost frames are recovered from: acknowledgements repeat in
+//! heartbeats, a member that sees a seq gap asks for a `Resend`, and a
+//! member whose submissions make no progress submits them again.
+
+use super::wire::{Msg, PeerMsg};
+use super::{Event, Group, NodeId, Pending, PubState, Status, ViewId};
+use canopy_client::protocol::{PubSeq, Seq};
+
+/// Messages per `Order` or `Submit` frame at most.
+const FRAME_MSGS_MAX: usize = 4096;
+
+impl Group {
+    /// The current view's coordinator.
+    pub(super) fn coordinator(&self) -> Option<NodeId> {
+        self.view.as_ref().map(|v| v.id.coordinator)
+    }
+
+    fn is_coordinator(&self) -> bool {
+        self.status == Status::Normal && self.coordinator() == Some(self.config.me)
+    }
+
+    /// The last seq this server holds.
+    pub(super) fn held(&self) -> Seq {
+        Seq(self.delivered.0 + self.log.len() as u64)
+    }
+
+    /// Publishes from this server's clients, to be ordered.
+    ///
+    /// They are kept until delivered and sent again after a view change or
+    /// a broken link, so a publish is lost only if this server fails (and
+    /// then its publisher, unacknowledged, retries elsewhere). Call only when
+    /// [`Group::unordered_full`] is false; beyond the bound the server must
+    /// push back on its publishers.
+    pub fn submit(&mut self, msgs: Vec<Msg>) {
+        let start = self.unordered.len();
+        self.unordered
+            .extend(msgs.into_iter().map(|msg| Pending { msg }));
+        if !self.is_primary() {
+            // Sent when a view is installed.
+            return;
+        }
+        let fresh: Vec<Msg> = self
+            .unordered
+            .range(start..)
+            .map(|p| p.msg.clone())
+            .collect();
+        self.forward(fresh);
+    }
+
+    /// Sends submissions to the coordinator, or orders them if it is us.
+    fn forward(&mut self, msgs: Vec<Msg>) {
+        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+            return;
+        };
+        if view.coordinator == self.config.me {
+            self.order(msgs);
+            return;
+        }
+        for chunk in msgs.chunks(FRAME_MSGS_MAX) {
+            let msg = PeerMsg::Submit {
+                view,
+                msgs: chunk.to_vec(),
+            };
+            self.send(view.coordinator, &msg);
+        }
+    }
+
+    /// Sends every undelivered own submission again, to the current
+    /// coordinator; the sequencer drops what it already ordered.
+    pub(super) fn resubmit(&mut self) {
+        let msgs: Vec<Msg> = self.unordered.iter().map(|p| p.msg.clone()).collect();
+        if msgs.is_empty() {
+            return;
+        }
+        self.stats.resubmitted += msgs.len() as u64;
+        self.forward(msgs);
+    }
+
+    /// Called every heartbeat: submissions that waited a whole failure
+    /// timeout without any delivery are sent again (a frame may have been
+    /// lost with a link, or dropped by a sequencer at its bound).
+    pub(super) fn check_progress(&mut self, now: std::time::Duration) {
+        let (since, at) = self.resubmit_check;
+        if self.unordered.is_empty() || self.delivered != at {
+            self.resubmit_check = (now, self.delivered);
+            return;
+        }
+        if self.is_primary() && now.saturating_sub(since) >= self.config.failure_timeout {
+            self.resubmit_check = (now, self.delivered);
+            self.resubmit();
+        }
+    }
+
+    pub(super) fn on_submit(&mut self, from: NodeId, view: ViewId, msgs: Vec<Msg>) {
+        if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
+            // A stale submission: its sender resubmits after the view change.
+            tracing::trace!(node = %from, view = %view, "submission outside its view dropped");
+            return;
+        }
+        self.order(msgs);
+    }
+
+    /// Sequencer: assigns seqs to `msgs` and sends the order to members.
+    fn order(&mut self, msgs: Vec<Msg>) {
+        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+            return;
+        };
+        let first = self.held().next();
+        let mut ordered = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            if self.log.len() >= self.config.log_len_max {
+                // At the bound: the submitters send it again later.
+                break;
+            }
+            let known = self.publishers.get(&m.0).map(|p| p.held);
+            match known {
+                Some(last) if m.1 <= last && !self.bugs.no_dedup => {
+                    self.stats.duplicates += 1;
+                    continue;
+                }
+                // A later pub_seq whose predecessor has not arrived (it was
+                // lost with a link and is being resubmitted): wait for it,
+                // so that the publisher's order holds (guarantee 3).
+                Some(last) if m.1 .0 > last.0 + 1 && !self.bugs.no_dedup => continue,
+                _ => {}
+            }
+            let seq = self.held().next();
+            self.hold(m.clone().ordered(seq));
+            ordered.push(m);
+        }
+        if ordered.is_empty() {
+            return;
+        }
+        self.stats.ordered += ordered.len() as u64;
+        let held = self.held();
+        self.acks.insert(self.config.me, held);
+        for (i, chunk) in ordered.chunks(FRAME_MSGS_MAX).enumerate() {
+            let msg = PeerMsg::Order {
+                view,
+                first: Seq(first.0 + (i * FRAME_MSGS_MAX) as u64),
+                msgs: chunk.to_vec(),
+                stable: self.stable,
+            };
+            self.send_members(&msg);
+        }
+        self.advance_stable();
+    }
+
+    /// Appends an ordered message to the log and the publisher table.
+    pub(super) fn hold(&mut self, m: crate::core::retention::Ordered) {
+        debug_assert_eq!(m.seq, self.held().next());
+        if !self.publishers.contains_key(&m.publisher)
+            && self.publishers.len() >= self.config.publishers_max
+        {
+            self.evict_publishers();
+        }
+        let e = self.publishers.entry(m.publisher).or_insert(PubState {
+            held: PubSeq(0),
+            delivered: PubSeq(0),
+            seq: m.seq,
+        });
+        e.held = e.held.max(m.pub_seq);
+        e.seq = m.seq;
+        self.log.push_back(m);
+        if self.bugs.deliver_unstable {
+            let held = self.held();
+            self.deliver_through(held);
+        }
+    }
+
+    /// Forgets the eighth of publishers quiet longest whose messages are all
+    /// delivered. A forgotten publisher's old retries could be ordered again:
+    /// the price of the bound, as in the node's table.
+    fn evict_publishers(&mut self) {
+        let mut by_age: Vec<(Seq, canopy_client::protocol::PublisherId)> = self
+            .publishers
+            .iter()
+            .filter(|(_, p)| p.held == p.delivered)
+            .map(|(id, p)| (p.seq, *id))
+            .collect();
+        if by_age.is_empty() {
+            return;
+        }
+        let evict = (by_age.len() / 8).max(1);
+        by_age.select_nth_unstable(evict - 1);
+        for (_, id) in &by_age[..evict] {
+            self.publishers.remove(id);
+        }
+    }
+
+    pub(super) fn on_order(
+        &mut self,
+        from: NodeId,
+        view: ViewId,
+        first: Seq,
+        msgs: Vec<Msg>,
+        stable: Seq,
+    ) {
+        if self.status != Status::Normal
+            || self.awaiting_snapshot
+            || self.view.as_ref().map(|v| v.id) != Some(view)
+            || self.coordinator() != Some(from)
+        {
+            return;
+        }
+        let held = self.held();
+        if first > held.next() {
+            // Orders were lost with a link: ask once for what is missing.
+            if self.resend_asked != Some(held) {
+                self.resend_asked = Some(held);
+                self.send(from, &PeerMsg::Resend { view, after: held });
+            }
+            return;
+        }
+        let skip = (held.0 + 1 - first.0) as usize;
+        for (i, m) in msgs.into_iter().enumerate().skip(skip) {
+            self.hold(m.ordered(Seq(first.0 + i as u64)));
+        }
+        if self.held() > held {
+            self.resend_asked = None;
+            let have = self.held();
+            self.send(from, &PeerMsg::Ack { view, have });
+        }
+        self.learn_stable(stable);
+    }
+
+    pub(super) fn on_ack(&mut self, from: NodeId, view: ViewId, have: Seq) {
+        if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
+            return;
+        }
+        if let Some(a) = self.acks.get_mut(&from) {
+            *a = (*a).max(have);
+        }
+        self.advance_stable();
+    }
+
+    pub(super) fn on_stable(&mut self, view: ViewId, through: Seq) {
+        if self.status == Status::Normal && self.view.as_ref().map(|v| v.id) == Some(view) {
+            self.learn_stable(through);
+        }
+    }
+
+    pub(super) fn on_resend(&mut self, from: NodeId, view: ViewId, after: Seq) {
+        if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
+            return;
+        }
+        if after < self.delivered {
+            // It lacks stable seqs, which it acknowledged: not possible for
+            // a member of this view; the failure detector will sort it out.
+            tracing::warn!(node = %from, after = after.0, "resend asked below the stable seq");
+            return;
+        }
+        let skip = (after.0 - self.delivered.0) as usize;
+        let msgs: Vec<Msg> = self.log.iter().skip(skip).map(Msg::of).collect();
+        for (i, chunk) in msgs.chunks(FRAME_MSGS_MAX).enumerate() {
+            let msg = PeerMsg::Order {
+                view,
+                first: Seq(after.0 + 1 + (i * FRAME_MSGS_MAX) as u64),
+                msgs: chunk.to_vec(),
+                stable: self.stable,
+            };
+            self.send(from, &msg);
+        }
+    }
+
+    /// Coordinator: the stable seq is the lowest any member holds.
+    fn advance_stable(&mut self) {
+        let Some(view) = &self.view else { return };
+        let held = self.held();
+        self.acks.insert(self.config.me, held);
+        let stable = view
+            .members
+            .iter()
+            .map(|m| self.acks.get(&m.node).copied().unwrap_or(Seq(0)))
+            .min()
+            .unwrap_or(held);
+        self.learn_stable(stable);
+    }
+
+    /// Coordinator: tells members the stable seq if it moved since the last
+    /// announcement (once per input, not once per acknowledgement).
+    pub(super) fn announce_stable(&mut self) {
+        if !self.is_coordinator() || self.stable <= self.stable_sent {
+            return;
+        }
+        self.stable_sent = self.stable;
+        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+            return;
+        };
+        let msg = PeerMsg::Stable {
+            view,
+            through: self.stable,
+        };
+        self.send_members(&msg);
+    }
+
+    pub(super) fn learn_stable(&mut self, stable: Seq) {
+        if stable > self.stable {
+            self.stable = stable;
+        }
+        let through = self.stable.min(self.held());
+        self.deliver_through(through);
+    }
+
+    /// Delivers the log up to `through` and forgets own submissions that
+    /// are now delivered.
+    pub(super) fn deliver_through(&mut self, through: Seq) {
+        if through <= self.delivered {
+            return;
+        }
+        let n = (through.0 - self.delivered.0) as usize;
+        let batch: Vec<_> = self.log.drain(..n).collect();
+        self.delivered = through;
+        for m in &batch {
+            if let Some(p) = self.publishers.get_mut(&m.publisher) {
+                p.delivered = p.delivered.max(m.pub_seq);
+            }
+        }
+        while let Some(front) = self.unordered.front() {
+            let done = self
+                .publishers
+                .get(&front.msg.0)
+                .is_some_and(|p| p.delivered >= front.msg.1);
+            if !done {
+                break;
+            }
+            self.unordered.pop_front();
+        }
+        self.events.push_back(Event::Deliver(batch));
+    }
+}

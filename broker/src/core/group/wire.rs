@@ -1,0 +1,213 @@
+//! The messages core servers send each other, and their encoding.
+//!
+//! A frame on a server-to-server link is one CBOR-encoded [`PeerMsg`]; the
+//! shell adds the length prefix. Messages inside are compact CBOR arrays
+//! (tuples), since `Order` carries every published message once per member.
+//!
+//! Links are FIFO while they last (TCP); a broken link loses a suffix of
+//! what was sent on it. The protocol recovers from that by cumulative
+//! acknowledgements repeated in heartbeats, `Resend` on a seq gap, and
+//! resubmission of what is not yet ordered.
+
+use super::{Member, View, ViewId};
+use crate::core::retention::Ordered;
+use bytes::Bytes;
+use canopy_client::protocol::{PubSeq, PublisherId, Seq};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// One message as it travels between servers: its seq is implied by its
+/// position (an `Order`'s `first` plus its index) or absent (a `Submit`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Msg(pub PublisherId, pub PubSeq, pub Arc<str>, pub Bytes);
+
+impl Msg {
+    /// The message with its seq attached.
+    pub fn ordered(self, seq: Seq) -> Ordered {
+        Ordered {
+            seq,
+            publisher: self.0,
+            pub_seq: self.1,
+            topic: self.2,
+            payload: self.3,
+        }
+    }
+
+    /// The wire form of an ordered message (its seq left out).
+    pub fn of(m: &Ordered) -> Msg {
+        Msg(m.publisher, m.pub_seq, m.topic.clone(), m.payload.clone())
+    }
+}
+
+/// What a joining or lagging server needs to continue the stream: its
+/// position, the publisher table that deduplicates retries, and as much
+/// recent history as the sender retains (for clients that resume there).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The stream the state belongs to.
+    pub stream: u64,
+    /// The last seq the state includes.
+    pub head: Seq,
+    /// Per publisher: last pub_seq ordered and the seq it got.
+    pub publishers: Vec<(PublisherId, PubSeq, Seq)>,
+    /// The seq of `msgs[0]`; the messages run contiguously to `head`.
+    pub first: Seq,
+    /// Recent messages, oldest first.
+    pub msgs: Vec<Msg>,
+}
+
+/// A server-to-server message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    /// Sent by every server to every other configured server each
+    /// heartbeat interval: liveness, what it has installed and holds.
+    Heartbeat {
+        /// The sender.
+        from: Member,
+        /// Its installed view (`None` while joining or awaiting a snapshot).
+        view: Option<ViewId>,
+        /// The highest proposal epoch it has promised or seen.
+        epoch: u64,
+        /// The last seq it holds in its view.
+        have: Seq,
+        /// From a coordinator: the last seq stable in its view.
+        stable: Seq,
+    },
+    /// Member to coordinator: publishes to order, in the order received.
+    Submit {
+        /// The view they are submitted in.
+        view: ViewId,
+        /// The publishes.
+        msgs: Vec<Msg>,
+    },
+    /// Coordinator to members: `msgs` get seqs `first`, `first + 1`, ...
+    Order {
+        /// The view.
+        view: ViewId,
+        /// The seq of `msgs[0]`.
+        first: Seq,
+        /// The ordered messages.
+        msgs: Vec<Msg>,
+        /// Everything through this seq is stable.
+        stable: Seq,
+    },
+    /// Member to coordinator: "I hold everything through `have`".
+    Ack {
+        /// The view.
+        view: ViewId,
+        /// The last seq held.
+        have: Seq,
+    },
+    /// Coordinator to members: everything through `through` is stable.
+    Stable {
+        /// The view.
+        view: ViewId,
+        /// The stable seq.
+        through: Seq,
+    },
+    /// Member to coordinator: "I lost orders after `after`; send them again".
+    Resend {
+        /// The view.
+        view: ViewId,
+        /// The last seq held.
+        after: Seq,
+    },
+    /// Proposer to the members of a proposed view: stop ordering and report
+    /// what you hold (phase one of a view change, the flush).
+    FlushReq {
+        /// The proposal; it becomes the new view's id.
+        proposal: ViewId,
+        /// The proposed members.
+        members: Vec<Member>,
+    },
+    /// Answer to `FlushReq`: the sender promised the proposal and reports
+    /// the messages it holds that may not be stable everywhere.
+    FlushOk {
+        /// The proposal answered.
+        proposal: ViewId,
+        /// The sender.
+        from: Member,
+        /// The sender's installed view, if it holds that view's state.
+        view: Option<ViewId>,
+        /// The last seq it delivered.
+        delivered: Seq,
+        /// What it holds after `delivered`, in order.
+        msgs: Vec<Msg>,
+    },
+    /// Proposer to members: install `view`; everything through `through`
+    /// is delivered in the old view. `msgs` are the messages after the
+    /// receiver's held seq that it lacks. A member marked `lagging` holds
+    /// no usable state and waits for a `Snapshot` instead.
+    NewView {
+        /// The new view.
+        view: View,
+        /// The last seq of the old view.
+        through: Seq,
+        /// The seq of `msgs[0]`.
+        first: Seq,
+        /// Messages the receiver lacks.
+        msgs: Vec<Msg>,
+        /// Whether the receiver gets a snapshot next.
+        lagging: bool,
+    },
+    /// Coordinator to a lagging member, right after `NewView`.
+    Snapshot {
+        /// The view it belongs to.
+        view: ViewId,
+        /// The state.
+        state: Snapshot,
+    },
+}
+
+/// Encodes a message for a link (without the length prefix).
+pub fn encode(msg: &PeerMsg) -> Bytes {
+    let mut buf = Vec::with_capacity(128);
+    ciborium::into_writer(msg, &mut buf)
+        .expect("invariant: encoding a PeerMsg into a Vec cannot fail");
+    Bytes::from(buf)
+}
+
+/// Decodes a frame from a link.
+///
+/// # Errors
+/// When the frame is not a valid `PeerMsg`; the link should be dropped.
+pub fn decode(frame: &[u8]) -> Result<PeerMsg, String> {
+    ciborium::from_reader(frame).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::group::{Incarnation, NodeId};
+
+    #[test]
+    fn messages_survive_a_round_trip() {
+        let msg = PeerMsg::Order {
+            view: ViewId {
+                epoch: 3,
+                coordinator: NodeId(1),
+            },
+            first: Seq(7),
+            msgs: vec![Msg(
+                PublisherId(9),
+                PubSeq(2),
+                Arc::from("md.x"),
+                Bytes::from_static(b"payload"),
+            )],
+            stable: Seq(5),
+        };
+        assert_eq!(decode(&encode(&msg)), Ok(msg));
+        let hb = PeerMsg::Heartbeat {
+            from: Member {
+                node: NodeId(2),
+                incarnation: Incarnation(4),
+            },
+            view: None,
+            epoch: 1,
+            have: Seq(0),
+            stable: Seq(0),
+        };
+        assert_eq!(decode(&encode(&hb)), Ok(hb));
+        assert!(decode(b"\xff\x00garbage").is_err());
+    }
+}
