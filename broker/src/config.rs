@@ -3,6 +3,7 @@
 //! Parsed once and validated into [`ServerConfig`], which the runtime and
 //! the core accept; errors name the offending key and value.
 
+use crate::core::group::{GroupConfig, Incarnation, NodeId};
 use crate::core::NodeConfig;
 use canopy_client::protocol::{FRAME_LEN_MAX_DEFAULT, FRAME_LEN_MAX_LIMIT};
 use serde::Deserialize;
@@ -31,6 +32,69 @@ pub struct FileConfig {
     /// Retention buffer.
     #[serde(default)]
     pub retention: FileRetention,
+    /// Membership in a core group; absent for a standalone server.
+    pub core: Option<FileCore>,
+}
+
+/// `[core]`: this server's place in a core group.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCore {
+    /// This server's id among `servers`.
+    pub id: u32,
+    /// Heartbeat period, milliseconds.
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Silence after which a server is excluded, milliseconds.
+    pub failure_timeout_ms: Option<u64>,
+    /// Every server of the core, this one included.
+    #[serde(default)]
+    pub servers: Vec<FileCoreServer>,
+}
+
+/// One `[[core.servers]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCoreServer {
+    /// Its id (its rank: the lowest live id coordinates).
+    pub id: u32,
+    /// Its server-to-server address.
+    pub peer: String,
+    /// Its client address.
+    pub client: String,
+}
+
+/// A validated `[core]` section.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// This server.
+    pub me: NodeId,
+    /// The address this server listens on for other core servers.
+    pub peer_listen: String,
+    /// The other servers' ids and server-to-server addresses.
+    pub peers: Vec<(NodeId, String)>,
+    /// Every server's client address, by id.
+    pub clients: Vec<(NodeId, String)>,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a server is excluded.
+    pub failure_timeout: Duration,
+}
+
+impl CoreConfig {
+    /// The group settings for this run (`incarnation` unique per start).
+    pub fn group(&self, incarnation: Incarnation, stream_seed: u64) -> GroupConfig {
+        let mut servers: Vec<NodeId> = self.peers.iter().map(|(n, _)| *n).collect();
+        servers.push(self.me);
+        servers.sort();
+        let mut g = GroupConfig::new(self.me, incarnation, servers);
+        g.heartbeat_interval = self.heartbeat_interval;
+        g.failure_timeout = self.failure_timeout;
+        // A broken link is confirmed by a few heartbeats of silence.
+        g.link_confirm = (self.heartbeat_interval * 3).min(self.failure_timeout);
+        g.flush_timeout = self.failure_timeout;
+        g.stream_seed = stream_seed;
+        g
+    }
 }
 
 /// `[limits]`.
@@ -76,6 +140,8 @@ pub struct ServerConfig {
     pub queue_frames_max: usize,
     /// The core's settings.
     pub node: NodeConfig,
+    /// The core group, when this server is in one.
+    pub core: Option<CoreConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -220,7 +286,9 @@ impl FileConfig {
             }
             Some(addr) => Some(addr.to_owned()),
         };
+        let core = self.core.map(FileCore::validate).transpose()?;
         Ok(ServerConfig {
+            core,
             listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
             http,
             queue_frames_max,
@@ -238,6 +306,79 @@ impl FileConfig {
                 idle_timeout: idle,
                 sessions_max: connections,
             },
+        })
+    }
+}
+
+impl FileCore {
+    fn validate(self) -> Result<CoreConfig, ConfigError> {
+        let n = self.servers.len();
+        if !(1..=15).contains(&n) {
+            return Err(ConfigError::Range {
+                key: "core.servers",
+                value: format!("{n} servers"),
+                why: "1 to 15 servers (3 to 7 make sense)",
+            });
+        }
+        let mut ids: Vec<u32> = self.servers.iter().map(|s| s.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != n {
+            return Err(ConfigError::Range {
+                key: "core.servers.id",
+                value: format!(
+                    "{:?}",
+                    self.servers.iter().map(|s| s.id).collect::<Vec<_>>()
+                ),
+                why: "every server needs a distinct id",
+            });
+        }
+        let Some(me) = self.servers.iter().find(|s| s.id == self.id) else {
+            return Err(ConfigError::Range {
+                key: "core.id",
+                value: self.id.to_string(),
+                why: "the id of one of the [[core.servers]] entries",
+            });
+        };
+        let heartbeat_interval = millis(
+            "core.heartbeat_interval_ms",
+            self.heartbeat_interval_ms,
+            Duration::from_millis(100),
+            1,
+            60_000,
+            "1 ms to 1 minute",
+        )?;
+        let failure_timeout = millis(
+            "core.failure_timeout_ms",
+            self.failure_timeout_ms,
+            Duration::from_millis(1000),
+            1,
+            600_000,
+            "1 ms to 10 minutes",
+        )?;
+        if failure_timeout < heartbeat_interval * 3 {
+            return Err(ConfigError::Range {
+                key: "core.failure_timeout_ms",
+                value: failure_timeout.as_millis().to_string(),
+                why: "at least three heartbeat intervals",
+            });
+        }
+        Ok(CoreConfig {
+            me: NodeId(self.id),
+            peer_listen: me.peer.clone(),
+            peers: self
+                .servers
+                .iter()
+                .filter(|s| s.id != self.id)
+                .map(|s| (NodeId(s.id), s.peer.clone()))
+                .collect(),
+            clients: self
+                .servers
+                .iter()
+                .map(|s| (NodeId(s.id), s.client.clone()))
+                .collect(),
+            heartbeat_interval,
+            failure_timeout,
         })
     }
 }
@@ -293,6 +434,32 @@ mod tests {
             .validate(1)
             .expect("valid");
         assert_eq!(cfg.listen, LISTEN_DEFAULT);
+    }
+
+    #[test]
+    fn the_cluster_configs_are_valid_and_agree() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/cluster-3");
+        let mut seen = Vec::new();
+        for (i, file) in ["s1.toml", "s2.toml", "s3.toml"].iter().enumerate() {
+            let cfg = FileConfig::load(&dir.join(file))
+                .expect("parses")
+                .validate(1)
+                .expect("valid");
+            assert_eq!(cfg.listen, format!("127.0.0.1:440{}", i + 1));
+            let core = cfg.core.expect("a core section");
+            assert_eq!(core.me, NodeId(i as u32 + 1));
+            assert_eq!(core.peers.len(), 2);
+            seen.push(core.clients);
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "one server list");
+    }
+
+    #[test]
+    fn a_core_without_this_server_is_refused() {
+        let text = "[core]\nid = 4\n[[core.servers]]\nid = 1\npeer = \"127.0.0.1:1\"\nclient = \"127.0.0.1:2\"";
+        let cfg: FileConfig = toml::from_str(text).expect("parses");
+        let err = cfg.validate(1).expect_err("id not listed");
+        assert!(err.to_string().contains("core.id"), "{err}");
     }
 
     #[test]

@@ -26,8 +26,10 @@ pub mod index;
 pub mod node;
 pub mod report;
 pub mod retention;
+pub mod server;
 
-pub use node::{Node, NodeConfig, Output, SessionReport, Stats, TransmitKind};
+pub use node::{Node, NodeConfig, Output, SessionReport, Stats, Submission, TransmitKind};
+pub use server::Server;
 
 use std::fmt;
 

@@ -28,6 +28,7 @@
 //! - Every queue here is bounded: pending publishes by `batch_len_max`,
 //!   retention by count and bytes, subscriptions per session, publishers.
 
+use super::group::{Msg, Snapshot};
 use super::index::Index;
 use super::report::{Entry, EventKind, Journal, TopicCounts};
 use super::retention::{Ordered, Retention};
@@ -94,6 +95,15 @@ impl Default for NodeConfig {
             sessions_max: 100_000,
         }
     }
+}
+
+/// A publish accepted from a session, for the group to order.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// The session it came from.
+    pub session: SessionId,
+    /// The message.
+    pub msg: Msg,
 }
 
 /// Deliberate protocol bugs for tests that prove the simulator's checkers
@@ -175,6 +185,9 @@ struct Session {
     replay_stalled: bool,
     /// When it last sent a frame.
     last_heard: Duration,
+    /// In a core group: the last pub_seq of its publisher handed to the
+    /// group for ordering (ordered or still in flight).
+    submitted: PubSeq,
 }
 
 struct SessionHello {
@@ -220,6 +233,18 @@ pub struct Node {
     /// Deliberate protocol bugs, off unless a test proving a checker turns
     /// one on.
     pub(crate) bugs: Bugs,
+    /// Whether the core group orders publishes (they are submitted with
+    /// `take_submissions` and come back through `handle_ordered`) rather
+    /// than this node alone.
+    grouped: bool,
+    /// In a group: whether this server is in the primary view. Otherwise
+    /// clients are refused and told to move.
+    primary: bool,
+    /// In a group: publishes waiting to be handed to the group.
+    submissions: Vec<Submission>,
+    /// In a group: the session of each local publisher, to acknowledge its
+    /// publishes when they come back ordered.
+    publisher_sessions: HashMap<PublisherId, SessionId>,
     /// The time of the latest input, for journal entries.
     now: Duration,
 }
@@ -289,9 +314,22 @@ impl Node {
             topics: TopicCounts::default(),
             topic_names: HashSet::new(),
             bugs: Bugs::default(),
+            grouped: false,
+            primary: true,
+            submissions: Vec::new(),
+            publisher_sessions: HashMap::new(),
             now,
             config,
         }
+    }
+
+    /// A node whose publishes are ordered by a core group. It refuses
+    /// clients until [`Node::set_primary`] says it is in a primary view.
+    pub fn new_grouped(now: Duration, config: NodeConfig) -> Self {
+        let mut node = Node::new(now, config);
+        node.grouped = true;
+        node.primary = false;
+        node
     }
 
     /// The last assigned sequence number.
@@ -357,6 +395,7 @@ impl Node {
                 catch_up: None,
                 replay_stalled: false,
                 last_heard: now,
+                submitted: PubSeq(0),
             },
         );
         self.now = now;
@@ -380,6 +419,7 @@ impl Node {
         if let Some(s) = self.sessions.remove(&session) {
             self.journal
                 .record(now, EventKind::Disconnect, format!("session {session}"));
+            self.forget_publisher_session(&s, session);
             for p in &s.patterns {
                 self.index.remove(p, session);
             }
@@ -637,7 +677,9 @@ impl Node {
                     }
                 }
                 Output::Close { session, .. } => {
-                    self.sessions.remove(&session);
+                    if let Some(s) = self.sessions.remove(&session) {
+                        self.forget_publisher_session(&s, session);
+                    }
                     return Some(out);
                 }
             }
@@ -684,6 +726,10 @@ impl Node {
     }
 
     fn on_hello(&mut self, session: SessionId, hello: Hello) {
+        if !self.primary {
+            let msg = "this server is not in the primary component of the core".to_owned();
+            return self.close_with_error(session, ErrorCode::NotPrimary, msg);
+        }
         if hello.version != protocol::PROTOCOL_VERSION {
             let msg = format!(
                 "client speaks protocol version {}, this server speaks {}",
@@ -734,7 +780,11 @@ impl Node {
             .resume
             .filter(|r| r.stream == self.config.stream)
             .map(|r| r.after);
+        if self.grouped {
+            self.publisher_sessions.insert(hello.publisher, session);
+        }
         if let Some(s) = self.sessions.get_mut(&session) {
+            s.submitted = pub_acked;
             s.patterns = patterns;
             s.sent_through = self.head;
             s.hello = Some(SessionHello {
@@ -912,6 +962,9 @@ impl Node {
             return;
         };
         let state = self.publishers.get(&publisher).copied();
+        if self.grouped {
+            return self.submit(session, publisher, state, publish);
+        }
         let ack = match state {
             Some(p) if pub_seq <= p.last_pub_seq && !self.bugs.order_retries => {
                 // A retry of something already ordered: acknowledge, do not
@@ -955,6 +1008,200 @@ impl Node {
         }
         if self.pending.len() >= self.config.batch_len_max {
             self.fan_out();
+        }
+    }
+
+    /// In a group: hands a publish to the group unless it is a retry.
+    fn submit(
+        &mut self,
+        session: SessionId,
+        publisher: PublisherId,
+        state: Option<PublisherState>,
+        publish: Publish,
+    ) {
+        let ordered = state.map_or(PubSeq(0), |p| p.last_pub_seq);
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let pub_seq = publish.pub_seq;
+        if pub_seq <= ordered && !self.bugs.order_retries {
+            // Ordered and delivered already: acknowledge again (guarantee 2).
+            self.stats.duplicates += 1;
+            let seq = state.map_or(Seq(0), |p| p.last_seq);
+            let ack = PubAck {
+                pub_seq: ordered,
+                seq,
+            };
+            if s.ack_due.replace(ack).is_none() {
+                self.acks_due.push(session);
+            }
+            return;
+        }
+        let known = ordered.max(s.submitted);
+        if pub_seq <= known {
+            // In flight in the group: acknowledged when it comes back.
+            self.stats.duplicates += 1;
+            return;
+        }
+        if pub_seq.0 > known.0 + 1 {
+            let msg = format!(
+                "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
+                pub_seq.0, known.0
+            );
+            return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
+        }
+        s.submitted = pub_seq;
+        let topic = self.intern(publish.topic());
+        self.stats.bytes_in += publish.payload.len() as u64;
+        self.submissions.push(Submission {
+            session,
+            msg: Msg(publisher, pub_seq, topic, publish.payload),
+        });
+    }
+
+    /// In a group: the publishes accepted since the last call, in order,
+    /// for the group to order.
+    pub fn take_submissions(&mut self) -> Vec<Submission> {
+        std::mem::take(&mut self.submissions)
+    }
+
+    /// In a group: messages the group delivered (stable, contiguous after
+    /// the head). They are retained, fanned out, and acknowledge their
+    /// publishers' sessions here.
+    ///
+    /// # Panics
+    /// If the seqs do not continue the head: the group broke its contract.
+    pub fn handle_ordered(&mut self, now: Duration, batch: Vec<Ordered>) {
+        self.now = now;
+        for mut m in batch {
+            assert_eq!(
+                m.seq,
+                self.head.next(),
+                "invariant: the group delivers contiguous seqs"
+            );
+            self.head = m.seq;
+            self.stats.published += 1;
+            self.remember_publisher(m.publisher, m.pub_seq, m.seq);
+            if let Some(&session) = self.publisher_sessions.get(&m.publisher) {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    let ack = PubAck {
+                        pub_seq: m.pub_seq,
+                        seq: m.seq,
+                    };
+                    if s.ack_due.replace(ack).is_none() {
+                        self.acks_due.push(session);
+                    }
+                }
+            }
+            m.topic = self.intern(&m.topic);
+            self.pending.push(m);
+            if self.pending.len() >= self.config.batch_len_max {
+                self.fan_out();
+            }
+        }
+        self.fan_out();
+    }
+
+    /// In a group: whether this server is in the primary view. When it is
+    /// not, every client is told `not_primary` and closed, so it moves to a
+    /// server that orders (DESIGN.md guarantee 7), and new ones are refused.
+    pub fn set_primary(&mut self, now: Duration, primary: bool) {
+        self.now = now;
+        if self.primary == primary {
+            return;
+        }
+        self.primary = primary;
+        if primary {
+            self.journal
+                .record(now, EventKind::View, "in the primary view".into());
+            return;
+        }
+        self.journal.record(
+            now,
+            EventKind::View,
+            "not in the primary view: clients told to move".into(),
+        );
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for session in ids {
+            let msg = "this server lost the primary component of the core; reconnect elsewhere";
+            self.close_with_error(session, ErrorCode::NotPrimary, msg.to_owned());
+        }
+    }
+
+    /// In a group: the ordered stream this node's seqs belong to.
+    pub fn set_stream(&mut self, stream: u64) {
+        self.config.stream = stream;
+    }
+
+    /// In a group: replaces everything delivered with `state` (a joining or
+    /// lagging server catching up from a peer).
+    pub fn install_snapshot(&mut self, now: Duration, state: Snapshot) {
+        self.now = now;
+        self.fan_out();
+        self.config.stream = state.stream;
+        self.head = state.head;
+        self.watermark_sent = Seq(0);
+        self.publishers.clear();
+        for (id, pub_seq, seq) in state.publishers {
+            self.remember_publisher(id, pub_seq, seq);
+        }
+        self.retention = Retention::new(
+            self.config.retention_count_max,
+            self.config.retention_bytes_max,
+        );
+        for (i, m) in state.msgs.into_iter().enumerate() {
+            let mut m = m.ordered(Seq(state.first.0 + i as u64));
+            m.topic = self.intern(&m.topic);
+            self.retention.push(m);
+        }
+        self.journal.record(
+            now,
+            EventKind::View,
+            format!("caught up from a peer at seq {}", state.head),
+        );
+    }
+
+    /// In a group: the delivered state for a joining or lagging server,
+    /// with at most `msgs_max` of the most recent retained messages.
+    pub fn snapshot(&mut self, msgs_max: usize) -> Snapshot {
+        self.fan_out();
+        let mut publishers: Vec<(PublisherId, PubSeq, Seq)> = self
+            .publishers
+            .iter()
+            .map(|(&id, p)| (id, p.last_pub_seq, p.last_seq))
+            .collect();
+        // Sorted, so the same state always encodes the same.
+        publishers.sort_unstable();
+        let skip = self.retention.len().saturating_sub(msgs_max);
+        let msgs: Vec<Msg> = self
+            .retention
+            .after(Seq(0))
+            .skip(skip)
+            .map(Msg::of)
+            .collect();
+        let first = Seq(self.head.0 + 1 - msgs.len() as u64);
+        Snapshot {
+            stream: self.config.stream,
+            head: self.head,
+            publishers,
+            first,
+            msgs,
+        }
+    }
+
+    /// Closes `session` because the group cannot take more publishes now;
+    /// its client retries what was not acknowledged.
+    pub fn close_overloaded(&mut self, now: Duration, session: SessionId) {
+        self.now = now;
+        let msg = "too many publishes waiting to be ordered; retry".to_owned();
+        self.close_with_error(session, ErrorCode::Overloaded, msg);
+    }
+
+    fn forget_publisher_session(&mut self, s: &Session, session: SessionId) {
+        if let Some(h) = &s.hello {
+            if self.publisher_sessions.get(&h.publisher) == Some(&session) {
+                self.publisher_sessions.remove(&h.publisher);
+            }
         }
     }
 
@@ -1049,7 +1296,10 @@ impl Node {
         if s.closing {
             return;
         }
-        if code != ErrorCode::SlowConsumer {
+        if !matches!(
+            code,
+            ErrorCode::SlowConsumer | ErrorCode::NotPrimary | ErrorCode::Overloaded
+        ) {
             self.stats.bad_input += 1;
             let detail = format!("session {session}: {code:?}: {message}");
             self.journal.record(self.now, EventKind::BadInput, detail);

@@ -15,10 +15,12 @@
 //! (`canopy-dashboard`) reads; dashboards never touch the node itself.
 
 mod conn;
+mod peer;
 mod report;
 
 use crate::config::ServerConfig;
-use crate::core::{Node, Output, SessionId};
+use crate::core::group::{Group, Incarnation, NodeId, PeerMsg};
+use crate::core::{Node, Output, Server, SessionId};
 use anyhow::Context;
 use bytes::Bytes;
 use canopy_client::protocol::{ClientFrame, ErrorCode};
@@ -44,6 +46,12 @@ enum Inbound {
     Frames(SessionId, Vec<ClientFrame>),
     Bad(SessionId, ErrorCode, String),
     Closed(SessionId),
+    /// Messages from a core server.
+    Peer(NodeId, Vec<PeerMsg>),
+    /// The outgoing link to a core server is connected.
+    LinkUp(NodeId),
+    /// A link to or from a core server broke.
+    LinkDown(NodeId),
 }
 
 /// The node task's handles on one connection.
@@ -118,19 +126,65 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
         }));
         dashboard = Some(Dashboard {
             snapshots: tx,
-            reporter: report::Reporter::new(local_addr.to_string(), &config.node.name),
+            reporter: report::Reporter::new(
+                local_addr.to_string(),
+                &config.node.name,
+                config.core.is_some(),
+            ),
             latency: canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS),
         });
     }
     let (inbox_tx, inbox_rx) = flume::bounded(INBOX_LEN_MAX);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let started = Instant::now();
-    let node = Node::new(Duration::ZERO, config.node.clone());
+    let mut links = None;
+    let mut peer_task = None;
+    let server = match &config.core {
+        None => Server::standalone(Node::new(Duration::ZERO, config.node.clone())),
+        Some(core) => {
+            let listener = TcpListener::bind(&core.peer_listen)
+                .await
+                .with_context(|| {
+                    format!("cannot listen for core servers on {}", core.peer_listen)
+                })?;
+            tracing::info!(addr = %core.peer_listen, id = %core.me, peers = core.peers.len(), "core links");
+            peer_task = Some(tokio::spawn(peer::accept_loop(listener, inbox_tx.clone())));
+            links = Some(peer::Links::start(core.me, &core.peers, inbox_tx.clone()));
+            // A fresh incarnation per start: the clock, which only moves on.
+            let incarnation = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64);
+            let group = Group::new(
+                Duration::ZERO,
+                core.group(Incarnation(incarnation), config.node.stream),
+            );
+            Server::grouped(
+                Node::new_grouped(Duration::ZERO, config.node.clone()),
+                group,
+            )
+        }
+    };
     tracing::info!(addr = %local_addr, name = %config.node.name, stream = config.node.stream, "listening");
     if let Some(addr) = http_addr {
         tracing::info!(addr = %addr, "dashboard and API over HTTP");
     }
-    let node_task = tokio::spawn(run_node(node, started, inbox_rx, shutdown_rx, dashboard));
+    let node_task = tokio::spawn(async move {
+        run_node(
+            server,
+            links.as_mut(),
+            started,
+            inbox_rx,
+            shutdown_rx,
+            dashboard,
+        )
+        .await;
+        if let Some(l) = &links {
+            l.stop();
+        }
+        if let Some(t) = peer_task {
+            t.abort();
+        }
+    });
     let accept_task = tokio::spawn(conn::accept_loop(listener, inbox_tx, config));
     Ok(ServerHandle {
         local_addr,
@@ -150,7 +204,8 @@ struct Dashboard {
 }
 
 async fn run_node(
-    mut node: Node,
+    mut node: Server,
+    mut links: Option<&mut peer::Links>,
     started: Instant,
     inbox: flume::Receiver<Inbound>,
     mut shutdown: watch::Receiver<bool>,
@@ -167,7 +222,7 @@ async fn run_node(
             Some(_) => deadline.min(snapshot_next),
             None => deadline,
         };
-        let published = node.stats().published;
+        let published = node.node().stats().published;
         // When this turn's inputs arrived: the latency clock starts there.
         let mut turn = None;
         tokio::select! {
@@ -183,6 +238,7 @@ async fn run_node(
                 for msg in inbox.try_iter().take(INBOX_TURN_MAX) {
                     take(&mut node, &mut sessions, now, msg);
                 }
+                node.end_batch(now);
             }
             _ = tokio::time::sleep_until(deadline) => {}
         }
@@ -191,9 +247,14 @@ async fn run_node(
         if Instant::now() >= deadline {
             node.handle_timeout(started.elapsed());
         }
-        drain(&mut node, &mut sessions, started.elapsed());
+        drain(
+            &mut node,
+            &mut sessions,
+            links.as_deref_mut(),
+            started.elapsed(),
+        );
         if let Some(d) = &mut dashboard {
-            if let Some(turn) = turn.filter(|_| node.stats().published != published) {
+            if let Some(turn) = turn.filter(|_| node.node().stats().published != published) {
                 d.latency.observe(turn.elapsed().as_secs_f64());
             }
             if Instant::now() >= snapshot_next {
@@ -224,7 +285,7 @@ async fn run_node(
 }
 
 fn take(
-    node: &mut Node,
+    node: &mut Server,
     sessions: &mut HashMap<SessionId, SessionIo>,
     now: Duration,
     msg: Inbound,
@@ -244,10 +305,29 @@ fn take(
             sessions.remove(&id);
             node.handle_closed(now, id);
         }
+        Inbound::Peer(from, msgs) => {
+            for msg in msgs {
+                node.handle_peer(now, from, msg);
+            }
+        }
+        Inbound::LinkUp(peer) => node.handle_link_up(now, peer),
+        Inbound::LinkDown(peer) => node.handle_link_down(now, peer),
     }
 }
 
-fn drain(node: &mut Node, sessions: &mut HashMap<SessionId, SessionIo>, now: Duration) {
+fn drain(
+    node: &mut Server,
+    sessions: &mut HashMap<SessionId, SessionIo>,
+    mut links: Option<&mut peer::Links>,
+    now: Duration,
+) {
+    if let Some(links) = links.as_deref_mut() {
+        while let Some((peer, frame)) = node.poll_transmit() {
+            if !links.send(peer, frame) {
+                node.handle_link_down(now, peer);
+            }
+        }
+    }
     while let Some(out) = node.poll_output() {
         match out {
             Output::Transmit {

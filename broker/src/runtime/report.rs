@@ -2,7 +2,7 @@
 //! view of its connections, once per period, off the hot path.
 
 use super::SessionIo;
-use crate::core::{Node, SessionId};
+use crate::core::{Server, SessionId};
 use canopy_client::protocol::SlowPolicy;
 use canopy_dashboard as dash;
 use std::collections::HashMap;
@@ -33,18 +33,22 @@ pub struct Reporter {
 
 impl Reporter {
     /// A reporter for a node listening for clients on `listen`.
-    pub fn new(listen: String, name: &str) -> Self {
+    pub fn new(listen: String, name: &str, grouped: bool) -> Self {
         Reporter {
             role: "core",
             listen,
             previous: None,
-            // A single node is a view of one, installed at start; the server
-            // group will report its views here.
-            views: vec![dash::View {
-                id: 1,
-                members: vec![name.to_owned()],
-                installed_secs: 0.0,
-            }],
+            // A standalone node is a view of one, installed at start; a
+            // core server reports its group's views as they are installed.
+            views: if grouped {
+                Vec::new()
+            } else {
+                vec![dash::View {
+                    id: 1,
+                    members: vec![name.to_owned()],
+                    installed_secs: 0.0,
+                }]
+            },
         }
     }
 
@@ -52,10 +56,26 @@ impl Reporter {
     pub fn snapshot(
         &mut self,
         now: Duration,
-        node: &Node,
+        server: &Server,
         sessions: &HashMap<SessionId, SessionIo>,
         latency: &dash::Histogram,
     ) -> dash::Snapshot {
+        let node = server.node();
+        if let Some(core) = server.core_report() {
+            if let Some(v) = core.view {
+                let id = v.id.epoch;
+                if self.views.last().map(|l| l.id) != Some(id) {
+                    self.views.push(dash::View {
+                        id,
+                        members: v.members.iter().map(|m| m.node.to_string()).collect(),
+                        installed_secs: now.as_secs_f64(),
+                    });
+                    if self.views.len() > VIEWS_MAX {
+                        self.views.remove(0);
+                    }
+                }
+            }
+        }
         let stats = node.stats();
         let head = node.head();
         let (retained, retained_bytes) = node.retained();
@@ -157,7 +177,6 @@ impl Reporter {
             })
             .collect();
         self.previous = Some((now, counters, topic_totals));
-        self.views.truncate(VIEWS_MAX);
         let view = self.views.last().cloned().unwrap_or_default();
         let config = node.config();
         dash::Snapshot {

@@ -118,7 +118,7 @@ impl Group {
             // answer. Try again without the silent ones.
             let answered: Vec<NodeId> = p.oks.keys().copied().collect();
             tracing::debug!(proposal = %p.id, ?answered, "view change timed out; retrying");
-            let backoff = now + self.config.failure_timeout * 4;
+            let backoff = now + self.config.failure_timeout * 2;
             for m in p.members.clone() {
                 if !answered.contains(&m.node) {
                     if let Some(peer) = self.peers.get_mut(&m.node) {

@@ -40,7 +40,7 @@
 //!   did not install starts over as a new incarnation and joins again.
 //!
 //! # Driving it
-//! Inputs: [`Group::handle_peer`], [`Group::handle_link_down`],
+//! Inputs: [`Group::handle_msg`], [`Group::handle_link_down`],
 //! [`Group::handle_link_up`], [`Group::handle_timeout`], [`Group::submit`],
 //! and [`Group::send_snapshot`] in answer to `Event::SnapshotNeeded`. After
 //! any input drain [`Group::poll_event`] (events in stream order) and
@@ -463,16 +463,6 @@ impl Group {
         Some(t)
     }
 
-    /// A frame arrived from `from` on its link.
-    ///
-    /// # Errors
-    /// When the frame does not decode; the shell should drop the link.
-    pub fn handle_peer(&mut self, now: Duration, from: NodeId, frame: &[u8]) -> Result<(), String> {
-        let msg = wire::decode(frame)?;
-        self.handle_msg(now, from, msg);
-        Ok(())
-    }
-
     /// A decoded message arrived from `from`.
     pub fn handle_msg(&mut self, now: Duration, from: NodeId, msg: PeerMsg) {
         let Some(peer) = self.peers.get_mut(&from) else {
@@ -543,6 +533,18 @@ impl Group {
     pub fn handle_link_up(&mut self, _now: Duration, peer: NodeId) {
         if self.coordinator() == Some(peer) && self.is_primary() {
             self.resubmit();
+        }
+        // A proposal it has not answered may have been lost: ask again.
+        let again = self
+            .proposal
+            .as_ref()
+            .filter(|p| p.members.iter().any(|m| m.node == peer) && !p.oks.contains_key(&peer))
+            .map(|p| PeerMsg::FlushReq {
+                proposal: p.id,
+                members: p.members.clone(),
+            });
+        if let Some(req) = again {
+            self.send(peer, &req);
         }
     }
 

@@ -4,8 +4,9 @@
 //! shell adds the length prefix. Messages inside are compact CBOR arrays
 //! (tuples), since `Order` carries every published message once per member.
 //!
-//! Links are FIFO while they last (TCP); a broken link loses a suffix of
-//! what was sent on it. The protocol recovers from that by cumulative
+//! Links are FIFO while they last (TCP); a broken link loses what was in
+//! flight on it, and later frames may follow on a new connection. Safety
+//! never depends on more than per-link order; liveness recovers by cumulative
 //! acknowledgements repeated in heartbeats, `Resend` on a seq gap, and
 //! resubmission of what is not yet ordered.
 
@@ -159,20 +160,24 @@ pub enum PeerMsg {
     },
 }
 
-/// Encodes a message for a link (without the length prefix).
+/// Encodes a message for a link, with the 4-byte big-endian length prefix
+/// that frames it on the link.
 pub fn encode(msg: &PeerMsg) -> Bytes {
     let mut buf = Vec::with_capacity(128);
+    buf.extend_from_slice(&[0; 4]);
     ciborium::into_writer(msg, &mut buf)
         .expect("invariant: encoding a PeerMsg into a Vec cannot fail");
+    let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
+    buf[..4].copy_from_slice(&len.to_be_bytes());
     Bytes::from(buf)
 }
 
-/// Decodes a frame from a link.
+/// Decodes a frame's content (the length prefix already taken off).
 ///
 /// # Errors
-/// When the frame is not a valid `PeerMsg`; the link should be dropped.
-pub fn decode(frame: &[u8]) -> Result<PeerMsg, String> {
-    ciborium::from_reader(frame).map_err(|e| e.to_string())
+/// When the content is not a valid `PeerMsg`; the link should be dropped.
+pub fn decode(content: &[u8]) -> Result<PeerMsg, String> {
+    ciborium::from_reader(content).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -196,7 +201,7 @@ mod tests {
             )],
             stable: Seq(5),
         };
-        assert_eq!(decode(&encode(&msg)), Ok(msg));
+        assert_eq!(decode(&encode(&msg)[4..]), Ok(msg));
         let hb = PeerMsg::Heartbeat {
             from: Member {
                 node: NodeId(2),
@@ -207,7 +212,7 @@ mod tests {
             have: Seq(0),
             stable: Seq(0),
         };
-        assert_eq!(decode(&encode(&hb)), Ok(hb));
+        assert_eq!(decode(&encode(&hb)[4..]), Ok(hb));
         assert!(decode(b"\xff\x00garbage").is_err());
     }
 }
