@@ -181,7 +181,14 @@ impl Server {
             let mut moved = !subs.is_empty();
             let mut msgs = Vec::with_capacity(subs.len());
             for sub in subs {
-                if group.unordered_full() {
+                let (publisher, pub_seq) = (sub.msg.0, sub.msg.1);
+                // What the group holds covers whatever any server has
+                // acknowledged to this publisher; this node may lag it.
+                let known = sub.after.max(group.pub_held(publisher));
+                if pub_seq.0 > known.0 + 1 {
+                    self.node
+                        .close_pub_seq_gap(now, sub.session, pub_seq, known);
+                } else if group.unordered_full() {
                     // Push back on this publisher; it retries what was not
                     // acknowledged after reconnecting.
                     self.node.close_overloaded(now, sub.session);

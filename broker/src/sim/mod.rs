@@ -1,5 +1,13 @@
-//! Deterministic simulator: one [`Node`] and many model clients, driven by
-//! a seeded random source in simulated time, with faults injected.
+//! Deterministic simulators, driven by a seeded random source in simulated
+//! time, with faults injected:
+//! - [`world`]: one [`Node`](crate::core::Node) and many model clients
+//!   (sessions, resume, slow consumers, gaps);
+//! - [`cluster`]: a core of 3 or 5 [`Group`](crate::core::group::Group)s
+//!   with crashes, restarts, partitions and broken links, and publishers
+//!   that fail over as the SDK does.
+//!
+//! The rest of this text describes the first; the second's module says
+//! what it checks.
 //!
 //! One `u64` seed fixes everything: the node's limits (small retention and
 //! queues, to reach gaps, catch-up stalls and slow-consumer cuts), the
@@ -11,11 +19,11 @@
 //! guarantees 5 and 8 (no acknowledged publish lost, convergence) once faults
 //! stop. A failure prints its seed and the command that replays it.
 //!
-//! This is the seed of the core tier's simulator: the server group will add
-//! nodes, membership faults (crash, partition) and view checks here.
 
 pub mod checker;
 mod client;
+pub mod cluster;
+pub mod cluster_checker;
 mod world;
 
 pub(crate) use world::run_with;
@@ -50,5 +58,7 @@ impl Rng {
     }
 }
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;

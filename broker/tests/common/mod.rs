@@ -368,3 +368,67 @@ pub async fn take_messages(sub: &mut Subscription, n: usize) -> Vec<canopy_clien
     }
     out
 }
+
+/// A core of `canopy serve` processes on loopback, each with its own
+/// config naming the others' server-to-server addresses.
+pub struct Cluster {
+    /// The servers, by index (`None` once killed).
+    pub servers: Vec<Option<Server>>,
+    /// Their client addresses, by index.
+    pub addrs: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` servers with ids 1..=n; `extra` is appended to each
+    /// server's `[core]` section.
+    pub fn start(n: usize, extra: &str) -> Cluster {
+        // Free ports for the server-to-server links, reserved by binding
+        // and released just before the servers bind them.
+        let peers: Vec<String> = (0..n)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+                l.local_addr().expect("local addr").to_string()
+            })
+            .collect();
+        let mut list = String::new();
+        for (i, p) in peers.iter().enumerate() {
+            list.push_str(&format!(
+                "[[core.servers]]\nid = {}\npeer = \"{p}\"\nclient = \"127.0.0.1:0\"\n",
+                i + 1
+            ));
+        }
+        let servers: Vec<Option<Server>> = (0..n)
+            .map(|i| {
+                let toml = format!(
+                    "name = \"s{}\"\n[core]\nid = {}\nheartbeat_interval_ms = 50\nfailure_timeout_ms = 500\n{extra}\n{list}",
+                    i + 1,
+                    i + 1
+                );
+                Some(Server::with_config(&toml))
+            })
+            .collect();
+        let addrs = servers.iter().flatten().map(|s| s.addr.clone()).collect();
+        Cluster { servers, addrs }
+    }
+
+    /// The client addresses starting with server `first`, then the others.
+    pub fn addrs_from(&self, first: usize) -> Vec<String> {
+        let n = self.addrs.len();
+        (0..n)
+            .map(|k| self.addrs[(first + k) % n].clone())
+            .collect()
+    }
+
+    /// Kills server `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        self.servers[i] = None;
+    }
+}
+
+/// Awaits `f` or panics naming `what` after `limit`.
+pub async fn within_for<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}

@@ -3,9 +3,10 @@
 
 use super::wire::{Msg, PeerMsg, Snapshot};
 use super::{
-    Event, FlushOk, Group, Incarnation, Member, NodeId, Proposal, PubState, Status, View, ViewId,
+    Event, FlushOk, Group, Incarnation, Member, NodeId, Proposal, PubState, Stash, Status, View,
+    ViewId,
 };
-use canopy_client::protocol::Seq;
+use canopy_client::protocol::{PubSeq, Seq};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -13,10 +14,11 @@ impl Group {
     pub(super) fn send_heartbeats(&mut self) {
         let msg = PeerMsg::Heartbeat {
             from: self.me(),
+            joining: self.status == Status::Joining,
             view: self.reported_view(),
-            epoch: self.epoch_seen.max(self.promised.epoch),
+            epoch: self.promised.epoch,
             have: self.held(),
-            stable: if self.coordinator() == Some(self.config.me) {
+            stable: if self.status == Status::Normal && self.coordinator() == Some(self.config.me) {
                 self.stable
             } else {
                 Seq(0)
@@ -26,20 +28,25 @@ impl Group {
         for &n in self.peers.keys() {
             self.transmits.push_back((n, frame.clone()));
         }
+        // An acceptance (or the commit answering it) may have been lost.
+        if self.status == Status::Accepted && self.coordinator() != Some(self.config.me) {
+            if let Some(v) = self.view.as_ref().map(|v| v.id) {
+                self.send(v.coordinator, &PeerMsg::AcceptOk { view: v });
+            }
+        }
     }
 
     /// The view this server holds the state of, as it reports it.
     fn reported_view(&self) -> Option<ViewId> {
-        if self.awaiting_snapshot {
-            return None;
-        }
-        self.view.as_ref().map(|v| v.id)
+        self.state_view
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_heartbeat(
         &mut self,
         now: Duration,
         from: Member,
+        joining: bool,
         view: Option<ViewId>,
         epoch: u64,
         have: Seq,
@@ -49,6 +56,8 @@ impl Group {
         if let Some(p) = self.peers.get_mut(&from.node) {
             p.incarnation = from.incarnation;
             p.view = view;
+            p.joining = joining;
+            p.promised = epoch;
         }
         let Some(mine) = self.view.as_ref().map(|v| v.id) else {
             return;
@@ -58,7 +67,7 @@ impl Group {
             // A view newer than anything this server promised was installed
             // without it (or it missed the install): start over.
             if theirs > mine && theirs > self.promised {
-                tracing::info!(view = %theirs, mine = %mine, node = %from.node, "a newer view exists without this server; rejoining");
+                tracing::info!(me = %self.config.me, view = %theirs, mine = %mine, node = %from.node, "a newer view exists without this server; rejoining");
                 return self.rejoin(now);
             }
         }
@@ -117,7 +126,7 @@ impl Group {
             // The proposal did not complete: some proposed member did not
             // answer. Try again without the silent ones.
             let answered: Vec<NodeId> = p.oks.keys().copied().collect();
-            tracing::debug!(proposal = %p.id, ?answered, "view change timed out; retrying");
+            tracing::debug!(me = %self.config.me, proposal = %p.id, ?answered, "view change timed out; retrying");
             let backoff = now + self.config.failure_timeout * 2;
             for m in p.members.clone() {
                 if !answered.contains(&m.node) {
@@ -153,31 +162,42 @@ impl Group {
             // The snapshot was lost with a link: start over.
             return self.rejoin(now);
         }
+        // Live servers that are not in our view and hold no newer one:
+        // restarted (no view) or stale (an older view they were dropped
+        // from). Both join with a snapshot.
+        let mine = self.view.as_ref().map(|v| v.id);
         let joiners: Vec<Member> = self
             .peers
             .iter()
-            .filter(|(&n, p)| p.view.is_none() && self.alive(now, n))
+            .filter(|(&n, p)| (p.joining || p.view < mine) && self.alive(now, n))
             .map(|(&node, p)| Member {
                 node,
                 incarnation: p.incarnation,
             })
             .collect();
         match (&self.view, self.status) {
-            (Some(view), Status::Normal | Status::Flushing) => {
-                let survivors: Vec<Member> = view
-                    .members
-                    .iter()
-                    .copied()
-                    .filter(|m| {
-                        m.node == self.config.me
-                            || (self.alive(now, m.node)
-                                && self
-                                    .peers
-                                    .get(&m.node)
-                                    .is_some_and(|p| p.incarnation == m.incarnation))
-                    })
-                    .collect();
-                let changed = self.status == Status::Flushing
+            (Some(view), Status::Normal | Status::Flushing | Status::Accepted) => {
+                let survivors: Vec<Member> =
+                    view.members
+                        .iter()
+                        .copied()
+                        .filter(|m| {
+                            m.node == self.config.me
+                                || (self.alive(now, m.node)
+                                    && self.peers.get(&m.node).is_some_and(|p| {
+                                        p.incarnation == m.incarnation && !p.joining
+                                    }))
+                        })
+                        .collect();
+                // A member that promised a proposal that went nowhere waits
+                // for a view change; the lowest survivor gives it one.
+                let stuck = survivors.iter().any(|m| {
+                    self.peers
+                        .get(&m.node)
+                        .is_some_and(|p| p.promised > view.id.epoch)
+                });
+                let changed = self.status != Status::Normal
+                    || stuck
                     || survivors.len() != view.members.len()
                     || joiners.iter().any(|j| !view.has(*j));
                 let lowest = survivors.iter().map(|m| m.node).min();
@@ -192,18 +212,30 @@ impl Group {
                 }
             }
             (None, _) => {
-                // Joining: form the first view only if no live server holds
-                // one, a majority is here, and this server is the lowest.
+                // Joining, and no live server is in a view (else its
+                // coordinator takes us in): when a majority is joining, the
+                // lowest of those holding the newest state proposes. (All
+                // restarted at once, nobody holds any: a new stream begins.)
                 let any_view = self
                     .peers
                     .iter()
-                    .any(|(&n, p)| p.view.is_some() && self.alive(now, n));
+                    .any(|(&n, p)| !p.joining && self.alive(now, n));
+                let newest = joiners
+                    .iter()
+                    .filter_map(|j| self.peers.get(&j.node).and_then(|p| p.view))
+                    .max()
+                    .max(self.state_view);
+                let leader = joiners
+                    .iter()
+                    .filter(|j| self.peers.get(&j.node).is_some_and(|p| p.view == newest))
+                    .map(|j| j.node)
+                    .chain((self.state_view == newest).then_some(self.config.me))
+                    .min();
                 let mut members = joiners;
                 members.push(self.me());
-                let lowest = members.iter().map(|m| m.node).min();
                 if !any_view
                     && members.len() >= self.config.quorum()
-                    && lowest == Some(self.config.me)
+                    && leader == Some(self.config.me)
                 {
                     self.propose(now, members);
                 }
@@ -221,7 +253,7 @@ impl Group {
             coordinator: self.config.me,
         };
         self.epoch_seen = id.epoch;
-        tracing::debug!(proposal = %id, members = ?members.iter().map(|m| m.node.0).collect::<Vec<_>>(), "proposing a view");
+        tracing::debug!(me = %self.config.me, proposal = %id, members = ?members.iter().map(|m| m.node.0).collect::<Vec<_>>(), "proposing a view");
         self.promise(now, id);
         let mut oks = BTreeMap::new();
         oks.insert(self.config.me, self.flush_ok());
@@ -247,7 +279,7 @@ impl Group {
     /// Promises proposal `id`: ordering in the old view stops here.
     fn promise(&mut self, now: Duration, id: ViewId) {
         self.promised = id;
-        if self.status == Status::Normal {
+        if matches!(self.status, Status::Normal | Status::Accepted) {
             self.status = Status::Flushing;
         }
         self.blocked_since.get_or_insert(now);
@@ -283,7 +315,7 @@ impl Group {
         }
         if proposal > self.promised {
             if self.proposal.take().is_some() {
-                tracing::debug!(proposal = %proposal, "a higher proposal overrides ours");
+                tracing::debug!(me = %self.config.me, proposal = %proposal, "a higher proposal overrides ours");
             }
             self.promise(now, proposal);
         }
@@ -303,16 +335,16 @@ impl Group {
         if p.id != proposal || !p.members.contains(&ok.from) {
             return;
         }
-        let mine = self.view.as_ref().map(|v| v.id);
-        if ok.view.is_some() && ok.view > mine {
-            // Someone installed a newer view than ours: we are stale.
+        if ok.view > self.state_view && self.status != Status::Joining {
+            // Someone holds a newer view's state than ours: we are stale.
             return self.rejoin(now);
         }
         p.oks.insert(ok.from.node, ok);
         self.try_install(now);
     }
 
-    /// Installs the proposal once every proposed member answered.
+    /// Moves the proposal on once every proposed member answered: the
+    /// proposer takes the new view's history and sends it (`NewView`).
     fn try_install(&mut self, now: Duration) {
         let Some(p) = &self.proposal else { return };
         if p.oks.len() < p.members.len() {
@@ -322,36 +354,37 @@ impl Group {
             return;
         };
         if p.oks.len() < self.config.quorum() {
-            tracing::debug!(proposal = %p.id, answered = p.oks.len(), "no majority of the core: not primary");
+            tracing::debug!(me = %self.config.me, proposal = %p.id, answered = p.oks.len(), "no majority of the core: not primary");
             self.proposal = Some(p);
             return;
         }
         let basis = p.oks.values().filter_map(|o| o.view).max();
-        let mine = self.reported_view();
-        if basis.is_some() && basis != mine {
+        if basis.is_some() && basis != self.reported_view() {
             // Only a holder of the newest state can carry the stream on.
+            if self.status == Status::Joining {
+                return;
+            }
             return self.rejoin(now);
         }
-        // The authority: members of the newest view. Their held ranges
-        // overlap (each holds through every seq any of them saw stable), so
-        // the highest of them holds everything any of them delivered and
-        // everything that may be stable.
-        let through = p
-            .oks
-            .values()
-            .filter(|o| o.view == basis)
-            .map(FlushOk::held)
-            .max()
-            .unwrap_or(self.delivered);
+        // The authority: members holding the newest view's state. Their
+        // held ranges overlap (each holds through every seq any of them saw
+        // stable), so the highest of them holds everything any of them
+        // delivered and everything that may be stable.
         let best = p
             .oks
             .values()
             .filter(|o| o.view == basis)
             .max_by_key(|o| o.held())
             .cloned();
+        let through = best.as_ref().map_or(self.delivered, FlushOk::held);
         let stream = match (&self.view, basis) {
             (Some(v), Some(_)) => v.stream,
             _ => fresh_stream(self.config.stream_seed, p.id, self.incarnation),
+        };
+        let view = View {
+            id: p.id,
+            members: p.members.clone(),
+            stream,
         };
         if basis.is_none() {
             // No member of any view is left: a new stream begins at seq 0,
@@ -360,20 +393,16 @@ impl Group {
             self.delivered = Seq(0);
             self.stable = Seq(0);
             self.publishers.clear();
+            self.stream = stream;
             self.events.push_back(Event::Reset(Snapshot {
                 stream,
                 ..Snapshot::default()
             }));
         }
-        let view = View {
-            id: p.id,
-            members: p.members.clone(),
-            stream,
-        };
-        // Messages the authority holds that we lack, then for each member
-        // what it lacks; lagging members get a snapshot instead.
-        if let Some(best) = &best {
-            if !self.bugs.skip_flush {
+        let through = if self.bugs.skip_flush {
+            self.stable.max(self.delivered)
+        } else {
+            if let Some(best) = &best {
                 let held = self.held();
                 for (i, m) in best.msgs.iter().enumerate() {
                     let seq = Seq(best.delivered.0 + 1 + i as u64);
@@ -382,67 +411,131 @@ impl Group {
                     }
                 }
             }
-        }
-        let through = if self.bugs.skip_flush {
-            self.stable
-        } else {
             through
         };
         self.truncate(through);
+        // Each member gets what it lacks up to `through`. A lagging member
+        // (no state of the newest view) gets a snapshot of what this server
+        // delivered, then everything after it.
         let mut lagging = Vec::new();
         for ok in p.oks.values() {
             if ok.from.node == self.config.me {
                 continue;
             }
             let is_lagging = ok.view != basis || basis.is_none();
-            let (first, msgs) = if is_lagging {
+            let from = if is_lagging {
                 lagging.push(ok.from.node);
-                (through.next(), Vec::new())
+                self.delivered
             } else {
-                let from = ok.held().max(self.delivered);
-                let skip = (from.0 - self.delivered.0) as usize;
-                let msgs: Vec<Msg> = self
-                    .log
-                    .iter()
-                    .skip(skip)
-                    .take_while(|m| m.seq <= through)
-                    .map(Msg::of)
-                    .collect();
-                (from.next(), msgs)
+                ok.held().max(self.delivered)
             };
+            let skip = (from.0 - self.delivered.0) as usize;
+            let msgs: Vec<Msg> = self.log.iter().skip(skip).map(Msg::of).collect();
             let msg = PeerMsg::NewView {
                 view: view.clone(),
                 through,
-                first,
+                first: from.next(),
                 msgs,
                 lagging: is_lagging,
             };
             self.send(ok.from.node, &msg);
         }
-        self.deliver_through(through);
-        self.installed(now, view, through);
         for to in lagging {
             self.events.push_back(Event::SnapshotNeeded { to });
         }
-        // Ordering resumes: first what our own clients submitted meanwhile.
-        self.resubmit();
+        self.accept(now, view, through);
+        self.accepted.insert(self.config.me);
+        self.try_commit(now);
     }
 
     /// Drops held messages after `through`: never stable, never delivered,
     /// and not part of the new view's history.
     fn truncate(&mut self, through: Seq) {
-        if self.held() > through {
-            let keep = through.0.saturating_sub(self.delivered.0) as usize;
-            self.log.truncate(keep);
+        if self.held() <= through {
+            return;
+        }
+        let keep = through.0.saturating_sub(self.delivered.0) as usize;
+        // The publisher table forgets them too, so that their publishers'
+        // resubmissions are ordered rather than taken for retries.
+        for m in self.log.drain(keep..) {
+            if let Some(p) = self.publishers.get_mut(&m.publisher) {
+                if p.held >= m.pub_seq {
+                    p.held = PubSeq(m.pub_seq.0 - 1).max(p.delivered);
+                }
+            }
         }
     }
 
-    /// Common bookkeeping of installing `view` after `at`.
-    fn installed(&mut self, _now: Duration, view: View, at: Seq) {
-        tracing::info!(view = %view.id, members = ?view.members.iter().map(|m| m.node.0).collect::<Vec<_>>(), at = at.0, "view installed");
-        self.stats.views += 1;
+    /// This server holds `view`'s history through `through` and waits for
+    /// the commit. From now on it reports `view` as the state it holds.
+    fn accept(&mut self, now: Duration, view: View, through: Seq) {
         self.promised = view.id;
         self.epoch_seen = self.epoch_seen.max(view.id.epoch);
+        self.status = Status::Accepted;
+        self.stream = view.stream;
+        self.state_view = Some(view.id);
+        self.accepted_through = through;
+        self.accepted.clear();
+        self.promise_deadline = Some(now + self.config.flush_timeout);
+        for m in &view.members {
+            if let Some(p) = self.peers.get_mut(&m.node) {
+                // What it will say in its next heartbeat; saying it now keeps
+                // the old answer from reading as a joiner or a stranger.
+                p.incarnation = m.incarnation;
+                p.view = Some(view.id);
+                p.joining = false;
+            }
+        }
+        self.view = Some(view);
+    }
+
+    pub(super) fn on_accept_ok(&mut self, now: Duration, from: NodeId, view: ViewId) {
+        tracing::trace!(me = %self.config.me, node = %from, view = %view, status = ?self.status, mine = ?self.view.as_ref().map(|v| v.id), "accept ok");
+        if self.view.as_ref().map(|v| v.id) != Some(view)
+            || self.coordinator() != Some(self.config.me)
+        {
+            return;
+        }
+        match self.status {
+            Status::Accepted => {
+                self.accepted.insert(from);
+                self.try_commit(now);
+            }
+            // A late acceptor: tell it the view is on.
+            Status::Normal => {
+                let msg = PeerMsg::Stable {
+                    view,
+                    through: self.stable,
+                };
+                self.send(from, &msg);
+            }
+            _ => {}
+        }
+    }
+
+    /// The proposer commits the view once a majority of the configured
+    /// servers hold its history: then any later proposal hears of it from
+    /// one of them, so what is delivered from here on is never undone.
+    fn try_commit(&mut self, now: Duration) {
+        if self.status != Status::Accepted || self.accepted.len() < self.config.quorum() {
+            return;
+        }
+        let through = self.accepted_through;
+        self.commit(now);
+        if let Some(view) = self.view.as_ref().map(|v| v.id) {
+            self.send_members(&PeerMsg::Stable { view, through });
+        }
+    }
+
+    /// Delivers the old view's history and starts ordering in the new one.
+    pub(super) fn commit(&mut self, _now: Duration) {
+        let Some(view) = self.view.clone() else {
+            return;
+        };
+        let at = self.accepted_through;
+        self.deliver_through(at);
+        tracing::info!(me = %self.config.me, view = %view.id, members = ?view.members.iter().map(|m| m.node.0).collect::<Vec<_>>(), at = at.0, "view installed");
+        self.stats.views += 1;
         self.status = Status::Normal;
         self.promise_deadline = None;
         self.blocked_since = None;
@@ -450,18 +543,11 @@ impl Group {
         self.stable = at;
         self.stable_sent = at;
         self.resend_asked = None;
-        self.acks = view.members.iter().map(|m| (m.node, at)).collect();
         self.lag_mark = None;
-        for m in &view.members {
-            if let Some(p) = self.peers.get_mut(&m.node) {
-                // What it will say in its next heartbeat; saying it now keeps
-                // the old answer from reading as a joiner or a stranger.
-                p.incarnation = m.incarnation;
-                p.view = Some(view.id);
-            }
-        }
-        self.view = Some(view.clone());
+        self.acks = view.members.iter().map(|m| (m.node, at)).collect();
         self.events.push_back(Event::View { view, at });
+        // Ordering resumes: first what our clients submitted meanwhile.
+        self.resubmit();
     }
 
     pub(super) fn on_new_view(
@@ -473,46 +559,81 @@ impl Group {
         msgs: Vec<Msg>,
         lagging: bool,
     ) {
-        if view.id != self.promised || !view.has(self.me()) {
+        let again =
+            self.status != Status::Flushing && self.view.as_ref().is_some_and(|v| v.id == view.id);
+        if view.id != self.promised || !view.has(self.me()) || again {
             return;
         }
         self.proposal = None;
         if lagging {
-            self.log.clear();
+            // State comes in the snapshot that follows; keep the rest.
             self.awaiting_snapshot = true;
-            self.installed(now, view, through);
-            // Until the snapshot comes, this server holds nothing usable.
-            self.blocked_since = Some(now);
+            self.stash = Some(Stash {
+                view,
+                through,
+                first,
+                msgs,
+            });
             return;
         }
-        if first > self.held().next() && !msgs.is_empty() {
+        self.take_history(now, view, through, first, msgs);
+    }
+
+    /// Appends the new view's history after what this server holds, and
+    /// accepts the view.
+    fn take_history(
+        &mut self,
+        now: Duration,
+        view: View,
+        through: Seq,
+        first: Seq,
+        msgs: Vec<Msg>,
+    ) {
+        let held = self.held();
+        if first > held.next() {
             // Cannot happen with a correct proposer; rejoining is safe.
-            tracing::warn!(view = %view.id, "new view leaves a hole; rejoining");
+            tracing::warn!(me = %self.config.me, view = %view.id, "new view leaves a hole; rejoining");
             return self.rejoin(now);
         }
-        let held = self.held();
         for (i, m) in msgs.into_iter().enumerate() {
             let seq = Seq(first.0 + i as u64);
             if seq > held {
                 self.hold(m.ordered(seq));
             }
         }
+        if self.bugs.skip_flush {
+            // The broken build: install with whatever this server holds.
+            let (id, coordinator) = (view.id, view.id.coordinator);
+            self.accept(now, view, through);
+            self.send(coordinator, &PeerMsg::AcceptOk { view: id });
+            return;
+        }
         self.truncate(through);
-        self.deliver_through(through);
-        if self.delivered != through {
-            tracing::warn!(view = %view.id, "new view beyond what this server holds; rejoining");
+        if self.held() != through || self.delivered > through {
+            tracing::warn!(me = %self.config.me, view = %view.id, held = self.held().0, through = through.0, delivered = self.delivered.0, first = first.0, "new view does not match what this server holds; rejoining");
             return self.rejoin(now);
         }
-        self.installed(now, view, through);
-        self.resubmit();
+        let id = view.id;
+        let coordinator = id.coordinator;
+        self.accept(now, view, through);
+        self.send(coordinator, &PeerMsg::AcceptOk { view: id });
     }
 
-    pub(super) fn on_snapshot(&mut self, view: ViewId, state: Snapshot) {
-        if !self.awaiting_snapshot || self.view.as_ref().map(|v| v.id) != Some(view) {
+    pub(super) fn on_snapshot(&mut self, now: Duration, view: ViewId, state: Snapshot) {
+        let Some(stash) = self.stash.take() else {
+            return;
+        };
+        if !self.awaiting_snapshot || stash.view.id != view || self.promised != view {
             return;
         }
         self.awaiting_snapshot = false;
-        self.blocked_since = None;
+        if state.stream == self.stream && self.delivered >= state.head {
+            // This server delivered a longer prefix of the same stream (it
+            // was left behind in an older view): keep it, take the rest.
+            self.truncate(self.delivered);
+            return self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
+        }
+        self.stream = state.stream;
         self.log.clear();
         self.delivered = state.head;
         self.stable = state.head;
@@ -530,11 +651,8 @@ impl Group {
                 )
             })
             .collect();
-        let coordinator = view.coordinator;
-        let have = state.head;
         self.events.push_back(Event::Reset(state));
-        self.send(coordinator, &PeerMsg::Ack { view, have });
-        self.resubmit();
+        self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
     }
 
     /// Sends the snapshot asked for by `Event::SnapshotNeeded`.
@@ -554,7 +672,9 @@ impl Group {
         self.proposal = None;
         self.promise_deadline = None;
         self.awaiting_snapshot = false;
-        self.log.clear();
+        self.stash = None;
+        self.accepted.clear();
+        self.truncate(self.delivered);
         self.unordered.clear();
         self.acks.clear();
         self.blocked_since = Some(now);

@@ -67,7 +67,7 @@ use crate::core::retention::Ordered;
 use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
 pub use wire::{Msg, PeerMsg, Snapshot};
@@ -222,6 +222,9 @@ pub enum Status {
     Normal,
     /// Promised a proposal; ordering stopped until a view is installed.
     Flushing,
+    /// Holds a new view's history; waits for its proposer to commit it
+    /// (a majority of the configured servers hold it too).
+    Accepted,
 }
 
 /// What this server knows of another configured server.
@@ -231,8 +234,12 @@ struct Peer {
     heard: Option<Duration>,
     /// The incarnation it last spoke as.
     incarnation: Incarnation,
-    /// The view it last said it installed.
+    /// The view whose state it last said it holds.
     view: Option<ViewId>,
+    /// Whether it last said it is joining.
+    joining: bool,
+    /// The epoch of the proposal it last said it promised.
+    promised: u64,
     /// A broken link was reported at this time and nothing heard since.
     link_down: Option<Duration>,
     /// It failed to answer a proposal; not counted alive until then.
@@ -263,6 +270,15 @@ struct Proposal {
     members: Vec<Member>,
     oks: BTreeMap<NodeId, FlushOk>,
     deadline: Duration,
+}
+
+/// A lagging member's `NewView`, kept until its snapshot arrives.
+#[derive(Debug)]
+struct Stash {
+    view: View,
+    through: Seq,
+    first: Seq,
+    msgs: Vec<Msg>,
 }
 
 /// A member's answer to a proposal.
@@ -317,8 +333,19 @@ pub struct Group {
     promised: ViewId,
     /// The highest epoch seen anywhere.
     epoch_seen: u64,
-    /// Installed as lagging; the coordinator's snapshot has not come yet.
+    /// Told it lags; the coordinator's snapshot has not come yet.
     awaiting_snapshot: bool,
+    /// The `NewView` that waits for the snapshot.
+    stash: Option<Stash>,
+    /// The stream this server's delivered seqs belong to (0: none yet).
+    stream: u64,
+    /// The view whose history this server's state comes from; kept across a
+    /// rejoin, since what it delivered stays delivered.
+    state_view: Option<ViewId>,
+    /// The last seq of the accepted view's inherited history.
+    accepted_through: Seq,
+    /// Proposer: the members that hold the accepted view's history.
+    accepted: BTreeSet<NodeId>,
     /// When the current non-normal stretch began (for `NotPrimary`).
     blocked_since: Option<Duration>,
     /// Whether `NotPrimary` was told for the current stretch.
@@ -371,6 +398,11 @@ impl Group {
             promised: ViewId::default(),
             epoch_seen: 0,
             awaiting_snapshot: false,
+            stash: None,
+            stream: 0,
+            state_view: None,
+            accepted_through: Seq(0),
+            accepted: BTreeSet::new(),
             blocked_since: Some(now),
             told_not_primary: false,
             promise_deadline: None,
@@ -433,6 +465,23 @@ impl Group {
         &self.config.servers
     }
 
+    /// The last pub_seq of `publisher` delivered here (what a publisher
+    /// that attaches here is told has been acknowledged).
+    pub fn pub_delivered(&self, publisher: PublisherId) -> PubSeq {
+        self.publishers
+            .get(&publisher)
+            .map_or(PubSeq(0), |p| p.delivered)
+    }
+
+    /// The last pub_seq of `publisher` held here (ordered, maybe not yet
+    /// delivered). In a primary view it covers every publish acknowledged
+    /// anywhere: acknowledged means stable, held by every member.
+    pub fn pub_held(&self, publisher: PublisherId) -> PubSeq {
+        self.publishers
+            .get(&publisher)
+            .map_or(PubSeq(0), |p| p.held)
+    }
+
     /// Whether `submit` would refuse more publishes now.
     pub fn unordered_full(&self) -> bool {
         self.unordered.len() >= self.config.unordered_max
@@ -474,11 +523,12 @@ impl Group {
         match msg {
             PeerMsg::Heartbeat {
                 from: member,
+                joining,
                 view,
                 epoch,
                 have,
                 stable,
-            } => self.on_heartbeat(now, member, view, epoch, have, stable),
+            } => self.on_heartbeat(now, member, joining, view, epoch, have, stable),
             PeerMsg::Submit { view, msgs } => self.on_submit(from, view, msgs),
             PeerMsg::Order {
                 view,
@@ -487,7 +537,7 @@ impl Group {
                 stable,
             } => self.on_order(from, view, first, msgs, stable),
             PeerMsg::Ack { view, have } => self.on_ack(from, view, have),
-            PeerMsg::Stable { view, through } => self.on_stable(view, through),
+            PeerMsg::Stable { view, through } => self.on_stable(now, view, through),
             PeerMsg::Resend { view, after } => self.on_resend(from, view, after),
             PeerMsg::FlushReq { proposal, members } => {
                 self.on_flush_req(now, from, proposal, members)
@@ -515,7 +565,8 @@ impl Group {
                 msgs,
                 lagging,
             } => self.on_new_view(now, view, through, first, msgs, lagging),
-            PeerMsg::Snapshot { view, state } => self.on_snapshot(view, state),
+            PeerMsg::Snapshot { view, state } => self.on_snapshot(now, view, state),
+            PeerMsg::AcceptOk { view } => self.on_accept_ok(now, from, view),
         }
         self.announce_stable();
     }

@@ -168,10 +168,6 @@ impl Group {
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
         self.log.push_back(m);
-        if self.bugs.deliver_unstable {
-            let held = self.held();
-            self.deliver_through(held);
-        }
     }
 
     /// Forgets the eighth of publishers quiet longest whose messages are all
@@ -240,8 +236,16 @@ impl Group {
         self.advance_stable();
     }
 
-    pub(super) fn on_stable(&mut self, view: ViewId, through: Seq) {
-        if self.status == Status::Normal && self.view.as_ref().map(|v| v.id) == Some(view) {
+    pub(super) fn on_stable(&mut self, now: std::time::Duration, view: ViewId, through: Seq) {
+        tracing::trace!(me = %self.config.me, view = %view, through = through.0, status = ?self.status, accepted_through = self.accepted_through.0, "stable");
+        if self.view.as_ref().map(|v| v.id) != Some(view) {
+            return;
+        }
+        if self.status == Status::Accepted && through >= self.accepted_through {
+            // The proposer committed the view.
+            self.commit(now);
+        }
+        if self.status == Status::Normal {
             self.learn_stable(through);
         }
     }
@@ -304,7 +308,11 @@ impl Group {
         if stable > self.stable {
             self.stable = stable;
         }
-        let through = self.stable.min(self.held());
+        let through = if self.bugs.deliver_unstable {
+            self.held()
+        } else {
+            self.stable.min(self.held())
+        };
         self.deliver_through(through);
     }
 

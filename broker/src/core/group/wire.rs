@@ -65,9 +65,12 @@ pub enum PeerMsg {
     Heartbeat {
         /// The sender.
         from: Member,
-        /// Its installed view (`None` while joining or awaiting a snapshot).
+        /// Whether it is joining (in no view).
+        joining: bool,
+        /// The view whose state it holds (`None`: no state).
         view: Option<ViewId>,
-        /// The highest proposal epoch it has promised or seen.
+        /// The epoch of the proposal it promised last (its view's, if none
+        /// since).
         epoch: u64,
         /// The last seq it holds in its view.
         have: Seq,
@@ -99,7 +102,8 @@ pub enum PeerMsg {
         /// The last seq held.
         have: Seq,
     },
-    /// Coordinator to members: everything through `through` is stable.
+    /// Coordinator to members: everything through `through` is stable. The
+    /// first `Stable` of a view commits it.
     Stable {
         /// The view.
         view: ViewId,
@@ -128,17 +132,18 @@ pub enum PeerMsg {
         proposal: ViewId,
         /// The sender.
         from: Member,
-        /// The sender's installed view, if it holds that view's state.
+        /// The view whose state the sender holds (kept across a rejoin).
         view: Option<ViewId>,
         /// The last seq it delivered.
         delivered: Seq,
         /// What it holds after `delivered`, in order.
         msgs: Vec<Msg>,
     },
-    /// Proposer to members: install `view`; everything through `through`
-    /// is delivered in the old view. `msgs` are the messages after the
-    /// receiver's held seq that it lacks. A member marked `lagging` holds
-    /// no usable state and waits for a `Snapshot` instead.
+    /// Proposer to members: take `view`'s history, everything through
+    /// `through`, to be delivered in the old view once the view commits.
+    /// `msgs` are the messages after the receiver's held seq that it lacks.
+    /// A member marked `lagging` holds no usable state: a `Snapshot` of the
+    /// proposer's delivered state follows, and `msgs` continue it.
     NewView {
         /// The new view.
         view: View,
@@ -150,6 +155,11 @@ pub enum PeerMsg {
         msgs: Vec<Msg>,
         /// Whether the receiver gets a snapshot next.
         lagging: bool,
+    },
+    /// Member to proposer: "I hold the new view's history" (phase two).
+    AcceptOk {
+        /// The view accepted.
+        view: ViewId,
     },
     /// Coordinator to a lagging member, right after `NewView`.
     Snapshot {
@@ -207,6 +217,7 @@ mod tests {
                 node: NodeId(2),
                 incarnation: Incarnation(4),
             },
+            joining: true,
             view: None,
             epoch: 1,
             have: Seq(0),

@@ -1,0 +1,240 @@
+//! Checkers for the core group: what every server's event stream must obey.
+//!
+//! One method per kind of event; each returns the first guarantee broken.
+//! - Agreement (guarantee 1): one content per seq in a stream, each
+//!   server's deliveries contiguous, a catch-up never moves a server back.
+//! - No creation, no duplication (2): only published content, and one seq
+//!   per `(publisher, pub_seq)`.
+//! - Publisher FIFO (3): a publisher's pub_seqs ascend with seq.
+//! - Virtual synchrony and view agreement (4): a view id names one
+//!   membership and one stream position everywhere; each server installs
+//!   ascending view ids.
+//! - Primary component (7): every installed view holds a majority of the
+//!   configured servers.
+//! - Durability (5) and liveness (8) are checked by the world after its
+//!   faults stop: every acknowledged publish is delivered at every server.
+
+use super::checker::Violation;
+use crate::core::group::{View, ViewId};
+use crate::core::retention::Ordered;
+use canopy_client::protocol::{PubSeq, PublisherId, Seq};
+use std::collections::{BTreeMap, HashMap};
+
+/// Where one server (one incarnation) stands.
+#[derive(Clone, Debug, Default)]
+struct ServerTrack {
+    stream: u64,
+    delivered: Seq,
+    last_view: Option<ViewId>,
+}
+
+/// The checker of one simulated core.
+#[derive(Debug, Default)]
+pub struct ClusterChecker {
+    /// Configured servers.
+    servers: usize,
+    tracks: HashMap<(usize, u64), ServerTrack>,
+    /// Per stream: seq → content.
+    order: HashMap<u64, BTreeMap<Seq, (PublisherId, PubSeq)>>,
+    /// Per stream: content → seq.
+    seq_of: HashMap<u64, HashMap<(PublisherId, PubSeq), Seq>>,
+    /// Per stream and publisher: seq → pub_seq.
+    fifo: HashMap<(u64, PublisherId), BTreeMap<Seq, PubSeq>>,
+    views: HashMap<ViewId, (Vec<u32>, Seq)>,
+    /// The highest pub_seq each publisher has published.
+    published: HashMap<PublisherId, PubSeq>,
+}
+
+impl ClusterChecker {
+    /// A checker for a core of `servers` configured servers.
+    pub fn new(servers: usize) -> Self {
+        ClusterChecker {
+            servers,
+            ..Self::default()
+        }
+    }
+
+    /// `publisher` published `pub_seq` (and everything before it).
+    pub fn published(&mut self, publisher: PublisherId, pub_seq: PubSeq) {
+        let e = self.published.entry(publisher).or_default();
+        *e = (*e).max(pub_seq);
+    }
+
+    /// The delivered content at `seq` in `stream`, if any server delivered it.
+    pub fn content(&self, stream: u64, seq: Seq) -> Option<(PublisherId, PubSeq)> {
+        self.order.get(&stream).and_then(|o| o.get(&seq)).copied()
+    }
+
+    /// Server `server` (incarnation `inc`) delivered `batch`.
+    ///
+    /// # Errors
+    /// The guarantee the batch breaks.
+    pub fn deliver(&mut self, server: usize, inc: u64, batch: &[Ordered]) -> Result<(), Violation> {
+        let track = self.tracks.entry((server, inc)).or_default().clone();
+        let mut at = track.delivered;
+        let stream = track.stream;
+        for m in batch {
+            if m.seq != at.next() {
+                return Err(Violation(format!(
+                    "agreement: server {server} delivered seq {} after {}",
+                    m.seq, at
+                )));
+            }
+            at = m.seq;
+            let content = (m.publisher, m.pub_seq);
+            let order = self.order.entry(stream).or_default();
+            match order.get(&m.seq) {
+                Some(c) if *c != content => {
+                    return Err(Violation(format!(
+                        "agreement: seq {} is {c:?} elsewhere but {content:?} at server {server}",
+                        m.seq
+                    )))
+                }
+                // Checked in full where it was delivered first.
+                Some(_) => continue,
+                None => {
+                    order.insert(m.seq, content);
+                }
+            }
+            let expected = format!("{}:{}", m.publisher.0, m.pub_seq.0);
+            if m.payload.as_ref() != expected.as_bytes() {
+                return Err(Violation(format!(
+                    "no creation: seq {} carries a payload nobody published with {content:?}",
+                    m.seq
+                )));
+            }
+            if self
+                .published
+                .get(&m.publisher)
+                .is_none_or(|&p| m.pub_seq > p)
+            {
+                return Err(Violation(format!(
+                    "no creation: seq {} is {content:?}, never published",
+                    m.seq
+                )));
+            }
+            let seqs = self.seq_of.entry(stream).or_default();
+            match seqs.get(&content) {
+                Some(s) if *s != m.seq => {
+                    return Err(Violation(format!(
+                        "no duplication: {content:?} ordered at seq {s} and again at seq {}",
+                        m.seq
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    seqs.insert(content, m.seq);
+                }
+            }
+            let fifo = self.fifo.entry((stream, m.publisher)).or_default();
+            fifo.insert(m.seq, m.pub_seq);
+            let before = fifo.range(..m.seq).next_back();
+            let after = fifo.range(m.seq.next()..).next();
+            if before.is_some_and(|(_, p)| *p >= m.pub_seq)
+                || after.is_some_and(|(_, p)| *p <= m.pub_seq)
+            {
+                return Err(Violation(format!(
+                    "publisher FIFO: publisher {} pub_seq {} at seq {} is out of its order",
+                    m.publisher.0, m.pub_seq.0, m.seq
+                )));
+            }
+        }
+        if let Some(t) = self.tracks.get_mut(&(server, inc)) {
+            t.delivered = at;
+        }
+        Ok(())
+    }
+
+    /// Server `server` installed `view` after seq `at`.
+    ///
+    /// # Errors
+    /// The guarantee the install breaks.
+    pub fn view(&mut self, server: usize, inc: u64, view: &View, at: Seq) -> Result<(), Violation> {
+        let members: Vec<u32> = view.members.iter().map(|m| m.node.0).collect();
+        if members.len() < self.servers / 2 + 1 {
+            return Err(Violation(format!(
+                "primary component: view {} installed with {} of {} servers",
+                view.id,
+                members.len(),
+                self.servers
+            )));
+        }
+        let track = self.tracks.entry((server, inc)).or_default();
+        if track.last_view.is_some_and(|v| v >= view.id) {
+            return Err(Violation(format!(
+                "view agreement: server {server} installed view {} after {:?}",
+                view.id, track.last_view
+            )));
+        }
+        track.last_view = Some(view.id);
+        if track.stream == 0 {
+            track.stream = view.stream;
+        }
+        if track.stream == view.stream && track.delivered != at {
+            return Err(Violation(format!(
+                "virtual synchrony: server {server} installed view {} at seq {} having delivered through {}",
+                view.id, at, track.delivered
+            )));
+        }
+        match self.views.get(&view.id) {
+            Some((m, a)) if *m != members || *a != at => Err(Violation(format!(
+                "view agreement: view {} is {m:?} after seq {a} elsewhere, {members:?} after seq {at} at server {server}",
+                view.id
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.views.insert(view.id, (members, at));
+                Ok(())
+            }
+        }
+    }
+
+    /// Server `server` replaced its state with a snapshot through `head`.
+    ///
+    /// # Errors
+    /// When the snapshot moves it back within one stream.
+    pub fn reset(
+        &mut self,
+        server: usize,
+        inc: u64,
+        stream: u64,
+        head: Seq,
+    ) -> Result<(), Violation> {
+        let track = self.tracks.entry((server, inc)).or_default();
+        if track.stream == stream && head < track.delivered {
+            return Err(Violation(format!(
+                "agreement: server {server} caught up to seq {head} after delivering through {}",
+                track.delivered
+            )));
+        }
+        track.stream = stream;
+        track.delivered = head;
+        Ok(())
+    }
+
+    /// Where server `server` (incarnation `inc`) stands: stream and seq.
+    pub fn position(&self, server: usize, inc: u64) -> (u64, Seq) {
+        self.tracks
+            .get(&(server, inc))
+            .map_or((0, Seq(0)), |t| (t.stream, t.delivered))
+    }
+
+    /// Every stream and seq `(publisher, pub_seq)` was delivered at.
+    pub fn find(&self, publisher: PublisherId, pub_seq: PubSeq) -> Vec<(u64, Seq)> {
+        let mut found: Vec<(u64, Seq)> = self
+            .seq_of
+            .iter()
+            .filter_map(|(stream, m)| m.get(&(publisher, pub_seq)).map(|s| (*stream, *s)))
+            .collect();
+        found.sort_unstable();
+        found
+    }
+
+    /// The seq of `content` in `stream`, if delivered anywhere.
+    pub fn seq_of(&self, stream: u64, content: (PublisherId, PubSeq)) -> Option<Seq> {
+        self.seq_of
+            .get(&stream)
+            .and_then(|m| m.get(&content))
+            .copied()
+    }
+}

@@ -1,0 +1,136 @@
+//! Core-group simulator runs, and the tests that prove its checkers catch a
+//! deliberately broken group.
+
+use super::cluster::{run, run_with, ClusterOutcome, ClusterPlan};
+use crate::core::group::GroupBugs;
+
+/// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
+fn seed_count() -> u64 {
+    std::env::var("CANOPY_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
+}
+
+#[test]
+fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
+    // Two workers: seeds are independent, and CI has two cores.
+    let seeds = seed_count();
+    let outcomes: Vec<ClusterOutcome> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2u64)
+            .map(|w| {
+                scope.spawn(move || {
+                    let mut t = ClusterOutcome::default();
+                    for seed in (w..seeds).step_by(2) {
+                        let o = run(seed).unwrap_or_else(|v| panic!("{}", v.0));
+                        t.published += o.published;
+                        t.acked += o.acked;
+                        t.delivered += o.delivered;
+                        t.crashes += o.crashes;
+                        t.restarts += o.restarts;
+                        t.partitions += o.partitions;
+                        t.breaks += o.breaks;
+                        t.views += o.views;
+                    }
+                    t
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut t = ClusterOutcome::default();
+    for o in outcomes {
+        t.published += o.published;
+        t.acked += o.acked;
+        t.delivered += o.delivered;
+        t.crashes += o.crashes;
+        t.restarts += o.restarts;
+        t.partitions += o.partitions;
+        t.breaks += o.breaks;
+        t.views += o.views;
+    }
+    // The runs must exercise the faults they claim to survive.
+    assert!(t.published > 100 * seeds, "{t:?}");
+    assert!(t.crashes > seeds / 2, "servers crashed: {t:?}");
+    assert!(t.restarts > seeds / 2, "servers restarted: {t:?}");
+    assert!(t.partitions > seeds / 4, "partitions: {t:?}");
+    assert!(t.breaks > seeds, "links broke: {t:?}");
+}
+
+#[test]
+fn one_seed_replays_bit_for_bit() {
+    for seed in [3, 77, 901] {
+        assert_eq!(run(seed), run(seed), "seed {seed} is not deterministic");
+    }
+}
+
+/// Runs seeds with `bugs` until one is caught; returns what was caught.
+fn caught(bugs: GroupBugs) -> String {
+    for seed in 0..200 {
+        let plan = ClusterPlan {
+            bugs,
+            ..ClusterPlan::default()
+        };
+        if let Err(v) = run_with(seed, plan) {
+            return v.0;
+        }
+    }
+    panic!("a group with {bugs:?} passed 200 seeds: the checkers miss it");
+}
+
+#[test]
+fn a_view_change_without_the_flush_is_caught() {
+    let v = caught(GroupBugs {
+        skip_flush: true,
+        ..GroupBugs::default()
+    });
+    assert!(
+        v.contains("agreement")
+            || v.contains("synchrony")
+            || v.contains("durability")
+            || v.contains("duplication"),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_sequencer_that_orders_retries_again_is_caught() {
+    let v = caught(GroupBugs {
+        no_dedup: true,
+        ..GroupBugs::default()
+    });
+    assert!(v.contains("duplication") || v.contains("FIFO"), "{v}");
+}
+
+#[test]
+fn delivering_before_stability_is_caught() {
+    let v = caught(GroupBugs {
+        deliver_unstable: true,
+        ..GroupBugs::default()
+    });
+    assert!(!v.is_empty(), "{v}");
+}
+
+/// `CANOPY_SIM_SEED=N cargo test -p canopy-broker --lib sim::cluster_tests::replay -- --ignored --nocapture`
+/// replays one seed and prints what it did.
+#[test]
+#[ignore = "a tool: replays the seed in CANOPY_SIM_SEED"]
+fn replay() {
+    let seed: u64 = std::env::var("CANOPY_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("set CANOPY_SIM_SEED to the seed to replay");
+    // RUST_LOG=debug shows the groups' decisions.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .without_time()
+        .with_test_writer()
+        .try_init();
+    match run(seed) {
+        Ok(o) => println!("seed {seed}: {o:?}"),
+        Err(v) => panic!("{}", v.0),
+    }
+}
