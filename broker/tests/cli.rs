@@ -145,3 +145,54 @@ async fn cli_errors_say_what_to_do() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/canopy.toml"), "{err}");
 }
+
+/// `canopy sub` and `canopy pub` given a 3-server core's addresses fail over
+/// when the server they use is killed: the subscriber's sequence goes on
+/// with every line once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_and_sub_fail_over_between_core_servers() {
+    let mut cluster = common::Cluster::start(3, "");
+    let all = cluster.addrs_from(0).join(",");
+    let (mut sub_child, mut out) = sub(&["--server", &all, "demo.>", "--count", "200"]).await;
+    let mut publisher = canopy()
+        .args(["pub", "--server", &all, "demo.n"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start canopy pub");
+    let mut stdin = publisher.stdin.take().expect("stdin");
+    for i in 0..100 {
+        stdin
+            .write_all(format!("{i}\n").as_bytes())
+            .await
+            .expect("write");
+    }
+    stdin.flush().await.expect("flush");
+    let first = read_lines(&mut out, 100).await;
+    // Both use the first address: kill that server.
+    cluster.kill(0);
+    for i in 100..200 {
+        stdin
+            .write_all(format!("{i}\n").as_bytes())
+            .await
+            .expect("write");
+    }
+    drop(stdin);
+    let rest = read_lines(&mut out, 100).await;
+    let payloads: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|l| l.split(' ').nth(2).unwrap_or_default().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    assert_eq!(payloads, expected, "every line once, in order");
+    let status = within("canopy pub to finish", publisher.wait())
+        .await
+        .expect("wait");
+    assert!(status.success(), "canopy pub acknowledged everything");
+    let status = within("canopy sub to exit after --count", sub_child.wait())
+        .await
+        .expect("wait");
+    assert!(status.success());
+}

@@ -70,6 +70,16 @@ pub struct ServerHandle {
     shutdown: watch::Sender<bool>,
     node_task: JoinHandle<()>,
     accept_task: JoinHandle<()>,
+    views: watch::Receiver<Option<InstalledView>>,
+}
+
+/// A view this server installed, as the shell reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstalledView {
+    /// The view's epoch.
+    pub epoch: u64,
+    /// Its members' ids.
+    pub members: Vec<u32>,
 }
 
 impl ServerHandle {
@@ -92,6 +102,12 @@ impl ServerHandle {
             t.abort();
         }
         let _ = self.node_task.await;
+    }
+
+    /// The latest view this server installed (core servers only); changes
+    /// as views are installed, for tools that time failovers.
+    pub fn views(&self) -> watch::Receiver<Option<InstalledView>> {
+        self.views.clone()
     }
 
     /// Waits until the server stops (it stops only on shutdown).
@@ -168,16 +184,15 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
     if let Some(addr) = http_addr {
         tracing::info!(addr = %addr, "dashboard and API over HTTP");
     }
+    let (views_tx, views) = watch::channel(None);
     let node_task = tokio::spawn(async move {
-        run_node(
-            server,
-            links.as_mut(),
+        let shell = Shell {
             started,
-            inbox_rx,
-            shutdown_rx,
-            dashboard,
-        )
-        .await;
+            inbox: inbox_rx,
+            shutdown: shutdown_rx,
+            views: views_tx,
+        };
+        run_node(server, links.as_mut(), shell, dashboard).await;
         if let Some(l) = &links {
             l.stop();
         }
@@ -193,6 +208,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
         shutdown,
         node_task,
         accept_task,
+        views,
     })
 }
 
@@ -203,14 +219,26 @@ struct Dashboard {
     latency: canopy_dashboard::Histogram,
 }
 
+/// The node task's channels.
+struct Shell {
+    started: Instant,
+    inbox: flume::Receiver<Inbound>,
+    shutdown: watch::Receiver<bool>,
+    views: watch::Sender<Option<InstalledView>>,
+}
+
 async fn run_node(
     mut node: Server,
     mut links: Option<&mut peer::Links>,
-    started: Instant,
-    inbox: flume::Receiver<Inbound>,
-    mut shutdown: watch::Receiver<bool>,
+    shell: Shell,
     mut dashboard: Option<Dashboard>,
 ) {
+    let Shell {
+        started,
+        inbox,
+        mut shutdown,
+        views,
+    } = shell;
     let mut sessions: HashMap<SessionId, SessionIo> = HashMap::new();
     let mut snapshot_next = Instant::now();
     loop {
@@ -253,6 +281,18 @@ async fn run_node(
             links.as_deref_mut(),
             started.elapsed(),
         );
+        let installed = node
+            .group()
+            .filter(|g| g.is_primary())
+            .and_then(|g| g.view());
+        if installed.map(|v| v.id.epoch) != views.borrow().as_ref().map(|v| v.epoch) {
+            if let Some(v) = installed {
+                views.send_replace(Some(InstalledView {
+                    epoch: v.id.epoch,
+                    members: v.members.iter().map(|m| m.node.0).collect(),
+                }));
+            }
+        }
         if let Some(d) = &mut dashboard {
             if let Some(turn) = turn.filter(|_| node.node().stats().published != published) {
                 d.latency.observe(turn.elapsed().as_secs_f64());

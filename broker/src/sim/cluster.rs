@@ -60,6 +60,8 @@ pub struct ClusterPlan {
     pub faulty: Duration,
     /// Simulated time allowed to converge after faults stop.
     pub settle: Duration,
+    /// The core size, instead of the seed's choice.
+    pub servers: Option<usize>,
 }
 
 impl Default for ClusterPlan {
@@ -68,6 +70,7 @@ impl Default for ClusterPlan {
             bugs: GroupBugs::default(),
             faulty: Duration::from_secs(6),
             settle: Duration::from_secs(8),
+            servers: None,
         }
     }
 }
@@ -153,6 +156,8 @@ struct World {
     failure_timeout: Duration,
     /// A violation found outside the checker's calls, reported next step.
     violation: Option<Violation>,
+    /// A publisher held on one server: (publisher index, server index).
+    pinned: Option<(usize, usize)>,
 }
 
 /// Runs seed `seed` with the default plan.
@@ -182,6 +187,7 @@ impl World {
     fn new(seed: u64, plan: ClusterPlan) -> World {
         let mut rng = Rng::new(seed ^ 0xC0DE);
         let n = if rng.percent(70) { 3 } else { 5 };
+        let n = plan.servers.unwrap_or(n);
         let heartbeat = Duration::from_millis(20 + rng.below(40));
         let failure_timeout = heartbeat * (4 + rng.below(5) as u32);
         let latency_max_us = 200 + rng.below(5_000);
@@ -214,6 +220,7 @@ impl World {
             heartbeat,
             failure_timeout,
             violation: None,
+            pinned: None,
         };
         for i in 0..n {
             let s = w.boot(i);
@@ -249,9 +256,15 @@ impl World {
 
     fn run(&mut self) -> Result<(), Violation> {
         let faulty_end = self.plan.faulty;
-        let end = faulty_end + self.plan.settle;
-        let mut next_action = Duration::from_millis(1);
-        let mut healed = false;
+        self.run_until(faulty_end, true)?;
+        self.heal_everything();
+        self.run_until(faulty_end + self.plan.settle, false)?;
+        self.converged()
+    }
+
+    /// Steps the world until `end`, with random faults if `faults`.
+    fn run_until(&mut self, end: Duration, faults: bool) -> Result<(), Violation> {
+        let mut next_action = self.now;
         loop {
             let timer = self
                 .servers
@@ -266,11 +279,7 @@ impl World {
             }
             self.now = t.max(self.now);
             if self.now >= end {
-                break;
-            }
-            if !healed && self.now >= faulty_end {
-                healed = true;
-                self.heal_everything();
+                return Ok(());
             }
             if self.heal_at.is_some_and(|h| h <= self.now) {
                 self.heal_partition();
@@ -288,14 +297,13 @@ impl World {
                 }
             } else {
                 next_action = self.now + Duration::from_micros(1_000 + self.rng.below(10_000));
-                self.act(self.now < faulty_end);
+                self.act(faults);
             }
             self.drain()?;
             if let Some(v) = self.violation.take() {
                 return Err(v);
             }
         }
-        self.converged()
     }
 
     /// One workload or fault action.
@@ -351,6 +359,9 @@ impl World {
     }
 
     fn publish(&mut self, p: usize, new: bool) {
+        if self.pinned.is_some_and(|(q, _)| q == p) {
+            return self.publish_pinned(p);
+        }
         self.attach(p);
         let Some(i) = self.publishers[p].attached else {
             return;
@@ -362,6 +373,32 @@ impl World {
             return;
         }
         let pb = &mut self.publishers[p];
+        let pub_seq = PubSeq(pb.next);
+        pb.next += 1;
+        let msg = Msg(
+            pb.id,
+            pub_seq,
+            Arc::from("t"),
+            Bytes::from(format!("{}:{}", pb.id.0, pub_seq.0)),
+        );
+        pb.unacked.push_back(msg.clone());
+        self.checker.published(pb.id, pub_seq);
+        self.out.published += 1;
+        s.group.submit(vec![msg]);
+    }
+
+    /// A publisher held on one server whatever it says (a test's probe of a
+    /// minority side): its publishes go to that server's group directly.
+    fn publish_pinned(&mut self, p: usize) {
+        let Some((_, i)) = self.pinned else { return };
+        let Some(s) = &mut self.servers[i] else {
+            return;
+        };
+        if s.group.unordered_full() {
+            return;
+        }
+        let pb = &mut self.publishers[p];
+        pb.attached = Some(i);
         let pub_seq = PubSeq(pb.next);
         pb.next += 1;
         let msg = Msg(
@@ -671,8 +708,9 @@ impl World {
                 self.checker.reset(i, inc, state.stream, state.head)?;
             }
             Event::NotPrimary => {
+                let pinned = self.pinned.map(|(p, _)| self.publishers[p].id);
                 for pb in &mut self.publishers {
-                    if pb.attached == Some(i) {
+                    if pb.attached == Some(i) && Some(pb.id) != pinned {
                         pb.attached = None;
                     }
                 }
@@ -738,6 +776,74 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// What the minority-partition scenario saw.
+#[derive(Clone, Debug, Default)]
+pub struct MinorityReport {
+    /// The partitioned server (the first view's coordinator).
+    pub cut: usize,
+    /// Seqs it delivered while cut off (must be none).
+    pub delivered_while_cut: u64,
+    /// Whether it told its clients it is not primary.
+    pub told_not_primary: bool,
+    /// Seqs the majority delivered meanwhile.
+    pub majority_delivered: u64,
+    /// Publishes made on the cut-off server meanwhile.
+    pub published_there: u64,
+}
+
+/// A scripted run: a 3-server core forms, its coordinator is cut off from
+/// the other two while a publisher keeps publishing on it, then the cut
+/// heals and everything must converge (guarantee 7: the minority side
+/// orders nothing; guarantee 8 afterwards).
+///
+/// # Errors
+/// The first broken guarantee.
+pub fn minority_partition(seed: u64) -> Result<MinorityReport, Violation> {
+    let plan = ClusterPlan {
+        servers: Some(3),
+        ..ClusterPlan::default()
+    };
+    let mut w = World::new(seed, plan);
+    w.run_until(Duration::from_secs(1), false)?;
+    let cut = w
+        .servers
+        .iter()
+        .flatten()
+        .find_map(|s| s.group.view().map(|v| v.id.coordinator.0 as usize - 1))
+        .ok_or_else(|| Violation("no view formed within a second".into()))?;
+    let other = (cut + 1) % 3;
+    let inc = |w: &World, i: usize| w.servers[i].as_ref().map_or(0, |s| s.incarnation);
+    let before = w.checker.position(cut, inc(&w, cut)).1;
+    let majority_before = w.checker.position(other, inc(&w, other)).1;
+    let published_before = w.out.published;
+    for a in 0..3 {
+        for b in 0..3 {
+            if (a == cut) != (b == cut) {
+                w.cut[a][b] = true;
+            }
+        }
+    }
+    w.pinned = Some((0, cut));
+    let end = w.now + w.failure_timeout * 10;
+    w.run_until(end, false)?;
+    let after = w.checker.position(cut, inc(&w, cut)).1;
+    let report = MinorityReport {
+        cut,
+        delivered_while_cut: after.0 - before.0,
+        told_not_primary: !w.servers[cut]
+            .as_ref()
+            .is_some_and(|s| s.group.is_primary()),
+        majority_delivered: w.checker.position(other, inc(&w, other)).1 .0 - majority_before.0,
+        published_there: w.out.published - published_before,
+    };
+    w.pinned = None;
+    w.heal_partition();
+    let end = w.now + w.plan.settle;
+    w.run_until(end, false)?;
+    w.converged()?;
+    Ok(report)
 }
 
 fn mix(h: u64, x: u64) -> u64 {

@@ -1,7 +1,7 @@
 //! Core-group simulator runs, and the tests that prove its checkers catch a
 //! deliberately broken group.
 
-use super::cluster::{run, run_with, ClusterOutcome, ClusterPlan};
+use super::cluster::{minority_partition, run, run_with, ClusterOutcome, ClusterPlan};
 use crate::core::group::GroupBugs;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
@@ -64,6 +64,20 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
 fn one_seed_replays_bit_for_bit() {
     for seed in [3, 77, 901] {
         assert_eq!(run(seed), run(seed), "seed {seed} is not deterministic");
+    }
+}
+
+/// Guarantee 7: a coordinator cut off from the two other servers delivers
+/// nothing of what is published on it, stops claiming to be primary, and
+/// the majority goes on; after the cut heals everything converges.
+#[test]
+fn a_minority_partition_orders_nothing() {
+    for seed in 0..20 {
+        let r = minority_partition(seed).unwrap_or_else(|v| panic!("seed {seed}: {}", v.0));
+        assert_eq!(r.delivered_while_cut, 0, "seed {seed}: {r:?}");
+        assert!(r.told_not_primary, "seed {seed}: {r:?}");
+        assert!(r.published_there > 0, "seed {seed}: {r:?}");
+        assert!(r.majority_delivered > 0, "seed {seed}: {r:?}");
     }
 }
 
