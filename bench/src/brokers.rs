@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 /// Which broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// Canopy.
+    /// Canopy, one node.
     Canopy,
+    /// Canopy, a core of three servers.
+    Core,
     /// nats-server.
     Nats,
 }
@@ -23,6 +25,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Canopy => "canopy",
+            Kind::Core => "core3",
             Kind::Nats => "nats",
         }
     }
@@ -33,12 +36,9 @@ pub enum Broker {
     /// A server reached at an address the bench did not start.
     External(String),
     /// Canopy on its own runtime threads in this process.
-    Canopy {
-        addr: String,
-        http: Option<String>,
-        stop: Option<std::sync::mpsc::Sender<()>>,
-        thread: Option<std::thread::JoinHandle<()>>,
-    },
+    Canopy(InProcess),
+    /// A core of Canopy servers, each on its own runtime threads.
+    Core(Vec<InProcess>),
     /// A `nats-server` child process.
     Nats { addr: String, child: Child },
 }
@@ -50,11 +50,12 @@ impl Broker {
             (Kind::Canopy, Some(a), _) | (Kind::Nats, _, Some(a)) => {
                 Ok(Broker::External(a.clone()))
             }
-            (Kind::Canopy, None, _) => start_canopy(if dashboard {
+            (Kind::Canopy, None, _) => Ok(Broker::Canopy(start_canopy(if dashboard {
                 "127.0.0.1:0".into()
             } else {
                 "off".into()
-            }),
+            })?)),
+            (Kind::Core, _, _) => Ok(Broker::Core(start_core(3)?)),
             (Kind::Nats, _, None) => start_nats(),
         }
     }
@@ -62,16 +63,20 @@ impl Broker {
     /// The HTTP address of an in-process Canopy started with its dashboard.
     pub fn http(&self) -> Option<&str> {
         match self {
-            Broker::Canopy { http, .. } => http.as_deref(),
+            Broker::Canopy(c) => c.http.as_deref(),
             _ => None,
         }
     }
 
-    /// The client address.
-    pub fn addr(&self) -> &str {
+    /// The addresses client number `i` is given: its home server first,
+    /// so that clients spread over a core's servers.
+    pub fn addrs(&self, i: usize) -> Vec<String> {
         match self {
-            Broker::External(a) | Broker::Canopy { addr: a, .. } | Broker::Nats { addr: a, .. } => {
-                a
+            Broker::External(a) | Broker::Nats { addr: a, .. } => vec![a.clone()],
+            Broker::Canopy(c) => vec![c.addr.clone()],
+            Broker::Core(servers) => {
+                let n = servers.len();
+                (0..n).map(|k| servers[(i + k) % n].addr.clone()).collect()
             }
         }
     }
@@ -80,13 +85,7 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         match self {
-            Broker::External(_) => {}
-            Broker::Canopy { stop, thread, .. } => {
-                drop(stop.take());
-                if let Some(t) = thread.take() {
-                    let _ = t.join();
-                }
-            }
+            Broker::External(_) | Broker::Canopy(_) | Broker::Core(_) => {}
             Broker::Nats { child, .. } => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -95,10 +94,46 @@ impl Drop for Broker {
     }
 }
 
-/// Canopy gets its own two runtime threads, as it would as a process.
-fn start_canopy(http: String) -> anyhow::Result<Broker> {
+/// A Canopy server on its own two runtime threads in this process, as it
+/// would be as a process. Dropping it shuts it down gracefully;
+/// [`InProcess::crash`] stops it as `kill -9` would (its sockets close,
+/// nothing is said to anyone).
+pub struct InProcess {
+    /// The client address.
+    pub addr: String,
+    /// The HTTP address, when on.
+    pub http: Option<String>,
+    /// The views it installs (core servers).
+    pub views: tokio::sync::watch::Receiver<Option<canopy_broker::runtime::InstalledView>>,
+    stop: Option<std::sync::mpsc::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcess {
+    /// Stops the server at once: no goodbye to clients or peers.
+    pub fn crash(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts a server with `file` as its configuration.
+pub fn start_in_process(file: canopy_broker::config::FileConfig) -> anyhow::Result<InProcess> {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (stop, stop_rx) = std::sync::mpsc::channel::<bool>();
     let thread = std::thread::spawn(move || {
         let rt = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -112,37 +147,97 @@ fn start_canopy(http: String) -> anyhow::Result<Broker> {
                 return;
             }
         };
-        rt.block_on(async move {
-            let config = canopy_broker::config::FileConfig {
-                listen: Some("127.0.0.1:0".into()),
-                http: Some(http),
-                ..Default::default()
-            }
-            .validate(rand_stream());
-            let server = match config {
+        let crash = rt.block_on(async move {
+            let server = match file.validate(rand_stream()) {
                 Ok(c) => canopy_broker::runtime::start(c).await,
                 Err(e) => Err(e.into()),
             };
             match server {
                 Ok(server) => {
                     let http = server.http_addr().map(|a| a.to_string());
-                    let _ = addr_tx.send(Ok((server.local_addr().to_string(), http)));
-                    let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
-                    server.shutdown().await;
+                    let _ =
+                        addr_tx.send(Ok((server.local_addr().to_string(), http, server.views())));
+                    let crash =
+                        tokio::task::spawn_blocking(move || stop_rx.recv().unwrap_or(false))
+                            .await
+                            .unwrap_or(false);
+                    if !crash {
+                        server.shutdown().await;
+                    }
+                    crash
                 }
                 Err(e) => {
                     let _ = addr_tx.send(Err(e));
+                    false
                 }
             }
         });
+        if crash {
+            // Every task and socket of the server goes at once.
+            rt.shutdown_background();
+        }
     });
-    let (addr, http) = addr_rx.recv().context("canopy server thread died")??;
-    Ok(Broker::Canopy {
+    let (addr, http, views) = addr_rx.recv().context("canopy server thread died")??;
+    Ok(InProcess {
         addr,
         http,
+        views,
         stop: Some(stop),
         thread: Some(thread),
     })
+}
+
+fn start_canopy(http: String) -> anyhow::Result<InProcess> {
+    start_in_process(canopy_broker::config::FileConfig {
+        listen: Some("127.0.0.1:0".into()),
+        http: Some(http),
+        ..Default::default()
+    })
+}
+
+/// Starts a core of `n` servers on loopback and waits until all of them
+/// have installed one view of all `n`.
+pub fn start_core(n: usize) -> anyhow::Result<Vec<InProcess>> {
+    use canopy_broker::config::{FileConfig, FileCore, FileCoreServer};
+    let mut peers = Vec::new();
+    for _ in 0..n {
+        peers.push(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string());
+    }
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let core = FileCore {
+            id: i as u32 + 1,
+            heartbeat_interval_ms: Some(50),
+            failure_timeout_ms: Some(500),
+            servers: peers
+                .iter()
+                .enumerate()
+                .map(|(k, p)| FileCoreServer {
+                    id: k as u32 + 1,
+                    peer: p.clone(),
+                    client: "127.0.0.1:0".into(),
+                })
+                .collect(),
+        };
+        servers.push(start_in_process(FileConfig {
+            name: Some(format!("s{}", i + 1)),
+            listen: Some("127.0.0.1:0".into()),
+            http: Some("off".into()),
+            core: Some(core),
+            ..Default::default()
+        })?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !servers.iter().all(|s| {
+        s.views
+            .borrow()
+            .as_ref()
+            .is_some_and(|v| v.members.len() == n)
+    }) {
+        anyhow::ensure!(Instant::now() < deadline, "the core did not form a view");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(servers)
 }
 
 fn rand_stream() -> u64 {
@@ -185,15 +280,16 @@ pub enum Publisher {
 pub const TOPIC: &str = "bench.fanout";
 
 impl Publisher {
-    /// Connects a publisher.
-    pub async fn connect(kind: Kind, addr: &str) -> anyhow::Result<Publisher> {
+    /// Connects a publisher to the first of `addrs` (Canopy fails over to
+    /// the others).
+    pub async fn connect(kind: Kind, addrs: &[String]) -> anyhow::Result<Publisher> {
         Ok(match kind {
-            Kind::Canopy => {
-                let mut o = canopy_client::ClientOptions::new([addr]);
+            Kind::Canopy | Kind::Core => {
+                let mut o = canopy_client::ClientOptions::new(addrs.to_vec());
                 o.name = "bench-pub".into();
                 Publisher::Canopy(canopy_client::Client::connect(o).await?)
             }
-            Kind::Nats => Publisher::Nats(async_nats::connect(addr).await?),
+            Kind::Nats => Publisher::Nats(async_nats::connect(addrs[0].as_str()).await?),
         })
     }
 
@@ -221,11 +317,11 @@ impl Publisher {
 /// guard that keeps the connection alive.
 pub async fn subscribe(
     kind: Kind,
-    addr: &str,
+    addrs: &[String],
 ) -> anyhow::Result<(BoxStream<'static, Bytes>, Box<dyn Send>)> {
     Ok(match kind {
-        Kind::Canopy => {
-            let mut o = canopy_client::ClientOptions::new([addr]);
+        Kind::Canopy | Kind::Core => {
+            let mut o = canopy_client::ClientOptions::new(addrs.to_vec());
             o.name = "bench-sub".into();
             let client = canopy_client::Client::connect(o).await?;
             let sub = client.subscribe(TOPIC).await?;
@@ -242,7 +338,7 @@ pub async fn subscribe(
         Kind::Nats => {
             let client = async_nats::ConnectOptions::new()
                 .subscription_capacity(1 << 16)
-                .connect(addr)
+                .connect(addrs[0].as_str())
                 .await?;
             let sub = client.subscribe(TOPIC).await?;
             // A round trip makes sure the server has the subscription.

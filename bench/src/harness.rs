@@ -15,7 +15,6 @@ pub async fn run(
     dashboard: bool,
 ) -> anyhow::Result<RunReport> {
     let broker = Broker::start(kind, args, dashboard)?;
-    let addr = broker.addr().to_owned();
     let viewer = broker
         .http()
         .map(|h| tokio::spawn(brokers::watch_dashboard(h.to_owned())));
@@ -25,8 +24,8 @@ pub async fn run(
     let (phase1_tx, mut phase1_rx) = mpsc::unbounded_channel::<SubReport>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SubReport, Histogram<u64>)>();
     let mut tasks = Vec::with_capacity(subs);
-    for _ in 0..subs {
-        let (mut stream, guard) = brokers::subscribe(kind, &addr).await?;
+    for i in 0..subs {
+        let (mut stream, guard) = brokers::subscribe(kind, &broker.addrs(i)).await?;
         let (phase1_tx, done_tx) = (phase1_tx.clone(), done_tx.clone());
         let (msgs, pubs) = (args.msgs, args.pubs);
         tasks.push(tokio::spawn(async move {
@@ -61,8 +60,8 @@ pub async fn run(
     }
     drop((phase1_tx, done_tx));
     let mut publishers = Vec::with_capacity(args.pubs);
-    for _ in 0..args.pubs {
-        publishers.push(Publisher::connect(kind, &addr).await?);
+    for i in 0..args.pubs {
+        publishers.push(Publisher::connect(kind, &broker.addrs(i)).await?);
     }
 
     // Phase 1: throughput.

@@ -15,6 +15,7 @@
 //! PATH, or a running one with `--nats-addr`), in the same process and run.
 
 mod brokers;
+mod failover;
 mod harness;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -33,6 +34,9 @@ struct Cli {
 enum Cmd {
     /// Fan-out: P publishers, N subscribers on one topic.
     Fanout(FanoutArgs),
+    /// Failover of a 3-server core: crash the coordinator under load and
+    /// time the new view and the publishers' recovery.
+    Failover(failover::FailoverArgs),
 }
 
 /// Which brokers to run.
@@ -44,6 +48,9 @@ pub enum Target {
     Nats,
     /// Both, Canopy first.
     Both,
+    /// Canopy as one node and as a 3-server core (clients spread over its
+    /// servers), interleaved.
+    Core,
 }
 
 /// Whether Canopy runs with its dashboard open.
@@ -272,7 +279,10 @@ fn median(mut runs: Vec<RunReport>) -> RunReport {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let Cmd::Fanout(args) = cli.command;
+    let args = match cli.command {
+        Cmd::Fanout(args) => args,
+        Cmd::Failover(args) => return failover::main(&args),
+    };
     anyhow::ensure!(
         args.size >= 16,
         "--size must be at least 16 bytes (timestamp and counter)"
@@ -298,6 +308,10 @@ fn main() -> anyhow::Result<()> {
                 configs.push((brokers::Kind::Canopy, true));
             }
         }
+    }
+    if matches!(args.broker, Target::Core) {
+        configs.push((brokers::Kind::Canopy, false));
+        configs.push((brokers::Kind::Core, false));
     }
     if matches!(args.broker, Target::Nats | Target::Both) {
         configs.push((brokers::Kind::Nats, false));

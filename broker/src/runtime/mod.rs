@@ -358,10 +358,10 @@ fn take(
 fn drain(
     node: &mut Server,
     sessions: &mut HashMap<SessionId, SessionIo>,
-    mut links: Option<&mut peer::Links>,
+    links: Option<&mut peer::Links>,
     now: Duration,
 ) {
-    if let Some(links) = links.as_deref_mut() {
+    if let Some(links) = links {
         while let Some((peer, frame)) = node.poll_transmit() {
             if !links.send(peer, frame) {
                 node.handle_link_down(now, peer);
