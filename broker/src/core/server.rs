@@ -12,11 +12,11 @@
 //! other core servers. After any input, drain [`Server::poll_output`]
 //! (client outputs) and [`Server::poll_transmit`] (peer frames).
 
-use super::group::{Event, Group, GroupStats, NodeId, PeerMsg, Status, View};
+use super::group::{Event, Group, GroupStats, NodeId, PeerMsg, Status, Submitted, View};
 use super::node::{Node, Output, TransmitKind};
 use super::SessionId;
 use bytes::Bytes;
-use canopy_client::protocol::{ClientFrame, ErrorCode, Seq};
+use canopy_client::protocol::{ClientFrame, ErrorCode, PubSeq, Seq};
 use std::time::Duration;
 
 /// Retained messages a snapshot for a joining server carries at most.
@@ -185,7 +185,9 @@ impl Server {
                 // What the group holds covers whatever any server has
                 // acknowledged to this publisher; this node may lag it.
                 let known = sub.after.max(group.pub_held(publisher));
-                if pub_seq.0 > known.0 + 1 {
+                // A publisher on first contact may start anywhere (as with
+                // a single node); after that it must not skip.
+                if known > PubSeq(0) && pub_seq.0 > known.0 + 1 {
                     self.node
                         .close_pub_seq_gap(now, sub.session, pub_seq, known);
                 } else if group.unordered_full() {
@@ -193,7 +195,7 @@ impl Server {
                     // acknowledged after reconnecting.
                     self.node.close_overloaded(now, sub.session);
                 } else {
-                    msgs.push(sub.msg);
+                    msgs.push(Submitted(sub.after, sub.msg));
                 }
             }
             if !msgs.is_empty() {

@@ -19,7 +19,7 @@ use super::checker::Violation;
 use super::cluster_checker::ClusterChecker;
 use super::Rng;
 use crate::core::group::{
-    wire, Event, Group, GroupBugs, GroupConfig, Incarnation, Msg, NodeId, Snapshot,
+    wire, Event, Group, GroupBugs, GroupConfig, Incarnation, Msg, NodeId, Snapshot, Submitted,
 };
 use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
@@ -384,7 +384,7 @@ impl World {
         pb.unacked.push_back(msg.clone());
         self.checker.published(pb.id, pub_seq);
         self.out.published += 1;
-        s.group.submit(vec![msg]);
+        s.group.submit(vec![Submitted(PubSeq(pub_seq.0 - 1), msg)]);
     }
 
     /// A publisher held on one server whatever it says (a test's probe of a
@@ -410,7 +410,7 @@ impl World {
         pb.unacked.push_back(msg.clone());
         self.checker.published(pb.id, pub_seq);
         self.out.published += 1;
-        s.group.submit(vec![msg]);
+        s.group.submit(vec![Submitted(PubSeq(pub_seq.0 - 1), msg)]);
     }
 
     /// Keeps publisher `p` attached to a primary server, failing over (and
@@ -451,7 +451,11 @@ impl World {
             while pb.unacked.front().is_some_and(|m| m.1 <= pb.acked) {
                 pb.unacked.pop_front();
             }
-            let again: Vec<Msg> = pb.unacked.iter().cloned().collect();
+            let again: Vec<Submitted> = pb
+                .unacked
+                .iter()
+                .map(|m| Submitted(PubSeq(m.1 .0 - 1), m.clone()))
+                .collect();
             if !again.is_empty() {
                 s.group.submit(again);
             }

@@ -88,8 +88,18 @@ fn caught(bugs: GroupBugs) -> String {
             bugs,
             ..ClusterPlan::default()
         };
-        if let Err(v) = run_with(seed, plan) {
-            return v.0;
+        // A broken build may trip one of the group's own assertions before
+        // a checker sees it: caught all the same.
+        match std::panic::catch_unwind(|| run_with(seed, plan)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(v)) => return v.0,
+            Err(panic) => {
+                return panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into())
+            }
         }
     }
     panic!("a group with {bugs:?} passed 200 seeds: the checkers miss it");

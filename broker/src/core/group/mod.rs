@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
-pub use wire::{Msg, PeerMsg, Snapshot};
+pub use wire::{Msg, PeerMsg, Snapshot, Submitted};
 
 /// A configured core server's number (its rank: lower numbers coordinate).
 #[derive(
@@ -246,12 +246,6 @@ struct Peer {
     excluded_until: Option<Duration>,
 }
 
-/// A submission this server made and has not yet seen delivered.
-#[derive(Clone, Debug)]
-struct Pending {
-    msg: Msg,
-}
-
 /// The deduplication state of one publisher.
 #[derive(Clone, Copy, Debug)]
 struct PubState {
@@ -371,8 +365,11 @@ pub struct Group {
     /// The coordinator's `have` in its previous heartbeat.
     lag_mark: Option<Seq>,
     publishers: HashMap<PublisherId, PubState>,
+    /// Whether the publisher table ever forgot a publisher (then an unknown
+    /// publisher's publish may be a forgotten one's, and is ordered).
+    evicted_any: bool,
     /// Own submissions not yet delivered, in submission order.
-    unordered: VecDeque<Pending>,
+    unordered: VecDeque<Submitted>,
     /// The seq delivered when `unordered` was last checked for progress.
     resubmit_check: (Duration, Seq),
 
@@ -417,6 +414,7 @@ impl Group {
             resend_asked: None,
             lag_mark: None,
             publishers: HashMap::new(),
+            evicted_any: false,
             unordered: VecDeque::new(),
             resubmit_check: (now, Seq(0)),
             events: VecDeque::new(),

@@ -103,11 +103,14 @@ impl Net {
 
     fn submit(&mut self, i: usize, publisher: u64, pub_seq: u64) {
         let g = self.groups[i].as_mut().expect("running");
-        g.submit(vec![Msg(
-            PublisherId(publisher),
-            PubSeq(pub_seq),
-            Arc::from("t"),
-            Bytes::from_static(b"x"),
+        g.submit(vec![Submitted(
+            PubSeq(pub_seq - 1),
+            Msg(
+                PublisherId(publisher),
+                PubSeq(pub_seq),
+                Arc::from("t"),
+                Bytes::from_static(b"x"),
+            ),
         )]);
         self.settle();
     }

@@ -8,8 +8,8 @@
 //! heartbeats, a member that sees a seq gap asks for a `Resend`, and a
 //! member whose submissions make no progress submits them again.
 
-use super::wire::{Msg, PeerMsg};
-use super::{Event, Group, NodeId, Pending, PubState, Status, ViewId};
+use super::wire::{Msg, PeerMsg, Submitted};
+use super::{Event, Group, NodeId, PubState, Status, ViewId};
 use canopy_client::protocol::{PubSeq, Seq};
 
 /// Messages per `Order` or `Submit` frame at most.
@@ -37,24 +37,19 @@ impl Group {
     /// then its publisher, unacknowledged, retries elsewhere). Call only when
     /// [`Group::unordered_full`] is false; beyond the bound the server must
     /// push back on its publishers.
-    pub fn submit(&mut self, msgs: Vec<Msg>) {
+    pub fn submit(&mut self, msgs: Vec<Submitted>) {
         let start = self.unordered.len();
-        self.unordered
-            .extend(msgs.into_iter().map(|msg| Pending { msg }));
+        self.unordered.extend(msgs);
         if !self.is_primary() {
             // Sent when a view is installed.
             return;
         }
-        let fresh: Vec<Msg> = self
-            .unordered
-            .range(start..)
-            .map(|p| p.msg.clone())
-            .collect();
+        let fresh: Vec<Submitted> = self.unordered.range(start..).cloned().collect();
         self.forward(fresh);
     }
 
     /// Sends submissions to the coordinator, or orders them if it is us.
-    fn forward(&mut self, msgs: Vec<Msg>) {
+    fn forward(&mut self, msgs: Vec<Submitted>) {
         let Some(view) = self.view.as_ref().map(|v| v.id) else {
             return;
         };
@@ -74,7 +69,7 @@ impl Group {
     /// Sends every undelivered own submission again, to the current
     /// coordinator; the sequencer drops what it already ordered.
     pub(super) fn resubmit(&mut self) {
-        let msgs: Vec<Msg> = self.unordered.iter().map(|p| p.msg.clone()).collect();
+        let msgs: Vec<Submitted> = self.unordered.iter().cloned().collect();
         if msgs.is_empty() {
             return;
         }
@@ -97,7 +92,7 @@ impl Group {
         }
     }
 
-    pub(super) fn on_submit(&mut self, from: NodeId, view: ViewId, msgs: Vec<Msg>) {
+    pub(super) fn on_submit(&mut self, from: NodeId, view: ViewId, msgs: Vec<Submitted>) {
         if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
             // A stale submission: its sender resubmits after the view change.
             tracing::trace!(node = %from, view = %view, "submission outside its view dropped");
@@ -107,13 +102,13 @@ impl Group {
     }
 
     /// Sequencer: assigns seqs to `msgs` and sends the order to members.
-    fn order(&mut self, msgs: Vec<Msg>) {
+    fn order(&mut self, msgs: Vec<Submitted>) {
         let Some(view) = self.view.as_ref().map(|v| v.id) else {
             return;
         };
         let first = self.held().next();
         let mut ordered = Vec::with_capacity(msgs.len());
-        for m in msgs {
+        for Submitted(after, m) in msgs {
             if self.log.len() >= self.config.log_len_max {
                 // At the bound: the submitters send it again later.
                 break;
@@ -128,6 +123,8 @@ impl Group {
                 // lost with a link and is being resubmitted): wait for it,
                 // so that the publisher's order holds (guarantee 3).
                 Some(last) if m.1 .0 > last.0 + 1 && !self.bugs.no_dedup => continue,
+                // Nor order a publisher's later publish on first sight.
+                None if after > PubSeq(0) && !self.evicted_any && !self.bugs.no_dedup => continue,
                 _ => {}
             }
             let seq = self.held().next();
@@ -188,6 +185,7 @@ impl Group {
         for (_, id) in &by_age[..evict] {
             self.publishers.remove(id);
         }
+        self.evicted_any = true;
     }
 
     pub(super) fn on_order(
@@ -330,11 +328,11 @@ impl Group {
                 p.delivered = p.delivered.max(m.pub_seq);
             }
         }
-        while let Some(front) = self.unordered.front() {
+        while let Some(Submitted(_, front)) = self.unordered.front() {
             let done = self
                 .publishers
-                .get(&front.msg.0)
-                .is_some_and(|p| p.delivered >= front.msg.1);
+                .get(&front.0)
+                .is_some_and(|p| p.delivered >= front.1);
             if !done {
                 break;
             }

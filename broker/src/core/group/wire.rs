@@ -40,6 +40,13 @@ impl Msg {
     }
 }
 
+/// A publish on its way to the sequencer, with the pub_seq its submitter
+/// knew to precede it (0: none, the publisher's first contact). The
+/// sequencer orders a publisher it does not know only on first contact, so
+/// a publish whose predecessor was lost with a link waits for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted(pub PubSeq, pub Msg);
+
 /// What a joining or lagging server needs to continue the stream: its
 /// position, the publisher table that deduplicates retries, and as much
 /// recent history as the sender retains (for clients that resume there).
@@ -82,7 +89,7 @@ pub enum PeerMsg {
         /// The view they are submitted in.
         view: ViewId,
         /// The publishes.
-        msgs: Vec<Msg>,
+        msgs: Vec<Submitted>,
     },
     /// Coordinator to members: `msgs` get seqs `first`, `first + 1`, ...
     Order {
