@@ -8,7 +8,7 @@
 //! (`core_stays_sans_io`) fails if a forbidden name appears here.
 //!
 //! # Glossary
-//! - **node**: one Canopy process (today a single core server).
+//! - **node**: one Canopy process's client-facing state machine ([`Node`]).
 //! - **session**: one client connection to this node, from accept to close.
 //! - **client**: the program at the other end of a session.
 //! - **publisher**: a client identity that publishes; survives reconnects.
@@ -20,6 +20,19 @@
 //! - **retention**: the buffer of recent messages kept for resume.
 //! - **watermark**: "everything matching up to seq N has been sent to you".
 //! - **gap**: a range of seqs a client may have missed, always reported.
+//! - **server**: one configured member of the core tier (`NodeId`); a run
+//!   of it is an **incarnation**, and a server in one incarnation is a
+//!   **member**.
+//! - **view**: an agreed list of members, named by its epoch and its
+//!   **coordinator** (the proposer, which is also the sequencer).
+//! - **primary**: in a view that a majority of the configured servers
+//!   committed; only a primary server orders and serves clients.
+//! - **flush**: the view change's exchange of what members hold, so that
+//!   all who move from one view to the next delivered the same messages.
+//! - **stable**: held by every member of the view; only stable messages are
+//!   delivered and acknowledged.
+//! - **snapshot**: the delivered state (position, publisher table, recent
+//!   messages) a joining server takes from a peer.
 
 pub mod group;
 pub mod index;

@@ -214,6 +214,10 @@ impl Server {
                         group.send_snapshot(to, state);
                     }
                     Event::Reset(state) => {
+                        // The stream position jumps: clients reconnect and
+                        // resume against the new state rather than miss
+                        // the jump silently.
+                        self.node.set_primary(now, false);
                         self.node.install_snapshot(now, state);
                         self.node.set_primary(now, group.is_primary());
                     }

@@ -710,6 +710,12 @@ impl World {
                 }
                 self.out.digest = mix(self.out.digest, state.head.0);
                 self.checker.reset(i, inc, state.stream, state.head)?;
+                // As the server does, it drops its clients to catch up.
+                for pb in &mut self.publishers {
+                    if pb.attached == Some(i) {
+                        pb.attached = None;
+                    }
+                }
             }
             Event::NotPrimary => {
                 let pinned = self.pinned.map(|(p, _)| self.publishers[p].id);
@@ -761,10 +767,19 @@ impl World {
         let (stream, _) = position.unwrap_or_default();
         for pb in &self.publishers {
             if !pb.unacked.is_empty() {
+                let tables: Vec<(PubSeq, PubSeq)> = self
+                    .servers
+                    .iter()
+                    .flatten()
+                    .map(|s| (s.group.pub_held(pb.id), s.group.pub_delivered(pb.id)))
+                    .collect();
                 return Err(Violation(format!(
-                    "liveness: publisher {} still has {} unacknowledged publishes",
+                    "liveness: publisher {} still has {} unacknowledged publishes (first {:?}, acked {:?}, attached {:?}; servers' held/delivered {tables:?})",
                     pb.id.0,
-                    pb.unacked.len()
+                    pb.unacked.len(),
+                    pb.unacked.front().map(|m| m.1),
+                    pb.acked,
+                    pb.attached
                 )));
             }
             // Durability: every acknowledged publish is in the final stream.

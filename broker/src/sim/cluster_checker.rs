@@ -170,7 +170,13 @@ impl ClusterChecker {
         if track.stream == 0 {
             track.stream = view.stream;
         }
-        if track.stream == view.stream && track.delivered != at {
+        if track.stream != view.stream {
+            return Err(Violation(format!(
+                "view agreement: server {server} installed view {} of stream {:x} while its stream is {:x}",
+                view.id, view.stream, track.stream
+            )));
+        }
+        if track.delivered != at {
             return Err(Violation(format!(
                 "virtual synchrony: server {server} installed view {} at seq {} having delivered through {}",
                 view.id, at, track.delivered

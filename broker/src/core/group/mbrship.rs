@@ -377,9 +377,9 @@ impl Group {
             .max_by_key(|o| o.held())
             .cloned();
         let through = best.as_ref().map_or(self.delivered, FlushOk::held);
-        let stream = match (&self.view, basis) {
-            (Some(v), Some(_)) => v.stream,
-            _ => fresh_stream(self.config.stream_seed, p.id, self.incarnation),
+        let stream = match basis {
+            Some(_) => self.stream,
+            None => fresh_stream(self.config.stream_seed, p.id, self.incarnation),
         };
         let view = View {
             id: p.id,
@@ -674,7 +674,8 @@ impl Group {
         self.awaiting_snapshot = false;
         self.stash = None;
         self.accepted.clear();
-        self.truncate(self.delivered);
+        // The log stays: what it holds may be stable elsewhere, and this
+        // server still reports the state of its last view, log included.
         self.unordered.clear();
         self.acks.clear();
         self.blocked_since = Some(now);

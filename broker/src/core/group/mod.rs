@@ -20,13 +20,18 @@
 //!   server that is not in the view (restarted, or excluded) is a joiner.
 //!   The lowest-numbered live member then proposes a view (`FlushReq`);
 //!   members promise it, stop ordering and report what they hold beyond
-//!   their delivered seq (`FlushOk`). With every proposed member's answer,
-//!   and a majority of the configured core among them, the proposer
-//!   installs the view: the newest old view reported is the authority, the
-//!   messages its members hold are delivered everywhere up to the highest
-//!   of them (`NewView`), so every member that moves from V to V' delivered
-//!   the same messages in V (guarantee 4). Members that hold no usable state
-//!   (joiners, stale servers) get a `Snapshot` from the new coordinator.
+//!   their delivered seq (`FlushOk`), with the view their state comes from.
+//!   With every proposed member's answer, and a majority of the configured
+//!   core among them, the proposer takes the history: the newest view
+//!   reported is the authority, and the highest seq its members hold is the
+//!   last of the old view. It sends every member what it lacks up to there
+//!   (`NewView`; members without the newest state get a `Snapshot` of the
+//!   proposer's delivered state first). Members **accept** (`AcceptOk`);
+//!   when a majority of the configured core holds the history, the proposer
+//!   **commits** (the view's first `Stable`): every member delivers the old
+//!   view's messages up to that seq, then the view (guarantee 4), and
+//!   ordering resumes. Nothing is delivered before the commit, so a view
+//!   change interrupted half way never leaves a delivered message behind.
 //! - **Primary component.** A view is installed only with the promises of a
 //!   majority of the *configured* core servers. Any two majorities share a
 //!   server, and a server promises only increasing proposals, so two views
@@ -37,7 +42,9 @@
 //!   cannot reach a majority orders nothing, tells its clients
 //!   (`Event::NotPrimary`), and rejoins when it hears the primary.
 //! - **Rejoin.** A server that learns of a view newer than its own that it
-//!   did not install starts over as a new incarnation and joins again.
+//!   did not install starts over as a new incarnation and joins again. It
+//!   keeps what it delivered (and says which view that came from), so a
+//!   core whose servers all rejoined still finds the newest state.
 //!
 //! # Driving it
 //! Inputs: [`Group::handle_msg`], [`Group::handle_link_down`],

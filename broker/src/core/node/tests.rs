@@ -560,3 +560,66 @@ fn a_catch_up_larger_than_the_queue_is_paced_not_cut_off() {
     }
     assert_eq!(got, (1..=260).collect::<Vec<u64>>());
 }
+
+/// In a core group the node hands publishes to the group, acknowledges them
+/// when they come back ordered, and refuses clients while not primary.
+#[test]
+fn grouped_node_submits_and_acknowledges_on_delivery() {
+    let mut n = Node::new_grouped(T0, NodeConfig::default());
+    let s = SessionId(1);
+    n.handle_open(T0, s);
+    n.handle_frame(T0, s, hello(1, &[], SlowPolicy::Disconnect));
+    let out = drain(&mut n);
+    assert!(
+        matches!(out.as_slice(), [(_, ServerFrame::Error(e))] if e.code == ErrorCode::NotPrimary),
+        "{out:?}"
+    );
+    n.set_primary(T0, true);
+    let p = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    let sub = join(&mut n, 3, &["t.>"], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("t.a", 1));
+    n.handle_frame(T0, p, publish("t.a", 2));
+    // A retry of what is in flight is not submitted twice.
+    n.handle_frame(T0, p, publish("t.a", 2));
+    assert!(
+        drain(&mut n).is_empty(),
+        "nothing is acknowledged before ordering"
+    );
+    let subs = n.take_submissions();
+    assert_eq!(
+        subs.iter()
+            .map(|s| (s.msg.1 .0, s.after.0))
+            .collect::<Vec<_>>(),
+        vec![(1, 0), (2, 1)]
+    );
+    let ordered: Vec<Ordered> = subs
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s.msg.ordered(Seq(i as u64 + 1)))
+        .collect();
+    n.handle_ordered(T0, ordered);
+    let out = drain(&mut n);
+    assert!(
+        out.iter().any(|(x, f)| *x == p
+            && matches!(f, ServerFrame::PubAck(a) if a.pub_seq == PubSeq(2) && a.seq == Seq(2))),
+        "{out:?}"
+    );
+    assert_eq!(seqs(&out, sub), vec![1, 2]);
+    // A retry of what was delivered is acknowledged at once.
+    n.handle_frame(T0, p, publish("t.a", 1));
+    let out = drain(&mut n);
+    assert!(
+        matches!(out.as_slice(), [(x, ServerFrame::PubAck(a))] if *x == p && a.pub_seq == PubSeq(2)),
+        "{out:?}"
+    );
+    assert!(n.take_submissions().is_empty());
+    // Losing the primary view closes every client with `not_primary`.
+    n.set_primary(T0, false);
+    let out = drain(&mut n);
+    let closed: Vec<SessionId> = out
+        .iter()
+        .filter(|(_, f)| matches!(f, ServerFrame::Error(e) if e.code == ErrorCode::NotPrimary))
+        .map(|(x, _)| *x)
+        .collect();
+    assert_eq!(closed.len(), 2, "{out:?}");
+}
