@@ -142,6 +142,14 @@ impl Group {
             self.proposal = None;
         }
         if self.promise_deadline.is_some_and(|d| now >= d) {
+            let promised = self.promised;
+            if self.status == Status::Flushing
+                && self.peers.values().any(|p| p.view >= Some(promised))
+            {
+                // The view we promised (or a later one) went on without
+                // this server taking its history: join it afresh.
+                return self.rejoin(now);
+            }
             // The proposer we promised went quiet: consider it failed.
             self.promise_deadline = None;
             let c = self.promised.coordinator;
