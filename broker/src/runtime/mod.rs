@@ -1,14 +1,20 @@
-//! The tokio shell around the sans-IO [`Node`](crate::core::Node).
+//! The tokio shell around the sans-IO [`Server`](crate::core::Server) (a
+//! [`Node`](crate::core::Node), and in a core group its
+//! [`Group`](crate::core::group::Group)).
 //!
-//! It moves bytes and time and decides nothing: an acceptor task accepts TCP
-//! connections; per connection a reader task decodes frames and a writer task
-//! drains a bounded outbound queue into the socket; one node task owns the
-//! `Node` outright, feeds it inputs and executes its outputs in order.
+//! It moves bytes and time and decides nothing: an acceptor task accepts
+//! client connections; per connection a reader task decodes frames and a
+//! writer task drains a bounded outbound queue into the socket; in a core
+//! group, `peer` keeps one outgoing link per other core server and reads the
+//! links they open; one node task owns the `Server` outright, feeds it
+//! inputs (client frames, peer messages, link up/down, time) and executes
+//! its outputs in order.
 //!
-//! Bounds: the node's inbox holds `INBOX_LEN_MAX` batches, which pushes back
-//! on readers (and through TCP on publishers); each session's outbound queue
-//! holds `queue_frames_max` frames, and a full queue is reported to the node,
-//! which decides between cutting the session off and a gap notice.
+//! Bounds: the node's inbox holds `INBOX_LEN_MAX` batches (client and peer
+//! alike), which pushes back on readers (and through TCP on publishers);
+//! each session's outbound queue holds `queue_frames_max` frames, and a full
+//! queue is reported to the node, which decides between cutting the session
+//! off and a gap notice; each peer link queues a bounded number of frames.
 //!
 //! When HTTP is on, the node task also publishes a dashboard snapshot once
 //! per `SNAPSHOT_INTERVAL` through a `watch` channel that the HTTP server

@@ -1,7 +1,7 @@
 //! MBRSHIP: heartbeats, failure detection, view changes with a flush, joins
 //! and rejoins. See the parent module for the protocol in brief.
 
-use super::wire::{Msg, PeerMsg, Snapshot};
+use super::wire::{Heartbeat, Msg, PeerMsg, Snapshot};
 use super::{
     Event, FlushOk, Group, Incarnation, Member, NodeId, Proposal, PubState, Stash, Status, View,
     ViewId,
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 impl Group {
     pub(super) fn send_heartbeats(&mut self) {
-        let msg = PeerMsg::Heartbeat {
+        let msg = PeerMsg::Heartbeat(Heartbeat {
             from: self.me(),
             joining: self.status == Status::Joining,
             view: self.reported_view(),
@@ -23,7 +23,7 @@ impl Group {
             } else {
                 Seq(0)
             },
-        };
+        });
         let frame = super::wire::encode(&msg);
         for &n in self.peers.keys() {
             self.transmits.push_back((n, frame.clone()));
@@ -41,17 +41,15 @@ impl Group {
         self.state_view
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn on_heartbeat(
-        &mut self,
-        now: Duration,
-        from: Member,
-        joining: bool,
-        view: Option<ViewId>,
-        epoch: u64,
-        have: Seq,
-        stable: Seq,
-    ) {
+    pub(super) fn on_heartbeat(&mut self, now: Duration, hb: Heartbeat) {
+        let Heartbeat {
+            from,
+            joining,
+            view,
+            epoch,
+            have,
+            stable,
+        } = hb;
         self.epoch_seen = self.epoch_seen.max(epoch);
         if let Some(p) = self.peers.get_mut(&from.node) {
             p.incarnation = from.incarnation;

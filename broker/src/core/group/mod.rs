@@ -526,14 +526,7 @@ impl Group {
         peer.heard = Some(now);
         peer.link_down = None;
         match msg {
-            PeerMsg::Heartbeat {
-                from: member,
-                joining,
-                view,
-                epoch,
-                have,
-                stable,
-            } => self.on_heartbeat(now, member, joining, view, epoch, have, stable),
+            PeerMsg::Heartbeat(hb) => self.on_heartbeat(now, hb),
             PeerMsg::Submit { view, msgs } => self.on_submit(from, view, msgs),
             PeerMsg::Order {
                 view,

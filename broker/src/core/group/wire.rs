@@ -64,26 +64,30 @@ pub struct Snapshot {
     pub msgs: Vec<Msg>,
 }
 
+/// What a server tells every other configured server each heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The sender.
+    pub from: Member,
+    /// Whether it is joining (in no view).
+    pub joining: bool,
+    /// The view whose state it holds (`None`: no state).
+    pub view: Option<ViewId>,
+    /// The epoch of the proposal it promised last (its view's, if none
+    /// since).
+    pub epoch: u64,
+    /// The last seq it holds in its view.
+    pub have: Seq,
+    /// From a coordinator: the last seq stable in its view.
+    pub stable: Seq,
+}
+
 /// A server-to-server message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMsg {
     /// Sent by every server to every other configured server each
     /// heartbeat interval: liveness, what it has installed and holds.
-    Heartbeat {
-        /// The sender.
-        from: Member,
-        /// Whether it is joining (in no view).
-        joining: bool,
-        /// The view whose state it holds (`None`: no state).
-        view: Option<ViewId>,
-        /// The epoch of the proposal it promised last (its view's, if none
-        /// since).
-        epoch: u64,
-        /// The last seq it holds in its view.
-        have: Seq,
-        /// From a coordinator: the last seq stable in its view.
-        stable: Seq,
-    },
+    Heartbeat(Heartbeat),
     /// Member to coordinator: publishes to order, in the order received.
     Submit {
         /// The view they are submitted in.
@@ -219,7 +223,7 @@ mod tests {
             stable: Seq(5),
         };
         assert_eq!(decode(&encode(&msg)[4..]), Ok(msg));
-        let hb = PeerMsg::Heartbeat {
+        let hb = PeerMsg::Heartbeat(Heartbeat {
             from: Member {
                 node: NodeId(2),
                 incarnation: Incarnation(4),
@@ -229,7 +233,7 @@ mod tests {
             epoch: 1,
             have: Seq(0),
             stable: Seq(0),
-        };
+        });
         assert_eq!(decode(&encode(&hb)[4..]), Ok(hb));
         assert!(decode(b"\xff\x00garbage").is_err());
     }
