@@ -164,8 +164,11 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
     let st = &s["status"];
     let c = &s["counters"];
     let r = &s["rates"];
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    println!(
+    let _ = writeln!(
+        out,
         "{} ({}) version {}, up {:.0} s, clients on {}",
         st["name"].as_str().unwrap_or("?"),
         st["role"].as_str().unwrap_or("?"),
@@ -176,27 +179,31 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
     let members: Vec<&str> = s["view"]["members"]
         .as_array()
         .map_or_else(Vec::new, |m| m.iter().filter_map(|v| v.as_str()).collect());
-    println!("view {}: {}", s["view"]["id"], members.join(", "));
-    println!(
+    let _ = writeln!(out, "view {}: {}", s["view"]["id"], members.join(", "));
+    let _ = writeln!(
+        out,
         "head seq {}   clients {}   published {}   delivered {}   retained {}",
         st["head_seq"], st["clients"], c["published"], c["delivered"], c["retained"]
     );
-    println!(
+    let _ = writeln!(
+        out,
         "rates: {:.0} msgs/s in, {:.0} deliveries/s out, {:.0} bytes/s out",
         num(&r["msgs_in"]),
         num(&r["msgs_out"]),
         num(&r["bytes_out"])
     );
-    println!(
+    let _ = writeln!(
+        out,
         "slow consumers cut {}   gap notices {}   bad input {}   deepest queue {} frames",
         c["slow_consumers"], c["gaps"], c["bad_input"], c["queue_depth_max"]
     );
-    println!("tree:");
-    print_tree(&s["tree"], 1);
+    let _ = writeln!(out, "tree:");
+    print_tree(&mut out, &s["tree"], 1);
     if let Some(topics) = s["topics"].as_array().filter(|t| !t.is_empty()) {
-        println!("busiest topics:");
+        let _ = writeln!(out, "busiest topics:");
         for t in topics.iter().take(10) {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:<40} {:>10.0} msgs/s {:>12} total",
                 t["topic"].as_str().unwrap_or("?"),
                 num(&t["msgs_per_sec"]),
@@ -205,9 +212,10 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
         }
     }
     if let Some(events) = s["events"].as_array().filter(|e| !e.is_empty()) {
-        println!("recent events:");
+        let _ = writeln!(out, "recent events:");
         for e in events.iter().rev().take(10) {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:>8.1} s  {:<14} {}",
                 num(&e["at_secs"]),
                 e["kind"].as_str().unwrap_or("?"),
@@ -215,11 +223,16 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    // Written at once; a reader that went away (`| head`) is not an error.
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(out.as_bytes());
     Ok(())
 }
 
-fn print_tree(node: &serde_json::Value, depth: usize) {
-    println!(
+fn print_tree(out: &mut String, node: &serde_json::Value, depth: usize) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
         "{}{} [{}] {} clients",
         "  ".repeat(depth),
         node["name"].as_str().unwrap_or("?"),
@@ -227,6 +240,6 @@ fn print_tree(node: &serde_json::Value, depth: usize) {
         node["clients"]
     );
     for child in node["children"].as_array().into_iter().flatten() {
-        print_tree(child, depth + 1);
+        print_tree(out, child, depth + 1);
     }
 }
