@@ -147,3 +147,87 @@ async fn killing_the_sequencer_mid_stream_loses_and_doubles_nothing() {
 async fn killing_a_member_mid_stream_loses_and_doubles_nothing() {
     stream_survives_a_killed_server(2).await;
 }
+
+/// A server killed with SIGKILL and started again rejoins as a new
+/// incarnation, catches up from a peer (a client resuming from seq 0 there
+/// is replayed everything, with the seqs the others gave), and serves the
+/// live stream in the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_rejoins_and_catches_up_from_a_peer() {
+    use canopy_client::protocol::{self as proto, ClientFrame, Resume, ServerFrame, SlowPolicy};
+    let mut cluster = Cluster::start(3, "");
+    let publisher = within_for(
+        STREAM_TIME_MAX,
+        "publisher connect",
+        Client::connect(options(cluster.addrs_from(0), "pub".into())),
+    )
+    .await
+    .expect("publisher connects");
+    for i in 0..300 {
+        publisher.send("t.x", format!("{i}")).await.expect("send");
+    }
+    publisher.flush().await.expect("acknowledged");
+    cluster.kill(2);
+    for i in 300..600 {
+        publisher.send("t.x", format!("{i}")).await.expect("send");
+    }
+    publisher
+        .flush()
+        .await
+        .expect("acknowledged while one server is down");
+    cluster.restart(2);
+    // It refuses clients (`not_primary`) until it has rejoined.
+    let watcher = within_for(
+        STREAM_TIME_MAX,
+        "the restarted server to serve",
+        Client::connect(options(vec![cluster.addrs[2].clone()], "sub".into())),
+    )
+    .await
+    .expect("the restarted server serves clients again");
+    let mut live = watcher.subscribe("t.>").await.expect("subscribe");
+    // A raw client resumes from the start of the stream there.
+    let welcome = {
+        let mut probe = common::Raw::connect(&cluster.addrs[0]).await;
+        probe.hello(77, &[], SlowPolicy::Disconnect).await
+    };
+    let mut raw = common::Raw::connect(&cluster.addrs[2]).await;
+    let mut hello = common::hello(78, &["t.>"], SlowPolicy::Disconnect);
+    hello.resume = Some(Resume {
+        stream: welcome.stream,
+        after: Seq(0),
+    });
+    raw.send(ClientFrame::Hello(hello)).await;
+    let mut replayed = Vec::new();
+    while replayed.len() < 600 {
+        match raw.next().await {
+            Some(ServerFrame::Welcome(w)) => assert_eq!(w.stream, welcome.stream, "one stream"),
+            Some(ServerFrame::Deliver(head, body)) => {
+                let mut msgs = Vec::new();
+                proto::messages(&head, &body, &mut msgs).expect("valid delivery");
+                replayed.extend(msgs.into_iter().map(|m| (m.seq.0, m.payload)));
+            }
+            Some(ServerFrame::Watermark(_)) => {}
+            other => panic!("expected the catch-up, got {other:?}"),
+        }
+    }
+    let expected: Vec<(u64, bytes::Bytes)> = (0..600u64)
+        .map(|i| (i + 1, bytes::Bytes::from(format!("{i}"))))
+        .collect();
+    assert_eq!(replayed, expected, "the snapshot carried the history");
+    for i in 600..700 {
+        publisher.send("t.x", format!("{i}")).await.expect("send");
+    }
+    publisher
+        .flush()
+        .await
+        .expect("acknowledged with all three back");
+    for i in 600..700u64 {
+        match within_for(STREAM_TIME_MAX, "a live message", live.next()).await {
+            Some(Event::Message(m)) => {
+                assert_eq!(m.seq, Seq(i + 1));
+                assert_eq!(m.payload, format!("{i}").as_bytes());
+            }
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}

@@ -374,8 +374,9 @@ pub async fn take_messages(sub: &mut Subscription, n: usize) -> Vec<canopy_clien
 pub struct Cluster {
     /// The servers, by index (`None` once killed).
     pub servers: Vec<Option<Server>>,
-    /// Their client addresses, by index.
+    /// Their client addresses, by index (a restart moves one).
     pub addrs: Vec<String>,
+    configs: Vec<String>,
 }
 
 impl Cluster {
@@ -397,18 +398,33 @@ impl Cluster {
                 i + 1
             ));
         }
-        let servers: Vec<Option<Server>> = (0..n)
+        let configs: Vec<String> = (0..n)
             .map(|i| {
-                let toml = format!(
+                format!(
                     "name = \"s{}\"\n[core]\nid = {}\nheartbeat_interval_ms = 50\nfailure_timeout_ms = 500\n{extra}\n{list}",
                     i + 1,
                     i + 1
-                );
-                Some(Server::with_config(&toml))
+                )
             })
             .collect();
+        let servers: Vec<Option<Server>> = configs
+            .iter()
+            .map(|c| Some(Server::with_config(c)))
+            .collect();
         let addrs = servers.iter().flatten().map(|s| s.addr.clone()).collect();
-        Cluster { servers, addrs }
+        Cluster {
+            servers,
+            addrs,
+            configs,
+        }
+    }
+
+    /// Starts server `i` again with its config (a new incarnation); its
+    /// client address changes.
+    pub fn restart(&mut self, i: usize) {
+        let s = Server::with_config(&self.configs[i]);
+        self.addrs[i] = s.addr.clone();
+        self.servers[i] = Some(s);
     }
 
     /// The client addresses starting with server `first`, then the others.
