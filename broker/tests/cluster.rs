@@ -231,3 +231,49 @@ async fn a_restarted_server_rejoins_and_catches_up_from_a_peer() {
         }
     }
 }
+
+/// Garbage on a server-to-server port (no hello, a bad hello, an undecodable
+/// message after a good hello, an oversized frame) drops only that link: the
+/// core keeps ordering and delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_a_core_link_drops_only_that_link() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::start(3, "");
+    let client = within_for(
+        STREAM_TIME_MAX,
+        "client connect",
+        Client::connect(options(cluster.addrs_from(0), "c".into())),
+    )
+    .await
+    .expect("connects");
+    let mut sub = client.subscribe("t.>").await.expect("subscribe");
+    // A well-formed link hello from "server 2", as CBOR {version: 1, node: 2}.
+    let mut hello = Vec::new();
+    ciborium::into_writer(&serde_json::json!({"version": 1, "node": 2}), &mut hello)
+        .expect("encode");
+    let framed = |content: &[u8]| {
+        let mut f = (content.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(content);
+        f
+    };
+    let garbage: Vec<Vec<u8>> = vec![
+        b"\xde\xad\xbe\xef random bytes".to_vec(),
+        framed(b"\xff\xfe not a hello"),
+        [framed(&hello), framed(b"\x9f\xff\x00 not a message")].concat(),
+        (u32::MAX).to_be_bytes().to_vec(),
+    ];
+    for (k, bytes) in garbage.iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(&cluster.peers[0])
+            .await
+            .expect("connect to a core link port");
+        s.write_all(bytes).await.expect("write");
+        client
+            .publish("t.x", format!("{k}"))
+            .await
+            .expect("the core still orders");
+        match within_for(STREAM_TIME_MAX, "delivery", sub.next()).await {
+            Some(Event::Message(m)) => assert_eq!(m.payload, format!("{k}").as_bytes()),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}

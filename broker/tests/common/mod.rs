@@ -376,6 +376,8 @@ pub struct Cluster {
     pub servers: Vec<Option<Server>>,
     /// Their client addresses, by index (a restart moves one).
     pub addrs: Vec<String>,
+    /// Their server-to-server addresses, by index.
+    pub peers: Vec<String>,
     configs: Vec<String>,
 }
 
@@ -415,6 +417,7 @@ impl Cluster {
         Cluster {
             servers,
             addrs,
+            peers,
             configs,
         }
     }
