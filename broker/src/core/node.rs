@@ -1164,8 +1164,9 @@ impl Node {
     }
 
     /// In a group: the delivered state for a joining or lagging server,
-    /// with at most `msgs_max` of the most recent retained messages.
-    pub fn snapshot(&mut self, msgs_max: usize) -> Snapshot {
+    /// with the most recent retained messages, at most `msgs_max` of them
+    /// and `bytes_max` bytes (as retention counts them).
+    pub fn snapshot(&mut self, msgs_max: usize, bytes_max: usize) -> Snapshot {
         self.fan_out();
         let mut publishers: Vec<(PublisherId, PubSeq, Seq)> = self
             .publishers
@@ -1174,13 +1175,16 @@ impl Node {
             .collect();
         // Sorted, so the same state always encodes the same.
         publishers.sort_unstable();
-        let skip = self.retention.len().saturating_sub(msgs_max);
-        let msgs: Vec<Msg> = self
-            .retention
-            .after(Seq(0))
-            .skip(skip)
-            .map(Msg::of)
-            .collect();
+        let all: Vec<&Ordered> = self.retention.after(Seq(0)).collect();
+        let (mut keep, mut bytes) = (0, 0);
+        for m in all.iter().rev() {
+            if keep >= msgs_max || bytes + m.cost() > bytes_max {
+                break;
+            }
+            bytes += m.cost();
+            keep += 1;
+        }
+        let msgs: Vec<Msg> = all[all.len() - keep..].iter().map(|m| Msg::of(m)).collect();
         let first = Seq(self.head.0 + 1 - msgs.len() as u64);
         Snapshot {
             stream: self.config.stream,

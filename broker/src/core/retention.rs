@@ -27,7 +27,9 @@ pub struct Ordered {
 }
 
 impl Ordered {
-    fn cost(&self) -> usize {
+    /// What it counts against a byte bound: topic, payload and a fixed
+    /// overhead.
+    pub fn cost(&self) -> usize {
         self.topic.len() + self.payload.len() + 64
     }
 }

@@ -19,8 +19,10 @@ use bytes::Bytes;
 use canopy_client::protocol::{ClientFrame, ErrorCode, PubSeq, Seq};
 use std::time::Duration;
 
-/// Retained messages a snapshot for a joining server carries at most.
+/// Retained messages a snapshot for a joining server carries at most...
 pub const SNAPSHOT_MSGS_MAX: usize = 100_000;
+/// ...and bytes.
+pub const SNAPSHOT_BYTES_MAX: usize = 64 << 20;
 
 /// A core server: a node, and the group when there are peers.
 pub struct Server {
@@ -210,7 +212,7 @@ impl Server {
                         self.node.set_primary(now, group.is_primary());
                     }
                     Event::SnapshotNeeded { to } => {
-                        let state = self.node.snapshot(SNAPSHOT_MSGS_MAX);
+                        let state = self.node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
                         group.send_snapshot(to, state);
                     }
                     Event::Reset(state) => {

@@ -52,8 +52,10 @@ enum Inbound {
     Frames(SessionId, Vec<ClientFrame>),
     Bad(SessionId, ErrorCode, String),
     Closed(SessionId),
-    /// Messages from a core server.
-    Peer(NodeId, Vec<PeerMsg>),
+    /// Messages from a core server, read on incoming connection `conn`.
+    Peer(NodeId, u64, Vec<PeerMsg>),
+    /// Incoming connection `conn` from a core server ended.
+    IncomingDown(NodeId, u64),
     /// The outgoing link to a core server is connected.
     LinkUp(NodeId),
     /// A link to or from a core server broke.
@@ -246,6 +248,7 @@ async fn run_node(
         views,
     } = shell;
     let mut sessions: HashMap<SessionId, SessionIo> = HashMap::new();
+    let mut incoming = Incoming::new();
     let mut snapshot_next = Instant::now();
     loop {
         let deadline = node.poll_timeout().map_or_else(
@@ -266,11 +269,11 @@ async fn run_node(
                 let Ok(msg) = msg else { break };
                 turn = Some(Instant::now());
                 let now = started.elapsed();
-                take(&mut node, &mut sessions, now, msg);
+                take(&mut node, &mut sessions, &mut incoming, now, msg);
                 // Take what else is already waiting before draining, so one
                 // fan-out batch covers many publishes.
                 for msg in inbox.try_iter().take(INBOX_TURN_MAX) {
-                    take(&mut node, &mut sessions, now, msg);
+                    take(&mut node, &mut sessions, &mut incoming, now, msg);
                 }
                 node.end_batch(now);
             }
@@ -330,9 +333,16 @@ async fn run_node(
     }
 }
 
+/// Per core server, its newest incoming connection. A peer that reset its
+/// link may still have frames in flight on the old one: they are older than
+/// everything on the new one and are dropped, so each peer's messages stay
+/// in the order it sent them.
+type Incoming = HashMap<NodeId, u64>;
+
 fn take(
     node: &mut Server,
     sessions: &mut HashMap<SessionId, SessionIo>,
+    incoming: &mut Incoming,
     now: Duration,
     msg: Inbound,
 ) {
@@ -351,9 +361,19 @@ fn take(
             sessions.remove(&id);
             node.handle_closed(now, id);
         }
-        Inbound::Peer(from, msgs) => {
+        Inbound::Peer(from, conn, msgs) => {
+            let newest = incoming.entry(from).or_insert(conn);
+            if conn < *newest {
+                return;
+            }
+            *newest = conn;
             for msg in msgs {
                 node.handle_peer(now, from, msg);
+            }
+        }
+        Inbound::IncomingDown(from, conn) => {
+            if incoming.get(&from).is_none_or(|&n| n <= conn) {
+                node.handle_link_down(now, from);
             }
         }
         Inbound::LinkUp(peer) => node.handle_link_up(now, peer),

@@ -29,8 +29,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Frames queued per outgoing link.
 const LINK_QUEUE_MAX: usize = 65_536;
-/// The largest frame on a link (a snapshot can be large).
-const PEER_FRAME_LEN_MAX: usize = 64 << 20;
+/// The largest frame on a link. Ordering frames carry at most 8 MiB (or
+/// one message, up to the 64 MiB client frame limit); a flush carries the
+/// unstable log (at most 64 MiB and one message), and a snapshot at most
+/// 64 MiB of retained messages.
+const PEER_FRAME_LEN_MAX: usize = 256 << 20;
 /// Frames written per turn.
 const WRITE_BATCH_MAX: usize = 64;
 /// Frames a reader hands over in one message.
@@ -51,6 +54,9 @@ struct LinkHello {
 }
 
 const LINK_VERSION: u32 = 1;
+
+/// Numbers incoming connections in the order they were accepted.
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The node task's handles on its outgoing links.
 pub(super) struct Links {
@@ -216,13 +222,19 @@ pub(super) async fn accept_loop(listener: TcpListener, inbox: flume::Sender<Inbo
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(read_link(stream, addr, inbox.clone()));
+        let conn = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(read_link(stream, addr, conn, inbox.clone()));
     }
 }
 
 /// Reads one incoming link: its hello, then messages until it ends or
 /// sends something undecodable (then only this link is dropped).
-async fn read_link(stream: TcpStream, addr: std::net::SocketAddr, inbox: flume::Sender<Inbound>) {
+async fn read_link(
+    stream: TcpStream,
+    addr: std::net::SocketAddr,
+    conn: u64,
+    inbox: flume::Sender<Inbound>,
+) {
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(PEER_FRAME_LEN_MAX)
         .new_codec();
@@ -273,12 +285,17 @@ async fn read_link(stream: TcpStream, addr: std::net::SocketAddr, inbox: flume::
                 None => break false,
             }
         };
-        if !batch.is_empty() && inbox.send_async(Inbound::Peer(peer, batch)).await.is_err() {
+        if !batch.is_empty()
+            && inbox
+                .send_async(Inbound::Peer(peer, conn, batch))
+                .await
+                .is_err()
+        {
             return;
         }
         if end {
             break;
         }
     }
-    let _ = inbox.send_async(Inbound::LinkDown(peer)).await;
+    let _ = inbox.send_async(Inbound::IncomingDown(peer, conn)).await;
 }

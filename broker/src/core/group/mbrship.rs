@@ -285,6 +285,9 @@ impl Group {
     /// Promises proposal `id`: ordering in the old view stops here.
     fn promise(&mut self, now: Duration, id: ViewId) {
         self.promised = id;
+        // A snapshot awaited for an older proposal will not matter now.
+        self.awaiting_snapshot = false;
+        self.stash = None;
         if matches!(self.status, Status::Normal | Status::Accepted) {
             self.status = Status::Flushing;
         }
@@ -359,8 +362,14 @@ impl Group {
         let Some(p) = self.proposal.take() else {
             return;
         };
-        if p.oks.len() < self.config.quorum() {
-            tracing::debug!(me = %self.config.me, proposal = %p.id, answered = p.oks.len(), "no majority of the core: not primary");
+        // Only a server that holds state remembers its promises: one that
+        // restarted has forgotten them, so it cannot make up a majority (a
+        // majority of it could install a view from state older than a view
+        // it promised). A majority with no state at all is a cold start.
+        let holders = p.oks.values().filter(|o| o.view.is_some()).count();
+        let cold = holders == 0 && p.oks.len() >= self.config.quorum();
+        if holders < self.config.quorum() && !cold {
+            tracing::debug!(me = %self.config.me, proposal = %p.id, answered = p.oks.len(), holders, "no majority of the core holds state: not primary");
             self.proposal = Some(p);
             return;
         }
@@ -395,7 +404,7 @@ impl Group {
         if basis.is_none() {
             // No member of any view is left: a new stream begins at seq 0,
             // and clients that resume from the old one are told so.
-            self.log.clear();
+            self.clear_log();
             self.delivered = Seq(0);
             self.stable = Seq(0);
             self.publishers.clear();
@@ -464,9 +473,10 @@ impl Group {
         // The publisher table forgets them too, so that their publishers'
         // resubmissions are ordered rather than taken for retries.
         for m in self.log.drain(keep..) {
+            self.log_bytes = self.log_bytes.saturating_sub(m.cost());
             if let Some(p) = self.publishers.get_mut(&m.publisher) {
                 if p.held >= m.pub_seq {
-                    p.held = PubSeq(m.pub_seq.0 - 1).max(p.delivered);
+                    p.held = PubSeq(m.pub_seq.0.saturating_sub(1)).max(p.delivered);
                 }
             }
         }
@@ -478,6 +488,8 @@ impl Group {
         self.promised = view.id;
         self.epoch_seen = self.epoch_seen.max(view.id.epoch);
         self.status = Status::Accepted;
+        self.awaiting_snapshot = false;
+        self.stash = None;
         self.stream = view.stream;
         self.state_view = Some(view.id);
         self.accepted_through = through;
@@ -626,12 +638,14 @@ impl Group {
     }
 
     pub(super) fn on_snapshot(&mut self, now: Duration, view: ViewId, state: Snapshot) {
+        let ours = self.stash.as_ref().is_some_and(|s| s.view.id == view);
+        if !self.awaiting_snapshot || !ours || self.promised != view {
+            // A late snapshot for a proposal that lost: keep waiting.
+            return;
+        }
         let Some(stash) = self.stash.take() else {
             return;
         };
-        if !self.awaiting_snapshot || stash.view.id != view || self.promised != view {
-            return;
-        }
         self.awaiting_snapshot = false;
         if state.stream == self.stream && self.delivered >= state.head {
             // This server delivered a longer prefix of the same stream (it
@@ -640,7 +654,7 @@ impl Group {
             return self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
         }
         self.stream = state.stream;
-        self.log.clear();
+        self.clear_log();
         self.delivered = state.head;
         self.stable = state.head;
         self.publishers = state

@@ -165,6 +165,8 @@ pub struct GroupConfig {
     pub unordered_max: usize,
     /// Ordered but not yet stable messages the sequencer holds at most.
     pub log_len_max: usize,
+    /// ...and their bytes at most (so a flush fits in a few frames).
+    pub log_bytes_max: usize,
     /// Publishers whose deduplication state is kept.
     pub publishers_max: usize,
     /// Mixed into the stream id of a newly formed core.
@@ -184,6 +186,7 @@ impl GroupConfig {
             flush_timeout: Duration::from_millis(1000),
             unordered_max: 1 << 20,
             log_len_max: 1 << 20,
+            log_bytes_max: 64 << 20,
             publishers_max: 100_000,
             stream_seed: 0,
         }
@@ -293,7 +296,7 @@ struct FlushOk {
 
 impl FlushOk {
     fn held(&self) -> Seq {
-        Seq(self.delivered.0 + self.msgs.len() as u64)
+        Seq(self.delivered.0.saturating_add(self.msgs.len() as u64))
     }
 }
 
@@ -361,6 +364,8 @@ pub struct Group {
     delivered: Seq,
     /// Messages held after `delivered`, contiguous.
     log: VecDeque<Ordered>,
+    /// What `log` holds, as `Ordered::cost` counts it.
+    log_bytes: usize,
     /// The last seq known stable in the view.
     stable: Seq,
     /// Coordinator: the last seq each member holds.
@@ -377,8 +382,8 @@ pub struct Group {
     evicted_any: bool,
     /// Own submissions not yet delivered, in submission order.
     unordered: VecDeque<Submitted>,
-    /// The seq delivered when `unordered` was last checked for progress.
-    resubmit_check: (Duration, Seq),
+    /// Since when the front of `unordered` has been the same publish.
+    resubmit_check: (Duration, Option<(PublisherId, PubSeq)>),
 
     events: VecDeque<Event>,
     transmits: VecDeque<(NodeId, Bytes)>,
@@ -415,6 +420,7 @@ impl Group {
             heartbeat_next: now,
             delivered: Seq(0),
             log: VecDeque::new(),
+            log_bytes: 0,
             stable: Seq(0),
             acks: BTreeMap::new(),
             stable_sent: Seq(0),
@@ -423,7 +429,7 @@ impl Group {
             publishers: HashMap::new(),
             evicted_any: false,
             unordered: VecDeque::new(),
-            resubmit_check: (now, Seq(0)),
+            resubmit_check: (now, None),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             stats: GroupStats::default(),

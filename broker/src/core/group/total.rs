@@ -12,8 +12,32 @@ use super::wire::{Msg, PeerMsg, Submitted};
 use super::{Event, Group, NodeId, PubState, Status, ViewId};
 use canopy_client::protocol::{PubSeq, Seq};
 
-/// Messages per `Order` or `Submit` frame at most.
+/// Messages per `Order` or `Submit` frame at most...
 const FRAME_MSGS_MAX: usize = 4096;
+/// ...and bytes (a larger single message goes alone).
+const FRAME_BYTES_MAX: usize = 8 << 20;
+
+/// Splits `msgs` into runs that each fit one frame.
+fn frames<T>(msgs: &[T], cost: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, m) in msgs.iter().enumerate() {
+        let c = cost(m);
+        if i > start && (i - start >= FRAME_MSGS_MAX || bytes + c > FRAME_BYTES_MAX) {
+            out.push(&msgs[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += c;
+    }
+    if start < msgs.len() {
+        out.push(&msgs[start..]);
+    }
+    out
+}
+
+fn msg_cost(m: &Msg) -> usize {
+    m.2.len() + m.3.len() + 32
+}
 
 impl Group {
     /// The current view's coordinator.
@@ -57,7 +81,7 @@ impl Group {
             self.order(msgs);
             return;
         }
-        for chunk in msgs.chunks(FRAME_MSGS_MAX) {
+        for chunk in frames(&msgs, |s: &Submitted| msg_cost(&s.1)) {
             let msg = PeerMsg::Submit {
                 view,
                 msgs: chunk.to_vec(),
@@ -77,17 +101,19 @@ impl Group {
         self.forward(msgs);
     }
 
-    /// Called every heartbeat: submissions that waited a whole failure
-    /// timeout without any delivery are sent again (a frame may have been
-    /// lost with a link, or dropped by a sequencer at its bound).
+    /// Called every heartbeat: when the oldest own submission has waited a
+    /// whole failure timeout without being delivered, everything not yet
+    /// delivered is sent again (a frame may have been lost with a link, or
+    /// dropped by a sequencer at its bound, while other traffic flows).
     pub(super) fn check_progress(&mut self, now: std::time::Duration) {
-        let (since, at) = self.resubmit_check;
-        if self.unordered.is_empty() || self.delivered != at {
-            self.resubmit_check = (now, self.delivered);
+        let front = self.unordered.front().map(|Submitted(_, m)| (m.0, m.1));
+        let (since, seen) = self.resubmit_check;
+        if front.is_none() || front != seen {
+            self.resubmit_check = (now, front);
             return;
         }
         if self.is_primary() && now.saturating_sub(since) >= self.config.failure_timeout {
-            self.resubmit_check = (now, self.delivered);
+            self.resubmit_check = (now, front);
             self.resubmit();
         }
     }
@@ -109,7 +135,9 @@ impl Group {
         let first = self.held().next();
         let mut ordered = Vec::with_capacity(msgs.len());
         for Submitted(after, m) in msgs {
-            if self.log.len() >= self.config.log_len_max {
+            if self.log.len() >= self.config.log_len_max
+                || self.log_bytes >= self.config.log_bytes_max
+            {
                 // At the bound: the submitters send it again later.
                 break;
             }
@@ -137,13 +165,15 @@ impl Group {
         self.stats.ordered += ordered.len() as u64;
         let held = self.held();
         self.acks.insert(self.config.me, held);
-        for (i, chunk) in ordered.chunks(FRAME_MSGS_MAX).enumerate() {
+        let mut at = first;
+        for chunk in frames(&ordered, msg_cost) {
             let msg = PeerMsg::Order {
                 view,
-                first: Seq(first.0 + (i * FRAME_MSGS_MAX) as u64),
+                first: at,
                 msgs: chunk.to_vec(),
                 stable: self.stable,
             };
+            at = Seq(at.0 + chunk.len() as u64);
             self.send_members(&msg);
         }
         self.advance_stable();
@@ -164,6 +194,7 @@ impl Group {
         });
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
+        self.log_bytes += m.cost();
         self.log.push_back(m);
     }
 
@@ -260,13 +291,15 @@ impl Group {
         }
         let skip = (after.0 - self.delivered.0) as usize;
         let msgs: Vec<Msg> = self.log.iter().skip(skip).map(Msg::of).collect();
-        for (i, chunk) in msgs.chunks(FRAME_MSGS_MAX).enumerate() {
+        let mut at = after.next();
+        for chunk in frames(&msgs, msg_cost) {
             let msg = PeerMsg::Order {
                 view,
-                first: Seq(after.0 + 1 + (i * FRAME_MSGS_MAX) as u64),
+                first: at,
                 msgs: chunk.to_vec(),
                 stable: self.stable,
             };
+            at = Seq(at.0 + chunk.len() as u64);
             self.send(from, &msg);
         }
     }
@@ -314,6 +347,13 @@ impl Group {
         self.deliver_through(through);
     }
 
+    /// Empties the log (its messages are replaced by a snapshot or a new
+    /// stream).
+    pub(super) fn clear_log(&mut self) {
+        self.log.clear();
+        self.log_bytes = 0;
+    }
+
     /// Delivers the log up to `through` and forgets own submissions that
     /// are now delivered.
     pub(super) fn deliver_through(&mut self, through: Seq) {
@@ -322,6 +362,9 @@ impl Group {
         }
         let n = (through.0 - self.delivered.0) as usize;
         let batch: Vec<_> = self.log.drain(..n).collect();
+        for m in &batch {
+            self.log_bytes = self.log_bytes.saturating_sub(m.cost());
+        }
         self.delivered = through;
         for m in &batch {
             if let Some(p) = self.publishers.get_mut(&m.publisher) {
@@ -339,5 +382,33 @@ impl Group {
             self.unordered.pop_front();
         }
         self.events.push_back(Event::Deliver(batch));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_by_count_and_by_bytes() {
+        let small = vec![1usize; FRAME_MSGS_MAX * 2 + 1];
+        let runs = frames(&small, |&c| c);
+        assert_eq!(
+            runs.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            vec![FRAME_MSGS_MAX, FRAME_MSGS_MAX, 1]
+        );
+        let big = vec![
+            FRAME_BYTES_MAX / 2 + 1,
+            FRAME_BYTES_MAX / 2,
+            1,
+            FRAME_BYTES_MAX * 3,
+        ];
+        let runs = frames(&big, |&c| c);
+        // A message larger than the byte bound still goes, alone.
+        assert_eq!(
+            runs.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            vec![1, 2, 1]
+        );
+        assert!(frames(&Vec::<usize>::new(), |&c| c).is_empty());
     }
 }
