@@ -1,7 +1,10 @@
 //! Core-group simulator runs, and the tests that prove its checkers catch a
 //! deliberately broken group.
 
-use super::cluster::{minority_partition, run, run_with, ClusterOutcome, ClusterPlan};
+use super::cluster::{
+    minority_partition, restarted_server_cannot_outvote_the_state, run, run_with, ClusterOutcome,
+    ClusterPlan,
+};
 use crate::core::group::GroupBugs;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
@@ -81,6 +84,16 @@ fn a_minority_partition_orders_nothing() {
     }
 }
 
+/// A server that restarted with nothing forgot its promises: with the only
+/// other reachable server holding older state, it must not make a majority.
+#[test]
+fn a_restarted_server_cannot_outvote_the_state() {
+    for seed in 0..20 {
+        restarted_server_cannot_outvote_the_state(seed)
+            .unwrap_or_else(|v| panic!("seed {seed}: {}", v.0));
+    }
+}
+
 /// Runs seeds with `bugs` until one is caught; returns what was caught.
 fn caught(bugs: GroupBugs) -> String {
     for seed in 0..200 {
@@ -153,6 +166,10 @@ fn replay() {
         .without_time()
         .with_test_writer()
         .try_init();
+    if std::env::var_os("CANOPY_SIM_OUTVOTE").is_some() {
+        return restarted_server_cannot_outvote_the_state(seed)
+            .unwrap_or_else(|v| panic!("{}", v.0));
+    }
     match run(seed) {
         Ok(o) => println!("seed {seed}: {o:?}"),
         Err(v) => panic!("{}", v.0),

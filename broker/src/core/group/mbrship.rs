@@ -365,11 +365,13 @@ impl Group {
         // Only a server that holds state remembers its promises: one that
         // restarted has forgotten them, so it cannot make up a majority (a
         // majority of it could install a view from state older than a view
-        // it promised). A majority with no state at all is a cold start.
+        // it promised). While nothing was ever ordered there is nothing to
+        // lose: any majority may (re)start the stream (a cold start).
         let holders = p.oks.values().filter(|o| o.view.is_some()).count();
-        let cold = holders == 0 && p.oks.len() >= self.config.quorum();
+        let cold =
+            p.oks.values().all(|o| o.held() == Seq(0)) && p.oks.len() >= self.config.quorum();
         if holders < self.config.quorum() && !cold {
-            tracing::debug!(me = %self.config.me, proposal = %p.id, answered = p.oks.len(), holders, "no majority of the core holds state: not primary");
+            tracing::debug!(me = %self.config.me, proposal = %p.id, answered = ?p.oks.values().map(|o| (o.from.node.0, o.view)).collect::<Vec<_>>(), "no majority of the core holds state: not primary");
             self.proposal = Some(p);
             return;
         }
