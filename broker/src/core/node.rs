@@ -249,6 +249,8 @@ pub struct Node {
     /// In a group: the session of each local publisher, to acknowledge its
     /// publishes when they come back ordered.
     publisher_sessions: HashMap<PublisherId, SessionId>,
+    /// Whether the publisher table ever forgot a publisher.
+    publishers_evicted: bool,
     /// The time of the latest input, for journal entries.
     now: Duration,
 }
@@ -322,6 +324,7 @@ impl Node {
             primary: true,
             submissions: Vec::new(),
             publisher_sessions: HashMap::new(),
+            publishers_evicted: false,
             now,
             config,
         }
@@ -1144,6 +1147,7 @@ impl Node {
         self.head = state.head;
         self.watermark_sent = Seq(0);
         self.publishers.clear();
+        self.publishers_evicted = state.evicted;
         for (id, pub_seq, seq) in state.publishers {
             self.remember_publisher(id, pub_seq, seq);
         }
@@ -1190,6 +1194,7 @@ impl Node {
             stream: self.config.stream,
             head: self.head,
             publishers,
+            evicted: self.publishers_evicted,
             first,
             msgs,
         }
@@ -1249,6 +1254,7 @@ impl Node {
             // in one pass, so the cost per new publisher stays constant on
             // average. A forgotten publisher that comes back with retries of
             // old pub_seqs gets them ordered again: the price of the bound.
+            self.publishers_evicted = true;
             let mut by_age: Vec<(Seq, PublisherId)> = self
                 .publishers
                 .iter()

@@ -707,6 +707,7 @@ impl World {
                     stream,
                     head,
                     publishers,
+                    evicted: false,
                     first: head.next(),
                     msgs: Vec::new(),
                 };

@@ -656,6 +656,7 @@ impl Group {
             return self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
         }
         self.stream = state.stream;
+        self.evicted_any |= state.evicted;
         self.clear_log();
         self.delivered = state.head;
         self.stable = state.head;

@@ -58,6 +58,10 @@ pub struct Snapshot {
     pub head: Seq,
     /// Per publisher: last pub_seq ordered and the seq it got.
     pub publishers: Vec<(PublisherId, PubSeq, Seq)>,
+    /// Whether the sender's table ever forgot a publisher (then a publisher
+    /// missing from it may be a forgotten one).
+    #[serde(default)]
+    pub evicted: bool,
     /// The seq of `msgs[0]`; the messages run contiguously to `head`.
     pub first: Seq,
     /// Recent messages, oldest first.
