@@ -152,7 +152,10 @@ fn delivering_before_stability_is_caught() {
 }
 
 /// `CANOPY_SIM_SEED=N cargo test -p canopy-broker --lib sim::cluster_tests::replay -- --ignored --nocapture`
-/// replays one seed and prints what it did.
+/// replays one seed and prints what it did. `RUST_LOG=debug` adds the
+/// groups' decisions, `CANOPY_SIM_TRACE=1` every view, reset, crash and
+/// restart, and `CANOPY_SIM_OUTVOTE=1` replays the scripted
+/// restarted-server run instead of a random one.
 #[test]
 #[ignore = "a tool: replays the seed in CANOPY_SIM_SEED"]
 fn replay() {
