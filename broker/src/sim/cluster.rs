@@ -51,6 +51,20 @@ pub struct ClusterOutcome {
     pub digest: u64,
 }
 
+impl ClusterOutcome {
+    /// Adds another run's counts (the digest is left alone).
+    pub fn add(&mut self, o: &ClusterOutcome) {
+        self.published += o.published;
+        self.acked += o.acked;
+        self.delivered += o.delivered;
+        self.crashes += o.crashes;
+        self.restarts += o.restarts;
+        self.partitions += o.partitions;
+        self.breaks += o.breaks;
+        self.views += o.views;
+    }
+}
+
 /// A run's knobs beyond the seed, for targeted tests.
 #[derive(Clone, Debug)]
 pub struct ClusterPlan {
@@ -377,7 +391,16 @@ impl World {
         if !new || s.group.unordered_full() || self.publishers[p].unacked.len() >= 32 {
             return;
         }
-        let pb = &mut self.publishers[p];
+        let msg = Self::next_publish(&mut self.publishers[p], &mut self.checker, &mut self.out);
+        s.group.submit(vec![msg]);
+    }
+
+    /// Publisher `pb`'s next publish, recorded as published and unacknowledged.
+    fn next_publish(
+        pb: &mut Publisher,
+        checker: &mut ClusterChecker,
+        out: &mut ClusterOutcome,
+    ) -> Submitted {
         let pub_seq = PubSeq(pb.next);
         pb.next += 1;
         let msg = Msg(
@@ -387,9 +410,9 @@ impl World {
             Bytes::from(format!("{}:{}", pb.id.0, pub_seq.0)),
         );
         pb.unacked.push_back(msg.clone());
-        self.checker.published(pb.id, pub_seq);
-        self.out.published += 1;
-        s.group.submit(vec![Submitted(PubSeq(pub_seq.0 - 1), msg)]);
+        checker.published(pb.id, pub_seq);
+        out.published += 1;
+        Submitted(PubSeq(pub_seq.0 - 1), msg)
     }
 
     /// A publisher held on one server whatever it says (a test's probe of a
@@ -402,20 +425,9 @@ impl World {
         if s.group.unordered_full() {
             return;
         }
-        let pb = &mut self.publishers[p];
-        pb.attached = Some(i);
-        let pub_seq = PubSeq(pb.next);
-        pb.next += 1;
-        let msg = Msg(
-            pb.id,
-            pub_seq,
-            Arc::from("t"),
-            Bytes::from(format!("{}:{}", pb.id.0, pub_seq.0)),
-        );
-        pb.unacked.push_back(msg.clone());
-        self.checker.published(pb.id, pub_seq);
-        self.out.published += 1;
-        s.group.submit(vec![Submitted(PubSeq(pub_seq.0 - 1), msg)]);
+        self.publishers[p].attached = Some(i);
+        let msg = Self::next_publish(&mut self.publishers[p], &mut self.checker, &mut self.out);
+        s.group.submit(vec![msg]);
     }
 
     /// Keeps publisher `p` attached to a primary server, failing over (and

@@ -9,10 +9,7 @@ use crate::core::group::GroupBugs;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
 fn seed_count() -> u64 {
-    std::env::var("CANOPY_SIM_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500)
+    super::seed_count(500)
 }
 
 #[test]
@@ -25,15 +22,7 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
                 scope.spawn(move || {
                     let mut t = ClusterOutcome::default();
                     for seed in (w..seeds).step_by(2) {
-                        let o = run(seed).unwrap_or_else(|v| panic!("{}", v.0));
-                        t.published += o.published;
-                        t.acked += o.acked;
-                        t.delivered += o.delivered;
-                        t.crashes += o.crashes;
-                        t.restarts += o.restarts;
-                        t.partitions += o.partitions;
-                        t.breaks += o.breaks;
-                        t.views += o.views;
+                        t.add(&run(seed).unwrap_or_else(|v| panic!("{}", v.0)));
                     }
                     t
                 })
@@ -45,15 +34,8 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
             .collect()
     });
     let mut t = ClusterOutcome::default();
-    for o in outcomes {
-        t.published += o.published;
-        t.acked += o.acked;
-        t.delivered += o.delivered;
-        t.crashes += o.crashes;
-        t.restarts += o.restarts;
-        t.partitions += o.partitions;
-        t.breaks += o.breaks;
-        t.views += o.views;
+    for o in &outcomes {
+        t.add(o);
     }
     // The runs must exercise the faults they claim to survive.
     assert!(t.published > 100 * seeds, "{t:?}");

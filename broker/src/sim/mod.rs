@@ -29,6 +29,16 @@ mod world;
 pub(crate) use world::run_with;
 pub use world::{run, Outcome};
 
+/// How many seeds a random-run test covers: `CANOPY_SIM_SEEDS` if set (the
+/// long-run mode), else `default`.
+#[cfg(test)]
+fn seed_count(default: u64) -> u64 {
+    std::env::var("CANOPY_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A xorshift64* generator: small, fast, and the same everywhere.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);

@@ -7,10 +7,7 @@ use canopy_client::topic::Pattern;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
 fn seed_count() -> u64 {
-    std::env::var("CANOPY_SIM_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+    super::seed_count(300)
 }
 
 #[test]

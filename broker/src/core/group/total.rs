@@ -165,15 +165,7 @@ impl Group {
         self.stats.ordered += ordered.len() as u64;
         let held = self.held();
         self.acks.insert(self.config.me, held);
-        let mut at = first;
-        for chunk in frames(&ordered, msg_cost) {
-            let msg = PeerMsg::Order {
-                view,
-                first: at,
-                msgs: chunk.to_vec(),
-                stable: self.stable,
-            };
-            at = Seq(at.0 + chunk.len() as u64);
+        for msg in self.orders(view, first, &ordered) {
             self.send_members(&msg);
         }
         self.advance_stable();
@@ -291,17 +283,27 @@ impl Group {
         }
         let skip = (after.0 - self.delivered.0) as usize;
         let msgs: Vec<Msg> = self.log.iter().skip(skip).map(Msg::of).collect();
-        let mut at = after.next();
-        for chunk in frames(&msgs, msg_cost) {
-            let msg = PeerMsg::Order {
-                view,
-                first: at,
-                msgs: chunk.to_vec(),
-                stable: self.stable,
-            };
-            at = Seq(at.0 + chunk.len() as u64);
+        for msg in self.orders(view, after.next(), &msgs) {
             self.send(from, &msg);
         }
+    }
+
+    /// `Order` frames for `msgs`, the first of which has seq `first`.
+    fn orders(&self, view: ViewId, first: Seq, msgs: &[Msg]) -> Vec<PeerMsg> {
+        let mut at = first;
+        frames(msgs, msg_cost)
+            .into_iter()
+            .map(|chunk| {
+                let msg = PeerMsg::Order {
+                    view,
+                    first: at,
+                    msgs: chunk.to_vec(),
+                    stable: self.stable,
+                };
+                at = Seq(at.0 + chunk.len() as u64);
+                msg
+            })
+            .collect()
     }
 
     /// Coordinator: the stable seq is the lowest any member holds.
