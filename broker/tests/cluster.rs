@@ -267,6 +267,17 @@ async fn bad_input_on_a_core_link_drops_only_that_link() {
             .await
             .expect("connect to a core link port");
         s.write_all(bytes).await.expect("write");
+        // The server drops the offending link: its side reads end-of-stream.
+        let mut buf = [0u8; 64];
+        let read = tokio::io::AsyncReadExt::read(&mut s, &mut buf);
+        // A reset counts as closed too.
+        let n = within_for(STREAM_TIME_MAX, "the bad link to be dropped", read)
+            .await
+            .unwrap_or(0);
+        assert_eq!(
+            n, 0,
+            "case {k}: the server sends nothing on a link and closes it"
+        );
         client
             .publish("t.x", format!("{k}"))
             .await

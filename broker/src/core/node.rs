@@ -1008,11 +1008,7 @@ impl Node {
                 }
             }
         };
-        if let Some(s) = self.sessions.get_mut(&session) {
-            if s.ack_due.replace(ack).is_none() {
-                self.acks_due.push(session);
-            }
-        }
+        self.owe_ack(session, ack);
         if self.pending.len() >= self.config.batch_len_max {
             self.fan_out();
         }
@@ -1039,10 +1035,7 @@ impl Node {
                 pub_seq: ordered,
                 seq,
             };
-            if s.ack_due.replace(ack).is_none() {
-                self.acks_due.push(session);
-            }
-            return;
+            return self.owe_ack(session, ack);
         }
         let known = ordered.max(s.submitted);
         if pub_seq <= known {
@@ -1088,15 +1081,11 @@ impl Node {
             self.stats.published += 1;
             self.remember_publisher(m.publisher, m.pub_seq, m.seq);
             if let Some(&session) = self.publisher_sessions.get(&m.publisher) {
-                if let Some(s) = self.sessions.get_mut(&session) {
-                    let ack = PubAck {
-                        pub_seq: m.pub_seq,
-                        seq: m.seq,
-                    };
-                    if s.ack_due.replace(ack).is_none() {
-                        self.acks_due.push(session);
-                    }
-                }
+                let ack = PubAck {
+                    pub_seq: m.pub_seq,
+                    seq: m.seq,
+                };
+                self.owe_ack(session, ack);
             }
             m.topic = self.intern(&m.topic);
             self.pending.push(m);
@@ -1222,6 +1211,16 @@ impl Node {
         self.now = now;
         let msg = "too many publishes waiting to be ordered; retry".to_owned();
         self.close_with_error(session, ErrorCode::Overloaded, msg);
+    }
+
+    /// Notes that `session` is owed `ack` (cumulative: a later one replaces
+    /// an earlier); it goes out after the current batch is fanned out.
+    fn owe_ack(&mut self, session: SessionId, ack: PubAck) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if s.ack_due.replace(ack).is_none() {
+                self.acks_due.push(session);
+            }
+        }
     }
 
     fn forget_publisher_session(&mut self, s: &Session, session: SessionId) {

@@ -12,7 +12,7 @@
 //! other core servers. After any input, drain [`Server::poll_output`]
 //! (client outputs) and [`Server::poll_transmit`] (peer frames).
 
-use super::group::{Event, Group, GroupStats, NodeId, PeerMsg, Status, Submitted, View};
+use super::group::{Event, Group, NodeId, PeerMsg, Submitted};
 use super::node::{Node, Output, TransmitKind};
 use super::SessionId;
 use bytes::Bytes;
@@ -28,17 +28,6 @@ pub const SNAPSHOT_BYTES_MAX: usize = 64 << 20;
 pub struct Server {
     node: Node,
     group: Option<Group>,
-}
-
-/// What the server knows of the core, for operators.
-#[derive(Clone, Debug)]
-pub struct CoreReport {
-    /// Its status in membership.
-    pub status: Status,
-    /// The installed view.
-    pub view: Option<View>,
-    /// Counters.
-    pub stats: GroupStats,
 }
 
 impl Server {
@@ -64,15 +53,6 @@ impl Server {
     /// The group, when in one.
     pub fn group(&self) -> Option<&Group> {
         self.group.as_ref()
-    }
-
-    /// What the server knows of the core.
-    pub fn core_report(&self) -> Option<CoreReport> {
-        self.group.as_ref().map(|g| CoreReport {
-            status: g.status(),
-            view: g.view().cloned(),
-            stats: g.stats(),
-        })
     }
 
     /// See [`Node::handle_open`].

@@ -61,8 +61,8 @@ impl Reporter {
         latency: &dash::Histogram,
     ) -> dash::Snapshot {
         let node = server.node();
-        if let Some(core) = server.core_report() {
-            if let Some(v) = core.view {
+        if let Some(group) = server.group() {
+            if let Some(v) = group.view() {
                 let id = v.id.epoch;
                 if self.views.last().map(|l| l.id) != Some(id) {
                     self.views.push(dash::View {

@@ -247,6 +247,19 @@ impl World {
         w
     }
 
+    /// A 3-server world for a scripted run: formed and under load for a
+    /// second, no random faults.
+    fn scripted(seed: u64) -> Result<World, Violation> {
+        let plan = ClusterPlan {
+            servers: Some(3),
+            ..ClusterPlan::default()
+        };
+        let mut w = World::new(seed, plan);
+        w.load = true;
+        w.run_until(Duration::from_secs(1), false)?;
+        Ok(w)
+    }
+
     fn boot(&mut self, i: usize) -> Server {
         self.incarnations += 1;
         let servers: Vec<NodeId> = (1..=self.n as u32).map(NodeId).collect();
@@ -844,13 +857,7 @@ pub struct MinorityReport {
 /// # Errors
 /// The first broken guarantee.
 pub fn minority_partition(seed: u64) -> Result<MinorityReport, Violation> {
-    let plan = ClusterPlan {
-        servers: Some(3),
-        ..ClusterPlan::default()
-    };
-    let mut w = World::new(seed, plan);
-    w.load = true;
-    w.run_until(Duration::from_secs(1), false)?;
+    let mut w = World::scripted(seed)?;
     let cut = w
         .servers
         .iter()
@@ -905,13 +912,7 @@ pub fn minority_partition(seed: u64) -> Result<MinorityReport, Violation> {
 /// # Errors
 /// The first broken guarantee, or a view formed without the newest state.
 pub fn restarted_server_cannot_outvote_the_state(seed: u64) -> Result<(), Violation> {
-    let plan = ClusterPlan {
-        servers: Some(3),
-        ..ClusterPlan::default()
-    };
-    let mut w = World::new(seed, plan);
-    w.load = true;
-    w.run_until(Duration::from_secs(1), false)?;
+    let mut w = World::scripted(seed)?;
     let cut_off = |w: &mut World, i: usize, on: bool| {
         for j in 0..3 {
             if j != i {

@@ -141,10 +141,7 @@ fn delivering_before_stability_is_caught() {
 #[test]
 #[ignore = "a tool: replays the seed in CANOPY_SIM_SEED"]
 fn replay() {
-    let seed: u64 = std::env::var("CANOPY_SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .expect("set CANOPY_SIM_SEED to the seed to replay");
+    let seed = super::replay_seed();
     // RUST_LOG=debug shows the groups' decisions.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

@@ -39,6 +39,18 @@ fn seed_count(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The seed a replay tool replays: `CANOPY_SIM_SEED`.
+///
+/// # Panics
+/// When it is not set to a number (the tools are run by hand).
+#[cfg(test)]
+fn replay_seed() -> u64 {
+    std::env::var("CANOPY_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("set CANOPY_SIM_SEED to the seed to replay")
+}
+
 /// A xorshift64* generator: small, fast, and the same everywhere.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);

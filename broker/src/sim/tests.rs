@@ -46,10 +46,7 @@ fn one_seed_replays_bit_for_bit() {
 #[test]
 #[ignore = "a tool: replays the seed in CANOPY_SIM_SEED"]
 fn replay() {
-    let seed: u64 = std::env::var("CANOPY_SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .expect("set CANOPY_SIM_SEED to the seed to replay");
+    let seed = super::replay_seed();
     match run(seed) {
         Ok(o) => println!("seed {seed}: {o:?}"),
         Err(v) => panic!("{}", v.0),

@@ -312,7 +312,7 @@ pub(crate) struct GroupBugs {
     pub deliver_unstable: bool,
 }
 
-/// Counters for logs and the dashboard.
+/// Counters since start, for operators and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupStats {
     /// Views installed here.
@@ -469,11 +469,6 @@ impl Group {
     /// Counters since start.
     pub fn stats(&self) -> GroupStats {
         self.stats
-    }
-
-    /// The configured servers.
-    pub fn servers(&self) -> &[NodeId] {
-        &self.config.servers
     }
 
     /// The last pub_seq of `publisher` delivered here (what a publisher
