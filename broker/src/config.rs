@@ -34,6 +34,27 @@ pub struct FileConfig {
     pub retention: FileRetention,
     /// Membership in a core group; absent for a standalone server.
     pub core: Option<FileCore>,
+    /// A relay's place in the tree; absent for a core or standalone server.
+    pub relay: Option<FileRelay>,
+}
+
+/// `[relay]`: a relay's tier above and its own tier.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRelay {
+    /// Client addresses of the tier above (core servers or relays).
+    pub upstream: Vec<String>,
+    /// Client addresses of this relay's tier, itself included; its clients
+    /// fail over among them. Empty: the relay tells clients only itself.
+    #[serde(default)]
+    pub tier: Vec<String>,
+}
+
+/// A validated `[relay]` section.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Client addresses of the tier above.
+    pub upstream: Vec<String>,
 }
 
 /// `[core]`: this server's place in a core group.
@@ -142,6 +163,8 @@ pub struct ServerConfig {
     pub node: NodeConfig,
     /// The core group, when this server is in one.
     pub core: Option<CoreConfig>,
+    /// The tier above, when this server is a relay.
+    pub relay: Option<RelayConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -287,9 +310,40 @@ impl FileConfig {
             Some(addr) => Some(addr.to_owned()),
         };
         let core = self.core.map(FileCore::validate).transpose()?;
+        let listen = self.listen.unwrap_or_else(|| LISTEN_DEFAULT.to_owned());
+        let (relay, servers) = match self.relay {
+            Some(_) if core.is_some() => {
+                return Err(ConfigError::Range {
+                    key: "relay",
+                    value: "with [core]".into(),
+                    why: "a server is a core server or a relay, not both",
+                })
+            }
+            Some(r) if r.upstream.is_empty() => {
+                return Err(ConfigError::Range {
+                    key: "relay.upstream",
+                    value: "[]".into(),
+                    why: "at least one address of the tier above",
+                })
+            }
+            Some(r) => {
+                let relay = RelayConfig {
+                    upstream: r.upstream,
+                };
+                (Some(relay), advertised(r.tier))
+            }
+            None => {
+                let servers = core
+                    .as_ref()
+                    .map(|c| c.clients.iter().map(|(_, a)| a.clone()).collect())
+                    .unwrap_or_default();
+                (None, advertised(servers))
+            }
+        };
         Ok(ServerConfig {
             core,
-            listen: self.listen.unwrap_or_else(|| LISTEN_DEFAULT.to_owned()),
+            relay,
+            listen,
             http,
             queue_frames_max,
             node: NodeConfig {
@@ -305,8 +359,18 @@ impl FileConfig {
                 handshake_timeout: handshake,
                 idle_timeout: idle,
                 sessions_max: connections,
+                servers,
             },
         })
+    }
+}
+
+/// The tier's addresses as clients are told them: none when any is not
+/// known before start (port 0), as a partial list would mislead failover.
+fn advertised(tier: Vec<String>) -> Vec<String> {
+    match tier.iter().any(|a| a.ends_with(":0")) {
+        true => Vec::new(),
+        false => tier,
     }
 }
 

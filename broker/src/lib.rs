@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod launcher;
 pub mod runtime;
 #[cfg(test)]
 pub mod sim;

@@ -1,15 +1,16 @@
 //! The `canopy` binary: run a server, publish, subscribe.
 
 use anyhow::Context;
-use canopy_broker::config::{FileConfig, HTTP_DEFAULT, LISTEN_DEFAULT};
+use canopy_broker::config::{FileConfig, FileRelay, HTTP_DEFAULT, LISTEN_DEFAULT};
 use canopy_broker::{cli, runtime};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 /// Canopy: pub/sub with one agreed order and loss-free resume.
 ///
-/// Start a server with `canopy serve`, then in other terminals
-/// `canopy sub 'demo.>'` and `canopy pub demo.hello "hi"`.
+/// Start a server with `canopy serve` (or a whole tree of core servers and
+/// relays with `canopy up`), then in other terminals `canopy sub 'demo.>'`
+/// and `canopy pub demo.hello "hi"`.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -36,6 +37,35 @@ enum Command {
         /// Dashboard, JSON API and /metrics address, or `off` [default: 127.0.0.1:8080].
         #[arg(long)]
         http: Option<String>,
+    },
+    /// Run a relay: a client of the tier above, a server for its own clients.
+    Relay {
+        /// Client addresses of the tier above (core servers or relays), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        upstream: Vec<String>,
+        /// Client listen address [default: 127.0.0.1:4400].
+        #[arg(long)]
+        listen: Option<String>,
+        /// Client addresses of this relay's tier, itself included, comma-separated;
+        /// its clients fail over among them.
+        #[arg(long, value_delimiter = ',')]
+        tier: Vec<String>,
+        /// Relay name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Dashboard, JSON API and /metrics address, or `off` [default: off].
+        #[arg(long)]
+        http: Option<String>,
+        /// TOML config file for limits and retention (see configs/single.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Start a whole local tree as processes on loopback: by default 3 core
+    /// servers (clients on 4401-4403), a tier of 2 relays (4411-4412) and a
+    /// second tier of 2 relays (4421-4422).
+    Up {
+        /// A tree file (see configs/tree.toml, which is the default).
+        config: Option<PathBuf>,
     },
     /// Show a running node's status: role, view, clients, rates, events.
     Status {
@@ -97,7 +127,32 @@ async fn main() -> std::process::ExitCode {
             http,
         } => {
             init_logs(cli.log_json, "info");
-            serve(config, listen, name, http).await
+            match load(config.as_deref()) {
+                Ok(file) => serve(file, listen, name, http).await,
+                Err(e) => Err(e),
+            }
+        }
+        Command::Relay {
+            upstream,
+            listen,
+            tier,
+            name,
+            http,
+            config,
+        } => {
+            init_logs(cli.log_json, "info");
+            match load(config.as_deref()) {
+                Ok(mut file) => {
+                    file.relay = Some(FileRelay { upstream, tier });
+                    let http = http.or_else(|| Some("off".to_owned()));
+                    serve(file, listen, name.or_else(|| Some("relay".into())), http).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Up { config } => {
+            init_logs(cli.log_json, "warn");
+            canopy_broker::launcher::up(config.as_deref()).await
         }
         Command::Status { addr, json } => {
             init_logs(cli.log_json, "warn");
@@ -132,16 +187,19 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+fn load(config: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
+    Ok(match config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    })
+}
+
 async fn serve(
-    config: Option<PathBuf>,
+    mut file: FileConfig,
     listen: Option<String>,
     name: Option<String>,
     http: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut file = match &config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
     if listen.is_some() {
         file.listen = listen;
     }

@@ -38,7 +38,11 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 /// How a [`Client`] connects and behaves.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// Server addresses (`host:port`), tried in order.
+    /// Server addresses (`host:port`). The first connection tries them in
+    /// this order, so the first reachable one is the client's home. Once
+    /// connected, the client takes the list its server tells it (the
+    /// server's tier), and after losing a server it reconnects to its
+    /// adopter first ([`protocol::adopter_order`]).
     pub servers: Vec<String>,
     /// A name for the server's logs and dashboard.
     pub name: String,
@@ -164,6 +168,8 @@ impl Client {
             pending_subs: VecDeque::new(),
             position: None,
             batch: Vec::new(),
+            servers: options.servers.clone(),
+            lost: None,
             options,
         };
         let (conn, welcome) = driver.connect().await?;
@@ -357,6 +363,11 @@ struct Driver {
     position: Option<(u64, Seq)>,
     /// Scratch space for decoding deliveries.
     batch: Vec<Message>,
+    /// The servers to try: the configured list until a server tells its
+    /// tier's.
+    servers: Vec<String>,
+    /// The server the last connection was lost with, tried last.
+    lost: Option<String>,
 }
 
 impl Driver {
@@ -367,7 +378,7 @@ impl Driver {
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt made");
         loop {
-            for addr in self.options.servers.clone() {
+            for addr in self.attempt_order() {
                 let attempt =
                     tokio::time::timeout(self.options.connect_timeout, self.handshake(&addr)).await;
                 match attempt {
@@ -386,13 +397,32 @@ impl Driver {
             }
             if Instant::now() >= give_up {
                 return Err(Error::Unreachable {
-                    servers: self.options.servers.join(", "),
+                    servers: self.servers.join(", "),
                     last,
                 });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// The order of one round of connection attempts: the configured order
+    /// for the first connection; after a loss, the adoption order among the
+    /// servers the tier lists, with the lost server last (DESIGN.md,
+    /// "Adoption").
+    fn attempt_order(&self) -> Vec<String> {
+        let Some(lost) = &self.lost else {
+            return self.servers.clone();
+        };
+        let mut order: Vec<String> = protocol::adopter_order(self.publisher.0, &self.servers)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if let Some(at) = order.iter().position(|s| s == lost) {
+            let lost = order.remove(at);
+            order.push(lost);
+        }
+        order
     }
 
     async fn handshake(&mut self, addr: &str) -> Result<(Conn, Welcome), Ended> {
@@ -416,6 +446,7 @@ impl Driver {
                 .position
                 .map(|(stream, after)| Resume { stream, after }),
             slow: self.options.slow,
+            role: protocol::Role::Client,
         };
         let _ = out.send(protocol::encode_client(&ClientFrame::Hello(hello)));
         let welcome = match next_frame(&mut frames).await? {
@@ -459,6 +490,9 @@ impl Driver {
     /// Brings a fresh connection up to date: position, acknowledgements
     /// the server already has, retries of the rest.
     fn on_welcome(&mut self, conn: &Conn, welcome: &Welcome) {
+        if !welcome.servers.is_empty() {
+            self.servers.clone_from(&welcome.servers);
+        }
         match self.position {
             Some((stream, _)) if stream != welcome.stream => {
                 tracing::warn!(server = %conn.server, "server has a different stream; sequence numbers restart");
@@ -492,6 +526,7 @@ impl Driver {
                 Ended::Lost(why) => why,
             };
             tracing::info!(server = %conn.server, reason = %why, "connection lost; reconnecting");
+            self.lost = Some(conn.server.clone());
             match self.connect().await {
                 Ok((c, w)) => {
                     conn = c;

@@ -131,6 +131,8 @@ pub enum ErrorCode {
     /// The server holds as many unordered publishes as it may; reconnect
     /// and retry (the unacknowledged publishes are sent again).
     Overloaded,
+    /// A publish named another publisher, which only a relay may do.
+    ForwardNotAllowed,
 }
 
 impl ErrorCode {
@@ -203,6 +205,23 @@ pub struct Hello {
     /// What to do when this client cannot keep up.
     #[serde(default)]
     pub slow: SlowPolicy,
+    /// What the client is: an application, or a relay serving clients of
+    /// its own (which may publish on their behalf).
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// What kind of client a session serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// An application: publishes as its own publisher id.
+    #[default]
+    Client,
+    /// A relay of a lower tier: subscribes to the whole stream and forwards
+    /// its own clients' publishes, each under that client's publisher id
+    /// ([`PublishHead::publisher`]).
+    Relay,
 }
 
 /// Where a resuming client stopped.
@@ -231,6 +250,10 @@ pub struct PublishHead {
     pub pub_seq: PubSeq,
     /// Bytes of topic at the start of the body.
     pub topic_len: u16,
+    /// From a relay only: the publisher the relay forwards this publish
+    /// for. Absent, the publish is the connection's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<PublisherId>,
 }
 
 /// Client to server: a decoded publish.
@@ -238,6 +261,8 @@ pub struct PublishHead {
 pub struct Publish {
     /// This publisher's sequence number for the message.
     pub pub_seq: PubSeq,
+    /// Set by a relay: whose publish it forwards.
+    pub publisher: Option<PublisherId>,
     /// The topic, checked to be UTF-8 (not yet validated as a topic).
     topic: Bytes,
     /// The payload.
@@ -249,6 +274,7 @@ impl Publish {
     pub fn new(topic: &str, pub_seq: PubSeq, payload: Bytes) -> Self {
         Publish {
             pub_seq,
+            publisher: None,
             topic: Bytes::copy_from_slice(topic.as_bytes()),
             payload,
         }
@@ -267,10 +293,25 @@ impl Publish {
 /// If `topic` is longer than 65,535 bytes; callers validate topics first
 /// ([`crate::topic::TOPIC_LEN_MAX`]).
 pub fn encode_publish(topic: &str, pub_seq: PubSeq, payload: &[u8]) -> Bytes {
+    encode_forward(None, topic, pub_seq, payload)
+}
+
+/// Encodes a publish frame that a relay forwards for `publisher` (its own
+/// when `None`), with its length prefix.
+///
+/// # Panics
+/// As [`encode_publish`].
+pub fn encode_forward(
+    publisher: Option<PublisherId>,
+    topic: &str,
+    pub_seq: PubSeq,
+    payload: &[u8],
+) -> Bytes {
     let head = PublishHead {
         pub_seq,
         topic_len: u16::try_from(topic.len())
             .expect("invariant: topics are validated to TOPIC_LEN_MAX"),
+        publisher,
     };
     let mut buf = BytesMut::with_capacity(32 + topic.len() + payload.len());
     encode_parts(&mut buf, kind::PUBLISH, &head, &[topic.as_bytes(), payload]);
@@ -304,6 +345,12 @@ pub struct Welcome {
     pub pub_acked: PubSeq,
     /// The largest frame content the server accepts, in bytes.
     pub frame_len_max: u32,
+    /// The client addresses of every server of this server's tier (itself
+    /// included), in configured order. Clients fail over among these, to
+    /// the adopter [`adopter_order`] names; empty when the server knows no
+    /// siblings (the client keeps its own list).
+    #[serde(default)]
+    pub servers: Vec<String>,
 }
 
 /// One message inside a [`Deliver`] head. Its topic and payload follow, in
@@ -326,6 +373,11 @@ pub struct PubAck {
     pub pub_seq: PubSeq,
     /// The global sequence number given to `pub_seq`.
     pub seq: Seq,
+    /// To a relay only: the publisher whose publish this acknowledges. A
+    /// relay learns of most orderings from the stream itself; it is told
+    /// this way only of retries that were ordered before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<PublisherId>,
 }
 
 /// Server to client: a subscription change took effect.
@@ -362,6 +414,10 @@ pub struct ErrorFrame {
     pub code: ErrorCode,
     /// What went wrong, for people.
     pub message: String,
+    /// To a relay only: the error concerns only the publishes it forwards
+    /// for this publisher, and the connection stays open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<PublisherId>,
 }
 
 /// A decoded client-to-server frame.
@@ -518,6 +574,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
             }
             ClientFrame::Publish(Publish {
                 pub_seq: head.pub_seq,
+                publisher: head.publisher,
                 topic: body.slice(..n),
                 payload: body.slice(n..),
             })
@@ -571,7 +628,7 @@ pub fn encode_client(frame: &ClientFrame) -> Bytes {
         ClientFrame::Hello(h) => encode(kind::HELLO, h, &[]),
         ClientFrame::Subscribe(h) => encode(kind::SUBSCRIBE, h, &[]),
         ClientFrame::Unsubscribe(h) => encode(kind::UNSUBSCRIBE, h, &[]),
-        ClientFrame::Publish(p) => encode_publish(p.topic(), p.pub_seq, &p.payload),
+        ClientFrame::Publish(p) => encode_forward(p.publisher, p.topic(), p.pub_seq, &p.payload),
         ClientFrame::Ping(h) => encode(kind::PING, h, &[]),
         ClientFrame::Pong(h) => encode(kind::PONG, h, &[]),
     }
@@ -652,6 +709,39 @@ impl DeliverBuilder {
         self.body.clear();
         frame
     }
+}
+
+/// The order in which a client identified by `key` (its publisher id)
+/// tries `servers`: rendezvous hashing, highest weight first.
+///
+/// This is Canopy's adoption rule (DESIGN.md, "Adoption"). Every party
+/// computes it identically from the same list, with no coordination. A
+/// client homes on its first choice; when that server fails, the client's
+/// next choice is its adopter. The orphans of one failed server spread
+/// evenly over the survivors, and no other client moves.
+pub fn adopter_order(key: u64, servers: &[String]) -> Vec<&str> {
+    let mut ranked: Vec<(u64, &str)> = servers
+        .iter()
+        .map(|s| (rendezvous_weight(key, s), s.as_str()))
+        .collect();
+    // Ties (equal weights) fall back to the text, so the order is total.
+    ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    ranked.into_iter().map(|(_, s)| s).collect()
+}
+
+/// A fixed hash of `(key, server)`: FNV-1a over the server's text, mixed
+/// with the key by SplitMix64's finalizer. Fixed rather than std's
+/// randomly keyed hasher, because every process must agree.
+fn rendezvous_weight(key: u64, server: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in server.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = h ^ key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// One delivered message as the SDK hands it to the application; topic and
@@ -751,6 +841,7 @@ mod tests {
                     after: Seq(9),
                 }),
                 slow: SlowPolicy::Conflate,
+                role: Role::Relay,
             }),
             ClientFrame::Subscribe(SubscribeHead {
                 pattern: "a.*".into(),
@@ -772,6 +863,30 @@ mod tests {
             assert_eq!(len, bytes.len() - 4);
             assert_eq!(decode_client(content(bytes)), Ok(f));
         }
+    }
+
+    #[test]
+    fn adoption_spreads_orphans_evenly_and_moves_nobody_else() {
+        let servers: Vec<String> = (0..3).map(|i| format!("127.0.0.1:44{i:02}")).collect();
+        let survivors: Vec<String> = servers[1..].to_vec();
+        let mut adopted = [0usize; 3];
+        for key in 0..3000u64 {
+            let all = adopter_order(key, &servers);
+            let left = adopter_order(key, &survivors);
+            assert_eq!(all.len(), 3);
+            if all[0] == servers[0] {
+                // An orphan: its adopter is its second choice.
+                assert_eq!(left[0], all[1]);
+                let i = servers.iter().position(|s| s == left[0]).expect("listed");
+                adopted[i] += 1;
+            } else {
+                assert_eq!(left[0], all[0], "a client of a survivor moved");
+            }
+        }
+        let orphans = adopted[1] + adopted[2];
+        assert!(orphans > 800 && orphans < 1200, "{orphans} orphans of 3000");
+        let share = adopted[1] as f64 / orphans as f64;
+        assert!((0.4..0.6).contains(&share), "unbalanced: {adopted:?}");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod node;
 pub mod report;
 pub mod retention;
 pub mod server;
+pub mod upstream;
 
 pub use node::{Node, NodeConfig, Output, SessionReport, Stats, Submission, TransmitKind};
 pub use server::Server;

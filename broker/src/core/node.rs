@@ -36,7 +36,8 @@ use super::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, PingHead, PubAck, PubSeq,
-    Publish, PublisherId, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
+    Publish, PublisherId, Role, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead,
+    Welcome,
 };
 use canopy_client::topic::{Pattern, Topic};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -76,6 +77,9 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// Connections held at most.
     pub sessions_max: usize,
+    /// The client addresses of this node's tier (itself included), told to
+    /// clients in the handshake for their failover; empty for none.
+    pub servers: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -93,6 +97,7 @@ impl Default for NodeConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             sessions_max: 100_000,
+            servers: Vec::new(),
         }
     }
 }
@@ -106,6 +111,9 @@ pub struct Submission {
     /// publish skips numbers if it is beyond both this and what the group
     /// holds, plus one.
     pub after: PubSeq,
+    /// Whether a relay forwarded it for one of its clients (the session is
+    /// the relay's, not the publisher's).
+    pub forwarded: bool,
     /// The message.
     pub msg: Msg,
 }
@@ -192,12 +200,15 @@ struct Session {
     /// In a core group: the last pub_seq of its publisher handed to the
     /// group for ordering (ordered or still in flight).
     submitted: PubSeq,
+    /// From a relay, in a group: the same per publisher it forwards for.
+    forwarded: HashMap<PublisherId, PubSeq>,
 }
 
 struct SessionHello {
     name: String,
     publisher: PublisherId,
     slow: SlowPolicy,
+    role: Role,
 }
 
 #[derive(Clone, Copy)]
@@ -403,6 +414,7 @@ impl Node {
                 replay_stalled: false,
                 last_heard: now,
                 submitted: PubSeq(0),
+                forwarded: HashMap::new(),
             },
         );
         self.now = now;
@@ -734,7 +746,7 @@ impl Node {
 
     fn on_hello(&mut self, session: SessionId, hello: Hello) {
         if !self.primary {
-            let msg = "this server is not in the primary component of the core".to_owned();
+            let msg = "this server is not serving: it is not in the primary component of the core, or has no stream from the tier above yet".to_owned();
             return self.close_with_error(session, ErrorCode::NotPrimary, msg);
         }
         if hello.version != protocol::PROTOCOL_VERSION {
@@ -781,6 +793,7 @@ impl Node {
             head: self.head,
             pub_acked,
             frame_len_max: u32::try_from(self.config.frame_len_max).unwrap_or(u32::MAX),
+            servers: self.config.servers.clone(),
         };
         self.control(session, kind::WELCOME, &welcome);
         let resume_after = hello
@@ -798,6 +811,7 @@ impl Node {
                 name: hello.name,
                 publisher: hello.publisher,
                 slow: hello.slow,
+                role: hello.role,
             });
         }
         if let Some(after) = resume_after.filter(|a| *a < self.head) {
@@ -960,27 +974,38 @@ impl Node {
             pub_seq, payload, ..
         } = &publish;
         let (pub_seq, payload) = (*pub_seq, payload.clone());
-        let Some(publisher) = self
-            .sessions
-            .get(&session)
-            .and_then(|s| s.hello.as_ref())
-            .map(|h| h.publisher)
-        else {
+        let Some(hello) = self.sessions.get(&session).and_then(|s| s.hello.as_ref()) else {
             return;
         };
+        let publisher = match publish.publisher {
+            None => hello.publisher,
+            Some(p) if hello.role == Role::Relay => p,
+            Some(p) => {
+                let msg = format!(
+                    "a publish for publisher {p}: only a relay may publish for another publisher"
+                );
+                return self.close_with_error(session, ErrorCode::ForwardNotAllowed, msg);
+            }
+        };
+        let forwarded = publisher != hello.publisher;
         let state = self.publishers.get(&publisher).copied();
         if self.grouped {
-            return self.submit(session, publisher, state, publish);
+            return self.submit(session, publisher, forwarded, state, publish);
         }
         let ack = match state {
             Some(p) if pub_seq <= p.last_pub_seq && !self.bugs.order_retries => {
                 // A retry of something already ordered: acknowledge, do not
                 // order again (guarantee 2).
                 self.stats.duplicates += 1;
-                PubAck {
+                let ack = PubAck {
                     pub_seq: p.last_pub_seq,
                     seq: p.last_seq,
+                    publisher: None,
+                };
+                if forwarded {
+                    return self.ack_forwarded(session, publisher, ack);
                 }
+                ack
             }
             Some(p) if pub_seq.0 > p.last_pub_seq.0 + 1 => {
                 let msg = format!(
@@ -1005,10 +1030,14 @@ impl Node {
                 PubAck {
                     pub_seq,
                     seq: self.head,
+                    publisher: None,
                 }
             }
         };
-        self.owe_ack(session, ack);
+        // A relay learns that its forwards are ordered from the stream.
+        if !forwarded {
+            self.owe_ack(session, ack);
+        }
         if self.pending.len() >= self.config.batch_len_max {
             self.fan_out();
         }
@@ -1019,6 +1048,7 @@ impl Node {
         &mut self,
         session: SessionId,
         publisher: PublisherId,
+        forwarded: bool,
         state: Option<PublisherState>,
         publish: Publish,
     ) {
@@ -1034,10 +1064,23 @@ impl Node {
             let ack = PubAck {
                 pub_seq: ordered,
                 seq,
+                publisher: None,
             };
+            if forwarded {
+                return self.ack_forwarded(session, publisher, ack);
+            }
             return self.owe_ack(session, ack);
         }
-        let known = ordered.max(s.submitted);
+        if forwarded && s.forwarded.len() >= self.config.publishers_max {
+            // Forgetting what is in flight only costs resubmissions, which
+            // the sequencer deduplicates.
+            s.forwarded.clear();
+        }
+        let submitted = match forwarded {
+            true => s.forwarded.entry(publisher).or_default(),
+            false => &mut s.submitted,
+        };
+        let known = ordered.max(*submitted);
         if pub_seq <= known {
             // In flight in the group: acknowledged when it comes back.
             self.stats.duplicates += 1;
@@ -1047,14 +1090,42 @@ impl Node {
         // group holds: this node may not have delivered yet what another
         // server acknowledged (see `Submission::after`).
         let after = known;
-        s.submitted = pub_seq;
+        *submitted = pub_seq;
         let topic = self.intern(publish.topic());
         self.stats.bytes_in += publish.payload.len() as u64;
         self.submissions.push(Submission {
             session,
             after,
+            forwarded,
             msg: Msg(publisher, pub_seq, topic, publish.payload),
         });
+    }
+
+    /// Tells relay `session` at once that `publisher`'s retry was ordered
+    /// before: it will not see the retry in the stream.
+    fn ack_forwarded(&mut self, session: SessionId, publisher: PublisherId, ack: PubAck) {
+        let ack = PubAck {
+            publisher: Some(publisher),
+            ..ack
+        };
+        self.control(session, kind::PUB_ACK, &ack);
+    }
+
+    /// In a relay: the tier above acknowledged `publisher`'s publishes up
+    /// to `ack.pub_seq` (retries it had ordered before); the publisher's
+    /// session here is told.
+    pub fn ack_publisher(&mut self, now: Duration, publisher: PublisherId, ack: PubAck) {
+        self.now = now;
+        if let Some(&session) = self.publisher_sessions.get(&publisher) {
+            self.owe_ack(
+                session,
+                PubAck {
+                    publisher: None,
+                    ..ack
+                },
+            );
+            self.fan_out();
+        }
     }
 
     /// In a group: the publishes accepted since the last call, in order,
@@ -1084,6 +1155,7 @@ impl Node {
                 let ack = PubAck {
                     pub_seq: m.pub_seq,
                     seq: m.seq,
+                    publisher: None,
                 };
                 self.owe_ack(session, ack);
             }
@@ -1189,28 +1261,58 @@ impl Node {
         }
     }
 
-    /// Closes `session`: its publisher skipped pub_seq `pub_seq` after `after`.
-    pub fn close_pub_seq_gap(
-        &mut self,
-        now: Duration,
-        session: SessionId,
-        pub_seq: PubSeq,
-        after: PubSeq,
-    ) {
-        self.now = now;
+    /// Refuses `sub`: its publisher skipped pub_seq numbers after `after`.
+    pub fn reject_pub_seq_gap(&mut self, now: Duration, sub: &Submission, after: PubSeq) {
         let msg = format!(
             "pub_seq {} after {}: publisher sequence numbers must not skip",
-            pub_seq.0, after.0
+            sub.msg.1 .0, after.0
         );
-        self.close_with_error(session, ErrorCode::PubSeqGap, msg);
+        self.reject(now, sub, ErrorCode::PubSeqGap, msg);
     }
 
-    /// Closes `session` because the group cannot take more publishes now;
-    /// its client retries what was not acknowledged.
-    pub fn close_overloaded(&mut self, now: Duration, session: SessionId) {
-        self.now = now;
+    /// Refuses `sub` because the group cannot take more publishes now; its
+    /// client retries what was not acknowledged.
+    pub fn reject_overloaded(&mut self, now: Duration, sub: &Submission) {
         let msg = "too many publishes waiting to be ordered; retry".to_owned();
-        self.close_with_error(session, ErrorCode::Overloaded, msg);
+        self.reject(now, sub, ErrorCode::Overloaded, msg);
+    }
+
+    /// Refuses a submission: a publisher's own session is closed with the
+    /// error. A relay's session stays open: the relay is told which
+    /// publisher the error concerns, and that publisher's later publishes
+    /// are judged afresh.
+    fn reject(&mut self, now: Duration, sub: &Submission, code: ErrorCode, message: String) {
+        self.now = now;
+        let publisher = sub.msg.0;
+        if !sub.forwarded {
+            return self.close_with_error(sub.session, code, message);
+        }
+        let Some(s) = self.sessions.get_mut(&sub.session) else {
+            return;
+        };
+        s.forwarded.remove(&publisher);
+        let frame = ErrorFrame {
+            code,
+            message,
+            publisher: Some(publisher),
+        };
+        self.control(sub.session, kind::ERROR, &frame);
+    }
+
+    /// In a relay: the tier above refused `publisher`'s forwarded publishes
+    /// with `code`; the publisher's session here is closed with it, and
+    /// its client retries what was not acknowledged.
+    pub fn reject_publisher(
+        &mut self,
+        now: Duration,
+        publisher: PublisherId,
+        code: ErrorCode,
+        message: String,
+    ) {
+        self.now = now;
+        if let Some(&session) = self.publisher_sessions.get(&publisher) {
+            self.close_with_error(session, code, message);
+        }
     }
 
     /// Notes that `session` is owed `ack` (cumulative: a later one replaces
@@ -1365,6 +1467,7 @@ fn error_frame(code: ErrorCode, message: &str) -> Bytes {
         &ErrorFrame {
             code,
             message: message.to_owned(),
+            publisher: None,
         },
         &[],
     )

@@ -1,22 +1,33 @@
-//! `Server`: one core server, its client-facing [`Node`] over its
-//! [`Group`] (the "group below" of DESIGN.md's layer stack).
+//! `Server`: CLTSVR, one server of any tier: its client-facing [`Node`]
+//! over "the group below" of DESIGN.md's layer stack.
 //!
-//! A standalone server (no peers configured) is its node alone: the node
-//! orders publishes itself. In a core group, the node hands publishes to the
-//! group and serves what the group delivers; this type carries things
-//! between the two and decides nothing of either's protocol.
+//! The group below is one of three things, and the node's logic is the same
+//! over each:
+//! - nothing: a standalone server (no peers configured) orders publishes
+//!   itself;
+//! - a core [`Group`] (MBRSHIP + TOTAL): the node hands publishes to the
+//!   group and serves what it delivers;
+//! - an [`Upstream`] connection, for a relay: the node forwards publishes to
+//!   the tier above and serves the stream that tier delivers. Tiers stack
+//!   by recursion: a relay's tier above may be relays too.
+//!
+//! This type carries things between the node and the group below and
+//! decides nothing of either's protocol.
 //!
 //! # Driving it
 //! As a [`Node`] (the same client inputs), plus [`Server::handle_peer`],
 //! [`Server::handle_link_down`] and [`Server::handle_link_up`] for links to
-//! other core servers. After any input, drain [`Server::poll_output`]
-//! (client outputs) and [`Server::poll_transmit`] (peer frames).
+//! other core servers, and the `handle_upstream_*` inputs for a relay's
+//! connection. After any input, drain [`Server::poll_output`] (client
+//! outputs), [`Server::poll_transmit`] (peer frames) and
+//! [`Server::poll_upstream`] (a relay's connection actions).
 
 use super::group::{Event, Group, NodeId, PeerMsg, Submitted};
 use super::node::{Node, Output, TransmitKind};
+use super::upstream::{Action, UpEvent, Upstream};
 use super::SessionId;
 use bytes::Bytes;
-use canopy_client::protocol::{ClientFrame, ErrorCode, PubSeq, Seq};
+use canopy_client::protocol::{ClientFrame, ErrorCode, PubSeq, Seq, ServerFrame};
 use std::time::Duration;
 
 /// Retained messages a snapshot for a joining server carries at most...
@@ -24,16 +35,29 @@ pub const SNAPSHOT_MSGS_MAX: usize = 100_000;
 /// ...and bytes.
 pub const SNAPSHOT_BYTES_MAX: usize = 64 << 20;
 
-/// A core server: a node, and the group when there are peers.
+/// What orders a server's publishes and delivers its stream.
+enum Below {
+    /// The node itself.
+    Alone,
+    /// The core group.
+    Core(Group),
+    /// The tier above, through a relay's connection.
+    Relay(Upstream),
+}
+
+/// A server of any tier: a node and the group below it.
 pub struct Server {
     node: Node,
-    group: Option<Group>,
+    below: Below,
 }
 
 impl Server {
     /// A server that orders alone.
     pub fn standalone(node: Node) -> Self {
-        Server { node, group: None }
+        Server {
+            node,
+            below: Below::Alone,
+        }
     }
 
     /// A server in a core group; `node` must be made with
@@ -41,7 +65,16 @@ impl Server {
     pub fn grouped(node: Node, group: Group) -> Self {
         Server {
             node,
-            group: Some(group),
+            below: Below::Core(group),
+        }
+    }
+
+    /// A relay under the tier `upstream` connects to; `node` must be made
+    /// with [`Node::new_grouped`]. It serves clients once it has the stream.
+    pub fn relay(node: Node, upstream: Upstream) -> Self {
+        Server {
+            node,
+            below: Below::Relay(upstream),
         }
     }
 
@@ -52,7 +85,58 @@ impl Server {
 
     /// The group, when in one.
     pub fn group(&self) -> Option<&Group> {
-        self.group.as_ref()
+        match &self.below {
+            Below::Core(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// A relay's connection to the tier above.
+    pub fn upstream(&self) -> Option<&Upstream> {
+        match &self.below {
+            Below::Relay(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    fn group_mut(&mut self) -> Option<&mut Group> {
+        match &mut self.below {
+            Below::Core(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// A relay's connection to the tier above opened.
+    pub fn handle_upstream_connected(&mut self, now: Duration) {
+        if let Below::Relay(u) = &mut self.below {
+            u.handle_connected(now);
+        }
+    }
+
+    /// Frames arrived from the tier above.
+    pub fn handle_upstream_frames(&mut self, now: Duration, frames: Vec<ServerFrame>) {
+        if let Below::Relay(u) = &mut self.below {
+            for f in frames {
+                u.handle_frame(now, f);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// A relay's connection to the tier above (or the attempt) ended.
+    pub fn handle_upstream_closed(&mut self, now: Duration) {
+        if let Below::Relay(u) = &mut self.below {
+            u.handle_closed(now);
+        }
+        self.pump(now);
+    }
+
+    /// The next action on a relay's connection to the tier above.
+    pub fn poll_upstream(&mut self) -> Option<Action> {
+        match &mut self.below {
+            Below::Relay(u) => u.poll_action(),
+            _ => None,
+        }
     }
 
     /// See [`Node::handle_open`].
@@ -102,7 +186,7 @@ impl Server {
 
     /// A message from core server `from`.
     pub fn handle_peer(&mut self, now: Duration, from: NodeId, msg: PeerMsg) {
-        if let Some(g) = &mut self.group {
+        if let Some(g) = self.group_mut() {
             g.handle_msg(now, from, msg);
         }
         self.pump(now);
@@ -110,14 +194,14 @@ impl Server {
 
     /// The link to or from `peer` broke.
     pub fn handle_link_down(&mut self, now: Duration, peer: NodeId) {
-        if let Some(g) = &mut self.group {
+        if let Some(g) = self.group_mut() {
             g.handle_link_down(now, peer);
         }
     }
 
     /// The link to `peer` is (re)established.
     pub fn handle_link_up(&mut self, now: Duration, peer: NodeId) {
-        if let Some(g) = &mut self.group {
+        if let Some(g) = self.group_mut() {
             g.handle_link_up(now, peer);
         }
         self.pump(now);
@@ -126,8 +210,12 @@ impl Server {
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let node = self.node.poll_timeout();
-        let group = self.group.as_ref().and_then(Group::poll_timeout);
-        match (node, group) {
+        let below = match &self.below {
+            Below::Alone => None,
+            Below::Core(g) => g.poll_timeout(),
+            Below::Relay(u) => u.poll_timeout(),
+        };
+        match (node, below) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -136,8 +224,10 @@ impl Server {
     /// Time has reached `now`.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.node.handle_timeout(now);
-        if let Some(g) = &mut self.group {
-            g.handle_timeout(now);
+        match &mut self.below {
+            Below::Alone => {}
+            Below::Core(g) => g.handle_timeout(now),
+            Below::Relay(u) => u.handle_timeout(now),
         }
         self.pump(now);
     }
@@ -149,17 +239,65 @@ impl Server {
 
     /// The next frame for a peer (length prefix included).
     pub fn poll_transmit(&mut self) -> Option<(NodeId, Bytes)> {
-        self.group.as_mut().and_then(Group::poll_transmit)
+        self.group_mut().and_then(Group::poll_transmit)
     }
 
-    /// Carries publishes down to the group and events up to the node until
-    /// neither has anything for the other.
+    /// Carries publishes down to the group below and events up to the
+    /// node until neither has anything for the other.
     fn pump(&mut self, now: Duration) {
-        let Some(group) = &mut self.group else {
+        match &mut self.below {
+            Below::Alone => {}
+            Below::Core(group) => pump_core(&mut self.node, group, now),
+            Below::Relay(upstream) => pump_relay(&mut self.node, upstream, now),
+        }
+    }
+}
+
+/// A relay's pump: forwards go up, the stream comes down.
+fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
+    loop {
+        let subs = node.take_submissions();
+        let mut moved = !subs.is_empty();
+        let mut msgs = Vec::with_capacity(subs.len());
+        for sub in subs {
+            // Whether a publish skips pub_seqs is the core's to judge: a
+            // relay may lag what another server acknowledged. The core
+            // refuses per publisher (`UpEvent::Refused`).
+            if upstream.is_full() {
+                node.reject_overloaded(now, &sub);
+            } else {
+                msgs.push(sub.msg);
+            }
+        }
+        upstream.submit(msgs);
+        while let Some(event) = upstream.poll_event() {
+            moved = true;
+            match event {
+                UpEvent::Deliver(batch) => node.handle_ordered(now, batch),
+                UpEvent::Reset(state) => {
+                    // As in a core server: clients reconnect and resume
+                    // against the new position rather than miss the jump.
+                    node.set_primary(now, false);
+                    node.install_snapshot(now, state);
+                    node.set_primary(now, true);
+                }
+                UpEvent::Acked(publisher, ack) => node.ack_publisher(now, publisher, ack),
+                UpEvent::Refused(publisher, code, message) => {
+                    node.reject_publisher(now, publisher, code, message)
+                }
+            }
+        }
+        if !moved {
             return;
-        };
+        }
+    }
+}
+
+/// A core server's pump.
+fn pump_core(node: &mut Node, group: &mut Group, now: Duration) {
+    {
         loop {
-            let subs = self.node.take_submissions();
+            let subs = node.take_submissions();
             let mut moved = !subs.is_empty();
             let mut msgs = Vec::with_capacity(subs.len());
             for sub in subs {
@@ -170,12 +308,11 @@ impl Server {
                 // A publisher on first contact may start anywhere (as with
                 // a single node); after that it must not skip.
                 if known > PubSeq(0) && pub_seq.0 > known.0 + 1 {
-                    self.node
-                        .close_pub_seq_gap(now, sub.session, pub_seq, known);
+                    node.reject_pub_seq_gap(now, &sub, known);
                 } else if group.unordered_full() {
                     // Push back on this publisher; it retries what was not
                     // acknowledged after reconnecting.
-                    self.node.close_overloaded(now, sub.session);
+                    node.reject_overloaded(now, &sub);
                 } else {
                     msgs.push(Submitted(sub.after, sub.msg));
                 }
@@ -186,24 +323,24 @@ impl Server {
             while let Some(event) = group.poll_event() {
                 moved = true;
                 match event {
-                    Event::Deliver(batch) => self.node.handle_ordered(now, batch),
+                    Event::Deliver(batch) => node.handle_ordered(now, batch),
                     Event::View { view, .. } => {
-                        self.node.set_stream(view.stream);
-                        self.node.set_primary(now, group.is_primary());
+                        node.set_stream(view.stream);
+                        node.set_primary(now, group.is_primary());
                     }
                     Event::SnapshotNeeded { to } => {
-                        let state = self.node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
+                        let state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
                         group.send_snapshot(to, state);
                     }
                     Event::Reset(state) => {
                         // The stream position jumps: clients reconnect and
                         // resume against the new state rather than miss
                         // the jump silently.
-                        self.node.set_primary(now, false);
-                        self.node.install_snapshot(now, state);
-                        self.node.set_primary(now, group.is_primary());
+                        node.set_primary(now, false);
+                        node.install_snapshot(now, state);
+                        node.set_primary(now, group.is_primary());
                     }
-                    Event::NotPrimary => self.node.set_primary(now, false),
+                    Event::NotPrimary => node.set_primary(now, false),
                 }
             }
             if !moved {

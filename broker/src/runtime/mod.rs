@@ -23,9 +23,11 @@
 mod conn;
 mod peer;
 mod report;
+mod upstream;
 
 use crate::config::ServerConfig;
 use crate::core::group::{Group, Incarnation, NodeId, PeerMsg};
+use crate::core::upstream::Action;
 use crate::core::{Node, Output, Server, SessionId};
 use anyhow::Context;
 use bytes::Bytes;
@@ -60,6 +62,13 @@ enum Inbound {
     LinkUp(NodeId),
     /// A link to or from a core server broke.
     LinkDown(NodeId),
+    /// A relay's connection `conn` to the tier above opened.
+    UpConnected(u64),
+    /// Frames from the tier above on connection `conn`.
+    UpFrames(u64, Vec<canopy_client::protocol::ServerFrame>),
+    /// A relay's connection `conn` to the tier above ended (or never
+    /// opened).
+    UpClosed(u64),
 }
 
 /// The node task's handles on one connection.
@@ -163,7 +172,22 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
     let started = Instant::now();
     let mut links = None;
     let mut peer_task = None;
+    let mut uplink = None;
     let server = match &config.core {
+        None if config.relay.is_some() => {
+            let relay = config.relay.as_ref().map(|r| r.upstream.clone());
+            tracing::info!(upstream = ?relay, "relay");
+            uplink = Some(upstream::UpLink::new(inbox_tx.clone()));
+            let up = crate::core::upstream::UpstreamConfig::new(
+                config.node.name.clone(),
+                canopy_client::protocol::PublisherId(rand::random()),
+                relay.unwrap_or_default(),
+            );
+            Server::relay(
+                Node::new_grouped(Duration::ZERO, config.node.clone()),
+                crate::core::upstream::Upstream::new(Duration::ZERO, up),
+            )
+        }
         None => Server::standalone(Node::new(Duration::ZERO, config.node.clone())),
         Some(core) => {
             let listener = TcpListener::bind(&core.peer_listen)
@@ -200,9 +224,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
             shutdown: shutdown_rx,
             views: views_tx,
         };
-        run_node(server, links.as_mut(), shell, dashboard).await;
-        if let Some(l) = &links {
+        let mut io = Links {
+            peers: links,
+            upstream: uplink,
+        };
+        run_node(server, &mut io, shell, dashboard).await;
+        if let Some(l) = &io.peers {
             l.stop();
+        }
+        if let Some(u) = &mut io.upstream {
+            u.close();
         }
         if let Some(t) = peer_task {
             t.abort();
@@ -227,6 +258,13 @@ struct Dashboard {
     latency: canopy_dashboard::Histogram,
 }
 
+/// The node task's links below its clients: to other core servers, or a
+/// relay's to the tier above.
+struct Links {
+    peers: Option<peer::Links>,
+    upstream: Option<upstream::UpLink>,
+}
+
 /// The node task's channels.
 struct Shell {
     started: Instant,
@@ -237,7 +275,7 @@ struct Shell {
 
 async fn run_node(
     mut node: Server,
-    mut links: Option<&mut peer::Links>,
+    links: &mut Links,
     shell: Shell,
     mut dashboard: Option<Dashboard>,
 ) {
@@ -269,11 +307,11 @@ async fn run_node(
                 let Ok(msg) = msg else { break };
                 turn = Some(Instant::now());
                 let now = started.elapsed();
-                take(&mut node, &mut sessions, &mut incoming, now, msg);
+                take(&mut node, &mut sessions, &mut incoming, links, now, msg);
                 // Take what else is already waiting before draining, so one
                 // fan-out batch covers many publishes.
                 for msg in inbox.try_iter().take(INBOX_TURN_MAX) {
-                    take(&mut node, &mut sessions, &mut incoming, now, msg);
+                    take(&mut node, &mut sessions, &mut incoming, links, now, msg);
                 }
                 node.end_batch(now);
             }
@@ -284,12 +322,7 @@ async fn run_node(
         if Instant::now() >= deadline {
             node.handle_timeout(started.elapsed());
         }
-        drain(
-            &mut node,
-            &mut sessions,
-            links.as_deref_mut(),
-            started.elapsed(),
-        );
+        drain(&mut node, &mut sessions, links, started.elapsed());
         let installed = node
             .group()
             .filter(|g| g.is_primary())
@@ -321,6 +354,7 @@ async fn run_node(
         &canopy_client::protocol::ErrorFrame {
             code: ErrorCode::ShuttingDown,
             message: "server shutting down".into(),
+            publisher: None,
         },
         &[],
     );
@@ -343,9 +377,11 @@ fn take(
     node: &mut Server,
     sessions: &mut HashMap<SessionId, SessionIo>,
     incoming: &mut Incoming,
+    links: &Links,
     now: Duration,
     msg: Inbound,
 ) {
+    let current = |conn| links.upstream.as_ref().is_some_and(|u| u.is_current(conn));
     match msg {
         Inbound::Open(id, io) => {
             sessions.insert(id, io);
@@ -378,19 +414,43 @@ fn take(
         }
         Inbound::LinkUp(peer) => node.handle_link_up(now, peer),
         Inbound::LinkDown(peer) => node.handle_link_down(now, peer),
+        Inbound::UpConnected(conn) if current(conn) => node.handle_upstream_connected(now),
+        Inbound::UpFrames(conn, frames) if current(conn) => {
+            node.handle_upstream_frames(now, frames)
+        }
+        Inbound::UpClosed(conn) if current(conn) => node.handle_upstream_closed(now),
+        // From a connection already replaced.
+        Inbound::UpConnected(_) | Inbound::UpFrames(..) | Inbound::UpClosed(_) => {}
     }
 }
 
 fn drain(
     node: &mut Server,
     sessions: &mut HashMap<SessionId, SessionIo>,
-    links: Option<&mut peer::Links>,
+    links: &mut Links,
     now: Duration,
 ) {
-    if let Some(links) = links {
+    if let Some(peers) = &mut links.peers {
         while let Some((peer, frame)) = node.poll_transmit() {
-            if !links.send(peer, frame) {
+            if !peers.send(peer, frame) {
                 node.handle_link_down(now, peer);
+            }
+        }
+    }
+    if let Some(up) = &mut links.upstream {
+        // Acting may produce more actions (a full queue ends the link,
+        // and the relay then picks its next server).
+        while let Some(action) = node.poll_upstream() {
+            match action {
+                Action::Connect(addr) => up.connect(addr),
+                Action::Send(frame) => {
+                    if !up.send(frame) {
+                        tracing::warn!("queue to the tier above full; reconnecting");
+                        up.close();
+                        node.handle_upstream_closed(now);
+                    }
+                }
+                Action::Disconnect => up.close(),
             }
         }
     }

@@ -64,6 +64,7 @@ impl Client {
                 .position
                 .map(|(stream, after)| Resume { stream, after }),
             slow: self.slow,
+            role: protocol::Role::Client,
         }))
     }
 

@@ -342,6 +342,7 @@ pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello 
         subscriptions: subscriptions.iter().map(|s| (*s).to_owned()).collect(),
         resume: None,
         slow,
+        role: protocol::Role::Client,
     }
 }
 

@@ -18,6 +18,7 @@ fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
         subscriptions: subs.iter().map(|s| (*s).to_owned()).collect(),
         resume: None,
         slow,
+        role: protocol::Role::Client,
     })
 }
 
@@ -113,7 +114,8 @@ fn publishes_are_ordered_fanned_out_in_one_frame_and_acknowledged() {
             publ,
             PubAck {
                 pub_seq: PubSeq(3),
-                seq: Seq(3)
+                seq: Seq(3),
+                publisher: None,
             }
         )]
     );

@@ -1,0 +1,682 @@
+//! `Upstream`: a relay's "group below" (DESIGN.md, "The layer stack"): its
+//! connection to the tier above, as a sans-IO state machine.
+//!
+//! A relay is a client of the tier above and a server for its own clients.
+//! Upstream gives the relay's [`Node`](super::Node) what a core group gives
+//! a core server: the ordered stream (every message, in the one total
+//! order, contiguous from the relay's head) and a way to submit publishes.
+//! The relay subscribes to the whole stream (`>`); its own clients'
+//! subscriptions are matched locally.
+//!
+//! # Driving it
+//! The shell executes [`Upstream::poll_action`] outputs (connect, send,
+//! disconnect) and reports back with [`Upstream::handle_connected`],
+//! [`Upstream::handle_frame`] and [`Upstream::handle_closed`]; it calls
+//! [`Upstream::handle_timeout`] once [`Upstream::poll_timeout`] has passed.
+//! Events for the node come from [`Upstream::poll_event`].
+//!
+//! # Invariants
+//! - Deliveries continue the head without a hole: a resumed connection
+//!   starts after the head, and an upstream that skips seqs without a gap
+//!   notice is dropped. An explicit gap notice, or a changed stream,
+//!   becomes a [`UpEvent::Reset`]: the relay's clients then resume
+//!   against the new position, never missing the jump silently.
+//! - A forwarded publish is kept until the stream (or an acknowledgement
+//!   of a retry) shows it ordered, or the tier above refuses it, and it is
+//!   sent again on every new connection: the tier above deduplicates by
+//!   `(publisher, pub_seq)`, so nothing is lost or ordered twice.
+//! - Forwards held are bounded by count; the node pushes back on its
+//!   publishers when the bound is reached.
+
+use super::group::{Msg, Snapshot};
+use super::retention::Ordered;
+use bytes::Bytes;
+use canopy_client::protocol::{
+    self, ClientFrame, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq, PublisherId, Resume,
+    Role, Seq, ServerFrame,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of a relay's upstream connection.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// The relay's name, told to the tier above.
+    pub name: String,
+    /// The relay's own publisher id (it never publishes as itself; the id
+    /// names its connection and ranks its adopters).
+    pub publisher: PublisherId,
+    /// Client addresses of the tier above.
+    pub servers: Vec<String>,
+    /// How often the relay pings; three silent periods drop the link.
+    pub ping_interval: Duration,
+    /// Time allowed for one connection attempt and its handshake.
+    pub connect_timeout: Duration,
+    /// Forwarded publishes held until ordered, at most.
+    pub forwards_max: usize,
+}
+
+impl UpstreamConfig {
+    /// Settings with defaults for a relay named `name` under `servers`.
+    pub fn new(name: String, publisher: PublisherId, servers: Vec<String>) -> Self {
+        UpstreamConfig {
+            name,
+            publisher,
+            servers,
+            ping_interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(3),
+            forwards_max: 65_536,
+        }
+    }
+}
+
+/// An action for the shell.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Open a connection to this address (dropping any other); report with
+    /// `handle_connected` or `handle_closed`.
+    Connect(String),
+    /// Send this frame (length prefix included) on the open connection.
+    Send(Bytes),
+    /// Close the open connection; no `handle_closed` is expected.
+    Disconnect,
+}
+
+/// What the relay's node is told.
+#[derive(Debug)]
+pub enum UpEvent {
+    /// Ordered messages continuing the head.
+    Deliver(Vec<Ordered>),
+    /// The stream position jumped (a new stream, or a range the tier above
+    /// no longer holds): the node starts over from this state.
+    Reset(Snapshot),
+    /// The tier above acknowledged a retry it had ordered before.
+    Acked(PublisherId, PubAck),
+    /// The tier above refused a publisher's forwarded publishes.
+    Refused(PublisherId, ErrorCode, String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Link {
+    /// Nothing open; the next attempt is due at this time.
+    Down { retry_at: Duration },
+    /// Connecting to, or awaiting the Welcome of, `addr` since `since`.
+    Opening { addr: String, since: Duration },
+    /// Serving: the last frame was heard at `heard`.
+    Up {
+        addr: String,
+        heard: Duration,
+        ping_at: Duration,
+    },
+}
+
+/// A relay's connection to the tier above. See the module docs.
+pub struct Upstream {
+    config: UpstreamConfig,
+    /// The tier above: configured, then as its servers tell.
+    servers: Vec<String>,
+    link: Link,
+    /// Addresses left to try in this round.
+    round: Vec<String>,
+    /// The address the last connection was lost with, tried last.
+    lost: Option<String>,
+    backoff: Duration,
+    /// The stream the head belongs to; none before the first Welcome.
+    stream: Option<u64>,
+    head: Seq,
+    /// Forwarded publishes not yet seen ordered, per publisher in order.
+    forwards: HashMap<PublisherId, VecDeque<Msg>>,
+    forwards_len: usize,
+    events: VecDeque<UpEvent>,
+    actions: VecDeque<Action>,
+    nonce: u64,
+    /// Scratch space for decoding deliveries.
+    batch: Vec<Message>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Upstream {
+    /// An upstream that connects at its first timeout (at `now`).
+    pub fn new(now: Duration, config: UpstreamConfig) -> Self {
+        Upstream {
+            servers: config.servers.clone(),
+            config,
+            link: Link::Down { retry_at: now },
+            round: Vec::new(),
+            lost: None,
+            backoff: BACKOFF_MIN,
+            stream: None,
+            head: Seq(0),
+            forwards: HashMap::new(),
+            forwards_len: 0,
+            events: VecDeque::new(),
+            actions: VecDeque::new(),
+            nonce: 0,
+            batch: Vec::new(),
+        }
+    }
+
+    /// Whether the relay has its stream (a Welcome arrived once): until
+    /// then it has nothing to serve.
+    pub fn is_synced(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Whether a connection is serving now.
+    pub fn is_up(&self) -> bool {
+        matches!(self.link, Link::Up { .. })
+    }
+
+    /// The address of the server serving now.
+    pub fn server(&self) -> Option<&str> {
+        match &self.link {
+            Link::Up { addr, .. } => Some(addr),
+            _ => None,
+        }
+    }
+
+    /// Whether the forward bound is reached: the node must push back.
+    pub fn is_full(&self) -> bool {
+        self.forwards_len >= self.config.forwards_max
+    }
+
+    /// Forwards publishes from the relay's clients to the tier above (now,
+    /// when connected, and again on every new connection until ordered).
+    pub fn submit(&mut self, msgs: Vec<Msg>) {
+        for m in msgs {
+            if self.is_up() {
+                self.actions.push_back(Action::Send(encode(&m)));
+            }
+            self.forwards.entry(m.0).or_default().push_back(m);
+            self.forwards_len += 1;
+        }
+    }
+
+    /// The next event for the node.
+    pub fn poll_event(&mut self) -> Option<UpEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next action for the shell.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When `handle_timeout` is next due.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        Some(match &self.link {
+            Link::Down { retry_at } => *retry_at,
+            Link::Opening { since, .. } => *since + self.config.connect_timeout,
+            Link::Up { heard, ping_at, .. } => (*ping_at).min(*heard + self.silence_max()),
+        })
+    }
+
+    fn silence_max(&self) -> Duration {
+        self.config.ping_interval * 3
+    }
+
+    /// Time has reached `now`: connect, ping, or give up on a silent link.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        match &mut self.link {
+            Link::Down { retry_at } if now >= *retry_at => self.connect_next(now),
+            Link::Opening { addr, since } if now >= *since + self.config.connect_timeout => {
+                tracing::debug!(server = %addr, "no handshake in time");
+                self.actions.push_back(Action::Disconnect);
+                self.lose(now);
+            }
+            Link::Up { addr, heard, .. } if now >= *heard + self.config.ping_interval * 3 => {
+                tracing::warn!(server = %addr, "tier above silent for three ping periods");
+                self.actions.push_back(Action::Disconnect);
+                self.lose(now);
+            }
+            Link::Up { ping_at, .. } if now >= *ping_at => {
+                *ping_at = now + self.config.ping_interval;
+                self.nonce += 1;
+                let ping = ClientFrame::Ping(PingHead { nonce: self.nonce });
+                self.actions
+                    .push_back(Action::Send(protocol::encode_client(&ping)));
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts the next attempt of this round, or a new round after a pause
+    /// when the last one found nobody.
+    fn connect_next(&mut self, now: Duration) {
+        if self.round.is_empty() {
+            self.round = self.attempt_order();
+            // Popped from the back: reverse, so the first choice goes first.
+            self.round.reverse();
+        }
+        match self.round.pop() {
+            Some(addr) => {
+                self.actions.push_back(Action::Connect(addr.clone()));
+                self.link = Link::Opening { addr, since: now };
+            }
+            None => {
+                self.link = Link::Down {
+                    retry_at: now + BACKOFF_MAX,
+                }
+            }
+        }
+    }
+
+    /// The adoption order of the tier above for this relay, with the
+    /// server it lost last (DESIGN.md, "Adoption").
+    fn attempt_order(&self) -> Vec<String> {
+        let mut order: Vec<String> =
+            protocol::adopter_order(self.config.publisher.0, &self.servers)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        if let Some(at) = self
+            .lost
+            .as_ref()
+            .and_then(|l| order.iter().position(|s| s == l))
+        {
+            let lost = order.remove(at);
+            order.push(lost);
+        }
+        order
+    }
+
+    /// The connection opened: the handshake goes out, resuming after the
+    /// head when there is one.
+    pub fn handle_connected(&mut self, now: Duration) {
+        let Link::Opening { since, .. } = &mut self.link else {
+            return;
+        };
+        *since = now;
+        let hello = Hello {
+            version: protocol::PROTOCOL_VERSION,
+            name: self.config.name.clone(),
+            publisher: self.config.publisher,
+            subscriptions: vec![">".to_owned()],
+            resume: self.stream.map(|stream| Resume {
+                stream,
+                after: self.head,
+            }),
+            slow: protocol::SlowPolicy::Disconnect,
+            role: Role::Relay,
+        };
+        let frame = protocol::encode_client(&ClientFrame::Hello(hello));
+        self.actions.push_back(Action::Send(frame));
+    }
+
+    /// The connection (or the attempt) ended.
+    pub fn handle_closed(&mut self, now: Duration) {
+        if let Link::Opening { addr, .. } | Link::Up { addr, .. } = &self.link {
+            tracing::info!(server = %addr, "connection to the tier above lost");
+        }
+        self.lose(now);
+    }
+
+    fn lose(&mut self, now: Duration) {
+        match std::mem::replace(&mut self.link, Link::Down { retry_at: now }) {
+            Link::Up { addr, .. } => {
+                self.lost = Some(addr);
+                self.round.clear();
+                self.backoff = BACKOFF_MIN;
+                // The adopter is tried at once.
+            }
+            Link::Opening { .. } if self.round.is_empty() => {
+                self.link = Link::Down {
+                    retry_at: now + self.backoff,
+                };
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
+            _ => {}
+        }
+    }
+
+    /// A frame arrived on the open connection.
+    pub fn handle_frame(&mut self, now: Duration, frame: ServerFrame) {
+        match &mut self.link {
+            Link::Up { heard, .. } => *heard = now,
+            Link::Opening { .. } => {}
+            Link::Down { .. } => return,
+        }
+        match frame {
+            ServerFrame::Welcome(w) => self.on_welcome(now, w),
+            ServerFrame::Deliver(head, body) if self.is_up() => {
+                self.batch.clear();
+                if let Err(e) = protocol::messages(&head, &body, &mut self.batch) {
+                    return self.drop_link(now, &format!("bad delivery: {e}"));
+                }
+                self.on_deliver(now);
+            }
+            ServerFrame::Gap(g) if self.is_up() => {
+                // The tier above no longer holds what follows the head: the
+                // relay cannot continue its stream contiguously.
+                tracing::warn!(
+                    from = g.from.0,
+                    to = g.to.0,
+                    "the tier above skipped a range"
+                );
+                self.reset(g.to.max(self.head));
+            }
+            ServerFrame::PubAck(ack) => {
+                if let Some(p) = ack.publisher {
+                    self.ordered(p, ack.pub_seq);
+                    self.events.push_back(UpEvent::Acked(p, ack));
+                }
+            }
+            ServerFrame::Error(e) => match e.publisher {
+                Some(p) => {
+                    self.forget(p);
+                    self.events
+                        .push_back(UpEvent::Refused(p, e.code, e.message));
+                }
+                None if e.code.is_retryable() => {
+                    // Not serving now (not primary, shutting down, ...):
+                    // another server of the tier is tried.
+                    tracing::debug!(code = ?e.code, message = %e.message, "the tier above sent us away");
+                    self.actions.push_back(Action::Disconnect);
+                    self.lose(now);
+                }
+                None => {
+                    tracing::error!(code = ?e.code, message = %e.message, "the tier above refused this relay");
+                    self.drop_link(now, &e.message);
+                }
+            },
+            ServerFrame::Ping(p) => {
+                let pong = protocol::encode_client(&ClientFrame::Pong(p));
+                self.actions.push_back(Action::Send(pong));
+            }
+            ServerFrame::Deliver(..) | ServerFrame::Gap(_) => {
+                self.drop_link(now, "delivery before the handshake");
+            }
+            ServerFrame::Pong(_)
+            | ServerFrame::Watermark(_)
+            | ServerFrame::Subscribed(_)
+            | ServerFrame::Unsubscribed(_) => {}
+        }
+    }
+
+    fn on_welcome(&mut self, now: Duration, w: protocol::Welcome) {
+        let Link::Opening { addr, .. } = &self.link else {
+            return self.drop_link(now, "a second Welcome");
+        };
+        if w.version != protocol::PROTOCOL_VERSION {
+            tracing::error!(server = %addr, version = w.version, "the tier above speaks another protocol version");
+            return self.drop_link(now, "protocol version");
+        }
+        tracing::info!(server = %addr, head = w.head.0, stream = w.stream, "connected to the tier above");
+        self.link = Link::Up {
+            addr: addr.clone(),
+            heard: now,
+            ping_at: now + self.config.ping_interval,
+        };
+        if !w.servers.is_empty() {
+            self.servers = w.servers;
+        }
+        if self.stream != Some(w.stream) {
+            // The first stream, or a new one: start at its head.
+            self.stream = Some(w.stream);
+            self.reset(w.head);
+        }
+        for m in self.forwards.values().flatten() {
+            self.actions.push_back(Action::Send(encode(m)));
+        }
+    }
+
+    fn on_deliver(&mut self, now: Duration) {
+        let mut out = Vec::with_capacity(self.batch.len());
+        let mut hole = None;
+        for m in std::mem::take(&mut self.batch) {
+            if m.seq <= self.head {
+                continue;
+            }
+            if m.seq != self.head.next() {
+                hole = Some(format!(
+                    "seq {} after {} without a gap notice",
+                    m.seq, self.head
+                ));
+                break;
+            }
+            self.head = m.seq;
+            self.ordered(m.publisher, m.pub_seq);
+            out.push(Ordered {
+                seq: m.seq,
+                topic: Arc::from(m.topic()),
+                publisher: m.publisher,
+                pub_seq: m.pub_seq,
+                payload: m.payload,
+            });
+        }
+        if !out.is_empty() {
+            self.events.push_back(UpEvent::Deliver(out));
+        }
+        if let Some(why) = hole {
+            self.drop_link(now, &why);
+        }
+    }
+
+    /// `publisher`'s publishes up to `pub_seq` are ordered: stop holding them.
+    fn ordered(&mut self, publisher: PublisherId, pub_seq: PubSeq) {
+        let Some(q) = self.forwards.get_mut(&publisher) else {
+            return;
+        };
+        while q.front().is_some_and(|m| m.1 <= pub_seq) {
+            q.pop_front();
+            self.forwards_len -= 1;
+        }
+        if q.is_empty() {
+            self.forwards.remove(&publisher);
+        }
+    }
+
+    fn forget(&mut self, publisher: PublisherId) {
+        if let Some(q) = self.forwards.remove(&publisher) {
+            self.forwards_len -= q.len();
+        }
+    }
+
+    /// Starts the relay's stream over at `head`: the node drops what it
+    /// served and its clients resume against the new position.
+    fn reset(&mut self, head: Seq) {
+        self.head = head;
+        self.events.push_back(UpEvent::Reset(Snapshot {
+            stream: self.stream.unwrap_or_default(),
+            head,
+            publishers: Vec::new(),
+            evicted: true,
+            first: head.next(),
+            msgs: Vec::new(),
+        }));
+    }
+
+    fn drop_link(&mut self, now: Duration, why: &str) {
+        tracing::warn!(reason = why, "dropping the connection to the tier above");
+        self.actions.push_back(Action::Disconnect);
+        self.lose(now);
+    }
+}
+
+fn encode(m: &Msg) -> Bytes {
+    protocol::encode_forward(Some(m.0), &m.2, m.1, &m.3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canopy_client::protocol::{DeliverBuilder, GapHead, Welcome};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn upstream() -> Upstream {
+        let servers = vec!["a:1".to_owned(), "b:1".to_owned()];
+        Upstream::new(
+            Duration::ZERO,
+            UpstreamConfig::new("r".into(), PublisherId(9), servers),
+        )
+    }
+
+    fn welcome(stream: u64, head: u64) -> ServerFrame {
+        ServerFrame::Welcome(Welcome {
+            version: protocol::PROTOCOL_VERSION,
+            server: "s".into(),
+            session: 1,
+            stream,
+            head: Seq(head),
+            pub_acked: PubSeq(0),
+            frame_len_max: 1 << 20,
+            servers: vec![],
+        })
+    }
+
+    fn deliver(seqs: &[(u64, u64, u64)]) -> ServerFrame {
+        let mut b = DeliverBuilder::default();
+        for &(seq, p, ps) in seqs {
+            b.push(Seq(seq), PublisherId(p), PubSeq(ps), "t", b"x");
+        }
+        match protocol::decode_server(b.finish().slice(4..)) {
+            Ok(f) => f,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn actions(u: &mut Upstream) -> Vec<Action> {
+        std::iter::from_fn(|| u.poll_action()).collect()
+    }
+
+    fn events(u: &mut Upstream) -> Vec<UpEvent> {
+        std::iter::from_fn(|| u.poll_event()).collect()
+    }
+
+    fn connect(u: &mut Upstream, now: Duration, stream: u64, head: u64) -> String {
+        u.handle_timeout(now);
+        let addr = match actions(u).first() {
+            Some(Action::Connect(a)) => a.clone(),
+            other => panic!("expected a connect, got {other:?}"),
+        };
+        u.handle_connected(now);
+        u.handle_frame(now, welcome(stream, head));
+        addr
+    }
+
+    fn msg(p: u64, ps: u64) -> Msg {
+        Msg(PublisherId(p), PubSeq(ps), Arc::from("t"), Bytes::new())
+    }
+
+    #[test]
+    fn first_welcome_resets_to_the_head_and_deliveries_continue_it() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 10);
+        assert!(u.is_synced());
+        let ev = events(&mut u);
+        assert!(matches!(&ev[..], [UpEvent::Reset(s)] if s.head == Seq(10) && s.stream == 7));
+        u.handle_frame(MS, deliver(&[(10, 1, 1), (11, 1, 2), (12, 1, 3)]));
+        let ev = events(&mut u);
+        let [UpEvent::Deliver(batch)] = &ev[..] else {
+            panic!("{ev:?}")
+        };
+        let seqs: Vec<u64> = batch.iter().map(|m| m.seq.0).collect();
+        assert_eq!(
+            seqs,
+            [11, 12],
+            "what the head covers is not delivered twice"
+        );
+    }
+
+    #[test]
+    fn a_hole_without_a_gap_notice_drops_the_link_and_resumes_at_the_head() {
+        let mut u = upstream();
+        let first = connect(&mut u, Duration::ZERO, 7, 0);
+        events(&mut u);
+        actions(&mut u);
+        u.handle_frame(MS, deliver(&[(1, 1, 1), (3, 1, 3)]));
+        assert!(actions(&mut u).contains(&Action::Disconnect));
+        let ev = events(&mut u);
+        assert!(
+            matches!(&ev[..], [UpEvent::Deliver(b)] if b.len() == 1),
+            "what precedes the hole is delivered, nothing past it: {ev:?}"
+        );
+        // The adopter is tried first, at once, and the Hello resumes after 1.
+        u.handle_timeout(MS);
+        let next = match actions(&mut u).first() {
+            Some(Action::Connect(a)) => a.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(next, first, "the lost server is tried last");
+        u.handle_connected(MS);
+        let Some(Action::Send(hello)) = u.poll_action() else {
+            panic!("no hello")
+        };
+        let Ok(ClientFrame::Hello(h)) = protocol::decode_client(hello.slice(4..)) else {
+            panic!("not a hello")
+        };
+        assert_eq!(
+            h.resume,
+            Some(Resume {
+                stream: 7,
+                after: Seq(1)
+            })
+        );
+        assert_eq!(h.role, Role::Relay);
+    }
+
+    #[test]
+    fn forwards_are_resent_on_reconnect_until_the_stream_shows_them() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        actions(&mut u);
+        u.submit(vec![msg(1, 1), msg(1, 2), msg(2, 1)]);
+        assert_eq!(actions(&mut u).len(), 3);
+        u.handle_frame(MS, deliver(&[(1, 1, 1)]));
+        u.handle_closed(MS);
+        connect(&mut u, MS, 7, 1);
+        let sent: Vec<(PublisherId, PubSeq)> = actions(&mut u)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send(f) => match protocol::decode_client(f.slice(4..)) {
+                    Ok(ClientFrame::Publish(p)) => Some((p.publisher?, p.pub_seq)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let mut sent = sent;
+        sent.sort();
+        assert_eq!(
+            sent,
+            [(PublisherId(1), PubSeq(2)), (PublisherId(2), PubSeq(1))]
+        );
+    }
+
+    #[test]
+    fn a_gap_notice_resets_the_stream_past_it() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        events(&mut u);
+        let gap = GapHead {
+            from: Seq(1),
+            to: Seq(50),
+        };
+        u.handle_frame(MS, ServerFrame::Gap(gap));
+        let ev = events(&mut u);
+        assert!(matches!(&ev[..], [UpEvent::Reset(s)] if s.head == Seq(50)));
+        u.handle_frame(MS, deliver(&[(51, 1, 1)]));
+        assert!(matches!(&events(&mut u)[..], [UpEvent::Deliver(b)] if b[0].seq == Seq(51)));
+    }
+
+    #[test]
+    fn a_silent_tier_above_is_dropped() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        actions(&mut u);
+        let mut now = Duration::ZERO;
+        for _ in 0..10 {
+            now = u.poll_timeout().unwrap_or(now);
+            u.handle_timeout(now);
+            if actions(&mut u).contains(&Action::Disconnect) {
+                assert!(now >= Duration::from_secs(3));
+                return;
+            }
+        }
+        panic!("the link was never dropped");
+    }
+}

@@ -1,0 +1,306 @@
+//! `canopy up`: starts a whole local tree (a core and tiers of relays) as
+//! processes on loopback, for demos and tests.
+//!
+//! The tree file names every process's addresses; the launcher writes one
+//! server config per process (into a fresh folder under the system's temp
+//! folder), starts `canopy serve` for each with this same binary, and waits
+//! until each one listens. A process that dies is reported and left dead,
+//! so that operators can watch the tree adopt its clients; Ctrl-C or
+//! SIGTERM stops them all.
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The tree `canopy up` starts without a file (`configs/tree.toml`).
+pub const TREE_DEFAULT: &str = include_str!("../../configs/tree.toml");
+
+/// How long a process has to start listening.
+const START_TIME_MAX: Duration = Duration::from_secs(20);
+
+/// A tree file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeConfig {
+    /// Heartbeat period of the core, milliseconds.
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Silence after which a core server is excluded, milliseconds.
+    pub failure_timeout_ms: Option<u64>,
+    /// The core servers; their ids are their positions, from 1.
+    pub core: Vec<TreeCore>,
+    /// Tiers of relays, top down: the first under the core, each next one
+    /// under the one before.
+    #[serde(default)]
+    pub tiers: Vec<TreeTier>,
+}
+
+/// One `[[core]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeCore {
+    /// Client address.
+    pub client: String,
+    /// Server-to-server address.
+    pub peer: String,
+    /// Dashboard address, or absent for none.
+    pub http: Option<String>,
+}
+
+/// One `[[tiers]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeTier {
+    /// Its relays.
+    pub relays: Vec<TreeRelay>,
+}
+
+/// One relay of a tier.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeRelay {
+    /// Client address.
+    pub listen: String,
+    /// Dashboard address, or absent for none.
+    pub http: Option<String>,
+}
+
+/// One process of the tree: its name and its server config.
+struct Member {
+    name: String,
+    config: String,
+}
+
+impl TreeConfig {
+    /// Parses a tree file's text.
+    ///
+    /// # Errors
+    /// When the text is not a valid tree, or the tree has no core.
+    pub fn parse(text: &str) -> anyhow::Result<TreeConfig> {
+        let tree: TreeConfig = toml::from_str(text).context("not a valid tree file")?;
+        if tree.core.is_empty() {
+            bail!("a tree needs at least one [[core]] server");
+        }
+        if let Some(i) = tree.tiers.iter().position(|t| t.relays.is_empty()) {
+            bail!("tier {} has no relays", i + 1);
+        }
+        Ok(tree)
+    }
+
+    /// Every process's server config, core first, then tier by tier.
+    fn members(&self) -> Vec<Member> {
+        let mut out = Vec::new();
+        let mut servers = String::new();
+        for (i, c) in self.core.iter().enumerate() {
+            servers.push_str(&format!(
+                "[[core.servers]]\nid = {}\npeer = {:?}\nclient = {:?}\n\n",
+                i + 1,
+                c.peer,
+                c.client
+            ));
+        }
+        let mut timing = String::new();
+        if let Some(ms) = self.heartbeat_interval_ms {
+            timing.push_str(&format!("heartbeat_interval_ms = {ms}\n"));
+        }
+        if let Some(ms) = self.failure_timeout_ms {
+            timing.push_str(&format!("failure_timeout_ms = {ms}\n"));
+        }
+        for (i, c) in self.core.iter().enumerate() {
+            let name = format!("core-{}", i + 1);
+            let config = format!(
+                "name = {name:?}\nlisten = {:?}\nhttp = {:?}\n\n[core]\nid = {}\n{timing}\n{servers}",
+                c.client,
+                c.http.as_deref().unwrap_or("off"),
+                i + 1,
+            );
+            out.push(Member { name, config });
+        }
+        let mut above: Vec<String> = self.core.iter().map(|c| c.client.clone()).collect();
+        for (t, tier) in self.tiers.iter().enumerate() {
+            let listens: Vec<String> = tier.relays.iter().map(|r| r.listen.clone()).collect();
+            for (i, r) in tier.relays.iter().enumerate() {
+                let name = format!("relay-{}.{}", t + 1, i + 1);
+                let config = format!(
+                    "name = {name:?}\nlisten = {:?}\nhttp = {:?}\n\n[relay]\nupstream = {above:?}\ntier = {listens:?}\n",
+                    r.listen,
+                    r.http.as_deref().unwrap_or("off"),
+                );
+                out.push(Member { name, config });
+            }
+            above = listens;
+        }
+        out
+    }
+}
+
+/// A started process of the tree.
+struct Running {
+    name: String,
+    child: Child,
+}
+
+/// Starts the tree from `path` (or the default tree), prints where every
+/// process listens, and runs until Ctrl-C or SIGTERM.
+///
+/// # Errors
+/// When the file cannot be read or is not a tree, or a process does not
+/// start listening.
+pub async fn up(path: Option<&Path>) -> anyhow::Result<()> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read tree file {}", p.display()))?,
+        None => TREE_DEFAULT.to_owned(),
+    };
+    let tree = TreeConfig::parse(&text)?;
+    let dir = std::env::temp_dir().join(format!("canopy-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = run(&tree, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run(tree: &TreeConfig, dir: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the canopy binary")?;
+    let mut running: Vec<Running> = Vec::new();
+    for m in tree.members() {
+        match start(&exe, dir, &m).await {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                stop(&mut running).await;
+                return Err(e);
+            }
+        }
+    }
+    println!(
+        "canopy up: tree ready ({} processes); Ctrl-C stops it",
+        running.len()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut watch = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; break; }
+            _ = term.recv() => break,
+            _ = watch.tick() => {
+                for r in &mut running {
+                    if let Ok(Some(status)) = r.child.try_wait() {
+                        println!("canopy up: {} exited ({status}); its clients are adopted", r.name);
+                    }
+                }
+                // Reported once: the dead leave the list.
+                running.retain_mut(|r| !matches!(r.child.try_wait(), Ok(Some(_))));
+            }
+        }
+    }
+    stop(&mut running).await;
+    Ok(())
+}
+
+/// Starts one process and waits for its "listening" line.
+async fn start(exe: &PathBuf, dir: &Path, m: &Member) -> anyhow::Result<Running> {
+    let file = dir.join(format!("{}.toml", m.name));
+    std::fs::write(&file, &m.config).with_context(|| format!("cannot write {}", file.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve").arg("--config").arg(&file);
+    cmd.stdout(std::process::Stdio::piped());
+    cmd.kill_on_drop(true);
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Seven processes at info drown the terminal; warnings still show.
+        cmd.env("RUST_LOG", "warn");
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", m.name))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let listening = tokio::time::timeout(START_TIME_MAX, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.strip_prefix("canopy listening on ") {
+                return Some(addr.to_owned());
+            }
+        }
+        None
+    })
+    .await;
+    let Ok(Some(addr)) = listening else {
+        let _ = child.kill().await;
+        bail!("{} did not start listening (see its log above)", m.name);
+    };
+    // Tests and scripts read pids and addresses from this line.
+    println!(
+        "canopy up: {} pid {} listening on {addr}",
+        m.name,
+        child.id().unwrap_or(0)
+    );
+    // Keep reading, so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Running {
+        name: m.name.clone(),
+        child,
+    })
+}
+
+/// Stops every process: SIGTERM first (clients are told), then a kill.
+async fn stop(running: &mut Vec<Running>) {
+    for r in running.iter() {
+        if let Some(pid) = r.child.id() {
+            // The standard library only sends SIGKILL; SIGTERM, which lets
+            // a server tell its clients, goes through the `kill` command
+            // (`unsafe` is forbidden here, so no direct system call).
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for r in running.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(5), r.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = r.child.kill().await;
+        }
+    }
+    running.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_tree_is_three_core_servers_and_two_tiers_of_two() {
+        let tree = TreeConfig::parse(TREE_DEFAULT).expect("the default tree parses");
+        let members = tree.members();
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "core-1",
+                "core-2",
+                "core-3",
+                "relay-1.1",
+                "relay-1.2",
+                "relay-2.1",
+                "relay-2.2"
+            ]
+        );
+        // Every generated config is a valid server config.
+        for m in &members {
+            let file: crate::config::FileConfig =
+                toml::from_str(&m.config).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            let c = file
+                .validate(1)
+                .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            assert_eq!(c.core.is_some(), m.name.starts_with("core"));
+        }
+        // The second tier hangs under the first.
+        let leaf: crate::config::FileConfig = toml::from_str(&members[5].config).expect("parses");
+        let upstream = leaf.relay.map(|r| r.upstream).unwrap_or_default();
+        assert_eq!(upstream, ["127.0.0.1:4411", "127.0.0.1:4412"]);
+    }
+}
