@@ -6,6 +6,7 @@ use bytes::Bytes;
 use canopy_client::protocol::{self, ClientFrame, Hello, PublisherId, ServerFrame, SlowPolicy};
 use canopy_client::{Client, ClientOptions, Event, Subscription};
 use futures::StreamExt;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -450,5 +451,116 @@ pub async fn within_for<T>(limit: Duration, what: &str, f: impl Future<Output = 
     match tokio::time::timeout(limit, f).await {
         Ok(v) => v,
         Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// A whole tree started by `canopy up` (one process per server and relay)
+/// on free loopback ports; every process is killed on drop.
+pub struct Tree {
+    launcher: Child,
+    /// Client addresses of the core servers, by id - 1.
+    pub core: Vec<String>,
+    /// Client addresses of each relay tier's relays, top tier first.
+    pub tiers: Vec<Vec<String>>,
+    /// Process ids by name (`core-1`, `relay-2.1`, ...).
+    pids: HashMap<String, u32>,
+    file: std::path::PathBuf,
+}
+
+impl Tree {
+    /// Starts `core` core servers and tiers of `tiers[i]` relays.
+    pub fn start(core: usize, tiers: &[usize]) -> Tree {
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+            l.local_addr().expect("local addr").to_string()
+        };
+        let mut text = String::from("heartbeat_interval_ms = 50\nfailure_timeout_ms = 500\n");
+        for _ in 0..core {
+            text.push_str(&format!(
+                "[[core]]\nclient = \"{}\"\npeer = \"{}\"\n",
+                free(),
+                free()
+            ));
+        }
+        for &n in tiers {
+            text.push_str("[[tiers]]\nrelays = [\n");
+            for _ in 0..n {
+                text.push_str(&format!("  {{ listen = \"{}\" }},\n", free()));
+            }
+            text.push_str("]\n");
+        }
+        let file = std::env::temp_dir().join(format!(
+            "canopy-tree-{}-{}.toml",
+            std::process::id(),
+            CONFIGS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&file, &text).expect("write tree file");
+        let mut launcher = Command::new(env!("CARGO_BIN_EXE_canopy"))
+            .arg("up")
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start canopy up");
+        let stdout = launcher.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut pids = HashMap::new();
+        let mut addrs = HashMap::new();
+        for line in lines.by_ref() {
+            let line = line.expect("launcher output");
+            if line.starts_with("canopy up: tree ready") {
+                break;
+            }
+            // "canopy up: NAME pid PID listening on ADDR"
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["canopy", "up:", name, "pid", pid, "listening", "on", addr] = words[..] {
+                pids.insert(name.to_owned(), pid.parse().expect("pid"));
+                addrs.insert(name.to_owned(), addr.to_owned());
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let core = (1..=core)
+            .map(|i| addrs[&format!("core-{i}")].clone())
+            .collect();
+        let tiers = tiers
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| {
+                (1..=n)
+                    .map(|i| addrs[&format!("relay-{}.{i}", t + 1)].clone())
+                    .collect()
+            })
+            .collect();
+        Tree {
+            launcher,
+            core,
+            tiers,
+            pids,
+            file,
+        }
+    }
+
+    /// Kills process `name` with SIGKILL.
+    pub fn kill(&self, name: &str) {
+        let pid = self.pids[name];
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -9 {name} ({pid})");
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        for pid in self.pids.values() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.launcher.kill();
+        let _ = self.launcher.wait();
+        let _ = std::fs::remove_file(&self.file);
     }
 }
