@@ -10,13 +10,18 @@
 //!    carries its send time and subscribers record the one-way latency in an
 //!    HDR histogram (p50/p99/p99.9).
 //!
-//! It runs against Canopy (in-process on its own runtime threads, or a
+//! `canopy-bench failover` times a 3-server core's recovery from a crash,
+//! and `canopy-bench scale` streams to thousands of subscriber connections
+//! through relay tiers of real processes (see their modules).
+//!
+//! `fanout` runs against Canopy (in-process on its own runtime threads, or a
 //! running server with `--addr`) and against `nats-server` (started from
 //! PATH, or a running one with `--nats-addr`), in the same process and run.
 
 mod brokers;
 mod failover;
 mod harness;
+mod scale;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
@@ -37,6 +42,9 @@ enum Cmd {
     /// Failover of a 3-server core: crash the coordinator under load and
     /// time the new view and the publishers' recovery.
     Failover(failover::FailoverArgs),
+    /// Scale: thousands of subscriber connections through relay tiers of
+    /// real processes, with a steady stream.
+    Scale(scale::ScaleArgs),
 }
 
 /// Which brokers to run.
@@ -171,6 +179,15 @@ impl Checker {
         }
     }
 
+    /// A checker whose latency histogram keeps 2 significant digits
+    /// instead of 3 (a tenth of the memory), for runs with many of them.
+    pub fn compact(pubs: usize, base: Instant) -> Self {
+        Checker {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds"),
+            ..Checker::new(pubs, base)
+        }
+    }
+
     /// Checks one payload: `[publisher u32][counter u32][sent nanos u64]...`.
     pub fn observe(&mut self, payload: &[u8], record_latency: bool) {
         self.report.received += 1;
@@ -282,6 +299,7 @@ fn main() -> anyhow::Result<()> {
     let args = match cli.command {
         Cmd::Fanout(args) => args,
         Cmd::Failover(args) => return failover::main(&args),
+        Cmd::Scale(args) => return scale::main(&args),
     };
     anyhow::ensure!(
         args.size >= 16,

@@ -20,6 +20,8 @@ pub const TREE_DEFAULT: &str = include_str!("../../configs/tree.toml");
 
 /// How long a process has to start listening.
 const START_TIME_MAX: Duration = Duration::from_secs(20);
+/// How long a process has to stop after SIGTERM before it is killed.
+const STOP_TIME_MAX: Duration = Duration::from_secs(5);
 
 /// A tree file.
 #[derive(Debug, Deserialize)]
@@ -74,6 +76,44 @@ struct Member {
 }
 
 impl TreeConfig {
+    /// A tree on free loopback ports: `core` core servers and tiers of
+    /// `tiers[i]` relays, no dashboards, fast failure detection (50 ms
+    /// heartbeats, 500 ms timeout). For tests and benchmarks.
+    ///
+    /// # Errors
+    /// When no free port can be found.
+    pub fn loopback(core: usize, tiers: &[usize]) -> std::io::Result<TreeConfig> {
+        let free = || -> std::io::Result<String> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            Ok(l.local_addr()?.to_string())
+        };
+        let mut c = Vec::with_capacity(core);
+        for _ in 0..core {
+            c.push(TreeCore {
+                client: free()?,
+                peer: free()?,
+                http: None,
+            });
+        }
+        let mut t = Vec::with_capacity(tiers.len());
+        for &n in tiers {
+            let mut relays = Vec::with_capacity(n);
+            for _ in 0..n {
+                relays.push(TreeRelay {
+                    listen: free()?,
+                    http: None,
+                });
+            }
+            t.push(TreeTier { relays });
+        }
+        Ok(TreeConfig {
+            heartbeat_interval_ms: Some(50),
+            failure_timeout_ms: Some(500),
+            core: c,
+            tiers: t,
+        })
+    }
+
     /// Parses a tree file's text.
     ///
     /// # Errors
@@ -139,7 +179,59 @@ impl TreeConfig {
 /// A started process of the tree.
 struct Running {
     name: String,
+    addr: String,
     child: Child,
+}
+
+/// A running tree; its processes are killed when it is dropped.
+pub struct Launched {
+    running: Vec<Running>,
+    dir: PathBuf,
+}
+
+impl Launched {
+    /// Starts every process of `tree` with the `canopy` binary `exe`, one
+    /// after the other, each once the one before listens.
+    ///
+    /// # Errors
+    /// When a process cannot be started or does not start listening.
+    pub async fn start(exe: &Path, tree: &TreeConfig) -> anyhow::Result<Launched> {
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("canopy-up-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut launched = Launched {
+            running: Vec::new(),
+            dir,
+        };
+        for m in tree.members() {
+            let r = start(exe, &launched.dir, &m).await?;
+            launched.running.push(r);
+        }
+        Ok(launched)
+    }
+
+    /// Each process's name, pid and client address, in start order.
+    pub fn processes(&self) -> impl Iterator<Item = (&str, Option<u32>, &str)> {
+        self.running
+            .iter()
+            .map(|r| (r.name.as_str(), r.child.id(), r.addr.as_str()))
+    }
+
+    /// Stops every process: SIGTERM first (clients are told), then a kill.
+    pub async fn stop(mut self) {
+        stop(&mut self.running).await;
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        for r in &mut self.running {
+            let _ = r.child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Starts the tree from `path` (or the default tree), prints where every
@@ -155,28 +247,11 @@ pub async fn up(path: Option<&Path>) -> anyhow::Result<()> {
         None => TREE_DEFAULT.to_owned(),
     };
     let tree = TreeConfig::parse(&text)?;
-    let dir = std::env::temp_dir().join(format!("canopy-up-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = run(&tree, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-async fn run(tree: &TreeConfig, dir: &Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the canopy binary")?;
-    let mut running: Vec<Running> = Vec::new();
-    for m in tree.members() {
-        match start(&exe, dir, &m).await {
-            Ok(r) => running.push(r),
-            Err(e) => {
-                stop(&mut running).await;
-                return Err(e);
-            }
-        }
-    }
+    let mut launched = Launched::start(&exe, &tree).await?;
     println!(
         "canopy up: tree ready ({} processes); Ctrl-C stops it",
-        running.len()
+        launched.running.len()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -186,22 +261,23 @@ async fn run(tree: &TreeConfig, dir: &Path) -> anyhow::Result<()> {
             r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; break; }
             _ = term.recv() => break,
             _ = watch.tick() => {
-                for r in &mut running {
-                    if let Ok(Some(status)) = r.child.try_wait() {
-                        println!("canopy up: {} exited ({status}); its clients are adopted", r.name);
-                    }
-                }
                 // Reported once: the dead leave the list.
-                running.retain_mut(|r| !matches!(r.child.try_wait(), Ok(Some(_))));
+                launched.running.retain_mut(|r| match r.child.try_wait() {
+                    Ok(Some(status)) => {
+                        println!("canopy up: {} exited ({status}); its clients are adopted", r.name);
+                        false
+                    }
+                    _ => true,
+                });
             }
         }
     }
-    stop(&mut running).await;
+    launched.stop().await;
     Ok(())
 }
 
 /// Starts one process and waits for its "listening" line.
-async fn start(exe: &PathBuf, dir: &Path, m: &Member) -> anyhow::Result<Running> {
+async fn start(exe: &Path, dir: &Path, m: &Member) -> anyhow::Result<Running> {
     let file = dir.join(format!("{}.toml", m.name));
     std::fs::write(&file, &m.config).with_context(|| format!("cannot write {}", file.display()))?;
     let mut cmd = Command::new(exe);
@@ -240,6 +316,7 @@ async fn start(exe: &PathBuf, dir: &Path, m: &Member) -> anyhow::Result<Running>
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(Running {
         name: m.name.clone(),
+        addr,
         child,
     })
 }
@@ -258,7 +335,7 @@ async fn stop(running: &mut Vec<Running>) {
         }
     }
     for r in running.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(5), r.child.wait())
+        if tokio::time::timeout(STOP_TIME_MAX, r.child.wait())
             .await
             .is_err()
         {

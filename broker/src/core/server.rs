@@ -35,14 +35,15 @@ pub const SNAPSHOT_MSGS_MAX: usize = 100_000;
 /// ...and bytes.
 pub const SNAPSHOT_BYTES_MAX: usize = 64 << 20;
 
-/// What orders a server's publishes and delivers its stream.
+/// What orders a server's publishes and delivers its stream. The groups
+/// are boxed: large, and one per server.
 enum Below {
     /// The node itself.
     Alone,
     /// The core group.
-    Core(Group),
+    Core(Box<Group>),
     /// The tier above, through a relay's connection.
-    Relay(Upstream),
+    Relay(Box<Upstream>),
 }
 
 /// A server of any tier: a node and the group below it.
@@ -65,7 +66,7 @@ impl Server {
     pub fn grouped(node: Node, group: Group) -> Self {
         Server {
             node,
-            below: Below::Core(group),
+            below: Below::Core(Box::new(group)),
         }
     }
 
@@ -74,7 +75,7 @@ impl Server {
     pub fn relay(node: Node, upstream: Upstream) -> Self {
         Server {
             node,
-            below: Below::Relay(upstream),
+            below: Below::Relay(Box::new(upstream)),
         }
     }
 
