@@ -96,6 +96,8 @@ pub async fn subscribe(
                 }
                 printed += 1;
             }
+            // Membership views come only with `full` reports.
+            Event::View(_) => {}
             Event::Gap { from, to } => {
                 eprintln!("canopy sub: messages {from}..={to} may have been missed (gap)");
                 if json {

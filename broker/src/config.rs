@@ -138,6 +138,9 @@ pub struct FileLimits {
     pub idle_timeout_ms: Option<u64>,
     /// Client connections held at most.
     pub connections_max: Option<usize>,
+    /// Clients of the whole tree the membership state remembers; 0 turns
+    /// ordered membership (attach/detach events, `full` reports) off.
+    pub members_max: Option<usize>,
 }
 
 /// `[retention]`.
@@ -247,6 +250,8 @@ impl FileConfig {
             1 << 20,
             "1 to 1048576",
         )?;
+        let members = self.limits.members_max.unwrap_or(d.members_max);
+        range("limits.members_max", members, 0, 1 << 24, "0 to 16777216")?;
         let publishers = self.limits.publishers_max.unwrap_or(d.publishers_max);
         range(
             "limits.publishers_max",
@@ -360,6 +365,9 @@ impl FileConfig {
                 idle_timeout: idle,
                 sessions_max: connections,
                 servers,
+                members_max: members,
+                // Set by the runtime per start.
+                id: canopy_client::protocol::PublisherId(0),
             },
         })
     }
@@ -367,6 +375,8 @@ impl FileConfig {
 
 /// The tier's addresses as clients are told them: none when any is not
 /// known before start (port 0), as a partial list would mislead failover.
+/// The runtime also keeps the core's addresses out of `servers` reports
+/// when this is empty.
 fn advertised(tier: Vec<String>) -> Vec<String> {
     match tier.iter().any(|a| a.ends_with(":0")) {
         true => Vec::new(),

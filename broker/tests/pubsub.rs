@@ -62,6 +62,11 @@ async fn wildcard_subscriptions_receive_exactly_their_topics() {
     assert_eq!(got(take_messages(&mut nasdaq, 1).await), ["md.NASDAQ.END"]);
 }
 
+/// For tests that count seqs (a `[limits]` key): ordered membership off, so that seqs number
+/// the published messages alone (clients' attach and detach events would
+/// take seqs between them).
+const SEQS_ONLY: &str = "members_max = 0\n";
+
 /// Several publishers, 100 subscribers, each on its own connection: every
 /// subscriber gets every message once, all in the same order, and each
 /// publisher's messages in the order it sent them.
@@ -169,7 +174,9 @@ async fn resumed_subscriber_misses_nothing_and_gets_nothing_twice() {
 /// exact missed range, then gets what is retained.
 #[tokio::test]
 async fn resume_beyond_retention_reports_a_gap_then_the_retained_rest() {
-    let server = Server::with_config("[retention]\ncount_max = 10\n");
+    let server = Server::with_config(&format!(
+        "[limits]\n{SEQS_ONLY}[retention]\ncount_max = 10\n"
+    ));
     let proxy = Proxy::start(&server.addr).await;
     let sub_client = proxy.client().await;
     let mut sub = sub_client.subscribe("t.>").await.expect("subscribe");
@@ -280,7 +287,7 @@ async fn sdk_publisher_failover_neither_loses_nor_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_cut_off_while_fast_ones_keep_their_stream() {
     const N: usize = 400;
-    let server = Server::with_config("[limits]\nqueue_frames_max = 4\n");
+    let server = Server::with_config(&format!("[limits]\nqueue_frames_max = 4\n{SEQS_ONLY}"));
     let mut slow = Raw::connect_small(&server.addr).await;
     slow.hello(1, &["s.>"], SlowPolicy::Disconnect).await;
     let fast_client = server.client().await;
@@ -311,8 +318,9 @@ async fn slow_consumer_is_cut_off_while_fast_ones_keep_their_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflating_subscriber_gets_gap_notices_instead_of_a_cut() {
     const N: u64 = 400;
-    let server =
-        Server::with_config("[limits]\nqueue_frames_max = 4\nwatermark_interval_ms = 50\n");
+    let server = Server::with_config(&format!(
+        "[limits]\nqueue_frames_max = 4\nwatermark_interval_ms = 50\n{SEQS_ONLY}"
+    ));
     let mut slow = Raw::connect_small(&server.addr).await;
     slow.hello(1, &["s.>"], SlowPolicy::Conflate).await;
     let publisher = server.client().await;

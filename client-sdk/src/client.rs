@@ -61,6 +61,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Ping period; a connection silent for three periods is dropped.
     pub ping_interval: Duration,
+    /// What the client is told of the tree's membership: `servers` (the
+    /// default) keeps its failover list current; `full` adds
+    /// [`Event::View`]s; `none` is the cheapest.
+    pub reports: protocol::Reports,
     /// Delivery batches buffered per subscription. When the application
     /// lets a subscription fill up, the client drops its connection and
     /// resumes from the last message it handed over, so that the driver
@@ -85,6 +89,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
             subscription_batches_max: 256,
+            reports: protocol::Reports::Servers,
         }
     }
 }
@@ -106,6 +111,40 @@ pub enum Event {
     /// server restarted): sequence numbers start again and anything in
     /// between may have been missed.
     StreamReset,
+    /// With `full` reports: the tree's membership changed after the
+    /// message at `view.seq`. Every subscription of every `full` client is
+    /// told the same views at the same positions of the stream.
+    View(Arc<View>),
+}
+
+/// The tree's membership at a position of the stream (`full` reports).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// The position: after the message with this seq.
+    pub seq: Seq,
+    /// The core's servers.
+    pub core: Vec<protocol::ServerEntry>,
+    /// Every client of the tree (relays included), by id.
+    pub clients: std::collections::BTreeMap<PublisherId, protocol::MemberEntry>,
+}
+
+impl View {
+    /// Applies a report from the server.
+    fn apply(&mut self, head: protocol::MembersHead) {
+        if head.complete {
+            *self = View::default();
+        }
+        self.seq = head.seq;
+        if let Some(core) = head.core {
+            self.core = core;
+        }
+        for id in head.left {
+            self.clients.remove(&id);
+        }
+        for e in head.joined {
+            self.clients.insert(e.id, e);
+        }
+    }
 }
 
 enum Command {
@@ -170,6 +209,7 @@ impl Client {
             batch: Vec::new(),
             servers: options.servers.clone(),
             lost: None,
+            view: Arc::default(),
             options,
         };
         let (conn, welcome) = driver.connect().await?;
@@ -368,6 +408,8 @@ struct Driver {
     servers: Vec<String>,
     /// The server the last connection was lost with, tried last.
     lost: Option<String>,
+    /// The membership (`full` reports).
+    view: Arc<View>,
 }
 
 impl Driver {
@@ -447,6 +489,7 @@ impl Driver {
                 .map(|(stream, after)| Resume { stream, after }),
             slow: self.options.slow,
             role: protocol::Role::Client,
+            reports: self.options.reports,
         };
         let _ = out.send(protocol::encode_client(&ClientFrame::Hello(hello)));
         let welcome = match next_frame(&mut frames).await? {
@@ -667,6 +710,17 @@ impl Driver {
             ServerFrame::Error(e) => return Err(server_error(e.code, e.message)),
             ServerFrame::Welcome(_) => {
                 return Err(Ended::Fatal(Error::Protocol("second Welcome".into())));
+            }
+            ServerFrame::Members(m) => {
+                self.advance(m.seq);
+                Arc::make_mut(&mut self.view).apply(m);
+                self.notify(Event::View(self.view.clone()));
+            }
+            ServerFrame::Servers(s) => {
+                self.advance(s.seq);
+                if !s.servers.is_empty() && s.servers.iter().all(|a| !a.is_empty()) {
+                    self.servers = s.servers;
+                }
             }
         }
         Ok(())

@@ -17,6 +17,8 @@
 //!         Event::Message(m) => println!("{} {} {:?}", m.seq, m.topic(), m.payload),
 //!         Event::Gap { from, to } => eprintln!("missed {from}..={to}"),
 //!         Event::StreamReset => eprintln!("the server lost its stream; sequence numbers restart"),
+//!         // Only with `full` membership reports (ClientOptions::reports).
+//!         Event::View(v) => println!("{} clients at seq {}", v.clients.len(), v.seq),
 //!     }
 //! }
 //! # Ok(()) }
@@ -31,6 +33,6 @@ pub mod io;
 pub mod protocol;
 pub mod topic;
 
-pub use client::{Client, ClientOptions, Event, PendingAck, Subscription};
+pub use client::{Client, ClientOptions, Event, PendingAck, Subscription, View};
 pub use error::Error;
-pub use protocol::{Message, PubSeq, PublisherId, Seq, SlowPolicy};
+pub use protocol::{Message, PubSeq, PublisherId, Reports, Seq, SlowPolicy};

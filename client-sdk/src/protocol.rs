@@ -183,6 +183,11 @@ pub mod kind {
     pub const GAP: u8 = 0x87;
     /// Server to client: an error; fatal errors are followed by a close.
     pub const ERROR: u8 = 0x88;
+    /// Server to client (`full` reports): a change of the tree's membership,
+    /// at a position of the stream.
+    pub const MEMBERS: u8 = 0x89;
+    /// Server to client (`servers` reports): the serving tier's servers.
+    pub const SERVERS: u8 = 0x8a;
 }
 
 /// Client to server: the first frame on every connection.
@@ -209,6 +214,78 @@ pub struct Hello {
     /// its own (which may publish on their behalf).
     #[serde(default)]
     pub role: Role,
+    /// What the client is told of the tree's membership.
+    #[serde(default)]
+    pub reports: Reports,
+}
+
+/// What a client is told of membership (DESIGN.md, "Membership reports").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reports {
+    /// Every change of servers and clients, in order with the messages
+    /// ([`MembersHead`]): the group model of the core.
+    Full,
+    /// The serving tier's server list when it changes ([`ServersHead`]).
+    #[default]
+    Servers,
+    /// Nothing: the cheapest at thousands of clients.
+    None,
+}
+
+/// One client in a membership report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    /// The client's publisher id.
+    pub id: PublisherId,
+    /// Its name.
+    pub name: String,
+    /// The id of the server (core server or relay) serving it.
+    pub server: PublisherId,
+    /// Whether it is a relay (and so a server of the tier below).
+    pub relay: bool,
+}
+
+/// One core server in a membership report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    /// Its id (the publisher id it attaches clients under).
+    pub id: PublisherId,
+    /// Its name.
+    pub name: String,
+    /// Its client address, when known.
+    pub addr: String,
+}
+
+/// Server to client (`full` reports): the membership changed after the
+/// message at `seq` (before any later one). Clients apply these in order
+/// to the complete report that follows their handshake.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersHead {
+    /// The stream position of the change.
+    pub seq: Seq,
+    /// Whether this report replaces everything known (the first one on a
+    /// connection) rather than changing it.
+    pub complete: bool,
+    /// The core's servers, when they changed (or in a complete report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core: Option<Vec<ServerEntry>>,
+    /// Clients that joined (or moved to another server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joined: Vec<MemberEntry>,
+    /// Clients that left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<PublisherId>,
+}
+
+/// Server to client (`servers` reports): the servers of the serving tier
+/// now, by client address, after the message at `seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServersHead {
+    /// The stream position of the change.
+    pub seq: Seq,
+    /// Client addresses.
+    pub servers: Vec<String>,
 }
 
 /// What kind of client a session serves.
@@ -460,6 +537,10 @@ pub enum ServerFrame {
     Ping(PingHead),
     /// Answer to a client ping.
     Pong(PingHead),
+    /// A membership change (`full` reports).
+    Members(MembersHead),
+    /// The serving tier's servers (`servers` reports).
+    Servers(ServersHead),
 }
 
 /// Why a frame could not be decoded.
@@ -581,7 +662,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         }
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
-        k if (0x80..=kind::ERROR).contains(&k) => return Err(DecodeError::WrongDirection(k)),
+        k if (0x80..=kind::SERVERS).contains(&k) => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
 }
@@ -617,6 +698,8 @@ pub fn decode_server(content: Bytes) -> Result<ServerFrame, DecodeError> {
         kind::ERROR => ServerFrame::Error(no_body(k, split(k, &content)?)?),
         kind::PING => ServerFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ServerFrame::Pong(no_body(k, split(k, &content)?)?),
+        kind::MEMBERS => ServerFrame::Members(no_body(k, split(k, &content)?)?),
+        kind::SERVERS => ServerFrame::Servers(no_body(k, split(k, &content)?)?),
         k if k < 0x80 => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
@@ -648,6 +731,8 @@ pub fn encode_server(frame: &ServerFrame) -> Bytes {
         ServerFrame::Error(h) => encode(kind::ERROR, h, &[]),
         ServerFrame::Ping(h) => encode(kind::PING, h, &[]),
         ServerFrame::Pong(h) => encode(kind::PONG, h, &[]),
+        ServerFrame::Members(h) => encode(kind::MEMBERS, h, &[]),
+        ServerFrame::Servers(h) => encode(kind::SERVERS, h, &[]),
     }
 }
 
@@ -842,6 +927,7 @@ mod tests {
                 }),
                 slow: SlowPolicy::Conflate,
                 role: Role::Relay,
+                reports: Reports::Full,
             }),
             ClientFrame::Subscribe(SubscribeHead {
                 pattern: "a.*".into(),

@@ -5,6 +5,11 @@
 //! token `*` matches exactly one token and a final token `>` matches one or
 //! more remaining tokens (`md.NASDAQ.*`, `factory.line3.>`).
 //!
+//! A topic whose first token starts with `$` is a **system topic** (the
+//! broker's own, such as `$canopy.members`): a pattern that starts with a
+//! wildcard does not match it, so `>` means "every application topic".
+//! Only relays subscribe to system topics, by name (`$canopy.>`).
+//!
 //! Both are validated once, at the edge (the SDK before sending, the broker on
 //! receipt), into the [`Topic`] and [`Pattern`] types, so code that holds one
 //! never re-checks it.
@@ -52,6 +57,11 @@ fn check_common(s: &str) -> Result<(), TopicError> {
         return Err(TopicError::EmptyToken(s.to_owned()));
     }
     Ok(())
+}
+
+/// Whether `topic` is a system topic (its first token starts with `$`).
+pub fn is_system(topic: &str) -> bool {
+    topic.starts_with('$')
 }
 
 /// A validated topic: no wildcards, no empty tokens.
@@ -166,6 +176,9 @@ impl Pattern {
         if self.literal {
             return *self.text == *topic;
         }
+        if is_system(topic) && !matches!(self.tokens.first(), Some(Token::Literal(_))) {
+            return false;
+        }
         let mut parts = topic.split('.');
         for token in self.tokens.iter() {
             match token {
@@ -228,6 +241,18 @@ mod tests {
         assert!(m("factory.line3.>", "factory.line3.temp.max"));
         assert!(!m("factory.line3.>", "factory.line3"));
         assert!(m(">", "anything.at.all"));
+    }
+
+    #[test]
+    fn leading_wildcards_do_not_match_system_topics() {
+        assert!(!m(">", "$canopy.members"));
+        assert!(!m("*.members", "$canopy.members"));
+        assert!(m("$canopy.>", "$canopy.members"));
+        assert!(m("$canopy.members", "$canopy.members"));
+        assert!(
+            m("a.>", "a.$b"),
+            "only the first token makes a system topic"
+        );
     }
 
     #[test]

@@ -138,7 +138,15 @@ impl Index {
         }
         let tokens: Vec<&str> = topic.split('.').collect();
         let mut out = Vec::new();
-        self.root.collect(&tokens, &mut out);
+        match tokens.split_first() {
+            // A system topic: leading wildcards do not match it.
+            Some((first, rest)) if canopy_client::topic::is_system(first) => {
+                if let Some(child) = self.root.literal.get(*first) {
+                    child.collect(rest, &mut out);
+                }
+            }
+            _ => self.root.collect(&tokens, &mut out),
+        }
         out.sort_unstable();
         out.dedup();
         let found: Arc<[SessionId]> = out.into();
@@ -168,8 +176,12 @@ mod tests {
 
     #[test]
     fn lookup_agrees_with_pattern_matching() {
-        let patterns = ["a.b.c", "a.*.c", "a.>", ">", "*.b", "x.y", "a.b.*"];
-        let topics = ["a.b.c", "a.x.c", "a.b", "x.y", "q", "a.b.c.d", "z.b"];
+        let patterns = [
+            "a.b.c", "a.*.c", "a.>", ">", "*.b", "x.y", "a.b.*", "$sys.>", "$sys.*", "*.*",
+        ];
+        let topics = [
+            "a.b.c", "a.x.c", "a.b", "x.y", "q", "a.b.c.d", "z.b", "$sys.b", "$sys.b.c",
+        ];
         let mut index = Index::new(16);
         for (i, pat) in patterns.iter().enumerate() {
             index.insert(&p(pat), SessionId(i as u64));

@@ -36,6 +36,7 @@
 
 pub mod group;
 pub mod index;
+pub mod members;
 pub mod node;
 pub mod report;
 pub mod retention;
@@ -50,6 +51,12 @@ use std::fmt;
 /// Identifies a session within one node; never reused while the node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// The node itself, as the source of its own membership events; no
+    /// connection has this id (connections count from 1).
+    pub const NODE: SessionId = SessionId(0);
+}
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -30,17 +30,18 @@
 
 use super::group::{Msg, Snapshot};
 use super::index::Index;
+use super::members::{MemberEvent, Members, MEMBERS_TOPIC};
 use super::report::{Entry, EventKind, Journal, TopicCounts};
 use super::retention::{Ordered, Retention};
 use super::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
-    self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, PingHead, PubAck, PubSeq,
-    Publish, PublisherId, Role, Seq, SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead,
-    Welcome,
+    self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry, PingHead,
+    PubAck, PubSeq, Publish, PublisherId, Reports, Role, Seq, ServerEntry, ServersHead, SlowPolicy,
+    SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
 };
-use canopy_client::topic::{Pattern, Topic};
-use std::collections::{HashMap, HashSet, VecDeque};
+use canopy_client::topic::{is_system, Pattern, Topic};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +81,14 @@ pub struct NodeConfig {
     /// The client addresses of this node's tier (itself included), told to
     /// clients in the handshake for their failover; empty for none.
     pub servers: Vec<String>,
+    /// Clients the membership state remembers at most; 0 turns ordered
+    /// membership off (no attach or detach events, no `full` reports),
+    /// which keeps seqs for application messages alone.
+    pub members_max: usize,
+    /// This node's id in membership reports: the publisher id it attaches
+    /// clients under (random per start; for core servers derived from the
+    /// server id and incarnation, see [`members::core_server_id`]).
+    pub id: PublisherId,
 }
 
 impl Default for NodeConfig {
@@ -98,6 +107,8 @@ impl Default for NodeConfig {
             idle_timeout: Duration::from_secs(30),
             sessions_max: 100_000,
             servers: Vec::new(),
+            members_max: 400_000,
+            id: PublisherId(0),
         }
     }
 }
@@ -209,6 +220,7 @@ struct SessionHello {
     publisher: PublisherId,
     slow: SlowPolicy,
     role: Role,
+    reports: Reports,
 }
 
 #[derive(Clone, Copy)]
@@ -264,6 +276,17 @@ pub struct Node {
     publishers_evicted: bool,
     /// The time of the latest input, for journal entries.
     now: Duration,
+    /// The tree's membership, from the ordered stream.
+    members: Members,
+    /// The last pub_seq of this node's own membership events.
+    own_pub_seq: PubSeq,
+    /// Live sessions with `full` reports (told of every change).
+    reporting_full: BTreeSet<SessionId>,
+    /// Live sessions with `servers` reports.
+    reporting_servers: BTreeSet<SessionId>,
+    /// Whether this node serves the core tier (its clients' servers are
+    /// the core's, so `servers` reports follow core views).
+    core_tier: bool,
 }
 
 /// Counters for logs, benchmarks and the dashboard.
@@ -337,8 +360,23 @@ impl Node {
             publisher_sessions: HashMap::new(),
             publishers_evicted: false,
             now,
+            members: Members::new(config.members_max),
+            own_pub_seq: PubSeq(0),
+            reporting_full: BTreeSet::new(),
+            reporting_servers: BTreeSet::new(),
+            core_tier: false,
             config,
         }
+    }
+
+    /// Marks this node as a core server's (see `core_tier`).
+    pub fn set_core_tier(&mut self) {
+        self.core_tier = true;
+    }
+
+    /// The tree's membership as this node has delivered it.
+    pub fn members(&self) -> &Members {
+        &self.members
     }
 
     /// A node whose publishes are ordered by a core group. It refuses
@@ -438,10 +476,10 @@ impl Node {
         if let Some(s) = self.sessions.remove(&session) {
             self.journal
                 .record(now, EventKind::Disconnect, format!("session {session}"));
-            self.forget_publisher_session(&s, session);
             for p in &s.patterns {
                 self.index.remove(p, session);
             }
+            self.session_gone(session, s);
         }
     }
 
@@ -697,7 +735,7 @@ impl Node {
                 }
                 Output::Close { session, .. } => {
                     if let Some(s) = self.sessions.remove(&session) {
-                        self.forget_publisher_session(&s, session);
+                        self.session_gone(session, s);
                     }
                     return Some(out);
                 }
@@ -812,14 +850,33 @@ impl Node {
                 publisher: hello.publisher,
                 slow: hello.slow,
                 role: hello.role,
+                reports: hello.reports,
             });
         }
-        if let Some(after) = resume_after.filter(|a| *a < self.head) {
-            if let Some(s) = self.sessions.get_mut(&session) {
-                s.catch_up = Some(after);
-                self.catching_up.push(session);
+        match resume_after.filter(|a| *a < self.head) {
+            Some(after) => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.catch_up = Some(after);
+                    self.catching_up.push(session);
+                }
             }
+            None => self.start_reports(session),
         }
+        let entry = MemberEntry {
+            id: hello.publisher,
+            name: self
+                .sessions
+                .get(&session)
+                .and_then(|s| s.hello.as_ref())
+                .map(|h| h.name.clone())
+                .unwrap_or_default(),
+            server: self.config.id,
+            relay: hello.role == Role::Relay,
+        };
+        self.publish_member_event(MemberEvent::Attach {
+            entry,
+            session: session.0,
+        });
     }
 
     /// The next catch-up frame for a resuming session, if any is due.
@@ -851,6 +908,7 @@ impl Node {
             if after >= self.head {
                 s.catch_up = None;
                 self.catching_up.swap_remove(i);
+                self.start_reports(session);
                 continue;
             }
             let first_held = self.retention.first().unwrap_or(self.head.next());
@@ -970,6 +1028,19 @@ impl Node {
         if let Err(e) = Topic::validate(publish.topic()) {
             return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string());
         }
+        let relay = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.hello.as_ref())
+            .is_some_and(|h| h.role == Role::Relay);
+        // Relays carry their clients' membership events.
+        if is_system(publish.topic()) && !relay {
+            let msg = format!(
+                "`{}`: topics starting with `$` are the broker's own",
+                publish.topic()
+            );
+            return self.close_with_error(session, ErrorCode::InvalidTopic, msg);
+        }
         let Publish {
             pub_seq, payload, ..
         } = &publish;
@@ -1020,7 +1091,7 @@ impl Node {
                 self.stats.bytes_in += payload.len() as u64;
                 self.remember_publisher(publisher, pub_seq, self.head);
                 let topic = self.intern(publish.topic());
-                self.pending.push(Ordered {
+                self.push_ordered(Ordered {
                     seq: self.head,
                     topic,
                     publisher,
@@ -1037,9 +1108,6 @@ impl Node {
         // A relay learns that its forwards are ordered from the stream.
         if !forwarded {
             self.owe_ack(session, ack);
-        }
-        if self.pending.len() >= self.config.batch_len_max {
-            self.fan_out();
         }
     }
 
@@ -1149,7 +1217,10 @@ impl Node {
                 "invariant: the group delivers contiguous seqs"
             );
             self.head = m.seq;
-            self.stats.published += 1;
+            // Membership events are the broker's bookkeeping, not publishes.
+            if &*m.topic != MEMBERS_TOPIC {
+                self.stats.published += 1;
+            }
             self.remember_publisher(m.publisher, m.pub_seq, m.seq);
             if let Some(&session) = self.publisher_sessions.get(&m.publisher) {
                 let ack = PubAck {
@@ -1160,10 +1231,7 @@ impl Node {
                 self.owe_ack(session, ack);
             }
             m.topic = self.intern(&m.topic);
-            self.pending.push(m);
-            if self.pending.len() >= self.config.batch_len_max {
-                self.fan_out();
-            }
+            self.push_ordered(m);
         }
         self.fan_out();
     }
@@ -1325,11 +1393,135 @@ impl Node {
         }
     }
 
-    fn forget_publisher_session(&mut self, s: &Session, session: SessionId) {
-        if let Some(h) = &s.hello {
-            if self.publisher_sessions.get(&h.publisher) == Some(&session) {
-                self.publisher_sessions.remove(&h.publisher);
+    /// A session ended: its client detaches (an ordered event).
+    fn session_gone(&mut self, session: SessionId, s: Session) {
+        self.reporting_full.remove(&session);
+        self.reporting_servers.remove(&session);
+        let Some(h) = &s.hello else {
+            return;
+        };
+        if self.publisher_sessions.get(&h.publisher) == Some(&session) {
+            self.publisher_sessions.remove(&h.publisher);
+        }
+        self.publish_member_event(MemberEvent::Detach {
+            client: h.publisher,
+            server: self.config.id,
+            session: session.0,
+        });
+    }
+
+    /// Publishes one of this node's membership events: ordered at once
+    /// when the node orders alone, handed to the group below otherwise
+    /// (a relay's go to the tier above).
+    fn publish_member_event(&mut self, event: MemberEvent) {
+        if self.config.members_max == 0 {
+            return;
+        }
+        let pub_seq = PubSeq(self.own_pub_seq.0 + 1);
+        let after = std::mem::replace(&mut self.own_pub_seq, pub_seq);
+        let (id, payload) = (self.config.id, event.encode());
+        let topic = self.intern(MEMBERS_TOPIC);
+        if self.grouped {
+            self.submissions.push(Submission {
+                session: SessionId::NODE,
+                after,
+                forwarded: false,
+                msg: Msg(id, pub_seq, topic, payload),
+            });
+            return;
+        }
+        self.head = self.head.next();
+        self.remember_publisher(id, pub_seq, self.head);
+        self.push_ordered(Ordered {
+            seq: self.head,
+            topic,
+            publisher: id,
+            pub_seq,
+            payload,
+        });
+    }
+
+    /// Takes one ordered message for fan-out and retention. A membership
+    /// event is applied here, at its position: what precedes it goes out
+    /// first, then the reports of its change (DESIGN.md guarantee 4 at the
+    /// clients: one change, one position, everywhere).
+    fn push_ordered(&mut self, m: Ordered) {
+        if &*m.topic != MEMBERS_TOPIC {
+            self.pending.push(m);
+            if self.pending.len() >= self.config.batch_len_max {
+                self.fan_out();
             }
+            return;
+        }
+        let (seq, event) = (m.seq, MemberEvent::decode(&m.payload));
+        self.pending.push(m);
+        self.fan_out();
+        let Some(event) = event else {
+            tracing::warn!(seq = seq.0, "an undecodable membership event skipped");
+            return;
+        };
+        let Some(change) = self.members.apply(seq, event) else {
+            return;
+        };
+        if !self.reporting_full.is_empty() {
+            // Encoded once for every session (DESIGN.md, "Hot path").
+            let frame = protocol::encode(kind::MEMBERS, &change, &[]);
+            for &session in &self.reporting_full {
+                self.outputs.push_back(Output::Transmit {
+                    session,
+                    frame: frame.clone(),
+                    kind: TransmitKind::Control,
+                    seqs: (seq, seq),
+                });
+            }
+        }
+        // Only with every address known (a server bound to port 0 has none).
+        let known = |core: &Vec<ServerEntry>| core.iter().all(|s| !s.addr.is_empty());
+        if let (Some(core), true) = (change.core.as_ref().filter(|c| known(c)), self.core_tier) {
+            let head = ServersHead {
+                seq,
+                servers: core.iter().map(|s| s.addr.clone()).collect(),
+            };
+            let frame = protocol::encode(kind::SERVERS, &head, &[]);
+            for &session in &self.reporting_servers {
+                self.outputs.push_back(Output::Transmit {
+                    session,
+                    frame: frame.clone(),
+                    kind: TransmitKind::Control,
+                    seqs: (seq, seq),
+                });
+            }
+        }
+    }
+
+    /// A core server coordinating a new view: tells the tree the view's
+    /// servers, in the stream (see [`MemberEvent::Core`]).
+    pub fn publish_core(&mut self, servers: Vec<ServerEntry>) {
+        if servers != self.members.core() {
+            self.publish_member_event(MemberEvent::Core { servers });
+        }
+    }
+
+    /// Starts `full` or `servers` reports for a session that is live now.
+    fn start_reports(&mut self, session: SessionId) {
+        let Some(reports) = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.hello.as_ref())
+            .map(|h| h.reports)
+        else {
+            return;
+        };
+        match reports {
+            Reports::Full => {
+                let report = self.members.report(self.head);
+                self.control(session, kind::MEMBERS, &report);
+                self.reporting_full.insert(session);
+            }
+            Reports::Servers => {
+                self.reporting_servers.insert(session);
+            }
+            Reports::None => {}
         }
     }
 

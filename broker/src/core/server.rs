@@ -23,11 +23,13 @@
 //! [`Server::poll_upstream`] (a relay's connection actions).
 
 use super::group::{Event, Group, NodeId, PeerMsg, Submitted};
+use super::members::core_server_id;
 use super::node::{Node, Output, TransmitKind};
 use super::upstream::{Action, UpEvent, Upstream};
 use super::SessionId;
 use bytes::Bytes;
-use canopy_client::protocol::{ClientFrame, ErrorCode, PubSeq, Seq, ServerFrame};
+use canopy_client::protocol::{ClientFrame, ErrorCode, PubSeq, Seq, ServerEntry, ServerFrame};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Retained messages a snapshot for a joining server carries at most...
@@ -50,6 +52,8 @@ enum Below {
 pub struct Server {
     node: Node,
     below: Below,
+    /// Core servers' client addresses, for the views told to the tree.
+    core_addrs: HashMap<NodeId, String>,
 }
 
 impl Server {
@@ -58,15 +62,18 @@ impl Server {
         Server {
             node,
             below: Below::Alone,
+            core_addrs: HashMap::new(),
         }
     }
 
     /// A server in a core group; `node` must be made with
     /// [`Node::new_grouped`].
-    pub fn grouped(node: Node, group: Group) -> Self {
+    pub fn grouped(mut node: Node, group: Group, core_addrs: HashMap<NodeId, String>) -> Self {
+        node.set_core_tier();
         Server {
             node,
             below: Below::Core(Box::new(group)),
+            core_addrs,
         }
     }
 
@@ -76,6 +83,7 @@ impl Server {
         Server {
             node,
             below: Below::Relay(Box::new(upstream)),
+            core_addrs: HashMap::new(),
         }
     }
 
@@ -248,7 +256,7 @@ impl Server {
     fn pump(&mut self, now: Duration) {
         match &mut self.below {
             Below::Alone => {}
-            Below::Core(group) => pump_core(&mut self.node, group, now),
+            Below::Core(group) => pump_core(&mut self.node, group, &self.core_addrs, now),
             Below::Relay(upstream) => pump_relay(&mut self.node, upstream, now),
         }
     }
@@ -264,7 +272,7 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
             // Whether a publish skips pub_seqs is the core's to judge: a
             // relay may lag what another server acknowledged. The core
             // refuses per publisher (`UpEvent::Refused`).
-            if upstream.is_full() {
+            if upstream.is_full() && sub.session != SessionId::NODE {
                 node.reject_overloaded(now, &sub);
             } else {
                 msgs.push(sub.msg);
@@ -295,7 +303,12 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
 }
 
 /// A core server's pump.
-fn pump_core(node: &mut Node, group: &mut Group, now: Duration) {
+fn pump_core(
+    node: &mut Node,
+    group: &mut Group,
+    core_addrs: &HashMap<NodeId, String>,
+    now: Duration,
+) {
     {
         loop {
             let subs = node.take_submissions();
@@ -310,7 +323,9 @@ fn pump_core(node: &mut Node, group: &mut Group, now: Duration) {
                 // a single node); after that it must not skip.
                 if known > PubSeq(0) && pub_seq.0 > known.0 + 1 {
                     node.reject_pub_seq_gap(now, &sub, known);
-                } else if group.unordered_full() {
+                } else if group.unordered_full() && sub.session != SessionId::NODE {
+                    // (The node's own membership events are few, and must
+                    // not be lost: they pass.)
                     // Push back on this publisher; it retries what was not
                     // acknowledged after reconnecting.
                     node.reject_overloaded(now, &sub);
@@ -328,6 +343,20 @@ fn pump_core(node: &mut Node, group: &mut Group, now: Duration) {
                     Event::View { view, .. } => {
                         node.set_stream(view.stream);
                         node.set_primary(now, group.is_primary());
+                        if group.is_primary() && view.id.coordinator == group.me().node {
+                            // The tree learns the core's servers in the
+                            // stream; clients of servers that left leave.
+                            let servers = view
+                                .members
+                                .iter()
+                                .map(|m| ServerEntry {
+                                    id: core_server_id(m.node.0, m.incarnation.0),
+                                    name: format!("core-{}", m.node.0),
+                                    addr: core_addrs.get(&m.node).cloned().unwrap_or_default(),
+                                })
+                                .collect();
+                            node.publish_core(servers);
+                        }
                     }
                     Event::SnapshotNeeded { to } => {
                         let state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);

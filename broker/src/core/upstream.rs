@@ -29,11 +29,12 @@
 //!   publishers when the bound is reached.
 
 use super::group::{Msg, Snapshot};
+use super::members::SYSTEM_PATTERN;
 use super::retention::Ordered;
 use bytes::Bytes;
 use canopy_client::protocol::{
-    self, ClientFrame, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq, PublisherId, Resume,
-    Role, Seq, ServerFrame,
+    self, ClientFrame, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq, PublisherId, Reports,
+    Resume, Role, Seq, ServerFrame,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -294,13 +295,16 @@ impl Upstream {
             version: protocol::PROTOCOL_VERSION,
             name: self.config.name.clone(),
             publisher: self.config.publisher,
-            subscriptions: vec![">".to_owned()],
+            // Every application topic, and the membership events.
+            subscriptions: vec![">".to_owned(), SYSTEM_PATTERN.to_owned()],
             resume: self.stream.map(|stream| Resume {
                 stream,
                 after: self.head,
             }),
             slow: protocol::SlowPolicy::Disconnect,
             role: Role::Relay,
+            // The tier above's server list is all a relay needs.
+            reports: Reports::Servers,
         };
         let frame = protocol::encode_client(&ClientFrame::Hello(hello));
         self.actions.push_back(Action::Send(frame));
@@ -389,7 +393,13 @@ impl Upstream {
             ServerFrame::Deliver(..) | ServerFrame::Gap(_) => {
                 self.drop_link(now, "delivery before the handshake");
             }
+            ServerFrame::Servers(s) => {
+                if !s.servers.is_empty() && s.servers.iter().all(|a| !a.is_empty()) {
+                    self.servers = s.servers;
+                }
+            }
             ServerFrame::Pong(_)
+            | ServerFrame::Members(_)
             | ServerFrame::Watermark(_)
             | ServerFrame::Subscribed(_)
             | ServerFrame::Unsubscribed(_) => {}

@@ -173,22 +173,26 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
     let mut links = None;
     let mut peer_task = None;
     let mut uplink = None;
+    let mut node_config = config.node.clone();
+    node_config.id = canopy_client::protocol::PublisherId(rand::random());
     let server = match &config.core {
         None if config.relay.is_some() => {
             let relay = config.relay.as_ref().map(|r| r.upstream.clone());
             tracing::info!(upstream = ?relay, "relay");
             uplink = Some(upstream::UpLink::new(inbox_tx.clone()));
+            // The relay's one id: for its connection above, and for the
+            // clients it attaches.
             let up = crate::core::upstream::UpstreamConfig::new(
                 config.node.name.clone(),
-                canopy_client::protocol::PublisherId(rand::random()),
+                node_config.id,
                 relay.unwrap_or_default(),
             );
             Server::relay(
-                Node::new_grouped(Duration::ZERO, config.node.clone()),
+                Node::new_grouped(Duration::ZERO, node_config),
                 crate::core::upstream::Upstream::new(Duration::ZERO, up),
             )
         }
-        None => Server::standalone(Node::new(Duration::ZERO, config.node.clone())),
+        None => Server::standalone(Node::new(Duration::ZERO, node_config)),
         Some(core) => {
             let listener = TcpListener::bind(&core.peer_listen)
                 .await
@@ -206,9 +210,15 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
                 Duration::ZERO,
                 core.group(Incarnation(incarnation), config.node.stream),
             );
+            node_config.id = crate::core::members::core_server_id(core.me.0, incarnation);
             Server::grouped(
-                Node::new_grouped(Duration::ZERO, config.node.clone()),
+                Node::new_grouped(Duration::ZERO, node_config),
                 group,
+                // Addresses clients can use, or none (see `advertised`).
+                match config.node.servers.is_empty() {
+                    true => HashMap::new(),
+                    false => core.clients.iter().cloned().collect(),
+                },
             )
         }
     };

@@ -65,6 +65,7 @@ impl Client {
                 .map(|(stream, after)| Resume { stream, after }),
             slow: self.slow,
             role: protocol::Role::Client,
+            reports: protocol::Reports::Servers,
         }))
     }
 
@@ -155,6 +156,8 @@ impl Client {
             ServerFrame::Subscribed(s) | ServerFrame::Unsubscribed(s) => self.advance(s.head),
             ServerFrame::Ping(p) => out.push(protocol::encode_client(&ClientFrame::Pong(p))),
             ServerFrame::Pong(PingHead { .. }) => {}
+            ServerFrame::Members(m) => self.advance(m.seq),
+            ServerFrame::Servers(m) => self.advance(m.seq),
             ServerFrame::Error(e) if e.code.is_retryable() => return Ok(After::Reconnect),
             ServerFrame::Error(e) => {
                 return Err(Violation(format!(

@@ -344,6 +344,7 @@ pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello 
         resume: None,
         slow,
         role: protocol::Role::Client,
+        reports: protocol::Reports::Servers,
     }
 }
 

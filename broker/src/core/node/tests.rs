@@ -6,8 +6,17 @@ use std::collections::VecDeque;
 
 const T0: Duration = Duration::ZERO;
 
+/// A node without ordered membership, so that seqs count only the
+/// messages these tests publish (membership has tests of its own).
 fn node() -> Node {
-    Node::new(T0, NodeConfig::default())
+    Node::new(T0, config())
+}
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        members_max: 0,
+        ..NodeConfig::default()
+    }
 }
 
 fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
@@ -19,6 +28,7 @@ fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
         resume: None,
         slow,
         role: protocol::Role::Client,
+        reports: protocol::Reports::Servers,
     })
 }
 
@@ -256,7 +266,7 @@ fn resume_replays_matching_retained_messages_after_a_gap_notice() {
         NodeConfig {
             retention_count_max: 4,
             stream: 9,
-            ..NodeConfig::default()
+            ..config()
         },
     );
     let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
@@ -336,7 +346,7 @@ fn arbitrary_input_never_panics_and_deliveries_always_ascend() {
         T0,
         NodeConfig {
             retention_count_max: 16,
-            ..NodeConfig::default()
+            ..config()
         },
     );
     let mut last_seen: HashMap<SessionId, Seq> = HashMap::new();
@@ -487,7 +497,7 @@ fn forgetting_publishers_at_the_bound_keeps_the_most_recent() {
         T0,
         NodeConfig {
             publishers_max: 16,
-            ..NodeConfig::default()
+            ..config()
         },
     );
     for id in 1..=40u64 {
@@ -512,7 +522,7 @@ fn a_catch_up_larger_than_the_queue_is_paced_not_cut_off() {
         NodeConfig {
             frame_len_max: 4096, // a few messages per frame
             stream: 5,
-            ..NodeConfig::default()
+            ..config()
         },
     );
     let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
@@ -567,7 +577,7 @@ fn a_catch_up_larger_than_the_queue_is_paced_not_cut_off() {
 /// when they come back ordered, and refuses clients while not primary.
 #[test]
 fn grouped_node_submits_and_acknowledges_on_delivery() {
-    let mut n = Node::new_grouped(T0, NodeConfig::default());
+    let mut n = Node::new_grouped(T0, config());
     let s = SessionId(1);
     n.handle_open(T0, s);
     n.handle_frame(T0, s, hello(1, &[], SlowPolicy::Disconnect));
