@@ -209,6 +209,13 @@ impl Launched {
             let r = start(exe, &launched.dir, &m).await?;
             launched.running.push(r);
         }
+        // Ready means serving: a core server once in a view, a relay once
+        // it has the stream from the tier above.
+        for r in &launched.running {
+            tokio::time::timeout(START_TIME_MAX, serving(&r.addr))
+                .await
+                .with_context(|| format!("{} did not start serving", r.name))?;
+        }
         Ok(launched)
     }
 
@@ -319,6 +326,43 @@ async fn start(exe: &Path, dir: &Path, m: &Member) -> anyhow::Result<Running> {
         addr,
         child,
     })
+}
+
+/// Returns once the server at `addr` completes a handshake (rather than
+/// refusing with `not_primary`); tries again every 20 ms.
+async fn serving(addr: &str) {
+    use canopy_client::protocol::{self, ClientFrame, Hello, PublisherId, ServerFrame};
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+    loop {
+        let welcomed = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let hello = Hello {
+                version: protocol::PROTOCOL_VERSION,
+                name: "canopy-up-probe".into(),
+                publisher: PublisherId(0),
+                subscriptions: Vec::new(),
+                resume: None,
+                slow: protocol::SlowPolicy::Disconnect,
+                role: protocol::Role::Client,
+                reports: protocol::Reports::None,
+            };
+            let frame = protocol::encode_client(&ClientFrame::Hello(hello));
+            stream.write_all(&frame).await.ok()?;
+            let mut frames = FramedRead::new(stream, LengthDelimitedCodec::new());
+            let content = frames.next().await?.ok()?;
+            matches!(
+                protocol::decode_server(content.freeze()),
+                Ok(ServerFrame::Welcome(_))
+            )
+            .then_some(())
+        };
+        if welcomed.await.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Stops every process: SIGTERM first (clients are told), then a kill.

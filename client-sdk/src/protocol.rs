@@ -244,6 +244,9 @@ pub struct MemberEntry {
     pub server: PublisherId,
     /// Whether it is a relay (and so a server of the tier below).
     pub relay: bool,
+    /// Its connection at that server (a later connection replaces it).
+    #[serde(default)]
+    pub session: u64,
 }
 
 /// One core server in a membership report.

@@ -46,14 +46,10 @@ pub const SYSTEM_PATTERN: &str = "$canopy.>";
 /// [`MEMBERS_TOPIC`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberEvent {
-    /// A client attached to `entry.server` on connection `session` there.
-    Attach {
-        /// The client.
-        entry: MemberEntry,
-        /// Its connection at the server, so that a late detach of an older
-        /// connection does not remove a newer one.
-        session: u64,
-    },
+    /// A client attached to `entry.server` on connection `entry.session`
+    /// there (so that a late detach of an older connection does not remove
+    /// a newer one).
+    Attach(MemberEntry),
     /// The client's connection `session` at `server` ended.
     Detach {
         /// The client.
@@ -86,17 +82,11 @@ impl MemberEvent {
     }
 }
 
-#[derive(Clone, Debug)]
-struct Client {
-    entry: MemberEntry,
-    session: u64,
-}
-
 /// The membership state.
 #[derive(Clone, Debug, Default)]
 pub struct Members {
     core: Vec<ServerEntry>,
-    clients: BTreeMap<PublisherId, Client>,
+    clients: BTreeMap<PublisherId, MemberEntry>,
     clients_max: usize,
 }
 
@@ -132,14 +122,14 @@ impl Members {
             ..MembersHead::default()
         };
         match event {
-            MemberEvent::Attach { entry, session } => {
+            MemberEvent::Attach(entry) => {
                 if self.clients.len() >= self.clients_max && !self.clients.contains_key(&entry.id) {
                     return None;
                 }
                 // A relay that moved takes nothing with it: its clients stay
                 // attached to it.
                 change.joined.push(entry.clone());
-                self.clients.insert(entry.id, Client { entry, session });
+                self.clients.insert(entry.id, entry);
             }
             MemberEvent::Detach {
                 client,
@@ -147,7 +137,7 @@ impl Members {
                 session,
             } => {
                 let current = self.clients.get(&client)?;
-                if current.entry.server != server || current.session != session {
+                if current.server != server || current.session != session {
                     // It attached again since: that connection counts.
                     return None;
                 }
@@ -181,7 +171,7 @@ impl Members {
         }
         let before = left.len();
         self.clients.retain(|id, c| {
-            let keep = !servers.contains(&c.entry.server);
+            let keep = !servers.contains(&c.server);
             if !keep {
                 left.push(*id);
             }
@@ -196,9 +186,21 @@ impl Members {
             seq,
             complete: true,
             core: Some(self.core.clone()),
-            joined: self.clients.values().map(|c| c.entry.clone()).collect(),
+            joined: self.clients.values().cloned().collect(),
             left: Vec::new(),
         }
+    }
+
+    /// Replaces the state with a complete report's (a relay's first one
+    /// from the tier above, or a core server's catch-up snapshot).
+    pub fn install(&mut self, report: MembersHead) {
+        self.core = report.core.unwrap_or_default();
+        self.clients = report
+            .joined
+            .into_iter()
+            .take(self.clients_max)
+            .map(|e| (e.id, e))
+            .collect();
     }
 }
 
@@ -207,15 +209,13 @@ mod tests {
     use super::*;
 
     fn attach(id: u64, server: u64, relay: bool, session: u64) -> MemberEvent {
-        MemberEvent::Attach {
-            entry: MemberEntry {
-                id: PublisherId(id),
-                name: format!("c{id}"),
-                server: PublisherId(server),
-                relay,
-            },
+        MemberEvent::Attach(MemberEntry {
+            id: PublisherId(id),
+            name: format!("c{id}"),
+            server: PublisherId(server),
+            relay,
             session,
-        }
+        })
     }
 
     fn core(ids: &[u64]) -> MemberEvent {
@@ -278,6 +278,13 @@ mod tests {
             assert_eq!(a.apply(seq, e.clone()), b.apply(seq, e.clone()));
         }
         assert_eq!(a.report(Seq(3)), b.report(Seq(3)));
+        let mut c = Members::new(10);
+        c.install(a.report(Seq(3)));
+        assert_eq!(
+            c.report(Seq(3)),
+            a.report(Seq(3)),
+            "a report carries the state"
+        );
         let decoded = MemberEvent::decode(&events[1].encode());
         assert_eq!(decoded.as_ref(), Some(&events[1]));
     }

@@ -36,9 +36,9 @@ use super::retention::{Ordered, Retention};
 use super::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
-    self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry, PingHead,
-    PubAck, PubSeq, Publish, PublisherId, Reports, Role, Seq, ServerEntry, ServersHead, SlowPolicy,
-    SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
+    self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry, MembersHead,
+    PingHead, PubAck, PubSeq, Publish, PublisherId, Reports, Role, Seq, ServerEntry, ServersHead,
+    SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
 };
 use canopy_client::topic::{is_system, Pattern, Topic};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -872,11 +872,9 @@ impl Node {
                 .unwrap_or_default(),
             server: self.config.id,
             relay: hello.role == Role::Relay,
-        };
-        self.publish_member_event(MemberEvent::Attach {
-            entry,
             session: session.0,
-        });
+        };
+        self.publish_member_event(MemberEvent::Attach(entry));
     }
 
     /// The next catch-up frame for a resuming session, if any is due.
@@ -1284,6 +1282,9 @@ impl Node {
             self.config.retention_count_max,
             self.config.retention_bytes_max,
         );
+        if let Some(report) = state.members {
+            self.members.install(report);
+        }
         for (i, m) in state.msgs.into_iter().enumerate() {
             let mut m = m.ordered(Seq(state.first.0 + i as u64));
             m.topic = self.intern(&m.topic);
@@ -1326,7 +1327,14 @@ impl Node {
             evicted: self.publishers_evicted,
             first,
             msgs,
+            members: Some(self.members.report(self.head)),
         }
+    }
+
+    /// In a relay: the tier above's complete membership report, at this
+    /// node's head (its stream reached the report's position).
+    pub fn install_members(&mut self, report: MembersHead) {
+        self.members.install(report);
     }
 
     /// Refuses `sub`: its publisher skipped pub_seq numbers after `after`.
@@ -1512,15 +1520,17 @@ impl Node {
         else {
             return;
         };
+        if reports != Reports::None {
+            // `full` includes the server list.
+            self.reporting_servers.insert(session);
+        }
         match reports {
             Reports::Full => {
                 let report = self.members.report(self.head);
                 self.control(session, kind::MEMBERS, &report);
                 self.reporting_full.insert(session);
             }
-            Reports::Servers => {
-                self.reporting_servers.insert(session);
-            }
+            Reports::Servers => {}
             Reports::None => {}
         }
     }

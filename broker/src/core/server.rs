@@ -294,6 +294,7 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
                 UpEvent::Refused(publisher, code, message) => {
                     node.reject_publisher(now, publisher, code, message)
                 }
+                UpEvent::Members(report) => node.install_members(report),
             }
         }
         if !moved {

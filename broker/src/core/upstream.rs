@@ -33,8 +33,8 @@ use super::members::SYSTEM_PATTERN;
 use super::retention::Ordered;
 use bytes::Bytes;
 use canopy_client::protocol::{
-    self, ClientFrame, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq, PublisherId, Reports,
-    Resume, Role, Seq, ServerFrame,
+    self, ClientFrame, ErrorCode, Hello, MembersHead, Message, PingHead, PubAck, PubSeq,
+    PublisherId, Reports, Resume, Role, Seq, ServerFrame,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -96,6 +96,8 @@ pub enum UpEvent {
     Acked(PublisherId, PubAck),
     /// The tier above refused a publisher's forwarded publishes.
     Refused(PublisherId, ErrorCode, String),
+    /// The tree's membership at the head (a complete report).
+    Members(MembersHead),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -303,8 +305,9 @@ impl Upstream {
             }),
             slow: protocol::SlowPolicy::Disconnect,
             role: Role::Relay,
-            // The tier above's server list is all a relay needs.
-            reports: Reports::Servers,
+            // A complete membership report to start from (the stream's
+            // events keep it current), and the server list.
+            reports: Reports::Full,
         };
         let frame = protocol::encode_client(&ClientFrame::Hello(hello));
         self.actions.push_back(Action::Send(frame));
@@ -397,6 +400,9 @@ impl Upstream {
                 if !s.servers.is_empty() && s.servers.iter().all(|a| !a.is_empty()) {
                     self.servers = s.servers;
                 }
+            }
+            ServerFrame::Members(m) if m.complete => {
+                self.events.push_back(UpEvent::Members(m));
             }
             ServerFrame::Pong(_)
             | ServerFrame::Members(_)
@@ -496,6 +502,8 @@ impl Upstream {
             evicted: true,
             first: head.next(),
             msgs: Vec::new(),
+            // The membership comes with the next complete report.
+            members: None,
         }));
     }
 

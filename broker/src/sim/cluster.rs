@@ -735,6 +735,7 @@ impl World {
                     evicted: false,
                     first: head.next(),
                     msgs: Vec::new(),
+                    members: None,
                 };
                 s.group.send_snapshot(to, state);
             }

@@ -235,6 +235,8 @@ pub struct Raw {
     pub ended: Option<String>,
     write: tokio::net::tcp::OwnedWriteHalf,
     frames: FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
+    /// Bytes of the frames read so far, length prefixes included.
+    pub bytes_read: u64,
 }
 
 impl Raw {
@@ -269,6 +271,7 @@ impl Raw {
             ended: None,
             write,
             frames: FramedRead::new(read, codec),
+            bytes_read: 0,
         }
     }
 
@@ -302,6 +305,7 @@ impl Raw {
     pub async fn next(&mut self) -> Option<ServerFrame> {
         match within("a frame from the server", self.frames.next()).await {
             Some(Ok(content)) => {
+                self.bytes_read += 4 + content.len() as u64;
                 Some(protocol::decode_server(content.freeze()).expect("server frames decode"))
             }
             Some(Err(e)) => {

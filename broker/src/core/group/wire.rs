@@ -66,6 +66,10 @@ pub struct Snapshot {
     pub first: Seq,
     /// Recent messages, oldest first.
     pub msgs: Vec<Msg>,
+    /// The tree's membership at `head` (a complete report); `None` keeps
+    /// what the receiver has.
+    #[serde(default)]
+    pub members: Option<canopy_client::protocol::MembersHead>,
 }
 
 /// What a server tells every other configured server each heartbeat.

@@ -635,3 +635,86 @@ fn grouped_node_submits_and_acknowledges_on_delivery() {
         .collect();
     assert_eq!(closed.len(), 2, "{out:?}");
 }
+
+/// Opens a session with `reports` on a node with ordered membership.
+fn join_reporting(n: &mut Node, id: u64, reports: protocol::Reports) -> SessionId {
+    let s = SessionId(id);
+    n.handle_open(T0, s);
+    let mut h = hello(id, &["a.>"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.reports = reports;
+    }
+    n.handle_frame(T0, s, h);
+    s
+}
+
+#[test]
+fn a_join_is_reported_at_one_position_to_full_clients_and_to_nobody_else() {
+    use protocol::Reports;
+    let mut n = Node::new(T0, NodeConfig::default());
+    let full_a = join_reporting(&mut n, 1, Reports::Full);
+    let full_b = join_reporting(&mut n, 2, Reports::Full);
+    let none = join_reporting(&mut n, 3, Reports::None);
+    drain(&mut n);
+    let p = join_reporting(&mut n, 9, Reports::None);
+    drain(&mut n);
+    n.handle_frame(T0, p, publish("a.x", 1));
+    let newcomer = join_reporting(&mut n, 4, Reports::None);
+    n.handle_frame(T0, p, publish("a.x", 2));
+    let out = drain(&mut n);
+    // What each session got, in order: deliveries by seq, reports by position.
+    let story = |who: SessionId| -> Vec<String> {
+        out.iter()
+            .filter(|(s, _)| *s == who)
+            .filter_map(|(_, f)| match f {
+                ServerFrame::Deliver(h, _) => Some(format!("msg {}", h.msgs[0].0)),
+                ServerFrame::Members(m) => Some(format!(
+                    "view {} +{:?} -{:?}",
+                    m.seq,
+                    m.joined.iter().map(|e| e.id.0).collect::<Vec<_>>(),
+                    m.left
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    let a = story(full_a);
+    assert_eq!(a, story(full_b), "the same change at the same position");
+    // Four attaches took seqs 1-4, the first publish 5, the join 6.
+    assert_eq!(a, ["msg 5", "view 6 +[4] -[]", "msg 7"]);
+    assert_eq!(
+        story(none),
+        ["msg 5", "msg 7"],
+        "none mode: no frame for a join"
+    );
+    assert!(story(newcomer).iter().all(|l| l.starts_with("msg")));
+    // The newcomer leaves: again one report per full client.
+    n.handle_closed(T0, newcomer);
+    let out = drain(&mut n);
+    let reports = |who| {
+        out.iter()
+            .filter(|(s, f)| *s == who && matches!(f, ServerFrame::Members(_)))
+            .count()
+    };
+    assert_eq!((reports(full_a), reports(full_b), reports(none)), (1, 1, 0));
+    assert_eq!(n.members().len(), 4);
+}
+
+#[test]
+fn only_a_relay_may_publish_for_others_or_on_system_topics() {
+    let mut n = node();
+    let c = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    let mut forged = Publish::new("a.x", PubSeq(1), Bytes::new());
+    forged.publisher = Some(PublisherId(77));
+    n.handle_frame(T0, c, ClientFrame::Publish(forged));
+    assert!(matches!(
+        &drain(&mut n)[..],
+        [(_, ServerFrame::Error(e))] if e.code == ErrorCode::ForwardNotAllowed
+    ));
+    let c = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, c, publish("$canopy.members", 1));
+    assert!(matches!(
+        &drain(&mut n)[..],
+        [(_, ServerFrame::Error(e))] if e.code == ErrorCode::InvalidTopic
+    ));
+}
