@@ -1463,7 +1463,6 @@ impl Node {
         }
         let (seq, event) = (m.seq, MemberEvent::decode(&m.payload));
         self.pending.push(m);
-        self.fan_out();
         let Some(event) = event else {
             tracing::warn!(seq = seq.0, "an undecodable membership event skipped");
             return;
@@ -1471,6 +1470,13 @@ impl Node {
         let Some(change) = self.members.apply(seq, event) else {
             return;
         };
+        let servers_told = change.core.is_some() && !self.reporting_servers.is_empty();
+        if self.reporting_full.is_empty() && !servers_told {
+            // Nobody is told: the batch goes on (a flush here would split
+            // every subscriber's frames at every attach).
+            return;
+        }
+        self.fan_out();
         if !self.reporting_full.is_empty() {
             // Encoded once for every session (DESIGN.md, "Hot path").
             let frame = protocol::encode(kind::MEMBERS, &change, &[]);
