@@ -1147,16 +1147,23 @@ impl Node {
             false => &mut s.submitted,
         };
         let known = ordered.max(*submitted);
-        if pub_seq <= known {
-            // In flight in the group: acknowledged when it comes back.
-            self.stats.duplicates += 1;
-            return;
-        }
-        // Whether `pub_seq` skips is judged by the caller against what the
-        // group holds: this node may not have delivered yet what another
-        // server acknowledged (see `Submission::after`).
-        let after = known;
-        *submitted = pub_seq;
+        let after = match pub_seq <= known {
+            // A relay's retry goes up again: this node may never see the
+            // first one come back (it was ordered before this node's
+            // stream began, say), and the tier above answers a duplicate
+            // with an acknowledgement for the relay.
+            true if forwarded => PubSeq(pub_seq.0 - 1),
+            true => {
+                // In flight in the group: acknowledged when it comes back.
+                self.stats.duplicates += 1;
+                return;
+            }
+            // Whether `pub_seq` skips is judged by the caller against what
+            // the group holds: this node may not have delivered yet what
+            // another server acknowledged (see `Submission::after`).
+            false => known,
+        };
+        *submitted = pub_seq.max(*submitted);
         let topic = self.intern(publish.topic());
         self.stats.bytes_in += publish.payload.len() as u64;
         self.submissions.push(Submission {
@@ -1178,8 +1185,9 @@ impl Node {
     }
 
     /// In a relay: the tier above acknowledged `publisher`'s publishes up
-    /// to `ack.pub_seq` (retries it had ordered before); the publisher's
-    /// session here is told.
+    /// to `ack.pub_seq` (retries it had ordered before). The publisher's
+    /// session here is told; if the publisher is further down, the relays
+    /// that forwarded for it are told in turn.
     pub fn ack_publisher(&mut self, now: Duration, publisher: PublisherId, ack: PubAck) {
         self.now = now;
         if let Some(&session) = self.publisher_sessions.get(&publisher) {
@@ -1191,7 +1199,24 @@ impl Node {
                 },
             );
             self.fan_out();
+            return;
         }
+        for session in self.forwarders_of(publisher) {
+            self.ack_forwarded(session, publisher, ack);
+        }
+    }
+
+    /// The relay sessions that forwarded publishes of `publisher`, in
+    /// session order.
+    fn forwarders_of(&self, publisher: PublisherId) -> Vec<SessionId> {
+        let mut v: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.forwarded.contains_key(&publisher))
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// In a group: the publishes accepted since the last call, in order,
@@ -1253,7 +1278,9 @@ impl Node {
             EventKind::View,
             "not in the primary view: clients told to move".into(),
         );
-        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        // In session order, so that one input always gives the same outputs.
+        ids.sort_unstable();
         for session in ids {
             let msg = "this server lost the primary component of the core; reconnect elsewhere";
             self.close_with_error(session, ErrorCode::NotPrimary, msg.to_owned());
@@ -1376,8 +1403,9 @@ impl Node {
     }
 
     /// In a relay: the tier above refused `publisher`'s forwarded publishes
-    /// with `code`; the publisher's session here is closed with it, and
-    /// its client retries what was not acknowledged.
+    /// with `code`; the publisher's session here is closed with it (its
+    /// client retries what was not acknowledged), or the relays below that
+    /// forwarded for it are told.
     pub fn reject_publisher(
         &mut self,
         now: Duration,
@@ -1387,7 +1415,20 @@ impl Node {
     ) {
         self.now = now;
         if let Some(&session) = self.publisher_sessions.get(&publisher) {
-            self.close_with_error(session, code, message);
+            return self.close_with_error(session, code, message);
+        }
+        // Further down: each relay that forwarded for it is told, and
+        // forgets what it had in flight for it, so that retries pass.
+        for session in self.forwarders_of(publisher) {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.forwarded.remove(&publisher);
+            }
+            let frame = ErrorFrame {
+                code,
+                message: message.clone(),
+                publisher: Some(publisher),
+            };
+            self.control(session, kind::ERROR, &frame);
         }
     }
 

@@ -36,7 +36,7 @@ use canopy_client::protocol::{
     self, ClientFrame, ErrorCode, Hello, MembersHead, Message, PingHead, PubAck, PubSeq,
     PublisherId, Reports, Resume, Role, Seq, ServerFrame,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,14 +128,18 @@ pub struct Upstream {
     /// The stream the head belongs to; none before the first Welcome.
     stream: Option<u64>,
     head: Seq,
-    /// Forwarded publishes not yet seen ordered, per publisher in order.
-    forwards: HashMap<PublisherId, VecDeque<Msg>>,
+    /// Forwarded publishes not yet seen ordered, per publisher in order
+    /// (a B-tree, so that they are resent in one order every time).
+    forwards: BTreeMap<PublisherId, VecDeque<Msg>>,
     forwards_len: usize,
     events: VecDeque<UpEvent>,
     actions: VecDeque<Action>,
     nonce: u64,
     /// Scratch space for decoding deliveries.
     batch: Vec<Message>,
+    /// A deliberate bug for the test that proves the tree simulator
+    /// catches it: forwards are not sent again on a new connection.
+    pub(crate) bug_no_resend: bool,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
@@ -153,12 +157,13 @@ impl Upstream {
             backoff: BACKOFF_MIN,
             stream: None,
             head: Seq(0),
-            forwards: HashMap::new(),
+            forwards: BTreeMap::new(),
             forwards_len: 0,
             events: VecDeque::new(),
             actions: VecDeque::new(),
             nonce: 0,
             batch: Vec::new(),
+            bug_no_resend: false,
         }
     }
 
@@ -179,6 +184,11 @@ impl Upstream {
             Link::Up { addr, .. } => Some(addr),
             _ => None,
         }
+    }
+
+    /// Forwarded publishes held until ordered.
+    pub fn forwards_held(&self) -> usize {
+        self.forwards_len
     }
 
     /// Whether the forward bound is reached: the node must push back.
@@ -433,6 +443,9 @@ impl Upstream {
             // The first stream, or a new one: start at its head.
             self.stream = Some(w.stream);
             self.reset(w.head);
+        }
+        if self.bug_no_resend {
+            return;
         }
         for m in self.forwards.values().flatten() {
             self.actions.push_back(Action::Send(encode(m)));

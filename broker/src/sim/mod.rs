@@ -5,9 +5,11 @@
 //! - [`cluster`]: a core of 3 or 5 [`Group`](crate::core::group::Group)s
 //!   with crashes, restarts, partitions and broken links, and publishers
 //!   that fail over as the SDK does.
+//! - [`tree`]: a root server, one or two tiers of relays and model clients
+//!   at the leaves, with broken connections and relay crashes (adoption).
 //!
-//! The rest of this text describes the first; the second's module says
-//! what it checks.
+//! The rest of this text describes the first; the others' modules say
+//! what they check.
 //!
 //! One `u64` seed fixes everything: the node's limits (small retention and
 //! queues, to reach gaps, catch-up stalls and slow-consumer cuts), the
@@ -24,6 +26,9 @@ pub mod checker;
 mod client;
 pub mod cluster;
 pub mod cluster_checker;
+pub mod tree;
+#[cfg(test)]
+mod tree_tests;
 mod world;
 
 pub(crate) use world::run_with;

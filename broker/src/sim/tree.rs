@@ -1,0 +1,731 @@
+//! The tree simulator: a root server, one or two tiers of relays, and model
+//! clients at the leaves, joined by simulated connections.
+//!
+//! It drives the CLTSVR layer above "the group below": relays are
+//! [`Server::relay`]s whose [`Upstream`] connects, as a client, to the tier
+//! above. The root is a single ordering server (the core group has a
+//! simulator of its own, [`super::cluster`]), so the runs here are about
+//! relays: forwarding publishes under their clients' ids, resuming the
+//! stream after a broken upstream connection, adoption of orphans when a
+//! relay crashes, and relays adopting each other's tier above.
+//!
+//! One `u64` seed fixes the tree's shape (a tier of 2 or 3 relays, and
+//! maybe a second tier of 2), the limits (small retention, to reach gap
+//! notices), the clients, the workload and the faults: broken client
+//! connections, broken relay upstream connections, relay crashes and
+//! restarts (one relay of a tier down at a time, so orphans have an
+//! adopter), and delays. Frames travel encoded, FIFO per connection.
+//!
+//! The [`Checker`] checks guarantees 1–3 at every model client after every
+//! step; once faults stop, every relay is restarted, and every
+//! acknowledged publish must reach every client that matches it or be
+//! covered by a gap notice (guarantees 5 and 8 at the clients).
+
+use super::checker::{Checker, Violation};
+use super::client::{After, Client};
+use super::Rng;
+use crate::core::upstream::{Action, Upstream, UpstreamConfig};
+use crate::core::{Node, NodeConfig, Output, Server, SessionId};
+use bytes::Bytes;
+use canopy_client::protocol::{self, PublisherId, SlowPolicy};
+use canopy_client::topic::Pattern;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+const TOPICS: [&str; 4] = ["a.x", "a.y", "b.x", "c"];
+const PATTERNS: [&str; 5] = [">", "a.>", "*.x", "c", "a.x"];
+/// Publishes a client keeps in flight at most.
+const WINDOW: usize = 16;
+/// Steps in the faulty phase.
+const FAULT_STEPS: u64 = 3000;
+/// Steps allowed for convergence after faults stop.
+const SETTLE_STEPS: u64 = 20_000;
+/// Frames queued towards a relay before it counts as slow.
+const RELAY_QUEUE_MAX: usize = 256;
+
+/// What a run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TreeOutcome {
+    /// Publishes created.
+    pub published: u64,
+    /// Client connections broken by the simulator.
+    pub client_breaks: u64,
+    /// Relay upstream connections broken by the simulator.
+    pub upstream_breaks: u64,
+    /// Relays crashed.
+    pub crashes: u64,
+    /// Gap notices clients received.
+    pub gaps: u64,
+    /// Deliveries clients made.
+    pub delivered: u64,
+    /// A hash of every client's deliveries and gaps, for determinism.
+    pub fingerprint: u64,
+}
+
+/// Who is at the client end of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Client(usize),
+    /// A relay's connection to the tier above.
+    Relay(usize),
+}
+
+struct Conn {
+    peer: Peer,
+    server: usize,
+    session: SessionId,
+    to_server: VecDeque<(Duration, Bytes)>,
+    to_peer: VecDeque<(Duration, Bytes)>,
+    closed_by_server: bool,
+    dead: bool,
+    sent: u64,
+}
+
+struct Srv {
+    /// `None` while crashed.
+    server: Option<Server>,
+    /// For a relay: its open connection to the tier above.
+    up_conn: Option<usize>,
+    /// For a relay: the addresses of the tier above.
+    upstream: Vec<String>,
+    restarts: u64,
+    restart_at: Option<Duration>,
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    now: Duration,
+    srvs: Vec<Srv>,
+    /// Relay indices per tier, top down.
+    tiers: Vec<Vec<usize>>,
+    clients: Vec<Client>,
+    /// Per client: the servers it may use (the leaf tier, or the root for
+    /// the observer), and the one it lost last.
+    homes: Vec<Vec<String>>,
+    lost: Vec<Option<String>>,
+    conns: Vec<Conn>,
+    by_session: HashMap<(usize, SessionId), usize>,
+    checker: Checker,
+    next_session: u64,
+    reconnect_at: Vec<Option<Duration>>,
+    queue_max: usize,
+    delay_max_ms: u64,
+    retention: usize,
+    no_resend: bool,
+    out: TreeOutcome,
+}
+
+fn addr(server: usize) -> String {
+    format!("s{server}")
+}
+
+fn index(addr: &str) -> Option<usize> {
+    addr.strip_prefix('s')?.parse().ok()
+}
+
+/// Runs seed `seed` to the end.
+///
+/// # Errors
+/// The first broken guarantee, naming the seed and how to replay it.
+pub fn run(seed: u64) -> Result<TreeOutcome, Violation> {
+    run_with(seed, false)
+}
+
+/// Runs seed `seed`; with `no_resend`, relays keep the deliberate bug of
+/// not sending their held forwards again after reconnecting.
+///
+/// # Errors
+/// As [`run`].
+pub(crate) fn run_with(seed: u64, no_resend: bool) -> Result<TreeOutcome, Violation> {
+    let mut rng = Rng::new(seed);
+    let first = 2 + rng.below(2) as usize;
+    let second = if rng.percent(50) { 2 } else { 0 };
+    let mut tiers = vec![(1..=first).collect::<Vec<usize>>()];
+    if second > 0 {
+        tiers.push((first + 1..=first + second).collect());
+    }
+    let leaves: Vec<String> = tiers[tiers.len() - 1].iter().map(|&i| addr(i)).collect();
+    let n = 3 + rng.below(5) as usize;
+    let observer = n;
+    let mut clients: Vec<Client> = (0..n)
+        .map(|id| {
+            let patterns = vec![PATTERNS[rng.below(PATTERNS.len() as u64) as usize].to_owned()];
+            Client::new(id, patterns, SlowPolicy::Disconnect)
+        })
+        .collect();
+    // The observer, at the root, subscribed to everything and never broken,
+    // learns every seq, so the checker can tell what a gap covers.
+    clients.push(Client::new(
+        observer,
+        vec![">".into()],
+        SlowPolicy::Disconnect,
+    ));
+    let mut homes: Vec<Vec<String>> = (0..n)
+        .map(|c| {
+            let mut l = leaves.clone();
+            l.rotate_left(c % leaves.len());
+            l
+        })
+        .collect();
+    homes.push(vec![addr(0)]);
+    let mut w = World {
+        seed,
+        now: Duration::ZERO,
+        srvs: Vec::new(),
+        tiers,
+        checker: Checker::new(n + 1),
+        lost: vec![None; n + 1],
+        reconnect_at: vec![None; n + 1],
+        clients,
+        homes,
+        conns: Vec::new(),
+        by_session: HashMap::new(),
+        next_session: 1,
+        queue_max: 4 + rng.below(30) as usize,
+        delay_max_ms: 1 + rng.below(10),
+        retention: 50 + rng.below(500) as usize,
+        no_resend,
+        rng,
+        out: TreeOutcome::default(),
+    };
+    w.build();
+    w.play().map_err(|Violation(v)| {
+        Violation(format!(
+            "seed {seed}: {v}\n  replay: CANOPY_SIM_SEED={seed} cargo test -p canopy-broker --lib sim::tree_tests::replay -- --ignored --nocapture"
+        ))
+    })?;
+    w.out.fingerprint = w.fingerprint();
+    Ok(w.out)
+}
+
+impl World {
+    fn node_config(&self, i: usize) -> NodeConfig {
+        NodeConfig {
+            name: addr(i),
+            stream: 7,
+            retention_count_max: self.retention,
+            watermark_interval: Duration::from_millis(50),
+            idle_timeout: Duration::from_secs(3600),
+            // Servers publish their membership events under their ids: keep
+            // them apart from the model clients' (1000 + client).
+            id: PublisherId(
+                1 << 32 | (i as u64) << 16 | self.srvs.get(i).map_or(0, |s| s.restarts),
+            ),
+            ..NodeConfig::default()
+        }
+    }
+
+    fn build(&mut self) {
+        let root = Server::standalone(Node::new(self.now, self.node_config(0)));
+        self.srvs.push(Srv {
+            server: Some(root),
+            up_conn: None,
+            upstream: Vec::new(),
+            restarts: 0,
+            restart_at: None,
+        });
+        for t in 0..self.tiers.len() {
+            let upstream: Vec<String> = match t {
+                0 => vec![addr(0)],
+                _ => self.tiers[t - 1].iter().map(|&i| addr(i)).collect(),
+            };
+            for _ in 0..self.tiers[t].len() {
+                self.srvs.push(Srv {
+                    server: None,
+                    up_conn: None,
+                    upstream: upstream.clone(),
+                    restarts: 0,
+                    restart_at: None,
+                });
+                let i = self.srvs.len() - 1;
+                self.boot(i);
+            }
+        }
+    }
+
+    /// Starts relay `i` afresh (a new incarnation: a new id, empty state).
+    fn boot(&mut self, i: usize) {
+        let config = self.node_config(i);
+        let mut up = UpstreamConfig::new(addr(i), config.id, self.srvs[i].upstream.clone());
+        up.forwards_max = 64;
+        let mut upstream = Upstream::new(self.now, up);
+        upstream.bug_no_resend = self.no_resend;
+        let relay = Server::relay(Node::new_grouped(self.now, config), upstream);
+        self.srvs[i].server = Some(relay);
+        self.srvs[i].up_conn = None;
+        self.srvs[i].restart_at = None;
+    }
+
+    fn play(&mut self) -> Result<(), Violation> {
+        // Relays first get their stream, then every client joins, before
+        // anything is published.
+        self.settle(|w| w.all_synced(), "relays syncing")?;
+        for c in 0..self.clients.len() {
+            self.connect(c);
+        }
+        self.settle(|w| w.clients.iter().all(|c| c.welcomed), "initial joins")?;
+        for _ in 0..FAULT_STEPS {
+            self.fault_step()?;
+        }
+        for i in 1..self.srvs.len() {
+            if self.srvs[i].server.is_none() {
+                self.srvs[i].restarts += 1;
+                self.boot(i);
+            }
+        }
+        self.settle(
+            |w| {
+                w.all_synced()
+                    && w.clients
+                        .iter()
+                        .all(|c| c.conn.is_some() && c.welcomed && c.unacked.is_empty())
+                    && w.conns
+                        .iter()
+                        .all(|c| c.dead || (c.to_server.is_empty() && c.to_peer.is_empty()))
+            },
+            "convergence after faults",
+        )?;
+        let until = self.now + Duration::from_secs(1);
+        while self.now < until {
+            self.tick(Duration::from_millis(10))?;
+            self.deliver_due()?;
+        }
+        let patterns: Vec<Vec<Pattern>> = self
+            .clients
+            .iter()
+            .map(|c| {
+                c.patterns
+                    .iter()
+                    .filter_map(|p| Pattern::new(p).ok())
+                    .collect()
+            })
+            .collect();
+        self.checker.check_complete(&patterns)
+    }
+
+    fn all_synced(&self) -> bool {
+        self.srvs[1..].iter().all(|s| {
+            s.server
+                .as_ref()
+                .and_then(Server::upstream)
+                .is_some_and(|u| u.is_synced() && u.is_up())
+        })
+    }
+
+    fn fault_step(&mut self) -> Result<(), Violation> {
+        let r = self.rng.below(100);
+        let c = self.rng.below(self.clients.len() as u64 - 1) as usize;
+        match r {
+            0..=29 => {
+                if self.clients[c].unacked.len() < WINDOW {
+                    let topic = TOPICS[self.rng.below(TOPICS.len() as u64) as usize];
+                    let frame = self.clients[c].publish(topic, &mut self.checker);
+                    self.out.published += 1;
+                    if let Some(conn) = self.clients[c].conn.filter(|_| self.clients[c].welcomed) {
+                        self.send_to_server(conn, frame);
+                    }
+                }
+            }
+            30..=31 => {
+                if let Some(conn) = self.clients[c].conn {
+                    self.out.client_breaks += 1;
+                    self.break_conn(conn);
+                }
+            }
+            32..=33 => {
+                let i = 1 + self.rng.below(self.srvs.len() as u64 - 1) as usize;
+                if let Some(conn) = self.srvs[i].up_conn {
+                    self.out.upstream_breaks += 1;
+                    self.break_conn(conn);
+                }
+            }
+            34 => self.crash_one(),
+            35..=69 => self.deliver_due()?,
+            _ => {
+                let ms = 1 + self.rng.below(15);
+                self.tick(Duration::from_millis(ms))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Crashes a relay, if every tier keeps one running.
+    fn crash_one(&mut self) {
+        let t = self.rng.below(self.tiers.len() as u64) as usize;
+        let tier = self.tiers[t].clone();
+        if tier.iter().any(|&i| self.srvs[i].server.is_none()) {
+            return;
+        }
+        let i = tier[self.rng.below(tier.len() as u64) as usize];
+        self.out.crashes += 1;
+        self.srvs[i].server = None;
+        let ms = 50 + self.rng.below(500);
+        self.srvs[i].restart_at = Some(self.now + Duration::from_millis(ms));
+        for conn in 0..self.conns.len() {
+            let c = &self.conns[conn];
+            if !c.dead && (c.server == i || c.peer == Peer::Relay(i)) {
+                self.break_conn(conn);
+            }
+        }
+    }
+
+    /// Runs without faults or new publishes until `done` holds.
+    fn settle(&mut self, done: impl Fn(&World) -> bool, what: &str) -> Result<(), Violation> {
+        for _ in 0..SETTLE_STEPS {
+            if done(self) {
+                return Ok(());
+            }
+            self.deliver_due()?;
+            self.tick(Duration::from_millis(5))?;
+        }
+        Err(Violation(format!(
+            "no {what} within {SETTLE_STEPS} steps (liveness); {}",
+            self.state()
+        )))
+    }
+
+    /// Where every relay and client stands, for a liveness failure.
+    fn state(&self) -> String {
+        let relays: Vec<String> = (1..self.srvs.len())
+            .map(|i| {
+                let u = self.srvs[i].server.as_ref().and_then(Server::upstream);
+                format!(
+                    "s{i}: synced {:?} up {:?} holding {:?} via {:?}",
+                    u.map(|u| u.is_synced()),
+                    u.map(|u| u.is_up()),
+                    u.map(|u| u.forwards_held()),
+                    self.srvs[i].up_conn.map(|c| self.conns[c].server)
+                )
+            })
+            .collect();
+        let clients: Vec<String> = self
+            .clients
+            .iter()
+            .map(|c| {
+                format!(
+                    "c{}: at {:?} welcomed {} unacked {}",
+                    c.id,
+                    c.conn.map(|k| self.conns[k].server),
+                    c.welcomed,
+                    c.unacked.len()
+                )
+            })
+            .collect();
+        format!(
+            "relays [{}]; clients [{}]",
+            relays.join(", "),
+            clients.join(", ")
+        )
+    }
+
+    /// Connects client `c` to the first running server in its order: its
+    /// home list at first, then the adoption order with the lost server last.
+    fn connect(&mut self, c: usize) {
+        let order: Vec<String> = match &self.lost[c] {
+            None => self.homes[c].clone(),
+            Some(lost) => {
+                let mut o: Vec<String> =
+                    protocol::adopter_order(self.clients[c].publisher.0, &self.homes[c])
+                        .into_iter()
+                        .map(str::to_owned)
+                        .collect();
+                if let Some(at) = o.iter().position(|s| s == lost) {
+                    let l = o.remove(at);
+                    o.push(l);
+                }
+                o
+            }
+        };
+        let Some(server) = order
+            .iter()
+            .filter_map(|a| index(a))
+            .find(|&i| self.srvs[i].server.is_some())
+        else {
+            self.reconnect_at[c] = Some(self.now + Duration::from_millis(20));
+            return;
+        };
+        let conn = self.open(Peer::Client(c), server);
+        self.clients[c].conn = Some(conn);
+        self.clients[c].welcomed = false;
+        self.clients[c].resend_acked = self.rng.percent(50);
+        let hello = self.clients[c].hello();
+        self.send_to_server(conn, hello);
+    }
+
+    fn open(&mut self, peer: Peer, server: usize) -> usize {
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        self.conns.push(Conn {
+            peer,
+            server,
+            session,
+            to_server: VecDeque::new(),
+            to_peer: VecDeque::new(),
+            closed_by_server: false,
+            dead: false,
+            sent: 0,
+        });
+        let conn = self.conns.len() - 1;
+        self.by_session.insert((server, session), conn);
+        if let Some(s) = self.srvs[server].server.as_mut() {
+            s.handle_open(self.now, session);
+        }
+        self.drain(server);
+        conn
+    }
+
+    /// A deterministic delay for the next frame on `conn`.
+    fn due(&mut self, conn: usize, to_peer: bool) -> Duration {
+        let c = &mut self.conns[conn];
+        c.sent += 1;
+        let mut h = DefaultHasher::new();
+        (self.seed, conn, c.sent, to_peer).hash(&mut h);
+        let at = self.now + Duration::from_millis(h.finish() % (self.delay_max_ms + 1));
+        let queue = if to_peer { &c.to_peer } else { &c.to_server };
+        queue.back().map_or(at, |(last, _)| at.max(*last))
+    }
+
+    fn send_to_server(&mut self, conn: usize, frame: Bytes) {
+        if self.conns[conn].dead || self.conns[conn].closed_by_server {
+            return;
+        }
+        let at = self.due(conn, false);
+        self.conns[conn].to_server.push_back((at, frame.slice(4..)));
+    }
+
+    /// Ends `conn`: both ends are told.
+    fn break_conn(&mut self, conn: usize) {
+        let c = &mut self.conns[conn];
+        if c.dead {
+            return;
+        }
+        c.dead = true;
+        c.to_server.clear();
+        c.to_peer.clear();
+        let (peer, server, session) = (c.peer, c.server, c.session);
+        if let Some(s) = self.srvs[server].server.as_mut() {
+            s.handle_closed(self.now, session);
+            s.end_batch(self.now);
+        }
+        self.drain(server);
+        match peer {
+            Peer::Client(c) => {
+                self.clients[c].conn = None;
+                self.lost[c] = Some(addr(server));
+                let ms = 1 + self.rng.below(100);
+                self.reconnect_at[c] = Some(self.now + Duration::from_millis(ms));
+            }
+            Peer::Relay(r) => {
+                if self.srvs[r].up_conn == Some(conn) {
+                    self.srvs[r].up_conn = None;
+                    if let Some(s) = self.srvs[r].server.as_mut() {
+                        s.handle_upstream_closed(self.now);
+                    }
+                    self.drain(r);
+                }
+            }
+        }
+    }
+
+    /// Executes server `i`'s outputs and, for a relay, its upstream actions.
+    fn drain(&mut self, i: usize) {
+        loop {
+            let Some(s) = self.srvs[i].server.as_mut() else {
+                return;
+            };
+            if let Some(out) = s.poll_output() {
+                self.output(i, out);
+                continue;
+            }
+            let Some(action) = s.poll_upstream() else {
+                return;
+            };
+            match action {
+                Action::Connect(a) => {
+                    if let Some(old) = self.srvs[i].up_conn.take() {
+                        self.conns[old].dead = true;
+                    }
+                    match index(&a).filter(|&t| self.srvs[t].server.is_some()) {
+                        Some(t) => {
+                            let conn = self.open(Peer::Relay(i), t);
+                            self.srvs[i].up_conn = Some(conn);
+                            if let Some(s) = self.srvs[i].server.as_mut() {
+                                s.handle_upstream_connected(self.now);
+                            }
+                        }
+                        None => {
+                            if let Some(s) = self.srvs[i].server.as_mut() {
+                                s.handle_upstream_closed(self.now);
+                            }
+                        }
+                    }
+                }
+                Action::Send(frame) => {
+                    if let Some(conn) = self.srvs[i].up_conn {
+                        self.send_to_server(conn, frame);
+                    }
+                }
+                Action::Disconnect => {
+                    if let Some(conn) = self.srvs[i].up_conn.take() {
+                        // The relay already knows; the tier above is told.
+                        self.conns[conn].dead = true;
+                        let (t, session) = (self.conns[conn].server, self.conns[conn].session);
+                        if let Some(s) = self.srvs[t].server.as_mut() {
+                            s.handle_closed(self.now, session);
+                        }
+                        self.drain(t);
+                    }
+                }
+            }
+        }
+    }
+
+    fn output(&mut self, i: usize, out: Output) {
+        match out {
+            Output::Transmit {
+                session,
+                frame,
+                kind,
+                seqs,
+            } => {
+                let Some(&conn) = self.by_session.get(&(i, session)) else {
+                    return;
+                };
+                if self.conns[conn].dead {
+                    return;
+                }
+                let max = match self.conns[conn].peer {
+                    Peer::Relay(_) => RELAY_QUEUE_MAX,
+                    Peer::Client(c) if c == self.clients.len() - 1 => usize::MAX,
+                    Peer::Client(_) => self.queue_max,
+                };
+                if self.conns[conn].to_peer.len() >= max {
+                    if let Some(s) = self.srvs[i].server.as_mut() {
+                        s.handle_queue_full(self.now, session, kind, seqs);
+                    }
+                } else {
+                    let at = self.due(conn, true);
+                    self.conns[conn].to_peer.push_back((at, frame.slice(4..)));
+                }
+            }
+            Output::Close {
+                session,
+                frame,
+                drain,
+            } => {
+                let Some(&conn) = self.by_session.get(&(i, session)) else {
+                    return;
+                };
+                let c = &mut self.conns[conn];
+                if !drain {
+                    c.to_peer.clear();
+                }
+                if let Some(f) = frame {
+                    c.to_peer.push_back((self.now, f.slice(4..)));
+                }
+                c.closed_by_server = true;
+                c.to_server.clear();
+            }
+        }
+    }
+
+    /// Moves every frame whose time has come, in time order per connection.
+    fn deliver_due(&mut self) -> Result<(), Violation> {
+        for conn in 0..self.conns.len() {
+            while let Some((at, _)) = self.conns[conn].to_server.front() {
+                if *at > self.now || self.conns[conn].dead {
+                    break;
+                }
+                let Some((_, content)) = self.conns[conn].to_server.pop_front() else {
+                    break;
+                };
+                let (server, session) = (self.conns[conn].server, self.conns[conn].session);
+                let frame = protocol::decode_client(content)
+                    .map_err(|e| Violation(format!("a bad frame to s{server}: {e}")))?;
+                if let Some(s) = self.srvs[server].server.as_mut() {
+                    s.handle_frame(self.now, session, frame);
+                    s.end_batch(self.now);
+                }
+                self.drain(server);
+            }
+            while let Some((at, _)) = self.conns[conn].to_peer.front() {
+                if *at > self.now || self.conns[conn].dead {
+                    break;
+                }
+                let Some((_, content)) = self.conns[conn].to_peer.pop_front() else {
+                    break;
+                };
+                match self.conns[conn].peer {
+                    Peer::Client(client) => {
+                        let before = self.checker.seen(client).gaps.len();
+                        let mut replies = Vec::new();
+                        let after = self.clients[client].on_frame(
+                            content,
+                            &mut self.checker,
+                            &mut replies,
+                        )?;
+                        self.out.gaps += (self.checker.seen(client).gaps.len() - before) as u64;
+                        for r in replies {
+                            self.send_to_server(conn, r);
+                        }
+                        if after == After::Reconnect {
+                            self.break_conn(conn);
+                            break;
+                        }
+                    }
+                    Peer::Relay(r) => {
+                        let frame = protocol::decode_server(content)
+                            .map_err(|e| Violation(format!("a bad frame to relay s{r}: {e}")))?;
+                        if let Some(s) = self.srvs[r].server.as_mut() {
+                            s.handle_upstream_frames(self.now, vec![frame]);
+                        }
+                        self.drain(r);
+                    }
+                }
+            }
+            let c = &self.conns[conn];
+            if c.closed_by_server && !c.dead && c.to_peer.is_empty() {
+                self.break_conn(conn);
+            }
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, by: Duration) -> Result<(), Violation> {
+        self.now += by;
+        for i in 0..self.srvs.len() {
+            if self.srvs[i].restart_at.is_some_and(|t| t <= self.now) {
+                self.srvs[i].restarts += 1;
+                self.boot(i);
+            }
+            let Some(s) = self.srvs[i].server.as_mut() else {
+                continue;
+            };
+            if s.poll_timeout().is_some_and(|t| t <= self.now) {
+                s.handle_timeout(self.now);
+                self.drain(i);
+            }
+        }
+        for c in 0..self.clients.len() {
+            if self.reconnect_at[c].is_some_and(|t| t <= self.now) && self.clients[c].conn.is_none()
+            {
+                self.reconnect_at[c] = None;
+                self.connect(c);
+            }
+        }
+        Ok(())
+    }
+
+    fn fingerprint(&mut self) -> u64 {
+        let mut h = DefaultHasher::new();
+        for c in 0..self.clients.len() {
+            let seen = self.checker.seen(c);
+            self.out.delivered += seen.delivered.len() as u64;
+            seen.delivered.hash(&mut h);
+            seen.gaps.hash(&mut h);
+        }
+        h.finish()
+    }
+}
