@@ -114,6 +114,11 @@ impl Members {
         &self.core
     }
 
+    /// Every client (relays included), by id.
+    pub fn clients(&self) -> impl Iterator<Item = &MemberEntry> {
+        self.clients.values()
+    }
+
     /// Applies `event`, ordered at `seq`, and returns the change it made
     /// (`None` when it changed nothing).
     pub fn apply(&mut self, seq: Seq, event: MemberEvent) -> Option<MembersHead> {

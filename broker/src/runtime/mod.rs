@@ -163,6 +163,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
                 local_addr.to_string(),
                 &config.node.name,
                 config.core.is_some(),
+                config.relay.is_some(),
             ),
             latency: canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS),
         });

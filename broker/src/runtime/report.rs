@@ -23,6 +23,66 @@ type TopicTotals = HashMap<String, (u64, u64)>;
 /// The previous snapshot's time and totals, for rates.
 type Previous = (Duration, dash::Counters, TopicTotals);
 
+/// Relay tiers drawn below the core at most (a bound on the walk).
+const TREE_DEPTH_MAX: usize = 8;
+
+/// The whole tree as the ordered membership tells it: the core's servers,
+/// the relays attached to each, tier by tier, and each server's count of
+/// clients; `None` when there is no core view in the stream (a standalone
+/// node, or membership off), and the node shows itself alone.
+fn tree(members: &crate::core::members::Members) -> Option<dash::TreeNode> {
+    use canopy_client::protocol::{MemberEntry, PublisherId};
+    if members.core().is_empty() {
+        return None;
+    }
+    let mut relays: HashMap<PublisherId, Vec<&MemberEntry>> = HashMap::new();
+    let mut counts: HashMap<PublisherId, usize> = HashMap::new();
+    for e in members.clients() {
+        match e.relay {
+            true => relays.entry(e.server).or_default().push(e),
+            false => *counts.entry(e.server).or_default() += 1,
+        }
+    }
+    fn below(
+        id: PublisherId,
+        depth: usize,
+        relays: &HashMap<PublisherId, Vec<&MemberEntry>>,
+        counts: &HashMap<PublisherId, usize>,
+    ) -> Vec<dash::TreeNode> {
+        if depth >= TREE_DEPTH_MAX {
+            return Vec::new();
+        }
+        let mut v: Vec<dash::TreeNode> = relays
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(|r| dash::TreeNode {
+                name: r.name.clone(),
+                role: "relay".into(),
+                clients: counts.get(&r.id).copied().unwrap_or(0),
+                children: below(r.id, depth + 1, relays, counts),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+    Some(dash::TreeNode {
+        name: "core".into(),
+        role: "core".into(),
+        clients: 0,
+        children: members
+            .core()
+            .iter()
+            .map(|s| dash::TreeNode {
+                name: s.name.clone(),
+                role: "core".into(),
+                clients: counts.get(&s.id).copied().unwrap_or(0),
+                children: below(s.id, 0, &relays, &counts),
+            })
+            .collect(),
+    })
+}
+
 /// Remembers what the previous snapshot needs for rates.
 pub struct Reporter {
     role: &'static str,
@@ -32,15 +92,16 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// A reporter for a node listening for clients on `listen`.
-    pub fn new(listen: String, name: &str, grouped: bool) -> Self {
+    /// A reporter for a node listening for clients on `listen`; a relay's
+    /// role reads `relay`, any other server's `core`.
+    pub fn new(listen: String, name: &str, grouped: bool, relay: bool) -> Self {
         Reporter {
-            role: "core",
+            role: if relay { "relay" } else { "core" },
             listen,
             previous: None,
             // A standalone node is a view of one, installed at start; a
             // core server reports its group's views as they are installed.
-            views: if grouped {
+            views: if grouped || relay {
                 Vec::new()
             } else {
                 vec![dash::View {
@@ -190,12 +251,12 @@ impl Reporter {
                 head_seq: head.0,
                 clients: clients.len(),
             },
-            tree: dash::TreeNode {
+            tree: tree(node.members()).unwrap_or_else(|| dash::TreeNode {
                 name: config.name.clone(),
                 role: self.role.into(),
                 clients: clients.len(),
                 children: Vec::new(),
-            },
+            }),
             view,
             views: self.views.clone(),
             clients,
