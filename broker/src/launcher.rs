@@ -347,6 +347,7 @@ async fn serving(addr: &str) {
                 slow: protocol::SlowPolicy::Disconnect,
                 role: protocol::Role::Client,
                 reports: protocol::Reports::None,
+                connection: 1,
             };
             let frame = protocol::encode_client(&ClientFrame::Hello(hello));
             stream.write_all(&frame).await.ok()?;

@@ -217,6 +217,10 @@ pub struct Hello {
     /// What the client is told of the tree's membership.
     #[serde(default)]
     pub reports: Reports,
+    /// Counts this client's connections (1 for the first): the membership
+    /// keeps its newest one, whatever order servers report them in.
+    #[serde(default)]
+    pub connection: u64,
 }
 
 /// What a client is told of membership (DESIGN.md, "Membership reports").
@@ -244,9 +248,12 @@ pub struct MemberEntry {
     pub server: PublisherId,
     /// Whether it is a relay (and so a server of the tier below).
     pub relay: bool,
-    /// Its connection at that server (a later connection replaces it).
+    /// Its connection at that server.
     #[serde(default)]
     pub session: u64,
+    /// The client's own count of its connections ([`Hello::connection`]).
+    #[serde(default)]
+    pub connection: u64,
 }
 
 /// One core server in a membership report.
@@ -931,6 +938,7 @@ mod tests {
                 slow: SlowPolicy::Conflate,
                 role: Role::Relay,
                 reports: Reports::Full,
+                connection: 2,
             }),
             ClientFrame::Subscribe(SubscribeHead {
                 pattern: "a.*".into(),

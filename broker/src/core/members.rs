@@ -61,6 +61,8 @@ pub enum MemberEvent {
     },
     /// The core's servers after a view change.
     Core {
+        /// The view's epoch: an older view's event ordered late is ignored.
+        epoch: u64,
         /// The view's servers.
         servers: Vec<ServerEntry>,
     },
@@ -86,6 +88,8 @@ impl MemberEvent {
 #[derive(Clone, Debug, Default)]
 pub struct Members {
     core: Vec<ServerEntry>,
+    /// The epoch of the core view `core` comes from.
+    core_epoch: u64,
     clients: BTreeMap<PublisherId, MemberEntry>,
     clients_max: usize,
 }
@@ -131,6 +135,15 @@ impl Members {
                 if self.clients.len() >= self.clients_max && !self.clients.contains_key(&entry.id) {
                     return None;
                 }
+                if self
+                    .clients
+                    .get(&entry.id)
+                    .is_some_and(|c| c.connection > entry.connection || *c == entry)
+                {
+                    // An older connection's attach ordered late, or one
+                    // announced again: the newer one stands.
+                    return None;
+                }
                 // A relay that moved takes nothing with it: its clients stay
                 // attached to it.
                 change.joined.push(entry.clone());
@@ -152,7 +165,11 @@ impl Members {
                 // their adopters.
                 self.remove_served_by(&[client], &mut change.left);
             }
-            MemberEvent::Core { servers } => {
+            MemberEvent::Core { epoch, servers } => {
+                if epoch < self.core_epoch {
+                    return None;
+                }
+                self.core_epoch = epoch;
                 let gone: Vec<PublisherId> = self
                     .core
                     .iter()
@@ -220,11 +237,18 @@ mod tests {
             server: PublisherId(server),
             relay,
             session,
+            // The client's connections count up with its sessions here.
+            connection: session,
         })
     }
 
     fn core(ids: &[u64]) -> MemberEvent {
+        core_at(1, ids)
+    }
+
+    fn core_at(epoch: u64, ids: &[u64]) -> MemberEvent {
         MemberEvent::Core {
+            epoch,
             servers: ids
                 .iter()
                 .map(|&i| ServerEntry {
@@ -252,6 +276,21 @@ mod tests {
         };
         assert_eq!(m.apply(Seq(3), stale), None);
         assert_eq!(ids(&m), [7]);
+    }
+
+    #[test]
+    fn an_older_connection_or_view_ordered_late_changes_nothing() {
+        let mut m = Members::new(100);
+        m.apply(Seq(1), core_at(5, &[1, 2]));
+        m.apply(Seq(2), attach(7, 2, false, 3));
+        // The client's earlier connection, at server 1, announced late.
+        assert_eq!(m.apply(Seq(3), attach(7, 1, false, 2)), None);
+        assert_eq!(m.clients[&PublisherId(7)].server, PublisherId(2));
+        // An older view's server list, ordered after a newer one's.
+        assert_eq!(m.apply(Seq(4), core_at(4, &[1])), None);
+        assert_eq!(m.core().len(), 2);
+        // Announced again unchanged: no change to report.
+        assert_eq!(m.apply(Seq(5), attach(7, 2, false, 3)), None);
     }
 
     #[test]

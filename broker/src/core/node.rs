@@ -221,6 +221,8 @@ struct SessionHello {
     slow: SlowPolicy,
     role: Role,
     reports: Reports,
+    /// How the client is listed in the membership.
+    entry: MemberEntry,
 }
 
 #[derive(Clone, Copy)]
@@ -846,6 +848,14 @@ impl Node {
             s.patterns = patterns;
             s.sent_through = self.head;
             s.hello = Some(SessionHello {
+                entry: MemberEntry {
+                    id: hello.publisher,
+                    name: member_name(&hello.name),
+                    server: self.config.id,
+                    relay: hello.role == Role::Relay,
+                    session: session.0,
+                    connection: hello.connection,
+                },
                 name: hello.name,
                 publisher: hello.publisher,
                 slow: hello.slow,
@@ -862,19 +872,14 @@ impl Node {
             }
             None => self.start_reports(session),
         }
-        let entry = MemberEntry {
-            id: hello.publisher,
-            name: self
-                .sessions
-                .get(&session)
-                .and_then(|s| s.hello.as_ref())
-                .map(|h| h.name.clone())
-                .unwrap_or_default(),
-            server: self.config.id,
-            relay: hello.role == Role::Relay,
-            session: session.0,
-        };
-        self.publish_member_event(MemberEvent::Attach(entry));
+        if let Some(entry) = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.hello.as_ref())
+            .map(|h| h.entry.clone())
+        {
+            self.publish_member_event(MemberEvent::Attach(entry));
+        }
     }
 
     /// The next catch-up frame for a resuming session, if any is due.
@@ -1081,6 +1086,15 @@ impl Node {
                     "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
                     pub_seq.0, p.last_pub_seq.0
                 );
+                if forwarded {
+                    // Only that publisher is refused; the relay stays.
+                    let frame = ErrorFrame {
+                        code: ErrorCode::PubSeqGap,
+                        message: msg,
+                        publisher: Some(publisher),
+                    };
+                    return self.control(session, kind::ERROR, &frame);
+                }
                 return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
             }
             _ => {
@@ -1549,11 +1563,26 @@ impl Node {
         }
     }
 
+    /// In a relay with a new connection to the tier above: announces every
+    /// live client again (see [`UpEvent::Reattach`](super::upstream::UpEvent)).
+    pub fn reattach(&mut self) {
+        let mut live: Vec<(SessionId, MemberEntry)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.closing)
+            .filter_map(|(id, s)| Some((*id, s.hello.as_ref()?.entry.clone())))
+            .collect();
+        live.sort_unstable_by_key(|(id, _)| *id);
+        for (_, entry) in live {
+            self.publish_member_event(MemberEvent::Attach(entry));
+        }
+    }
+
     /// A core server coordinating a new view: tells the tree the view's
     /// servers, in the stream (see [`MemberEvent::Core`]).
-    pub fn publish_core(&mut self, servers: Vec<ServerEntry>) {
+    pub fn publish_core(&mut self, epoch: u64, servers: Vec<ServerEntry>) {
         if servers != self.members.core() {
-            self.publish_member_event(MemberEvent::Core { servers });
+            self.publish_member_event(MemberEvent::Core { epoch, servers });
         }
     }
 
@@ -1696,6 +1725,18 @@ impl Node {
             drain: true,
         });
     }
+}
+
+/// Names in membership reports are cut to this many bytes, so that a
+/// complete report of `members_max` clients stays within a frame.
+const MEMBER_NAME_LEN_MAX: usize = 64;
+
+fn member_name(name: &str) -> String {
+    let mut end = name.len().min(MEMBER_NAME_LEN_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
 }
 
 fn frame_name(f: &protocol::ClientFrame) -> &'static str {

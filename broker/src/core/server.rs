@@ -285,11 +285,13 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
                 UpEvent::Deliver(batch) => node.handle_ordered(now, batch),
                 UpEvent::Reset(state) => {
                     // As in a core server: clients reconnect and resume
-                    // against the new position rather than miss the jump.
+                    // against the new position rather than miss the jump
+                    // (they are served again once `Serving(true)` comes).
                     node.set_primary(now, false);
                     node.install_snapshot(now, state);
-                    node.set_primary(now, true);
                 }
+                UpEvent::Serving(serving) => node.set_primary(now, serving),
+                UpEvent::Reattach => node.reattach(),
                 UpEvent::Acked(publisher, ack) => node.ack_publisher(now, publisher, ack),
                 UpEvent::Refused(publisher, code, message) => {
                     node.reject_publisher(now, publisher, code, message)
@@ -356,7 +358,7 @@ fn pump_core(
                                     addr: core_addrs.get(&m.node).cloned().unwrap_or_default(),
                                 })
                                 .collect();
-                            node.publish_core(servers);
+                            node.publish_core(view.id.epoch, servers);
                         }
                     }
                     Event::SnapshotNeeded { to } => {

@@ -67,7 +67,9 @@ impl UpstreamConfig {
             servers,
             ping_interval: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
-            forwards_max: 65_536,
+            // Below the shell's send queue, so that a reconnect's resend
+            // of everything held always fits it.
+            forwards_max: 8_192,
         }
     }
 }
@@ -98,6 +100,15 @@ pub enum UpEvent {
     Refused(PublisherId, ErrorCode, String),
     /// The tree's membership at the head (a complete report).
     Members(MembersHead),
+    /// Whether the relay should serve clients: not without its stream
+    /// from the tier above for longer than the silence time (its clients
+    /// move to a sibling), nor after a reset until the membership report
+    /// at the new position arrived.
+    Serving(bool),
+    /// A new connection to the tier above is up: the relay announces its
+    /// live clients again, in case the old connection's end was ordered
+    /// first and took them out of the membership.
+    Reattach,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -137,6 +148,12 @@ pub struct Upstream {
     nonce: u64,
     /// Scratch space for decoding deliveries.
     batch: Vec<Message>,
+    /// What the relay was last told (`UpEvent::Serving`).
+    serving: bool,
+    /// Connections opened so far ([`Hello::connection`]).
+    connections: u64,
+    /// Since when no connection has served, while one did before.
+    down_since: Option<Duration>,
     /// A deliberate bug for the test that proves the tree simulator
     /// catches it: forwards are not sent again on a new connection.
     pub(crate) bug_no_resend: bool,
@@ -163,6 +180,9 @@ impl Upstream {
             actions: VecDeque::new(),
             nonce: 0,
             batch: Vec::new(),
+            serving: false,
+            connections: 0,
+            down_since: None,
             bug_no_resend: false,
         }
     }
@@ -220,11 +240,16 @@ impl Upstream {
 
     /// When `handle_timeout` is next due.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        Some(match &self.link {
+        let link = match &self.link {
             Link::Down { retry_at } => *retry_at,
             Link::Opening { since, .. } => *since + self.config.connect_timeout,
             Link::Up { heard, ping_at, .. } => (*ping_at).min(*heard + self.silence_max()),
-        })
+        };
+        let give_up = self
+            .down_since
+            .filter(|_| self.serving)
+            .map(|t| t + self.silence_max());
+        Some(give_up.map_or(link, |g| g.min(link)))
     }
 
     fn silence_max(&self) -> Duration {
@@ -233,6 +258,15 @@ impl Upstream {
 
     /// Time has reached `now`: connect, ping, or give up on a silent link.
     pub fn handle_timeout(&mut self, now: Duration) {
+        if self.serving
+            && self
+                .down_since
+                .is_some_and(|t| now >= t + self.silence_max())
+        {
+            tracing::warn!("no stream from the tier above: clients are sent to a sibling");
+            self.set_serving(false);
+        }
+        let silence_max = self.silence_max();
         match &mut self.link {
             Link::Down { retry_at } if now >= *retry_at => self.connect_next(now),
             Link::Opening { addr, since } if now >= *since + self.config.connect_timeout => {
@@ -240,7 +274,7 @@ impl Upstream {
                 self.actions.push_back(Action::Disconnect);
                 self.lose(now);
             }
-            Link::Up { addr, heard, .. } if now >= *heard + self.config.ping_interval * 3 => {
+            Link::Up { addr, heard, .. } if now >= *heard + silence_max => {
                 tracing::warn!(server = %addr, "tier above silent for three ping periods");
                 self.actions.push_back(Action::Disconnect);
                 self.lose(now);
@@ -303,6 +337,7 @@ impl Upstream {
             return;
         };
         *since = now;
+        self.connections += 1;
         let hello = Hello {
             version: protocol::PROTOCOL_VERSION,
             name: self.config.name.clone(),
@@ -318,6 +353,7 @@ impl Upstream {
             // A complete membership report to start from (the stream's
             // events keep it current), and the server list.
             reports: Reports::Full,
+            connection: self.connections,
         };
         let frame = protocol::encode_client(&ClientFrame::Hello(hello));
         self.actions.push_back(Action::Send(frame));
@@ -332,11 +368,16 @@ impl Upstream {
     }
 
     fn lose(&mut self, now: Duration) {
+        if matches!(self.link, Link::Down { .. }) {
+            // Already down: the pending retry (and its backoff) stands.
+            return;
+        }
         match std::mem::replace(&mut self.link, Link::Down { retry_at: now }) {
             Link::Up { addr, .. } => {
                 self.lost = Some(addr);
                 self.round.clear();
                 self.backoff = BACKOFF_MIN;
+                self.down_since = Some(now);
                 // The adopter is tried at once.
             }
             Link::Opening { .. } if self.round.is_empty() => {
@@ -367,13 +408,16 @@ impl Upstream {
             }
             ServerFrame::Gap(g) if self.is_up() => {
                 // The tier above no longer holds what follows the head: the
-                // relay cannot continue its stream contiguously.
+                // relay cannot continue its stream contiguously. It starts
+                // over on a fresh connection, at the head there, with the
+                // membership report for that position.
                 tracing::warn!(
                     from = g.from.0,
                     to = g.to.0,
                     "the tier above skipped a range"
                 );
-                self.reset(g.to.max(self.head));
+                self.stream = None;
+                self.drop_link(now, "a gap in the stream");
             }
             ServerFrame::PubAck(ack) => {
                 if let Some(p) = ack.publisher {
@@ -411,8 +455,12 @@ impl Upstream {
                     self.servers = s.servers;
                 }
             }
-            ServerFrame::Members(m) if m.complete => {
+            // Only at the head: a server behind this relay's position sends
+            // one for an earlier position, which would undo what the relay
+            // applied since (its own stream keeps it current anyway).
+            ServerFrame::Members(m) if m.complete && m.seq == self.head => {
                 self.events.push_back(UpEvent::Members(m));
+                self.set_serving(true);
             }
             ServerFrame::Pong(_)
             | ServerFrame::Members(_)
@@ -439,11 +487,15 @@ impl Upstream {
         if !w.servers.is_empty() {
             self.servers = w.servers;
         }
+        self.down_since = None;
         if self.stream != Some(w.stream) {
-            // The first stream, or a new one: start at its head.
+            // The first stream, or a new one: start at its head, and serve
+            // again once the membership report for it has come.
             self.stream = Some(w.stream);
+            self.set_serving(false);
             self.reset(w.head);
         }
+        self.events.push_back(UpEvent::Reattach);
         if self.bug_no_resend {
             return;
         }
@@ -501,6 +553,13 @@ impl Upstream {
     fn forget(&mut self, publisher: PublisherId) {
         if let Some(q) = self.forwards.remove(&publisher) {
             self.forwards_len -= q.len();
+        }
+    }
+
+    fn set_serving(&mut self, serving: bool) {
+        if self.serving != serving {
+            self.serving = serving;
+            self.events.push_back(UpEvent::Serving(serving));
         }
     }
 
@@ -589,6 +648,14 @@ mod tests {
         addr
     }
 
+    fn report(seq: u64) -> ServerFrame {
+        ServerFrame::Members(canopy_client::protocol::MembersHead {
+            seq: Seq(seq),
+            complete: true,
+            ..Default::default()
+        })
+    }
+
     fn msg(p: u64, ps: u64) -> Msg {
         Msg(PublisherId(p), PubSeq(ps), Arc::from("t"), Bytes::new())
     }
@@ -599,7 +666,22 @@ mod tests {
         connect(&mut u, Duration::ZERO, 7, 10);
         assert!(u.is_synced());
         let ev = events(&mut u);
-        assert!(matches!(&ev[..], [UpEvent::Reset(s)] if s.head == Seq(10) && s.stream == 7));
+        assert!(
+            matches!(&ev[..], [UpEvent::Reset(s), UpEvent::Reattach] if s.head == Seq(10) && s.stream == 7),
+            "{ev:?}"
+        );
+        // The membership report for the head, and then it serves.
+        u.handle_frame(MS, report(9));
+        assert!(
+            events(&mut u).is_empty(),
+            "a report for another position is ignored"
+        );
+        u.handle_frame(MS, report(10));
+        let ev = events(&mut u);
+        assert!(
+            matches!(&ev[..], [UpEvent::Members(_), UpEvent::Serving(true)]),
+            "{ev:?}"
+        );
         u.handle_frame(MS, deliver(&[(10, 1, 1), (11, 1, 2), (12, 1, 3)]));
         let ev = events(&mut u);
         let [UpEvent::Deliver(batch)] = &ev[..] else {
@@ -688,10 +770,40 @@ mod tests {
             to: Seq(50),
         };
         u.handle_frame(MS, ServerFrame::Gap(gap));
+        // It starts over on a new connection, at the head there.
+        assert!(actions(&mut u).contains(&Action::Disconnect));
+        connect(&mut u, MS, 7, 60);
         let ev = events(&mut u);
-        assert!(matches!(&ev[..], [UpEvent::Reset(s)] if s.head == Seq(50)));
-        u.handle_frame(MS, deliver(&[(51, 1, 1)]));
-        assert!(matches!(&events(&mut u)[..], [UpEvent::Deliver(b)] if b[0].seq == Seq(51)));
+        assert!(matches!(&ev[..], [UpEvent::Reset(s), UpEvent::Reattach] if s.head == Seq(60)));
+        u.handle_frame(MS, deliver(&[(61, 1, 1)]));
+        assert!(matches!(&events(&mut u)[..], [UpEvent::Deliver(b)] if b[0].seq == Seq(61)));
+    }
+
+    #[test]
+    fn a_relay_without_its_stream_for_the_silence_time_stops_serving() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        u.handle_frame(MS, report(0));
+        events(&mut u);
+        actions(&mut u);
+        u.handle_closed(MS);
+        let mut now = MS;
+        // Every server refuses: the relay keeps trying, and stops serving.
+        for _ in 0..100 {
+            now = u.poll_timeout().unwrap_or(now).max(now);
+            u.handle_timeout(now);
+            if let Some(Action::Connect(_)) = u.poll_action() {
+                u.handle_closed(now);
+            }
+            if events(&mut u)
+                .iter()
+                .any(|e| matches!(e, UpEvent::Serving(false)))
+            {
+                assert!(now >= Duration::from_secs(3), "not before the silence time");
+                return;
+            }
+        }
+        panic!("the relay went on serving without its stream");
     }
 
     #[test]

@@ -66,6 +66,7 @@ impl Client {
             slow: self.slow,
             role: protocol::Role::Client,
             reports: protocol::Reports::Servers,
+            connection: 1,
         }))
     }
 

@@ -349,6 +349,7 @@ pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello 
         slow,
         role: protocol::Role::Client,
         reports: protocol::Reports::Servers,
+        connection: 1,
     }
 }
 

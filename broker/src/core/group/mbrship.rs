@@ -413,6 +413,8 @@ impl Group {
             self.stream = stream;
             self.events.push_back(Event::Reset(Snapshot {
                 stream,
+                // Nobody's membership carries over to a new stream.
+                members: Some(canopy_client::protocol::MembersHead::default()),
                 ..Snapshot::default()
             }));
         }

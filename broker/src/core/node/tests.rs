@@ -29,6 +29,7 @@ fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
         slow,
         role: protocol::Role::Client,
         reports: protocol::Reports::Servers,
+        connection: 1,
     })
 }
 
