@@ -213,6 +213,14 @@ struct Session {
     submitted: PubSeq,
     /// From a relay, in a group: the same per publisher it forwards for.
     forwarded: HashMap<PublisherId, PubSeq>,
+    /// From a relay: publishers refused here, with the first pub_seq
+    /// refused. Their later publishes already on the way are dropped (they
+    /// would skip) until the publisher's retry starts again at or below it.
+    refused: HashMap<PublisherId, PubSeq>,
+    /// The highest pub_seq this session published, if it published since
+    /// it connected: after its first publish, a client's new pub_seqs
+    /// follow on.
+    last_pub_seq: Option<PubSeq>,
 }
 
 struct SessionHello {
@@ -455,6 +463,8 @@ impl Node {
                 last_heard: now,
                 submitted: PubSeq(0),
                 forwarded: HashMap::new(),
+                refused: HashMap::new(),
+                last_pub_seq: None,
             },
         );
         self.now = now;
@@ -1062,6 +1072,18 @@ impl Node {
             }
         };
         let forwarded = publisher != hello.publisher;
+        if forwarded {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                return;
+            };
+            match s.refused.get(&publisher) {
+                Some(&first) if pub_seq > first => return,
+                Some(_) => {
+                    s.refused.remove(&publisher);
+                }
+                None => {}
+            }
+        }
         let state = self.publishers.get(&publisher).copied();
         if self.grouped {
             return self.submit(session, publisher, forwarded, state, publish);
@@ -1088,12 +1110,13 @@ impl Node {
                 );
                 if forwarded {
                     // Only that publisher is refused; the relay stays.
-                    let frame = ErrorFrame {
-                        code: ErrorCode::PubSeqGap,
-                        message: msg,
-                        publisher: Some(publisher),
-                    };
-                    return self.control(session, kind::ERROR, &frame);
+                    return self.refuse_forwarded(
+                        session,
+                        publisher,
+                        pub_seq,
+                        ErrorCode::PubSeqGap,
+                        msg,
+                    );
                 }
                 return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
             }
@@ -1137,6 +1160,22 @@ impl Node {
             return;
         };
         let pub_seq = publish.pub_seq;
+        if !forwarded {
+            // After its first publish on a connection, a client's new
+            // pub_seqs follow what it sent and what is known here: a skip
+            // now is the client's, not a lag elsewhere.
+            let previous = s.last_pub_seq.map(|p| p.max(pub_seq));
+            let sent = std::mem::replace(&mut s.last_pub_seq, previous.or(Some(pub_seq)));
+            let known = ordered.max(s.submitted);
+            if let Some(sent) = sent.filter(|p| pub_seq.0 > (*p).max(known).0 + 1) {
+                let msg = format!(
+                    "pub_seq {} after {}: publisher sequence numbers must not skip",
+                    pub_seq.0,
+                    sent.max(known).0
+                );
+                return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
+            }
+        }
         if pub_seq <= ordered && !self.bugs.order_retries {
             // Ordered and delivered already: acknowledge again (guarantee 2).
             self.stats.duplicates += 1;
@@ -1404,16 +1443,31 @@ impl Node {
         if !sub.forwarded {
             return self.close_with_error(sub.session, code, message);
         }
-        let Some(s) = self.sessions.get_mut(&sub.session) else {
+        self.refuse_forwarded(sub.session, publisher, sub.msg.1, code, message);
+    }
+
+    /// Tells relay `session` that `publisher`'s publish `pub_seq` (and what
+    /// follows it on the way) is refused; the relay's session stays open.
+    fn refuse_forwarded(
+        &mut self,
+        session: SessionId,
+        publisher: PublisherId,
+        pub_seq: PubSeq,
+        code: ErrorCode,
+        message: String,
+    ) {
+        let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
         s.forwarded.remove(&publisher);
+        let first = s.refused.entry(publisher).or_insert(pub_seq);
+        *first = (*first).min(pub_seq);
         let frame = ErrorFrame {
             code,
             message,
             publisher: Some(publisher),
         };
-        self.control(sub.session, kind::ERROR, &frame);
+        self.control(session, kind::ERROR, &frame);
     }
 
     /// In a relay: the tier above refused `publisher`'s forwarded publishes
@@ -1429,7 +1483,12 @@ impl Node {
     ) {
         self.now = now;
         if let Some(&session) = self.publisher_sessions.get(&publisher) {
-            return self.close_with_error(session, code, message);
+            // Its client did not skip: a relay forwards in order, and judged
+            // this session's own sequence (`published`). The tier above
+            // refused it because of where its earlier publishes went (an
+            // earlier connection's, still on the way): it retries.
+            let message = format!("refused by the tier above ({code:?}: {message}); retry");
+            return self.close_with_error(session, ErrorCode::Overloaded, message);
         }
         // Further down: each relay that forwarded for it is told, and
         // forgets what it had in flight for it, so that retries pass.

@@ -719,3 +719,20 @@ fn only_a_relay_may_publish_for_others_or_on_system_topics() {
         [(_, ServerFrame::Error(e))] if e.code == ErrorCode::InvalidTopic
     ));
 }
+
+#[test]
+fn a_relays_client_that_skips_within_one_connection_is_refused() {
+    let mut n = Node::new_grouped(T0, config());
+    n.set_primary(T0, true);
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("a.x", 1));
+    n.handle_frame(T0, p, publish("a.x", 2));
+    assert_eq!(n.take_submissions().len(), 2);
+    drain(&mut n);
+    n.handle_frame(T0, p, publish("a.x", 4));
+    assert!(n.take_submissions().is_empty());
+    assert!(matches!(
+        &drain(&mut n)[..],
+        [(_, ServerFrame::Error(e))] if e.code == ErrorCode::PubSeqGap
+    ));
+}
