@@ -34,6 +34,40 @@ mod world;
 pub(crate) use world::run_with;
 pub use world::{run, Outcome};
 
+/// When the `nth` frame sent one way on connection `conn` arrives: a delay
+/// up to `delay_max_ms` fixed by the seed, the connection and the frame's
+/// number (not by the order outputs were made in), and never before the
+/// frame ahead of it (`last`), as on TCP.
+fn arrival(
+    seed: u64,
+    conn: usize,
+    nth: u64,
+    to_client: bool,
+    now: std::time::Duration,
+    delay_max_ms: u64,
+    last: Option<std::time::Duration>,
+) -> std::time::Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (seed, conn, nth, to_client).hash(&mut h);
+    let at = now + std::time::Duration::from_millis(h.finish() % (delay_max_ms + 1));
+    last.map_or(at, |l| at.max(l))
+}
+
+/// A hash of everything `clients` clients delivered and were told of
+/// (for the determinism tests); adds their deliveries to `delivered`.
+fn fingerprint(checker: &checker::Checker, clients: usize, delivered: &mut u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for c in 0..clients {
+        let seen = checker.seen(c);
+        *delivered += seen.delivered.len() as u64;
+        seen.delivered.hash(&mut h);
+        seen.gaps.hash(&mut h);
+    }
+    h.finish()
+}
+
 /// How many seeds a random-run test covers: `CANOPY_SIM_SEEDS` if set (the
 /// long-run mode), else `default`.
 #[cfg(test)]

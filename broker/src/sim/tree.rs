@@ -30,7 +30,6 @@ use bytes::Bytes;
 use canopy_client::protocol::{self, PublisherId, SlowPolicy};
 use canopy_client::topic::Pattern;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 const TOPICS: [&str; 4] = ["a.x", "a.y", "b.x", "c"];
@@ -196,7 +195,7 @@ pub(crate) fn run_with(seed: u64, no_resend: bool) -> Result<TreeOutcome, Violat
             "seed {seed}: {v}\n  replay: CANOPY_SIM_SEED={seed} cargo test -p canopy-broker --lib sim::tree_tests::replay -- --ignored --nocapture"
         ))
     })?;
-    w.out.fingerprint = w.fingerprint();
+    w.out.fingerprint = super::fingerprint(&w.checker, w.clients.len(), &mut w.out.delivered);
     Ok(w.out)
 }
 
@@ -476,15 +475,21 @@ impl World {
         conn
     }
 
-    /// A deterministic delay for the next frame on `conn`.
+    /// When the next frame on `conn` arrives.
     fn due(&mut self, conn: usize, to_peer: bool) -> Duration {
         let c = &mut self.conns[conn];
         c.sent += 1;
-        let mut h = DefaultHasher::new();
-        (self.seed, conn, c.sent, to_peer).hash(&mut h);
-        let at = self.now + Duration::from_millis(h.finish() % (self.delay_max_ms + 1));
         let queue = if to_peer { &c.to_peer } else { &c.to_server };
-        queue.back().map_or(at, |(last, _)| at.max(*last))
+        let last = queue.back().map(|(t, _)| *t);
+        super::arrival(
+            self.seed,
+            conn,
+            c.sent,
+            to_peer,
+            self.now,
+            self.delay_max_ms,
+            last,
+        )
     }
 
     fn send_to_server(&mut self, conn: usize, frame: Bytes) {
@@ -716,16 +721,5 @@ impl World {
             }
         }
         Ok(())
-    }
-
-    fn fingerprint(&mut self) -> u64 {
-        let mut h = DefaultHasher::new();
-        for c in 0..self.clients.len() {
-            let seen = self.checker.seen(c);
-            self.out.delivered += seen.delivered.len() as u64;
-            seen.delivered.hash(&mut h);
-            seen.gaps.hash(&mut h);
-        }
-        h.finish()
     }
 }

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use canopy_client::protocol::{self, SlowPolicy};
 use canopy_client::topic::Pattern;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 const TOPICS: [&str; 5] = ["a.x", "a.y", "b.x", "c", "a.x.z"];
@@ -137,7 +136,7 @@ pub(crate) fn run_with(seed: u64, bugs: crate::core::node::Bugs) -> Result<Outco
             "seed {seed}: {v}\n  replay: CANOPY_SIM_SEED={seed} cargo test -p canopy-broker --lib sim::tests::replay -- --ignored --nocapture"
         ))
     })?;
-    w.out.fingerprint = w.fingerprint();
+    w.out.fingerprint = super::fingerprint(&w.checker, w.clients.len(), &mut w.out.delivered);
     Ok(w.out)
 }
 
@@ -266,11 +265,17 @@ impl World {
     fn due(&mut self, conn: usize, to_client: bool) -> Duration {
         let c = &mut self.conns[conn];
         c.sent += 1;
-        let mut h = DefaultHasher::new();
-        (self.seed, conn, c.sent, to_client).hash(&mut h);
-        let at = self.now + Duration::from_millis(h.finish() % (self.delay_max_ms + 1));
         let queue = if to_client { &c.to_client } else { &c.to_node };
-        queue.back().map_or(at, |(last, _)| at.max(*last))
+        let last = queue.back().map(|(t, _)| *t);
+        super::arrival(
+            self.seed,
+            conn,
+            c.sent,
+            to_client,
+            self.now,
+            self.delay_max_ms,
+            last,
+        )
     }
 
     fn send_to_node(&mut self, conn: usize, frame: Bytes) {
@@ -409,16 +414,5 @@ impl World {
             }
         }
         Ok(())
-    }
-
-    fn fingerprint(&mut self) -> u64 {
-        let mut h = DefaultHasher::new();
-        for c in 0..self.clients.len() {
-            let seen = self.checker.seen(c);
-            self.out.delivered += seen.delivered.len() as u64;
-            seen.delivered.hash(&mut h);
-            seen.gaps.hash(&mut h);
-        }
-        h.finish()
     }
 }
