@@ -17,6 +17,17 @@
 //!   of a relay that detached leave with the relay; they attach again where
 //!   they are adopted.
 //!
+//! Where this differs from DESIGN.md ("Adoption"): the adopter of an
+//! orphan is not assigned by the servers and no survivor redirects.
+//! Every client computes it, identically, by rendezvous hashing over its
+//! tier's server list ([`canopy_client::protocol::adopter_order`]), so no
+//! server needs to be up to tell it; the servers then agree on where it
+//! went from its ordered `Attach`. A client's first server is its own
+//! choice (its configured order), not the hash's.
+//!
+//! A client that never comes back after its server died stays listed
+//! (nobody can publish its detach); the bound `clients_max` caps that.
+//!
 //! Invariants: applying the same events in the same order gives the same
 //! state everywhere (it depends on nothing else), and the state is bounded:
 //! at most `clients_max` clients are remembered (beyond that, attaches are
