@@ -87,7 +87,7 @@ pub struct NodeConfig {
     pub members_max: usize,
     /// This node's id in membership reports: the publisher id it attaches
     /// clients under (random per start; for core servers derived from the
-    /// server id and incarnation, see [`members::core_server_id`]).
+    /// server id and incarnation, see [`core_server_id`](super::members::core_server_id)).
     pub id: PublisherId,
 }
 

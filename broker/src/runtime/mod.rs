@@ -1,6 +1,6 @@
-//! The tokio shell around the sans-IO [`Server`](crate::core::Server) (a
-//! [`Node`](crate::core::Node), and in a core group its
-//! [`Group`](crate::core::group::Group)).
+//! The tokio shell around the sans-IO [`Server`] (a [`Node`], and in a
+//! core group its [`Group`]; in a relay, its connection to the tier
+//! above, `upstream`).
 //!
 //! It moves bytes and time and decides nothing: an acceptor task accepts
 //! client connections; per connection a reader task decodes frames and a
