@@ -456,18 +456,10 @@ impl Driver {
     /// servers the tier lists, with the lost server last (DESIGN.md,
     /// "Adoption").
     fn attempt_order(&self) -> Vec<String> {
-        let Some(lost) = &self.lost else {
-            return self.servers.clone();
-        };
-        let mut order: Vec<String> = protocol::adopter_order(self.publisher.0, &self.servers)
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        if let Some(at) = order.iter().position(|s| s == lost) {
-            let lost = order.remove(at);
-            order.push(lost);
+        match &self.lost {
+            None => self.servers.clone(),
+            Some(lost) => protocol::failover_order(self.publisher.0, &self.servers, lost),
         }
-        order
     }
 
     async fn handshake(&mut self, addr: &str) -> Result<(Conn, Welcome), Ended> {
@@ -538,7 +530,7 @@ impl Driver {
     /// Brings a fresh connection up to date: position, acknowledgements
     /// the server already has, retries of the rest.
     fn on_welcome(&mut self, conn: &Conn, welcome: &Welcome) {
-        if !welcome.servers.is_empty() {
+        if protocol::usable_servers(&welcome.servers) {
             self.servers.clone_from(&welcome.servers);
         }
         match self.position {
@@ -723,7 +715,7 @@ impl Driver {
                 self.notify(Event::View(self.view.clone()));
             }
             ServerFrame::Servers(s) => {
-                if !s.servers.is_empty() && s.servers.iter().all(|a| !a.is_empty()) {
+                if protocol::usable_servers(&s.servers) {
                     self.servers = s.servers;
                 }
             }

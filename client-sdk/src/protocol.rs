@@ -824,6 +824,26 @@ pub fn adopter_order(key: u64, servers: &[String]) -> Vec<&str> {
     ranked.into_iter().map(|(_, s)| s).collect()
 }
 
+/// The order in which a client identified by `key` that lost server `lost`
+/// tries `servers` again: its adoption order, with `lost` last.
+pub fn failover_order(key: u64, servers: &[String], lost: &str) -> Vec<String> {
+    let mut order: Vec<String> = adopter_order(key, servers)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if let Some(at) = order.iter().position(|s| s == lost) {
+        let lost = order.remove(at);
+        order.push(lost);
+    }
+    order
+}
+
+/// Whether a server list told by a server can replace a client's own: not
+/// empty, and every address known.
+pub fn usable_servers(servers: &[String]) -> bool {
+    !servers.is_empty() && servers.iter().all(|a| !a.is_empty())
+}
+
 /// A fixed hash of `(key, server)`: FNV-1a over the server's text, mixed
 /// with the key by SplitMix64's finalizer. Fixed rather than std's
 /// randomly keyed hasher, because every process must agree.

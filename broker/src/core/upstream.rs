@@ -314,20 +314,8 @@ impl Upstream {
     /// The adoption order of the tier above for this relay, with the
     /// server it lost last (DESIGN.md, "Adoption").
     fn attempt_order(&self) -> Vec<String> {
-        let mut order: Vec<String> =
-            protocol::adopter_order(self.config.publisher.0, &self.servers)
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-        if let Some(at) = self
-            .lost
-            .as_ref()
-            .and_then(|l| order.iter().position(|s| s == l))
-        {
-            let lost = order.remove(at);
-            order.push(lost);
-        }
-        order
+        let lost = self.lost.as_deref().unwrap_or("");
+        protocol::failover_order(self.config.publisher.0, &self.servers, lost)
     }
 
     /// The connection opened: the handshake goes out, resuming after the
@@ -451,7 +439,7 @@ impl Upstream {
                 self.drop_link(now, "delivery before the handshake");
             }
             ServerFrame::Servers(s) => {
-                if !s.servers.is_empty() && s.servers.iter().all(|a| !a.is_empty()) {
+                if protocol::usable_servers(&s.servers) {
                     self.servers = s.servers;
                 }
             }
@@ -484,7 +472,7 @@ impl Upstream {
             heard: now,
             ping_at: now + self.config.ping_interval,
         };
-        if !w.servers.is_empty() {
+        if protocol::usable_servers(&w.servers) {
             self.servers = w.servers;
         }
         self.down_since = None;

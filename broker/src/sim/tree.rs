@@ -425,16 +425,7 @@ impl World {
         let order: Vec<String> = match &self.lost[c] {
             None => self.homes[c].clone(),
             Some(lost) => {
-                let mut o: Vec<String> =
-                    protocol::adopter_order(self.clients[c].publisher.0, &self.homes[c])
-                        .into_iter()
-                        .map(str::to_owned)
-                        .collect();
-                if let Some(at) = o.iter().position(|s| s == lost) {
-                    let l = o.remove(at);
-                    o.push(l);
-                }
-                o
+                protocol::failover_order(self.clients[c].publisher.0, &self.homes[c], lost)
             }
         };
         let Some(server) = order
