@@ -5,8 +5,10 @@
 //! complete sequence, nothing lost or doubled (DESIGN.md guarantees 1–5 at
 //! the clients, and "Adoption").
 //!
-//! The scale is set by `CANOPY_TREE_SUBS` (subscribers, default 100) and
-//! `CANOPY_TREE_EACH` (messages per publisher, default 3,000); run with
+//! The scale is set by `CANOPY_TREE_SUBS` (subscribers, default 100),
+//! `CANOPY_TREE_EACH` (messages per publisher, default 3,000) and
+//! `CANOPY_TREE_RATE` (messages per second per publisher; default about
+//! 20,000, bursts of 100 every 5 ms); run with
 //! `--nocapture` to see the adoption times. `bench/RESULTS.md` has the run
 //! at 1,000 subscribers.
 
@@ -90,6 +92,10 @@ fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
 async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_killed() {
     let subs = scale("CANOPY_TREE_SUBS", 100);
     let each = scale("CANOPY_TREE_EACH", 3_000) as u64;
+    let rate = std::env::var("CANOPY_TREE_RATE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|r| *r > 0);
     let total = (PUBLISHERS * each) as usize;
     let tree = Tree::start(3, &[2, 2]);
     let leaves = tree.tiers[1].clone();
@@ -174,14 +180,22 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
         .await
         .expect("publisher connects");
         publishers.push(tokio::spawn(async move {
+            // Paced, so that the kills land mid-stream: 100 messages per
+            // tick, a tick every 5 ms unless `CANOPY_TREE_RATE` (messages
+            // per second per publisher) asks for a given rate.
+            let tick = match rate {
+                Some(r) => Duration::from_secs_f64(100.0 / r as f64),
+                None => Duration::from_millis(5),
+            };
+            let started = tokio::time::Instant::now();
             for i in 0..each {
                 client
                     .send(&format!("feed.p{p}"), format!("{p}:{i}"))
                     .await
                     .expect("send");
-                // Paced, so that the kills land mid-stream.
                 if i % 100 == 99 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let due = started + tick * ((i + 1) / 100) as u32;
+                    tokio::time::sleep_until(due).await;
                 }
             }
             client.flush().await.expect("every publish acknowledged");
