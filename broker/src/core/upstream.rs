@@ -150,6 +150,9 @@ pub struct Upstream {
     batch: Vec<Message>,
     /// What the relay was last told (`UpEvent::Serving`).
     serving: bool,
+    /// After a reset: no membership yet; serving waits for a complete
+    /// report at the head.
+    awaiting_report: bool,
     /// Connections opened so far ([`Hello::connection`]).
     connections: u64,
     /// Since when no connection has served, while one did before.
@@ -181,6 +184,7 @@ impl Upstream {
             nonce: 0,
             batch: Vec::new(),
             serving: false,
+            awaiting_report: false,
             connections: 0,
             down_since: None,
             bug_no_resend: false,
@@ -448,7 +452,19 @@ impl Upstream {
             // applied since (its own stream keeps it current anyway).
             ServerFrame::Members(m) if m.complete && m.seq == self.head => {
                 self.events.push_back(UpEvent::Members(m));
+                self.awaiting_report = false;
                 self.set_serving(true);
+            }
+            ServerFrame::Members(m) if m.complete && self.awaiting_report => {
+                // After a reset the relay has no membership of its own to
+                // go on: start over, fresh, until a report meets the head.
+                tracing::debug!(
+                    report = m.seq.0,
+                    head = self.head.0,
+                    "membership report off the head"
+                );
+                self.stream = None;
+                self.drop_link(now, "no membership report at the head");
             }
             ServerFrame::Pong(_)
             | ServerFrame::Members(_)
@@ -481,7 +497,12 @@ impl Upstream {
             // again once the membership report for it has come.
             self.stream = Some(w.stream);
             self.set_serving(false);
+            self.awaiting_report = true;
             self.reset(w.head);
+        } else if !self.awaiting_report {
+            // The stream goes on from this relay's head: its membership is
+            // current, and it serves again (if it had stopped).
+            self.set_serving(true);
         }
         self.events.push_back(UpEvent::Reattach);
         if self.bug_no_resend {
@@ -658,12 +679,17 @@ mod tests {
             matches!(&ev[..], [UpEvent::Reset(s), UpEvent::Reattach] if s.head == Seq(10) && s.stream == 7),
             "{ev:?}"
         );
-        // The membership report for the head, and then it serves.
+        // A report for another position cannot start the membership: the
+        // relay starts over on a fresh connection.
         u.handle_frame(MS, report(9));
-        assert!(
-            events(&mut u).is_empty(),
-            "a report for another position is ignored"
-        );
+        assert!(events(&mut u).is_empty());
+        assert!(actions(&mut u).contains(&Action::Disconnect));
+        connect(&mut u, MS, 7, 10);
+        assert!(matches!(
+            &events(&mut u)[..],
+            [UpEvent::Reset(_), UpEvent::Reattach]
+        ));
+        // The membership report for the head, and then it serves.
         u.handle_frame(MS, report(10));
         let ev = events(&mut u);
         assert!(

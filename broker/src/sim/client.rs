@@ -35,6 +35,8 @@ pub struct Client {
     /// On the next Welcome, also resend `acked_tail`, as a client that lost
     /// its acknowledgements would: the server must not order them again.
     pub resend_acked: bool,
+    /// Connections made, as the SDK counts them (`Hello::connection`).
+    pub connections: u64,
 }
 
 impl Client {
@@ -51,10 +53,13 @@ impl Client {
             welcomed: false,
             acked_tail: VecDeque::new(),
             resend_acked: false,
+            connections: 0,
         }
     }
 
-    pub fn hello(&self) -> Bytes {
+    /// The Hello of a new connection.
+    pub fn hello(&mut self) -> Bytes {
+        self.connections += 1;
         protocol::encode_client(&ClientFrame::Hello(Hello {
             version: protocol::PROTOCOL_VERSION,
             name: format!("sim-{}", self.id),
@@ -66,7 +71,7 @@ impl Client {
             slow: self.slow,
             role: protocol::Role::Client,
             reports: protocol::Reports::Servers,
-            connection: 1,
+            connection: self.connections,
         }))
     }
 

@@ -301,7 +301,45 @@ impl World {
                     .collect()
             })
             .collect();
-        self.checker.check_complete(&patterns)
+        self.checker.check_complete(&patterns)?;
+        self.check_membership()
+    }
+
+    /// Once everything has converged, every server holds the same
+    /// membership (it is a function of the one stream), and it lists every
+    /// model client at the server it is connected to.
+    fn check_membership(&self) -> Result<(), Violation> {
+        let report = |i: usize| {
+            self.srvs[i]
+                .server
+                .as_ref()
+                .map(|s| s.node().members().report(canopy_client::protocol::Seq(0)))
+        };
+        let root = report(0);
+        for i in 1..self.srvs.len() {
+            if report(i) != root {
+                return Err(Violation(format!(
+                    "s{i}'s membership differs from the root's:\n  s{i}: {:?}\n  root: {root:?}",
+                    report(i)
+                )));
+            }
+        }
+        let Some(root) = root else {
+            return Ok(());
+        };
+        for c in &self.clients {
+            let Some(conn) = c.conn else { continue };
+            let at = self.conns[conn].server;
+            let server = self.srvs[at].server.as_ref().map(|s| s.node().config().id);
+            let listed = root.joined.iter().find(|e| e.id == c.publisher);
+            if listed.map(|e| e.server) != server {
+                return Err(Violation(format!(
+                    "client {} is at s{at} but listed as {listed:?}",
+                    c.id
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn all_synced(&self) -> bool {
