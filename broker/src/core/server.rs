@@ -268,13 +268,17 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
         let subs = node.take_submissions();
         let mut moved = !subs.is_empty();
         let mut msgs = Vec::with_capacity(subs.len());
+        let mut room = upstream.room();
         for sub in subs {
-            // Whether a publish skips pub_seqs is the core's to judge: a
+            // Beyond one connection's own sequence (the node judged that),
+            // whether a publish skips pub_seqs is the core's to judge: a
             // relay may lag what another server acknowledged. The core
-            // refuses per publisher (`UpEvent::Refused`).
-            if upstream.is_full() && sub.session != SessionId::NODE {
+            // refuses per publisher (`UpEvent::Refused`). The node's own
+            // membership events always pass: they must not be lost.
+            if room == 0 && sub.session != SessionId::NODE {
                 node.reject_overloaded(now, &sub);
             } else {
+                room = room.saturating_sub(1);
                 msgs.push(sub.msg);
             }
         }

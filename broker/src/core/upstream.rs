@@ -215,9 +215,10 @@ impl Upstream {
         self.forwards_len
     }
 
-    /// Whether the forward bound is reached: the node must push back.
-    pub fn is_full(&self) -> bool {
-        self.forwards_len >= self.config.forwards_max
+    /// Forwards that may still be taken before the bound: beyond it the
+    /// node must push back.
+    pub fn room(&self) -> usize {
+        self.config.forwards_max.saturating_sub(self.forwards_len)
     }
 
     /// Forwards publishes from the relay's clients to the tier above (now,
