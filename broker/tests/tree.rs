@@ -100,7 +100,9 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
     let tree = Tree::start(3, &[2, 2]);
     let leaves = tree.tiers[1].clone();
     let highest = Arc::new(AtomicU64::new(0));
-    let progress = Arc::new(AtomicUsize::new(0));
+    // Messages the publishers have sent: the kills are timed by it, so
+    // they land while the publishers, paced, are still at work.
+    let sent = Arc::new(AtomicUsize::new(0));
     let relay_kill = Arc::new(Kill::default());
     let core_kill = Arc::new(Kill::default());
     let mut tasks = Vec::new();
@@ -117,7 +119,7 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
         .await
         .expect("subscriber connects");
         let mut sub = client.subscribe("feed.>").await.expect("subscribe");
-        let (highest, progress) = (highest.clone(), progress.clone());
+        let highest = highest.clone();
         let (relay_kill, core_kill) = (relay_kill.clone(), core_kill.clone());
         tasks.push(tokio::spawn(async move {
             let _client = client;
@@ -160,9 +162,6 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
                     seen.stall_core = seen.stall_core.max(heard.elapsed());
                 }
                 heard = Instant::now();
-                if k == 1 {
-                    progress.store(seen.count, Ordering::Relaxed);
-                }
             }
             seen
         }));
@@ -179,6 +178,7 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
         )
         .await
         .expect("publisher connects");
+        let sent = sent.clone();
         publishers.push(tokio::spawn(async move {
             // Paced, so that the kills land mid-stream: 100 messages per
             // tick, a tick every 5 ms unless `CANOPY_TREE_RATE` (messages
@@ -193,6 +193,7 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
                     .send(&format!("feed.p{p}"), format!("{p}:{i}"))
                     .await
                     .expect("send");
+                sent.fetch_add(1, Ordering::Relaxed);
                 if i % 100 == 99 {
                     // At least a tick's pause per 100, behind schedule or
                     // not, so that the stream always outlasts the kills.
@@ -205,25 +206,24 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
         }));
     }
     let wait_for = |share: usize| {
-        let progress = progress.clone();
+        let sent = sent.clone();
         within_for(STREAM_TIME_MAX, "stream progress", async move {
-            while progress.load(Ordering::Relaxed) < total * share / 3 {
+            while sent.load(Ordering::Relaxed) < total * share / 3 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
+    let mid_stream = || sent.load(Ordering::Relaxed) < total;
     wait_for(1).await;
     // The leaf relay that half the subscribers are homed on.
     relay_kill.mark(&highest);
     tree.kill("relay-2.1");
+    assert!(mid_stream(), "the relay kill lands mid-stream");
     wait_for(2).await;
-    assert!(
-        progress.load(Ordering::Relaxed) < total,
-        "the core kill lands mid-stream"
-    );
     // The core's first server: the sequencer of the first view.
     core_kill.mark(&highest);
     tree.kill("core-1");
+    assert!(mid_stream(), "the core kill lands mid-stream");
     for p in publishers {
         within_for(STREAM_TIME_MAX, "publishers acknowledged", p)
             .await
