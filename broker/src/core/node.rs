@@ -1592,33 +1592,19 @@ impl Node {
         }
         self.fan_out();
         if !self.reporting_full.is_empty() {
-            // Encoded once for every session (DESIGN.md, "Hot path").
             let frame = protocol::encode(kind::MEMBERS, &change, &[]);
-            for &session in &self.reporting_full {
-                self.outputs.push_back(Output::Transmit {
-                    session,
-                    frame: frame.clone(),
-                    kind: TransmitKind::Control,
-                    seqs: (seq, seq),
-                });
-            }
+            broadcast(&mut self.outputs, &self.reporting_full, &frame, seq);
         }
+        let servers: Vec<String> = change
+            .core
+            .iter()
+            .flatten()
+            .map(|s| s.addr.clone())
+            .collect();
         // Only with every address known (a server bound to port 0 has none).
-        let known = |core: &Vec<ServerEntry>| core.iter().all(|s| !s.addr.is_empty());
-        if let (Some(core), true) = (change.core.as_ref().filter(|c| known(c)), self.core_tier) {
-            let head = ServersHead {
-                seq,
-                servers: core.iter().map(|s| s.addr.clone()).collect(),
-            };
-            let frame = protocol::encode(kind::SERVERS, &head, &[]);
-            for &session in &self.reporting_servers {
-                self.outputs.push_back(Output::Transmit {
-                    session,
-                    frame: frame.clone(),
-                    kind: TransmitKind::Control,
-                    seqs: (seq, seq),
-                });
-            }
+        if self.core_tier && protocol::usable_servers(&servers) {
+            let frame = protocol::encode(kind::SERVERS, &ServersHead { seq, servers }, &[]);
+            broadcast(&mut self.outputs, &self.reporting_servers, &frame, seq);
         }
     }
 
@@ -1782,6 +1768,24 @@ impl Node {
             session,
             frame: Some(error_frame(code, &message)),
             drain: true,
+        });
+    }
+}
+
+/// Queues one control `frame`, encoded once, for each of `sessions`
+/// (DESIGN.md, "Hot path": no copy per session).
+fn broadcast(
+    outputs: &mut VecDeque<Output>,
+    sessions: &BTreeSet<SessionId>,
+    frame: &Bytes,
+    seq: Seq,
+) {
+    for &session in sessions {
+        outputs.push_back(Output::Transmit {
+            session,
+            frame: frame.clone(),
+            kind: TransmitKind::Control,
+            seqs: (seq, seq),
         });
     }
 }

@@ -202,14 +202,6 @@ impl Upstream {
         matches!(self.link, Link::Up { .. })
     }
 
-    /// The address of the server serving now.
-    pub fn server(&self) -> Option<&str> {
-        match &self.link {
-            Link::Up { addr, .. } => Some(addr),
-            _ => None,
-        }
-    }
-
     /// Forwarded publishes held until ordered.
     pub fn forwards_held(&self) -> usize {
         self.forwards_len
@@ -409,8 +401,7 @@ impl Upstream {
                     to = g.to.0,
                     "the tier above skipped a range"
                 );
-                self.stream = None;
-                self.drop_link(now, "a gap in the stream");
+                self.start_over(now, "a gap in the stream");
             }
             ServerFrame::PubAck(ack) => {
                 if let Some(p) = ack.publisher {
@@ -464,8 +455,7 @@ impl Upstream {
                     head = self.head.0,
                     "membership report off the head"
                 );
-                self.stream = None;
-                self.drop_link(now, "no membership report at the head");
+                self.start_over(now, "no membership report at the head");
             }
             ServerFrame::Pong(_)
             | ServerFrame::Members(_)
@@ -587,6 +577,13 @@ impl Upstream {
             // The membership comes with the next complete report.
             members: None,
         }));
+    }
+
+    /// Forgets the stream and the connection: the next Welcome resets the
+    /// relay to the head there, with the membership report for it.
+    fn start_over(&mut self, now: Duration, why: &str) {
+        self.stream = None;
+        self.drop_link(now, why);
     }
 
     fn drop_link(&mut self, now: Duration, why: &str) {
