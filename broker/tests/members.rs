@@ -229,6 +229,9 @@ async fn cost(n: usize, reports: Reports) -> ((u64, u64), (u64, u64)) {
     // Joins after the readers, so that their reports do not pile up for it.
     let mut watcher = counted(server.addr.clone(), 2, Reports::Full).await.0;
     publisher.send(mark(0)).await;
+    // Mark 0 is ordered before the newcomer joins: a publish written to the
+    // socket is not yet ordered, and the newcomer's Hello could overtake it.
+    until_mark(&mut watcher, 0).await;
     // The newcomer's attach is ordered when its Hello is taken, before the
     // Welcome it waits for, so mark 1 comes after it.
     let (newcomer, id) = counted(server.addr.clone(), 99, reports).await;
