@@ -108,6 +108,16 @@ pub async fn subscribe(
                     )?;
                 }
             }
+            Event::Diverged { from, seen } => {
+                eprintln!("canopy sub: messages from {from} on were not the agreed stream (seen at {seen}); the agreed stream follows");
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"event": "diverged", "from": from.0, "seen": seen.0})
+                    )?;
+                }
+            }
             Event::StreamReset => {
                 eprintln!(
                     "canopy sub: the server restarted its stream; sequence numbers start again"

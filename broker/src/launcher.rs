@@ -348,6 +348,7 @@ async fn serving(addr: &str) {
                 role: protocol::Role::Client,
                 reports: protocol::Reports::None,
                 connection: 1,
+                weak: false,
             };
             let frame = protocol::encode_client(&ClientFrame::Hello(hello));
             stream.write_all(&frame).await.ok()?;

@@ -197,6 +197,8 @@ async fn a_restarted_server_rejoins_and_catches_up_from_a_peer() {
         hello.resume = Some(Resume {
             stream: welcome.stream,
             after: Seq(0),
+            check: None,
+            agreed: None,
         });
         raw.send(ClientFrame::Hello(hello)).await;
         let mut replayed = Vec::new();

@@ -65,6 +65,12 @@ pub struct ClientOptions {
     /// default) keeps its failover list current; `full` adds
     /// [`Event::View`]s; `none` is the cheapest.
     pub reports: protocol::Reports,
+    /// Weak delivery (DESIGN.md guarantee 6): messages arrive as soon as
+    /// they are ordered, before they are stable, for lower latency. When a
+    /// server failure takes back messages already delivered, every
+    /// subscription is told with [`Event::Diverged`], and the agreed stream
+    /// follows. Cannot be combined with `full` reports. Off by default.
+    pub weak: bool,
     /// Delivery batches buffered per subscription. When the application
     /// lets a subscription fill up, the client drops its connection and
     /// resumes from the last message it handed over, so that the driver
@@ -90,6 +96,7 @@ impl ClientOptions {
             ping_interval: Duration::from_secs(5),
             subscription_batches_max: 256,
             reports: protocol::Reports::Servers,
+            weak: false,
         }
     }
 }
@@ -115,6 +122,16 @@ pub enum Event {
     /// message at `view.seq`. Every subscription of every `full` client is
     /// told the same views at the same positions of the stream.
     View(Arc<View>),
+    /// Weak delivery only: the messages delivered at `from` and later were
+    /// not (all) the agreed stream. A server failed before they were
+    /// stable and the survivors ordered otherwise; the agreed stream from
+    /// `from` on follows this event. Never sent to a strong client.
+    Diverged {
+        /// The first seq whose delivery may have been wrong.
+        from: Seq,
+        /// Where the difference was seen.
+        seen: Seq,
+    },
 }
 
 /// The tree's membership at a position of the stream (`full` reports).
@@ -206,6 +223,8 @@ impl Client {
             subs: Vec::new(),
             pending_subs: VecDeque::new(),
             position: None,
+            check: None,
+            agreed: None,
             batch: Vec::new(),
             servers: options.servers.clone(),
             lost: None,
@@ -402,6 +421,11 @@ struct Driver {
     pending_subs: VecDeque<(String, oneshot::Sender<Result<(), Error>>)>,
     /// Where the application stands: stream and last seq handed over.
     position: Option<(u64, Seq)>,
+    /// The running hash at the last delivery frame taken, checked by the
+    /// server on resume.
+    check: Option<protocol::StreamCheck>,
+    /// Weak delivery: through this seq, what was delivered is agreed.
+    agreed: Option<Seq>,
     /// Scratch space for decoding deliveries.
     batch: Vec<Message>,
     /// The servers to try: the configured list until a server tells its
@@ -480,13 +504,17 @@ impl Driver {
             name: self.options.name.clone(),
             publisher: self.publisher,
             subscriptions: self.subscribed_patterns(),
-            resume: self
-                .position
-                .map(|(stream, after)| Resume { stream, after }),
+            resume: self.position.map(|(stream, after)| Resume {
+                stream,
+                after,
+                check: self.check,
+                agreed: self.agreed,
+            }),
             slow: self.options.slow,
             role: protocol::Role::Client,
             reports: self.options.reports,
             connection: self.connections,
+            weak: self.options.weak,
         };
         let _ = out.send(protocol::encode_client(&ClientFrame::Hello(hello)));
         let welcome = match next_frame(&mut frames).await? {
@@ -533,14 +561,24 @@ impl Driver {
         if protocol::usable_servers(&welcome.servers) {
             self.servers.clone_from(&welcome.servers);
         }
-        match self.position {
+        let fresh = match self.position {
             Some((stream, _)) if stream != welcome.stream => {
                 tracing::warn!(server = %conn.server, "server has a different stream; sequence numbers restart");
-                self.position = Some((welcome.stream, welcome.head));
                 self.notify(Event::StreamReset);
+                true
             }
-            Some(_) => {}
-            None => self.position = Some((welcome.stream, welcome.head)),
+            Some(_) => false,
+            None => true,
+        };
+        if fresh {
+            self.position = Some((welcome.stream, welcome.head));
+            // A weak client starts at the last seq ordered, which may not
+            // be stable yet: it is checked like a delivery.
+            self.check = Some(protocol::StreamCheck {
+                seq: welcome.head,
+                hash: welcome.hash,
+            });
+            self.agreed = welcome.stable;
         }
         self.acknowledge(welcome.pub_acked);
         // A fixed publisher id may have published before this process
@@ -691,7 +729,27 @@ impl Driver {
             }
             ServerFrame::Unsubscribed(s) => self.advance(s.head),
             ServerFrame::Pong(_) => {}
-            ServerFrame::Watermark(w) => self.advance(w.seq),
+            ServerFrame::Watermark(w) => {
+                // A watermark is a stable position (weak clients are told
+                // of any difference before it).
+                if self.options.weak {
+                    self.agreed = self.agreed.max(Some(w.seq));
+                }
+                self.advance(w.seq)
+            }
+            ServerFrame::Diverged(d) => {
+                tracing::warn!(server = %conn.server, from = %d.from, seen = %d.seen, "delivered messages were not the agreed stream; the agreed stream follows");
+                let back = Seq(d.from.0.saturating_sub(1));
+                if let Some((_, at)) = &mut self.position {
+                    *at = (*at).min(back);
+                }
+                self.check = None;
+                self.agreed = Some(back);
+                self.notify(Event::Diverged {
+                    from: d.from,
+                    seen: d.seen,
+                });
+            }
             ServerFrame::Gap(g) => {
                 self.advance(g.to);
                 self.notify(Event::Gap {
@@ -745,6 +803,12 @@ impl Driver {
         let Some(last) = self.batch.last().map(|m| m.seq) else {
             return Ok(());
         };
+        // Taken only with the batch (below), so that a resume checks what
+        // the application was handed.
+        let check = head
+            .hash
+            .map(|hash| protocol::StreamCheck { seq: last, hash })
+            .filter(|c| self.check.is_none_or(|old| c.seq >= old.seq));
         let cap = self.options.subscription_batches_max.max(1);
         self.subs.retain(|s| !s.events.is_disconnected());
         let msgs = &self.batch[skip..];
@@ -759,7 +823,7 @@ impl Driver {
                 }
                 let part: Vec<Event> = self.batch.drain(skip..).map(Event::Message).collect();
                 let _ = sub.events.send(part);
-                self.advance(last);
+                self.took(last, check, head.stable);
                 return Ok(());
             }
         }
@@ -784,8 +848,19 @@ impl Driver {
         for (i, part) in parts {
             let _ = self.subs[i].events.send(part);
         }
-        self.advance(last);
+        self.took(last, check, head.stable);
         Ok(())
+    }
+
+    /// A delivery frame through `last` was handed over.
+    fn took(&mut self, last: Seq, check: Option<protocol::StreamCheck>, stable: Option<Seq>) {
+        self.advance(last);
+        if check.is_some() {
+            self.check = check;
+        }
+        if stable.is_some() {
+            self.agreed = self.agreed.max(stable);
+        }
     }
 
     /// Tells every subscription of a rare event (a gap, a reset); these go

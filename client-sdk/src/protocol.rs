@@ -133,6 +133,10 @@ pub enum ErrorCode {
     Overloaded,
     /// A publish named another publisher, which only a relay may do.
     ForwardNotAllowed,
+    /// `Hello.weak` with something weak delivery cannot serve: `full`
+    /// membership reports (their positions are stable ones) or the relay
+    /// role (a relay's own clients may be strong).
+    WeakNotAllowed,
 }
 
 impl ErrorCode {
@@ -188,6 +192,9 @@ pub mod kind {
     pub const MEMBERS: u8 = 0x89;
     /// Server to client (`servers` reports): the serving tier's servers.
     pub const SERVERS: u8 = 0x8a;
+    /// Server to client (weak delivery): what the client delivered from a
+    /// position on is not the agreed stream; the agreed stream follows.
+    pub const DIVERGED: u8 = 0x8b;
 }
 
 /// Client to server: the first frame on every connection.
@@ -221,6 +228,12 @@ pub struct Hello {
     /// keeps its newest one, whatever order servers report them in.
     #[serde(default)]
     pub connection: u64,
+    /// Weak delivery (DESIGN.md guarantee 6): messages are delivered as
+    /// soon as they are ordered, before they are stable. If a failure
+    /// takes back what was delivered, the server says so with a
+    /// [`DivergedHead`], never silently.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub weak: bool,
 }
 
 /// What a client is told of membership (DESIGN.md, "Membership reports").
@@ -319,6 +332,37 @@ pub struct Resume {
     /// The last sequence number the client delivered or was told of by a
     /// watermark.
     pub after: Seq,
+    /// The running hash of the stream at the last delivery frame the
+    /// client took ([`DeliverHead::hash`]): the server compares it with
+    /// its own at that seq, and a difference is reported as a
+    /// [`DivergedHead`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<StreamCheck>,
+    /// Weak delivery: the position through which the client's stream is
+    /// known to be the agreed one ([`DeliverHead::stable`]); on a
+    /// difference the agreed stream is replayed from after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreed: Option<Seq>,
+}
+
+/// A point of the ordered stream and its running hash there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamCheck {
+    /// The seq.
+    pub seq: Seq,
+    /// The running hash of the whole stream through `seq` ([`chain`]).
+    pub hash: u64,
+}
+
+/// The running hash of the ordered stream: the hash through the message
+/// `(seq, publisher, pub_seq)` from the hash through the one before it (0
+/// before seq 1). A publisher's `(publisher, pub_seq)` names one message,
+/// so two streams with the same hash at a seq hold, with near certainty,
+/// the same messages up to it.
+pub fn chain(prev: u64, seq: Seq, publisher: PublisherId, pub_seq: PubSeq) -> u64 {
+    [seq.0, publisher.0, pub_seq.0]
+        .into_iter()
+        .fold(prev, |h, v| splitmix64(h ^ v))
 }
 
 /// Client to server: add or remove one subscription.
@@ -438,6 +482,13 @@ pub struct Welcome {
     /// siblings (the client keeps its own list).
     #[serde(default)]
     pub servers: Vec<String>,
+    /// The running hash of the stream through `head` ([`chain`]).
+    #[serde(default)]
+    pub hash: u64,
+    /// Weak delivery only: the stable position (`head` is then the last
+    /// seq ordered, stable or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<Seq>,
 }
 
 /// One message inside a [`Deliver`] head. Its topic and payload follow, in
@@ -450,6 +501,27 @@ pub struct DeliverEntry(pub Seq, pub PublisherId, pub PubSeq, pub u16, pub u32);
 pub struct DeliverHead {
     /// `(seq, publisher, pub_seq, topic_len, payload_len)` per message.
     pub msgs: Vec<DeliverEntry>,
+    /// The running hash of the whole stream ([`chain`]) through the last
+    /// message of this frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<u64>,
+    /// Weak delivery only: the server's stable position when it sent the
+    /// frame. Through it, what the client was sent is the agreed stream
+    /// (a difference would have been reported before this frame).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<Seq>,
+}
+
+/// Server to client (weak delivery): the messages this client was sent at
+/// seqs `from` and later are not (all) the agreed stream: a server that
+/// ordered them failed before they were stable, and the survivors ordered
+/// otherwise. The agreed stream from `from` on follows this frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DivergedHead {
+    /// The first seq whose delivery may have been wrong.
+    pub from: Seq,
+    /// The seq at which the difference was seen (`>= from`).
+    pub seen: Seq,
 }
 
 /// Server to client: every publish of this connection's publisher up to and
@@ -551,6 +623,9 @@ pub enum ServerFrame {
     Members(MembersHead),
     /// The serving tier's servers (`servers` reports).
     Servers(ServersHead),
+    /// Weak delivery: the stream delivered from a position on was not the
+    /// agreed one.
+    Diverged(DivergedHead),
 }
 
 /// Why a frame could not be decoded.
@@ -672,7 +747,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         }
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
-        k if (0x80..=kind::SERVERS).contains(&k) => return Err(DecodeError::WrongDirection(k)),
+        k if (0x80..=kind::DIVERGED).contains(&k) => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
 }
@@ -710,6 +785,7 @@ pub fn decode_server(content: Bytes) -> Result<ServerFrame, DecodeError> {
         kind::PONG => ServerFrame::Pong(no_body(k, split(k, &content)?)?),
         kind::MEMBERS => ServerFrame::Members(no_body(k, split(k, &content)?)?),
         kind::SERVERS => ServerFrame::Servers(no_body(k, split(k, &content)?)?),
+        kind::DIVERGED => ServerFrame::Diverged(no_body(k, split(k, &content)?)?),
         k if k < 0x80 => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
@@ -743,6 +819,7 @@ pub fn encode_server(frame: &ServerFrame) -> Bytes {
         ServerFrame::Pong(h) => encode(kind::PONG, h, &[]),
         ServerFrame::Members(h) => encode(kind::MEMBERS, h, &[]),
         ServerFrame::Servers(h) => encode(kind::SERVERS, h, &[]),
+        ServerFrame::Diverged(h) => encode(kind::DIVERGED, h, &[]),
     }
 }
 
@@ -799,6 +876,14 @@ impl DeliverBuilder {
 
     /// Encodes the frame (with length prefix) and clears the builder.
     pub fn finish(&mut self) -> Bytes {
+        self.finish_with(None, None)
+    }
+
+    /// Encodes the frame with the running hash through its last message
+    /// and, for weak delivery, the stable position; clears the builder.
+    pub fn finish_with(&mut self, hash: Option<u64>, stable: Option<Seq>) -> Bytes {
+        self.head.hash = hash;
+        self.head.stable = stable;
         let frame = encode(kind::DELIVER, &self.head, &self.body);
         self.head.msgs.clear();
         self.body.clear();
@@ -853,7 +938,11 @@ fn rendezvous_weight(key: u64, server: &str) -> u64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    let mut z = h ^ key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    splitmix64(h ^ key.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// SplitMix64's finaliser: a fast, well-mixing bijection of `u64`.
+fn splitmix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -954,11 +1043,17 @@ mod tests {
                 resume: Some(Resume {
                     stream: 3,
                     after: Seq(9),
+                    check: Some(StreamCheck {
+                        seq: Seq(8),
+                        hash: u64::MAX,
+                    }),
+                    agreed: Some(Seq(5)),
                 }),
                 slow: SlowPolicy::Conflate,
                 role: Role::Relay,
                 reports: Reports::Full,
                 connection: 2,
+                weak: true,
             }),
             ClientFrame::Subscribe(SubscribeHead {
                 pattern: "a.*".into(),
@@ -980,6 +1075,41 @@ mod tests {
             assert_eq!(len, bytes.len() - 4);
             assert_eq!(decode_client(content(bytes)), Ok(f));
         }
+    }
+
+    #[test]
+    fn weak_delivery_frames_round_trip() {
+        let mut b = DeliverBuilder::default();
+        b.push(Seq(4), PublisherId(1), PubSeq(2), "a.b", b"x");
+        let deliver = content(b.finish_with(Some(42), Some(Seq(3))));
+        match decode_server(deliver) {
+            Ok(ServerFrame::Deliver(head, _)) => {
+                assert_eq!((head.hash, head.stable), (Some(42), Some(Seq(3))));
+            }
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+        let diverged = ServerFrame::Diverged(DivergedHead {
+            from: Seq(7),
+            seen: Seq(9),
+        });
+        assert_eq!(
+            decode_server(content(encode_server(&diverged))),
+            Ok(diverged)
+        );
+    }
+
+    #[test]
+    fn the_running_hash_tells_order_and_content_apart() {
+        let (p, q) = (PublisherId(1), PublisherId(2));
+        let ab = chain(chain(0, Seq(1), p, PubSeq(1)), Seq(2), q, PubSeq(1));
+        let ba = chain(chain(0, Seq(1), q, PubSeq(1)), Seq(2), p, PubSeq(1));
+        let ac = chain(chain(0, Seq(1), p, PubSeq(1)), Seq(2), q, PubSeq(2));
+        assert_ne!(ab, ba, "another order");
+        assert_ne!(ab, ac, "another message");
+        assert_eq!(
+            ab,
+            chain(chain(0, Seq(1), p, PubSeq(1)), Seq(2), q, PubSeq(1))
+        );
     }
 
     #[test]

@@ -36,9 +36,9 @@ use super::retention::{Ordered, Retention};
 use super::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
-    self, kind, DeliverBuilder, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry, MembersHead,
-    PingHead, PubAck, PubSeq, Publish, PublisherId, Reports, Role, Seq, ServerEntry, ServersHead,
-    SlowPolicy, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
+    self, kind, DeliverBuilder, DivergedHead, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry,
+    MembersHead, PingHead, PubAck, PubSeq, Publish, PublisherId, Reports, Role, Seq, ServerEntry,
+    ServersHead, SlowPolicy, StreamCheck, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
 };
 use canopy_client::topic::{is_system, Pattern, Topic};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -221,6 +221,15 @@ struct Session {
     /// it connected: after its first publish, a client's new pub_seqs
     /// follow on.
     last_pub_seq: Option<PubSeq>,
+    /// Weak delivery: it is sent what the group holds, before it is stable.
+    weak: bool,
+    /// Weak delivery: the last seq queued for it (its stream position as
+    /// far as this server knows).
+    weak_sent: Seq,
+    /// A point of the stream the client holds that this server has not
+    /// reached yet: checked when it does. With the position through which
+    /// the client's stream is agreed, replayed from on a difference.
+    claim: Option<(StreamCheck, Seq)>,
 }
 
 struct SessionHello {
@@ -297,6 +306,20 @@ pub struct Node {
     /// Whether this node serves the core tier (its clients' servers are
     /// the core's, so `servers` reports follow core views).
     core_tier: bool,
+    /// The running hash of the stream through `head`.
+    hash: u64,
+    /// Weak delivery: what the group holds after `head`, ordered but not
+    /// yet stable, contiguous, with running hashes.
+    unstable: VecDeque<Ordered>,
+    /// The subscriptions of weak sessions (they are not in `index`).
+    weak_index: Index,
+    /// Live weak sessions.
+    weak_live: usize,
+    /// Stable messages that are new to weak sessions too (in a relay, or
+    /// a node that orders alone, nothing is held before it is stable).
+    weak_pending: Vec<Ordered>,
+    /// Sessions with a `claim` to check.
+    checks: Vec<SessionId>,
 }
 
 /// Counters for logs, benchmarks and the dashboard.
@@ -322,6 +345,8 @@ pub struct Stats {
     pub bytes_out: u64,
     /// Connections opened.
     pub connects: u64,
+    /// Sessions told that what they were sent was not the agreed stream.
+    pub diverged: u64,
 }
 
 /// What the node knows of one session, for operators.
@@ -375,6 +400,12 @@ impl Node {
             reporting_full: BTreeSet::new(),
             reporting_servers: BTreeSet::new(),
             core_tier: false,
+            hash: 0,
+            unstable: VecDeque::new(),
+            weak_index: Index::new(4096),
+            weak_live: 0,
+            weak_pending: Vec::new(),
+            checks: Vec::new(),
             config,
         }
     }
@@ -465,6 +496,9 @@ impl Node {
                 forwarded: HashMap::new(),
                 refused: HashMap::new(),
                 last_pub_seq: None,
+                weak: false,
+                weak_sent: Seq(0),
+                claim: None,
             },
         );
         self.now = now;
@@ -488,8 +522,13 @@ impl Node {
         if let Some(s) = self.sessions.remove(&session) {
             self.journal
                 .record(now, EventKind::Disconnect, format!("session {session}"));
+            let index = if s.weak {
+                &mut self.weak_index
+            } else {
+                &mut self.index
+            };
             for p in &s.patterns {
-                self.index.remove(p, session);
+                index.remove(p, session);
             }
             self.session_gone(session, s);
         }
@@ -553,8 +592,13 @@ impl Node {
                 );
                 if let Some(s) = self.sessions.get_mut(&session) {
                     s.closing = true;
+                    let index = if s.weak {
+                        &mut self.weak_index
+                    } else {
+                        &mut self.index
+                    };
                     for p in std::mem::take(&mut s.patterns) {
-                        self.index.remove(&p, session);
+                        index.remove(&p, session);
                     }
                 }
                 // Ahead of everything queued: what is queued for this session
@@ -807,6 +851,10 @@ impl Node {
             );
             return self.close_with_error(session, ErrorCode::UnsupportedVersion, msg);
         }
+        if hello.weak && (hello.reports == Reports::Full || hello.role == Role::Relay) {
+            let msg = "weak delivery cannot be combined with full membership reports (their positions are stable ones) or the relay role".to_owned();
+            return self.close_with_error(session, ErrorCode::WeakNotAllowed, msg);
+        }
         if hello.subscriptions.len() > self.config.subscriptions_per_session_max {
             let msg = format!(
                 "{} subscriptions, at most {} per connection",
@@ -828,9 +876,20 @@ impl Node {
         // Order what is pending first, so the replay below and the live
         // stream after it meet exactly at `head`.
         self.fan_out();
+        let index = if hello.weak {
+            &mut self.weak_index
+        } else {
+            &mut self.index
+        };
         for p in &patterns {
-            self.index.insert(p, session);
+            index.insert(p, session);
         }
+        // A weak client starts after the last seq ordered, stable or not.
+        let head = if hello.weak {
+            self.weak_head()
+        } else {
+            self.head
+        };
         let pub_acked = self
             .publishers
             .get(&hello.publisher)
@@ -840,23 +899,48 @@ impl Node {
             server: self.config.name.clone(),
             session: session.0,
             stream: self.config.stream,
-            head: self.head,
+            head,
             pub_acked,
             frame_len_max: u32::try_from(self.config.frame_len_max).unwrap_or(u32::MAX),
             servers: self.config.servers.clone(),
+            hash: self.hash_at(head).unwrap_or_default(),
+            stable: hello.weak.then_some(self.head),
         };
         self.control(session, kind::WELCOME, &welcome);
-        let resume_after = hello
-            .resume
-            .filter(|r| r.stream == self.config.stream)
-            .map(|r| r.after);
+        let resume = hello.resume.filter(|r| r.stream == self.config.stream);
+        let resume_after = resume.map(|r| r.after);
+        // The client's stream must be this server's up to where it stands.
+        let (mut claim, mut diverged) = (None, None);
+        if let Some((check, r)) = resume.and_then(|r| Some((r.check?, r))) {
+            let agreed = r
+                .agreed
+                .unwrap_or(r.after)
+                .min(Seq(check.seq.0.saturating_sub(1)));
+            match self.hash_at(check.seq) {
+                Some(hash) if hash == check.hash => {}
+                Some(_) => diverged = Some((agreed, check.seq)),
+                // Not reached yet: checked when it is.
+                None if check.seq > self.weak_head() => claim = Some((check, agreed)),
+                // Older than retention: the replay reports what is missing.
+                None => {}
+            }
+        }
+        if claim.is_some() {
+            self.checks.push(session);
+        }
+        if hello.weak {
+            self.weak_live += 1;
+        }
         if self.grouped {
             self.publisher_sessions.insert(hello.publisher, session);
         }
         if let Some(s) = self.sessions.get_mut(&session) {
             s.submitted = pub_acked;
             s.patterns = patterns;
-            s.sent_through = self.head;
+            s.sent_through = head;
+            s.weak = hello.weak;
+            s.weak_sent = head;
+            s.claim = claim;
             s.hello = Some(SessionHello {
                 entry: MemberEntry {
                     id: hello.publisher,
@@ -873,14 +957,15 @@ impl Node {
                 reports: hello.reports,
             });
         }
-        match resume_after.filter(|a| *a < self.head) {
-            Some(after) => {
-                if let Some(s) = self.sessions.get_mut(&session) {
-                    s.catch_up = Some(after);
-                    self.catching_up.push(session);
-                }
+        if let Some((agreed, seen)) = diverged {
+            self.diverge(session, agreed, seen);
+        } else if let Some(after) = resume_after.filter(|a| *a < head) {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.catch_up = Some(after);
+                self.catching_up.push(session);
             }
-            None => self.start_reports(session),
+        } else {
+            self.start_reports(session);
         }
         if let Some(entry) = self
             .sessions
@@ -903,6 +988,7 @@ impl Node {
     /// the session goes live.
     fn next_catch_up(&mut self) -> Option<Output> {
         let limits = FrameLimits::new(self.config.frame_len_max);
+        let weak_head = self.weak_head();
         let mut i = 0;
         while i < self.catching_up.len() {
             let session = self.catching_up[i];
@@ -918,7 +1004,12 @@ impl Node {
                 i += 1;
                 continue;
             }
-            if after >= self.head {
+            // A weak session is caught up through what is held, too.
+            let (limit, held) = match s.weak {
+                true => (weak_head, self.unstable.len()),
+                false => (self.head, 0),
+            };
+            if after >= limit {
                 s.catch_up = None;
                 self.catching_up.swap_remove(i);
                 self.start_reports(session);
@@ -946,8 +1037,13 @@ impl Node {
                 });
             }
             let mut first = None;
-            let mut through = self.head;
-            for m in self.retention.after(after) {
+            let mut last = (after, 0);
+            let mut through = limit;
+            let stream = self
+                .retention
+                .after(after)
+                .chain(self.unstable.iter().take(held));
+            for m in stream.filter(|m| m.seq > after) {
                 if !s.patterns.iter().any(|p| p.matches(&m.topic)) {
                     continue;
                 }
@@ -956,15 +1052,20 @@ impl Node {
                     break;
                 }
                 first.get_or_insert(m.seq);
+                last = (m.seq, m.hash);
                 self.fanout
                     .builder
                     .push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
             }
             s.catch_up = Some(through);
             if let Some(first) = first {
+                if s.weak {
+                    s.weak_sent = last.0;
+                }
+                let stable = s.weak.then_some(self.head);
                 return Some(Output::Transmit {
                     session,
-                    frame: self.fanout.builder.finish(),
+                    frame: self.fanout.builder.finish_with(Some(last.1), stable),
                     kind: TransmitKind::Replay,
                     seqs: (first, through),
                 });
@@ -977,10 +1078,13 @@ impl Node {
     /// How far `session` has been sent everything it matches: the head,
     /// or a catch-up's cursor (a client advances its position to this).
     fn sent_head(&self, session: SessionId) -> Seq {
-        self.sessions
-            .get(&session)
-            .and_then(|s| s.catch_up)
-            .unwrap_or(self.head)
+        match self.sessions.get(&session) {
+            Some(Session {
+                catch_up: Some(at), ..
+            }) => *at,
+            Some(s) if s.weak => self.weak_head(),
+            _ => self.head,
+        }
     }
 
     fn on_subscribe(&mut self, session: SessionId, text: &str) {
@@ -1004,8 +1108,13 @@ impl Node {
             // Fan out what is pending under the old subscriptions, so that the
             // new one starts exactly after `head` as the answer says.
             self.fan_out();
-            self.index.insert(&pattern, session);
             if let Some(s) = self.sessions.get_mut(&session) {
+                let index = if s.weak {
+                    &mut self.weak_index
+                } else {
+                    &mut self.index
+                };
+                index.insert(&pattern, session);
                 s.patterns.push(pattern);
             }
         }
@@ -1027,7 +1136,12 @@ impl Node {
         if let Some(s) = self.sessions.get_mut(&session) {
             if let Some(i) = s.patterns.iter().position(|p| *p == pattern) {
                 s.patterns.swap_remove(i);
-                self.index.remove(&pattern, session);
+                let index = if s.weak {
+                    &mut self.weak_index
+                } else {
+                    &mut self.index
+                };
+                index.remove(&pattern, session);
             }
         }
         let answer = SubscribedHead {
@@ -1132,6 +1246,7 @@ impl Node {
                     publisher,
                     pub_seq,
                     payload,
+                    hash: 0,
                 });
                 PubAck {
                     pub_seq,
@@ -1312,6 +1427,235 @@ impl Node {
         self.fan_out();
     }
 
+    /// In a group: messages the group now holds, ordered but not yet
+    /// stable. Weak sessions are sent them at once; everyone gets them
+    /// again through [`Node::handle_ordered`] once they are stable.
+    ///
+    /// # Panics
+    /// If the seqs do not continue what is held: the group broke its
+    /// contract.
+    pub fn handle_held(&mut self, now: Duration, msgs: Vec<Ordered>) {
+        self.now = now;
+        let from = self.unstable.len();
+        for mut m in msgs {
+            let (last, prev) = self
+                .unstable
+                .back()
+                .map_or((self.head, self.hash), |u| (u.seq, u.hash));
+            assert_eq!(
+                m.seq,
+                last.next(),
+                "invariant: the group holds contiguous seqs"
+            );
+            m.hash = protocol::chain(prev, m.seq, m.publisher, m.pub_seq);
+            m.topic = self.intern(&m.topic);
+            self.unstable.push_back(m);
+        }
+        if self.weak_live == 0 {
+            return;
+        }
+        // What is stable goes out first, and claims are checked before
+        // anything past them is sent.
+        self.fan_out();
+        let batch: Vec<Ordered> = self.unstable.range(from..).cloned().collect();
+        self.weak_fan_out(&batch);
+    }
+
+    /// In a group: a view change took back the held messages after
+    /// `after` (never stable). Weak sessions sent any of them are checked
+    /// when the stream reaches what they were sent again: a difference is
+    /// reported to them (DESIGN.md guarantee 6), sameness is not.
+    pub fn handle_unheld(&mut self, now: Duration, after: Seq) {
+        self.now = now;
+        self.unheld(after);
+    }
+
+    /// The last seq held: stable or not.
+    fn weak_head(&self) -> Seq {
+        self.unstable.back().map_or(self.head, |m| m.seq)
+    }
+
+    /// The running hash through `seq`, if this node still knows it.
+    fn hash_at(&self, seq: Seq) -> Option<u64> {
+        if seq > self.head {
+            let first = self.unstable.front()?.seq;
+            let i = usize::try_from(seq.0.checked_sub(first.0)?).ok()?;
+            return self.unstable.get(i).map(|m| m.hash);
+        }
+        if seq == self.head {
+            return Some(self.hash);
+        }
+        // Stable but not yet retained: the pending batch runs to `head`.
+        match self.pending.first() {
+            Some(p) if seq >= p.seq => self
+                .pending
+                .get(usize::try_from(seq.0 - p.seq.0).ok()?)
+                .map(|m| m.hash),
+            _ => self.retention.hash_at(seq),
+        }
+    }
+
+    /// `m` became stable. Weak sessions were sent it when it was held, or
+    /// are sent it now (nothing was held: a relay, a node alone).
+    fn stabilize(&mut self, m: &Ordered) {
+        if let Some(u) = self.unstable.front() {
+            if u.seq == m.seq && u.hash == m.hash {
+                self.unstable.pop_front();
+                return;
+            }
+            // The group delivered other than it held without taking that
+            // back first; weak sessions are checked as if it had.
+            tracing::error!(
+                seq = m.seq.0,
+                held = u.seq.0,
+                "a stable message differs from the one held"
+            );
+            self.unheld(Seq(m.seq.0 - 1));
+        }
+        if self.weak_live > 0 {
+            self.weak_pending.push(m.clone());
+        }
+    }
+
+    /// Drops the held messages after `after`; each weak session sent one
+    /// of them gets a claim on what it holds, checked when the stream
+    /// reaches it again.
+    fn unheld(&mut self, after: Seq) {
+        let Some(first) = self.unstable.front().map(|m| m.seq) else {
+            return;
+        };
+        if after >= self.weak_head() {
+            return;
+        }
+        let mut hit: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.weak && !s.closing && s.weak_sent > after)
+            .map(|(id, _)| *id)
+            .collect();
+        // In session order, so that one input always gives the same outputs.
+        hit.sort_unstable();
+        for id in hit {
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            let held = usize::try_from(s.weak_sent.0 - first.0)
+                .ok()
+                .and_then(|i| self.unstable.get(i));
+            let sent = StreamCheck {
+                seq: s.weak_sent,
+                hash: held.map_or(0, |m| m.hash),
+            };
+            // A claim from its resume, further on, stands.
+            let check = match s.claim {
+                Some((c, _)) if c.seq > sent.seq => c,
+                _ => sent,
+            };
+            if s.claim.is_none() {
+                self.checks.push(id);
+            }
+            let agreed = s.claim.map_or(after, |(_, a)| a.min(after));
+            s.claim = Some((check, agreed));
+            // A catch-up past `after` reads the new messages from there.
+            if s.catch_up.is_some_and(|c| c > after) {
+                s.catch_up = Some(after);
+            }
+        }
+        self.unstable
+            .truncate(usize::try_from(after.0 + 1 - first.0).unwrap_or(0));
+        self.journal.record(
+            self.now,
+            EventKind::View,
+            format!("held messages after seq {after} taken back by a view change"),
+        );
+    }
+
+    /// Checks the claims the stream has reached.
+    fn resolve_checks(&mut self) {
+        if self.checks.is_empty() {
+            return;
+        }
+        let reached = self.weak_head();
+        let mut due = Vec::new();
+        self.checks.retain(|id| {
+            match self
+                .sessions
+                .get(id)
+                .and_then(|s| s.claim.filter(|_| !s.closing))
+            {
+                Some((check, agreed)) if check.seq <= reached => {
+                    due.push((*id, check, agreed));
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            }
+        });
+        for (id, check, agreed) in due {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.claim = None;
+            }
+            // Not known any more (long past): a difference cannot be ruled out.
+            if self.hash_at(check.seq) != Some(check.hash) {
+                self.diverge(id, agreed, check.seq);
+            }
+        }
+    }
+
+    /// Tells `session` that what it was sent after `agreed` is not the
+    /// agreed stream (seen at `seen`), and replays that from `agreed`.
+    fn diverge(&mut self, session: SessionId, agreed: Seq, seen: Seq) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if s.catch_up.is_none() {
+            self.catching_up.push(session);
+        }
+        s.catch_up = Some(s.catch_up.map_or(agreed, |c| c.min(agreed)));
+        s.replay_stalled = false;
+        s.weak_sent = agreed;
+        self.stats.diverged += 1;
+        let detail = format!(
+            "session {session}: its stream after seq {agreed} was not the agreed one (seen at {seen}); replayed"
+        );
+        self.journal.record(self.now, EventKind::Gap, detail);
+        let head = DivergedHead {
+            from: agreed.next(),
+            seen,
+        };
+        self.control(session, kind::DIVERGED, &head);
+    }
+
+    /// Queues `batch` for the weak sessions that match it.
+    fn weak_fan_out(&mut self, batch: &[Ordered]) {
+        let limits = FrameLimits::new(self.config.frame_len_max);
+        let from = self.outputs.len();
+        let (frames, delivered) = self.fanout.run(
+            batch,
+            &mut self.weak_index,
+            limits,
+            Some(self.head),
+            &mut self.outputs,
+        );
+        self.stats.deliver_frames += frames;
+        self.stats.delivered += delivered;
+        for out in self.outputs.range(from..) {
+            if let Output::Transmit {
+                session,
+                kind: TransmitKind::Deliver,
+                seqs,
+                ..
+            } = out
+            {
+                if let Some(s) = self.sessions.get_mut(session) {
+                    if s.catch_up.is_none() {
+                        s.weak_sent = s.weak_sent.max(seqs.1);
+                    }
+                }
+            }
+        }
+    }
+
     /// In a group: whether this server is in the primary view. When it is
     /// not, every client is told `not_primary` and closed, so it moves to a
     /// server that orders (DESIGN.md guarantee 7), and new ones are refused.
@@ -1358,15 +1702,24 @@ impl Node {
         for (id, pub_seq, seq) in state.publishers {
             self.remember_publisher(id, pub_seq, seq);
         }
-        self.retention = Retention::new(
+        // Nothing held survives: the sessions were closed.
+        self.unstable.clear();
+        self.weak_pending.clear();
+        let before = Seq(state.head.0.saturating_sub(state.msgs.len() as u64));
+        self.retention = Retention::starting_after(
             self.config.retention_count_max,
             self.config.retention_bytes_max,
+            before,
+            state.hash,
         );
         if let Some(report) = state.members {
             self.members.install(report);
         }
+        self.hash = state.hash;
         for (i, m) in state.msgs.into_iter().enumerate() {
-            let mut m = m.ordered(Seq(state.first.0 + i as u64));
+            let mut m = m.ordered(Seq(before.0 + 1 + i as u64));
+            m.hash = protocol::chain(self.hash, m.seq, m.publisher, m.pub_seq);
+            self.hash = m.hash;
             m.topic = self.intern(&m.topic);
             self.retention.push(m);
         }
@@ -1400,7 +1753,11 @@ impl Node {
         }
         let msgs: Vec<Msg> = all[all.len() - keep..].iter().map(|m| Msg::of(m)).collect();
         let first = Seq(self.head.0 + 1 - msgs.len() as u64);
+        let hash = self
+            .hash_at(Seq(first.0 - 1))
+            .expect("invariant: the hash before the oldest retained message is kept");
         Snapshot {
+            hash,
             stream: self.config.stream,
             head: self.head,
             publishers,
@@ -1517,6 +1874,9 @@ impl Node {
 
     /// A session ended: its client detaches (an ordered event).
     fn session_gone(&mut self, session: SessionId, s: Session) {
+        if s.weak {
+            self.weak_live -= 1;
+        }
         self.reporting_full.remove(&session);
         self.reporting_servers.remove(&session);
         let Some(h) = &s.hello else {
@@ -1560,6 +1920,7 @@ impl Node {
             publisher: id,
             pub_seq,
             payload,
+            hash: 0,
         });
     }
 
@@ -1567,7 +1928,10 @@ impl Node {
     /// event is applied here, at its position: what precedes it goes out
     /// first, then the reports of its change (DESIGN.md guarantee 4 at the
     /// clients: one change, one position, everywhere).
-    fn push_ordered(&mut self, m: Ordered) {
+    fn push_ordered(&mut self, mut m: Ordered) {
+        m.hash = protocol::chain(self.hash, m.seq, m.publisher, m.pub_seq);
+        self.hash = m.hash;
+        self.stabilize(&m);
         if &*m.topic != MEMBERS_TOPIC {
             self.pending.push(m);
             if self.pending.len() >= self.config.batch_len_max {
@@ -1702,18 +2066,23 @@ impl Node {
     /// Fans the pending batch out to matching sessions, retains it, and
     /// queues the acknowledgements it earned.
     fn fan_out(&mut self) {
+        self.resolve_checks();
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             let limits = FrameLimits::new(self.config.frame_len_max);
             let (frames, delivered) =
                 self.fanout
-                    .run(&batch, &mut self.index, limits, &mut self.outputs);
+                    .run(&batch, &mut self.index, limits, None, &mut self.outputs);
             self.stats.deliver_frames += frames;
             self.stats.delivered += delivered;
             for m in batch {
                 self.topics.count(&m.topic, m.payload.len());
                 self.retention.push(m);
             }
+        }
+        if !self.weak_pending.is_empty() {
+            let batch = std::mem::take(&mut self.weak_pending);
+            self.weak_fan_out(&batch);
         }
         for session in self.acks_due.drain(..) {
             let Some(ack) = self
@@ -1758,8 +2127,13 @@ impl Node {
         }
         s.closing = true;
         s.drain = true;
+        let index = if s.weak {
+            &mut self.weak_index
+        } else {
+            &mut self.index
+        };
         for p in std::mem::take(&mut s.patterns) {
-            self.index.remove(&p, session);
+            index.remove(&p, session);
         }
         // Anything this session published before the bad frame is ordered
         // and its acknowledgement goes out before the error (drain).
@@ -1888,6 +2262,7 @@ impl Fanout {
         batch: &[Ordered],
         index: &mut Index,
         limits: FrameLimits,
+        stable: Option<Seq>,
         out: &mut VecDeque<Output>,
     ) -> (u64, u64) {
         self.groups.clear();
@@ -1910,7 +2285,7 @@ impl Fanout {
         let mut delivered = 0;
         if self.groups.len() == 1 {
             let (set, idx) = &self.groups[0];
-            let frames = encode_frames(&mut self.builder, batch, idx, limits);
+            let frames = encode_frames(&mut self.builder, batch, idx, limits, stable);
             encoded += frames.len() as u64;
             delivered += (idx.len() * set.len()) as u64;
             for &session in set.iter() {
@@ -1942,7 +2317,7 @@ impl Fanout {
                     self.merged.extend_from_slice(&self.groups[g as usize].1);
                 }
                 self.merged.sort_unstable();
-                let frames = encode_frames(&mut self.builder, batch, &self.merged, limits);
+                let frames = encode_frames(&mut self.builder, batch, &self.merged, limits, stable);
                 encoded += frames.len() as u64;
                 self.frames
                     .insert(key.clone(), (frames, self.merged.len() as u64));
@@ -1961,29 +2336,32 @@ impl Fanout {
 /// A delivery frame with the first and last seq it carries.
 type EncodedFrame = (Bytes, Seq, Seq);
 
-/// Encodes the messages `idx` of `batch` into as few frames as the limits allow.
+/// Encodes the messages `idx` of `batch` into as few frames as the limits
+/// allow, each with the running hash through its last message (and, for
+/// weak sessions, the `stable` position).
 fn encode_frames(
     b: &mut DeliverBuilder,
     batch: &[Ordered],
     idx: &[u32],
     limits: FrameLimits,
+    stable: Option<Seq>,
 ) -> Vec<(Bytes, Seq, Seq)> {
     let mut frames = Vec::with_capacity(1);
     let mut first = Seq(0);
-    let mut last = Seq(0);
+    let mut last = (Seq(0), 0);
     for &i in idx {
         let m = &batch[i as usize];
         if limits.full(b, m) {
-            frames.push((b.finish(), first, last));
+            frames.push((b.finish_with(Some(last.1), stable), first, last.0));
         }
         if b.is_empty() {
             first = m.seq;
         }
-        last = m.seq;
+        last = (m.seq, m.hash);
         b.push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
     }
     if !b.is_empty() {
-        frames.push((b.finish(), first, last));
+        frames.push((b.finish_with(Some(last.1), stable), first, last.0));
     }
     frames
 }

@@ -24,6 +24,10 @@ pub struct Ordered {
     pub pub_seq: PubSeq,
     /// The payload.
     pub payload: Bytes,
+    /// The running hash of the whole stream through this message
+    /// ([`chain`](canopy_client::protocol::chain)); set by the node that
+    /// takes it into its stream, 0 before.
+    pub hash: u64,
 }
 
 impl Ordered {
@@ -40,6 +44,9 @@ pub struct Retention {
     bytes: usize,
     count_max: usize,
     bytes_max: usize,
+    /// The seq just before the first message held, and the running hash
+    /// through it.
+    base: (Seq, u64),
 }
 
 impl Retention {
@@ -51,7 +58,33 @@ impl Retention {
             bytes: 0,
             count_max,
             bytes_max,
+            base: (Seq(0), 0),
         }
+    }
+
+    /// An empty buffer whose stream continues after `seq`, where the
+    /// running hash is `hash`.
+    pub fn starting_after(count_max: usize, bytes_max: usize, seq: Seq, hash: u64) -> Self {
+        Retention {
+            base: (seq, hash),
+            ..Retention::new(count_max, bytes_max)
+        }
+    }
+
+    /// The running hash through `seq`, if `seq` is held or is the one just
+    /// before the first held.
+    pub fn hash_at(&self, seq: Seq) -> Option<u64> {
+        let (base, hash) = self.base;
+        if seq == base {
+            return Some(hash);
+        }
+        let i = usize::try_from(seq.0.checked_sub(base.0 + 1)?).ok()?;
+        self.msgs.get(i).map(|m| m.hash)
+    }
+
+    /// The seq before the first message held and the hash through it.
+    pub fn base(&self) -> (Seq, u64) {
+        self.base
     }
 
     /// Appends the next message, evicting the oldest ones over the bounds.
@@ -60,13 +93,12 @@ impl Retention {
     /// If `msg.seq` does not follow the newest retained message: the caller
     /// orders messages, and a hole would make resume silently lossy.
     pub fn push(&mut self, msg: Ordered) {
-        if let Some(last) = self.msgs.back() {
-            assert_eq!(
-                msg.seq,
-                last.seq.next(),
-                "invariant: retained sequence numbers are contiguous"
-            );
-        }
+        let last = self.msgs.back().map_or(self.base.0, |m| m.seq);
+        assert_eq!(
+            msg.seq,
+            last.next(),
+            "invariant: retained sequence numbers are contiguous"
+        );
         self.bytes += msg.cost();
         self.msgs.push_back(msg);
         while self.msgs.len() > self.count_max
@@ -74,6 +106,7 @@ impl Retention {
         {
             if let Some(old) = self.msgs.pop_front() {
                 self.bytes -= old.cost();
+                self.base = (old.seq, old.hash);
             }
         }
     }
@@ -119,6 +152,7 @@ mod tests {
             publisher: PublisherId(1),
             pub_seq: PubSeq(seq),
             payload: Bytes::from(vec![0; len]),
+            hash: 0,
         }
     }
 
@@ -145,6 +179,25 @@ mod tests {
         }
         assert_eq!(r.len(), 1);
         assert!(r.bytes() <= 200);
+    }
+
+    #[test]
+    fn hashes_are_found_from_the_seq_before_the_first_held_to_the_last() {
+        let mut r = Retention::starting_after(2, 1 << 20, Seq(10), 77);
+        assert_eq!(r.hash_at(Seq(10)), Some(77));
+        for s in 11..=13 {
+            r.push(Ordered {
+                hash: s * 100,
+                ..msg(s, 1)
+            });
+        }
+        // 11 left; the hash through it is the new base.
+        assert_eq!(r.base(), (Seq(11), 1100));
+        let found: Vec<_> = (9..=14).map(|s| r.hash_at(Seq(s))).collect();
+        assert_eq!(
+            found,
+            [None, None, Some(1100), Some(1200), Some(1300), None]
+        );
     }
 
     #[test]

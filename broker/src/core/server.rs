@@ -347,6 +347,8 @@ fn pump_core(
                 moved = true;
                 match event {
                     Event::Deliver(batch) => node.handle_ordered(now, batch),
+                    Event::Held(msgs) => node.handle_held(now, msgs),
+                    Event::Unheld { after } => node.handle_unheld(now, after),
                     Event::View { view, .. } => {
                         node.set_stream(view.stream);
                         node.set_primary(now, group.is_primary());

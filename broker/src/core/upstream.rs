@@ -139,6 +139,8 @@ pub struct Upstream {
     /// The stream the head belongs to; none before the first Welcome.
     stream: Option<u64>,
     head: Seq,
+    /// The running hash of the stream through `head`.
+    hash: u64,
     /// Forwarded publishes not yet seen ordered, per publisher in order
     /// (a B-tree, so that they are resent in one order every time).
     forwards: BTreeMap<PublisherId, VecDeque<Msg>>,
@@ -177,6 +179,7 @@ impl Upstream {
             backoff: BACKOFF_MIN,
             stream: None,
             head: Seq(0),
+            hash: 0,
             forwards: BTreeMap::new(),
             forwards_len: 0,
             events: VecDeque::new(),
@@ -332,6 +335,11 @@ impl Upstream {
             resume: self.stream.map(|stream| Resume {
                 stream,
                 after: self.head,
+                check: Some(protocol::StreamCheck {
+                    seq: self.head,
+                    hash: self.hash,
+                }),
+                agreed: None,
             }),
             slow: protocol::SlowPolicy::Disconnect,
             role: Role::Relay,
@@ -339,6 +347,7 @@ impl Upstream {
             // events keep it current), and the server list.
             reports: Reports::Full,
             connection: self.connections,
+            weak: false,
         };
         let frame = protocol::encode_client(&ClientFrame::Hello(hello));
         self.actions.push_back(Action::Send(frame));
@@ -389,7 +398,27 @@ impl Upstream {
                 if let Err(e) = protocol::messages(&head, &body, &mut self.batch) {
                     return self.drop_link(now, &format!("bad delivery: {e}"));
                 }
+                let last = self.batch.last().map(|m| m.seq);
                 self.on_deliver(now);
+                if head.hash.is_some_and(|h| h != self.hash) && last == Some(self.head) {
+                    // Not the stream of the tier above (a bug there or here):
+                    // start again from its head rather than serve it.
+                    tracing::error!(
+                        seq = self.head.0,
+                        "the stream's running hash differs from the tier above"
+                    );
+                    self.start_over(now, "the stream's running hash differs");
+                }
+            }
+            ServerFrame::Diverged(d) => {
+                // Never sent to a relay, which is strong: what it was sent is
+                // not what the tier above holds. Start again from its head.
+                tracing::error!(
+                    from = d.from.0,
+                    seen = d.seen.0,
+                    "the tier above says this relay's stream diverged"
+                );
+                self.start_over(now, "the stream diverged");
             }
             ServerFrame::Gap(g) if self.is_up() => {
                 // The tier above no longer holds what follows the head: the
@@ -489,7 +518,7 @@ impl Upstream {
             self.stream = Some(w.stream);
             self.set_serving(false);
             self.awaiting_report = true;
-            self.reset(w.head);
+            self.reset(w.head, w.hash);
         } else if !self.awaiting_report {
             // The stream goes on from this relay's head: its membership is
             // current, and it serves again (if it had stopped).
@@ -519,6 +548,7 @@ impl Upstream {
                 break;
             }
             self.head = m.seq;
+            self.hash = protocol::chain(self.hash, m.seq, m.publisher, m.pub_seq);
             self.ordered(m.publisher, m.pub_seq);
             out.push(Ordered {
                 seq: m.seq,
@@ -526,6 +556,7 @@ impl Upstream {
                 publisher: m.publisher,
                 pub_seq: m.pub_seq,
                 payload: m.payload,
+                hash: 0,
             });
         }
         if !out.is_empty() {
@@ -565,8 +596,9 @@ impl Upstream {
 
     /// Starts the relay's stream over at `head`: the node drops what it
     /// served and its clients resume against the new position.
-    fn reset(&mut self, head: Seq) {
+    fn reset(&mut self, head: Seq, hash: u64) {
         self.head = head;
+        self.hash = hash;
         self.events.push_back(UpEvent::Reset(Snapshot {
             stream: self.stream.unwrap_or_default(),
             head,
@@ -576,6 +608,7 @@ impl Upstream {
             msgs: Vec::new(),
             // The membership comes with the next complete report.
             members: None,
+            hash,
         }));
     }
 
@@ -622,6 +655,8 @@ mod tests {
             pub_acked: PubSeq(0),
             frame_len_max: 1 << 20,
             servers: vec![],
+            hash: 0,
+            stable: None,
         })
     }
 
@@ -734,13 +769,7 @@ mod tests {
         let Ok(ClientFrame::Hello(h)) = protocol::decode_client(hello.slice(4..)) else {
             panic!("not a hello")
         };
-        assert_eq!(
-            h.resume,
-            Some(Resume {
-                stream: 7,
-                after: Seq(1)
-            })
-        );
+        assert_eq!(h.resume.map(|r| (r.stream, r.after)), Some((7, Seq(1))));
         assert_eq!(h.role, Role::Relay);
     }
 

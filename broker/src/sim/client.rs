@@ -5,7 +5,7 @@ use super::checker::{Checker, Violation};
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, ClientFrame, Hello, PingHead, PubSeq, Publish, PublisherId, Resume, Seq, ServerFrame,
-    SlowPolicy,
+    SlowPolicy, StreamCheck,
 };
 use std::collections::VecDeque;
 
@@ -37,6 +37,9 @@ pub struct Client {
     pub resend_acked: bool,
     /// Connections made, as the SDK counts them (`Hello::connection`).
     pub connections: u64,
+    /// The running hash at the last delivery frame, as the SDK keeps it:
+    /// the server checks it on resume.
+    pub check: Option<StreamCheck>,
 }
 
 impl Client {
@@ -54,6 +57,7 @@ impl Client {
             acked_tail: VecDeque::new(),
             resend_acked: false,
             connections: 0,
+            check: None,
         }
     }
 
@@ -65,13 +69,17 @@ impl Client {
             name: format!("sim-{}", self.id),
             publisher: self.publisher,
             subscriptions: self.patterns.clone(),
-            resume: self
-                .position
-                .map(|(stream, after)| Resume { stream, after }),
+            resume: self.position.map(|(stream, after)| Resume {
+                stream,
+                after,
+                check: self.check,
+                agreed: None,
+            }),
             slow: self.slow,
             role: protocol::Role::Client,
             reports: protocol::Reports::Servers,
             connection: self.connections,
+            weak: false,
         }))
     }
 
@@ -122,7 +130,13 @@ impl Client {
                 if self.position.is_some_and(|(s, _)| s != w.stream) {
                     return Err(Violation(format!("client {}: the stream changed", self.id)));
                 }
-                self.position.get_or_insert((w.stream, w.head));
+                if self.position.is_none() {
+                    self.position = Some((w.stream, w.head));
+                    self.check = Some(StreamCheck {
+                        seq: w.head,
+                        hash: w.hash,
+                    });
+                }
                 self.welcomed = true;
                 let retries: Vec<_> = if self.resend_acked {
                     self.acked_tail.iter().cloned().collect()
@@ -152,6 +166,21 @@ impl Client {
                     )?;
                     self.advance(m.seq);
                 }
+                if let (Some(hash), Some(last)) = (head.hash, msgs.last()) {
+                    if self.check.is_none_or(|c| c.seq <= last.seq) {
+                        self.check = Some(StreamCheck {
+                            seq: last.seq,
+                            hash,
+                        });
+                    }
+                }
+            }
+            ServerFrame::Diverged(d) => {
+                // The model clients are strong: their streams are stable.
+                return Err(Violation(format!(
+                    "client {}: a strong client was told its stream diverged from seq {} (seen at {})",
+                    self.id, d.from, d.seen
+                )));
             }
             ServerFrame::PubAck(a) => self.acknowledge(a.pub_seq, checker),
             ServerFrame::Watermark(w) => self.advance(w.seq),

@@ -47,6 +47,8 @@ pub struct ClusterOutcome {
     pub breaks: u64,
     /// Views installed, summed over servers.
     pub views: u64,
+    /// Held messages taken back by a view change, summed over servers.
+    pub unheld: u64,
     /// A digest of every event in order (for the determinism test).
     pub digest: u64,
 }
@@ -62,6 +64,7 @@ impl ClusterOutcome {
         self.partitions += o.partitions;
         self.breaks += o.breaks;
         self.views += o.views;
+        self.unheld += o.unheld;
     }
 }
 
@@ -699,6 +702,11 @@ impl World {
                     }
                 }
             }
+            Event::Held(msgs) => self.checker.held(i, inc, &msgs)?,
+            Event::Unheld { after } => {
+                self.out.unheld += 1;
+                self.checker.unheld(i, inc, after)?;
+            }
             Event::View { view, at } => {
                 if std::env::var_os("CANOPY_SIM_TRACE").is_some() {
                     eprintln!(
@@ -736,6 +744,7 @@ impl World {
                     first: head.next(),
                     msgs: Vec::new(),
                     members: None,
+                    hash: 0,
                 };
                 s.group.send_snapshot(to, state);
             }

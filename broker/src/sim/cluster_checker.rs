@@ -11,6 +11,12 @@
 //!   ascending view ids.
 //! - Primary component (7): every installed view holds a majority of the
 //!   configured servers.
+//! - Weak delivery (6), the group's part: what a server holds before it is
+//!   stable (what weak clients are sent) runs contiguously, and is either
+//!   delivered unchanged once stable or taken back first (`Unheld`, or a
+//!   reset), so that the server can tell its weak clients. (A crashed
+//!   server's clients find out from the running hash when they resume:
+//!   the node's tests and the tree test check that part.)
 //! - Durability (5) and liveness (8) are checked by the world after its
 //!   faults stop: every acknowledged publish is delivered at every server.
 
@@ -18,7 +24,7 @@ use super::checker::Violation;
 use crate::core::group::{View, ViewId};
 use crate::core::retention::Ordered;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Where one server (one incarnation) stands.
 #[derive(Clone, Debug, Default)]
@@ -26,6 +32,8 @@ struct ServerTrack {
     stream: u64,
     delivered: Seq,
     last_view: Option<ViewId>,
+    /// Held after `delivered`, not yet stable.
+    held: VecDeque<(Seq, PublisherId, PubSeq)>,
 }
 
 /// The checker of one simulated core.
@@ -70,7 +78,29 @@ impl ClusterChecker {
     /// # Errors
     /// The guarantee the batch breaks.
     pub fn deliver(&mut self, server: usize, inc: u64, batch: &[Ordered]) -> Result<(), Violation> {
-        let track = self.tracks.entry((server, inc)).or_default().clone();
+        let track = self.tracks.entry((server, inc)).or_default();
+        for m in batch {
+            match track.held.front() {
+                Some(&(seq, p, ps)) if seq == m.seq => {
+                    if (p, ps) != (m.publisher, m.pub_seq) {
+                        return Err(Violation(format!(
+                            "weak: server {server} held {:?} at seq {seq} and delivered {:?} there without taking it back",
+                            (p, ps),
+                            (m.publisher, m.pub_seq)
+                        )));
+                    }
+                    track.held.pop_front();
+                }
+                Some(&(seq, ..)) => {
+                    return Err(Violation(format!(
+                        "weak: server {server} delivered seq {} while holding from seq {seq}",
+                        m.seq
+                    )))
+                }
+                None => {}
+            }
+        }
+        let track = track.clone();
         let mut at = track.delivered;
         let stream = track.stream;
         for m in batch {
@@ -215,6 +245,43 @@ impl ClusterChecker {
         }
         track.stream = stream;
         track.delivered = head;
+        track.held.clear();
+        Ok(())
+    }
+
+    /// Server `server` (incarnation `inc`) holds `msgs`, not yet stable.
+    ///
+    /// # Errors
+    /// When they do not continue what it holds.
+    pub fn held(&mut self, server: usize, inc: u64, msgs: &[Ordered]) -> Result<(), Violation> {
+        let track = self.tracks.entry((server, inc)).or_default();
+        for m in msgs {
+            let last = track.held.back().map_or(track.delivered, |h| h.0);
+            if m.seq != last.next() {
+                return Err(Violation(format!(
+                    "weak: server {server} held seq {} after {last}",
+                    m.seq
+                )));
+            }
+            track.held.push_back((m.seq, m.publisher, m.pub_seq));
+        }
+        Ok(())
+    }
+
+    /// Server `server` (incarnation `inc`) took back what it held after
+    /// `after`.
+    ///
+    /// # Errors
+    /// When that would take back a delivered (stable) message.
+    pub fn unheld(&mut self, server: usize, inc: u64, after: Seq) -> Result<(), Violation> {
+        let track = self.tracks.entry((server, inc)).or_default();
+        if after < track.delivered {
+            return Err(Violation(format!(
+                "weak: server {server} took back seqs after {after}, below its delivered {}",
+                track.delivered
+            )));
+        }
+        track.held.retain(|h| h.0 <= after);
         Ok(())
     }
 

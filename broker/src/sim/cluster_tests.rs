@@ -43,6 +43,7 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
     assert!(t.restarts > seeds / 2, "servers restarted: {t:?}");
     assert!(t.partitions > seeds / 4, "partitions: {t:?}");
     assert!(t.breaks > seeds, "links broke: {t:?}");
+    assert!(t.unheld > 0, "held messages taken back: {t:?}");
 }
 
 #[test]
@@ -122,6 +123,15 @@ fn a_sequencer_that_orders_retries_again_is_caught() {
         ..GroupBugs::default()
     });
     assert!(v.contains("duplication") || v.contains("FIFO"), "{v}");
+}
+
+#[test]
+fn taking_back_held_messages_silently_is_caught() {
+    let v = caught(GroupBugs {
+        silent_unhold: true,
+        ..GroupBugs::default()
+    });
+    assert!(v.contains("weak"), "{v}");
 }
 
 #[test]

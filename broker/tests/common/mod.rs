@@ -341,6 +341,7 @@ impl Raw {
 /// A Hello frame.
 pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello {
     Hello {
+        weak: false,
         version: protocol::PROTOCOL_VERSION,
         name: "raw".into(),
         publisher: PublisherId(publisher),

@@ -473,6 +473,9 @@ impl Group {
         if self.held() <= through {
             return;
         }
+        if !self.bugs.silent_unhold {
+            self.events.push_back(Event::Unheld { after: through });
+        }
         let keep = through.0.saturating_sub(self.delivered.0) as usize;
         // The publisher table forgets them too, so that their publishers'
         // resubmissions are ordered rather than taken for retries.

@@ -202,6 +202,17 @@ impl GroupConfig {
 pub enum Event {
     /// Stable messages, contiguous after the last delivered seq.
     Deliver(Vec<Ordered>),
+    /// Messages this server now holds, ordered but not yet stable,
+    /// contiguous after the last held one (what weak delivery sends). The
+    /// same messages come again in `Deliver` once stable, unless an
+    /// `Unheld` or `Reset` takes them back first.
+    Held(Vec<Ordered>),
+    /// A view change dropped the held messages after `after` (they were
+    /// never stable); `Held` events carry what the new view orders there.
+    Unheld {
+        /// The last held seq kept.
+        after: Seq,
+    },
     /// A view was installed after `at`, the last seq of the old view.
     View {
         /// The view.
@@ -310,6 +321,8 @@ pub(crate) struct GroupBugs {
     pub no_dedup: bool,
     /// Deliver on ordering, before stability.
     pub deliver_unstable: bool,
+    /// Drop held messages at a view change without saying so (`Unheld`).
+    pub silent_unhold: bool,
 }
 
 /// Counters since start, for operators and tests.

@@ -52,7 +52,8 @@ impl Net {
                         Event::View { view, at } => self.views[i].push((view.id, at)),
                         Event::SnapshotNeeded { to } => snaps.push(to),
                         Event::Reset(s) => self.delivered[i].retain(|d| d.0 <= s.head),
-                        Event::NotPrimary => {}
+                        // The simulator checks held messages against deliveries.
+                        Event::NotPrimary | Event::Held(_) | Event::Unheld { .. } => {}
                     }
                 }
                 for to in snaps {

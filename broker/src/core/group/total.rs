@@ -187,6 +187,10 @@ impl Group {
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
         self.log_bytes += m.cost();
+        match self.events.back_mut() {
+            Some(Event::Held(held)) => held.push(m.clone()),
+            _ => self.events.push_back(Event::Held(vec![m.clone()])),
+        }
         self.log.push_back(m);
     }
 

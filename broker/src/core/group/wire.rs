@@ -31,6 +31,7 @@ impl Msg {
             pub_seq: self.1,
             topic: self.2,
             payload: self.3,
+            hash: 0,
         }
     }
 
@@ -70,6 +71,10 @@ pub struct Snapshot {
     /// what the receiver has.
     #[serde(default)]
     pub members: Option<canopy_client::protocol::MembersHead>,
+    /// The running hash of the stream through the seq before `msgs[0]`
+    /// (through `head` when `msgs` is empty).
+    #[serde(default)]
+    pub hash: u64,
 }
 
 /// What a server tells every other configured server each heartbeat.

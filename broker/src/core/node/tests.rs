@@ -30,6 +30,7 @@ fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
         role: protocol::Role::Client,
         reports: protocol::Reports::Servers,
         connection: 1,
+        weak: false,
     })
 }
 
@@ -61,7 +62,12 @@ fn resume(n: &mut Node, id: u64, subs: &[&str], stream: u64, after: Seq) -> Sess
     n.handle_open(T0, s);
     let mut h = hello(id, subs, SlowPolicy::Disconnect);
     if let ClientFrame::Hello(h) = &mut h {
-        h.resume = Some(Resume { stream, after });
+        h.resume = Some(Resume {
+            stream,
+            after,
+            check: None,
+            agreed: None,
+        });
     }
     n.handle_frame(T0, s, h);
     s
@@ -376,6 +382,8 @@ fn arbitrary_input_never_panics_and_deliveries_always_ascend() {
                             h.resume = pick.is_multiple_of(3).then_some(Resume {
                                 stream: 1,
                                 after: Seq(pick as u64 % 40),
+                                check: None,
+                                agreed: None,
                             });
                         }
                         h
@@ -735,4 +743,213 @@ fn a_relays_client_that_skips_within_one_connection_is_refused() {
         &drain(&mut n)[..],
         [(_, ServerFrame::Error(e))] if e.code == ErrorCode::PubSeqGap
     ));
+}
+
+/// Opens a weak session subscribed to `subs` on a grouped node; returns it
+/// with its Welcome.
+fn join_weak(n: &mut Node, id: u64, subs: &[&str]) -> (SessionId, Welcome) {
+    let s = SessionId(id);
+    n.handle_open(T0, s);
+    let mut h = hello(id, subs, SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.weak = true;
+    }
+    n.handle_frame(T0, s, h);
+    match drain(n).as_slice() {
+        [(x, ServerFrame::Welcome(w))] if *x == s => (s, w.clone()),
+        other => panic!("expected a Welcome, got {other:?}"),
+    }
+}
+
+/// Message `pub_seq` of publisher `publisher` on `t.x`, at `seq`.
+fn held(seq: u64, publisher: u64, pub_seq: u64) -> Ordered {
+    Msg(
+        PublisherId(publisher),
+        PubSeq(pub_seq),
+        Arc::from("t.x"),
+        Bytes::from_static(b"m"),
+    )
+    .ordered(Seq(seq))
+}
+
+/// The running hash of `msgs` (seq, publisher, pub_seq) from 0.
+fn chained(msgs: &[(u64, u64, u64)]) -> u64 {
+    msgs.iter().fold(0, |h, &(s, p, ps)| {
+        protocol::chain(h, Seq(s), PublisherId(p), PubSeq(ps))
+    })
+}
+
+fn grouped() -> Node {
+    let mut n = Node::new_grouped(T0, config());
+    n.set_primary(T0, true);
+    n
+}
+
+#[test]
+fn weak_sessions_get_messages_when_held_and_strong_ones_when_stable() {
+    let mut n = grouped();
+    let strong = join(&mut n, 1, &["t.>"], SlowPolicy::Disconnect);
+    let (weak, _) = join_weak(&mut n, 2, &["t.>"]);
+    n.handle_held(T0, vec![held(1, 9, 1), held(2, 9, 2)]);
+    let out = drain(&mut n);
+    assert_eq!(seqs(&out, weak), vec![1, 2]);
+    assert!(seqs(&out, strong).is_empty(), "{out:?}");
+    let Some((_, ServerFrame::Deliver(head, _))) = out.first() else {
+        panic!("{out:?}")
+    };
+    let hash = chained(&[(1, 9, 1), (2, 9, 2)]);
+    assert_eq!((head.hash, head.stable), (Some(hash), Some(Seq(0))));
+    // A weak client joining now starts after what is held.
+    let (_, w) = join_weak(&mut n, 3, &["t.>"]);
+    assert_eq!((w.head, w.hash, w.stable), (Seq(2), hash, Some(Seq(0))));
+    n.handle_ordered(T0, vec![held(1, 9, 1), held(2, 9, 2)]);
+    let out = drain(&mut n);
+    assert_eq!(seqs(&out, strong), vec![1, 2]);
+    assert!(seqs(&out, weak).is_empty(), "sent once: {out:?}");
+    let Some((_, ServerFrame::Deliver(head, _))) = out.iter().find(|(s, _)| *s == strong) else {
+        panic!("{out:?}")
+    };
+    assert_eq!((head.hash, head.stable), (Some(hash), None));
+}
+
+#[test]
+fn held_messages_taken_back_and_ordered_otherwise_are_reported_and_replayed() {
+    let mut n = grouped();
+    let (weak, _) = join_weak(&mut n, 1, &["t.>"]);
+    let (quiet, _) = join_weak(&mut n, 2, &["q.>"]);
+    n.handle_held(T0, vec![held(1, 9, 1), held(2, 9, 2), held(3, 9, 3)]);
+    n.handle_ordered(T0, vec![held(1, 9, 1)]);
+    assert_eq!(seqs(&drain(&mut n), weak), vec![1, 2, 3]);
+    // A view change keeps seq 1 and orders another publisher's messages at 2 and 3.
+    n.handle_unheld(T0, Seq(1));
+    assert!(drain(&mut n).is_empty(), "nothing is known yet");
+    n.handle_held(T0, vec![held(2, 8, 1), held(3, 9, 2)]);
+    let out = drain(&mut n);
+    let to_weak: Vec<&ServerFrame> = out
+        .iter()
+        .filter(|(s, _)| *s == weak)
+        .map(|(_, f)| f)
+        .collect();
+    assert!(
+        matches!(to_weak.first(), Some(ServerFrame::Diverged(d)) if d.from == Seq(2) && d.seen == Seq(3)),
+        "{out:?}"
+    );
+    // Then the agreed stream from seq 2, hash and all.
+    assert_eq!(seqs(&out, weak), vec![2, 3]);
+    let Some(ServerFrame::Deliver(head, _)) = to_weak.last() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(head.hash, Some(chained(&[(1, 9, 1), (2, 8, 1), (3, 9, 2)])));
+    // A weak session that was sent none of it hears nothing.
+    assert!(out.iter().all(|(s, _)| *s != quiet), "{out:?}");
+    assert_eq!(n.stats().diverged, 1);
+}
+
+#[test]
+fn held_messages_taken_back_and_ordered_the_same_are_not_reported() {
+    let mut n = grouped();
+    let (weak, _) = join_weak(&mut n, 1, &["t.>"]);
+    n.handle_held(T0, vec![held(1, 9, 1), held(2, 9, 2)]);
+    assert_eq!(seqs(&drain(&mut n), weak), vec![1, 2]);
+    n.handle_unheld(T0, Seq(0));
+    n.handle_held(T0, vec![held(1, 9, 1)]);
+    n.handle_held(T0, vec![held(2, 9, 2), held(3, 9, 3)]);
+    let out = drain(&mut n);
+    assert!(
+        out.iter()
+            .all(|(_, f)| !matches!(f, ServerFrame::Diverged(_))),
+        "{out:?}"
+    );
+    // Sent again as the new view holds them (the client drops what it
+    // has by seq), and what is new.
+    assert_eq!(seqs(&out, weak), vec![1, 2, 3]);
+    assert_eq!(n.stats().diverged, 0);
+}
+
+/// A client resuming with the running hash of what it delivered: the same
+/// stream resumes quietly; another is reported and replayed from where the
+/// client's stream was agreed; a point not reached yet is checked later.
+#[test]
+fn a_resume_is_checked_against_the_running_hash() {
+    let mut n = node();
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    for k in 1..=4 {
+        n.handle_frame(T0, p, publish("t.a", k));
+    }
+    drain(&mut n);
+    let at = |seq: u64| chained(&(1..=seq).map(|k| (k, 1, k)).collect::<Vec<_>>());
+    let stream = n.config().stream;
+    let resume_checked = |n: &mut Node, id: u64, after: u64, check: (u64, u64), agreed| {
+        let s = SessionId(id);
+        n.handle_open(T0, s);
+        let mut h = hello(id, &["t.>"], SlowPolicy::Disconnect);
+        if let ClientFrame::Hello(h) = &mut h {
+            h.resume = Some(Resume {
+                stream,
+                after: Seq(after),
+                check: Some(StreamCheck {
+                    seq: Seq(check.0),
+                    hash: check.1,
+                }),
+                agreed,
+            });
+        }
+        n.handle_frame(T0, s, h);
+        (s, drain(n))
+    };
+    let (same, out) = resume_checked(&mut n, 2, 3, (3, at(3)), None);
+    assert_eq!(seqs(&out, same), vec![4]);
+    assert!(out
+        .iter()
+        .all(|(_, f)| !matches!(f, ServerFrame::Diverged(_))));
+    let (other, out) = resume_checked(&mut n, 3, 3, (3, 12345), Some(Seq(1)));
+    assert!(
+        matches!(&out[1], (s, ServerFrame::Diverged(d)) if *s == other && d.from == Seq(2) && d.seen == Seq(3)),
+        "{out:?}"
+    );
+    assert_eq!(seqs(&out, other), vec![2, 3, 4]);
+    // Ahead of this server: checked when the stream gets there.
+    let (ahead, out) = resume_checked(&mut n, 4, 6, (6, 999), Some(Seq(4)));
+    assert!(seqs(&out, ahead).is_empty(), "{out:?}");
+    n.handle_frame(T0, p, publish("t.a", 5));
+    let out = drain(&mut n);
+    assert!(
+        out.iter()
+            .all(|(_, f)| !matches!(f, ServerFrame::Diverged(_))),
+        "{out:?}"
+    );
+    n.handle_frame(T0, p, publish("t.a", 6));
+    let out = drain(&mut n);
+    let to_ahead: Vec<&ServerFrame> = out
+        .iter()
+        .filter(|(s, _)| *s == ahead)
+        .map(|(_, f)| f)
+        .collect();
+    assert!(
+        matches!(to_ahead.first(), Some(ServerFrame::Diverged(d)) if d.from == Seq(5) && d.seen == Seq(6)),
+        "{out:?}"
+    );
+    assert_eq!(seqs(&out, ahead), vec![5, 6]);
+}
+
+#[test]
+fn weak_delivery_is_refused_with_full_reports_or_for_a_relay() {
+    for (reports, role) in [
+        (protocol::Reports::Full, Role::Client),
+        (protocol::Reports::None, Role::Relay),
+    ] {
+        let mut n = grouped();
+        let s = SessionId(1);
+        n.handle_open(T0, s);
+        let mut h = hello(1, &["t.>"], SlowPolicy::Disconnect);
+        if let ClientFrame::Hello(h) = &mut h {
+            (h.weak, h.reports, h.role) = (true, reports, role);
+        }
+        n.handle_frame(T0, s, h);
+        let out = drain(&mut n);
+        assert!(
+            matches!(out.as_slice(), [(_, ServerFrame::Error(e))] if e.code == ErrorCode::WeakNotAllowed),
+            "{out:?}"
+        );
+    }
 }
