@@ -19,6 +19,8 @@
 //!         Event::StreamReset => eprintln!("the server lost its stream; sequence numbers restart"),
 //!         // Only with `full` membership reports (ClientOptions::reports).
 //!         Event::View(v) => println!("{} clients at seq {}", v.clients.len(), v.seq),
+//!         // Only with weak delivery (ClientOptions::weak).
+//!         Event::Diverged { from, .. } => eprintln!("what came from {from} on is replaced"),
 //!     }
 //! }
 //! # Ok(()) }
