@@ -12,7 +12,8 @@
 //!
 //! `canopy-bench failover` times a 3-server core's recovery from a crash,
 //! and `canopy-bench scale` streams to thousands of subscriber connections
-//! through relay tiers of real processes (see their modules).
+//! through relay tiers of real processes, and `canopy-bench weak` compares
+//! weak and strong delivery at every level of one tree (see their modules).
 //!
 //! `fanout` runs against Canopy (in-process on its own runtime threads, or a
 //! running server with `--addr`) and against `nats-server` (started from
@@ -22,6 +23,7 @@ mod brokers;
 mod failover;
 mod harness;
 mod scale;
+mod weak;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
@@ -45,6 +47,9 @@ enum Cmd {
     /// Scale: thousands of subscriber connections through relay tiers of
     /// real processes, with a steady stream.
     Scale(scale::ScaleArgs),
+    /// Weak and strong delivery side by side at every level of one tree
+    /// of real processes, in one run.
+    Weak(weak::WeakArgs),
 }
 
 /// Which brokers to run.
@@ -300,6 +305,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fanout(args) => args,
         Cmd::Failover(args) => return failover::main(&args),
         Cmd::Scale(args) => return scale::main(&args),
+        Cmd::Weak(args) => return weak::main(&args),
     };
     anyhow::ensure!(
         args.size >= 16,
