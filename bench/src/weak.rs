@@ -80,7 +80,11 @@ async fn run(args: &WeakArgs, exe: &std::path::Path) -> anyhow::Result<()> {
     levels.extend((1..=args.tiers.len()).map(|t| (format!("relay-{t}"), Vec::new())));
     for (name, _, addr) in launched.processes() {
         let level = name.split('.').next().unwrap_or(name);
-        let level = if level.starts_with("core") { "core" } else { level };
+        let level = if level.starts_with("core") {
+            "core"
+        } else {
+            level
+        };
         if let Some((_, addrs)) = levels.iter_mut().find(|(l, _)| l == level) {
             addrs.push(addr.to_owned());
         }

@@ -578,7 +578,7 @@ impl Driver {
                 seq: welcome.head,
                 hash: welcome.hash,
             });
-            self.agreed = welcome.stable;
+            self.agreed = self.options.weak.then_some(welcome.head);
         }
         self.acknowledge(welcome.pub_acked);
         // A fixed publisher id may have published before this process

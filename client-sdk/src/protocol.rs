@@ -133,9 +133,9 @@ pub enum ErrorCode {
     Overloaded,
     /// A publish named another publisher, which only a relay may do.
     ForwardNotAllowed,
-    /// `Hello.weak` with something weak delivery cannot serve: `full`
-    /// membership reports (their positions are stable ones) or the relay
-    /// role (a relay's own clients may be strong).
+    /// `Hello.weak` with `full` membership reports, whose positions are
+    /// stable ones (only a relay may ask for both: it takes the complete
+    /// report and follows the stream's membership events itself).
     WeakNotAllowed,
 }
 
@@ -482,13 +482,10 @@ pub struct Welcome {
     /// siblings (the client keeps its own list).
     #[serde(default)]
     pub servers: Vec<String>,
-    /// The running hash of the stream through `head` ([`chain`]).
+    /// The running hash of the stream through `head` ([`chain`]). `head`
+    /// is stable; a weak client is then sent what is held after it.
     #[serde(default)]
     pub hash: u64,
-    /// Weak delivery only: the stable position (`head` is then the last
-    /// seq ordered, stable or not).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stable: Option<Seq>,
 }
 
 /// One message inside a [`Deliver`] head. Its topic and payload follow, in

@@ -320,6 +320,9 @@ pub struct Node {
     weak_pending: Vec<Ordered>,
     /// Sessions with a `claim` to check.
     checks: Vec<SessionId>,
+    /// Weak relays: told the stable position whenever it moves (their
+    /// strong clients wait on it).
+    stable_marks: BTreeSet<SessionId>,
 }
 
 /// Counters for logs, benchmarks and the dashboard.
@@ -406,6 +409,7 @@ impl Node {
             weak_live: 0,
             weak_pending: Vec::new(),
             checks: Vec::new(),
+            stable_marks: BTreeSet::new(),
             config,
         }
     }
@@ -851,8 +855,8 @@ impl Node {
             );
             return self.close_with_error(session, ErrorCode::UnsupportedVersion, msg);
         }
-        if hello.weak && (hello.reports == Reports::Full || hello.role == Role::Relay) {
-            let msg = "weak delivery cannot be combined with full membership reports (their positions are stable ones) or the relay role".to_owned();
+        if hello.weak && hello.reports == Reports::Full && hello.role != Role::Relay {
+            let msg = "weak delivery cannot be combined with full membership reports (their positions are stable ones)".to_owned();
             return self.close_with_error(session, ErrorCode::WeakNotAllowed, msg);
         }
         if hello.subscriptions.len() > self.config.subscriptions_per_session_max {
@@ -884,12 +888,9 @@ impl Node {
         for p in &patterns {
             index.insert(p, session);
         }
-        // A weak client starts after the last seq ordered, stable or not.
-        let head = if hello.weak {
-            self.weak_head()
-        } else {
-            self.head
-        };
+        // Everyone starts at the stable head (the agreed stream); a weak
+        // client is then caught up through what is held.
+        let head = self.head;
         let pub_acked = self
             .publishers
             .get(&hello.publisher)
@@ -903,8 +904,7 @@ impl Node {
             pub_acked,
             frame_len_max: u32::try_from(self.config.frame_len_max).unwrap_or(u32::MAX),
             servers: self.config.servers.clone(),
-            hash: self.hash_at(head).unwrap_or_default(),
-            stable: hello.weak.then_some(self.head),
+            hash: self.hash,
         };
         self.control(session, kind::WELCOME, &welcome);
         let resume = hello.resume.filter(|r| r.stream == self.config.stream);
@@ -930,6 +930,9 @@ impl Node {
         }
         if hello.weak {
             self.weak_live += 1;
+            if hello.role == Role::Relay {
+                self.stable_marks.insert(session);
+            }
         }
         if self.grouped {
             self.publisher_sessions.insert(hello.publisher, session);
@@ -959,7 +962,10 @@ impl Node {
         }
         if let Some((agreed, seen)) = diverged {
             self.diverge(session, agreed, seen);
-        } else if let Some(after) = resume_after.filter(|a| *a < head) {
+        } else if let Some(after) = resume_after
+            .or(hello.weak.then_some(head))
+            .filter(|a| *a < if hello.weak { self.weak_head() } else { head })
+        {
             if let Some(s) = self.sessions.get_mut(&session) {
                 s.catch_up = Some(after);
                 self.catching_up.push(session);
@@ -1012,6 +1018,16 @@ impl Node {
             if after >= limit {
                 s.catch_up = None;
                 self.catching_up.swap_remove(i);
+                if self.stable_marks.contains(&session) {
+                    // Marks are not sent during a catch-up: one now.
+                    let mark = WatermarkHead { seq: self.head };
+                    self.outputs.push_back(Output::Transmit {
+                        session,
+                        frame: protocol::encode(kind::WATERMARK, &mark, &[]),
+                        kind: TransmitKind::Watermark,
+                        seqs: (self.head, self.head),
+                    });
+                }
                 self.start_reports(session);
                 continue;
             }
@@ -1461,6 +1477,18 @@ impl Node {
         self.weak_fan_out(&batch);
     }
 
+    /// In a relay whose tier above sends what it holds: the held messages
+    /// through `through` are now stable.
+    pub fn handle_stable(&mut self, now: Duration, through: Seq) {
+        let n = self
+            .unstable
+            .iter()
+            .take_while(|m| m.seq <= through)
+            .count();
+        let batch: Vec<Ordered> = self.unstable.iter().take(n).cloned().collect();
+        self.handle_ordered(now, batch);
+    }
+
     /// In a group: a view change took back the held messages after
     /// `after` (never stable). Weak sessions sent any of them are checked
     /// when the stream reaches what they were sent again: a difference is
@@ -1876,6 +1904,7 @@ impl Node {
     fn session_gone(&mut self, session: SessionId, s: Session) {
         if s.weak {
             self.weak_live -= 1;
+            self.stable_marks.remove(&session);
         }
         self.reporting_full.remove(&session);
         self.reporting_servers.remove(&session);
@@ -2078,6 +2107,18 @@ impl Node {
             for m in batch {
                 self.topics.count(&m.topic, m.payload.len());
                 self.retention.push(m);
+            }
+            if !self.stable_marks.is_empty() {
+                let mark =
+                    protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
+                for &session in &self.stable_marks {
+                    self.outputs.push_back(Output::Transmit {
+                        session,
+                        frame: mark.clone(),
+                        kind: TransmitKind::Watermark,
+                        seqs: (self.head, self.head),
+                    });
+                }
             }
         }
         if !self.weak_pending.is_empty() {

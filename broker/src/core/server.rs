@@ -286,7 +286,9 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
         while let Some(event) = upstream.poll_event() {
             moved = true;
             match event {
-                UpEvent::Deliver(batch) => node.handle_ordered(now, batch),
+                UpEvent::Held(msgs) => node.handle_held(now, msgs),
+                UpEvent::Stable(through) => node.handle_stable(now, through),
+                UpEvent::Unheld { after } => node.handle_unheld(now, after),
                 UpEvent::Reset(state) => {
                     // As in a core server: clients reconnect and resume
                     // against the new position rather than miss the jump

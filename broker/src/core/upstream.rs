@@ -8,6 +8,13 @@
 //! The relay subscribes to the whole stream (`>`); its own clients'
 //! subscriptions are matched locally.
 //!
+//! Like a core group, it passes the stream on in two steps: messages as
+//! soon as the tier above holds them ([`UpEvent::Held`], for the relay's
+//! weak clients), then how far they are stable ([`UpEvent::Stable`], for
+//! everyone else). The relay is a weak client of the tier above for this:
+//! it is sent held messages with the stable position, and is told when
+//! what it held is taken back ([`UpEvent::Unheld`]).
+//!
 //! # Driving it
 //! The shell executes [`Upstream::poll_action`] outputs (connect, send,
 //! disconnect) and reports back with [`Upstream::handle_connected`],
@@ -89,8 +96,17 @@ pub enum Action {
 /// What the relay's node is told.
 #[derive(Debug)]
 pub enum UpEvent {
-    /// Ordered messages continuing the head.
-    Deliver(Vec<Ordered>),
+    /// Ordered messages continuing the head, held by the tier above but
+    /// not necessarily stable yet.
+    Held(Vec<Ordered>),
+    /// Everything held through this seq is stable.
+    Stable(Seq),
+    /// What was held after this seq is taken back (the tier above ordered
+    /// otherwise after a failure); what replaces it follows as `Held`.
+    Unheld {
+        /// The last seq kept.
+        after: Seq,
+    },
     /// The stream position jumped (a new stream, or a range the tier above
     /// no longer holds): the node starts over from this state.
     Reset(Snapshot),
@@ -138,9 +154,18 @@ pub struct Upstream {
     backoff: Duration,
     /// The stream the head belongs to; none before the first Welcome.
     stream: Option<u64>,
+    /// The last seq received (held above, stable or not).
     head: Seq,
     /// The running hash of the stream through `head`.
     hash: u64,
+    /// How far the stream is stable (at most `head`), and the running hash
+    /// there.
+    stable: (Seq, u64),
+    /// Received after `stable`: seq, publisher, pub_seq and running hash.
+    held: VecDeque<(Seq, PublisherId, PubSeq, u64)>,
+    /// A complete membership report ahead of `stable`, passed on when the
+    /// stream is stable through its position.
+    report: Option<MembersHead>,
     /// Forwarded publishes not yet seen ordered, per publisher in order
     /// (a B-tree, so that they are resent in one order every time).
     forwards: BTreeMap<PublisherId, VecDeque<Msg>>,
@@ -180,6 +205,9 @@ impl Upstream {
             stream: None,
             head: Seq(0),
             hash: 0,
+            stable: (Seq(0), 0),
+            held: VecDeque::new(),
+            report: None,
             forwards: BTreeMap::new(),
             forwards_len: 0,
             events: VecDeque::new(),
@@ -339,7 +367,7 @@ impl Upstream {
                     seq: self.head,
                     hash: self.hash,
                 }),
-                agreed: None,
+                agreed: Some(self.stable.0),
             }),
             slow: protocol::SlowPolicy::Disconnect,
             role: Role::Relay,
@@ -347,7 +375,7 @@ impl Upstream {
             // events keep it current), and the server list.
             reports: Reports::Full,
             connection: self.connections,
-            weak: false,
+            weak: true,
         };
         let frame = protocol::encode_client(&ClientFrame::Hello(hello));
         self.actions.push_back(Action::Send(frame));
@@ -407,19 +435,15 @@ impl Upstream {
                         seq = self.head.0,
                         "the stream's running hash differs from the tier above"
                     );
-                    self.start_over(now, "the stream's running hash differs");
+                    return self.start_over(now, "the stream's running hash differs");
+                }
+                // (Not after a hole dropped the link.)
+                if let Some(stable) = head.stable.filter(|_| self.is_up()) {
+                    self.mark_stable(stable);
                 }
             }
-            ServerFrame::Diverged(d) => {
-                // Never sent to a relay, which is strong: what it was sent is
-                // not what the tier above holds. Start again from its head.
-                tracing::error!(
-                    from = d.from.0,
-                    seen = d.seen.0,
-                    "the tier above says this relay's stream diverged"
-                );
-                self.start_over(now, "the stream diverged");
-            }
+            ServerFrame::Watermark(w) if self.is_up() => self.mark_stable(w.seq),
+            ServerFrame::Diverged(d) if self.is_up() => self.on_diverged(now, d),
             ServerFrame::Gap(g) if self.is_up() => {
                 // The tier above no longer holds what follows the head: the
                 // relay cannot continue its stream contiguously. It starts
@@ -460,7 +484,7 @@ impl Upstream {
                 let pong = protocol::encode_client(&ClientFrame::Pong(p));
                 self.actions.push_back(Action::Send(pong));
             }
-            ServerFrame::Deliver(..) | ServerFrame::Gap(_) => {
+            ServerFrame::Deliver(..) | ServerFrame::Gap(_) | ServerFrame::Diverged(_) => {
                 self.drop_link(now, "delivery before the handshake");
             }
             ServerFrame::Servers(s) => {
@@ -468,13 +492,16 @@ impl Upstream {
                     self.servers = s.servers;
                 }
             }
-            // Only at the head: a server behind this relay's position sends
-            // one for an earlier position, which would undo what the relay
-            // applied since (its own stream keeps it current anyway).
-            ServerFrame::Members(m) if m.complete && m.seq == self.head => {
-                self.events.push_back(UpEvent::Members(m));
-                self.awaiting_report = false;
-                self.set_serving(true);
+            // Only between the stable position and the head (the tier above
+            // reports at its stable position, which this relay may not know
+            // yet): a server behind this relay sends one for an earlier
+            // position, which would undo what the relay applied since (its
+            // own stream keeps it current anyway).
+            ServerFrame::Members(m)
+                if m.complete && (self.stable.0..=self.head).contains(&m.seq) =>
+            {
+                self.report = Some(m);
+                self.mark_stable(self.stable.0);
             }
             ServerFrame::Members(m) if m.complete && self.awaiting_report => {
                 // After a reset the relay has no membership of its own to
@@ -549,7 +576,8 @@ impl Upstream {
             }
             self.head = m.seq;
             self.hash = protocol::chain(self.hash, m.seq, m.publisher, m.pub_seq);
-            self.ordered(m.publisher, m.pub_seq);
+            self.held
+                .push_back((m.seq, m.publisher, m.pub_seq, self.hash));
             out.push(Ordered {
                 seq: m.seq,
                 topic: Arc::from(m.topic()),
@@ -560,11 +588,75 @@ impl Upstream {
             });
         }
         if !out.is_empty() {
-            self.events.push_back(UpEvent::Deliver(out));
+            self.events.push_back(UpEvent::Held(out));
         }
         if let Some(why) = hole {
             self.drop_link(now, &why);
         }
+    }
+
+    /// The tier above is stable through `through`: so is what this relay
+    /// holds up to it. A waiting membership report passes at its position.
+    fn mark_stable(&mut self, through: Seq) {
+        let through = through.min(self.head);
+        loop {
+            let report_at = self.report.as_ref().map(|r| r.seq);
+            let upto = match report_at {
+                Some(at) if at <= through => at,
+                _ => through,
+            };
+            if upto > self.stable.0 {
+                while self.held.front().is_some_and(|h| h.0 <= upto) {
+                    if let Some((seq, publisher, pub_seq, hash)) = self.held.pop_front() {
+                        // Released only once stable: a held forward could
+                        // still be taken back.
+                        self.ordered(publisher, pub_seq);
+                        self.stable = (seq, hash);
+                    }
+                }
+                self.events.push_back(UpEvent::Stable(upto));
+            }
+            if report_at != Some(upto) {
+                return;
+            }
+            if let Some(report) = self.report.take() {
+                self.events.push_back(UpEvent::Members(report));
+                self.awaiting_report = false;
+                self.set_serving(true);
+            }
+        }
+    }
+
+    /// The tier above ordered otherwise than it sent (a server failed
+    /// before what it sent was stable): what is held after `d.from - 1` is
+    /// taken back, and the agreed stream follows.
+    fn on_diverged(&mut self, now: Duration, d: protocol::DivergedHead) {
+        let after = Seq(d.from.0.saturating_sub(1));
+        if after < self.stable.0 {
+            // It would take back what is stable here: not the same stream.
+            tracing::error!(
+                from = d.from.0,
+                stable = self.stable.0 .0,
+                "the tier above takes back a stable message"
+            );
+            return self.start_over(now, "a stable message taken back");
+        }
+        tracing::warn!(
+            from = d.from.0,
+            seen = d.seen.0,
+            "the tier above took back messages it had sent"
+        );
+        while self.held.back().is_some_and(|h| h.0 > after) {
+            self.held.pop_back();
+        }
+        (self.head, self.hash) = self
+            .held
+            .back()
+            .map_or(self.stable, |&(seq, _, _, hash)| (seq, hash));
+        if self.report.as_ref().is_some_and(|r| r.seq > after) {
+            self.report = None;
+        }
+        self.events.push_back(UpEvent::Unheld { after });
     }
 
     /// `publisher`'s publishes up to `pub_seq` are ordered: stop holding them.
@@ -599,6 +691,9 @@ impl Upstream {
     fn reset(&mut self, head: Seq, hash: u64) {
         self.head = head;
         self.hash = hash;
+        self.stable = (head, hash);
+        self.held.clear();
+        self.report = None;
         self.events.push_back(UpEvent::Reset(Snapshot {
             stream: self.stream.unwrap_or_default(),
             head,
@@ -656,16 +751,22 @@ mod tests {
             frame_len_max: 1 << 20,
             servers: vec![],
             hash: 0,
-            stable: None,
         })
     }
 
+    /// A delivery of stable messages.
     fn deliver(seqs: &[(u64, u64, u64)]) -> ServerFrame {
+        let last = seqs.last().map_or(0, |m| m.0);
+        held(seqs, last)
+    }
+
+    /// A delivery of messages held above, stable through `stable`.
+    fn held(seqs: &[(u64, u64, u64)], stable: u64) -> ServerFrame {
         let mut b = DeliverBuilder::default();
         for &(seq, p, ps) in seqs {
             b.push(Seq(seq), PublisherId(p), PubSeq(ps), "t", b"x");
         }
-        match protocol::decode_server(b.finish().slice(4..)) {
+        match protocol::decode_server(b.finish_with(None, Some(Seq(stable))).slice(4..)) {
             Ok(f) => f,
             Err(e) => panic!("{e}"),
         }
@@ -731,7 +832,7 @@ mod tests {
         );
         u.handle_frame(MS, deliver(&[(10, 1, 1), (11, 1, 2), (12, 1, 3)]));
         let ev = events(&mut u);
-        let [UpEvent::Deliver(batch)] = &ev[..] else {
+        let [UpEvent::Held(batch), UpEvent::Stable(Seq(12))] = &ev[..] else {
             panic!("{ev:?}")
         };
         let seqs: Vec<u64> = batch.iter().map(|m| m.seq.0).collect();
@@ -752,7 +853,7 @@ mod tests {
         assert!(actions(&mut u).contains(&Action::Disconnect));
         let ev = events(&mut u);
         assert!(
-            matches!(&ev[..], [UpEvent::Deliver(b)] if b.len() == 1),
+            matches!(&ev[..], [UpEvent::Held(b)] if b.len() == 1),
             "what precedes the hole is delivered, nothing past it: {ev:?}"
         );
         // The adopter is tried first, at once, and the Hello resumes after 1.
@@ -802,6 +903,88 @@ mod tests {
     }
 
     #[test]
+    fn held_messages_become_stable_by_mark_and_only_then_release_forwards() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        u.handle_frame(MS, report(0));
+        events(&mut u);
+        actions(&mut u);
+        u.submit(vec![msg(1, 1), msg(1, 2)]);
+        actions(&mut u);
+        u.handle_frame(MS, held(&[(1, 1, 1), (2, 1, 2)], 0));
+        assert!(matches!(&events(&mut u)[..], [UpEvent::Held(b)] if b.len() == 2));
+        u.handle_frame(
+            MS,
+            ServerFrame::Watermark(protocol::WatermarkHead { seq: Seq(1) }),
+        );
+        assert!(matches!(&events(&mut u)[..], [UpEvent::Stable(Seq(1))]));
+        // Pub_seq 2 is held, not stable: a new connection sends it again.
+        u.handle_closed(MS);
+        connect(&mut u, MS, 7, 1);
+        let resent = actions(&mut u)
+            .into_iter()
+            .filter(|a| matches!(a, Action::Send(f) if matches!(protocol::decode_client(f.slice(4..)), Ok(ClientFrame::Publish(_)))))
+            .count();
+        assert_eq!(resent, 1);
+    }
+
+    #[test]
+    fn a_divergence_takes_back_what_was_held_and_the_agreed_stream_follows() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        u.handle_frame(MS, report(0));
+        events(&mut u);
+        u.handle_frame(MS, held(&[(1, 1, 1), (2, 1, 2), (3, 1, 3)], 1));
+        events(&mut u);
+        let d = protocol::DivergedHead {
+            from: Seq(2),
+            seen: Seq(3),
+        };
+        u.handle_frame(MS, ServerFrame::Diverged(d));
+        let ev = events(&mut u);
+        assert!(
+            matches!(&ev[..], [UpEvent::Unheld { after: Seq(1) }]),
+            "{ev:?}"
+        );
+        u.handle_frame(MS, held(&[(2, 2, 1)], 2));
+        let ev = events(&mut u);
+        assert!(
+            matches!(&ev[..], [UpEvent::Held(b), UpEvent::Stable(Seq(2))] if b[0].publisher == PublisherId(2)),
+            "{ev:?}"
+        );
+        // Taking back what is stable is not the same stream: start over.
+        let d = protocol::DivergedHead {
+            from: Seq(2),
+            seen: Seq(2),
+        };
+        u.handle_frame(MS, ServerFrame::Diverged(d));
+        assert!(actions(&mut u).contains(&Action::Disconnect));
+    }
+
+    #[test]
+    fn a_report_ahead_of_the_stable_position_waits_for_it() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        events(&mut u);
+        u.handle_frame(MS, held(&[(1, 1, 1), (2, 1, 2)], 0));
+        u.handle_frame(MS, report(1));
+        let ev = events(&mut u);
+        assert!(matches!(&ev[..], [UpEvent::Held(_)]), "{ev:?}");
+        u.handle_frame(
+            MS,
+            ServerFrame::Watermark(protocol::WatermarkHead { seq: Seq(2) }),
+        );
+        let ev = events(&mut u);
+        assert!(
+            matches!(
+                &ev[..],
+                [UpEvent::Stable(Seq(1)), UpEvent::Members(m), UpEvent::Serving(true), UpEvent::Stable(Seq(2))] if m.seq == Seq(1)
+            ),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
     fn a_gap_notice_resets_the_stream_past_it() {
         let mut u = upstream();
         connect(&mut u, Duration::ZERO, 7, 0);
@@ -817,7 +1000,9 @@ mod tests {
         let ev = events(&mut u);
         assert!(matches!(&ev[..], [UpEvent::Reset(s), UpEvent::Reattach] if s.head == Seq(60)));
         u.handle_frame(MS, deliver(&[(61, 1, 1)]));
-        assert!(matches!(&events(&mut u)[..], [UpEvent::Deliver(b)] if b[0].seq == Seq(61)));
+        assert!(
+            matches!(&events(&mut u)[..], [UpEvent::Held(b), UpEvent::Stable(_)] if b[0].seq == Seq(61))
+        );
     }
 
     #[test]
