@@ -5,6 +5,13 @@
 //! complete sequence, nothing lost or doubled (DESIGN.md guarantees 1–5 at
 //! the clients, and "Adoption").
 //!
+//! Weak subscribers ride along at every level, some on the killed core
+//! server: each may be told that what it delivered diverged (guarantee 6),
+//! and after applying what it was told, its stream must be the strong
+//! subscribers' one exactly. Never silent: a weak client that delivered
+//! something the survivors ordered otherwise and was not told ends with
+//! another stream.
+//!
 //! The scale is set by `CANOPY_TREE_SUBS` (subscribers, default 100),
 //! `CANOPY_TREE_EACH` (messages per publisher, default 3,000) and
 //! `CANOPY_TREE_RATE` (messages per second per publisher; default about
@@ -81,6 +88,36 @@ fn fnv(hash: &mut u64, v: u64) {
         *hash ^= u64::from(b);
         *hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
+}
+
+/// A weak subscriber: delivers until its stream, with every divergence it
+/// was told of applied (what it delivered from there on withdrawn), holds
+/// `total` messages; returns that stream's hash and the divergences.
+async fn weak_subscriber(client: Client, total: usize, name: String) -> (u64, usize) {
+    let mut sub = client.subscribe("feed.>").await.expect("subscribe");
+    let mut stream: Vec<(u64, u64, u64)> = Vec::with_capacity(total);
+    let mut diverged = 0;
+    while stream.len() < total {
+        match sub.next().await {
+            Some(Event::Message(m)) => {
+                let last = stream.last().map_or(0, |e| e.0);
+                assert!(m.seq.0 > last, "{name}: seqs ascend");
+                stream.push((m.seq.0, m.publisher.0, m.pub_seq.0));
+            }
+            Some(Event::Diverged { from, .. }) => {
+                diverged += 1;
+                stream.retain(|e| e.0 < from.0);
+            }
+            other => panic!("{name}: expected a message, got {other:?}"),
+        }
+    }
+    let mut hash = 0xcbf2_9ce4_8422_2325;
+    for (seq, publisher, pub_seq) in stream {
+        for v in [seq, publisher, pub_seq] {
+            fnv(&mut hash, v);
+        }
+    }
+    (hash, diverged)
 }
 
 fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
@@ -165,6 +202,26 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
             }
             seen
         }));
+    }
+    // Weak subscribers: on core-1 (killed), the mid tier and the leaves.
+    let mut weak = Vec::new();
+    let weak_places = [
+        tree.core.clone(),
+        tree.tiers[0].clone(),
+        leaves.clone(),
+        vec![leaves[1].clone(), leaves[0].clone()],
+    ];
+    for k in 0..scale("CANOPY_TREE_WEAK", 8) {
+        let mut o = options(weak_places[k % 4].clone(), format!("weak-{k}"));
+        o.weak = true;
+        let client = within_for(STREAM_TIME_MAX, "weak connect", Client::connect(o))
+            .await
+            .expect("weak subscriber connects");
+        weak.push(tokio::spawn(weak_subscriber(
+            client,
+            total,
+            format!("weak-{k}"),
+        )));
     }
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS as usize {
@@ -251,11 +308,23 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
         }
         stall.push(seen.stall_core);
     }
+    let mut told = 0;
+    for w in weak {
+        let (hash, diverged) = within_for(STREAM_TIME_MAX, "weak subscribers complete", w)
+            .await
+            .expect("weak subscriber task");
+        assert_eq!(
+            Some(hash),
+            reference,
+            "a weak subscriber's stream, divergences applied, is the agreed one"
+        );
+        told += diverged;
+    }
     let (a_med, a_max) = median_max(adoption);
     let (s_med, s_max) = median_max(stall);
     eprintln!(
         "tree: {subs} subscribers, {total} messages; relay kill -> first message at an adopted \
          client: median {a_med:?}, max {a_max:?}; longest pause in deliveries after the core kill: \
-         median {s_med:?}, max {s_max:?}"
+         median {s_med:?}, max {s_max:?}; weak subscribers told of a divergence: {told} times"
     );
 }
