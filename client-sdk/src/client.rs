@@ -720,14 +720,14 @@ impl Driver {
             ServerFrame::PubAck(PubAck { pub_seq, .. }) => self.acknowledge(pub_seq),
             ServerFrame::Subscribed(s) => {
                 // The server sent everything up to `head` before this answer.
-                self.advance(s.head);
+                self.answered(s.head, s.hash);
                 if let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == s.pattern) {
                     if let Some((_, done)) = self.pending_subs.remove(i) {
                         let _ = done.send(Ok(()));
                     }
                 }
             }
-            ServerFrame::Unsubscribed(s) => self.advance(s.head),
+            ServerFrame::Unsubscribed(s) => self.answered(s.head, s.hash),
             ServerFrame::Pong(_) => {}
             ServerFrame::Watermark(w) => {
                 // A watermark is a stable position (weak clients are told
@@ -850,6 +850,15 @@ impl Driver {
         }
         self.took(last, check, head.stable);
         Ok(())
+    }
+
+    /// A subscription answer moved the position to `head`: the resume
+    /// check follows it.
+    fn answered(&mut self, head: Seq, hash: Option<u64>) {
+        self.advance(head);
+        if let Some(hash) = hash.filter(|_| self.check.is_none_or(|c| c.seq <= head)) {
+            self.check = Some(protocol::StreamCheck { seq: head, hash });
+        }
     }
 
     /// A delivery frame through `last` was handed over.

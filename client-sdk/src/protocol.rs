@@ -543,6 +543,10 @@ pub struct SubscribedHead {
     pub pattern: String,
     /// The last sequence number ordered when the change took effect.
     pub head: Seq,
+    /// The running hash of the stream through `head` (the client's
+    /// position moves there, so its resume check does too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<u64>,
 }
 
 /// Server to client: every message up to `seq` that matches this client's

@@ -82,6 +82,7 @@ async fn a_weak_client_told_of_a_divergence_gets_the_agreed_stream_from_there() 
         let answer = SubscribedHead {
             pattern: s.pattern,
             head: Seq(0),
+            hash: Some(0),
         };
         send(&mut conn, &ServerFrame::Subscribed(answer)).await;
         let (frame, h1) = deliver(0, &[(1, 9, 1)], 0);

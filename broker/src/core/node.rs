@@ -27,6 +27,17 @@
 //!   so it sees every seq once and in order however far behind it was.
 //! - Every queue here is bounded: pending publishes by `batch_len_max`,
 //!   retention by count and bytes, subscriptions per session, publishers.
+//! - Weak delivery (DESIGN.md guarantee 6): weak sessions are sent what
+//!   the group below holds (`handle_held`) before it is stable; strong ones
+//!   only what is stable. Every delivery carries the stream's running hash.
+//!   A weak session sent something that is taken back (`handle_unheld`)
+//!   keeps a claim on what it holds, and a resuming session brings one; a
+//!   claim is checked when this node's stream reaches it, and a difference
+//!   is reported (`Diverged`) before anything past it is sent, then the
+//!   agreed stream is replayed from where the session's stream was agreed.
+//!   Where DESIGN.md ties weak mode to "no membership reports", a weak
+//!   client here may still take the server list (`servers`); only `full`
+//!   reports, whose positions are stable ones, are refused it.
 
 use super::group::{Msg, Snapshot};
 use super::index::Index;
@@ -252,7 +263,8 @@ struct PublisherState {
 pub struct Node {
     config: NodeConfig,
     sessions: HashMap<SessionId, Session>,
-    index: Index,
+    /// Subscriptions of strong and of weak sessions.
+    indexes: Indexes,
     publishers: HashMap<PublisherId, PublisherState>,
     retention: Retention,
     /// The last assigned seq.
@@ -311,8 +323,6 @@ pub struct Node {
     /// Weak delivery: what the group holds after `head`, ordered but not
     /// yet stable, contiguous, with running hashes.
     unstable: VecDeque<Ordered>,
-    /// The subscriptions of weak sessions (they are not in `index`).
-    weak_index: Index,
     /// Live weak sessions.
     weak_live: usize,
     /// Stable messages that are new to weak sessions too (in a relay, or
@@ -323,6 +333,8 @@ pub struct Node {
     /// Weak relays: told the stable position whenever it moves (their
     /// strong clients wait on it).
     stable_marks: BTreeSet<SessionId>,
+    /// The stable position last marked.
+    marked: Seq,
 }
 
 /// Counters for logs, benchmarks and the dashboard.
@@ -373,7 +385,10 @@ impl Node {
     /// A node with nothing ordered yet; `now` is its start time.
     pub fn new(now: Duration, config: NodeConfig) -> Self {
         Node {
-            index: Index::new(4096),
+            indexes: Indexes {
+                strong: Index::new(4096),
+                weak: Index::new(4096),
+            },
             retention: Retention::new(config.retention_count_max, config.retention_bytes_max),
             sessions: HashMap::new(),
             publishers: HashMap::new(),
@@ -405,11 +420,11 @@ impl Node {
             core_tier: false,
             hash: 0,
             unstable: VecDeque::new(),
-            weak_index: Index::new(4096),
             weak_live: 0,
             weak_pending: Vec::new(),
             checks: Vec::new(),
             stable_marks: BTreeSet::new(),
+            marked: Seq(0),
             config,
         }
     }
@@ -526,13 +541,8 @@ impl Node {
         if let Some(s) = self.sessions.remove(&session) {
             self.journal
                 .record(now, EventKind::Disconnect, format!("session {session}"));
-            let index = if s.weak {
-                &mut self.weak_index
-            } else {
-                &mut self.index
-            };
             for p in &s.patterns {
-                index.remove(p, session);
+                self.indexes.of(s.weak).remove(p, session);
             }
             self.session_gone(session, s);
         }
@@ -596,13 +606,8 @@ impl Node {
                 );
                 if let Some(s) = self.sessions.get_mut(&session) {
                     s.closing = true;
-                    let index = if s.weak {
-                        &mut self.weak_index
-                    } else {
-                        &mut self.index
-                    };
                     for p in std::mem::take(&mut s.patterns) {
-                        index.remove(&p, session);
+                        self.indexes.of(s.weak).remove(&p, session);
                     }
                 }
                 // Ahead of everything queued: what is queued for this session
@@ -738,7 +743,13 @@ impl Node {
             if self.outputs.is_empty() {
                 // Catch-up frames only when nothing else waits, one at a
                 // time, so a full queue is known before the next is built.
-                return self.next_catch_up();
+                let out = self.next_catch_up();
+                if out.is_some() || self.outputs.is_empty() {
+                    return out;
+                }
+                // A session went live: what that queued (its first report,
+                // a stable mark) goes out now, not with the next input.
+                continue;
             }
             let out = self.outputs.pop_front()?;
             match out {
@@ -761,6 +772,13 @@ impl Node {
                         // Held back: the catch-up sends it from retention.
                         continue;
                     }
+                    if s.claim.is_some() {
+                        // At or below the unchecked claim (nothing past it
+                        // is sent before the check), so the client has these
+                        // seqs; and a frame's stable mark must not vouch for
+                        // what is not checked yet.
+                        continue;
+                    }
                     s.sent_through = seqs.1;
                     if let Some((from, _)) = s.gap.take() {
                         // A conflating session missed something: this batch
@@ -780,9 +798,10 @@ impl Node {
                     // A watermark must not overtake a gap the session has
                     // not been told of yet: it would claim the gap was sent.
                     let pass = self.sessions.get(&session).is_some_and(|s| {
-                        // Nor may it claim what a catch-up has yet to send.
+                        // Nor may it claim what a catch-up has yet to send,
+                        // or vouch for a stream not checked yet.
                         let gap_first = kind == TransmitKind::Watermark
-                            && (s.gap.is_some() || s.catch_up.is_some());
+                            && (s.gap.is_some() || s.catch_up.is_some() || s.claim.is_some());
                         if s.closing {
                             s.drain
                         } else {
@@ -880,13 +899,8 @@ impl Node {
         // Order what is pending first, so the replay below and the live
         // stream after it meet exactly at `head`.
         self.fan_out();
-        let index = if hello.weak {
-            &mut self.weak_index
-        } else {
-            &mut self.index
-        };
         for p in &patterns {
-            index.insert(p, session);
+            self.indexes.of(hello.weak).insert(p, session);
         }
         // Everyone starts at the stable head (the agreed stream); a weak
         // client is then caught up through what is held.
@@ -909,6 +923,7 @@ impl Node {
         self.control(session, kind::WELCOME, &welcome);
         let resume = hello.resume.filter(|r| r.stream == self.config.stream);
         let resume_after = resume.map(|r| r.after);
+        let weak_head = self.weak_head();
         // The client's stream must be this server's up to where it stands.
         let (mut claim, mut diverged) = (None, None);
         if let Some((check, r)) = resume.and_then(|r| Some((r.check?, r))) {
@@ -920,8 +935,13 @@ impl Node {
                 Some(hash) if hash == check.hash => {}
                 Some(_) => diverged = Some((agreed, check.seq)),
                 // Not reached yet: checked when it is.
-                None if check.seq > self.weak_head() => claim = Some((check, agreed)),
-                // Older than retention: the replay reports what is missing.
+                None if check.seq > weak_head => claim = Some((check, agreed)),
+                // Older than retention, with an unchecked part (weak): it
+                // cannot be ruled out; the replay reports what is missing.
+                None if r.agreed.is_some_and(|a| a < check.seq) => {
+                    diverged = Some((agreed, check.seq))
+                }
+                // Older than retention and stable all through.
                 None => {}
             }
         }
@@ -942,7 +962,8 @@ impl Node {
             s.patterns = patterns;
             s.sent_through = head;
             s.weak = hello.weak;
-            s.weak_sent = head;
+            // Where the client stands, as far as this server holds.
+            s.weak_sent = resume_after.map_or(head, |a| a.min(weak_head).max(head));
             s.claim = claim;
             s.hello = Some(SessionHello {
                 entry: MemberEntry {
@@ -964,7 +985,7 @@ impl Node {
             self.diverge(session, agreed, seen);
         } else if let Some(after) = resume_after
             .or(hello.weak.then_some(head))
-            .filter(|a| *a < if hello.weak { self.weak_head() } else { head })
+            .filter(|a| *a < if hello.weak { weak_head } else { head })
         {
             if let Some(s) = self.sessions.get_mut(&session) {
                 s.catch_up = Some(after);
@@ -1006,7 +1027,8 @@ impl Node {
                 self.catching_up.swap_remove(i);
                 continue;
             };
-            if s.replay_stalled {
+            if s.replay_stalled || s.claim.is_some() {
+                // (A catch-up past a claim waits for its check.)
                 i += 1;
                 continue;
             }
@@ -1020,13 +1042,10 @@ impl Node {
                 self.catching_up.swap_remove(i);
                 if self.stable_marks.contains(&session) {
                     // Marks are not sent during a catch-up: one now.
-                    let mark = WatermarkHead { seq: self.head };
-                    self.outputs.push_back(Output::Transmit {
-                        session,
-                        frame: protocol::encode(kind::WATERMARK, &mark, &[]),
-                        kind: TransmitKind::Watermark,
-                        seqs: (self.head, self.head),
-                    });
+                    let mark =
+                        protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
+                    self.outputs
+                        .push_back(stable_mark(session, mark, self.head));
                 }
                 self.start_reports(session);
                 continue;
@@ -1125,19 +1144,11 @@ impl Node {
             // new one starts exactly after `head` as the answer says.
             self.fan_out();
             if let Some(s) = self.sessions.get_mut(&session) {
-                let index = if s.weak {
-                    &mut self.weak_index
-                } else {
-                    &mut self.index
-                };
-                index.insert(&pattern, session);
+                self.indexes.of(s.weak).insert(&pattern, session);
                 s.patterns.push(pattern);
             }
         }
-        let answer = SubscribedHead {
-            pattern: text.to_owned(),
-            head: self.sent_head(session),
-        };
+        let answer = self.subscription_answer(session, text);
         self.control(session, kind::SUBSCRIBED, &answer);
     }
 
@@ -1152,19 +1163,25 @@ impl Node {
         if let Some(s) = self.sessions.get_mut(&session) {
             if let Some(i) = s.patterns.iter().position(|p| *p == pattern) {
                 s.patterns.swap_remove(i);
-                let index = if s.weak {
-                    &mut self.weak_index
-                } else {
-                    &mut self.index
-                };
-                index.remove(&pattern, session);
+                self.indexes.of(s.weak).remove(&pattern, session);
             }
         }
-        let answer = SubscribedHead {
-            pattern: text.to_owned(),
-            head: self.sent_head(session),
-        };
+        let answer = self.subscription_answer(session, text);
         self.control(session, kind::UNSUBSCRIBED, &answer);
+    }
+
+    /// The answer to a subscription change: the client's position moves to
+    /// what it has been sent everything of, with the hash there.
+    fn subscription_answer(&mut self, session: SessionId, pattern: &str) -> SubscribedHead {
+        let head = self.sent_head(session);
+        if let Some(s) = self.sessions.get_mut(&session).filter(|s| s.weak) {
+            s.weak_sent = s.weak_sent.max(head);
+        }
+        SubscribedHead {
+            pattern: pattern.to_owned(),
+            head,
+            hash: self.hash_at(head),
+        }
     }
 
     fn on_publish(&mut self, session: SessionId, publish: Publish) {
@@ -1567,8 +1584,11 @@ impl Node {
             let Some(s) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            let held = usize::try_from(s.weak_sent.0 - first.0)
-                .ok()
+            let held = s
+                .weak_sent
+                .0
+                .checked_sub(first.0)
+                .and_then(|i| usize::try_from(i).ok())
                 .and_then(|i| self.unstable.get(i));
             let sent = StreamCheck {
                 seq: s.weak_sent,
@@ -1589,8 +1609,9 @@ impl Node {
                 s.catch_up = Some(after);
             }
         }
+        let keep = (after.0 + 1).saturating_sub(first.0);
         self.unstable
-            .truncate(usize::try_from(after.0 + 1 - first.0).unwrap_or(0));
+            .truncate(usize::try_from(keep).unwrap_or(usize::MAX));
         self.journal.record(
             self.now,
             EventKind::View,
@@ -1642,11 +1663,13 @@ impl Node {
         s.catch_up = Some(s.catch_up.map_or(agreed, |c| c.min(agreed)));
         s.replay_stalled = false;
         s.weak_sent = agreed;
+        // The replay covers a conflated range too.
+        s.gap = None;
         self.stats.diverged += 1;
         let detail = format!(
             "session {session}: its stream after seq {agreed} was not the agreed one (seen at {seen}); replayed"
         );
-        self.journal.record(self.now, EventKind::Gap, detail);
+        self.journal.record(self.now, EventKind::Diverged, detail);
         let head = DivergedHead {
             from: agreed.next(),
             seen,
@@ -1660,7 +1683,7 @@ impl Node {
         let from = self.outputs.len();
         let (frames, delivered) = self.fanout.run(
             batch,
-            &mut self.weak_index,
+            &mut self.indexes.weak,
             limits,
             Some(self.head),
             &mut self.outputs,
@@ -2099,31 +2122,33 @@ impl Node {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             let limits = FrameLimits::new(self.config.frame_len_max);
-            let (frames, delivered) =
-                self.fanout
-                    .run(&batch, &mut self.index, limits, None, &mut self.outputs);
+            let (frames, delivered) = self.fanout.run(
+                &batch,
+                &mut self.indexes.strong,
+                limits,
+                None,
+                &mut self.outputs,
+            );
             self.stats.deliver_frames += frames;
             self.stats.delivered += delivered;
             for m in batch {
                 self.topics.count(&m.topic, m.payload.len());
                 self.retention.push(m);
             }
-            if !self.stable_marks.is_empty() {
-                let mark =
-                    protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
-                for &session in &self.stable_marks {
-                    self.outputs.push_back(Output::Transmit {
-                        session,
-                        frame: mark.clone(),
-                        kind: TransmitKind::Watermark,
-                        seqs: (self.head, self.head),
-                    });
-                }
-            }
         }
+        let stable_moved = self.head > self.marked;
         if !self.weak_pending.is_empty() {
             let batch = std::mem::take(&mut self.weak_pending);
             self.weak_fan_out(&batch);
+        }
+        if stable_moved && !self.stable_marks.is_empty() {
+            // After what they were sent: everything up to the mark is.
+            self.marked = self.head;
+            let mark = protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
+            for &session in &self.stable_marks {
+                self.outputs
+                    .push_back(stable_mark(session, mark.clone(), self.head));
+            }
         }
         for session in self.acks_due.drain(..) {
             let Some(ack) = self
@@ -2168,13 +2193,8 @@ impl Node {
         }
         s.closing = true;
         s.drain = true;
-        let index = if s.weak {
-            &mut self.weak_index
-        } else {
-            &mut self.index
-        };
         for p in std::mem::take(&mut s.patterns) {
-            index.remove(&p, session);
+            self.indexes.of(s.weak).remove(&p, session);
         }
         // Anything this session published before the bad frame is ordered
         // and its acknowledgement goes out before the error (drain).
@@ -2184,6 +2204,33 @@ impl Node {
             frame: Some(error_frame(code, &message)),
             drain: true,
         });
+    }
+}
+
+/// Strong and weak sessions subscribe apart: they are sent different
+/// streams (stable, and held).
+struct Indexes {
+    strong: Index,
+    weak: Index,
+}
+
+impl Indexes {
+    fn of(&mut self, weak: bool) -> &mut Index {
+        if weak {
+            &mut self.weak
+        } else {
+            &mut self.strong
+        }
+    }
+}
+
+/// A stable mark for a weak relay: a watermark at `head`.
+fn stable_mark(session: SessionId, frame: Bytes, head: Seq) -> Output {
+    Output::Transmit {
+        session,
+        frame,
+        kind: TransmitKind::Watermark,
+        seqs: (head, head),
     }
 }
 

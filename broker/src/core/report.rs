@@ -26,6 +26,8 @@ pub enum EventKind {
     BadInput,
     /// A view was installed.
     View,
+    /// A weak session was told its stream diverged.
+    Diverged,
 }
 
 impl EventKind {
@@ -38,6 +40,7 @@ impl EventKind {
             EventKind::Gap => "gap",
             EventKind::BadInput => "bad_input",
             EventKind::View => "view",
+            EventKind::Diverged => "diverged",
         }
     }
 }

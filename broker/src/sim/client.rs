@@ -188,7 +188,15 @@ impl Client {
                 checker.gap(self.id, g.from, g.to);
                 self.advance(g.to);
             }
-            ServerFrame::Subscribed(s) | ServerFrame::Unsubscribed(s) => self.advance(s.head),
+            ServerFrame::Subscribed(s) | ServerFrame::Unsubscribed(s) => {
+                self.advance(s.head);
+                if let Some(hash) = s
+                    .hash
+                    .filter(|_| self.check.is_none_or(|c| c.seq <= s.head))
+                {
+                    self.check = Some(StreamCheck { seq: s.head, hash });
+                }
+            }
             ServerFrame::Ping(p) => out.push(protocol::encode_client(&ClientFrame::Pong(p))),
             ServerFrame::Pong(PingHead { .. }) => {}
             ServerFrame::Members(m) => self.advance(m.seq),

@@ -966,3 +966,43 @@ fn weak_delivery_with_full_reports_is_refused_except_to_a_relay() {
         assert_eq!((error, welcomed), (refused, !refused), "{role:?}: {out:?}");
     }
 }
+
+/// A weak relay whose held messages were taken back is told nothing of
+/// the stable position, and sent nothing, until what it holds is checked:
+/// a mark would vouch for messages that may not be the agreed ones.
+#[test]
+fn a_weak_relay_with_an_unchecked_claim_gets_no_stable_mark_until_it_is_checked() {
+    let mut n = grouped();
+    let relay = SessionId(1);
+    n.handle_open(T0, relay);
+    let mut h = hello(1, &[">"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        (h.weak, h.role) = (true, Role::Relay);
+    }
+    n.handle_frame(T0, relay, h);
+    drain(&mut n);
+    n.handle_held(T0, vec![held(1, 9, 1), held(2, 9, 2), held(3, 9, 3)]);
+    assert_eq!(seqs(&drain(&mut n), relay), vec![1, 2, 3]);
+    n.handle_unheld(T0, Seq(0));
+    // The new view orders another message first, and it becomes stable.
+    n.handle_held(T0, vec![held(1, 8, 1)]);
+    n.handle_ordered(T0, vec![held(1, 8, 1)]);
+    let out = drain(&mut n);
+    assert!(out.iter().all(|(s, _)| *s != relay), "{out:?}");
+    n.handle_held(T0, vec![held(2, 9, 1), held(3, 9, 2)]);
+    let out = drain(&mut n);
+    let to_relay: Vec<&ServerFrame> = out
+        .iter()
+        .filter(|(s, _)| *s == relay)
+        .map(|(_, f)| f)
+        .collect();
+    assert!(
+        matches!(to_relay.first(), Some(ServerFrame::Diverged(d)) if d.from == Seq(1)),
+        "{out:?}"
+    );
+    assert_eq!(seqs(&out, relay), vec![1, 2, 3]);
+    assert!(
+        matches!(to_relay.last(), Some(ServerFrame::Watermark(w)) if w.seq == Seq(1)),
+        "the stable mark after the replay: {out:?}"
+    );
+}
