@@ -30,7 +30,7 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 pub fn render(s: &Snapshot) -> String {
     let c = &s.counters;
     let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 12] = [
         (
             "canopy_messages_published_total",
             "Messages ordered.",
@@ -74,8 +74,13 @@ pub fn render(s: &Snapshot) -> String {
         ),
         (
             "canopy_adoptions_total",
-            "Orphaned clients adopted.",
+            "Clients that resumed here from another server (adopted orphans).",
             c.adoptions,
+        ),
+        (
+            "canopy_diverged_total",
+            "Weak clients told that what they were sent was not the agreed stream.",
+            c.diverged,
         ),
         (
             "canopy_connections_total",

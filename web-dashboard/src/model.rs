@@ -147,8 +147,11 @@ pub struct Counters {
     pub bad_input: u64,
     /// Views installed after the first.
     pub view_changes: u64,
-    /// Orphaned clients adopted.
+    /// Clients that resumed here from another server (adopted orphans).
     pub adoptions: u64,
+    /// Weak clients told that what they were sent was not the agreed
+    /// stream.
+    pub diverged: u64,
     /// Connections accepted.
     pub connects: u64,
     /// Messages held in retention.

@@ -134,6 +134,11 @@ impl Members {
         self.clients.values()
     }
 
+    /// Client `id`'s entry, if it is listed.
+    pub fn client(&self, id: PublisherId) -> Option<&MemberEntry> {
+        self.clients.get(&id)
+    }
+
     /// Applies `event`, ordered at `seq`, and returns the change it made
     /// (`None` when it changed nothing).
     pub fn apply(&mut self, seq: Seq, event: MemberEvent) -> Option<MembersHead> {

@@ -362,6 +362,9 @@ pub struct Stats {
     pub connects: u64,
     /// Sessions told that what they were sent was not the agreed stream.
     pub diverged: u64,
+    /// Clients that resumed here coming from another server (adopted:
+    /// the membership listed them elsewhere, or no longer).
+    pub adopted: u64,
 }
 
 /// What the node knows of one session, for operators.
@@ -923,6 +926,13 @@ impl Node {
         self.control(session, kind::WELCOME, &welcome);
         let resume = hello.resume.filter(|r| r.stream == self.config.stream);
         let resume_after = resume.map(|r| r.after);
+        let listed_here = self
+            .members
+            .client(hello.publisher)
+            .is_some_and(|e| e.server == self.config.id);
+        if resume.is_some() && !listed_here {
+            self.stats.adopted += 1;
+        }
         let weak_head = self.weak_head();
         // The client's stream must be this server's up to where it stands.
         let (mut claim, mut diverged) = (None, None);

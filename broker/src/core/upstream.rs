@@ -28,8 +28,9 @@
 //!   notice is dropped. An explicit gap notice, or a changed stream,
 //!   becomes a [`UpEvent::Reset`]: the relay's clients then resume
 //!   against the new position, never missing the jump silently.
-//! - A forwarded publish is kept until the stream (or an acknowledgement
-//!   of a retry) shows it ordered, or the tier above refuses it, and it is
+//! - A forwarded publish is kept until the stream shows it stable (held is
+//!   not enough: a failure could take it back), an acknowledgement of a
+//!   retry shows it ordered, or the tier above refuses it, and it is
 //!   sent again on every new connection: the tier above deduplicates by
 //!   `(publisher, pub_seq)`, so nothing is lost or ordered twice.
 //! - Forwards held are bounded by count; the node pushes back on its

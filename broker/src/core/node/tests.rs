@@ -1006,3 +1006,28 @@ fn a_weak_relay_with_an_unchecked_claim_gets_no_stable_mark_until_it_is_checked(
         "the stable mark after the replay: {out:?}"
     );
 }
+
+#[test]
+fn a_client_that_resumes_here_from_elsewhere_counts_as_adopted() {
+    let mut n = Node::new(T0, NodeConfig::default());
+    let stream = n.config().stream;
+    resume(&mut n, 2, &["t.>"], stream, Seq(0));
+    drain(&mut n);
+    assert_eq!(n.stats().adopted, 1, "resumed, and listed nowhere here");
+    // The same client again, on a new connection, while listed here (its
+    // old connection's end not noticed yet): it did not come from elsewhere.
+    let again = SessionId(3);
+    n.handle_open(T0, again);
+    let mut h = hello(2, &["t.>"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream,
+            after: Seq(0),
+            check: None,
+            agreed: None,
+        });
+    }
+    n.handle_frame(T0, again, h);
+    drain(&mut n);
+    assert_eq!(n.stats().adopted, 1);
+}
