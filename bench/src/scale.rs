@@ -57,8 +57,14 @@ const CONNECT_PARALLEL: usize = 64;
 pub fn main(args: &ScaleArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.size >= 16, "--size must be at least 16");
     anyhow::ensure!(!args.tiers.is_empty(), "--tiers needs at least one tier");
-    let exe = match &args.canopy {
-        Some(p) => p.clone(),
+    let exe = canopy_exe(args.canopy.as_deref())?;
+    tree_runtime()?.block_on(run(args, &exe))
+}
+
+/// The `canopy` binary: `given`, or the one beside this benchmark.
+pub(crate) fn canopy_exe(given: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    let exe = match given {
+        Some(p) => p.to_owned(),
         None => std::env::current_exe()?.with_file_name("canopy"),
     };
     anyhow::ensure!(
@@ -66,11 +72,39 @@ pub fn main(args: &ScaleArgs) -> anyhow::Result<()> {
         "no canopy binary at {} (cargo build --release -p canopy-broker, or --canopy PATH)",
         exe.display()
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    Ok(exe)
+}
+
+/// The clients' runtime: two workers, as the machine has two cores.
+pub(crate) fn tree_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    rt.block_on(run(args, &exe))
+        .build()?)
+}
+
+/// Publishes `total` messages of `size` bytes on `topic` at `rate` per
+/// second, then waits until every one is acknowledged.
+pub(crate) async fn publish_paced(
+    publisher: &canopy_client::Client,
+    topic: &str,
+    (rate, total, size): (u64, u64, usize),
+    base: Instant,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut sent = 0u64;
+    while sent < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        while sent < due {
+            let p = payload(size, 0, sent as u32, base);
+            drop(publisher.send(topic, p).await?);
+            sent += 1;
+        }
+    }
+    publisher.flush().await?;
+    Ok(())
 }
 
 /// Resident memory of process `pid`, bytes.
@@ -159,18 +193,7 @@ async fn run(args: &ScaleArgs, exe: &std::path::Path) -> anyhow::Result<()> {
     o.name = "scale-pub".into();
     let publisher = canopy_client::Client::connect(o).await?;
     let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    let mut sent = 0u64;
-    while sent < total {
-        tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * args.rate as f64) as u64).min(total);
-        while sent < due {
-            let p = payload(args.size, 0, sent as u32, base);
-            drop(publisher.send(TOPIC, p).await?);
-            sent += 1;
-        }
-    }
-    publisher.flush().await?;
+    publish_paced(&publisher, TOPIC, (args.rate, total, args.size), base).await?;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2)?;
     let (mut received, mut violations, mut complete) = (0u64, 0u64, 0usize);
     let mut last_delivery = start;

@@ -11,7 +11,8 @@
 //! p50/p99/p99.9 and the weak/strong ratios, taken within the one run (the
 //! machine is shared: ratios from one run compare, absolute figures drift).
 
-use crate::{payload, Checker};
+use crate::scale::{canopy_exe, publish_paced, tree_runtime};
+use crate::Checker;
 use canopy_broker::launcher::{Launched, TreeConfig};
 use clap::Parser;
 use futures::StreamExt;
@@ -49,20 +50,8 @@ const TOPIC: &str = "bench.weak";
 pub fn main(args: &WeakArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.size >= 16, "--size must be at least 16");
     anyhow::ensure!(args.subs >= 1, "--subs must be at least 1");
-    let exe = match &args.canopy {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("canopy"),
-    };
-    anyhow::ensure!(
-        exe.exists(),
-        "no canopy binary at {} (cargo build --release -p canopy-broker, or --canopy PATH)",
-        exe.display()
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run(args, &exe))
+    let exe = canopy_exe(args.canopy.as_deref())?;
+    tree_runtime()?.block_on(run(args, &exe))
 }
 
 /// What the subscribers of one level and mode saw.
@@ -137,19 +126,7 @@ async fn run(args: &WeakArgs, exe: &std::path::Path) -> anyhow::Result<()> {
     let mut o = canopy_client::ClientOptions::new(core);
     o.name = "weak-bench-pub".into();
     let publisher = canopy_client::Client::connect(o).await?;
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    let mut sent = 0u64;
-    while sent < total {
-        tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * args.rate as f64) as u64).min(total);
-        while sent < due {
-            let p = payload(args.size, 0, sent as u32, base);
-            drop(publisher.send(TOPIC, p).await?);
-            sent += 1;
-        }
-    }
-    publisher.flush().await?;
+    publish_paced(&publisher, TOPIC, (args.rate, total, args.size), base).await?;
     let mut tallies: Vec<((String, bool), Tally)> = Vec::new();
     for (level, weak, task) in tasks {
         let (checker, diverged) = task.await?;
