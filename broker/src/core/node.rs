@@ -1436,6 +1436,13 @@ impl Node {
         std::mem::take(&mut self.submissions)
     }
 
+    /// Gives back taken submissions that must wait (no room below yet):
+    /// they are taken again first, in their order.
+    pub fn defer_submissions(&mut self, mut waiting: Vec<Submission>) {
+        waiting.append(&mut self.submissions);
+        self.submissions = waiting;
+    }
+
     /// In a group: messages the group delivered (stable, contiguous after
     /// the head). They are retained, fanned out, and acknowledge their
     /// publishers' sessions here.

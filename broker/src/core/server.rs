@@ -266,22 +266,28 @@ impl Server {
 fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
     loop {
         let subs = node.take_submissions();
-        let mut moved = !subs.is_empty();
         let mut msgs = Vec::with_capacity(subs.len());
+        let mut waiting = Vec::new();
         let mut room = upstream.room();
         for sub in subs {
             // Beyond one connection's own sequence (the node judged that),
             // whether a publish skips pub_seqs is the core's to judge: a
             // relay may lag what another server acknowledged. The core
             // refuses per publisher (`UpEvent::Refused`). The node's own
-            // membership events always pass: they must not be lost.
-            if room == 0 && sub.session != SessionId::NODE {
-                node.reject_overloaded(now, &sub);
-            } else {
-                room = room.saturating_sub(1);
+            // membership events must not be lost: at the bound they wait
+            // for room (a relay re-announcing more clients than the bound
+            // would otherwise overflow every new connection's queue).
+            if room > 0 {
+                room -= 1;
                 msgs.push(sub.msg);
+            } else if sub.session == SessionId::NODE {
+                waiting.push(sub);
+            } else {
+                node.reject_overloaded(now, &sub);
             }
         }
+        let mut moved = !msgs.is_empty();
+        node.defer_submissions(waiting);
         upstream.submit(msgs);
         while let Some(event) = upstream.poll_event() {
             moved = true;

@@ -391,6 +391,9 @@ impl Upstream {
     }
 
     fn lose(&mut self, now: Duration) {
+        // Frames for the lost connection are moot: forwards go again on
+        // the next one.
+        self.actions.retain(|a| !matches!(a, Action::Send(_)));
         if matches!(self.link, Link::Down { .. }) {
             // Already down: the pending retry (and its backoff) stands.
             return;
@@ -983,6 +986,27 @@ mod tests {
             ),
             "{ev:?}"
         );
+    }
+
+    #[test]
+    fn frames_queued_for_a_lost_connection_are_dropped_and_forwards_go_again() {
+        let mut u = upstream();
+        connect(&mut u, Duration::ZERO, 7, 0);
+        actions(&mut u);
+        u.submit(vec![msg(1, 1), msg(1, 2)]);
+        // The shell could not take them (its queue was full): the link ends.
+        u.handle_closed(MS);
+        let left = actions(&mut u);
+        assert!(
+            left.iter().all(|a| !matches!(a, Action::Send(_))),
+            "{left:?}"
+        );
+        connect(&mut u, MS, 7, 0);
+        let sent = actions(&mut u)
+            .iter()
+            .filter(|a| matches!(a, Action::Send(_)))
+            .count();
+        assert_eq!(sent, 3, "the Hello and both forwards, once each");
     }
 
     #[test]
