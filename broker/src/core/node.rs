@@ -149,6 +149,9 @@ pub(crate) struct Bugs {
     pub order_retries: bool,
     /// Let live deliveries overtake a resuming session's catch-up.
     pub overtake_catch_up: bool,
+    /// Start the running hash from 0 at a snapshot's head instead of the
+    /// snapshot's hash.
+    pub forget_snapshot_hash: bool,
 }
 
 /// What a transmit carries, which decides what a full queue means for it.
@@ -1783,7 +1786,11 @@ impl Node {
         if let Some(report) = state.members {
             self.members.install(report);
         }
-        self.hash = state.hash;
+        self.hash = if self.bugs.forget_snapshot_hash {
+            0
+        } else {
+            state.hash
+        };
         for (i, m) in state.msgs.into_iter().enumerate() {
             let mut m = m.ordered(Seq(before.0 + 1 + i as u64));
             m.hash = protocol::chain(self.hash, m.seq, m.publisher, m.pub_seq);

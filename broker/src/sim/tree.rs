@@ -112,8 +112,19 @@ struct World {
     queue_max: usize,
     delay_max_ms: u64,
     retention: usize,
-    no_resend: bool,
+    bugs: TreeBugs,
     out: TreeOutcome,
+}
+
+/// Deliberate relay bugs, for the tests that prove the checks catch them.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TreeBugs {
+    /// Relays do not send their held forwards again after reconnecting.
+    pub no_resend: bool,
+    /// A relay that starts its stream from a report forgets the running
+    /// hash there (its chain starts from 0): clients that move between
+    /// relays started at different times are told their stream diverged.
+    pub forget_snapshot_hash: bool,
 }
 
 fn addr(server: usize) -> String {
@@ -129,15 +140,14 @@ fn index(addr: &str) -> Option<usize> {
 /// # Errors
 /// The first broken guarantee, naming the seed and how to replay it.
 pub fn run(seed: u64) -> Result<TreeOutcome, Violation> {
-    run_with(seed, false)
+    run_with(seed, TreeBugs::default())
 }
 
-/// Runs seed `seed`; with `no_resend`, relays keep the deliberate bug of
-/// not sending their held forwards again after reconnecting.
+/// Runs seed `seed` with relays that have `bugs`.
 ///
 /// # Errors
 /// As [`run`].
-pub(crate) fn run_with(seed: u64, no_resend: bool) -> Result<TreeOutcome, Violation> {
+pub(crate) fn run_with(seed: u64, bugs: TreeBugs) -> Result<TreeOutcome, Violation> {
     let mut rng = Rng::new(seed);
     let first = 2 + rng.below(2) as usize;
     let second = if rng.percent(50) { 2 } else { 0 };
@@ -185,7 +195,7 @@ pub(crate) fn run_with(seed: u64, no_resend: bool) -> Result<TreeOutcome, Violat
         queue_max: 4 + rng.below(30) as usize,
         delay_max_ms: 1 + rng.below(10),
         retention: 50 + rng.below(500) as usize,
-        no_resend,
+        bugs,
         rng,
         out: TreeOutcome::default(),
     };
@@ -250,8 +260,10 @@ impl World {
         let mut up = UpstreamConfig::new(addr(i), config.id, self.srvs[i].upstream.clone());
         up.forwards_max = 64;
         let mut upstream = Upstream::new(self.now, up);
-        upstream.bug_no_resend = self.no_resend;
-        let relay = Server::relay(Node::new_grouped(self.now, config), upstream);
+        upstream.bug_no_resend = self.bugs.no_resend;
+        let mut node = Node::new_grouped(self.now, config);
+        node.bugs.forget_snapshot_hash = self.bugs.forget_snapshot_hash;
+        let relay = Server::relay(node, upstream);
         self.srvs[i].server = Some(relay);
         self.srvs[i].up_conn = None;
         self.srvs[i].restart_at = None;

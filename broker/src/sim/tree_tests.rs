@@ -1,7 +1,7 @@
 //! Tree simulator runs: relays under faults keep every guarantee at the
 //! clients.
 
-use super::tree::{run, run_with, TreeOutcome};
+use super::tree::{run, run_with, TreeBugs, TreeOutcome};
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
 fn seed_count() -> u64 {
@@ -38,8 +38,28 @@ fn one_tree_seed_replays_bit_for_bit() {
 /// check must catch it.
 #[test]
 fn the_checker_catches_a_relay_that_forgets_to_resend() {
-    let caught = (0..40).find(|&seed| run_with(seed, true).is_err());
+    let bugs = TreeBugs {
+        no_resend: true,
+        ..TreeBugs::default()
+    };
+    let caught = (0..40).find(|&seed| run_with(seed, bugs).is_err());
     assert!(caught.is_some(), "no seed caught the bug");
+}
+
+/// A relay whose running hash is wrong after it starts from a report: the
+/// resume checks must catch it (a strong client told its stream diverged,
+/// or a relay below that cannot accept the stream).
+#[test]
+fn the_resume_check_catches_a_relay_with_a_wrong_running_hash() {
+    let bugs = TreeBugs {
+        forget_snapshot_hash: true,
+        ..TreeBugs::default()
+    };
+    let caught = (0..40).find_map(|seed| run_with(seed, bugs).err());
+    let Some(v) = caught else {
+        panic!("no seed caught the bug")
+    };
+    assert!(v.0.contains("diverged"), "{}", v.0);
 }
 
 /// `CANOPY_SIM_SEED=N cargo test -p canopy-broker --lib sim::tree_tests::replay -- --ignored --nocapture`
