@@ -19,9 +19,10 @@ pub fn server_list(servers: &str) -> Vec<String> {
 /// How long the CLI keeps trying when no server answers.
 const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn connect(servers: &str, name: &str) -> anyhow::Result<Client> {
+async fn connect(servers: &str, name: &str, weak: bool) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(server_list(servers));
     options.name = name.to_owned();
+    options.weak = weak;
     options.reconnect_for = RECONNECT_FOR;
     Client::connect(options).await.with_context(|| {
         format!("is a Canopy server running at {servers}? (start one with `canopy serve`)")
@@ -36,7 +37,7 @@ async fn connect(servers: &str, name: &str) -> anyhow::Result<Client> {
 pub async fn publish(servers: &str, topic: &str, message: Option<String>) -> anyhow::Result<u64> {
     canopy_client::topic::Topic::new(topic)
         .with_context(|| format!("cannot publish to `{topic}`"))?;
-    let client = connect(servers, "canopy-pub").await?;
+    let client = connect(servers, "canopy-pub", false).await?;
     let mut count = 0u64;
     match message {
         Some(m) => {
@@ -66,10 +67,11 @@ pub async fn subscribe(
     pattern: &str,
     json: bool,
     count: Option<u64>,
+    weak: bool,
 ) -> anyhow::Result<()> {
     canopy_client::topic::Pattern::new(pattern)
         .with_context(|| format!("cannot subscribe to `{pattern}`"))?;
-    let client = connect(servers, "canopy-sub").await?;
+    let client = connect(servers, "canopy-sub", weak).await?;
     let mut sub = client.subscribe(pattern).await?;
     eprintln!("canopy sub: subscribed to {pattern}");
     let mut printed = 0u64;

@@ -99,6 +99,10 @@ enum Command {
         /// Exit after printing this many messages.
         #[arg(long)]
         count: Option<u64>,
+        /// Weak delivery: messages as soon as ordered, before they are
+        /// stable; a failover that takes some back is reported.
+        #[arg(long)]
+        weak: bool,
     },
 }
 
@@ -173,9 +177,10 @@ async fn main() -> std::process::ExitCode {
             pattern,
             json,
             count,
+            weak,
         } => {
             init_logs(cli.log_json, "warn");
-            cli::subscribe(&server, &pattern, json, count).await
+            cli::subscribe(&server, &pattern, json, count, weak).await
         }
     };
     match result {
