@@ -572,8 +572,8 @@ impl Driver {
         };
         if fresh {
             self.position = Some((welcome.stream, welcome.head));
-            // A weak client starts at the last seq ordered, which may not
-            // be stable yet: it is checked like a delivery.
+            // The Welcome's position is stable (a weak client is then sent
+            // what is held after it); its hash is the first resume check.
             self.check = Some(protocol::StreamCheck {
                 seq: welcome.head,
                 hash: welcome.hash,

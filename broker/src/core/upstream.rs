@@ -659,6 +659,10 @@ impl Upstream {
             .map_or(self.stable, |&(seq, _, _, hash)| (seq, hash));
         if self.report.as_ref().is_some_and(|r| r.seq > after) {
             self.report = None;
+            if self.awaiting_report {
+                // No other report comes on this connection.
+                return self.start_over(now, "the membership report was taken back");
+            }
         }
         self.events.push_back(UpEvent::Unheld { after });
     }
