@@ -16,7 +16,8 @@
 //!   delivered unchanged once stable or taken back first (`Unheld`, or a
 //!   reset), so that the server can tell its weak clients. (A crashed
 //!   server's clients find out from the running hash when they resume:
-//!   the node's tests and the tree test check that part.)
+//!   the node's and the SDK's tests, and `broker/tests/weak.rs` over real
+//!   processes, check that part.)
 //! - Durability (5) and liveness (8) are checked by the world after its
 //!   faults stop: every acknowledged publish is delivered at every server.
 

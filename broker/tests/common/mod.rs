@@ -144,6 +144,29 @@ pub struct Proxy {
     generation: Arc<AtomicU64>,
     refusing: Arc<AtomicBool>,
     live: Arc<AtomicU64>,
+    /// While set, bytes are read and dropped: connections stay open and
+    /// carry nothing (lost packets, not a broken link).
+    silent: Arc<AtomicBool>,
+}
+
+/// Copies `from` to `to` until either ends, dropping what passes while
+/// `silent` is set.
+async fn pipe(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    silent: &AtomicBool,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !silent.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -154,10 +177,12 @@ impl Proxy {
         let generation = Arc::new(AtomicU64::new(0));
         let refusing = Arc::new(AtomicBool::new(false));
         let live = Arc::new(AtomicU64::new(0));
-        let (g, r, l, up) = (
+        let silent = Arc::new(AtomicBool::new(false));
+        let (g, r, l, q, up) = (
             generation.clone(),
             refusing.clone(),
             live.clone(),
+            silent.clone(),
             upstream.to_owned(),
         );
         tokio::spawn(async move {
@@ -172,6 +197,7 @@ impl Proxy {
                 let born = g.load(Ordering::SeqCst);
                 let g = g.clone();
                 let l = l.clone();
+                let q = q.clone();
                 l.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let (mut dr, mut dw) = down.into_split();
@@ -182,8 +208,8 @@ impl Proxy {
                         }
                     };
                     tokio::select! {
-                        _ = tokio::io::copy(&mut dr, &mut uw) => {}
-                        _ = tokio::io::copy(&mut ur, &mut dw) => {}
+                        _ = pipe(&mut dr, &mut uw, &q) => {}
+                        _ = pipe(&mut ur, &mut dw, &q) => {}
                         _ = cut => {}
                     }
                     let _ = dw.shutdown().await;
@@ -198,6 +224,7 @@ impl Proxy {
             generation,
             refusing,
             live,
+            silent,
         }
     }
 
@@ -221,6 +248,11 @@ impl Proxy {
             }
         })
         .await;
+    }
+
+    /// Drops everything both ways while `on`, with connections left open.
+    pub fn silence(&self, on: bool) {
+        self.silent.store(on, Ordering::SeqCst);
     }
 
     /// Refuses (closes at once) new connections while `on`.
