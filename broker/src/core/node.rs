@@ -884,6 +884,19 @@ impl Node {
             let msg = "weak delivery cannot be combined with full membership reports (their positions are stable ones)".to_owned();
             return self.close_with_error(session, ErrorCode::WeakNotAllowed, msg);
         }
+        if let Some(r) = hello
+            .resume
+            .filter(|r| r.check.is_some_and(|c| c.seq > r.after))
+        {
+            // A client checks what it delivered, which is never past where
+            // it stands.
+            let msg = format!(
+                "resume check at seq {} is past the resume position {}",
+                r.check.map_or(0, |c| c.seq.0),
+                r.after
+            );
+            return self.close_with_error(session, ErrorCode::Malformed, msg);
+        }
         if hello.subscriptions.len() > self.config.subscriptions_per_session_max {
             let msg = format!(
                 "{} subscriptions, at most {} per connection",

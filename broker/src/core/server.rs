@@ -324,75 +324,73 @@ fn pump_core(
     core_addrs: &HashMap<NodeId, String>,
     now: Duration,
 ) {
-    {
-        loop {
-            let subs = node.take_submissions();
-            let mut moved = !subs.is_empty();
-            let mut msgs = Vec::with_capacity(subs.len());
-            for sub in subs {
-                let (publisher, pub_seq) = (sub.msg.0, sub.msg.1);
-                // What the group holds covers whatever any server has
-                // acknowledged to this publisher; this node may lag it.
-                let known = sub.after.max(group.pub_held(publisher));
-                // A publisher on first contact may start anywhere (as with
-                // a single node); after that it must not skip.
-                if known > PubSeq(0) && pub_seq.0 > known.0 + 1 {
-                    node.reject_pub_seq_gap(now, &sub, known);
-                } else if group.unordered_full() && sub.session != SessionId::NODE {
-                    // (The node's own membership events are few, and must
-                    // not be lost: they pass.)
-                    // Push back on this publisher; it retries what was not
-                    // acknowledged after reconnecting.
-                    node.reject_overloaded(now, &sub);
-                } else {
-                    msgs.push(Submitted(sub.after, sub.msg));
+    loop {
+        let subs = node.take_submissions();
+        let mut moved = !subs.is_empty();
+        let mut msgs = Vec::with_capacity(subs.len());
+        for sub in subs {
+            let (publisher, pub_seq) = (sub.msg.0, sub.msg.1);
+            // What the group holds covers whatever any server has
+            // acknowledged to this publisher; this node may lag it.
+            let known = sub.after.max(group.pub_held(publisher));
+            // A publisher on first contact may start anywhere (as with
+            // a single node); after that it must not skip.
+            if known > PubSeq(0) && pub_seq.0 > known.0 + 1 {
+                node.reject_pub_seq_gap(now, &sub, known);
+            } else if group.unordered_full() && sub.session != SessionId::NODE {
+                // (The node's own membership events are few, and must
+                // not be lost: they pass.)
+                // Push back on this publisher; it retries what was not
+                // acknowledged after reconnecting.
+                node.reject_overloaded(now, &sub);
+            } else {
+                msgs.push(Submitted(sub.after, sub.msg));
+            }
+        }
+        if !msgs.is_empty() {
+            group.submit(msgs);
+        }
+        while let Some(event) = group.poll_event() {
+            moved = true;
+            match event {
+                Event::Deliver(batch) => node.handle_ordered(now, batch),
+                Event::Held(msgs) => node.handle_held(now, msgs),
+                Event::Unheld { after } => node.handle_unheld(now, after),
+                Event::View { view, .. } => {
+                    node.set_stream(view.stream);
+                    node.set_primary(now, group.is_primary());
+                    if group.is_primary() && view.id.coordinator == group.me().node {
+                        // The tree learns the core's servers in the
+                        // stream; clients of servers that left leave.
+                        let servers = view
+                            .members
+                            .iter()
+                            .map(|m| ServerEntry {
+                                id: core_server_id(m.node.0, m.incarnation.0),
+                                name: format!("core-{}", m.node.0),
+                                addr: core_addrs.get(&m.node).cloned().unwrap_or_default(),
+                            })
+                            .collect();
+                        node.publish_core(view.id.epoch, servers);
+                    }
                 }
-            }
-            if !msgs.is_empty() {
-                group.submit(msgs);
-            }
-            while let Some(event) = group.poll_event() {
-                moved = true;
-                match event {
-                    Event::Deliver(batch) => node.handle_ordered(now, batch),
-                    Event::Held(msgs) => node.handle_held(now, msgs),
-                    Event::Unheld { after } => node.handle_unheld(now, after),
-                    Event::View { view, .. } => {
-                        node.set_stream(view.stream);
-                        node.set_primary(now, group.is_primary());
-                        if group.is_primary() && view.id.coordinator == group.me().node {
-                            // The tree learns the core's servers in the
-                            // stream; clients of servers that left leave.
-                            let servers = view
-                                .members
-                                .iter()
-                                .map(|m| ServerEntry {
-                                    id: core_server_id(m.node.0, m.incarnation.0),
-                                    name: format!("core-{}", m.node.0),
-                                    addr: core_addrs.get(&m.node).cloned().unwrap_or_default(),
-                                })
-                                .collect();
-                            node.publish_core(view.id.epoch, servers);
-                        }
-                    }
-                    Event::SnapshotNeeded { to } => {
-                        let state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
-                        group.send_snapshot(to, state);
-                    }
-                    Event::Reset(state) => {
-                        // The stream position jumps: clients reconnect and
-                        // resume against the new state rather than miss
-                        // the jump silently.
-                        node.set_primary(now, false);
-                        node.install_snapshot(now, state);
-                        node.set_primary(now, group.is_primary());
-                    }
-                    Event::NotPrimary => node.set_primary(now, false),
+                Event::SnapshotNeeded { to } => {
+                    let state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
+                    group.send_snapshot(to, state);
                 }
+                Event::Reset(state) => {
+                    // The stream position jumps: clients reconnect and
+                    // resume against the new state rather than miss
+                    // the jump silently.
+                    node.set_primary(now, false);
+                    node.install_snapshot(now, state);
+                    node.set_primary(now, group.is_primary());
+                }
+                Event::NotPrimary => node.set_primary(now, false),
             }
-            if !moved {
-                return;
-            }
+        }
+        if !moved {
+            return;
         }
     }
 }

@@ -946,6 +946,31 @@ fn a_resume_is_checked_against_the_running_hash() {
 }
 
 #[test]
+fn a_resume_check_past_the_resume_position_is_refused() {
+    let mut n = node();
+    let s = SessionId(1);
+    n.handle_open(T0, s);
+    let mut h = hello(1, &["t.>"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream: n.config().stream,
+            after: Seq(3),
+            check: Some(StreamCheck {
+                seq: Seq(u64::MAX),
+                hash: 1,
+            }),
+            agreed: None,
+        });
+    }
+    n.handle_frame(T0, s, h);
+    let out = drain(&mut n);
+    assert!(
+        matches!(out.as_slice(), [(_, ServerFrame::Error(e))] if e.code == ErrorCode::Malformed),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn weak_delivery_with_full_reports_is_refused_except_to_a_relay() {
     for (reports, role, refused) in [
         (protocol::Reports::Full, Role::Client, true),
