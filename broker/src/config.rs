@@ -324,11 +324,11 @@ impl FileConfig {
                     why: "a server is a core server or a relay, not both",
                 })
             }
-            Some(r) if r.upstream.is_empty() => {
+            Some(r) if !canopy_client::protocol::usable_servers(&r.upstream) => {
                 return Err(ConfigError::Range {
                     key: "relay.upstream",
-                    value: "[]".into(),
-                    why: "at least one address of the tier above",
+                    value: format!("{:?}", r.upstream),
+                    why: "at least one address of the tier above, none empty",
                 })
             }
             Some(r) => {
@@ -534,6 +534,25 @@ mod tests {
         let cfg: FileConfig = toml::from_str(text).expect("parses");
         let err = cfg.validate(1).expect_err("id not listed");
         assert!(err.to_string().contains("core.id"), "{err}");
+    }
+
+    #[test]
+    fn a_relay_needs_the_tier_above_and_no_core() {
+        for (text, key) in [
+            ("[relay]\nupstream = []", "relay.upstream"),
+            ("[relay]\nupstream = [\"\"]", "relay.upstream"),
+            (
+                "[relay]\nupstream = [\"127.0.0.1:1\"]\n[core]\nid = 1\n[[core.servers]]\nid = 1\npeer = \"127.0.0.1:1\"\nclient = \"127.0.0.1:2\"",
+                "relay",
+            ),
+        ] {
+            let cfg: FileConfig = toml::from_str(text).expect("parses");
+            let err = cfg.validate(1).expect_err("refused");
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let cfg: FileConfig =
+            toml::from_str("[relay]\nupstream = [\"127.0.0.1:1\"]").expect("parses");
+        assert!(cfg.validate(1).is_ok());
     }
 
     #[test]

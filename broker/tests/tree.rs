@@ -21,6 +21,7 @@
 
 mod common;
 
+use canopy_client::protocol::{self, PubSeq, PublisherId, Seq};
 use canopy_client::{Client, ClientOptions, Event};
 use common::{within_for, Tree};
 use futures::StreamExt;
@@ -72,8 +73,8 @@ impl Kill {
 /// What one subscriber delivered, summarised.
 struct Seen {
     count: usize,
-    /// FNV-1a over every (seq, publisher, pub_seq) in order: equal hashes
-    /// and counts mean identical sequences.
+    /// The running hash (`protocol::chain`) over what it delivered, in
+    /// order: equal hashes and counts mean identical sequences.
     hash: u64,
     /// Kill of the relay → first message past it.
     after_relay: Option<Duration>,
@@ -83,11 +84,9 @@ struct Seen {
     orphan: bool,
 }
 
-fn fnv(hash: &mut u64, v: u64) {
-    for b in v.to_le_bytes() {
-        *hash ^= u64::from(b);
-        *hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+/// `hash` followed by the message `(seq, publisher, pub_seq)`.
+fn chained(hash: u64, (seq, publisher, pub_seq): (u64, u64, u64)) -> u64 {
+    protocol::chain(hash, Seq(seq), PublisherId(publisher), PubSeq(pub_seq))
 }
 
 /// A weak subscriber: delivers until its stream, with every divergence it
@@ -111,13 +110,7 @@ async fn weak_subscriber(client: Client, total: usize, name: String) -> (u64, us
             other => panic!("{name}: expected a message, got {other:?}"),
         }
     }
-    let mut hash = 0xcbf2_9ce4_8422_2325;
-    for (seq, publisher, pub_seq) in stream {
-        for v in [seq, publisher, pub_seq] {
-            fnv(&mut hash, v);
-        }
-    }
-    (hash, diverged)
+    (stream.into_iter().fold(0, chained), diverged)
 }
 
 fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
@@ -162,7 +155,7 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
             let _client = client;
             let mut seen = Seen {
                 count: 0,
-                hash: 0xcbf2_9ce4_8422_2325,
+                hash: 0,
                 after_relay: None,
                 stall_core: Duration::ZERO,
                 orphan,
@@ -187,9 +180,7 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
                     "sub-{k}: publisher {p} in order, nothing lost or doubled"
                 );
                 next[p] += 1;
-                for v in [m.seq.0, m.publisher.0, m.pub_seq.0] {
-                    fnv(&mut seen.hash, v);
-                }
+                seen.hash = chained(seen.hash, (m.seq.0, m.publisher.0, m.pub_seq.0));
                 seen.count += 1;
                 highest.fetch_max(m.seq.0, Ordering::SeqCst);
                 if seen.after_relay.is_none() {

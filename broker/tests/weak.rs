@@ -27,10 +27,12 @@ fn free_port() -> String {
     l.local_addr().expect("local addr").to_string()
 }
 
-/// A server's config: its own id, and where it reaches each server.
+/// A server's config: its own id, and where it reaches each server. The
+/// failure timeout leaves server 1 ample time to order, cut off, before it
+/// notices (the kill breaks its links anyway).
 fn config(me: usize, peers: &[&str; 3]) -> String {
     let mut c = format!(
-        "name = \"s{me}\"\n[core]\nid = {me}\nheartbeat_interval_ms = 50\nfailure_timeout_ms = 500\n"
+        "name = \"s{me}\"\n[core]\nid = {me}\nheartbeat_interval_ms = 50\nfailure_timeout_ms = 3000\n"
     );
     for (i, p) in peers.iter().enumerate() {
         c.push_str(&format!(

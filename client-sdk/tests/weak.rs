@@ -146,5 +146,8 @@ async fn a_weak_client_told_of_a_divergence_gets_the_agreed_stream_from_there() 
         ["1:9/1", "2:9/2", "diverged from 2 seen 2", "2:8/1", "3:9/2"]
     );
     drop(client);
-    let _ = tokio::time::timeout(TIME_MAX, server).await;
+    tokio::time::timeout(TIME_MAX, server)
+        .await
+        .expect("the scripted server ends")
+        .expect("the scripted server's checks hold");
 }

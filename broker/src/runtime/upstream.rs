@@ -60,9 +60,10 @@ impl UpLink {
         )));
     }
 
-    /// Queues `frame`; false when the queue is full (or nothing is open).
+    /// Queues `frame`; false when the queue is full. With no connection
+    /// open the frame is dropped: the relay already knows it is down.
     pub(super) fn send(&mut self, frame: Bytes) -> bool {
-        self.out.as_ref().is_some_and(|o| o.try_send(frame).is_ok())
+        self.out.as_ref().is_none_or(|o| o.try_send(frame).is_ok())
     }
 
     /// Drops the connection.
@@ -88,7 +89,9 @@ async fn run(conn: u64, addr: String, inbox: flume::Sender<Inbound>, out: flume:
     if inbox.send_async(Inbound::UpConnected(conn)).await.is_err() {
         return;
     }
-    let writer = tokio::spawn(async move {
+    // Aborted with this task (a closed connection's queue must not go on
+    // writing to the old socket).
+    let _writer = AbortOnDrop(tokio::spawn(async move {
         let mut batch = Vec::with_capacity(WRITE_BATCH_MAX);
         while let Ok(frame) = out.recv_async().await {
             batch.push(frame);
@@ -97,7 +100,7 @@ async fn run(conn: u64, addr: String, inbox: flume::Sender<Inbound>, out: flume:
                 return;
             }
         }
-    });
+    }));
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(protocol::FRAME_LEN_MAX_LIMIT + protocol::FRAME_HEAD_ALLOWANCE)
         .new_codec();
@@ -141,5 +144,13 @@ async fn run(conn: u64, addr: String, inbox: flume::Sender<Inbound>, out: flume:
             break;
         }
     }
-    writer.abort();
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

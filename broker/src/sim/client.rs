@@ -110,6 +110,14 @@ impl Client {
         }
     }
 
+    /// The running hash at `seq`, kept as the resume check unless an older
+    /// point than the one kept (as the SDK does).
+    fn note_check(&mut self, seq: Seq, hash: u64) {
+        if self.check.is_none_or(|c| c.seq <= seq) {
+            self.check = Some(StreamCheck { seq, hash });
+        }
+    }
+
     fn advance(&mut self, seq: Seq) {
         if let Some((_, at)) = &mut self.position {
             *at = (*at).max(seq);
@@ -132,10 +140,7 @@ impl Client {
                 }
                 if self.position.is_none() {
                     self.position = Some((w.stream, w.head));
-                    self.check = Some(StreamCheck {
-                        seq: w.head,
-                        hash: w.hash,
-                    });
+                    self.note_check(w.head, w.hash);
                 }
                 self.welcomed = true;
                 let retries: Vec<_> = if self.resend_acked {
@@ -167,12 +172,7 @@ impl Client {
                     self.advance(m.seq);
                 }
                 if let (Some(hash), Some(last)) = (head.hash, msgs.last()) {
-                    if self.check.is_none_or(|c| c.seq <= last.seq) {
-                        self.check = Some(StreamCheck {
-                            seq: last.seq,
-                            hash,
-                        });
-                    }
+                    self.note_check(last.seq, hash);
                 }
             }
             ServerFrame::Diverged(d) => {
@@ -190,11 +190,8 @@ impl Client {
             }
             ServerFrame::Subscribed(s) | ServerFrame::Unsubscribed(s) => {
                 self.advance(s.head);
-                if let Some(hash) = s
-                    .hash
-                    .filter(|_| self.check.is_none_or(|c| c.seq <= s.head))
-                {
-                    self.check = Some(StreamCheck { seq: s.head, hash });
+                if let Some(hash) = s.hash {
+                    self.note_check(s.head, hash);
                 }
             }
             ServerFrame::Ping(p) => out.push(protocol::encode_client(&ClientFrame::Pong(p))),

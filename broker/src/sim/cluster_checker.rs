@@ -101,9 +101,7 @@ impl ClusterChecker {
                 None => {}
             }
         }
-        let track = track.clone();
-        let mut at = track.delivered;
-        let stream = track.stream;
+        let (mut at, stream) = (track.delivered, track.stream);
         for m in batch {
             if m.seq != at.next() {
                 return Err(Violation(format!(

@@ -62,6 +62,18 @@ pub struct TreeOutcome {
     pub fingerprint: u64,
 }
 
+impl TreeOutcome {
+    /// Adds another run's counts (the fingerprint is left alone).
+    pub fn add(&mut self, o: &TreeOutcome) {
+        self.published += o.published;
+        self.client_breaks += o.client_breaks;
+        self.upstream_breaks += o.upstream_breaks;
+        self.crashes += o.crashes;
+        self.gaps += o.gaps;
+        self.delivered += o.delivered;
+    }
+}
+
 /// Who is at the client end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
@@ -590,9 +602,8 @@ impl World {
             };
             match action {
                 Action::Connect(a) => {
-                    if let Some(old) = self.srvs[i].up_conn.take() {
-                        self.conns[old].dead = true;
-                    }
+                    // (An upstream connects only when down: nothing to drop.)
+                    self.drop_up_conn(i);
                     match index(&a).filter(|&t| self.srvs[t].server.is_some()) {
                         Some(t) => {
                             let conn = self.open(Peer::Relay(i), t);
@@ -613,18 +624,21 @@ impl World {
                         self.send_to_server(conn, frame);
                     }
                 }
-                Action::Disconnect => {
-                    if let Some(conn) = self.srvs[i].up_conn.take() {
-                        // The relay already knows; the tier above is told.
-                        self.conns[conn].dead = true;
-                        let (t, session) = (self.conns[conn].server, self.conns[conn].session);
-                        if let Some(s) = self.srvs[t].server.as_mut() {
-                            s.handle_closed(self.now, session);
-                        }
-                        self.drain(t);
-                    }
-                }
+                Action::Disconnect => self.drop_up_conn(i),
             }
+        }
+    }
+
+    /// Ends relay `i`'s connection to the tier above, if any: the relay
+    /// already knows; the tier above is told.
+    fn drop_up_conn(&mut self, i: usize) {
+        if let Some(conn) = self.srvs[i].up_conn.take() {
+            self.conns[conn].dead = true;
+            let (t, session) = (self.conns[conn].server, self.conns[conn].session);
+            if let Some(s) = self.srvs[t].server.as_mut() {
+                s.handle_closed(self.now, session);
+            }
+            self.drain(t);
         }
     }
 

@@ -36,6 +36,17 @@ pub struct Outcome {
     pub fingerprint: u64,
 }
 
+impl Outcome {
+    /// Adds another run's counts (the fingerprint is left alone).
+    pub fn add(&mut self, o: &Outcome) {
+        self.published += o.published;
+        self.breaks += o.breaks;
+        self.closes += o.closes;
+        self.gaps += o.gaps;
+        self.delivered += o.delivered;
+    }
+}
+
 struct Conn {
     client: usize,
     session: SessionId,
