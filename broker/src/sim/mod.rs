@@ -22,6 +22,10 @@
 //! stop. A failure prints its seed and the command that replays it.
 //!
 
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::time::Duration;
+
 pub mod checker;
 mod client;
 pub mod cluster;
@@ -34,24 +38,85 @@ mod world;
 pub(crate) use world::run_with;
 pub use world::{run, Outcome};
 
-/// When the `nth` frame sent one way on connection `conn` arrives: a delay
-/// up to `delay_max_ms` fixed by the seed, the connection and the frame's
-/// number (not by the order outputs were made in), and never before the
-/// frame ahead of it (`last`), as on TCP.
-fn arrival(
-    seed: u64,
-    conn: usize,
-    nth: u64,
-    to_client: bool,
-    now: std::time::Duration,
-    delay_max_ms: u64,
-    last: Option<std::time::Duration>,
-) -> std::time::Duration {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    (seed, conn, nth, to_client).hash(&mut h);
-    let at = now + std::time::Duration::from_millis(h.finish() % (delay_max_ms + 1));
-    last.map_or(at, |l| at.max(l))
+/// One simulated connection: frames on the way each direction, with the
+/// times they arrive, FIFO as on TCP.
+struct Link {
+    /// Toward the server.
+    up: VecDeque<(Duration, Bytes)>,
+    /// Toward the client (or the relay, for a relay's upstream).
+    down: VecDeque<(Duration, Bytes)>,
+    /// The server closed the session: the client sees the close once
+    /// `down` is drained.
+    closed_by_server: bool,
+    dead: bool,
+    /// Frames sent so far, both ways (they key the delays).
+    sent: u64,
+}
+
+impl Link {
+    fn new() -> Self {
+        Link {
+            up: VecDeque::new(),
+            down: VecDeque::new(),
+            closed_by_server: false,
+            dead: false,
+            sent: 0,
+        }
+    }
+
+    /// Queues `frame` (length prefix included) one way, to arrive after a
+    /// delay fixed by `(seed, conn)` and the frame's number, whatever order
+    /// the server emitted outputs for different sessions in.
+    fn push(
+        &mut self,
+        (seed, conn, delay_max_ms): (u64, usize, u64),
+        now: Duration,
+        down: bool,
+        frame: Bytes,
+    ) {
+        use std::hash::{Hash, Hasher};
+        self.sent += 1;
+        let mut h = std::hash::DefaultHasher::new();
+        (seed, conn, self.sent, down).hash(&mut h);
+        let at = now + Duration::from_millis(h.finish() % (delay_max_ms + 1));
+        let queue = if down { &mut self.down } else { &mut self.up };
+        let at = queue.back().map_or(at, |(last, _)| at.max(*last));
+        // Frames travel as the codec delivers them: without the length prefix.
+        queue.push_back((at, frame.slice(4..)));
+    }
+
+    /// The server closed the session: `frame` last (after what is queued
+    /// when `drain`, instead of it otherwise), and nothing more goes up.
+    fn close(&mut self, now: Duration, frame: Option<Bytes>, drain: bool) {
+        if !drain {
+            self.down.clear();
+        }
+        if let Some(f) = frame {
+            self.down.push_back((now, f.slice(4..)));
+        }
+        self.closed_by_server = true;
+        self.up.clear();
+    }
+
+    /// Breaks it (what is on the way is lost); false if it was already.
+    fn kill(&mut self) -> bool {
+        if self.dead {
+            return false;
+        }
+        self.dead = true;
+        self.up.clear();
+        self.down.clear();
+        true
+    }
+
+    /// The next frame one way that has arrived by `now`.
+    fn pop_due(&mut self, now: Duration, down: bool) -> Option<Bytes> {
+        let queue = if down { &mut self.down } else { &mut self.up };
+        if self.dead || queue.front().is_none_or(|(at, _)| *at > now) {
+            return None;
+        }
+        queue.pop_front().map(|(_, f)| f)
+    }
 }
 
 /// A hash of everything `clients` clients delivered and were told of

@@ -29,7 +29,7 @@ use crate::core::{Node, NodeConfig, Output, Server, SessionId};
 use bytes::Bytes;
 use canopy_client::protocol::{self, PublisherId, SlowPolicy};
 use canopy_client::topic::Pattern;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Duration;
 
 const TOPICS: [&str; 4] = ["a.x", "a.y", "b.x", "c"];
@@ -86,11 +86,7 @@ struct Conn {
     peer: Peer,
     server: usize,
     session: SessionId,
-    to_server: VecDeque<(Duration, Bytes)>,
-    to_peer: VecDeque<(Duration, Bytes)>,
-    closed_by_server: bool,
-    dead: bool,
-    sent: u64,
+    link: super::Link,
 }
 
 struct Srv {
@@ -306,7 +302,7 @@ impl World {
                         .all(|c| c.conn.is_some() && c.welcomed && c.unacked.is_empty())
                     && w.conns
                         .iter()
-                        .all(|c| c.dead || (c.to_server.is_empty() && c.to_peer.is_empty()))
+                        .all(|c| c.link.dead || (c.link.up.is_empty() && c.link.down.is_empty()))
             },
             "convergence after faults",
         )?;
@@ -426,7 +422,7 @@ impl World {
         self.srvs[i].restart_at = Some(self.now + Duration::from_millis(ms));
         for conn in 0..self.conns.len() {
             let c = &self.conns[conn];
-            if !c.dead && (c.server == i || c.peer == Peer::Relay(i)) {
+            if !c.link.dead && (c.server == i || c.peer == Peer::Relay(i)) {
                 self.break_conn(conn);
             }
         }
@@ -513,11 +509,7 @@ impl World {
             peer,
             server,
             session,
-            to_server: VecDeque::new(),
-            to_peer: VecDeque::new(),
-            closed_by_server: false,
-            dead: false,
-            sent: 0,
+            link: super::Link::new(),
         });
         let conn = self.conns.len() - 1;
         self.by_session.insert((server, session), conn);
@@ -528,40 +520,19 @@ impl World {
         conn
     }
 
-    /// When the next frame on `conn` arrives.
-    fn due(&mut self, conn: usize, to_peer: bool) -> Duration {
-        let c = &mut self.conns[conn];
-        c.sent += 1;
-        let queue = if to_peer { &c.to_peer } else { &c.to_server };
-        let last = queue.back().map(|(t, _)| *t);
-        super::arrival(
-            self.seed,
-            conn,
-            c.sent,
-            to_peer,
-            self.now,
-            self.delay_max_ms,
-            last,
-        )
-    }
-
     fn send_to_server(&mut self, conn: usize, frame: Bytes) {
-        if self.conns[conn].dead || self.conns[conn].closed_by_server {
-            return;
+        let link = &mut self.conns[conn].link;
+        if !link.dead && !link.closed_by_server {
+            link.push((self.seed, conn, self.delay_max_ms), self.now, false, frame);
         }
-        let at = self.due(conn, false);
-        self.conns[conn].to_server.push_back((at, frame.slice(4..)));
     }
 
     /// Ends `conn`: both ends are told.
     fn break_conn(&mut self, conn: usize) {
         let c = &mut self.conns[conn];
-        if c.dead {
+        if !c.link.kill() {
             return;
         }
-        c.dead = true;
-        c.to_server.clear();
-        c.to_peer.clear();
         let (peer, server, session) = (c.peer, c.server, c.session);
         if let Some(s) = self.srvs[server].server.as_mut() {
             s.handle_closed(self.now, session);
@@ -633,7 +604,7 @@ impl World {
     /// already knows; the tier above is told.
     fn drop_up_conn(&mut self, i: usize) {
         if let Some(conn) = self.srvs[i].up_conn.take() {
-            self.conns[conn].dead = true;
+            self.conns[conn].link.kill();
             let (t, session) = (self.conns[conn].server, self.conns[conn].session);
             if let Some(s) = self.srvs[t].server.as_mut() {
                 s.handle_closed(self.now, session);
@@ -653,21 +624,21 @@ impl World {
                 let Some(&conn) = self.by_session.get(&(i, session)) else {
                     return;
                 };
-                if self.conns[conn].dead {
-                    return;
-                }
                 let max = match self.conns[conn].peer {
                     Peer::Relay(_) => RELAY_QUEUE_MAX,
                     Peer::Client(c) if c == self.clients.len() - 1 => usize::MAX,
                     Peer::Client(_) => self.queue_max,
                 };
-                if self.conns[conn].to_peer.len() >= max {
+                let link = &mut self.conns[conn].link;
+                if link.dead {
+                    return;
+                }
+                if link.down.len() >= max {
                     if let Some(s) = self.srvs[i].server.as_mut() {
                         s.handle_queue_full(self.now, session, kind, seqs);
                     }
                 } else {
-                    let at = self.due(conn, true);
-                    self.conns[conn].to_peer.push_back((at, frame.slice(4..)));
+                    link.push((self.seed, conn, self.delay_max_ms), self.now, true, frame);
                 }
             }
             Output::Close {
@@ -678,15 +649,7 @@ impl World {
                 let Some(&conn) = self.by_session.get(&(i, session)) else {
                     return;
                 };
-                let c = &mut self.conns[conn];
-                if !drain {
-                    c.to_peer.clear();
-                }
-                if let Some(f) = frame {
-                    c.to_peer.push_back((self.now, f.slice(4..)));
-                }
-                c.closed_by_server = true;
-                c.to_server.clear();
+                self.conns[conn].link.close(self.now, frame, drain);
             }
         }
     }
@@ -694,13 +657,7 @@ impl World {
     /// Moves every frame whose time has come, in time order per connection.
     fn deliver_due(&mut self) -> Result<(), Violation> {
         for conn in 0..self.conns.len() {
-            while let Some((at, _)) = self.conns[conn].to_server.front() {
-                if *at > self.now || self.conns[conn].dead {
-                    break;
-                }
-                let Some((_, content)) = self.conns[conn].to_server.pop_front() else {
-                    break;
-                };
+            while let Some(content) = self.conns[conn].link.pop_due(self.now, false) {
                 let (server, session) = (self.conns[conn].server, self.conns[conn].session);
                 let frame = protocol::decode_client(content)
                     .map_err(|e| Violation(format!("a bad frame to s{server}: {e}")))?;
@@ -710,13 +667,7 @@ impl World {
                 }
                 self.drain(server);
             }
-            while let Some((at, _)) = self.conns[conn].to_peer.front() {
-                if *at > self.now || self.conns[conn].dead {
-                    break;
-                }
-                let Some((_, content)) = self.conns[conn].to_peer.pop_front() else {
-                    break;
-                };
+            while let Some(content) = self.conns[conn].link.pop_due(self.now, true) {
                 match self.conns[conn].peer {
                     Peer::Client(client) => {
                         let before = self.checker.seen(client).gaps.len();
@@ -745,8 +696,8 @@ impl World {
                     }
                 }
             }
-            let c = &self.conns[conn];
-            if c.closed_by_server && !c.dead && c.to_peer.is_empty() {
+            let link = &self.conns[conn].link;
+            if link.closed_by_server && !link.dead && link.down.is_empty() {
                 self.break_conn(conn);
             }
         }

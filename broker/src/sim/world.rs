@@ -7,7 +7,7 @@ use crate::core::{Node, NodeConfig, Output, SessionId};
 use bytes::Bytes;
 use canopy_client::protocol::{self, SlowPolicy};
 use canopy_client::topic::Pattern;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Duration;
 
 const TOPICS: [&str; 5] = ["a.x", "a.y", "b.x", "c", "a.x.z"];
@@ -50,13 +50,7 @@ impl Outcome {
 struct Conn {
     client: usize,
     session: SessionId,
-    to_node: VecDeque<(Duration, Bytes)>,
-    to_client: VecDeque<(Duration, Bytes)>,
-    /// The node closed the session: the client sees the close once
-    /// `to_client` is drained.
-    closed_by_node: bool,
-    dead: bool,
-    sent: u64,
+    link: super::Link,
 }
 
 struct World {
@@ -172,7 +166,7 @@ impl World {
                     .all(|c| c.conn.is_some() && c.unacked.is_empty())
                     && w.conns
                         .iter()
-                        .all(|c| c.dead || (c.to_node.is_empty() && c.to_client.is_empty()))
+                        .all(|c| c.link.dead || (c.link.up.is_empty() && c.link.down.is_empty()))
             },
             "convergence after faults",
         )?;
@@ -254,11 +248,7 @@ impl World {
         self.conns.push(Conn {
             client: c,
             session,
-            to_node: VecDeque::new(),
-            to_client: VecDeque::new(),
-            closed_by_node: false,
-            dead: false,
-            sent: 0,
+            link: super::Link::new(),
         });
         let conn = self.conns.len() - 1;
         self.by_session.insert(session, conn);
@@ -271,41 +261,18 @@ impl World {
         self.send_to_node(conn, hello);
     }
 
-    /// A deterministic delay for the next frame on `conn`, whatever order
-    /// the node emitted outputs for different sessions in.
-    fn due(&mut self, conn: usize, to_client: bool) -> Duration {
-        let c = &mut self.conns[conn];
-        c.sent += 1;
-        let queue = if to_client { &c.to_client } else { &c.to_node };
-        let last = queue.back().map(|(t, _)| *t);
-        super::arrival(
-            self.seed,
-            conn,
-            c.sent,
-            to_client,
-            self.now,
-            self.delay_max_ms,
-            last,
-        )
-    }
-
     fn send_to_node(&mut self, conn: usize, frame: Bytes) {
-        if self.conns[conn].dead || self.conns[conn].closed_by_node {
-            return;
+        let link = &mut self.conns[conn].link;
+        if !link.dead && !link.closed_by_server {
+            link.push((self.seed, conn, self.delay_max_ms), self.now, false, frame);
         }
-        let at = self.due(conn, false);
-        // Frames travel as the codec delivers them: without the length prefix.
-        self.conns[conn].to_node.push_back((at, frame.slice(4..)));
     }
 
     fn break_conn(&mut self, conn: usize) {
         let c = &mut self.conns[conn];
-        if c.dead {
+        if !c.link.kill() {
             return;
         }
-        c.dead = true;
-        c.to_node.clear();
-        c.to_client.clear();
         let (client, session) = (c.client, c.session);
         self.node.handle_closed(self.now, session);
         self.drain_node();
@@ -326,15 +293,15 @@ impl World {
                     let Some(&conn) = self.by_session.get(&session) else {
                         continue;
                     };
-                    if self.conns[conn].dead {
+                    let bounded = self.conns[conn].client != self.observer();
+                    let link = &mut self.conns[conn].link;
+                    if link.dead {
                         continue;
                     }
-                    let bounded = self.conns[conn].client != self.observer();
-                    if bounded && self.conns[conn].to_client.len() >= self.queue_max {
+                    if bounded && link.down.len() >= self.queue_max {
                         self.node.handle_queue_full(self.now, session, kind, seqs);
                     } else {
-                        let at = self.due(conn, true);
-                        self.conns[conn].to_client.push_back((at, frame.slice(4..)));
+                        link.push((self.seed, conn, self.delay_max_ms), self.now, true, frame);
                     }
                 }
                 Output::Close {
@@ -346,16 +313,7 @@ impl World {
                         continue;
                     };
                     self.out.closes += 1;
-                    let c = &mut self.conns[conn];
-                    if !drain {
-                        c.to_client.clear();
-                    }
-                    if let Some(f) = frame {
-                        let at = self.now;
-                        c.to_client.push_back((at, f.slice(4..)));
-                    }
-                    c.closed_by_node = true;
-                    c.to_node.clear();
+                    self.conns[conn].link.close(self.now, frame, drain);
                 }
             }
         }
@@ -364,13 +322,7 @@ impl World {
     /// Moves every frame whose time has come, in time order per connection.
     fn deliver_due(&mut self) -> Result<(), Violation> {
         for conn in 0..self.conns.len() {
-            while let Some((at, _)) = self.conns[conn].to_node.front() {
-                if *at > self.now || self.conns[conn].dead {
-                    break;
-                }
-                let Some((_, content)) = self.conns[conn].to_node.pop_front() else {
-                    break;
-                };
+            while let Some(content) = self.conns[conn].link.pop_due(self.now, false) {
                 let session = self.conns[conn].session;
                 match protocol::decode_client(content) {
                     Ok(frame) => self.node.handle_frame(self.now, session, frame),
@@ -381,12 +333,8 @@ impl World {
                 self.drain_node();
             }
             let client = self.conns[conn].client;
-            while let Some((at, _)) = self.conns[conn].to_client.front() {
-                if *at > self.now || self.conns[conn].dead || self.stalled_until[client] > self.now
-                {
-                    break;
-                }
-                let Some((_, content)) = self.conns[conn].to_client.pop_front() else {
+            while self.stalled_until[client] <= self.now {
+                let Some(content) = self.conns[conn].link.pop_due(self.now, true) else {
                     break;
                 };
                 let before = self.checker.seen(client).gaps.len();
@@ -402,8 +350,8 @@ impl World {
                     break;
                 }
             }
-            let c = &self.conns[conn];
-            if c.closed_by_node && !c.dead && c.to_client.is_empty() {
+            let link = &self.conns[conn].link;
+            if link.closed_by_server && !link.dead && link.down.is_empty() {
                 // The client read the last frame and then the close.
                 self.break_conn(conn);
             }
