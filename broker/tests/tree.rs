@@ -133,6 +133,9 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
     // Messages the publishers have sent: the kills are timed by it, so
     // they land while the publishers, paced, are still at work.
     let sent = Arc::new(AtomicUsize::new(0));
+    // How many kills are done; publishers wait on it at a third and at two
+    // thirds of the stream.
+    let (kills_done, kills_done_rx) = tokio::sync::watch::channel(0usize);
     let relay_kill = Arc::new(Kill::default());
     let core_kill = Arc::new(Kill::default());
     let mut tasks = Vec::new();
@@ -227,6 +230,7 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
         .await
         .expect("publisher connects");
         let sent = sent.clone();
+        let mut kills_done = kills_done_rx.clone();
         publishers.push(tokio::spawn(async move {
             // Paced, so that the kills land mid-stream: 100 messages per
             // tick, a tick every 5 ms unless `CANOPY_TREE_RATE` (messages
@@ -237,11 +241,22 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
             };
             let started = tokio::time::Instant::now();
             for i in 0..each {
+                // Past a third (two thirds) of the stream, wait for the
+                // relay's (core server's) kill: they land mid-stream by
+                // construction, however the machine schedules this.
+                for k in 1..=2 {
+                    while sent.load(Ordering::SeqCst) >= total * k / 3 && *kills_done.borrow() < k {
+                        kills_done
+                            .changed()
+                            .await
+                            .expect("the test holds the sender");
+                    }
+                }
                 client
                     .send(&format!("feed.p{p}"), format!("{p}:{i}"))
                     .await
                     .expect("send");
-                sent.fetch_add(1, Ordering::Relaxed);
+                sent.fetch_add(1, Ordering::SeqCst);
                 if i % 100 == 99 {
                     // At least a tick's pause per 100, behind schedule or
                     // not, so that the stream always outlasts the kills.
@@ -256,22 +271,24 @@ async fn a_tree_loses_and_doubles_nothing_when_a_relay_and_a_core_server_are_kil
     let wait_for = |share: usize| {
         let sent = sent.clone();
         within_for(STREAM_TIME_MAX, "stream progress", async move {
-            while sent.load(Ordering::Relaxed) < total * share / 3 {
+            while sent.load(Ordering::SeqCst) < total * share / 3 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
-    let mid_stream = || sent.load(Ordering::Relaxed) < total;
+    let mid_stream = || sent.load(Ordering::SeqCst) < total;
     wait_for(1).await;
     // The leaf relay that half the subscribers are homed on.
     relay_kill.mark(&highest);
     tree.kill("relay-2.1");
     assert!(mid_stream(), "the relay kill lands mid-stream");
+    kills_done.send_replace(1);
     wait_for(2).await;
     // The core's first server: the sequencer of the first view.
     core_kill.mark(&highest);
     tree.kill("core-1");
     assert!(mid_stream(), "the core kill lands mid-stream");
+    kills_done.send_replace(2);
     for p in publishers {
         within_for(STREAM_TIME_MAX, "publishers acknowledged", p)
             .await
