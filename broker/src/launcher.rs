@@ -271,7 +271,7 @@ pub async fn up(path: Option<&Path>) -> anyhow::Result<()> {
                 // Reported once: the dead leave the list.
                 launched.running.retain_mut(|r| match r.child.try_wait() {
                     Ok(Some(status)) => {
-                        println!("canopy up: {} exited ({status}); its clients are adopted", r.name);
+                        println!("canopy up: {} exited ({status}); its clients move to the rest of its tier", r.name);
                         false
                     }
                     _ => true,
