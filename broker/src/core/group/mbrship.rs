@@ -11,7 +11,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 impl Group {
-    pub(super) fn send_heartbeats(&mut self) {
+    pub(super) fn send_heartbeats(&mut self, now: Duration) {
+        let hears = self
+            .peers
+            .iter()
+            .filter(|(_, p)| self.heard_recently(now, p))
+            .map(|(&n, _)| n)
+            .collect();
         let msg = PeerMsg::Heartbeat(Heartbeat {
             from: self.me(),
             joining: self.status == Status::Joining,
@@ -23,6 +29,7 @@ impl Group {
             } else {
                 Seq(0)
             },
+            hears,
         });
         let frame = super::wire::encode(&msg);
         for &n in self.peers.keys() {
@@ -49,13 +56,16 @@ impl Group {
             epoch,
             have,
             stable,
+            hears,
         } = hb;
         self.epoch_seen = self.epoch_seen.max(epoch);
+        let me = self.config.me;
         if let Some(p) = self.peers.get_mut(&from.node) {
             p.incarnation = from.incarnation;
             p.view = view;
             p.joining = joining;
             p.promised = epoch;
+            p.hears_me = hears.contains(&me);
         }
         let Some(mine) = self.view.as_ref().map(|v| v.id) else {
             return;
@@ -95,7 +105,17 @@ impl Group {
         }
     }
 
-    /// Whether `node` counts as alive now.
+    /// Whether `p` was heard within a failure timeout (what this server's
+    /// heartbeats report as `hears`).
+    fn heard_recently(&self, now: Duration, p: &super::Peer) -> bool {
+        p.heard
+            .is_some_and(|h| now.saturating_sub(h) < self.config.failure_timeout)
+    }
+
+    /// Whether `node` counts as alive now: heard recently, its link not
+    /// confirmed broken, and it hears this server (a server that cannot
+    /// hear the others would stall every flush it is proposed into, and
+    /// every stable seq of a view it is in).
     fn alive(&self, now: Duration, node: NodeId) -> bool {
         if node == self.config.me {
             return true;
@@ -103,7 +123,7 @@ impl Group {
         let Some(p) = self.peers.get(&node) else {
             return false;
         };
-        if p.excluded_until.is_some_and(|t| now < t) {
+        if p.excluded_until.is_some_and(|t| now < t) || !p.hears_me {
             return false;
         }
         let Some(heard) = p.heard else { return false };
@@ -285,6 +305,7 @@ impl Group {
     /// Promises proposal `id`: ordering in the old view stops here.
     fn promise(&mut self, now: Duration, id: ViewId) {
         self.promised = id;
+        self.hard_dirty = true;
         // A snapshot awaited for an older proposal will not matter now.
         self.awaiting_snapshot = false;
         self.stash = None;
@@ -299,6 +320,7 @@ impl Group {
         FlushOk {
             from: self.me(),
             view: self.reported_view(),
+            accepted: self.accepted_view.clone(),
             delivered: self.delivered,
             msgs: if self.reported_view().is_some() {
                 self.log.iter().map(Msg::of).collect()
@@ -333,6 +355,7 @@ impl Group {
             proposal,
             from: ok.from,
             view: ok.view,
+            accepted: ok.accepted,
             delivered: ok.delivered,
             msgs: ok.msgs,
         };
@@ -362,20 +385,14 @@ impl Group {
         let Some(p) = self.proposal.take() else {
             return;
         };
-        // Only a server that holds state remembers its promises: one that
-        // restarted has forgotten them, so it cannot make up a majority (a
-        // majority of it could install a view from state older than a view
-        // it promised). While nothing was ever ordered there is nothing to
-        // lose: any majority may (re)start the stream (a cold start).
-        let holders = p.oks.values().filter(|o| o.view.is_some()).count();
-        let cold =
-            p.oks.values().all(|o| o.held() == Seq(0)) && p.oks.len() >= self.config.quorum();
-        if holders < self.config.quorum() && !cold {
-            tracing::debug!(me = %self.config.me, proposal = %p.id, answered = ?p.oks.values().map(|o| (o.from.node.0, o.view)).collect::<Vec<_>>(), "no majority of the core holds state: not primary");
-            self.proposal = Some(p);
-            return;
-        }
-        let basis = p.oks.values().filter_map(|o| o.view).max();
+        let basis = match self.basis(&p) {
+            Ok(basis) => basis,
+            Err(why) => {
+                tracing::debug!(me = %self.config.me, proposal = %p.id, why, answered = ?p.oks.values().map(|o| (o.from.node.0, o.view, o.accepted.as_ref().map(|v| v.id))).collect::<Vec<_>>(), "no history to continue: not primary");
+                self.proposal = Some(p);
+                return;
+            }
+        };
         if basis.is_some() && basis != self.reported_view() {
             // Only a holder of the newest state can carry the stream on.
             if self.status == Status::Joining {
@@ -390,13 +407,27 @@ impl Group {
         let best = p
             .oks
             .values()
-            .filter(|o| o.view == basis)
+            .filter(|o| basis.is_some() && o.view == basis)
             .max_by_key(|o| o.held())
             .cloned();
         let through = best.as_ref().map_or(self.delivered, FlushOk::held);
         let stream = match basis {
             Some(_) => self.stream,
-            None => fresh_stream(self.config.stream_seed, p.id, self.incarnation),
+            None => {
+                // The lineage: a stream that replaces a lost one gets an id
+                // of its own (the proposal's id is never reused).
+                let lost = p
+                    .oks
+                    .values()
+                    .filter_map(|o| o.accepted.as_ref())
+                    .map(|v| v.stream)
+                    .max();
+                fresh_stream(
+                    self.config.stream_seed ^ lost.unwrap_or(0),
+                    p.id,
+                    self.incarnation,
+                )
+            }
         };
         let view = View {
             id: p.id,
@@ -404,13 +435,16 @@ impl Group {
             stream,
         };
         if basis.is_none() {
-            // No member of any view is left: a new stream begins at seq 0,
-            // and clients that resume from the old one are told so.
+            // No history to continue: a new stream begins at seq 0, and
+            // clients that resume from an old one are told so.
+            tracing::warn!(me = %self.config.me, proposal = %p.id, stream = format!("{stream:x}"), "starting a new stream");
             self.clear_log();
             self.delivered = Seq(0);
             self.stable = Seq(0);
             self.publishers.clear();
+            self.evicted_any = false;
             self.stream = stream;
+            self.resubmit_in_new_stream();
             self.events.push_back(Event::Reset(Snapshot {
                 stream,
                 // Nobody's membership carries over to a new stream.
@@ -467,6 +501,55 @@ impl Group {
         self.try_commit(now);
     }
 
+    /// Which state a proposal whose members all answered carries on: the
+    /// newest view's (`Some`), or none, and a new stream begins (`None`).
+    /// `Err` says why no view may form from these answers.
+    ///
+    /// The rules (restart safety; DESIGN.md, "Restart safety"):
+    /// - **Voters.** A server's promises count only if it remembers all of
+    ///   them: it has accepted a view since its data directory was made
+    ///   (its hard state holds `accepted`). A majority of the configured
+    ///   servers must be voters among the answers. Any two majorities share
+    ///   a server, which promised the higher proposal and remembers it, so
+    ///   two views never both go on, however many servers restarted.
+    /// - **The newest view** is the highest `accepted` among the answers:
+    ///   every committed view was accepted by a majority, so it is at most
+    ///   that. A restarted server remembers it but holds none of its
+    ///   messages, so it never counts as holding state.
+    /// - **Carry on** when an answer holds the newest view's state: it holds
+    ///   everything stable there.
+    /// - **A new stream** (a `Reset` for clients) only when no history can
+    ///   exist anywhere: either every member of the newest view answered
+    ///   and none holds its state (all restarted: their messages are gone),
+    ///   or nobody ever accepted a view and every configured server
+    ///   answered (the first formation).
+    /// - Otherwise a member of the newest view that did not answer may hold
+    ///   its state, with acknowledged publishes in it: wait for it.
+    fn basis(&self, p: &Proposal) -> Result<Option<ViewId>, &'static str> {
+        let newest = p
+            .oks
+            .values()
+            .filter_map(|o| o.accepted.as_ref())
+            .max_by_key(|v| v.id);
+        let Some(newest) = newest else {
+            return match self.config.servers.iter().all(|n| p.oks.contains_key(n)) {
+                true => Ok(None),
+                false => Err("a first formation needs every configured server"),
+            };
+        };
+        let voters = p.oks.values().filter(|o| o.accepted.is_some()).count();
+        if voters < self.config.quorum() {
+            return Err("no majority of the configured servers are voters");
+        }
+        if p.oks.values().any(|o| o.view == Some(newest.id)) {
+            return Ok(Some(newest.id));
+        }
+        match newest.members.iter().all(|m| p.oks.contains_key(&m.node)) {
+            true => Ok(None),
+            false => Err("a member of the newest view that did not answer may hold its state"),
+        }
+    }
+
     /// Drops held messages after `through`: never stable, never delivered,
     /// and not part of the new view's history.
     fn truncate(&mut self, through: Seq) {
@@ -493,6 +576,8 @@ impl Group {
     /// the commit. From now on it reports `view` as the state it holds.
     fn accept(&mut self, now: Duration, view: View, through: Seq) {
         self.promised = view.id;
+        self.accepted_view = Some(view.clone());
+        self.hard_dirty = true;
         self.epoch_seen = self.epoch_seen.max(view.id.epoch);
         self.status = Status::Accepted;
         self.awaiting_snapshot = false;
@@ -570,6 +655,8 @@ impl Group {
         self.resend_asked = None;
         self.lag_mark = None;
         self.acks = view.members.iter().map(|m| (m.node, at)).collect();
+        // Every member resubmits from its front as the view begins.
+        self.submit_seen.clear();
         self.events.push_back(Event::View { view, at });
         // Ordering resumes: first what our clients submitted meanwhile.
         self.resubmit();
@@ -660,8 +747,8 @@ impl Group {
             self.truncate(self.delivered);
             return self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
         }
-        self.stream = state.stream;
-        self.evicted_any |= state.evicted;
+        let old_stream = std::mem::replace(&mut self.stream, state.stream);
+        self.evicted_any = state.evicted;
         self.clear_log();
         self.delivered = state.head;
         self.stable = state.head;
@@ -680,6 +767,9 @@ impl Group {
             })
             .collect();
         self.events.push_back(Event::Reset(state));
+        if self.stream != old_stream {
+            self.resubmit_in_new_stream();
+        }
         self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
     }
 
@@ -694,7 +784,8 @@ impl Group {
     /// Leaves whatever view this server was in and joins again as a new
     /// incarnation.
     pub(super) fn rejoin(&mut self, now: Duration) {
-        self.incarnation = Incarnation(self.incarnation.0 + 1);
+        self.incarnation = Incarnation(self.incarnation.0.saturating_add(1));
+        self.hard_dirty = true;
         self.status = Status::Joining;
         self.view = None;
         self.proposal = None;
@@ -704,7 +795,10 @@ impl Group {
         self.accepted.clear();
         // The log stays: what it holds may be stable elsewhere, and this
         // server still reports the state of its last view, log included.
-        self.unordered.clear();
+        // So do own submissions: the server's own membership events are
+        // submitted once and must not be lost (a missing pub_seq would hold
+        // back every later one), and a client's are deduplicated by the
+        // sequencer if the client also sends them elsewhere.
         self.acks.clear();
         self.blocked_since = Some(now);
         if !self.told_not_primary {

@@ -144,6 +144,26 @@ impl View {
     }
 }
 
+/// What a core server keeps on disk, as Raft keeps its term and vote. The
+/// group hands it out with [`Group::poll_hard_state`] whenever it changes,
+/// and the shell must have written it durably before it sends any frame
+/// the group queued after the change: a promise or an acceptance is only
+/// sent once it will survive a restart. It changes only on view changes and
+/// rejoins, never per message. See "Restart safety" in the module docs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardState {
+    /// The last incarnation this server ran as; a restart runs as a higher
+    /// one.
+    pub incarnation: Incarnation,
+    /// The highest proposal promised: never promised lower again, and a
+    /// proposal of this server's own is always higher.
+    pub promised: ViewId,
+    /// The last view whose history this server accepted (its members and
+    /// stream). `Some` also means the server is a **voter**: everything it
+    /// promised since its data directory was made is remembered.
+    pub accepted: Option<View>,
+}
+
 /// Validated settings of a group member.
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
@@ -265,6 +285,8 @@ struct Peer {
     link_down: Option<Duration>,
     /// It failed to answer a proposal; not counted alive until then.
     excluded_until: Option<Duration>,
+    /// Its last heartbeat said it hears this server.
+    hears_me: bool,
 }
 
 /// The deduplication state of one publisher.
@@ -301,6 +323,8 @@ struct Stash {
 struct FlushOk {
     from: Member,
     view: Option<ViewId>,
+    /// The last view it accepted, from its hard state (held or not).
+    accepted: Option<View>,
     delivered: Seq,
     msgs: Vec<Msg>,
 }
@@ -348,6 +372,11 @@ pub struct Group {
     view: Option<View>,
     /// The highest proposal promised (or the installed view's id).
     promised: ViewId,
+    /// The last view accepted, as the hard state keeps it (it outlives the
+    /// messages: a restarted server remembers it without holding its state).
+    accepted_view: Option<View>,
+    /// The hard state changed since the shell last took it.
+    hard_dirty: bool,
     /// The highest epoch seen anywhere.
     epoch_seen: u64,
     /// Told it lags; the coordinator's snapshot has not come yet.
@@ -390,10 +419,16 @@ pub struct Group {
     /// The coordinator's `have` in its previous heartbeat.
     lag_mark: Option<Seq>,
     publishers: HashMap<PublisherId, PubState>,
+    /// The number the next own submission gets (see `Submit`'s `first`).
+    submit_next: u64,
+    /// Sequencer: per member, one past the last submission number received
+    /// in this view (a larger `first` means a `Submit` was lost).
+    submit_seen: BTreeMap<NodeId, u64>,
     /// Whether the publisher table ever forgot a publisher (then an unknown
     /// publisher's publish may be a forgotten one's, and is ordered).
     evicted_any: bool,
-    /// Own submissions not yet delivered, in submission order.
+    /// Own submissions not yet delivered, in submission order, numbered
+    /// contiguously from `submit_next - unordered.len()`.
     unordered: VecDeque<Submitted>,
     /// Since when the front of `unordered` has been the same publish.
     resubmit_check: (Duration, Option<(PublisherId, PubSeq)>),
@@ -405,8 +440,26 @@ pub struct Group {
 }
 
 impl Group {
-    /// A server that has just started and is not in any view.
+    /// A server that starts without a hard state: its first start, or a
+    /// start after its data directory was lost (a new server as far as the
+    /// group knows; it is not a voter until it accepts a view).
     pub fn new(now: Duration, config: GroupConfig) -> Self {
+        Self::recover(now, config, None)
+    }
+
+    /// A server that starts with the hard state it wrote before (a
+    /// restart): it runs as a higher incarnation, never promises below what
+    /// it promised, and knows the last view it accepted, though it holds
+    /// none of its messages. The new hard state is ready at once
+    /// ([`Group::poll_hard_state`]).
+    pub fn recover(now: Duration, config: GroupConfig, hard: Option<HardState>) -> Self {
+        let hard = hard.unwrap_or_default();
+        let incarnation = Incarnation(
+            config
+                .incarnation
+                .0
+                .max(hard.incarnation.0.saturating_add(1)),
+        );
         let peers = config
             .servers
             .iter()
@@ -414,11 +467,13 @@ impl Group {
             .map(|&n| (n, Peer::default()))
             .collect();
         Group {
-            incarnation: config.incarnation,
+            incarnation,
             status: Status::Joining,
             view: None,
-            promised: ViewId::default(),
-            epoch_seen: 0,
+            promised: hard.promised,
+            accepted_view: hard.accepted,
+            hard_dirty: true,
+            epoch_seen: hard.promised.epoch,
             awaiting_snapshot: false,
             stash: None,
             stream: 0,
@@ -440,6 +495,8 @@ impl Group {
             resend_asked: None,
             lag_mark: None,
             publishers: HashMap::new(),
+            submit_next: 0,
+            submit_seen: BTreeMap::new(),
             evicted_any: false,
             unordered: VecDeque::new(),
             resubmit_check: (now, None),
@@ -506,6 +563,25 @@ impl Group {
         self.unordered.len() >= self.config.unordered_max
     }
 
+    /// The hard state, when it changed since the last call. The shell must
+    /// write it durably before it sends the next frame from
+    /// [`Group::poll_transmit`].
+    pub fn poll_hard_state(&mut self) -> Option<HardState> {
+        if !std::mem::take(&mut self.hard_dirty) {
+            return None;
+        }
+        Some(self.hard_state())
+    }
+
+    /// The hard state as it stands.
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            incarnation: self.incarnation,
+            promised: self.promised,
+            accepted: self.accepted_view.clone(),
+        }
+    }
+
     /// The next event for the server, in stream order.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
@@ -541,7 +617,12 @@ impl Group {
         peer.link_down = None;
         match msg {
             PeerMsg::Heartbeat(hb) => self.on_heartbeat(now, hb),
-            PeerMsg::Submit { view, msgs } => self.on_submit(from, view, msgs),
+            PeerMsg::Submit {
+                view,
+                front,
+                first,
+                msgs,
+            } => self.on_submit(from, view, front, first, msgs),
             PeerMsg::Order {
                 view,
                 first,
@@ -558,6 +639,7 @@ impl Group {
                 proposal,
                 from: member,
                 view,
+                accepted,
                 delivered,
                 msgs,
             } => self.on_flush_ok(
@@ -566,6 +648,7 @@ impl Group {
                 FlushOk {
                     from: member,
                     view,
+                    accepted,
                     delivered,
                     msgs,
                 },
@@ -616,7 +699,7 @@ impl Group {
     pub fn handle_timeout(&mut self, now: Duration) {
         if now >= self.heartbeat_next {
             self.heartbeat_next = now + self.config.heartbeat_interval;
-            self.send_heartbeats();
+            self.send_heartbeats(now);
             self.check_progress(now);
         }
         self.evaluate(now);

@@ -63,17 +63,25 @@ impl Group {
     /// push back on its publishers.
     pub fn submit(&mut self, msgs: Vec<Submitted>) {
         let start = self.unordered.len();
+        let first = self.submit_next;
+        self.submit_next += msgs.len() as u64;
         self.unordered.extend(msgs);
         if !self.is_primary() {
             // Sent when a view is installed.
             return;
         }
         let fresh: Vec<Submitted> = self.unordered.range(start..).cloned().collect();
-        self.forward(fresh);
+        self.forward(first, fresh);
     }
 
-    /// Sends submissions to the coordinator, or orders them if it is us.
-    fn forward(&mut self, msgs: Vec<Submitted>) {
+    /// The number of the oldest own submission not yet delivered.
+    fn submit_front(&self) -> u64 {
+        self.submit_next - self.unordered.len() as u64
+    }
+
+    /// Sends submissions numbered from `first` to the coordinator, or
+    /// orders them if it is us.
+    fn forward(&mut self, mut first: u64, msgs: Vec<Submitted>) {
         let Some(view) = self.view.as_ref().map(|v| v.id) else {
             return;
         };
@@ -81,11 +89,15 @@ impl Group {
             self.order(msgs);
             return;
         }
+        let front = self.submit_front();
         for chunk in frames(&msgs, |s: &Submitted| msg_cost(&s.1)) {
             let msg = PeerMsg::Submit {
                 view,
+                front,
+                first,
                 msgs: chunk.to_vec(),
             };
+            first += chunk.len() as u64;
             self.send(view.coordinator, &msg);
         }
     }
@@ -98,7 +110,22 @@ impl Group {
             return;
         }
         self.stats.resubmitted += msgs.len() as u64;
-        self.forward(msgs);
+        self.forward(self.submit_front(), msgs);
+    }
+
+    /// The stream changed under own submissions (a new stream began, or a
+    /// snapshot of another stream was taken): nothing of their publishers
+    /// is known there, so each publisher's first queued submission is its
+    /// first contact in the new stream, and the rest follow it. (Without
+    /// this, the node's own membership events, which continue their
+    /// pub_seqs, would wait forever for predecessors of the old stream.)
+    pub(super) fn resubmit_in_new_stream(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        for Submitted(after, m) in &mut self.unordered {
+            if seen.insert(m.0) && !self.publishers.contains_key(&m.0) {
+                *after = PubSeq(0);
+            }
+        }
     }
 
     /// Called every heartbeat: when the oldest own submission has waited a
@@ -118,12 +145,31 @@ impl Group {
         }
     }
 
-    pub(super) fn on_submit(&mut self, from: NodeId, view: ViewId, msgs: Vec<Submitted>) {
+    pub(super) fn on_submit(
+        &mut self,
+        from: NodeId,
+        view: ViewId,
+        front: u64,
+        first: u64,
+        msgs: Vec<Submitted>,
+    ) {
         if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
             // A stale submission: its sender resubmits after the view change.
             tracing::trace!(node = %from, view = %view, "submission outside its view dropped");
             return;
         }
+        // Everything before `front` is ordered; everything from there up to
+        // what was received came here. Past that, a `Submit` was lost with a
+        // link: ordering this one would let a publish overtake a lost
+        // predecessor (which a publisher table that forgot its publisher
+        // could not tell). The sender resubmits from its front.
+        let seen = self.submit_seen.get(&from).copied().unwrap_or(0).max(front);
+        if first > seen {
+            tracing::debug!(node = %from, first, seen, "submissions after a lost one dropped");
+            return;
+        }
+        let end = first.saturating_add(msgs.len() as u64);
+        self.submit_seen.insert(from, seen.max(end));
         self.order(msgs);
     }
 
@@ -150,7 +196,7 @@ impl Group {
                 // A later pub_seq whose predecessor has not arrived (it was
                 // lost with a link and is being resubmitted): wait for it,
                 // so that the publisher's order holds (guarantee 3).
-                Some(last) if m.1 .0 > last.0 + 1 && !self.bugs.no_dedup => continue,
+                Some(last) if m.1 .0 > last.0.saturating_add(1) && !self.bugs.no_dedup => continue,
                 // Nor order a publisher's later publish on first sight.
                 None if after > PubSeq(0) && !self.evicted_any && !self.bugs.no_dedup => continue,
                 _ => {}

@@ -78,7 +78,7 @@ pub struct Snapshot {
 }
 
 /// What a server tells every other configured server each heartbeat.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// The sender.
     pub from: Member,
@@ -93,6 +93,11 @@ pub struct Heartbeat {
     pub have: Seq,
     /// From a coordinator: the last seq stable in its view.
     pub stable: Seq,
+    /// The servers it has heard from within a failure timeout. A server
+    /// counts another alive only if it is heard *and* hears back, so a
+    /// server whose inbound links are cut is left out of views rather than
+    /// stalling every flush it is proposed into.
+    pub hears: Vec<super::NodeId>,
 }
 
 /// A server-to-server message.
@@ -102,9 +107,18 @@ pub enum PeerMsg {
     /// heartbeat interval: liveness, what it has installed and holds.
     Heartbeat(Heartbeat),
     /// Member to coordinator: publishes to order, in the order received.
+    /// The sender numbers its submissions contiguously; the coordinator
+    /// drops a `Submit` that does not continue what it received (an earlier
+    /// one was lost with a link), so a publish never overtakes a lost
+    /// predecessor. The sender resubmits from `front` after a broken link.
     Submit {
         /// The view they are submitted in.
         view: ViewId,
+        /// The number of the sender's oldest submission not yet delivered
+        /// there: everything before it is ordered.
+        front: u64,
+        /// The number of `msgs[0]`.
+        first: u64,
         /// The publishes.
         msgs: Vec<Submitted>,
     },
@@ -158,6 +172,11 @@ pub enum PeerMsg {
         from: Member,
         /// The view whose state the sender holds (kept across a rejoin).
         view: Option<ViewId>,
+        /// The last view it accepted, from its hard state: the same as
+        /// `view` for a server that holds state, newer for a restarted
+        /// server that remembers the view but lost its messages, `None` for
+        /// a server that is not a voter.
+        accepted: Option<View>,
         /// The last seq it delivered.
         delivered: Seq,
         /// What it holds after `delivered`, in order.
@@ -246,6 +265,7 @@ mod tests {
             epoch: 1,
             have: Seq(0),
             stable: Seq(0),
+            hears: vec![NodeId(1), NodeId(3)],
         });
         assert_eq!(decode(&encode(&hb)[4..]), Ok(hb));
         assert!(decode(b"\xff\x00garbage").is_err());
