@@ -321,6 +321,7 @@ impl Group {
             from: self.me(),
             view: self.reported_view(),
             accepted: self.accepted_view.clone(),
+            installed: self.installed,
             delivered: self.delivered,
             msgs: if self.reported_view().is_some() {
                 self.log.iter().map(Msg::of).collect()
@@ -356,6 +357,7 @@ impl Group {
             from: ok.from,
             view: ok.view,
             accepted: ok.accepted,
+            installed: ok.installed,
             delivered: ok.delivered,
             msgs: ok.msgs,
         };
@@ -502,51 +504,53 @@ impl Group {
     }
 
     /// Which state a proposal whose members all answered carries on: the
-    /// newest view's (`Some`), or none, and a new stream begins (`None`).
-    /// `Err` says why no view may form from these answers.
+    /// state of view `Some(v)`, held by an answer, or none, and a new stream
+    /// begins (`None`). `Err` says why no view may form from these answers.
     ///
     /// The rules (restart safety; DESIGN.md, "Restart safety"):
     /// - **Voters.** A server's promises count only if it remembers all of
     ///   them: it has accepted a view since its data directory was made
-    ///   (its hard state holds `accepted`). A majority of the configured
-    ///   servers must be voters among the answers. Any two majorities share
-    ///   a server, which promised the higher proposal and remembers it, so
-    ///   two views never both go on, however many servers restarted.
-    /// - **The newest view** is the highest `accepted` among the answers:
-    ///   every committed view was accepted by a majority, so it is at most
-    ///   that. A restarted server remembers it but holds none of its
-    ///   messages, so it never counts as holding state.
-    /// - **Carry on** when an answer holds the newest view's state: it holds
-    ///   everything stable there.
-    /// - **A new stream** (a `Reset` for clients) only when no history can
-    ///   exist anywhere: either every member of the newest view answered
-    ///   and none holds its state (all restarted: their messages are gone),
-    ///   or nobody ever accepted a view and every configured server
-    ///   answered (the first formation).
-    /// - Otherwise a member of the newest view that did not answer may hold
-    ///   its state, with acknowledged publishes in it: wait for it.
+    ///   (its hard state holds `accepted`). A restarted server remembers its
+    ///   promises and the views it accepted and installed, but holds none
+    ///   of their messages: it never counts as holding state.
+    /// - **Carry on from the newest accepted view** when a majority of the
+    ///   configured servers answered as voters and one of them holds the
+    ///   state of the highest view any of them accepted. Every committed
+    ///   view was accepted by a majority, which shares a voter with these
+    ///   answers, so no view newer than that one ever delivered anything.
+    /// - **With every configured server's answer**, all voters (or none with
+    ///   any record: the first formation), the newest view installed
+    ///   anywhere is known: carry on from the newest state held if it is at
+    ///   least that view; if nobody holds that much, every member of the
+    ///   newest installed view lost its messages, and a **new stream**
+    ///   begins (clients are told `StreamReset`; seqs are never reused
+    ///   under the old id).
+    /// - Otherwise a server that did not answer (or lost its data
+    ///   directory, and with it its records) may hold or know of newer
+    ///   state, with acknowledged publishes in it: wait.
     fn basis(&self, p: &Proposal) -> Result<Option<ViewId>, &'static str> {
+        let voters = p.oks.values().filter(|o| o.accepted.is_some()).count();
         let newest = p
             .oks
             .values()
-            .filter_map(|o| o.accepted.as_ref())
-            .max_by_key(|v| v.id);
-        let Some(newest) = newest else {
-            return match self.config.servers.iter().all(|n| p.oks.contains_key(n)) {
-                true => Ok(None),
-                false => Err("a first formation needs every configured server"),
-            };
-        };
-        let voters = p.oks.values().filter(|o| o.accepted.is_some()).count();
-        if voters < self.config.quorum() {
-            return Err("no majority of the configured servers are voters");
+            .filter_map(|o| o.accepted.as_ref().map(|v| v.id))
+            .max();
+        if let Some(k) = newest {
+            if voters >= self.config.quorum() && p.oks.values().any(|o| o.view == Some(k)) {
+                return Ok(Some(k));
+            }
         }
-        if p.oks.values().any(|o| o.view == Some(newest.id)) {
-            return Ok(Some(newest.id));
+        if !self.config.servers.iter().all(|n| p.oks.contains_key(n)) {
+            return Err("no majority of voters holds the newest view's state, and not every configured server answered");
         }
-        match newest.members.iter().all(|m| p.oks.contains_key(&m.node)) {
-            true => Ok(None),
-            false => Err("a member of the newest view that did not answer may hold its state"),
+        if voters != 0 && voters != p.oks.len() {
+            return Err("a server without its data directory may have lost the record of the newest installed view");
+        }
+        let installed = p.oks.values().map(|o| o.installed).max();
+        let held = p.oks.values().filter_map(|o| o.view).max();
+        match held {
+            Some(h) if Some(h) >= installed => Ok(Some(h)),
+            _ => Ok(None),
         }
     }
 
@@ -643,6 +647,8 @@ impl Group {
             return;
         };
         let at = self.accepted_through;
+        self.installed = view.id;
+        self.hard_dirty = true;
         self.deliver_through(at);
         tracing::info!(me = %self.config.me, view = %view.id, members = ?view.members.iter().map(|m| m.node.0).collect::<Vec<_>>(), at = at.0, "view installed");
         self.stats.views += 1;

@@ -162,6 +162,12 @@ pub struct HardState {
     /// stream). `Some` also means the server is a **voter**: everything it
     /// promised since its data directory was made is remembered.
     pub accepted: Option<View>,
+    /// The last view this server installed (committed and delivered in).
+    /// Written before the commit leaves the proposer and before anything of
+    /// the view is delivered, so every view in which anything was delivered
+    /// is recorded by a server that was in it.
+    #[serde(default)]
+    pub installed: ViewId,
 }
 
 /// Validated settings of a group member.
@@ -325,6 +331,8 @@ struct FlushOk {
     view: Option<ViewId>,
     /// The last view it accepted, from its hard state (held or not).
     accepted: Option<View>,
+    /// The last view it installed, from its hard state.
+    installed: ViewId,
     delivered: Seq,
     msgs: Vec<Msg>,
 }
@@ -375,6 +383,8 @@ pub struct Group {
     /// The last view accepted, as the hard state keeps it (it outlives the
     /// messages: a restarted server remembers it without holding its state).
     accepted_view: Option<View>,
+    /// The last view installed, as the hard state keeps it.
+    installed: ViewId,
     /// The hard state changed since the shell last took it.
     hard_dirty: bool,
     /// The highest epoch seen anywhere.
@@ -472,6 +482,7 @@ impl Group {
             view: None,
             promised: hard.promised,
             accepted_view: hard.accepted,
+            installed: hard.installed,
             hard_dirty: true,
             epoch_seen: hard.promised.epoch,
             awaiting_snapshot: false,
@@ -579,6 +590,7 @@ impl Group {
             incarnation: self.incarnation,
             promised: self.promised,
             accepted: self.accepted_view.clone(),
+            installed: self.installed,
         }
     }
 
@@ -640,6 +652,7 @@ impl Group {
                 from: member,
                 view,
                 accepted,
+                installed,
                 delivered,
                 msgs,
             } => self.on_flush_ok(
@@ -649,6 +662,7 @@ impl Group {
                     from: member,
                     view,
                     accepted,
+                    installed,
                     delivered,
                     msgs,
                 },

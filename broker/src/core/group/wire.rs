@@ -177,6 +177,8 @@ pub enum PeerMsg {
         /// server that remembers the view but lost its messages, `None` for
         /// a server that is not a voter.
         accepted: Option<View>,
+        /// The last view it installed, from its hard state.
+        installed: ViewId,
         /// The last seq it delivered.
         delivered: Seq,
         /// What it holds after `delivered`, in order.
