@@ -107,6 +107,8 @@ pub struct InProcess {
     pub views: tokio::sync::watch::Receiver<Option<canopy_broker::runtime::InstalledView>>,
     stop: Option<std::sync::mpsc::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// A core server's data directory, removed once it stopped.
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl InProcess {
@@ -127,11 +129,15 @@ impl Drop for InProcess {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        if let Some(d) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
 /// Starts a server with `file` as its configuration.
 pub fn start_in_process(file: canopy_broker::config::FileConfig) -> anyhow::Result<InProcess> {
+    let data_dir = file.core.as_ref().and(file.data_dir.clone());
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop, stop_rx) = std::sync::mpsc::channel::<bool>();
     let thread = std::thread::spawn(move || {
@@ -184,6 +190,7 @@ pub fn start_in_process(file: canopy_broker::config::FileConfig) -> anyhow::Resu
         views,
         stop: Some(stop),
         thread: Some(thread),
+        data_dir,
     })
 }
 
@@ -203,6 +210,8 @@ pub fn start_core(n: usize) -> anyhow::Result<Vec<InProcess>> {
     for _ in 0..n {
         peers.push(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string());
     }
+    // A fresh data directory per server and run: each bench core is new.
+    let run = format!("canopy-bench-{}-{}", std::process::id(), rand_stream());
     let mut servers = Vec::new();
     for i in 0..n {
         let core = FileCore {
@@ -223,6 +232,7 @@ pub fn start_core(n: usize) -> anyhow::Result<Vec<InProcess>> {
             name: Some(format!("s{}", i + 1)),
             listen: Some("127.0.0.1:0".into()),
             http: Some("off".into()),
+            data_dir: Some(std::env::temp_dir().join(format!("{run}-s{}", i + 1))),
             core: Some(core),
             ..Default::default()
         })?);

@@ -7,7 +7,7 @@ use crate::core::group::{GroupConfig, Incarnation, NodeId};
 use crate::core::NodeConfig;
 use canopy_client::protocol::{FRAME_LEN_MAX_DEFAULT, FRAME_LEN_MAX_LIMIT};
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The default client listen address.
@@ -15,6 +15,10 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:4400";
 
 /// The default HTTP address (dashboard, API, metrics).
 pub const HTTP_DEFAULT: &str = "127.0.0.1:8080";
+
+/// The folder, relative to the working directory, under which a core server
+/// without a `data_dir` keeps its data: `canopy-data/s<ID>`.
+pub const DATA_DIR_DEFAULT: &str = "canopy-data";
 
 /// The configuration file as written (every key optional).
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +30,10 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// The HTTP address of the dashboard, API and metrics, or `off`.
     pub http: Option<String>,
+    /// A core server's data directory (its hard state); relative paths
+    /// start at the working directory. Standalone servers and relays keep
+    /// nothing on disk and ignore it.
+    pub data_dir: Option<PathBuf>,
     /// Limits.
     #[serde(default)]
     pub limits: FileLimits,
@@ -99,6 +107,9 @@ pub struct CoreConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which a server is excluded.
     pub failure_timeout: Duration,
+    /// Where this server keeps its hard state (`data_dir`, by default
+    /// `canopy-data/s<ID>`).
+    pub data_dir: PathBuf,
 }
 
 impl CoreConfig {
@@ -314,7 +325,8 @@ impl FileConfig {
             }
             Some(addr) => Some(addr.to_owned()),
         };
-        let core = self.core.map(FileCore::validate).transpose()?;
+        let data_dir = self.data_dir;
+        let core = self.core.map(|c| c.validate(data_dir)).transpose()?;
         let listen = self.listen.unwrap_or_else(|| LISTEN_DEFAULT.to_owned());
         let (relay, servers) = match self.relay {
             Some(_) if core.is_some() => {
@@ -385,7 +397,7 @@ fn advertised(tier: Vec<String>) -> Vec<String> {
 }
 
 impl FileCore {
-    fn validate(self) -> Result<CoreConfig, ConfigError> {
+    fn validate(self, data_dir: Option<PathBuf>) -> Result<CoreConfig, ConfigError> {
         let n = self.servers.len();
         if !(1..=15).contains(&n) {
             return Err(ConfigError::Range {
@@ -437,6 +449,17 @@ impl FileCore {
                 why: "at least three heartbeat intervals",
             });
         }
+        // One directory per server: the id keeps the servers of one core
+        // apart when they share a working directory.
+        let data_dir =
+            data_dir.unwrap_or_else(|| Path::new(DATA_DIR_DEFAULT).join(format!("s{}", self.id)));
+        if data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Range {
+                key: "data_dir",
+                value: "\"\"".into(),
+                why: "a directory path (or no key, for canopy-data/s<ID>)",
+            });
+        }
         Ok(CoreConfig {
             me: NodeId(self.id),
             peer_listen: me.peer.clone(),
@@ -453,6 +476,7 @@ impl FileCore {
                 .collect(),
             heartbeat_interval,
             failure_timeout,
+            data_dir,
         })
     }
 }
@@ -523,9 +547,39 @@ mod tests {
             let core = cfg.core.expect("a core section");
             assert_eq!(core.me, NodeId(i as u32 + 1));
             assert_eq!(core.peers.len(), 2);
+            assert_eq!(
+                core.data_dir,
+                Path::new(&format!("canopy-data/s{}", i + 1)),
+                "a data directory per server"
+            );
             seen.push(core.clients);
         }
         assert!(seen.windows(2).all(|w| w[0] == w[1]), "one server list");
+    }
+
+    #[test]
+    fn a_core_server_keeps_its_data_in_data_dir_or_canopy_data_by_id() {
+        let core = "[core]\nid = 2\n[[core.servers]]\nid = 2\npeer = \"127.0.0.1:1\"\nclient = \"127.0.0.1:2\"";
+        let data_dir = |text: &str| {
+            let cfg: FileConfig = toml::from_str(text).expect("parses");
+            cfg.validate(1).map(|c| c.core.map(|c| c.data_dir))
+        };
+        assert_eq!(
+            data_dir(core).expect("valid"),
+            Some(PathBuf::from("canopy-data/s2"))
+        );
+        assert_eq!(
+            data_dir(&format!("data_dir = \"/var/lib/canopy\"\n{core}")).expect("valid"),
+            Some(PathBuf::from("/var/lib/canopy"))
+        );
+        let err = data_dir(&format!("data_dir = \"\"\n{core}")).expect_err("empty");
+        assert!(err.to_string().contains("data_dir"), "{err}");
+        // Servers outside a core have no data directory and ignore the key.
+        assert_eq!(
+            data_dir("data_dir = \"x\"\n[relay]\nupstream = [\"127.0.0.1:1\"]").expect("valid"),
+            None
+        );
+        assert_eq!(data_dir("data_dir = \"x\"").expect("valid"), None);
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //!
 //! The tree file names every process's addresses; the launcher writes one
 //! server config per process (into a fresh folder under the system's temp
-//! folder), starts `canopy serve` for each with this same binary, and waits
-//! until each one listens. A process that dies is reported and left dead,
-//! so that operators can watch the tree adopt its clients; Ctrl-C or
-//! SIGTERM stops them all.
+//! folder, which also holds each core server's data directory), starts
+//! `canopy serve` for each with this same binary, and waits until each one
+//! listens. A process that dies is reported and left dead, so that
+//! operators can watch the tree adopt its clients; Ctrl-C or SIGTERM stops
+//! them all, and the folder goes with them: every `canopy up` starts a new
+//! core.
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -129,8 +131,9 @@ impl TreeConfig {
         Ok(tree)
     }
 
-    /// Every process's server config, core first, then tier by tier.
-    fn members(&self) -> Vec<Member> {
+    /// Every process's server config, core first, then tier by tier; each
+    /// core server keeps its data in its own folder under `dir`.
+    fn members(&self, dir: &Path) -> Vec<Member> {
         let mut out = Vec::new();
         let mut servers = String::new();
         for (i, c) in self.core.iter().enumerate() {
@@ -150,8 +153,9 @@ impl TreeConfig {
         }
         for (i, c) in self.core.iter().enumerate() {
             let name = format!("core-{}", i + 1);
+            let data = toml::Value::String(dir.join(format!("{name}-data")).display().to_string());
             let config = format!(
-                "name = {name:?}\nlisten = {:?}\nhttp = {:?}\n\n[core]\nid = {}\n{timing}\n{servers}",
+                "name = {name:?}\nlisten = {:?}\nhttp = {:?}\ndata_dir = {data}\n\n[core]\nid = {}\n{timing}\n{servers}",
                 c.client,
                 c.http.as_deref().unwrap_or("off"),
                 i + 1,
@@ -205,7 +209,7 @@ impl Launched {
             running: Vec::new(),
             dir,
         };
-        for m in tree.members() {
+        for m in tree.members(&launched.dir) {
             let r = start(exe, &launched.dir, &m).await?;
             launched.running.push(r);
         }
@@ -398,7 +402,7 @@ mod tests {
     #[test]
     fn the_default_tree_is_three_core_servers_and_two_tiers_of_two() {
         let tree = TreeConfig::parse(TREE_DEFAULT).expect("the default tree parses");
-        let members = tree.members();
+        let members = tree.members(Path::new("/tmp/canopy-up-test"));
         let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(
             names,
@@ -420,6 +424,11 @@ mod tests {
                 .validate(1)
                 .unwrap_or_else(|e| panic!("{}: {e}", m.name));
             assert_eq!(c.core.is_some(), m.name.starts_with("core"));
+            if let Some(core) = c.core {
+                // Each core server its own data directory, in the run's folder.
+                let data = format!("/tmp/canopy-up-test/{}-data", m.name);
+                assert_eq!(core.data_dir, Path::new(&data));
+            }
         }
         // The second tier hangs under the first.
         let leaf: crate::config::FileConfig = toml::from_str(&members[5].config).expect("parses");

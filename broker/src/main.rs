@@ -215,7 +215,7 @@ async fn serve(
         file.http = http;
     }
     let config = file.validate(rand::random())?;
-    let server = runtime::start(config).await?;
+    let mut server = runtime::start(config).await?;
     // Tests and scripts read the bound address from this line.
     println!("canopy listening on {}", server.local_addr());
     if let Some(http) = server.http_addr() {
@@ -227,6 +227,9 @@ async fn serve(
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
         _ = term.recv() => {}
+        // A server that stops on its own (its hard state cannot be
+        // written) exits with the reason.
+        r = server.stopped() => return r,
     }
     eprintln!("canopy: shutting down");
     server.shutdown().await;

@@ -165,6 +165,52 @@ async fn cli_errors_say_what_to_do() {
     assert!(err.contains("/nonexistent/canopy.toml"), "{err}");
 }
 
+/// A core server whose hard state file is damaged does not start as a new
+/// server (it would forget its promises): `canopy serve` exits naming the
+/// file.
+#[tokio::test]
+async fn a_core_server_with_a_damaged_hard_state_does_not_start() {
+    let data = common::data_dir();
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let file = data.join("hard-state.cbor");
+    std::fs::write(&file, b"\xa3 not a hard state").expect("write");
+    let peer = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let config = data.join("s1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {}\n[core]\nid = 1\n[[core.servers]]\nid = 1\npeer = \"{peer}\"\nclient = \"127.0.0.1:0\"\n",
+            toml::Value::String(data.display().to_string())
+        ),
+    )
+    .expect("write config");
+    let out = within(
+        "canopy serve to refuse",
+        canopy()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--config",
+            ])
+            .arg(&config)
+            .output(),
+    )
+    .await
+    .expect("run canopy serve");
+    let _ = std::fs::remove_dir_all(&data);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("hard state"),
+        "{err}"
+    );
+}
+
 /// `canopy sub` and `canopy pub` given a 3-server core's addresses fail over
 /// when the server they use is killed: the subscriber's sequence goes on
 /// with every line once.

@@ -4,6 +4,7 @@
 
 mod common;
 
+use canopy_broker::runtime::disk;
 use canopy_client::{Client, ClientOptions, Event, Seq};
 use common::{within_for, Cluster};
 use futures::StreamExt;
@@ -148,10 +149,10 @@ async fn killing_a_member_mid_stream_loses_and_doubles_nothing() {
     stream_survives_a_killed_server(2).await;
 }
 
-/// A server killed with SIGKILL and started again rejoins as a new
-/// incarnation, catches up from a peer (a client resuming from seq 0 there
-/// is replayed everything, with the seqs the others gave), and serves the
-/// live stream in the same order.
+/// A server killed with SIGKILL and started again with its data directory
+/// rejoins as a new incarnation (above the one on disk), catches up from a
+/// peer (a client resuming from seq 0 there is replayed everything, with
+/// the seqs the others gave), and serves the live stream in the same order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_rejoins_and_catches_up_from_a_peer() {
     use canopy_client::protocol::{self as proto, ClientFrame, Resume, ServerFrame, SlowPolicy};
@@ -167,6 +168,9 @@ async fn a_restarted_server_rejoins_and_catches_up_from_a_peer() {
         publisher.send("t.x", format!("{i}")).await.expect("send");
     }
     publisher.flush().await.expect("acknowledged");
+    let before = disk::load(cluster.data_dir(2))
+        .expect("a readable hard state")
+        .expect("written at start and on every view change");
     cluster.kill(2);
     for i in 300..600 {
         publisher.send("t.x", format!("{i}")).await.expect("send");
@@ -184,6 +188,18 @@ async fn a_restarted_server_rejoins_and_catches_up_from_a_peer() {
     )
     .await
     .expect("the restarted server serves clients again");
+    // It read its hard state back and runs as a later incarnation.
+    let after = disk::load(cluster.data_dir(2))
+        .expect("a readable hard state")
+        .expect("kept across the restart");
+    assert!(
+        after.incarnation > before.incarnation,
+        "{after:?} after {before:?}"
+    );
+    assert!(
+        after.promised >= before.promised,
+        "{after:?} after {before:?}"
+    );
     let mut live = watcher.subscribe("t.>").await.expect("subscribe");
     // A raw client resumes from the start of the stream there.
     let welcome = {

@@ -80,13 +80,14 @@ async fn a_weak_subscriber_is_told_when_its_failed_server_sent_what_the_survivor
     let p13 = Proxy::start(&real[2]).await;
     let p21 = Proxy::start(&real[0]).await;
     let p31 = Proxy::start(&real[0]).await;
-    // Servers 1 and 2 first: the lower, server 1, proposes the first view
-    // and is its sequencer; server 3 joins it.
+    // The lowest, server 1, proposes the first view (which needs every
+    // configured server: nobody holds a record yet) and is its sequencer.
     let mut s1 = Some(Server::with_config(&config(
         1,
         &[&real[0], &p12.addr, &p13.addr],
     )));
     let s2 = Server::with_config(&config(2, &[&p21.addr, &real[1], &real[2]]));
+    let s3 = Server::with_config(&config(3, &[&p31.addr, &real[1], &real[2]]));
     let at = |s: &Server| s.addr.clone();
     let a1 = s1.as_ref().map(at).expect("server 1");
     let publisher = within(
@@ -95,7 +96,6 @@ async fn a_weak_subscriber_is_told_when_its_failed_server_sent_what_the_survivor
     )
     .await
     .expect("the publisher connects");
-    let s3 = Server::with_config(&config(3, &[&p31.addr, &real[1], &real[2]]));
     let all = vec![a1.clone(), at(&s2), at(&s3)];
     let weak = within(
         "weak connect",

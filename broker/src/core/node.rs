@@ -1276,7 +1276,7 @@ impl Node {
                 }
                 ack
             }
-            Some(p) if pub_seq.0 > p.last_pub_seq.0 + 1 => {
+            Some(p) if pub_seq.0 > p.last_pub_seq.0.saturating_add(1) => {
                 let msg = format!(
                     "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
                     pub_seq.0, p.last_pub_seq.0
@@ -1341,7 +1341,7 @@ impl Node {
             let previous = s.last_pub_seq.map(|p| p.max(pub_seq));
             let sent = std::mem::replace(&mut s.last_pub_seq, previous.or(Some(pub_seq)));
             let known = ordered.max(s.submitted);
-            if let Some(sent) = sent.filter(|p| pub_seq.0 > (*p).max(known).0 + 1) {
+            if let Some(sent) = sent.filter(|p| pub_seq.0 > (*p).max(known).0.saturating_add(1)) {
                 let msg = format!(
                     "pub_seq {} after {}: publisher sequence numbers must not skip",
                     pub_seq.0,
@@ -1778,6 +1778,14 @@ impl Node {
     pub fn install_snapshot(&mut self, now: Duration, state: Snapshot) {
         self.now = now;
         self.fan_out();
+        if state.stream != self.config.stream {
+            // Nothing of this node's publishes is known in another stream:
+            // its own pub_seqs begin again (first contact there), and
+            // submissions made against the old stream's tables are dropped
+            // (their sessions are closed; clients send them again).
+            self.own_pub_seq = PubSeq(0);
+            self.submissions.clear();
+        }
         self.config.stream = state.stream;
         self.head = state.head;
         self.watermark_sent = Seq(0);

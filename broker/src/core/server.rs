@@ -20,9 +20,11 @@
 //! other core servers, and the `handle_upstream_*` inputs for a relay's
 //! connection. After any input, drain [`Server::poll_output`] (client
 //! outputs), [`Server::poll_transmit`] (peer frames) and
-//! [`Server::poll_upstream`] (a relay's connection actions).
+//! [`Server::poll_upstream`] (a relay's connection actions). A core server
+//! writes what [`Server::poll_hard_state`] returns durably before it sends
+//! the next peer frame.
 
-use super::group::{Event, Group, NodeId, PeerMsg, Submitted};
+use super::group::{Event, Group, HardState, NodeId, PeerMsg, Submitted};
 use super::members::core_server_id;
 use super::node::{Node, Output, TransmitKind};
 use super::upstream::{Action, UpEvent, Upstream};
@@ -246,6 +248,15 @@ impl Server {
         self.node.poll_output()
     }
 
+    /// The core group's hard state, when it changed since the last call;
+    /// `None` for a standalone server or a relay (they keep nothing on
+    /// disk). Call it before every [`Server::poll_transmit`]: the shell
+    /// must have written a returned state durably before it sends the next
+    /// frame, as [`Group::poll_hard_state`] requires.
+    pub fn poll_hard_state(&mut self) -> Option<HardState> {
+        self.group_mut().and_then(Group::poll_hard_state)
+    }
+
     /// The next frame for a peer (length prefix included).
     pub fn poll_transmit(&mut self) -> Option<(NodeId, Bytes)> {
         self.group_mut().and_then(Group::poll_transmit)
@@ -325,8 +336,15 @@ fn pump_core(
     now: Duration,
 ) {
     loop {
+        // Events first: a stream reset among them drops what the node
+        // submitted against the old stream before it is taken.
+        let mut moved = false;
+        while let Some(event) = group.poll_event() {
+            moved = true;
+            core_event(node, group, core_addrs, now, event);
+        }
         let subs = node.take_submissions();
-        let mut moved = !subs.is_empty();
+        moved |= !subs.is_empty();
         let mut msgs = Vec::with_capacity(subs.len());
         for sub in subs {
             let (publisher, pub_seq) = (sub.msg.0, sub.msg.1);
@@ -335,7 +353,7 @@ fn pump_core(
             let known = sub.after.max(group.pub_held(publisher));
             // A publisher on first contact may start anywhere (as with
             // a single node); after that it must not skip.
-            if known > PubSeq(0) && pub_seq.0 > known.0 + 1 {
+            if known > PubSeq(0) && pub_seq.0 > known.0.saturating_add(1) {
                 node.reject_pub_seq_gap(now, &sub, known);
             } else if group.unordered_full() && sub.session != SessionId::NODE {
                 // (The node's own membership events are few, and must
@@ -350,47 +368,54 @@ fn pump_core(
         if !msgs.is_empty() {
             group.submit(msgs);
         }
-        while let Some(event) = group.poll_event() {
-            moved = true;
-            match event {
-                Event::Deliver(batch) => node.handle_ordered(now, batch),
-                Event::Held(msgs) => node.handle_held(now, msgs),
-                Event::Unheld { after } => node.handle_unheld(now, after),
-                Event::View { view, .. } => {
-                    node.set_stream(view.stream);
-                    node.set_primary(now, group.is_primary());
-                    if group.is_primary() && view.id.coordinator == group.me().node {
-                        // The tree learns the core's servers in the
-                        // stream; clients of servers that left leave.
-                        let servers = view
-                            .members
-                            .iter()
-                            .map(|m| ServerEntry {
-                                id: core_server_id(m.node.0, m.incarnation.0),
-                                name: format!("core-{}", m.node.0),
-                                addr: core_addrs.get(&m.node).cloned().unwrap_or_default(),
-                            })
-                            .collect();
-                        node.publish_core(view.id.epoch, servers);
-                    }
-                }
-                Event::SnapshotNeeded { to } => {
-                    let state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
-                    group.send_snapshot(to, state);
-                }
-                Event::Reset(state) => {
-                    // The stream position jumps: clients reconnect and
-                    // resume against the new state rather than miss
-                    // the jump silently.
-                    node.set_primary(now, false);
-                    node.install_snapshot(now, state);
-                    node.set_primary(now, group.is_primary());
-                }
-                Event::NotPrimary => node.set_primary(now, false),
-            }
-        }
         if !moved {
             return;
         }
+    }
+}
+
+/// Carries one event of the core group to the node.
+fn core_event(
+    node: &mut Node,
+    group: &mut Group,
+    core_addrs: &HashMap<NodeId, String>,
+    now: Duration,
+    event: Event,
+) {
+    match event {
+        Event::Deliver(batch) => node.handle_ordered(now, batch),
+        Event::Held(msgs) => node.handle_held(now, msgs),
+        Event::Unheld { after } => node.handle_unheld(now, after),
+        Event::View { view, .. } => {
+            node.set_stream(view.stream);
+            node.set_primary(now, group.is_primary());
+            if group.is_primary() && view.id.coordinator == group.me().node {
+                // The tree learns the core's servers in the
+                // stream; clients of servers that left leave.
+                let servers = view
+                    .members
+                    .iter()
+                    .map(|m| ServerEntry {
+                        id: core_server_id(m.node.0, m.incarnation.0),
+                        name: format!("core-{}", m.node.0),
+                        addr: core_addrs.get(&m.node).cloned().unwrap_or_default(),
+                    })
+                    .collect();
+                node.publish_core(view.id.epoch, servers);
+            }
+        }
+        Event::SnapshotNeeded { to } => {
+            let state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
+            group.send_snapshot(to, state);
+        }
+        Event::Reset(state) => {
+            // The stream position jumps: clients reconnect and
+            // resume against the new state rather than miss
+            // the jump silently.
+            node.set_primary(now, false);
+            node.install_snapshot(now, state);
+            node.set_primary(now, group.is_primary());
+        }
+        Event::NotPrimary => node.set_primary(now, false),
     }
 }

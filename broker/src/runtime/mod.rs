@@ -19,6 +19,14 @@
 //! When HTTP is on, the node task also publishes a dashboard snapshot once
 //! per `SNAPSHOT_INTERVAL` through a `watch` channel that the HTTP server
 //! (`canopy-dashboard`) reads; dashboards never touch the node itself.
+//!
+//! A core server keeps its group's hard state in its data directory
+//! ([`disk`]): read once at start (a damaged file stops the start), and
+//! written by the node task whenever the group hands out a new one, before
+//! any peer frame queued after it is sent. A server that cannot write it
+//! stops rather than send promises it could forget.
+
+pub mod disk;
 
 mod conn;
 mod peer;
@@ -34,6 +42,7 @@ use bytes::Bytes;
 use canopy_client::protocol::{ClientFrame, ErrorCode};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -85,7 +94,8 @@ pub struct ServerHandle {
     http_addr: Option<SocketAddr>,
     http_task: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
-    node_task: JoinHandle<()>,
+    /// `None` once [`ServerHandle::stopped`] has seen it end.
+    node_task: Option<JoinHandle<anyhow::Result<()>>>,
     accept_task: JoinHandle<()>,
     views: watch::Receiver<Option<InstalledView>>,
 }
@@ -118,7 +128,29 @@ impl ServerHandle {
         if let Some(t) = &self.http_task {
             t.abort();
         }
-        let _ = self.node_task.await;
+        if let Some(t) = self.node_task {
+            let _ = t.await;
+        }
+    }
+
+    /// Resolves when the server stops on its own, which it does only on a
+    /// failure it must not serve through (a core server that cannot write
+    /// its hard state); then pending forever. Cancel-safe, for a `select!`
+    /// beside the signals that call [`ServerHandle::shutdown`].
+    ///
+    /// # Errors
+    /// The failure that stopped it.
+    pub async fn stopped(&mut self) -> anyhow::Result<()> {
+        let Some(task) = &mut self.node_task else {
+            return std::future::pending().await;
+        };
+        let ended = task.await;
+        self.node_task = None;
+        self.accept_task.abort();
+        if let Some(t) = &self.http_task {
+            t.abort();
+        }
+        ended.context("the node task panicked")?
     }
 
     /// The latest view this server installed (core servers only); changes
@@ -127,16 +159,24 @@ impl ServerHandle {
         self.views.clone()
     }
 
-    /// Waits until the server stops (it stops only on shutdown).
-    pub async fn wait(self) {
-        let _ = self.node_task.await;
+    /// Waits until the server stops (on shutdown, or on a failure; see
+    /// [`ServerHandle::stopped`]).
+    ///
+    /// # Errors
+    /// The failure that stopped it.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        self.stopped().await
     }
 }
 
-/// Binds the listener and starts the server.
+/// Binds the listener and starts the server; a core server first reads its
+/// hard state from its data directory and writes the new one (a higher
+/// incarnation) back.
 ///
 /// # Errors
-/// When the listen address (or the HTTP address) cannot be bound.
+/// When the listen address (or the HTTP address) cannot be bound, or a
+/// core server's hard state cannot be read (missing is fine, damaged is
+/// not) or written.
 pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
     let listener = TcpListener::bind(&config.listen)
         .await
@@ -174,6 +214,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
     let mut links = None;
     let mut peer_task = None;
     let mut uplink = None;
+    let mut data_dir = None;
     let mut node_config = config.node.clone();
     node_config.id = canopy_client::protocol::PublisherId(rand::random());
     let server = match &config.core {
@@ -195,6 +236,38 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
         }
         None => Server::standalone(Node::new(Duration::ZERO, node_config)),
         Some(core) => {
+            // Before anything is bound for the core: a server whose hard
+            // state is unusable must not take part at all.
+            let hard = disk::load(&core.data_dir)?;
+            // A fresh incarnation per start: the clock, which only moves on
+            // (and the group goes above the one on disk regardless).
+            let incarnation = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64);
+            let recovered = hard.is_some();
+            let mut group = Group::recover(
+                Duration::ZERO,
+                core.group(Incarnation(incarnation), config.node.stream),
+                hard,
+            );
+            // The new incarnation is on disk before the first frame that
+            // names it. (A blocking write in an async fn: once per start.)
+            if let Some(hard) = group.poll_hard_state() {
+                disk::save(&core.data_dir, &hard).with_context(|| {
+                    format!(
+                        "cannot write the hard state {}",
+                        disk::path(&core.data_dir).display()
+                    )
+                })?;
+            }
+            let incarnation = group.me().incarnation.0;
+            tracing::info!(
+                dir = %core.data_dir.display(),
+                incarnation,
+                recovered,
+                "hard state"
+            );
+            data_dir = Some(core.data_dir.clone());
             let listener = TcpListener::bind(&core.peer_listen)
                 .await
                 .with_context(|| {
@@ -203,14 +276,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
             tracing::info!(addr = %core.peer_listen, id = %core.me, peers = core.peers.len(), "core links");
             peer_task = Some(tokio::spawn(peer::accept_loop(listener, inbox_tx.clone())));
             links = Some(peer::Links::start(core.me, &core.peers, inbox_tx.clone()));
-            // A fresh incarnation per start: the clock, which only moves on.
-            let incarnation = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_micros() as u64);
-            let group = Group::new(
-                Duration::ZERO,
-                core.group(Incarnation(incarnation), config.node.stream),
-            );
             node_config.id = crate::core::members::core_server_id(core.me.0, incarnation);
             Server::grouped(
                 Node::new_grouped(Duration::ZERO, node_config),
@@ -234,12 +299,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
             inbox: inbox_rx,
             shutdown: shutdown_rx,
             views: views_tx,
+            data_dir,
         };
         let mut io = Links {
             peers: links,
             upstream: uplink,
         };
-        run_node(server, &mut io, shell, dashboard).await;
+        let ended = run_node(server, &mut io, shell, dashboard).await;
         if let Some(l) = &io.peers {
             l.stop();
         }
@@ -249,6 +315,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
         if let Some(t) = peer_task {
             t.abort();
         }
+        ended
     });
     let accept_task = tokio::spawn(conn::accept_loop(listener, inbox_tx, config));
     Ok(ServerHandle {
@@ -256,7 +323,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
         http_addr,
         http_task,
         shutdown,
-        node_task,
+        node_task: Some(node_task),
         accept_task,
         views,
     })
@@ -276,26 +343,34 @@ struct Links {
     upstream: Option<upstream::UpLink>,
 }
 
-/// The node task's channels.
+/// The node task's channels, and a core server's data directory.
 struct Shell {
     started: Instant,
     inbox: flume::Receiver<Inbound>,
     shutdown: watch::Receiver<bool>,
     views: watch::Sender<Option<InstalledView>>,
+    data_dir: Option<PathBuf>,
 }
 
+/// Runs the node until shutdown, or until its hard state cannot be written.
+///
+/// # Errors
+/// When the hard state cannot be written: the node stops (its clients are
+/// told it is shutting down) rather than send what it could forget.
 async fn run_node(
     mut node: Server,
     links: &mut Links,
     shell: Shell,
     mut dashboard: Option<Dashboard>,
-) {
+) -> anyhow::Result<()> {
     let Shell {
         started,
         inbox,
         mut shutdown,
         views,
+        data_dir,
     } = shell;
+    let mut ended = Ok(());
     let mut sessions: HashMap<SessionId, SessionIo> = HashMap::new();
     let mut incoming = Incoming::new();
     let mut snapshot_next = Instant::now();
@@ -333,7 +408,25 @@ async fn run_node(
         if Instant::now() >= deadline {
             node.handle_timeout(started.elapsed());
         }
-        drain(&mut node, &mut sessions, links, started.elapsed());
+        if let Err(e) = drain(
+            &mut node,
+            &mut sessions,
+            links,
+            data_dir.as_deref(),
+            started.elapsed(),
+        ) {
+            // No frame the unwritten state covers has left: stopping now
+            // keeps every promise this server made one it remembers.
+            let file = data_dir.as_deref().map(disk::path).unwrap_or_default();
+            tracing::error!(
+                file = %file.display(),
+                error = %e,
+                "cannot write the hard state; stopping this server"
+            );
+            ended = Err(anyhow::Error::new(e)
+                .context(format!("cannot write the hard state {}", file.display())));
+            break;
+        }
         let installed = node
             .group()
             .filter(|g| g.is_primary())
@@ -376,6 +469,7 @@ async fn run_node(
             drain: true,
         });
     }
+    ended
 }
 
 /// Per core server, its newest incoming connection. A peer that reset its
@@ -435,14 +529,38 @@ fn take(
     }
 }
 
+/// Executes the server's outputs: peer frames (each after the hard state
+/// it follows is on disk), a relay's connection actions, client outputs.
+///
+/// # Errors
+/// When the hard state cannot be written to `data_dir`; the caller must
+/// stop the node, as the frames waiting behind it must never be sent.
 fn drain(
     node: &mut Server,
     sessions: &mut HashMap<SessionId, SessionIo>,
     links: &mut Links,
+    data_dir: Option<&Path>,
     now: Duration,
-) {
+) -> std::io::Result<()> {
     if let Some(peers) = &mut links.peers {
-        while let Some((peer, frame)) = node.poll_transmit() {
+        loop {
+            // Checked before every frame: `handle_link_down` below may
+            // change it too. This blocks the node task on a few fsyncs, but
+            // only on a view change or a rejoin (never per message), which
+            // stalls the core briefly anyway.
+            if let Some(hard) = node.poll_hard_state() {
+                let dir =
+                    data_dir.expect("start gives every core server (peer links) a data directory");
+                disk::save(dir, &hard)?;
+                tracing::debug!(
+                    promised = %hard.promised,
+                    incarnation = hard.incarnation.0,
+                    "hard state written"
+                );
+            }
+            let Some((peer, frame)) = node.poll_transmit() else {
+                break;
+            };
             if !peers.send(peer, frame) {
                 node.handle_link_down(now, peer);
             }
@@ -493,4 +611,5 @@ fn drain(
             }
         }
     }
+    Ok(())
 }

@@ -2,29 +2,47 @@
 //! simulated links, with publishers that fail over the way the SDK does.
 //!
 //! One `u64` seed fixes the core size (3 or 5), the timings, the link
-//! latencies, the workload and the faults: crashes and restarts (only
-//! while a majority of the others hold the state, so that a member of every
-//! view survives: state lives in memory),
-//! partitions (also one-way), broken links (in-flight frames lost, both ends
-//! told, the sender's link comes back later), and delays. Frames travel
-//! encoded, FIFO per link while the link lasts.
+//! latencies, each server's clock rate, the bounds, the workload and the
+//! faults:
+//! - crashes at any moment (mid-flush, between accept and commit, of the
+//!   proposer), of a majority and of all servers at once; restarts that
+//!   keep the data directory (the group's [`HardState`], which a server
+//!   writes before it sends the frames that depend on it) and restarts that
+//!   lose it;
+//! - partitions: a minority cut off both ways, one-way (a server that
+//!   cannot send, or one that cannot hear), and non-transitive (two servers
+//!   that cannot reach each other but both reach the rest);
+//! - broken links (in-flight frames lost, both ends told, the link comes
+//!   back later), duplicated frames, delays;
+//! - publishers as clients are: each starts at a first-contact pub_seq of
+//!   its own (some near `u64::MAX`), new publishers come and old ones go,
+//!   and small publisher tables make eviction run.
 //!
-//! After every step the [`ClusterChecker`] checks guarantees 1–4 and 7. When
+//! Frames travel encoded, FIFO per link while the link lasts.
+//!
+//! After every step the [`ClusterChecker`] checks guarantees 1–4 and 7
+//! (among them: a seq never means two things under one stream id). A new
+//! stream may begin only when every member of the newest installed view has
+//! crashed since (its messages are gone: no durable log); otherwise the
+//! beginning is a durability violation. **Availability** is measured: over
+//! the time a majority has been up and connected both ways for a few
+//! failure timeouts, the fraction during which one of them is primary. When
 //! the fault phase ends everything is healed and restarted, and the run
 //! must converge (guarantee 8): one view of every server, every publisher
-//! acknowledged, and every acknowledged publish delivered everywhere
-//! (guarantee 5).
+//! acknowledged, and every publish acknowledged in the final stream
+//! delivered everywhere (guarantee 5).
 
 use super::checker::Violation;
 use super::cluster_checker::ClusterChecker;
 use super::Rng;
 use crate::core::group::{
-    wire, Event, Group, GroupBugs, GroupConfig, Incarnation, Msg, NodeId, Snapshot, Submitted,
+    wire, Event, Group, GroupBugs, GroupConfig, HardState, Incarnation, Msg, NodeId, Snapshot,
+    Submitted, ViewId,
 };
 use bytes::Bytes;
-use canopy_client::protocol::{PubSeq, PublisherId, Seq};
+use canopy_client::protocol::{PubSeq, PublisherId};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +67,19 @@ pub struct ClusterOutcome {
     pub views: u64,
     /// Held messages taken back by a view change, summed over servers.
     pub unheld: u64,
+    /// Restarts that lost the data directory.
+    pub disks_lost: u64,
+    /// Crashes of every server at once.
+    pub total_crashes: u64,
+    /// New streams begun after the first (every member of a view lost its
+    /// messages).
+    pub stream_resets: u64,
+    /// Frames delivered twice.
+    pub duplicates: u64,
+    /// Time (µs) a majority was up and connected both ways, settled...
+    pub connected_us: u64,
+    /// ...and the part of it during which one of them was primary.
+    pub primary_us: u64,
     /// A digest of every event in order (for the determinism test).
     pub digest: u64,
 }
@@ -65,6 +96,20 @@ impl ClusterOutcome {
         self.breaks += o.breaks;
         self.views += o.views;
         self.unheld += o.unheld;
+        self.disks_lost += o.disks_lost;
+        self.total_crashes += o.total_crashes;
+        self.stream_resets += o.stream_resets;
+        self.duplicates += o.duplicates;
+        self.connected_us += o.connected_us;
+        self.primary_us += o.primary_us;
+    }
+
+    /// The fraction of the connected time that was primary (1 if none).
+    pub fn availability(&self) -> f64 {
+        match self.connected_us {
+            0 => 1.0,
+            c => self.primary_us as f64 / c as f64,
+        }
     }
 }
 
@@ -137,15 +182,70 @@ impl Ord for Scheduled {
 /// was acknowledged there, and sends the rest again.
 struct Publisher {
     id: PublisherId,
+    /// Its first pub_seq (first contact may start anywhere).
+    first: u64,
     next: u64,
     unacked: VecDeque<Msg>,
     acked: PubSeq,
+    /// Per stretch of acknowledgements: the last pub_seq and the stream it
+    /// was acknowledged in.
+    acked_in: Vec<(PubSeq, u64)>,
     attached: Option<usize>,
+    /// The last pub_seq submitted on the current attachment, as the node
+    /// tracks a session's (`Submission::after`).
+    sent: PubSeq,
+}
+
+impl Publisher {
+    fn new(id: u64, first: u64) -> Self {
+        Publisher {
+            id: PublisherId(id),
+            first,
+            next: first,
+            unacked: VecDeque::new(),
+            acked: PubSeq(0),
+            acked_in: Vec::new(),
+            attached: None,
+            sent: PubSeq(0),
+        }
+    }
+
+    /// The stream `pub_seq` was acknowledged in, if it was.
+    fn acked_stream(&self, pub_seq: PubSeq) -> Option<u64> {
+        self.acked_in
+            .iter()
+            .find(|(through, _)| *through >= pub_seq)
+            .map(|&(_, stream)| stream)
+    }
+
+    /// Marks everything through `pub_seq` acknowledged, in `stream`.
+    fn ack(&mut self, pub_seq: PubSeq, stream: u64, out: &mut ClusterOutcome) {
+        if pub_seq <= self.acked {
+            return;
+        }
+        out.acked += pub_seq.0 - self.acked.0.max(self.first.saturating_sub(1));
+        self.acked = pub_seq;
+        self.acked_in.push((pub_seq, stream));
+        while self.unacked.front().is_some_and(|u| u.1 <= pub_seq) {
+            self.unacked.pop_front();
+        }
+    }
 }
 
 struct Server {
     group: Group,
     incarnation: u64,
+}
+
+/// What the availability measure tracks.
+#[derive(Default)]
+struct Connectivity {
+    /// The largest set of running servers connected both ways, and since
+    /// when it has been that set.
+    clique: Vec<usize>,
+    since: Duration,
+    /// When the measure was last taken.
+    at: Duration,
 }
 
 struct World {
@@ -178,6 +278,29 @@ struct World {
     /// Whether publishers publish new messages outside the fault phase
     /// (scripted runs); the settle phase only retries.
     load: bool,
+    /// Per server: the hard state on its disk, as last written.
+    disks: Vec<Option<HardState>>,
+    /// Per server: its clock's rate, in thousandths of real time.
+    rates: Vec<u64>,
+    /// Per server: when it last crashed.
+    crashed_at: Vec<Option<Duration>>,
+    /// Percent of frames delivered twice.
+    dup_pct: u64,
+    /// Publishers retired (their acknowledgements are still checked).
+    retired: Vec<Publisher>,
+    /// The next publisher id.
+    next_publisher: u64,
+    /// Publisher table bound.
+    publishers_max: usize,
+    /// Streams seen, and per installed view when it was first installed
+    /// and its members (server indexes).
+    streams: HashSet<u64>,
+    installed: HashMap<u64, BTreeMap<ViewId, (Duration, Vec<usize>)>>,
+    /// The stream begun last.
+    latest_stream: Option<u64>,
+    connectivity: Connectivity,
+    /// Faults may lose data directories.
+    lose_disks: bool,
 }
 
 /// Runs seed `seed` with the default plan.
@@ -211,6 +334,14 @@ impl World {
         let heartbeat = Duration::from_millis(20 + rng.below(40));
         let failure_timeout = heartbeat * (4 + rng.below(5) as u32);
         let latency_max_us = 200 + rng.below(5_000);
+        // Clocks drift: each server's runs 0.9–1.1 times real time.
+        let rates = (0..n).map(|_| 900 + rng.below(201)).collect();
+        let dup_pct = rng.below(4);
+        // Small tables make eviction run.
+        let publishers_max = match rng.percent(40) {
+            true => 2 + rng.below(5) as usize,
+            false => 1_000,
+        };
         let mut w = World {
             rng,
             seed,
@@ -225,15 +356,7 @@ impl World {
             cut: vec![vec![false; n]; n],
             heal_at: None,
             latency_max_us,
-            publishers: (0..2 + seed % 3)
-                .map(|p| Publisher {
-                    id: PublisherId(p + 1),
-                    next: 1,
-                    unacked: VecDeque::new(),
-                    acked: PubSeq(0),
-                    attached: None,
-                })
-                .collect(),
+            publishers: Vec::new(),
             checker: ClusterChecker::new(n),
             out: ClusterOutcome::default(),
             plan,
@@ -242,12 +365,46 @@ impl World {
             violation: None,
             pinned: None,
             load: false,
+            disks: vec![None; n],
+            rates,
+            crashed_at: vec![None; n],
+            dup_pct,
+            retired: Vec::new(),
+            next_publisher: 1,
+            publishers_max,
+            streams: HashSet::new(),
+            installed: HashMap::new(),
+            latest_stream: None,
+            connectivity: Connectivity::default(),
+            lose_disks: true,
         };
+        for _ in 0..2 + seed % 3 {
+            let pb = w.new_publisher();
+            w.publishers.push(pb);
+        }
         for i in 0..n {
             let s = w.boot(i);
             w.servers.push(Some(s));
         }
         w
+    }
+
+    /// A publisher with a new id, starting where a real client may: at 1,
+    /// anywhere (first contact), or a few publishes short of `u64::MAX`.
+    fn new_publisher(&mut self) -> Publisher {
+        let id = self.next_publisher;
+        self.next_publisher += 1;
+        let first = match self.rng.below(10) {
+            0..=4 => 1,
+            5..=7 => 2 + self.rng.below(1 << 40),
+            _ => u64::MAX - 60 + self.rng.below(30),
+        };
+        Publisher::new(id, first)
+    }
+
+    /// Server `i`'s clock at the world's time.
+    fn local(&self, i: usize) -> Duration {
+        local_at(self.now, self.rates[i])
     }
 
     /// A 3-server world for a scripted run: formed and under load for a
@@ -263,6 +420,7 @@ impl World {
         Ok(w)
     }
 
+    /// Starts server `i` with what its disk holds.
     fn boot(&mut self, i: usize) -> Server {
         self.incarnations += 1;
         let servers: Vec<NodeId> = (1..=self.n as u32).map(NodeId).collect();
@@ -279,8 +437,8 @@ impl World {
         // Small bounds, so that they are reached.
         c.unordered_max = 64;
         c.log_len_max = 256;
-        c.publishers_max = 1_000;
-        let mut group = Group::new(self.now, c);
+        c.publishers_max = self.publishers_max;
+        let mut group = Group::recover(self.local(i), c, self.disks[i].clone());
         group.bugs = self.plan.bugs;
         Server {
             group,
@@ -293,24 +451,44 @@ impl World {
         self.run_until(faulty_end, true)?;
         self.heal_everything();
         self.run_until(faulty_end + self.plan.settle, false)?;
+        if self.converged().is_err() && self.blocked_by_lost_disks() {
+            self.wipe_and_restart_all();
+            let end = self.now + self.plan.settle;
+            self.run_until(end, false)?;
+        }
         self.converged()
+    }
+
+    /// Whether the core is in the one state it documents it cannot leave by
+    /// itself: some servers lost their data directories and have not joined
+    /// since, and the others cannot vouch for the newest state.
+    fn blocked_by_lost_disks(&self) -> bool {
+        let voters = self
+            .disks
+            .iter()
+            .flatten()
+            .filter(|d| d.accepted.is_some())
+            .count();
+        voters > 0 && voters < self.n
     }
 
     /// Steps the world until `end`, with random faults if `faults`.
     fn run_until(&mut self, end: Duration, faults: bool) -> Result<(), Violation> {
         let mut next_action = self.now;
         loop {
-            let timer = self
-                .servers
-                .iter()
-                .flatten()
-                .filter_map(|s| s.group.poll_timeout())
+            // Deadlines are on each server's clock.
+            let timer = (0..self.n)
+                .filter_map(|i| {
+                    let s = self.servers[i].as_ref()?;
+                    Some(global_at(s.group.poll_timeout()?, self.rates[i]))
+                })
                 .min();
             let net = self.heap.peek().map(|Reverse(s)| s.at);
             let mut t = next_action;
             for x in [timer, net, self.heal_at].into_iter().flatten() {
                 t = t.min(x);
             }
+            self.measure(t.max(self.now).min(end));
             self.now = t.max(self.now);
             if self.now >= end {
                 return Ok(());
@@ -323,9 +501,10 @@ impl World {
                 }
             } else if timer.is_some_and(|a| a <= self.now) {
                 for i in 0..self.n {
+                    let local = self.local(i);
                     if let Some(s) = &mut self.servers[i] {
-                        if s.group.poll_timeout().is_some_and(|d| d <= self.now) {
-                            s.group.handle_timeout(self.now);
+                        if s.group.poll_timeout().is_some_and(|d| d <= local) {
+                            s.group.handle_timeout(local);
                         }
                     }
                 }
@@ -340,6 +519,92 @@ impl World {
         }
     }
 
+    /// Availability: adds the time from the last measure to `to` to the
+    /// connected time if a majority had been up and connected both ways
+    /// for `AVAILABLE_AFTER` failure timeouts, and to the primary time if
+    /// one of them was primary meanwhile.
+    fn measure(&mut self, to: Duration) {
+        let clique = self.clique();
+        // Only a majority that can carry the stream on is expected to: one
+        // holding the newest accepted view's state, or every server (a new
+        // stream, or the first formation), and not blocked by lost data
+        // directories by design.
+        let newest = self
+            .disks
+            .iter()
+            .flatten()
+            .filter_map(|d| d.accepted.as_ref().map(|v| v.id))
+            .max();
+        let holder = clique.len() == self.n
+            || clique.iter().any(|&i| {
+                self.servers[i]
+                    .as_ref()
+                    .is_some_and(|s| newest.is_some() && s.group.state_view() == newest)
+            });
+        let blocked = self.blocked_by_lost_disks() || !holder;
+        let c = &mut self.connectivity;
+        if clique != c.clique {
+            c.clique = clique;
+            c.since = c.at;
+        }
+        let dt = to.saturating_sub(c.at);
+        let settled = c.at.saturating_sub(c.since) >= self.failure_timeout * AVAILABLE_AFTER;
+        c.at = to;
+        // (A core blocked by lost data directories waits by design.)
+        if settled && c.clique.len() > self.n / 2 && !blocked {
+            let us = dt.as_micros() as u64;
+            self.out.connected_us += us;
+            let primary = c.clique.iter().any(|&i| {
+                self.servers[i]
+                    .as_ref()
+                    .is_some_and(|s| s.group.is_primary())
+            });
+            if primary {
+                self.out.primary_us += us;
+            } else if us > 0 && std::env::var_os("CANOPY_SIM_TRACE").is_some() {
+                let st: Vec<_> = (0..self.n)
+                    .map(|i| {
+                        self.servers[i].as_ref().map(|s| {
+                            let h = s.group.hard_state();
+                            (
+                                s.group.status(),
+                                s.group.state_view().map(|v| v.to_string()),
+                                h.accepted.map(|v| v.id.to_string()),
+                                h.installed.to_string(),
+                            )
+                        })
+                    })
+                    .collect();
+                eprintln!(
+                    "{:?} no primary among {:?} for {us} µs: {st:?}",
+                    self.now, self.connectivity.clique
+                );
+            }
+        }
+    }
+
+    /// The largest set of running servers every two of which reach each
+    /// other both ways (the lowest such set, if several).
+    fn clique(&self) -> Vec<usize> {
+        let mut best = Vec::new();
+        for mask in 1u32..(1 << self.n) {
+            let set: Vec<usize> = (0..self.n).filter(|&i| mask & (1 << i) != 0).collect();
+            if set.len() <= best.len() {
+                continue;
+            }
+            let ok = set.iter().all(|&a| {
+                self.servers[a].is_some()
+                    && set
+                        .iter()
+                        .all(|&b| a == b || (!self.cut[a][b] && !self.cut[b][a]))
+            });
+            if ok {
+                best = set;
+            }
+        }
+        best
+    }
+
     /// One workload or fault action.
     fn act(&mut self, faults: bool) {
         let roll = self.rng.below(1000);
@@ -349,6 +614,9 @@ impl World {
             }
             let p = self.rng.below(self.publishers.len() as u64) as usize;
             let new = faults || self.load;
+            if faults && roll < 58 {
+                return self.retire(p);
+            }
             if new || self.rng.percent(30) {
                 let k = 1 + self.rng.below(4);
                 for _ in 0..k {
@@ -361,28 +629,30 @@ impl World {
         }
         let down = self.servers.iter().filter(|s| s.is_none()).count();
         match roll {
-            900..=919 if self.heal_at.is_none() => {
+            // Any server, at any moment: mid-flush, between accept and
+            // commit, the proposer.
+            900..=914 => {
                 let i = self.rng.below(self.n as u64) as usize;
-                // State lives in memory: the guarantees hold while a member
-                // of every view survives. So a server is crashed only while
-                // a majority of the others are primary (hold the state).
-                let primaries = self
-                    .servers
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, s)| *j != i && s.as_ref().is_some_and(|s| s.group.is_primary()))
-                    .count();
-                if primaries > self.n / 2 {
-                    self.crash(i);
+                self.crash(i);
+            }
+            // A majority, or all at once (rarely).
+            915 if self.rng.percent(25) => {
+                let all = self.rng.percent(50);
+                self.out.total_crashes += u64::from(all);
+                let k = if all { self.n } else { self.n / 2 + 1 };
+                let start = self.rng.below(self.n as u64) as usize;
+                for j in 0..k {
+                    self.crash((start + j) % self.n);
                 }
             }
-            920..=949 if down > 0 => {
+            916..=949 if down > 0 => {
                 let i = self.rng.below(self.n as u64) as usize;
                 if self.servers[i].is_none() {
-                    self.restart(i);
+                    let keep = !self.lose_disks || self.rng.percent(90);
+                    self.restart(i, keep);
                 }
             }
-            950..=964 if self.heal_at.is_none() && down == 0 => self.partition(),
+            950..=964 if self.heal_at.is_none() => self.partition(),
             _ => {
                 let a = self.rng.below(self.n as u64) as usize;
                 let b = self.rng.below(self.n as u64) as usize;
@@ -391,6 +661,17 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Publisher `p` goes away once nothing of it is unacknowledged, and a
+    /// new one comes (every `canopy pub` run is a new publisher).
+    fn retire(&mut self, p: usize) {
+        if !self.publishers[p].unacked.is_empty() || self.pinned.is_some() {
+            return;
+        }
+        let fresh = self.new_publisher();
+        let old = std::mem::replace(&mut self.publishers[p], fresh);
+        self.retired.push(old);
     }
 
     fn publish(&mut self, p: usize, new: bool) {
@@ -404,21 +685,24 @@ impl World {
         let Some(s) = &mut self.servers[i] else {
             return;
         };
-        if !new || s.group.unordered_full() || self.publishers[p].unacked.len() >= 32 {
+        let pb = &mut self.publishers[p];
+        if !new || s.group.unordered_full() || pb.unacked.len() >= 32 || pb.next == u64::MAX {
             return;
         }
-        let msg = Self::next_publish(&mut self.publishers[p], &mut self.checker, &mut self.out);
+        let msg = Self::next_publish(pb, &s.group, &mut self.checker, &mut self.out);
         s.group.submit(vec![msg]);
     }
 
-    /// Publisher `pb`'s next publish, recorded as published and unacknowledged.
+    /// Publisher `pb`'s next publish, recorded as published and
+    /// unacknowledged.
     fn next_publish(
         pb: &mut Publisher,
+        group: &Group,
         checker: &mut ClusterChecker,
         out: &mut ClusterOutcome,
     ) -> Submitted {
         let pub_seq = PubSeq(pb.next);
-        pb.next += 1;
+        pb.next = pb.next.saturating_add(1);
         let msg = Msg(
             pb.id,
             pub_seq,
@@ -428,7 +712,16 @@ impl World {
         pb.unacked.push_back(msg.clone());
         checker.published(pb.id, pub_seq);
         out.published += 1;
-        Submitted(PubSeq(pub_seq.0 - 1), msg)
+        Self::submission(pb, group, msg)
+    }
+
+    /// `msg` as the node would submit it for `pb`: after the highest of its
+    /// pub_seqs the server knows ordered and what this attachment sent (0 on
+    /// first contact).
+    fn submission(pb: &mut Publisher, group: &Group, msg: Msg) -> Submitted {
+        let after = pb.sent.max(group.pub_delivered(pb.id));
+        pb.sent = pb.sent.max(msg.1);
+        Submitted(after, msg)
     }
 
     /// A publisher held on one server whatever it says (a test's probe of a
@@ -438,11 +731,15 @@ impl World {
         let Some(s) = &mut self.servers[i] else {
             return;
         };
-        if s.group.unordered_full() {
+        let pb = &mut self.publishers[p];
+        if s.group.unordered_full() || pb.next == u64::MAX {
             return;
         }
-        self.publishers[p].attached = Some(i);
-        let msg = Self::next_publish(&mut self.publishers[p], &mut self.checker, &mut self.out);
+        if pb.attached != Some(i) {
+            pb.attached = Some(i);
+            pb.sent = PubSeq(0);
+        }
+        let msg = Self::next_publish(pb, &s.group, &mut self.checker, &mut self.out);
         s.group.submit(vec![msg]);
     }
 
@@ -468,6 +765,7 @@ impl World {
             }
             let pb = &mut self.publishers[p];
             pb.attached = Some(i);
+            pb.sent = PubSeq(0);
             // The Welcome tells it what was acknowledged already.
             let acked = s.group.pub_delivered(pb.id);
             if acked > pb.acked {
@@ -478,16 +776,12 @@ impl World {
                         pb.id.0, acked.0
                     )));
                 }
-                self.out.acked += acked.0 - pb.acked.0;
-                pb.acked = acked;
+                pb.ack(acked, stream, &mut self.out);
             }
-            while pb.unacked.front().is_some_and(|m| m.1 <= pb.acked) {
-                pb.unacked.pop_front();
-            }
-            let again: Vec<Submitted> = pb
-                .unacked
-                .iter()
-                .map(|m| Submitted(PubSeq(m.1 .0 - 1), m.clone()))
+            let unacked: Vec<Msg> = pb.unacked.iter().cloned().collect();
+            let again: Vec<Submitted> = unacked
+                .into_iter()
+                .map(|m| Self::submission(pb, &s.group, m))
                 .collect();
             if !again.is_empty() {
                 s.group.submit(again);
@@ -504,21 +798,31 @@ impl World {
             eprintln!("{:?} server {i}: crashed", self.now);
         }
         self.out.crashes += 1;
+        self.crashed_at[i] = Some(self.now);
         for j in 0..self.n {
             self.generation[i][j] += 1;
             self.generation[j][i] += 1;
             // Usually a reset reaches the peer; sometimes it just goes quiet.
             if j != i && self.rng.percent(70) {
+                let local = self.local(j);
                 if let Some(s) = &mut self.servers[j] {
-                    s.group.handle_link_down(self.now, NodeId(i as u32 + 1));
+                    s.group.handle_link_down(local, NodeId(i as u32 + 1));
                 }
             }
         }
     }
 
-    fn restart(&mut self, i: usize) {
+    /// Restarts server `i`, with its data directory if `keep_disk`.
+    fn restart(&mut self, i: usize, keep_disk: bool) {
         if std::env::var_os("CANOPY_SIM_TRACE").is_some() {
-            eprintln!("{:?} server {i}: restarted", self.now);
+            eprintln!(
+                "{:?} server {i}: restarted (disk kept: {keep_disk})",
+                self.now
+            );
+        }
+        if !keep_disk {
+            self.out.disks_lost += 1;
+            self.disks[i] = None;
         }
         let s = self.boot(i);
         self.servers[i] = Some(s);
@@ -533,8 +837,19 @@ impl World {
 
     fn partition(&mut self) {
         self.out.partitions += 1;
-        // A random minority side (one server, or two of five), sometimes
-        // cut one way only.
+        let len = self.failure_timeout * (2 + self.rng.below(8) as u32);
+        self.heal_at = Some(self.now + len);
+        if self.rng.percent(20) {
+            // Non-transitive: two servers cannot reach each other, and both
+            // reach everyone else.
+            let a = self.rng.below(self.n as u64) as usize;
+            let b = (a + 1 + self.rng.below(self.n as u64 - 1) as usize) % self.n;
+            self.cut[a][b] = true;
+            self.cut[b][a] = true;
+            return;
+        }
+        // A random minority side (one server, or two of five), cut off both
+        // ways, or one way only: it cannot send, or it cannot hear.
         let side_len = 1 + self.rng.below(((self.n - 1) / 2) as u64) as usize;
         let mut side = vec![false; self.n];
         let mut placed = 0;
@@ -545,16 +860,18 @@ impl World {
                 placed += 1;
             }
         }
-        let one_way = self.rng.percent(20);
+        let (mute, deaf) = match self.rng.below(10) {
+            0..=1 => (true, false),
+            2..=3 => (false, true),
+            _ => (true, true),
+        };
         for a in 0..self.n {
             for b in 0..self.n {
-                if side[a] != side[b] && !(one_way && side[b]) {
+                if side[a] != side[b] && ((side[a] && mute) || (side[b] && deaf)) {
                     self.cut[a][b] = true;
                 }
             }
         }
-        let len = self.failure_timeout * (2 + self.rng.below(8) as u32);
-        self.heal_at = Some(self.now + len);
     }
 
     fn heal_partition(&mut self) {
@@ -573,8 +890,21 @@ impl World {
         self.heal_partition();
         for i in 0..self.n {
             if self.servers[i].is_none() {
-                self.restart(i);
+                self.restart(i, true);
             }
+        }
+    }
+
+    /// What an operator does when a core cannot form because servers that
+    /// lost their data directories outnumber what the rest can vouch for:
+    /// wipes every data directory and restarts every server (the stream
+    /// begins again; see the group's `basis`).
+    fn wipe_and_restart_all(&mut self) {
+        for i in 0..self.n {
+            self.crash(i);
+        }
+        for i in 0..self.n {
+            self.restart(i, false);
         }
     }
 
@@ -582,8 +912,9 @@ impl World {
         self.out.breaks += 1;
         self.generation[a][b] += 1;
         for (x, y) in [(a, b), (b, a)] {
+            let local = self.local(x);
             if let Some(s) = &mut self.servers[x] {
-                s.group.handle_link_down(self.now, NodeId(y as u32 + 1));
+                s.group.handle_link_down(local, NodeId(y as u32 + 1));
             }
         }
         self.schedule_link_up(a, b);
@@ -609,18 +940,20 @@ impl World {
                 if f.generation != self.generation[f.from][f.to] {
                     return;
                 }
+                let local = self.local(f.to);
                 let Some(s) = &mut self.servers[f.to] else {
                     return;
                 };
                 let msg = wire::decode(&f.bytes[4..]).expect("frames the groups encoded decode");
-                s.group.handle_msg(self.now, NodeId(f.from as u32 + 1), msg);
+                s.group.handle_msg(local, NodeId(f.from as u32 + 1), msg);
             }
             Ev::LinkUp { at, peer } => {
                 if self.cut[at][peer] || self.servers[peer].is_none() {
                     return;
                 }
+                let local = self.local(at);
                 if let Some(s) = &mut self.servers[at] {
-                    s.group.handle_link_up(self.now, NodeId(peer as u32 + 1));
+                    s.group.handle_link_up(local, NodeId(peer as u32 + 1));
                 }
             }
         }
@@ -636,6 +969,11 @@ impl World {
                     continue;
                 };
                 let inc = s.incarnation;
+                // The hard state is on disk before any frame leaves.
+                if let Some(hard) = s.group.poll_hard_state() {
+                    self.disks[i] = Some(hard);
+                }
+                self.checker.forgotten.extend(s.group.forgotten.drain());
                 let mut frames = Vec::new();
                 let mut events = Vec::new();
                 while let Some(t) = s.group.poll_transmit() {
@@ -672,15 +1010,22 @@ impl World {
         let at = (self.now + latency).max(self.last_arrival[from][to]);
         self.last_arrival[from][to] = at;
         let generation = self.generation[from][to];
-        self.schedule(
-            at,
-            Ev::Frame(Frame {
-                from,
-                to,
-                generation,
-                bytes,
-            }),
-        );
+        let copies = match self.rng.percent(self.dup_pct) {
+            true => 2,
+            false => 1,
+        };
+        self.out.duplicates += copies - 1;
+        for _ in 0..copies {
+            self.schedule(
+                at,
+                Ev::Frame(Frame {
+                    from,
+                    to,
+                    generation,
+                    bytes: bytes.clone(),
+                }),
+            );
+        }
     }
 
     fn event(&mut self, i: usize, inc: u64, e: Event) -> Result<(), Violation> {
@@ -689,15 +1034,12 @@ impl World {
             Event::Deliver(batch) => {
                 self.checker.deliver(i, inc, &batch)?;
                 self.out.delivered += batch.len() as u64;
+                let (stream, _) = self.checker.position(i, inc);
                 for m in &batch {
                     self.out.digest = mix(self.out.digest, m.seq.0 ^ (m.publisher.0 << 40));
                     for pb in &mut self.publishers {
-                        if pb.id == m.publisher && pb.attached == Some(i) && m.pub_seq > pb.acked {
-                            self.out.acked += m.pub_seq.0 - pb.acked.0;
-                            pb.acked = m.pub_seq;
-                            while pb.unacked.front().is_some_and(|u| u.1 <= pb.acked) {
-                                pb.unacked.pop_front();
-                            }
+                        if pb.id == m.publisher && pb.attached == Some(i) {
+                            pb.ack(m.pub_seq, stream, &mut self.out);
                         }
                     }
                 }
@@ -720,7 +1062,14 @@ impl World {
                 }
                 self.out.views += 1;
                 self.out.digest = mix(self.out.digest, view.id.epoch ^ at.0);
+                self.new_stream(view.stream)?;
                 self.checker.view(i, inc, &view, at)?;
+                let members = view.members.iter().map(|m| m.node.0 as usize - 1).collect();
+                self.installed
+                    .entry(view.stream)
+                    .or_default()
+                    .entry(view.id)
+                    .or_insert((self.now, members));
             }
             Event::SnapshotNeeded { to } => {
                 let (stream, head) = self.checker.position(i, inc);
@@ -728,19 +1077,12 @@ impl World {
                     .as_mut()
                     .expect("a server that asks for a snapshot is running");
                 // The publisher table as the server's node would keep it.
-                let mut publishers = Vec::new();
-                for pb in &self.publishers {
-                    let last = s.group.pub_delivered(pb.id);
-                    if last > PubSeq(0) {
-                        let seq = self.checker.seq_of(stream, (pb.id, last)).unwrap_or(Seq(0));
-                        publishers.push((pb.id, last, seq));
-                    }
-                }
+                let (publishers, evicted) = s.group.publisher_table();
                 let state = Snapshot {
                     stream,
                     head,
                     publishers,
-                    evicted: false,
+                    evicted,
                     first: head.next(),
                     msgs: Vec::new(),
                     members: None,
@@ -756,6 +1098,7 @@ impl World {
                     );
                 }
                 self.out.digest = mix(self.out.digest, state.head.0);
+                self.new_stream(state.stream)?;
                 self.checker.reset(i, inc, state.stream, state.head)?;
                 // As the server does, it drops its clients to catch up.
                 for pb in &mut self.publishers {
@@ -771,6 +1114,33 @@ impl World {
                         pb.attached = None;
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A server reports `stream`. If it is new, every member of the newest
+    /// installed view must have crashed since it was installed: without a
+    /// durable message log that is the only way a stream's history can be
+    /// gone. Otherwise a new stream drops acknowledged publishes that a
+    /// surviving server holds (durability, as documented).
+    fn new_stream(&mut self, stream: u64) -> Result<(), Violation> {
+        if !self.streams.insert(stream) {
+            return Ok(());
+        }
+        let previous = self.latest_stream.replace(stream);
+        let newest = previous
+            .and_then(|p| self.installed.get(&p))
+            .and_then(|views| views.iter().next_back());
+        let Some((id, (at, members))) = newest else {
+            return Ok(());
+        };
+        self.out.stream_resets += 1;
+        for &m in members {
+            if self.crashed_at[m].is_none_or(|c| c < *at) {
+                return Err(Violation(format!(
+                    "durability: stream {stream:x} began while server {m} of view {id} (installed at {at:?}) still holds its state"
+                )));
             }
         }
         Ok(())
@@ -829,9 +1199,15 @@ impl World {
                     pb.attached
                 )));
             }
-            // Durability: every acknowledged publish is in the final stream.
-            for k in 1..=pb.acked.0 {
-                if self.checker.seq_of(stream, (pb.id, PubSeq(k))).is_none() {
+        }
+        // Durability: every publish acknowledged in the final stream is in
+        // it (one acknowledged in a stream that ended was checked when the
+        // new one began).
+        for pb in self.publishers.iter().chain(&self.retired) {
+            for k in pb.first..=pb.acked.0 {
+                if pb.acked_stream(PubSeq(k)) == Some(stream)
+                    && self.checker.seq_of(stream, (pb.id, PubSeq(k))).is_none()
+                {
                     return Err(Violation(format!(
                         "durability: publisher {} pub_seq {k} was acknowledged but is not in the stream {stream:x} (elsewhere: {:?})",
                         pb.id.0,
@@ -937,7 +1313,7 @@ pub fn restarted_server_cannot_outvote_the_state(seed: u64) -> Result<(), Violat
     cut_off(&mut w, 2, false);
     cut_off(&mut w, 0, true);
     w.crash(1);
-    w.restart(1);
+    w.restart(1, false);
     let end = w.now + w.failure_timeout * 10;
     w.run_until(end, false)?;
     for i in [1, 2] {
@@ -954,6 +1330,21 @@ pub fn restarted_server_cannot_outvote_the_state(seed: u64) -> Result<(), Violat
     let end = w.now + w.plan.settle;
     w.run_until(end, false)?;
     w.converged()
+}
+
+/// How many failure timeouts a majority must have been connected before
+/// the availability measure expects a primary among them (a view change
+/// takes up to a failure timeout to notice and a flush timeout to retry).
+const AVAILABLE_AFTER: u32 = 4;
+
+/// A clock running at `rate` thousandths of real time, at real time `t`.
+fn local_at(t: Duration, rate: u64) -> Duration {
+    Duration::from_nanos((t.as_nanos() as u64).saturating_mul(rate) / 1000)
+}
+
+/// The earliest real time at which a clock running at `rate` shows `d`.
+fn global_at(d: Duration, rate: u64) -> Duration {
+    Duration::from_nanos((d.as_nanos() as u64).saturating_mul(1000).div_ceil(rate))
 }
 
 fn mix(h: u64, x: u64) -> u64 {

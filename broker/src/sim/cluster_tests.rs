@@ -167,3 +167,27 @@ fn replay() {
         Err(v) => panic!("{}", v.0),
     }
 }
+
+/// `CANOPY_SIM_SEEDS=N cargo test --release -p canopy-broker --lib sim::cluster_tests::availability_survey -- --ignored --nocapture`
+/// prints the seeds whose availability was lowest.
+#[test]
+#[ignore = "a tool: surveys availability over seeds"]
+fn availability_survey() {
+    let mut all: Vec<(f64, u64, ClusterOutcome)> = (0..seed_count())
+        .map(|seed| {
+            let o = run(seed).unwrap_or_else(|v| panic!("{}", v.0));
+            (o.availability(), seed, o)
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (a, seed, o) in all.iter().take(15) {
+        println!(
+            "seed {seed}: {a:.3} (connected {} ms, crashes {}, total {}, resets {}, disks lost {})",
+            o.connected_us / 1000,
+            o.crashes,
+            o.total_crashes,
+            o.stream_resets,
+            o.disks_lost
+        );
+    }
+}

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,10 +36,22 @@ pub struct Server {
     pub addr: String,
     /// The HTTP address (dashboard, API, metrics), when started with it.
     pub http: Option<String>,
-    config: Option<std::path::PathBuf>,
+    config: Option<PathBuf>,
+    /// A data directory this server owns, removed on drop.
+    data: Option<PathBuf>,
 }
 
 static CONFIGS: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh data directory path under the system's temp folder, unique per
+/// test process and call (not created: a core server creates it).
+pub fn data_dir() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "canopy-test-data-{}-{}",
+        std::process::id(),
+        CONFIGS.fetch_add(1, Ordering::Relaxed)
+    ))
+}
 
 impl Server {
     /// Starts a server with embedded defaults.
@@ -46,26 +59,48 @@ impl Server {
         Self::with_config("")
     }
 
-    /// Starts a server with `toml` as its config file, HTTP off.
+    /// Starts a server with `toml` as its config file, HTTP off. A core
+    /// server gets a fresh data directory of its own (unless `toml` names
+    /// one), removed when it is dropped.
     pub fn with_config(toml: &str) -> Server {
-        Self::spawn(toml, "off")
+        let data = data_dir();
+        let mut server = Self::spawn(toml, "off", Some(&data));
+        server.data = Some(data);
+        server
+    }
+
+    /// Starts a server with `toml` as its config file, HTTP off, keeping
+    /// its data in `data`, which outlives it: a server started again with
+    /// the same directory recovers its hard state.
+    pub fn with_config_in(toml: &str, data: &Path) -> Server {
+        Self::spawn(toml, "off", Some(data))
     }
 
     /// Starts a server with embedded defaults and HTTP on a free port.
     pub fn with_http() -> Server {
-        Self::spawn("", "127.0.0.1:0")
+        Self::spawn("", "127.0.0.1:0", None)
     }
 
-    fn spawn(toml: &str, http: &str) -> Server {
+    fn spawn(toml: &str, http: &str, data: Option<&Path>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", http]);
+        // A top-level key goes before the first table; servers outside a
+        // core ignore it.
+        let names_data = toml.lines().any(|l| l.trim_start().starts_with("data_dir"));
+        let toml = match data {
+            Some(dir) if !toml.is_empty() && !names_data => {
+                let dir = toml::Value::String(dir.display().to_string());
+                format!("data_dir = {dir}\n{toml}")
+            }
+            _ => toml.to_owned(),
+        };
         let config = (!toml.is_empty()).then(|| {
             let path = std::env::temp_dir().join(format!(
                 "canopy-test-{}-{}.toml",
                 std::process::id(),
                 CONFIGS.fetch_add(1, Ordering::Relaxed)
             ));
-            std::fs::write(&path, toml).expect("write config");
+            std::fs::write(&path, &toml).expect("write config");
             path
         });
         if let Some(p) = &config {
@@ -111,6 +146,7 @@ impl Server {
             addr,
             http,
             config,
+            data: None,
         }
     }
 
@@ -133,6 +169,9 @@ impl Drop for Server {
         let _ = self.child.wait();
         if let Some(p) = &self.config {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(d) = &self.data {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }
@@ -411,7 +450,9 @@ pub async fn take_messages(sub: &mut Subscription, n: usize) -> Vec<canopy_clien
 }
 
 /// A core of `canopy serve` processes on loopback, each with its own
-/// config naming the others' server-to-server addresses.
+/// config naming the others' server-to-server addresses, and its own fresh
+/// data directory, which outlives the process (so a restart recovers the
+/// hard state) and goes when the cluster is dropped.
 pub struct Cluster {
     /// The servers, by index (`None` once killed).
     pub servers: Vec<Option<Server>>,
@@ -420,6 +461,7 @@ pub struct Cluster {
     /// Their server-to-server addresses, by index.
     pub peers: Vec<String>,
     configs: Vec<String>,
+    data: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -450,9 +492,11 @@ impl Cluster {
                 )
             })
             .collect();
+        let data: Vec<PathBuf> = (0..n).map(|_| data_dir()).collect();
         let servers: Vec<Option<Server>> = configs
             .iter()
-            .map(|c| Some(Server::with_config(c)))
+            .zip(&data)
+            .map(|(c, d)| Some(Server::with_config_in(c, d)))
             .collect();
         let addrs = servers.iter().flatten().map(|s| s.addr.clone()).collect();
         Cluster {
@@ -460,15 +504,34 @@ impl Cluster {
             addrs,
             peers,
             configs,
+            data,
         }
     }
 
-    /// Starts server `i` again with its config (a new incarnation); its
-    /// client address changes.
+    /// Starts server `i` again (after [`Cluster::kill`]) with its config and
+    /// data directory: it recovers its hard state and runs as a new
+    /// incarnation; its client address changes.
     pub fn restart(&mut self, i: usize) {
-        let s = Server::with_config(&self.configs[i]);
+        assert!(self.servers[i].is_none(), "server {i} is still running");
+        let s = Server::with_config_in(&self.configs[i], &self.data[i]);
         self.addrs[i] = s.addr.clone();
         self.servers[i] = Some(s);
+    }
+
+    /// Server `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.data[i]
+    }
+
+    /// Removes killed server `i`'s data directory, as a lost disk would:
+    /// restarted, it joins as a new server.
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.servers[i].is_none(), "server {i} is still running");
+        match std::fs::remove_dir_all(&self.data[i]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("remove {}: {e}", self.data[i].display()),
+        }
     }
 
     /// The client addresses starting with server `first`, then the others.
@@ -482,6 +545,16 @@ impl Cluster {
     /// Kills server `i` with SIGKILL.
     pub fn kill(&mut self, i: usize) {
         self.servers[i] = None;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The processes first: none may write while its directory goes.
+        self.servers.clear();
+        for d in &self.data {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -598,8 +671,12 @@ impl Drop for Tree {
                 .stderr(Stdio::null())
                 .status();
         }
+        // Killed, the launcher cannot remove its folder (configs and the
+        // core servers' data directories, `canopy-up-PID-0`): done here.
+        let folder = std::env::temp_dir().join(format!("canopy-up-{}-0", self.launcher.id()));
         let _ = self.launcher.kill();
         let _ = self.launcher.wait();
         let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_dir_all(folder);
     }
 }

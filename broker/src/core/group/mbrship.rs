@@ -150,9 +150,11 @@ impl Group {
                 if !answered.contains(&m.node) {
                     if let Some(peer) = self.peers.get_mut(&m.node) {
                         // It can send (we hear its heartbeats) but not
-                        // answer: a one-way partition. Leave it out for a
-                        // while rather than block every view on it.
-                        peer.heard = None;
+                        // answer: a one-way partition, or it promised a
+                        // competing proposal. Leave it out for a while
+                        // rather than block every view on it. (It is still
+                        // reported heard: it is, and saying otherwise would
+                        // make it count this server dead in turn.)
                         peer.excluded_until = Some(backoff);
                     }
                 }
@@ -446,7 +448,7 @@ impl Group {
             self.publishers.clear();
             self.evicted_any = false;
             self.stream = stream;
-            self.resubmit_in_new_stream();
+            self.drop_old_stream_submissions();
             self.events.push_back(Event::Reset(Snapshot {
                 stream,
                 // Nobody's membership carries over to a new stream.
@@ -774,7 +776,7 @@ impl Group {
             .collect();
         self.events.push_back(Event::Reset(state));
         if self.stream != old_stream {
-            self.resubmit_in_new_stream();
+            self.drop_old_stream_submissions();
         }
         self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
     }

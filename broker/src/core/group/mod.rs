@@ -447,6 +447,10 @@ pub struct Group {
     transmits: VecDeque<(NodeId, Bytes)>,
     stats: GroupStats,
     pub(crate) bugs: GroupBugs,
+    /// Tests: every publisher the table ever forgot (the simulator excuses
+    /// their old retries ordered again, the documented price of the bound).
+    #[cfg(test)]
+    pub(crate) forgotten: std::collections::HashSet<PublisherId>,
 }
 
 impl Group {
@@ -515,6 +519,8 @@ impl Group {
             transmits: VecDeque::new(),
             stats: GroupStats::default(),
             bugs: GroupBugs::default(),
+            #[cfg(test)]
+            forgotten: std::collections::HashSet::new(),
             config,
         }
     }
@@ -535,6 +541,12 @@ impl Group {
     /// The installed view, if any.
     pub fn view(&self) -> Option<&View> {
         self.view.as_ref()
+    }
+
+    /// The view whose state this server holds (`None`: it holds none, as
+    /// after a restart).
+    pub fn state_view(&self) -> Option<ViewId> {
+        self.state_view
     }
 
     /// The last seq delivered.
@@ -567,6 +579,21 @@ impl Group {
         self.publishers
             .get(&publisher)
             .map_or(PubSeq(0), |p| p.held)
+    }
+
+    /// Tests: the delivered publisher table as a node's snapshot carries
+    /// it (publisher, last pub_seq delivered, its seq), and whether the
+    /// table ever forgot a publisher.
+    #[cfg(test)]
+    pub(crate) fn publisher_table(&self) -> (Vec<(PublisherId, PubSeq, Seq)>, bool) {
+        let mut table: Vec<_> = self
+            .publishers
+            .iter()
+            .filter(|(_, p)| p.delivered > PubSeq(0))
+            .map(|(&id, p)| (id, p.delivered, p.seq))
+            .collect();
+        table.sort_unstable();
+        (table, self.evicted_any)
     }
 
     /// Whether `submit` would refuse more publishes now.

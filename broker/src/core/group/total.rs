@@ -114,18 +114,12 @@ impl Group {
     }
 
     /// The stream changed under own submissions (a new stream began, or a
-    /// snapshot of another stream was taken): nothing of their publishers
-    /// is known there, so each publisher's first queued submission is its
-    /// first contact in the new stream, and the rest follow it. (Without
-    /// this, the node's own membership events, which continue their
-    /// pub_seqs, would wait forever for predecessors of the old stream.)
-    pub(super) fn resubmit_in_new_stream(&mut self) {
-        let mut seen = std::collections::HashSet::new();
-        for Submitted(after, m) in &mut self.unordered {
-            if seen.insert(m.0) && !self.publishers.contains_key(&m.0) {
-                *after = PubSeq(0);
-            }
-        }
+    /// snapshot of another stream was taken): they were made against the
+    /// old stream's publisher tables and are dropped. Their publishers are
+    /// told the stream reset and send what is unacknowledged again, as
+    /// first contacts; the node starts its own pub_seqs again.
+    pub(super) fn drop_old_stream_submissions(&mut self) {
+        self.unordered.clear();
     }
 
     /// Called every heartbeat: when the oldest own submission has waited a
@@ -257,6 +251,8 @@ impl Group {
         by_age.select_nth_unstable(evict - 1);
         for (_, id) in &by_age[..evict] {
             self.publishers.remove(id);
+            #[cfg(test)]
+            self.forgotten.insert(*id);
         }
         self.evicted_any = true;
     }
