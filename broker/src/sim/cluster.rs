@@ -124,6 +124,8 @@ pub struct ClusterPlan {
     pub settle: Duration,
     /// The core size, instead of the seed's choice.
     pub servers: Option<usize>,
+    /// The publisher table bound, instead of the seed's choice.
+    pub publishers_max: Option<usize>,
 }
 
 impl Default for ClusterPlan {
@@ -133,6 +135,7 @@ impl Default for ClusterPlan {
             faulty: Duration::from_secs(6),
             settle: Duration::from_secs(8),
             servers: None,
+            publishers_max: None,
         }
     }
 }
@@ -298,6 +301,10 @@ struct World {
     installed: HashMap<u64, BTreeMap<ViewId, (Duration, Vec<usize>)>>,
     /// The stream begun last.
     latest_stream: Option<u64>,
+    /// Every view id installed, with its stream and members: a view id
+    /// names one view for good (only a core whose every data directory was
+    /// wiped starts them again).
+    view_ids: HashMap<ViewId, (u64, Vec<usize>)>,
     connectivity: Connectivity,
     /// Faults may lose data directories.
     lose_disks: bool,
@@ -342,6 +349,7 @@ impl World {
             true => 2 + rng.below(5) as usize,
             false => 1_000,
         };
+        let publishers_max = plan.publishers_max.unwrap_or(publishers_max);
         let mut w = World {
             rng,
             seed,
@@ -375,6 +383,7 @@ impl World {
             streams: HashSet::new(),
             installed: HashMap::new(),
             latest_stream: None,
+            view_ids: HashMap::new(),
             connectivity: Connectivity::default(),
             lose_disks: true,
         };
@@ -456,7 +465,25 @@ impl World {
             let end = self.now + self.plan.settle;
             self.run_until(end, false)?;
         }
-        self.converged()
+        self.converged()?;
+        self.available()
+    }
+
+    /// Availability: over the time a majority that can carry the stream on
+    /// has been connected for a few failure timeouts, one of them must be
+    /// primary nearly all the time (view changes for joins and crashes
+    /// outside it take a little; flapping takes half or more).
+    fn available(&self) -> Result<(), Violation> {
+        let o = &self.out;
+        if o.connected_us >= 1_000_000 && o.availability() < AVAILABILITY_MIN {
+            return Err(Violation(format!(
+                "availability: primary {:.1}% of the {} ms a majority was connected (at least {:.0}% expected)",
+                o.availability() * 100.0,
+                o.connected_us / 1000,
+                AVAILABILITY_MIN * 100.0
+            )));
+        }
+        Ok(())
     }
 
     /// Whether the core is in the one state it documents it cannot leave by
@@ -900,6 +927,7 @@ impl World {
     /// wipes every data directory and restarts every server (the stream
     /// begins again; see the group's `basis`).
     fn wipe_and_restart_all(&mut self) {
+        self.view_ids.clear();
         for i in 0..self.n {
             self.crash(i);
         }
@@ -1064,7 +1092,21 @@ impl World {
                 self.out.digest = mix(self.out.digest, view.id.epoch ^ at.0);
                 self.new_stream(view.stream)?;
                 self.checker.view(i, inc, &view, at)?;
-                let members = view.members.iter().map(|m| m.node.0 as usize - 1).collect();
+                let members: Vec<usize> =
+                    view.members.iter().map(|m| m.node.0 as usize - 1).collect();
+                let named = (view.stream, members.clone());
+                match self.view_ids.get(&view.id) {
+                    Some(before) if *before != named => {
+                        return Err(Violation(format!(
+                            "view agreement: view id {} reused: {before:x?} before, {named:x?} at server {i}",
+                            view.id
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.view_ids.insert(view.id, named);
+                    }
+                }
                 self.installed
                     .entry(view.stream)
                     .or_default()
@@ -1129,6 +1171,16 @@ impl World {
             return Ok(());
         }
         let previous = self.latest_stream.replace(stream);
+        // Only a core none of whose servers has a record of an older
+        // stream (every data directory lost) numbers its views afresh.
+        let afresh = self.disks.iter().all(|d| {
+            d.as_ref()
+                .and_then(|d| d.accepted.as_ref())
+                .is_none_or(|v| v.stream == stream)
+        });
+        if afresh {
+            self.view_ids.clear();
+        }
         let newest = previous
             .and_then(|p| self.installed.get(&p))
             .and_then(|views| views.iter().next_back());
@@ -1332,10 +1384,285 @@ pub fn restarted_server_cannot_outvote_the_state(seed: u64) -> Result<(), Violat
     w.converged()
 }
 
+/// Restart-safety scenarios (issue 10), scripted on a 3-server core. Each
+/// fails on the code before durable hard state (commit `a193af3`); the
+/// broken builds of `GroupBugs` that restore the old behaviour are caught
+/// by the same scripts (`cluster_tests`).
+impl World {
+    /// A scripted 3-server world (see `scripted`) with `plan`'s knobs,
+    /// stopped as soon as every server installed the first view.
+    fn first_view(seed: u64, plan: ClusterPlan) -> Result<World, Violation> {
+        let mut w = World::new(
+            seed,
+            ClusterPlan {
+                servers: Some(3),
+                ..plan
+            },
+        );
+        w.load = true;
+        let deadline = Duration::from_secs(2);
+        while w.now < deadline {
+            let step = w.now + w.heartbeat;
+            w.run_until(step, false)?;
+            if (0..3).all(|i| w.primary(i)) {
+                return Ok(w);
+            }
+        }
+        Err(Violation("no first view within 2 s".into()))
+    }
+
+    fn primary(&self, i: usize) -> bool {
+        self.servers[i]
+            .as_ref()
+            .is_some_and(|s| s.group.is_primary())
+    }
+
+    /// Cuts server `i` off from the others both ways.
+    fn isolate(&mut self, i: usize) {
+        for j in 0..self.n {
+            if j != i {
+                self.cut[i][j] = true;
+                self.cut[j][i] = true;
+            }
+        }
+    }
+
+    fn run_for(&mut self, d: Duration) -> Result<(), Violation> {
+        let end = self.now + d;
+        self.run_until(end, false)
+    }
+
+    /// Heals every cut, stops new publishes, and requires convergence with
+    /// every acknowledged publish (and availability).
+    fn heal_and_converge(&mut self) -> Result<(), Violation> {
+        self.pinned = None;
+        self.load = false;
+        self.heal_partition();
+        self.run_for(self.plan.settle)?;
+        self.converged()?;
+        self.available()
+    }
+
+    /// Requires servers `down` to stay out of any primary view for ten
+    /// failure timeouts.
+    fn stays_not_primary(&mut self, down: &[usize], why: &str) -> Result<(), Violation> {
+        for _ in 0..10 {
+            self.run_for(self.failure_timeout)?;
+            if let Some(&i) = down.iter().find(|&&i| self.primary(i)) {
+                return Err(Violation(format!(
+                    "primary component: server {} went on without the newest state ({why})",
+                    i + 1
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scenario 1: server 3 is cut off right after the first view (it holds
+/// nothing); servers 1 and 2 order and acknowledge publishes; server 2 is
+/// cut off and server 1 crashes and restarts with its data directory.
+/// Restarted 1 and stale 3 must not form a view (before the fix they
+/// ordered seq 1, 2, ... again under the same stream id); after the heal
+/// everything converges with every acknowledged publish.
+///
+/// # Errors
+/// The first broken guarantee.
+pub(crate) fn stream_restarted_under_the_same_id(
+    seed: u64,
+    bugs: GroupBugs,
+) -> Result<(), Violation> {
+    let plan = ClusterPlan {
+        bugs,
+        ..ClusterPlan::default()
+    };
+    let mut w = World::first_view(seed, plan)?;
+    w.isolate(2);
+    w.run_for(Duration::from_secs(1))?;
+    let without_3 = [0, 1].iter().all(|&i| {
+        w.primary(i)
+            && w.servers[i]
+                .as_ref()
+                .and_then(|s| s.group.view())
+                .is_some_and(|v| v.members.len() == 2)
+    });
+    if !without_3 {
+        return Err(Violation(
+            "setup: servers 1 and 2 did not go on without 3".into(),
+        ));
+    }
+    w.heal_partition();
+    w.isolate(1);
+    w.crash(0);
+    w.restart(0, true);
+    w.stays_not_primary(&[0, 2], "restarted server 1 and stale server 3")?;
+    w.heal_and_converge()
+}
+
+/// Scenario 2: servers 1 and 2 crash and restart with their data
+/// directories while server 3, which holds everything acknowledged, is cut
+/// off. They must wait for it (before the fix they began a fresh stream
+/// and server 3 was reset into it, losing every acknowledged publish).
+///
+/// # Errors
+/// The first broken guarantee.
+pub(crate) fn acknowledged_publishes_survive_a_majority_restart(
+    seed: u64,
+    bugs: GroupBugs,
+) -> Result<(), Violation> {
+    let plan = ClusterPlan {
+        bugs,
+        ..ClusterPlan::default()
+    };
+    let mut w = World::first_view(seed, plan)?;
+    w.run_for(Duration::from_secs(1))?;
+    w.isolate(2);
+    for i in [0, 1] {
+        w.crash(i);
+        w.restart(i, true);
+    }
+    w.stays_not_primary(&[0, 1], "servers 1 and 2 restarted without messages")?;
+    w.heal_and_converge()
+}
+
+/// Scenario 3: the first view forms; server 3 is cut off; servers 1 and 2
+/// crash and restart. Before the fix a restarted coordinator issued the
+/// first view's id again with other members in another stream, and after
+/// the heal server 3 stayed `Flushing` for good. Every view id must name
+/// one view, and the core must converge.
+///
+/// # Errors
+/// The first broken guarantee.
+pub(crate) fn view_ids_are_never_reused(seed: u64, bugs: GroupBugs) -> Result<(), Violation> {
+    let plan = ClusterPlan {
+        bugs,
+        ..ClusterPlan::default()
+    };
+    let mut w = World::first_view(seed, plan)?;
+    w.isolate(2);
+    for i in [0, 1] {
+        w.crash(i);
+        w.restart(i, true);
+    }
+    w.run_for(w.failure_timeout * 10)?;
+    w.heal_and_converge()
+}
+
+/// Scenario 4: with a small publisher table that has evicted publishers,
+/// a new publisher's first publish is lost with a broken link to the
+/// sequencer and its second arrives on the new link. The second must not
+/// be ordered before the first (before the fix it was, and the first was
+/// then dropped as a retry although the cumulative acknowledgement covered
+/// it).
+///
+/// # Errors
+/// The first broken guarantee.
+pub(crate) fn a_lost_submit_is_not_overtaken_after_eviction(
+    seed: u64,
+    bugs: GroupBugs,
+) -> Result<(), Violation> {
+    let plan = ClusterPlan {
+        bugs,
+        publishers_max: Some(2),
+        ..ClusterPlan::default()
+    };
+    let mut w = World::first_view(seed, plan)?;
+    // Load until the sequencer's table has forgotten someone.
+    w.run_for(Duration::from_secs(1))?;
+    let coordinator = w.servers[0]
+        .as_ref()
+        .and_then(|s| s.group.view())
+        .map(|v| v.id.coordinator.0 as usize - 1)
+        .ok_or_else(|| Violation("no view".into()))?;
+    let via = (coordinator + 1) % 3;
+    w.load = false;
+    let fresh = w.new_publisher();
+    let p = w.publishers.len();
+    w.publishers.push(fresh);
+    w.pinned = Some((p, via));
+    w.publish_pinned(p);
+    w.drain()?;
+    // The first `Submit` is in flight: the link breaks under it.
+    w.break_link(via, coordinator);
+    w.publish_pinned(p);
+    w.drain()?;
+    w.run_for(w.failure_timeout * 4)?;
+    w.pinned = None;
+    w.heal_and_converge()
+}
+
+/// Scenario 5: a server that is cut off while it holds its own undelivered
+/// submissions (a publisher pinned to it that never sends again, as the
+/// node's own membership events are submitted once) rejoins after the
+/// heal. Its submissions must survive the rejoin (before the fix `rejoin`
+/// dropped them, the next one skipped a pub_seq, and the sequencer waited
+/// for the missing one for good).
+///
+/// # Errors
+/// The first broken guarantee.
+pub(crate) fn own_submissions_survive_a_rejoin(
+    seed: u64,
+    bugs: GroupBugs,
+) -> Result<(), Violation> {
+    let plan = ClusterPlan {
+        bugs,
+        ..ClusterPlan::default()
+    };
+    let mut w = World::first_view(seed, plan)?;
+    let coordinator = w.servers[0]
+        .as_ref()
+        .and_then(|s| s.group.view())
+        .map(|v| v.id.coordinator.0 as usize - 1)
+        .ok_or_else(|| Violation("no view".into()))?;
+    let cut = (coordinator + 1) % 3;
+    w.pinned = Some((0, cut));
+    w.isolate(cut);
+    for _ in 0..5 {
+        w.publish_pinned(0);
+    }
+    w.run_for(w.failure_timeout * 10)?;
+    w.heal_partition();
+    w.run_for(w.failure_timeout * 10)?;
+    // The next own submission follows the ones held over the rejoin.
+    for _ in 0..3 {
+        w.publish_pinned(0);
+    }
+    w.run_for(w.failure_timeout * 10)?;
+    w.heal_and_converge()
+}
+
+/// Scenario 6: server 3 cannot hear the others (its inbound links are
+/// cut), while they hear its heartbeats, for 40 failure timeouts under
+/// load. The majority must stay primary (before the fix server 3 was
+/// proposed into every view, each flush stalled, and the majority was
+/// primary less than half of the time): the run's availability check.
+///
+/// # Errors
+/// The first broken guarantee, availability included.
+pub(crate) fn a_deaf_server_does_not_make_the_majority_flap(
+    seed: u64,
+    bugs: GroupBugs,
+) -> Result<(), Violation> {
+    let plan = ClusterPlan {
+        bugs,
+        ..ClusterPlan::default()
+    };
+    let mut w = World::first_view(seed, plan)?;
+    for j in [0, 1] {
+        w.cut[j][2] = true;
+    }
+    w.run_for(w.failure_timeout * 40)?;
+    w.available()?;
+    w.heal_and_converge()
+}
+
 /// How many failure timeouts a majority must have been connected before
 /// the availability measure expects a primary among them (a view change
 /// takes up to a failure timeout to notice and a flush timeout to retry).
 const AVAILABLE_AFTER: u32 = 4;
+
+/// The least availability a run must show (see `World::available`).
+const AVAILABILITY_MIN: f64 = 0.9;
 
 /// A clock running at `rate` thousandths of real time, at real time `t`.
 fn local_at(t: Duration, rate: u64) -> Duration {

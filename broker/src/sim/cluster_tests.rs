@@ -2,8 +2,10 @@
 //! deliberately broken group.
 
 use super::cluster::{
-    minority_partition, restarted_server_cannot_outvote_the_state, run, run_with, ClusterOutcome,
-    ClusterPlan,
+    a_deaf_server_does_not_make_the_majority_flap, a_lost_submit_is_not_overtaken_after_eviction,
+    acknowledged_publishes_survive_a_majority_restart, minority_partition,
+    own_submissions_survive_a_rejoin, restarted_server_cannot_outvote_the_state, run, run_with,
+    stream_restarted_under_the_same_id, view_ids_are_never_reused, ClusterOutcome, ClusterPlan,
 };
 use crate::core::group::GroupBugs;
 
@@ -44,6 +46,23 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
     assert!(t.partitions > seeds / 4, "partitions: {t:?}");
     assert!(t.breaks > seeds, "links broke: {t:?}");
     assert!(t.unheld > 0, "held messages taken back: {t:?}");
+    assert!(
+        t.disks_lost > seeds / 10,
+        "restarts without the disk: {t:?}"
+    );
+    assert!(t.total_crashes > 0, "every server crashed at once: {t:?}");
+    assert!(
+        t.stream_resets > 0,
+        "new streams after all lost their messages: {t:?}"
+    );
+    assert!(t.duplicates > seeds, "duplicated frames: {t:?}");
+    // The figure for bench/RESULTS.md: `--nocapture` prints it.
+    println!(
+        "{seeds} seeds: availability {:.4} over {} s connected; {t:?}",
+        t.availability(),
+        t.connected_us / 1_000_000
+    );
+    assert!(t.availability() > 0.95, "{t:?}");
 }
 
 #[test]
@@ -135,6 +154,27 @@ fn taking_back_held_messages_silently_is_caught() {
 }
 
 #[test]
+fn a_server_that_forgets_its_promises_is_caught() {
+    let v = caught(GroupBugs {
+        forget_promises: true,
+        ..GroupBugs::default()
+    });
+    assert!(v.contains("reused") || v.contains("agreement"), "{v}");
+}
+
+#[test]
+fn restarts_taken_for_a_cold_start_are_caught() {
+    let v = caught(GroupBugs {
+        cold_start_without_state: true,
+        ..GroupBugs::default()
+    });
+    assert!(
+        v.contains("durability") || v.contains("agreement") || v.contains("reused"),
+        "{v}"
+    );
+}
+
+#[test]
 fn delivering_before_stability_is_caught() {
     let v = caught(GroupBugs {
         deliver_unstable: true,
@@ -147,7 +187,8 @@ fn delivering_before_stability_is_caught() {
 /// replays one seed and prints what it did. `RUST_LOG=debug` adds the
 /// groups' decisions, `CANOPY_SIM_TRACE=1` every view, reset, crash and
 /// restart, and `CANOPY_SIM_OUTVOTE=1` replays the scripted
-/// restarted-server run instead of a random one.
+/// restarted-server run instead of a random one, `CANOPY_SIM_SCENARIO=N`
+/// restart-safety scenario N (1 to 6).
 #[test]
 #[ignore = "a tool: replays the seed in CANOPY_SIM_SEED"]
 fn replay() {
@@ -161,6 +202,21 @@ fn replay() {
     if std::env::var_os("CANOPY_SIM_OUTVOTE").is_some() {
         return restarted_server_cannot_outvote_the_state(seed)
             .unwrap_or_else(|v| panic!("{}", v.0));
+    }
+    let scenarios = [
+        stream_restarted_under_the_same_id,
+        acknowledged_publishes_survive_a_majority_restart,
+        view_ids_are_never_reused,
+        a_lost_submit_is_not_overtaken_after_eviction,
+        own_submissions_survive_a_rejoin,
+        a_deaf_server_does_not_make_the_majority_flap,
+    ];
+    if let Some(n) = std::env::var("CANOPY_SIM_SCENARIO")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let f = scenarios[n - 1];
+        return f(seed, GroupBugs::default()).unwrap_or_else(|v| panic!("{}", v.0));
     }
     match run(seed) {
         Ok(o) => println!("seed {seed}: {o:?}"),
@@ -189,5 +245,112 @@ fn availability_survey() {
             o.stream_resets,
             o.disks_lost
         );
+    }
+}
+
+/// Restart safety (issue 10): each scripted scenario holds on seeds 0..10,
+/// and the broken build that restores the old behaviour fails it.
+mod restart_safety {
+    use super::super::cluster::*;
+    use crate::core::group::GroupBugs;
+
+    const SEEDS: u64 = 10;
+
+    fn holds(f: impl Fn(u64, GroupBugs) -> Result<(), crate::sim::checker::Violation>) {
+        for seed in 0..SEEDS {
+            f(seed, GroupBugs::default()).unwrap_or_else(|v| panic!("seed {seed}: {}", v.0));
+        }
+    }
+
+    /// The first seed's violation under `bugs`, or a panic if none fails.
+    fn fails(
+        bugs: GroupBugs,
+        f: impl Fn(u64, GroupBugs) -> Result<(), crate::sim::checker::Violation>,
+    ) -> String {
+        (0..SEEDS)
+            .find_map(|seed| f(seed, bugs).err())
+            .map(|v| v.0)
+            .unwrap_or_else(|| panic!("{bugs:?} passed every seed: the scenario misses it"))
+    }
+
+    const COLD: GroupBugs = GroupBugs {
+        cold_start_without_state: true,
+        ..NONE
+    };
+    const NONE: GroupBugs = GroupBugs {
+        skip_flush: false,
+        no_dedup: false,
+        deliver_unstable: false,
+        silent_unhold: false,
+        ignore_deafness: false,
+        cold_start_without_state: false,
+        forget_promises: false,
+        clear_queue_on_rejoin: false,
+        order_past_lost_submit: false,
+    };
+
+    #[test]
+    fn scenario_1_a_stream_is_never_restarted_under_its_id() {
+        holds(stream_restarted_under_the_same_id);
+        let v = fails(COLD, stream_restarted_under_the_same_id);
+        assert!(
+            v.contains("primary component") || v.contains("agreement"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn scenario_2_acknowledged_publishes_survive_a_majority_restart() {
+        holds(acknowledged_publishes_survive_a_majority_restart);
+        let v = fails(COLD, acknowledged_publishes_survive_a_majority_restart);
+        assert!(
+            v.contains("primary component") || v.contains("durability"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn scenario_3_view_ids_are_never_reused() {
+        holds(view_ids_are_never_reused);
+        let bugs = GroupBugs {
+            forget_promises: true,
+            cold_start_without_state: true,
+            ..NONE
+        };
+        let v = fails(bugs, view_ids_are_never_reused);
+        assert!(v.contains("durability") || v.contains("agreement"), "{v}");
+    }
+
+    #[test]
+    fn scenario_4_a_lost_submit_is_not_overtaken_after_eviction() {
+        holds(a_lost_submit_is_not_overtaken_after_eviction);
+        let bugs = GroupBugs {
+            order_past_lost_submit: true,
+            ..NONE
+        };
+        let v = fails(bugs, a_lost_submit_is_not_overtaken_after_eviction);
+        assert!(v.contains("durability"), "{v}");
+    }
+
+    #[test]
+    fn scenario_5_own_submissions_survive_a_rejoin() {
+        holds(own_submissions_survive_a_rejoin);
+        let bugs = GroupBugs {
+            clear_queue_on_rejoin: true,
+            ..NONE
+        };
+        let v = fails(bugs, own_submissions_survive_a_rejoin);
+        assert!(v.contains("liveness"), "{v}");
+    }
+
+    #[test]
+    fn scenario_6_a_deaf_server_does_not_make_the_majority_flap() {
+        holds(a_deaf_server_does_not_make_the_majority_flap);
+        let bugs = GroupBugs {
+            ignore_deafness: true,
+            ..NONE
+        };
+        let v = fails(bugs, a_deaf_server_does_not_make_the_majority_flap);
+        assert!(v.contains("availability"), "{v}");
     }
 }

@@ -123,7 +123,7 @@ impl Group {
         let Some(p) = self.peers.get(&node) else {
             return false;
         };
-        if p.excluded_until.is_some_and(|t| now < t) || !p.hears_me {
+        if p.excluded_until.is_some_and(|t| now < t) || !(p.hears_me || self.bugs.ignore_deafness) {
             return false;
         }
         let Some(heard) = p.heard else { return false };
@@ -170,14 +170,12 @@ impl Group {
                 // this server taking its history: join it afresh.
                 return self.rejoin(now);
             }
-            // The proposer we promised went quiet: consider it failed.
+            // The proposal went nowhere. If its proposer still heartbeats
+            // and hears us, it retries by itself (its own deadline); if not,
+            // it no longer counts alive and the lowest survivor proposes.
+            // (Counting a live proposer dead here would drop it from this
+            // server's `hears`, and it would count this server dead in turn.)
             self.promise_deadline = None;
-            let c = self.promised.coordinator;
-            if c != self.config.me {
-                if let Some(peer) = self.peers.get_mut(&c) {
-                    peer.heard = None;
-                }
-            }
         }
         if self.promise_deadline.is_some() {
             return;
@@ -261,10 +259,15 @@ impl Group {
                     .min();
                 let mut members = joiners;
                 members.push(self.me());
-                if !any_view
-                    && members.len() >= self.config.quorum()
-                    && leader == Some(self.config.me)
-                {
+                // Without anyone's state, a view forms only with every
+                // configured server (a first formation, or a new stream
+                // after all lost their messages; see `basis`): proposing
+                // with fewer only costs a flush timeout.
+                let enough = match newest {
+                    None if !self.bugs.cold_start_without_state => self.config.servers.len(),
+                    _ => self.config.quorum(),
+                };
+                if !any_view && members.len() >= enough && leader == Some(self.config.me) {
                     self.propose(now, members);
                 }
             }
@@ -542,6 +545,16 @@ impl Group {
                 return Ok(Some(k));
             }
         }
+        if self.bugs.cold_start_without_state {
+            // The rule before hard state: a majority that holds state, or
+            // a majority that holds no message at all (a "cold start").
+            let holders = p.oks.values().filter(|o| o.view.is_some()).count();
+            let cold = p.oks.values().all(|o| o.held() == Seq(0));
+            if holders < self.config.quorum() && !(cold && p.oks.len() >= self.config.quorum()) {
+                return Err("no majority holds state");
+            }
+            return Ok(p.oks.values().filter_map(|o| o.view).max());
+        }
         if !self.config.servers.iter().all(|n| p.oks.contains_key(n)) {
             return Err("no majority of voters holds the newest view's state, and not every configured server answered");
         }
@@ -807,6 +820,9 @@ impl Group {
         // submitted once and must not be lost (a missing pub_seq would hold
         // back every later one), and a client's are deduplicated by the
         // sequencer if the client also sends them elsewhere.
+        if self.bugs.clear_queue_on_rejoin {
+            self.unordered.clear();
+        }
         self.acks.clear();
         self.blocked_since = Some(now);
         if !self.told_not_primary {

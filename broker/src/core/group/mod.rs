@@ -355,6 +355,19 @@ pub(crate) struct GroupBugs {
     pub deliver_unstable: bool,
     /// Drop held messages at a view change without saying so (`Unheld`).
     pub silent_unhold: bool,
+    /// Count a peer alive on its heartbeats alone, whether or not it hears
+    /// this server (a deaf server is proposed into every view).
+    pub ignore_deafness: bool,
+    /// Decide which history a view carries on by the rule before hard
+    /// state: a majority holding state, or a majority holding no message
+    /// (a "cold start", which a restart looked like).
+    pub cold_start_without_state: bool,
+    /// Forget the promise on a restart (view ids are reused).
+    pub forget_promises: bool,
+    /// Drop own submissions on a rejoin.
+    pub clear_queue_on_rejoin: bool,
+    /// Order a `Submit` that follows a lost one.
+    pub order_past_lost_submit: bool,
 }
 
 /// Counters since start, for operators and tests.
@@ -615,7 +628,10 @@ impl Group {
     pub fn hard_state(&self) -> HardState {
         HardState {
             incarnation: self.incarnation,
-            promised: self.promised,
+            promised: match self.bugs.forget_promises {
+                true => ViewId::default(),
+                false => self.promised,
+            },
             accepted: self.accepted_view.clone(),
             installed: self.installed,
         }

@@ -158,7 +158,7 @@ impl Group {
         // predecessor (which a publisher table that forgot its publisher
         // could not tell). The sender resubmits from its front.
         let seen = self.submit_seen.get(&from).copied().unwrap_or(0).max(front);
-        if first > seen {
+        if first > seen && !self.bugs.order_past_lost_submit {
             tracing::debug!(node = %from, first, seen, "submissions after a lost one dropped");
             return;
         }
