@@ -1234,6 +1234,22 @@ impl World {
             )));
         }
         let (stream, _) = position.unwrap_or_default();
+        // Durability: every publish acknowledged in the final stream is in
+        // it (one acknowledged in a stream that ended was checked when the
+        // new one began).
+        for pb in self.publishers.iter().chain(&self.retired) {
+            for k in pb.first..=pb.acked.0 {
+                if pb.acked_stream(PubSeq(k)) == Some(stream)
+                    && self.checker.seq_of(stream, (pb.id, PubSeq(k))).is_none()
+                {
+                    return Err(Violation(format!(
+                        "durability: publisher {} pub_seq {k} was acknowledged but is not in the stream {stream:x} (elsewhere: {:?})",
+                        pb.id.0,
+                        self.checker.find(pb.id, PubSeq(k))
+                    )));
+                }
+            }
+        }
         for pb in &self.publishers {
             if !pb.unacked.is_empty() {
                 let tables: Vec<(PubSeq, PubSeq)> = self
@@ -1250,22 +1266,6 @@ impl World {
                     pb.acked,
                     pb.attached
                 )));
-            }
-        }
-        // Durability: every publish acknowledged in the final stream is in
-        // it (one acknowledged in a stream that ended was checked when the
-        // new one began).
-        for pb in self.publishers.iter().chain(&self.retired) {
-            for k in pb.first..=pb.acked.0 {
-                if pb.acked_stream(PubSeq(k)) == Some(stream)
-                    && self.checker.seq_of(stream, (pb.id, PubSeq(k))).is_none()
-                {
-                    return Err(Violation(format!(
-                        "durability: publisher {} pub_seq {k} was acknowledged but is not in the stream {stream:x} (elsewhere: {:?})",
-                        pb.id.0,
-                        self.checker.find(pb.id, PubSeq(k))
-                    )));
-                }
             }
         }
         Ok(())

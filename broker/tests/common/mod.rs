@@ -43,6 +43,16 @@ pub struct Server {
 
 static CONFIGS: AtomicU64 = AtomicU64::new(0);
 
+/// A loopback address on a port the system picks.
+const LISTEN_ANY: &str = "127.0.0.1:0";
+
+/// A free loopback port, reserved by binding and released for a server to
+/// bind.
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").to_string()
+}
+
 /// A fresh data directory path under the system's temp folder, unique per
 /// test process and call (not created: a core server creates it).
 pub fn data_dir() -> PathBuf {
@@ -64,7 +74,7 @@ impl Server {
     /// one), removed when it is dropped.
     pub fn with_config(toml: &str) -> Server {
         let data = data_dir();
-        let mut server = Self::spawn(toml, "off", Some(&data));
+        let mut server = Self::spawn(toml, LISTEN_ANY, "off", Some(&data));
         server.data = Some(data);
         server
     }
@@ -73,17 +83,23 @@ impl Server {
     /// its data in `data`, which outlives it: a server started again with
     /// the same directory recovers its hard state.
     pub fn with_config_in(toml: &str, data: &Path) -> Server {
-        Self::spawn(toml, "off", Some(data))
+        Self::spawn(toml, LISTEN_ANY, "off", Some(data))
+    }
+
+    /// As [`Server::with_config_in`], with clients on `listen` rather than
+    /// on a port the system picks.
+    pub fn listening_in(toml: &str, listen: &str, data: &Path) -> Server {
+        Self::spawn(toml, listen, "off", Some(data))
     }
 
     /// Starts a server with embedded defaults and HTTP on a free port.
     pub fn with_http() -> Server {
-        Self::spawn("", "127.0.0.1:0", None)
+        Self::spawn("", LISTEN_ANY, "127.0.0.1:0", None)
     }
 
-    fn spawn(toml: &str, http: &str, data: Option<&Path>) -> Server {
+    fn spawn(toml: &str, listen: &str, http: &str, data: Option<&Path>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", http]);
+        cmd.args(["serve", "--listen", listen, "--http", http]);
         // A top-level key goes before the first table; servers outside a
         // core ignore it.
         let names_data = toml.lines().any(|l| l.trim_start().starts_with("data_dir"));
@@ -456,10 +472,13 @@ pub async fn take_messages(sub: &mut Subscription, n: usize) -> Vec<canopy_clien
 pub struct Cluster {
     /// The servers, by index (`None` once killed).
     pub servers: Vec<Option<Server>>,
-    /// Their client addresses, by index (a restart moves one).
+    /// Their client addresses, by index (a restart moves one, unless the
+    /// ports are fixed).
     pub addrs: Vec<String>,
     /// Their server-to-server addresses, by index.
     pub peers: Vec<String>,
+    /// Where each listens for clients (port 0 unless fixed).
+    listens: Vec<String>,
     configs: Vec<String>,
     data: Vec<PathBuf>,
 }
@@ -468,18 +487,25 @@ impl Cluster {
     /// Starts `n` servers with ids 1..=n; `extra` is appended to each
     /// server's `[core]` section.
     pub fn start(n: usize, extra: &str) -> Cluster {
+        Self::launch(n, extra, vec![LISTEN_ANY.to_owned(); n])
+    }
+
+    /// As [`Cluster::start`], each server on a client port fixed for the
+    /// cluster's life: a restarted server keeps its address, and the
+    /// servers tell clients the core's addresses (they are all known), so
+    /// SDK clients find a server that was restarted, even once all were.
+    pub fn start_on_fixed_ports(n: usize, extra: &str) -> Cluster {
+        Self::launch(n, extra, (0..n).map(|_| free_port()).collect())
+    }
+
+    fn launch(n: usize, extra: &str, listens: Vec<String>) -> Cluster {
         // Free ports for the server-to-server links, reserved by binding
         // and released just before the servers bind them.
-        let peers: Vec<String> = (0..n)
-            .map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-                l.local_addr().expect("local addr").to_string()
-            })
-            .collect();
+        let peers: Vec<String> = (0..n).map(|_| free_port()).collect();
         let mut list = String::new();
-        for (i, p) in peers.iter().enumerate() {
+        for (i, (p, c)) in peers.iter().zip(&listens).enumerate() {
             list.push_str(&format!(
-                "[[core.servers]]\nid = {}\npeer = \"{p}\"\nclient = \"127.0.0.1:0\"\n",
+                "[[core.servers]]\nid = {}\npeer = \"{p}\"\nclient = \"{c}\"\n",
                 i + 1
             ));
         }
@@ -493,16 +519,15 @@ impl Cluster {
             })
             .collect();
         let data: Vec<PathBuf> = (0..n).map(|_| data_dir()).collect();
-        let servers: Vec<Option<Server>> = configs
-            .iter()
-            .zip(&data)
-            .map(|(c, d)| Some(Server::with_config_in(c, d)))
+        let servers: Vec<Option<Server>> = (0..n)
+            .map(|i| Some(Server::listening_in(&configs[i], &listens[i], &data[i])))
             .collect();
         let addrs = servers.iter().flatten().map(|s| s.addr.clone()).collect();
         Cluster {
             servers,
             addrs,
             peers,
+            listens,
             configs,
             data,
         }
@@ -510,10 +535,11 @@ impl Cluster {
 
     /// Starts server `i` again (after [`Cluster::kill`]) with its config and
     /// data directory: it recovers its hard state and runs as a new
-    /// incarnation; its client address changes.
+    /// incarnation; its client address changes unless the cluster was
+    /// started on fixed ports.
     pub fn restart(&mut self, i: usize) {
         assert!(self.servers[i].is_none(), "server {i} is still running");
-        let s = Server::with_config_in(&self.configs[i], &self.data[i]);
+        let s = Server::listening_in(&self.configs[i], &self.listens[i], &self.data[i]);
         self.addrs[i] = s.addr.clone();
         self.servers[i] = Some(s);
     }

@@ -512,7 +512,7 @@ impl Group {
     /// state of view `Some(v)`, held by an answer, or none, and a new stream
     /// begins (`None`). `Err` says why no view may form from these answers.
     ///
-    /// The rules (restart safety; DESIGN.md, "Restart safety"):
+    /// The rules (the module docs, "Restart safety"):
     /// - **Voters.** A server's promises count only if it remembers all of
     ///   them: it has accepted a view since its data directory was made
     ///   (its hard state holds `accepted`). A restarted server remembers its
@@ -783,6 +783,7 @@ impl Group {
                         held: pub_seq,
                         delivered: pub_seq,
                         seq,
+                        revived: state.evicted,
                     },
                 )
             })

@@ -46,6 +46,56 @@
 //!   keeps what it delivered (and says which view that came from), so a
 //!   core whose servers all rejoined still finds the newest state.
 //!
+//! # Restart safety
+//! Messages live in memory only (there is no durable message log yet), but
+//! every server keeps a small [`HardState`] on disk, as Raft keeps its term
+//! and vote: its incarnation, the highest proposal it promised, and the
+//! last view it accepted and installed. The shell writes it (atomically,
+//! fsynced) before it sends any frame that depends on it, so it changes on
+//! view changes only, never per message. The rules that rest on it:
+//! - **What counts toward a quorum.** A restarted server remembers its
+//!   promises, so its promise counts; it holds none of its old messages, so
+//!   it never counts as holding state (it answers `view: None` with its
+//!   remembered `accepted` view). A server that lost its data directory is
+//!   a new server: it counts as a **voter** again only once it has
+//!   accepted a view. A proposal needs a majority of voters.
+//! - **Which history a view carries on** (`Group::basis`): the state of the
+//!   highest view accepted among the answers, if one of them holds it.
+//!   With every configured server's answer (all voters), the newest view
+//!   installed anywhere is known, and the newest state held carries on if
+//!   it is at least that new.
+//! - **When a stream may start.** Only when no history can exist: the
+//!   first formation (nobody ever accepted a view, every configured server
+//!   answered), or every member of the newest installed view lost its
+//!   messages (every server answered, none holds that much). The new stream
+//!   has an id of its own (view ids are never reused, and the lost stream's
+//!   id is mixed in), and clients are told `StreamReset`; a seq never means
+//!   two things under one stream id. Otherwise the core waits for the
+//!   server that may hold the newest state.
+//! - **Who is alive.** A server counts another alive only if it hears it
+//!   and the other's heartbeats say it hears back, so a server whose
+//!   inbound links are cut is left out of views instead of stalling each
+//!   flush it is proposed into.
+//! - **Own submissions survive a rejoin** (the node's membership events are
+//!   submitted once; a missing pub_seq would hold back every later one).
+//!   They are dropped only when the stream itself changes: they were made
+//!   against the old stream's publisher tables, and their publishers are
+//!   told the stream reset.
+//! - **Eviction and first contact.** A member numbers its submissions; the
+//!   sequencer drops a `Submit` that does not continue what it received
+//!   from that member (one was lost with a link), so a publish never
+//!   overtakes a lost predecessor, which a table that forgot its publisher
+//!   could not tell. (What eviction still costs: an old retry of a
+//!   forgotten publisher may be ordered again.)
+//!
+//! What this guarantees, and what it does not: no acknowledged publish is
+//! lost while one member of each installed view survives with its messages;
+//! if every member of a view restarts, the stream begins again (a reset,
+//! never a silent one). A majority of servers that lost their data
+//! directories cannot vouch for anything: the core then waits, and an
+//! operator restarts every server without its data directory (a new
+//! stream).
+//!
 //! # Driving it
 //! Inputs: [`Group::handle_msg`], [`Group::handle_link_down`],
 //! [`Group::handle_link_up`], [`Group::handle_timeout`], [`Group::submit`],
@@ -304,6 +354,12 @@ struct PubState {
     delivered: PubSeq,
     /// The seq of its latest held message (for eviction by age).
     seq: Seq,
+    /// Made after the table forgot publishers: it may have been made by an
+    /// old retry of a forgotten publisher, so a later pub_seq that skips
+    /// past it is no proof of a lost predecessor (waiting for one would
+    /// wait for good). Submissions are numbered per member, so a lost
+    /// predecessor is caught there instead.
+    revived: bool,
 }
 
 /// A view change this server proposed.

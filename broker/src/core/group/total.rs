@@ -182,6 +182,7 @@ impl Group {
                 break;
             }
             let known = self.publishers.get(&m.0).map(|p| p.held);
+            let revived = self.publishers.get(&m.0).is_some_and(|p| p.revived);
             match known {
                 Some(last) if m.1 <= last && !self.bugs.no_dedup => {
                     self.stats.duplicates += 1;
@@ -190,7 +191,11 @@ impl Group {
                 // A later pub_seq whose predecessor has not arrived (it was
                 // lost with a link and is being resubmitted): wait for it,
                 // so that the publisher's order holds (guarantee 3).
-                Some(last) if m.1 .0 > last.0.saturating_add(1) && !self.bugs.no_dedup => continue,
+                Some(last)
+                    if m.1 .0 > last.0.saturating_add(1) && !revived && !self.bugs.no_dedup =>
+                {
+                    continue
+                }
                 // Nor order a publisher's later publish on first sight.
                 None if after > PubSeq(0) && !self.evicted_any && !self.bugs.no_dedup => continue,
                 _ => {}
@@ -223,6 +228,7 @@ impl Group {
             held: PubSeq(0),
             delivered: PubSeq(0),
             seq: m.seq,
+            revived: self.evicted_any,
         });
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
