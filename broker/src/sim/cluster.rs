@@ -238,6 +238,11 @@ impl Publisher {
 struct Server {
     group: Group,
     incarnation: u64,
+    /// Its first group incarnation (a rejoin moves on from there), and
+    /// when it booted: a member of a view is this process if both are no
+    /// later than the view's.
+    first_incarnation: u64,
+    booted: Duration,
 }
 
 /// What the availability measure tracks.
@@ -285,8 +290,6 @@ struct World {
     disks: Vec<Option<HardState>>,
     /// Per server: its clock's rate, in thousandths of real time.
     rates: Vec<u64>,
-    /// Per server: when it last crashed.
-    crashed_at: Vec<Option<Duration>>,
     /// Percent of frames delivered twice.
     dup_pct: u64,
     /// Publishers retired (their acknowledgements are still checked).
@@ -298,7 +301,7 @@ struct World {
     /// Streams seen, and per installed view when it was first installed
     /// and its members (server indexes).
     streams: HashSet<u64>,
-    installed: HashMap<u64, BTreeMap<ViewId, (Duration, Vec<usize>)>>,
+    installed: HashMap<u64, BTreeMap<ViewId, (Duration, Vec<(usize, u64)>)>>,
     /// The stream begun last.
     latest_stream: Option<u64>,
     /// Every view id installed, with its stream and members: a view id
@@ -375,7 +378,6 @@ impl World {
             load: false,
             disks: vec![None; n],
             rates,
-            crashed_at: vec![None; n],
             dup_pct,
             retired: Vec::new(),
             next_publisher: 1,
@@ -450,6 +452,8 @@ impl World {
         let mut group = Group::recover(self.local(i), c, self.disks[i].clone());
         group.bugs = self.plan.bugs;
         Server {
+            first_incarnation: group.me().incarnation.0,
+            booted: self.now,
             group,
             incarnation: self.incarnations,
         }
@@ -825,7 +829,6 @@ impl World {
             eprintln!("{:?} server {i}: crashed", self.now);
         }
         self.out.crashes += 1;
-        self.crashed_at[i] = Some(self.now);
         for j in 0..self.n {
             self.generation[i][j] += 1;
             self.generation[j][i] += 1;
@@ -1107,6 +1110,11 @@ impl World {
                         self.view_ids.insert(view.id, named);
                     }
                 }
+                let members = view
+                    .members
+                    .iter()
+                    .map(|m| (m.node.0 as usize - 1, m.incarnation.0))
+                    .collect();
                 self.installed
                     .entry(view.stream)
                     .or_default()
@@ -1188,8 +1196,15 @@ impl World {
             return Ok(());
         };
         self.out.stream_resets += 1;
-        for &m in members {
-            if self.crashed_at[m].is_none_or(|c| c < *at) {
+        for &(m, inc) in members {
+            // The process that was the member, still holding the view's
+            // state (a member that never took the history holds none).
+            let holds = self.servers[m].as_ref().is_some_and(|s| {
+                s.first_incarnation <= inc
+                    && s.booted < *at
+                    && s.group.state_view().is_some_and(|v| v >= *id)
+            });
+            if holds {
                 return Err(Violation(format!(
                     "durability: stream {stream:x} began while server {m} of view {id} (installed at {at:?}) still holds its state"
                 )));
