@@ -308,6 +308,9 @@ struct World {
     /// names one view for good (only a core whose every data directory was
     /// wiped starts them again).
     view_ids: HashMap<ViewId, (u64, Vec<usize>)>,
+    /// Every view each server process accepted (took the history of), from
+    /// its hard-state writes: (server, process, view).
+    accepted_by: HashSet<(usize, u64, ViewId)>,
     connectivity: Connectivity,
     /// Faults may lose data directories.
     lose_disks: bool,
@@ -386,6 +389,7 @@ impl World {
             installed: HashMap::new(),
             latest_stream: None,
             view_ids: HashMap::new(),
+            accepted_by: HashSet::new(),
             connectivity: Connectivity::default(),
             lose_disks: true,
         };
@@ -491,16 +495,25 @@ impl World {
     }
 
     /// Whether the core is in the one state it documents it cannot leave by
-    /// itself: some servers lost their data directories and have not joined
-    /// since, and the others cannot vouch for the newest state.
+    /// itself: servers hold messages, but the newest accepted view's state
+    /// is not among them, and servers that lost their data directories may
+    /// have lost the record of what was installed last.
     fn blocked_by_lost_disks(&self) -> bool {
-        let voters = self
+        let accepted: Vec<ViewId> = self
             .disks
             .iter()
             .flatten()
-            .filter(|d| d.accepted.is_some())
-            .count();
-        voters > 0 && voters < self.n
+            .filter_map(|d| d.accepted.as_ref().map(|v| v.id))
+            .collect();
+        let held: Vec<ViewId> = self
+            .servers
+            .iter()
+            .flatten()
+            .filter_map(|s| s.group.state_view())
+            .collect();
+        let newest = accepted.iter().max();
+        let carries_on = accepted.len() > self.n / 2 && held.iter().max() == newest;
+        accepted.len() < self.n && !held.is_empty() && !carries_on
     }
 
     /// Steps the world until `end`, with random faults if `faults`.
@@ -556,22 +569,27 @@ impl World {
     /// one of them was primary meanwhile.
     fn measure(&mut self, to: Duration) {
         let clique = self.clique();
-        // Only a majority that can carry the stream on is expected to: one
-        // holding the newest accepted view's state, or every server (a new
-        // stream, or the first formation), and not blocked by lost data
-        // directories by design.
+        // Only a majority that can carry the stream on is expected to: a
+        // majority of voters with the newest accepted view's state among
+        // them, or every server (a new stream, or the first formation), and
+        // not blocked by lost data directories by design.
         let newest = self
             .disks
             .iter()
             .flatten()
             .filter_map(|d| d.accepted.as_ref().map(|v| v.id))
             .max();
+        let voters = clique
+            .iter()
+            .filter(|&&i| self.disks[i].as_ref().is_some_and(|d| d.accepted.is_some()))
+            .count();
         let holder = clique.len() == self.n
-            || clique.iter().any(|&i| {
-                self.servers[i]
-                    .as_ref()
-                    .is_some_and(|s| newest.is_some() && s.group.state_view() == newest)
-            });
+            || voters > self.n / 2
+                && clique.iter().any(|&i| {
+                    self.servers[i]
+                        .as_ref()
+                        .is_some_and(|s| newest.is_some() && s.group.state_view() == newest)
+                });
         let blocked = self.blocked_by_lost_disks() || !holder;
         let c = &mut self.connectivity;
         if clique != c.clique {
@@ -1002,9 +1020,15 @@ impl World {
                 let inc = s.incarnation;
                 // The hard state is on disk before any frame leaves.
                 if let Some(hard) = s.group.poll_hard_state() {
+                    if let Some(v) = &hard.accepted {
+                        self.accepted_by.insert((i, inc, v.id));
+                    }
                     self.disks[i] = Some(hard);
                 }
-                self.checker.forgotten.extend(s.group.forgotten.drain());
+                for (p, held) in s.group.forgotten.drain() {
+                    let e = self.checker.forgotten.entry(p).or_default();
+                    *e = (*e).max(held);
+                }
                 let mut frames = Vec::new();
                 let mut events = Vec::new();
                 while let Some(t) = s.group.poll_transmit() {
@@ -1179,14 +1203,19 @@ impl World {
             return Ok(());
         }
         let previous = self.latest_stream.replace(stream);
-        // Only a core none of whose servers has a record of an older
-        // stream (every data directory lost) numbers its views afresh.
-        let afresh = self.disks.iter().all(|d| {
-            d.as_ref()
-                .and_then(|d| d.accepted.as_ref())
-                .is_none_or(|v| v.stream == stream)
-        });
-        if afresh {
+        // View ids are never reused while a majority of the servers keep
+        // their records; a core most of whose data directories were lost
+        // may number its views afresh.
+        let records_lost = self
+            .disks
+            .iter()
+            .filter(|d| {
+                d.as_ref()
+                    .and_then(|d| d.accepted.as_ref())
+                    .is_none_or(|v| v.stream == stream)
+            })
+            .count();
+        if records_lost > self.n / 2 {
             self.view_ids.clear();
         }
         let newest = previous
@@ -1202,7 +1231,7 @@ impl World {
             let holds = self.servers[m].as_ref().is_some_and(|s| {
                 s.first_incarnation <= inc
                     && s.booted < *at
-                    && s.group.state_view().is_some_and(|v| v >= *id)
+                    && self.accepted_by.contains(&(m, s.incarnation, *id))
             });
             if holds {
                 return Err(Violation(format!(

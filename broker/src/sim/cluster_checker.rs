@@ -55,10 +55,11 @@ pub struct ClusterChecker {
     views: HashMap<(u64, ViewId), (Vec<u32>, Seq)>,
     /// The highest pub_seq each publisher has published.
     published: HashMap<PublisherId, PubSeq>,
-    /// Publishers some server's table forgot: an old retry of theirs may be
-    /// ordered again (the documented price of the table's bound), so their
-    /// duplicates and the order they break are not violations.
-    pub forgotten: std::collections::HashSet<PublisherId>,
+    /// Publishers some server's table forgot, with the last pub_seq they
+    /// had then: an old retry of theirs (at or below it) may be ordered
+    /// again (the documented price of the table's bound), so such a
+    /// duplicate is not a violation.
+    pub forgotten: HashMap<PublisherId, PubSeq>,
 }
 
 impl ClusterChecker {
@@ -150,7 +151,10 @@ impl ClusterChecker {
                 )));
             }
             let seqs = self.seq_of.entry(stream).or_default();
-            let excused = self.forgotten.contains(&m.publisher);
+            let excused = self
+                .forgotten
+                .get(&m.publisher)
+                .is_some_and(|&p| m.pub_seq <= p);
             match seqs.get(&content) {
                 Some(_) if excused => continue,
                 Some(s) if *s != m.seq => {
@@ -168,9 +172,8 @@ impl ClusterChecker {
             fifo.insert(m.seq, m.pub_seq);
             let before = fifo.range(..m.seq).next_back();
             let after = fifo.range(m.seq.next()..).next();
-            if !excused
-                && (before.is_some_and(|(_, p)| *p >= m.pub_seq)
-                    || after.is_some_and(|(_, p)| *p <= m.pub_seq))
+            if before.is_some_and(|(_, p)| *p >= m.pub_seq)
+                || after.is_some_and(|(_, p)| *p <= m.pub_seq)
             {
                 return Err(Violation(format!(
                     "publisher FIFO: publisher {} pub_seq {} at seq {} is out of its order",

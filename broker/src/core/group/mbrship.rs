@@ -523,13 +523,14 @@ impl Group {
     ///   state of the highest view any of them accepted. Every committed
     ///   view was accepted by a majority, which shares a voter with these
     ///   answers, so no view newer than that one ever delivered anything.
-    /// - **With every configured server's answer**, all voters (or none with
-    ///   any record: the first formation), the newest view installed
-    ///   anywhere is known: carry on from the newest state held if it is at
-    ///   least that view; if nobody holds that much, every member of the
-    ///   newest installed view lost its messages, and a **new stream**
-    ///   begins (clients are told `StreamReset`; seqs are never reused
-    ///   under the old id).
+    /// - **With every configured server's answer**: if none holds any
+    ///   message, a **new stream** begins (the first formation, or every
+    ///   server lost its messages; clients are told `StreamReset`, and seqs
+    ///   are never reused under the old id). If all are voters, the newest
+    ///   view installed anywhere is known: carry on from the newest state
+    ///   held if it is at least that view; if nobody holds that much, every
+    ///   member of the newest installed view lost its messages: a new
+    ///   stream.
     /// - Otherwise a server that did not answer (or lost its data
     ///   directory, and with it its records) may hold or know of newer
     ///   state, with acknowledged publishes in it: wait.
@@ -558,14 +559,23 @@ impl Group {
         if !self.config.servers.iter().all(|n| p.oks.contains_key(n)) {
             return Err("no majority of voters holds the newest view's state, and not every configured server answered");
         }
-        if voters != 0 && voters != p.oks.len() {
+        let Some(held) = p.oks.values().filter_map(|o| o.view).max() else {
+            // Every server answered and none holds any message: whatever
+            // was installed last, its messages are gone.
+            return Ok(None);
+        };
+        if voters != p.oks.len() {
             return Err("a server without its data directory may have lost the record of the newest installed view");
         }
-        let installed = p.oks.values().map(|o| o.installed).max();
-        let held = p.oks.values().filter_map(|o| o.view).max();
-        match held {
-            Some(h) if Some(h) >= installed => Ok(Some(h)),
-            _ => Ok(None),
+        let installed = p
+            .oks
+            .values()
+            .map(|o| o.installed)
+            .max()
+            .unwrap_or_default();
+        match held >= installed {
+            true => Ok(Some(held)),
+            false => Ok(None),
         }
     }
 

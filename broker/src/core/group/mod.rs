@@ -68,9 +68,10 @@
 //!   first formation (nobody ever accepted a view, every configured server
 //!   answered), or every member of the newest installed view lost its
 //!   messages (every server answered, none holds that much). The new stream
-//!   has an id of its own (view ids are never reused, and the lost stream's
-//!   id is mixed in), and clients are told `StreamReset`; a seq never means
-//!   two things under one stream id. Otherwise the core waits for the
+//!   has an id of its own (view ids are never reused while a majority of
+//!   the servers keep their data directories, and the lost stream's id is
+//!   mixed in), and clients are told `StreamReset`; a seq never means two
+//!   things under one stream id. Otherwise the core waits for the
 //!   server that may hold the newest state.
 //! - **Who is alive.** A server counts another alive only if it hears it
 //!   and the other's heartbeats say it hears back, so a server whose
@@ -91,10 +92,11 @@
 //! What this guarantees, and what it does not: no acknowledged publish is
 //! lost while one member of each installed view survives with its messages;
 //! if every member of a view restarts, the stream begins again (a reset,
-//! never a silent one). A majority of servers that lost their data
-//! directories cannot vouch for anything: the core then waits, and an
-//! operator restarts every server without its data directory (a new
-//! stream).
+//! never a silent one). One state the core cannot leave by itself: servers
+//! still hold messages, none holds the newest accepted view's, and servers
+//! that lost their data directories may have lost the record of what was
+//! installed last. It then waits; an operator restarts every server without
+//! its data directory (a new stream).
 //!
 //! # Driving it
 //! Inputs: [`Group::handle_msg`], [`Group::handle_link_down`],
@@ -516,10 +518,11 @@ pub struct Group {
     transmits: VecDeque<(NodeId, Bytes)>,
     stats: GroupStats,
     pub(crate) bugs: GroupBugs,
-    /// Tests: every publisher the table ever forgot (the simulator excuses
-    /// their old retries ordered again, the documented price of the bound).
+    /// Tests: every publisher the table forgot, with the last pub_seq it
+    /// had then (the simulator excuses an old retry of one of those ordered
+    /// again, the documented price of the bound).
     #[cfg(test)]
-    pub(crate) forgotten: std::collections::HashSet<PublisherId>,
+    pub(crate) forgotten: HashMap<PublisherId, PubSeq>,
 }
 
 impl Group {
@@ -589,7 +592,7 @@ impl Group {
             stats: GroupStats::default(),
             bugs: GroupBugs::default(),
             #[cfg(test)]
-            forgotten: std::collections::HashSet::new(),
+            forgotten: HashMap::new(),
             config,
         }
     }

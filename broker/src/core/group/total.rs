@@ -85,11 +85,13 @@ impl Group {
         let Some(view) = self.view.as_ref().map(|v| v.id) else {
             return;
         };
-        if view.coordinator == self.config.me {
-            self.order(msgs);
-            return;
-        }
         let front = self.submit_front();
+        if view.coordinator == self.config.me {
+            // Our own, under the same rule as a member's: after some met
+            // the log's bound, later ones wait for the resubmission.
+            let me = self.config.me;
+            return self.take_submissions(me, front, first, msgs);
+        }
         for chunk in frames(&msgs, |s: &Submitted| msg_cost(&s.1)) {
             let msg = PeerMsg::Submit {
                 view,
@@ -152,28 +154,38 @@ impl Group {
             tracing::trace!(node = %from, view = %view, "submission outside its view dropped");
             return;
         }
-        // Everything before `front` is ordered; everything from there up to
-        // what was received came here. Past that, a `Submit` was lost with a
-        // link: ordering this one would let a publish overtake a lost
-        // predecessor (which a publisher table that forgot its publisher
-        // could not tell). The sender resubmits from its front.
+        self.take_submissions(from, front, first, msgs);
+    }
+
+    /// Sequencer: orders `msgs`, numbered from `first`, from member `from`
+    /// whose oldest undelivered submission is `front`.
+    ///
+    /// Everything before `front` is ordered; everything from there up to
+    /// what was taken came here. Past that, a `Submit` was lost with a link
+    /// (or met the log's bound): ordering this one would let a publish
+    /// overtake a lost predecessor, which a publisher table that forgot its
+    /// publisher could not tell. The sender resubmits from its front.
+    fn take_submissions(&mut self, from: NodeId, front: u64, first: u64, msgs: Vec<Submitted>) {
         let seen = self.submit_seen.get(&from).copied().unwrap_or(0).max(front);
         if first > seen && !self.bugs.order_past_lost_submit {
             tracing::debug!(node = %from, first, seen, "submissions after a lost one dropped");
             return;
         }
-        let end = first.saturating_add(msgs.len() as u64);
-        self.submit_seen.insert(from, seen.max(end));
-        self.order(msgs);
+        let taken = self.order(msgs) as u64;
+        self.submit_seen
+            .insert(from, seen.max(first.saturating_add(taken)));
     }
 
     /// Sequencer: assigns seqs to `msgs` and sends the order to members.
-    fn order(&mut self, msgs: Vec<Submitted>) {
+    /// Returns how many of `msgs` it took (ordered, or dropped as retries
+    /// or to wait for a predecessor); the rest met the log's bound.
+    fn order(&mut self, msgs: Vec<Submitted>) -> usize {
         let Some(view) = self.view.as_ref().map(|v| v.id) else {
-            return;
+            return 0;
         };
         let first = self.held().next();
         let mut ordered = Vec::with_capacity(msgs.len());
+        let mut taken = 0;
         for Submitted(after, m) in msgs {
             if self.log.len() >= self.config.log_len_max
                 || self.log_bytes >= self.config.log_bytes_max
@@ -181,6 +193,7 @@ impl Group {
                 // At the bound: the submitters send it again later.
                 break;
             }
+            taken += 1;
             let known = self.publishers.get(&m.0).map(|p| p.held);
             let revived = self.publishers.get(&m.0).is_some_and(|p| p.revived);
             match known {
@@ -205,7 +218,7 @@ impl Group {
             ordered.push(m);
         }
         if ordered.is_empty() {
-            return;
+            return taken;
         }
         self.stats.ordered += ordered.len() as u64;
         let held = self.held();
@@ -214,6 +227,7 @@ impl Group {
             self.send_members(&msg);
         }
         self.advance_stable();
+        taken
     }
 
     /// Appends an ordered message to the log and the publisher table.
@@ -256,9 +270,12 @@ impl Group {
         let evict = (by_age.len() / 8).max(1);
         by_age.select_nth_unstable(evict - 1);
         for (_, id) in &by_age[..evict] {
-            self.publishers.remove(id);
+            let _gone = self.publishers.remove(id);
             #[cfg(test)]
-            self.forgotten.insert(*id);
+            if let Some(p) = _gone {
+                let e = self.forgotten.entry(*id).or_default();
+                *e = (*e).max(p.held);
+            }
         }
         self.evicted_any = true;
     }
