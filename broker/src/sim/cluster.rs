@@ -245,6 +245,10 @@ struct Server {
     booted: Duration,
 }
 
+/// A view as first installed: when, and its members as (server index,
+/// group incarnation).
+type Installed = (Duration, Vec<(usize, u64)>);
+
 /// What the availability measure tracks.
 #[derive(Default)]
 struct Connectivity {
@@ -301,7 +305,7 @@ struct World {
     /// Streams seen, and per installed view when it was first installed
     /// and its members (server indexes).
     streams: HashSet<u64>,
-    installed: HashMap<u64, BTreeMap<ViewId, (Duration, Vec<(usize, u64)>)>>,
+    installed: HashMap<u64, BTreeMap<ViewId, Installed>>,
     /// The stream begun last.
     latest_stream: Option<u64>,
     /// Every view id installed, with its stream and members: a view id
