@@ -967,7 +967,10 @@ impl Node {
                 None if r.agreed.is_some_and(|a| a < check.seq) => {
                     diverged = Some((agreed, check.seq))
                 }
-                // Older than retention and stable all through.
+                // Older than retention and stable all through: under one
+                // stream id a stable seq means one thing for good (the core
+                // never restarts a stream under its id; see the group's
+                // "Restart safety"), so there is nothing left to check.
                 None => {}
             }
         }

@@ -186,16 +186,9 @@ fn one_item<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> anyhow::Result<T> {
     Ok(value)
 }
 
-/// CRC-32 (IEEE 802.3, as zlib computes it), bitwise: the file is tiny.
+/// CRC-32 (IEEE 802.3, as zlib computes it).
 fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
+    crc32fast::hash(bytes)
 }
 
 #[cfg(test)]

@@ -1433,9 +1433,13 @@ pub fn restarted_server_cannot_outvote_the_state(seed: u64) -> Result<(), Violat
 }
 
 /// Restart-safety scenarios (issue 10), scripted on a 3-server core. Each
-/// fails on the code before durable hard state (commit `a193af3`); the
-/// broken builds of `GroupBugs` that restore the old behaviour are caught
-/// by the same scripts (`cluster_tests`).
+/// is also run against the broken build of `GroupBugs` that restores the
+/// code before its fix (commit `a193af3`: no hard state, the cold-start
+/// rule, a rejoin that drops own submissions, no submission numbers, no
+/// `hears`), and fails there (`cluster_tests::restart_safety`). The scripts
+/// need the simulator's disks, which `a193af3` lacks, so they were not run
+/// on that commit itself; the real-process deaf-server test
+/// (`tests/restart.rs`) was, and failed there.
 impl World {
     /// A scripted 3-server world (see `scripted`) with `plan`'s knobs,
     /// stopped as soon as every server installed the first view.
