@@ -72,12 +72,19 @@ async fn until(mut done: impl FnMut() -> bool) {
 /// only once it is in the primary view (and, after a restart, holds the
 /// state a peer sent it).
 async fn serving(addr: &str) -> Welcome {
+    serving_resumed(addr, None).await
+}
+
+/// As [`serving`], for a client that resumes at `resume` (a server may be
+/// briefly in a view change right after one, and answer `not_primary`).
+async fn serving_resumed(addr: &str, resume: Option<Resume>) -> Welcome {
     within_for(STEP_MAX, &format!("{addr} to serve clients"), async {
         loop {
             // The server is bound before `Server` returns: connecting
             // fails only when it died.
             let mut raw = Raw::connect(addr).await;
-            let hello = common::hello(rand::random(), &[], SlowPolicy::Disconnect);
+            let mut hello = common::hello(rand::random(), &[], SlowPolicy::Disconnect);
+            hello.resume = resume;
             raw.send(ClientFrame::Hello(hello)).await;
             match raw.next().await {
                 Some(ServerFrame::Welcome(w)) => return w,
@@ -476,19 +483,14 @@ fn all_three_killed_and_restarted_begin_a_new_stream_and_clients_are_told() {
         let told = killed.elapsed();
         // A client that resumes under the old id is welcomed with the new
         // one, and is sent nothing of the old position.
-        let mut raw = Raw::connect(&cluster.addrs[2]).await;
-        let mut hello = common::hello(rand::random(), &["t.>"], SlowPolicy::Disconnect);
-        hello.resume = Some(Resume {
+        let resume = Resume {
             stream: old_stream,
             after: old_last,
             check: None,
             agreed: None,
-        });
-        raw.send(ClientFrame::Hello(hello)).await;
-        match raw.next().await {
-            Some(ServerFrame::Welcome(w)) => assert_eq!(w.stream, new_stream, "the new id"),
-            other => panic!("expected a Welcome, got {other:?}"),
-        }
+        };
+        let welcome = serving_resumed(&cluster.addrs[2], Some(resume)).await;
+        assert_eq!(welcome.stream, new_stream, "the new id");
         for i in 0..AFTER {
             publisher
                 .send("t.x", format!("new {i}"))
