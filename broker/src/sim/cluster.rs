@@ -1463,6 +1463,24 @@ impl World {
         Err(Violation("no first view within 2 s".into()))
     }
 
+    /// [`World::first_view`] with the default plan but `bugs`.
+    fn scenario(seed: u64, bugs: GroupBugs) -> Result<World, Violation> {
+        let plan = ClusterPlan {
+            bugs,
+            ..ClusterPlan::default()
+        };
+        World::first_view(seed, plan)
+    }
+
+    /// The index of the current view's coordinator, as server 1 sees it.
+    fn coordinator(&self) -> Result<usize, Violation> {
+        self.servers[0]
+            .as_ref()
+            .and_then(|s| s.group.view())
+            .map(|v| v.id.coordinator.0 as usize - 1)
+            .ok_or_else(|| Violation("no view".into()))
+    }
+
     fn primary(&self, i: usize) -> bool {
         self.servers[i]
             .as_ref()
@@ -1524,11 +1542,7 @@ pub(crate) fn stream_restarted_under_the_same_id(
     seed: u64,
     bugs: GroupBugs,
 ) -> Result<(), Violation> {
-    let plan = ClusterPlan {
-        bugs,
-        ..ClusterPlan::default()
-    };
-    let mut w = World::first_view(seed, plan)?;
+    let mut w = World::scenario(seed, bugs)?;
     w.isolate(2);
     w.run_for(Duration::from_secs(1))?;
     let without_3 = [0, 1].iter().all(|&i| {
@@ -1562,11 +1576,7 @@ pub(crate) fn acknowledged_publishes_survive_a_majority_restart(
     seed: u64,
     bugs: GroupBugs,
 ) -> Result<(), Violation> {
-    let plan = ClusterPlan {
-        bugs,
-        ..ClusterPlan::default()
-    };
-    let mut w = World::first_view(seed, plan)?;
+    let mut w = World::scenario(seed, bugs)?;
     w.run_for(Duration::from_secs(1))?;
     w.isolate(2);
     for i in [0, 1] {
@@ -1586,11 +1596,7 @@ pub(crate) fn acknowledged_publishes_survive_a_majority_restart(
 /// # Errors
 /// The first broken guarantee.
 pub(crate) fn view_ids_are_never_reused(seed: u64, bugs: GroupBugs) -> Result<(), Violation> {
-    let plan = ClusterPlan {
-        bugs,
-        ..ClusterPlan::default()
-    };
-    let mut w = World::first_view(seed, plan)?;
+    let mut w = World::scenario(seed, bugs)?;
     w.isolate(2);
     for i in [0, 1] {
         w.crash(i);
@@ -1621,11 +1627,7 @@ pub(crate) fn a_lost_submit_is_not_overtaken_after_eviction(
     let mut w = World::first_view(seed, plan)?;
     // Load until the sequencer's table has forgotten someone.
     w.run_for(Duration::from_secs(1))?;
-    let coordinator = w.servers[0]
-        .as_ref()
-        .and_then(|s| s.group.view())
-        .map(|v| v.id.coordinator.0 as usize - 1)
-        .ok_or_else(|| Violation("no view".into()))?;
+    let coordinator = w.coordinator()?;
     let via = (coordinator + 1) % 3;
     w.load = false;
     let fresh = w.new_publisher();
@@ -1656,16 +1658,8 @@ pub(crate) fn own_submissions_survive_a_rejoin(
     seed: u64,
     bugs: GroupBugs,
 ) -> Result<(), Violation> {
-    let plan = ClusterPlan {
-        bugs,
-        ..ClusterPlan::default()
-    };
-    let mut w = World::first_view(seed, plan)?;
-    let coordinator = w.servers[0]
-        .as_ref()
-        .and_then(|s| s.group.view())
-        .map(|v| v.id.coordinator.0 as usize - 1)
-        .ok_or_else(|| Violation("no view".into()))?;
+    let mut w = World::scenario(seed, bugs)?;
+    let coordinator = w.coordinator()?;
     let cut = (coordinator + 1) % 3;
     w.pinned = Some((0, cut));
     w.isolate(cut);
@@ -1695,11 +1689,7 @@ pub(crate) fn a_deaf_server_does_not_make_the_majority_flap(
     seed: u64,
     bugs: GroupBugs,
 ) -> Result<(), Violation> {
-    let plan = ClusterPlan {
-        bugs,
-        ..ClusterPlan::default()
-    };
-    let mut w = World::first_view(seed, plan)?;
+    let mut w = World::scenario(seed, bugs)?;
     for j in [0, 1] {
         w.cut[j][2] = true;
     }
