@@ -444,7 +444,16 @@ impl Group {
         if basis.is_none() {
             // No history to continue: a new stream begins at seq 0, and
             // clients that resume from an old one are told so.
-            tracing::warn!(me = %self.config.me, proposal = %p.id, stream = format!("{stream:x}"), "starting a new stream");
+            let stream_hex = format!("{stream:x}");
+            match p.oks.values().any(|o| o.accepted.is_some()) {
+                // Servers had a stream: its messages are gone.
+                true => {
+                    tracing::warn!(me = %self.config.me, proposal = %p.id, stream = stream_hex, "every holder of the stream lost its messages: starting a new stream")
+                }
+                false => {
+                    tracing::info!(me = %self.config.me, proposal = %p.id, stream = stream_hex, "first formation: starting the stream")
+                }
+            }
             self.clear_log();
             self.delivered = Seq(0);
             self.stable = Seq(0);
