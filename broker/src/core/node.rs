@@ -950,6 +950,11 @@ impl Node {
             self.stats.adopted += 1;
         }
         let weak_head = self.weak_head();
+        // How far this server's stream counts for the client's check: a
+        // strong client's stream is stable, so only this server's stable
+        // part can tell it apart (an unstable part that differs is this
+        // server's to take back, not the client's).
+        let horizon = if hello.weak { weak_head } else { self.head };
         // The client's stream must be this server's up to where it stands.
         let (mut claim, mut diverged) = (None, None);
         if let Some((check, r)) = resume.and_then(|r| Some((r.check?, r))) {
@@ -957,11 +962,15 @@ impl Node {
                 .agreed
                 .unwrap_or(r.after)
                 .min(Seq(check.seq.0.saturating_sub(1)));
-            match self.hash_at(check.seq) {
+            let known = match check.seq <= horizon {
+                true => self.hash_at(check.seq),
+                false => None,
+            };
+            match known {
                 Some(hash) if hash == check.hash => {}
                 Some(_) => diverged = Some((agreed, check.seq)),
                 // Not reached yet: checked when it is.
-                None if check.seq > weak_head => claim = Some((check, agreed)),
+                None if check.seq > horizon => claim = Some((check, agreed)),
                 // Older than retention, with an unchecked part (weak): it
                 // cannot be ruled out; the replay reports what is missing.
                 None if r.agreed.is_some_and(|a| a < check.seq) => {
@@ -1660,14 +1669,14 @@ impl Node {
         if self.checks.is_empty() {
             return;
         }
-        let reached = self.weak_head();
+        // (A strong session's check waits for the stable head; see
+        // `hello`.)
+        let (weak, stable) = (self.weak_head(), self.head);
         let mut due = Vec::new();
         self.checks.retain(|id| {
-            match self
-                .sessions
-                .get(id)
-                .and_then(|s| s.claim.filter(|_| !s.closing))
-            {
+            let session = self.sessions.get(id).filter(|s| !s.closing);
+            let reached = session.map_or(stable, |s| if s.weak { weak } else { stable });
+            match session.and_then(|s| s.claim) {
                 Some((check, agreed)) if check.seq <= reached => {
                     due.push((*id, check, agreed));
                     false
@@ -1873,13 +1882,21 @@ impl Node {
         self.members.install(report);
     }
 
-    /// Refuses `sub`: its publisher skipped pub_seq numbers after `after`.
-    pub fn reject_pub_seq_gap(&mut self, now: Duration, sub: &Submission, after: PubSeq) {
+    /// In a core server: refuses `sub`, the first publish of a connection,
+    /// whose pub_seq skips past `known`, the last of its publisher's that
+    /// this server's group knows of. Every server of the current primary
+    /// view knows at least what any server acknowledged to the publisher
+    /// (the flush carries it over), so this server is behind the primary
+    /// component (excluded from it without knowing yet): the client is told
+    /// `not_primary` and moves on, and the server finds out itself within a
+    /// failure timeout. (A client that really skips is refused wherever it
+    /// goes; within one connection a skip is refused as `pub_seq_gap`.)
+    pub fn reject_behind(&mut self, now: Duration, sub: &Submission, known: PubSeq) {
         let msg = format!(
-            "pub_seq {} after {}: publisher sequence numbers must not skip",
-            sub.msg.1 .0, after.0
+            "this server knows publisher {} only through pub_seq {}, before {}: it is behind the primary component; reconnect elsewhere",
+            sub.msg.0, known.0, sub.msg.1 .0
         );
-        self.reject(now, sub, ErrorCode::PubSeqGap, msg);
+        self.reject(now, sub, ErrorCode::NotPrimary, msg);
     }
 
     /// Refuses `sub` because the group cannot take more publishes now; its

@@ -30,7 +30,9 @@ use super::node::{Node, Output, TransmitKind};
 use super::upstream::{Action, UpEvent, Upstream};
 use super::SessionId;
 use bytes::Bytes;
-use canopy_client::protocol::{ClientFrame, ErrorCode, PubSeq, Seq, ServerEntry, ServerFrame};
+use canopy_client::protocol::{
+    ClientFrame, ErrorCode, PubAck, PubSeq, Seq, ServerEntry, ServerFrame,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -352,9 +354,23 @@ fn pump_core(
             // acknowledged to this publisher; this node may lag it.
             let known = sub.after.max(group.pub_held(publisher));
             // A publisher on first contact may start anywhere (as with
-            // a single node); after that it must not skip.
-            if known > PubSeq(0) && pub_seq.0 > known.0.saturating_add(1) {
-                node.reject_pub_seq_gap(now, &sub, known);
+            // a single node); after that it must not skip. (Within one
+            // connection the node judged that; past what the group knows,
+            // this server is the one behind.)
+            let acked = group.pub_acknowledged(publisher).filter(|a| pub_seq <= a.0);
+            if let Some((pub_seq, seq)) = acked {
+                // A retry the group delivered, which the node's table
+                // forgot (its bound, or a snapshot from a server whose
+                // table did): the group would drop it as a retry, so it
+                // is acknowledged here.
+                let ack = PubAck {
+                    pub_seq,
+                    seq,
+                    publisher: None,
+                };
+                node.ack_publisher(now, publisher, ack);
+            } else if known > PubSeq(0) && pub_seq.0 > known.0.saturating_add(1) {
+                node.reject_behind(now, &sub, known);
             } else if group.unordered_full() && sub.session != SessionId::NODE {
                 // (The node's own membership events are few, and must
                 // not be lost: they pass.)
@@ -405,7 +421,11 @@ fn core_event(
             }
         }
         Event::SnapshotNeeded { to } => {
-            let state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
+            let mut state = node.snapshot(SNAPSHOT_MSGS_MAX, SNAPSHOT_BYTES_MAX);
+            // The group's publisher table, not the node's: every member's
+            // sequencer must drop retries by the same table (the node's
+            // forgets by its own bound).
+            (state.publishers, state.evicted) = group.publisher_table();
             group.send_snapshot(to, state);
         }
         Event::Reset(state) => {
@@ -417,5 +437,133 @@ fn core_event(
             node.set_primary(now, group.is_primary());
         }
         Event::NotPrimary => node.set_primary(now, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::group::{GroupConfig, Incarnation};
+    use crate::core::NodeConfig;
+    use canopy_client::protocol::{self, Hello, Publish, PublisherId, Role, SlowPolicy};
+
+    const T0: Duration = Duration::ZERO;
+
+    /// A one-server core, in its primary view, whose node remembers
+    /// `node_publishers` publishers.
+    fn core(node_publishers: usize) -> Server {
+        let me = NodeId(1);
+        let group = Group::new(T0, GroupConfig::new(me, Incarnation(1), vec![me]));
+        let config = NodeConfig {
+            members_max: 0,
+            publishers_max: node_publishers,
+            ..NodeConfig::default()
+        };
+        let mut s = Server::grouped(Node::new_grouped(T0, config), group, HashMap::new());
+        let mut now = T0;
+        for _ in 0..100 {
+            if s.group().is_some_and(Group::is_primary) {
+                return s;
+            }
+            now = s.poll_timeout().unwrap_or(now).max(now);
+            s.handle_timeout(now);
+        }
+        panic!("a one-server core formed no view");
+    }
+
+    fn frames(s: &mut Server) -> Vec<(SessionId, ServerFrame)> {
+        let mut v = Vec::new();
+        while let Some(o) = s.poll_output() {
+            let (session, frame) = match o {
+                Output::Transmit { session, frame, .. } => (session, frame),
+                Output::Close { session, frame, .. } => {
+                    (session, frame.expect("closes carry an error frame"))
+                }
+            };
+            let f = protocol::decode_server(frame.slice(4..)).expect("server output decodes");
+            v.push((session, f));
+        }
+        v
+    }
+
+    /// Session `id` of publisher `publisher` sends its Hello, then
+    /// `pub_seqs`; returns what the server answered.
+    fn connect_and_publish(
+        s: &mut Server,
+        id: u64,
+        publisher: u64,
+        pub_seqs: &[u64],
+    ) -> Vec<(SessionId, ServerFrame)> {
+        let session = SessionId(id);
+        s.handle_open(T0, session);
+        let hello = Hello {
+            version: protocol::PROTOCOL_VERSION,
+            name: "t".into(),
+            publisher: PublisherId(publisher),
+            subscriptions: Vec::new(),
+            resume: None,
+            slow: SlowPolicy::Disconnect,
+            role: Role::Client,
+            reports: protocol::Reports::Servers,
+            connection: 1,
+            weak: false,
+        };
+        s.handle_frame(T0, session, ClientFrame::Hello(hello));
+        for &p in pub_seqs {
+            let publish = Publish::new("t.x", PubSeq(p), Bytes::from_static(b"m"));
+            s.handle_frame(T0, session, ClientFrame::Publish(publish));
+        }
+        s.end_batch(T0);
+        frames(s)
+    }
+
+    fn acked(out: &[(SessionId, ServerFrame)], session: u64) -> Option<PubSeq> {
+        out.iter()
+            .filter(|(s, _)| *s == SessionId(session))
+            .filter_map(|(_, f)| match f {
+                ServerFrame::PubAck(a) => Some(a.pub_seq),
+                _ => None,
+            })
+            .max()
+    }
+
+    /// A retry of a publish the group delivered, from a publisher the
+    /// node's smaller table forgot, is acknowledged (the group drops it as
+    /// a retry; before, the publisher waited for an acknowledgement for
+    /// good).
+    #[test]
+    fn a_retry_the_node_forgot_but_the_group_delivered_is_acknowledged() {
+        let mut s = core(1);
+        let out = connect_and_publish(&mut s, 1, 7, &[1, 2]);
+        assert_eq!(acked(&out, 1), Some(PubSeq(2)), "{out:?}");
+        // Another publisher pushes publisher 7 out of the node's table.
+        let out = connect_and_publish(&mut s, 2, 8, &[1]);
+        assert_eq!(acked(&out, 2), Some(PubSeq(1)), "{out:?}");
+        s.handle_closed(T0, SessionId(1));
+        let out = connect_and_publish(&mut s, 3, 7, &[1, 2]);
+        assert_eq!(acked(&out, 3), Some(PubSeq(2)), "{out:?}");
+        assert_eq!(
+            s.group().map(|g| g.pub_delivered(PublisherId(7))),
+            Some(PubSeq(2))
+        );
+    }
+
+    /// A connection's first publish past what this server's group knows of
+    /// its publisher means this server is behind the primary component (a
+    /// client never skips what was acknowledged to it): `not_primary`, so
+    /// the client moves on, rather than the fatal `pub_seq_gap` it got
+    /// before.
+    #[test]
+    fn a_first_publish_past_what_the_group_knows_is_sent_elsewhere() {
+        let mut s = core(100);
+        let out = connect_and_publish(&mut s, 1, 7, &[1, 2]);
+        assert_eq!(acked(&out, 1), Some(PubSeq(2)), "{out:?}");
+        s.handle_closed(T0, SessionId(1));
+        let out = connect_and_publish(&mut s, 2, 7, &[9]);
+        assert!(
+            out.iter().any(|(x, f)| *x == SessionId(2)
+                && matches!(f, ServerFrame::Error(e) if e.code == ErrorCode::NotPrimary)),
+            "{out:?}"
+        );
     }
 }

@@ -644,20 +644,11 @@ impl Group {
             .map_or(PubSeq(0), |p| p.delivered)
     }
 
-    /// The last pub_seq of `publisher` held here (ordered, maybe not yet
-    /// delivered). In a primary view it covers every publish acknowledged
-    /// anywhere: acknowledged means stable, held by every member.
-    pub fn pub_held(&self, publisher: PublisherId) -> PubSeq {
-        self.publishers
-            .get(&publisher)
-            .map_or(PubSeq(0), |p| p.held)
-    }
-
-    /// Tests: the delivered publisher table as a node's snapshot carries
-    /// it (publisher, last pub_seq delivered, its seq), and whether the
-    /// table ever forgot a publisher.
-    #[cfg(test)]
-    pub(crate) fn publisher_table(&self) -> (Vec<(PublisherId, PubSeq, Seq)>, bool) {
+    /// The delivered publisher table as a snapshot carries it (publisher,
+    /// last pub_seq delivered, its seq), and whether the table ever forgot
+    /// a publisher: the table the sequencer drops retries by, which a
+    /// joining server must take over as it is.
+    pub fn publisher_table(&self) -> (Vec<(PublisherId, PubSeq, Seq)>, bool) {
         let mut table: Vec<_> = self
             .publishers
             .iter()
@@ -666,6 +657,24 @@ impl Group {
             .collect();
         table.sort_unstable();
         (table, self.evicted_any)
+    }
+
+    /// When everything of `publisher` held here is delivered: its last
+    /// pub_seq and that publish's seq (an acknowledgement for a retry).
+    pub fn pub_acknowledged(&self, publisher: PublisherId) -> Option<(PubSeq, Seq)> {
+        self.publishers
+            .get(&publisher)
+            .filter(|p| p.delivered > PubSeq(0) && p.held == p.delivered)
+            .map(|p| (p.delivered, p.seq))
+    }
+
+    /// The last pub_seq of `publisher` held here (ordered, maybe not yet
+    /// delivered). In a primary view it covers every publish acknowledged
+    /// anywhere: acknowledged means stable, held by every member.
+    pub fn pub_held(&self, publisher: PublisherId) -> PubSeq {
+        self.publishers
+            .get(&publisher)
+            .map_or(PubSeq(0), |p| p.held)
     }
 
     /// Whether `submit` would refuse more publishes now.

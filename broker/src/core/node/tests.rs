@@ -1056,3 +1056,72 @@ fn a_client_that_resumes_here_from_elsewhere_counts_as_adopted() {
     drain(&mut n);
     assert_eq!(n.stats().adopted, 1);
 }
+
+/// A strong client's check is stable content: where this server holds
+/// only unstable messages (a coordinator that ordered them and was then
+/// left out of the view), a different hash is this server's to take back,
+/// not the client's. It is checked once this server's stable stream gets
+/// there. (Found by the composed-server simulator: a stale server told a
+/// strong client its stream diverged.)
+#[test]
+fn a_strong_clients_check_waits_for_the_stable_stream() {
+    let mut n = grouped();
+    n.handle_held(T0, vec![held(1, 9, 1), held(2, 9, 2)]);
+    n.handle_stable(T0, Seq(1));
+    drain(&mut n);
+    // The client's stream has another message at seq 2.
+    let theirs = chained(&[(1, 9, 1), (2, 8, 1)]);
+    let s = SessionId(5);
+    n.handle_open(T0, s);
+    let mut h = hello(5, &["t.>"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream: n.config().stream,
+            after: Seq(2),
+            check: Some(StreamCheck {
+                seq: Seq(2),
+                hash: theirs,
+            }),
+            agreed: None,
+        });
+    }
+    n.handle_frame(T0, s, h);
+    let out = drain(&mut n);
+    assert!(
+        out.iter()
+            .all(|(_, f)| !matches!(f, ServerFrame::Diverged(_))),
+        "{out:?}"
+    );
+    // This server's seq 2 is taken back, and the agreed one becomes stable.
+    n.handle_unheld(T0, Seq(1));
+    n.handle_held(T0, vec![held(2, 8, 1)]);
+    n.handle_stable(T0, Seq(2));
+    let out = drain(&mut n);
+    assert!(
+        out.iter()
+            .all(|(_, f)| !matches!(f, ServerFrame::Diverged(_))),
+        "{out:?}"
+    );
+    // A check that the stable stream contradicts is reported.
+    let s = SessionId(6);
+    n.handle_open(T0, s);
+    let mut h = hello(6, &["t.>"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream: n.config().stream,
+            after: Seq(2),
+            check: Some(StreamCheck {
+                seq: Seq(2),
+                hash: chained(&[(1, 9, 1), (2, 9, 2)]),
+            }),
+            agreed: None,
+        });
+    }
+    n.handle_frame(T0, s, h);
+    let out = drain(&mut n);
+    assert!(
+        out.iter()
+            .any(|(x, f)| *x == s && matches!(f, ServerFrame::Diverged(_))),
+        "{out:?}"
+    );
+}
