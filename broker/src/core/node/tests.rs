@@ -1057,6 +1057,27 @@ fn a_client_that_resumes_here_from_elsewhere_counts_as_adopted() {
     assert_eq!(n.stats().adopted, 1);
 }
 
+/// Opens strong session `id` resuming after the check's seq with `check`
+/// (seq, hash); the outputs stay queued.
+fn strong_resume_checked(n: &mut Node, id: u64, check: (u64, u64)) -> SessionId {
+    let s = SessionId(id);
+    n.handle_open(T0, s);
+    let mut h = hello(id, &["t.>"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream: n.config().stream,
+            after: Seq(check.0),
+            check: Some(StreamCheck {
+                seq: Seq(check.0),
+                hash: check.1,
+            }),
+            agreed: None,
+        });
+    }
+    n.handle_frame(T0, s, h);
+    s
+}
+
 /// A strong client's check is stable content: where this server holds
 /// only unstable messages (a coordinator that ordered them and was then
 /// left out of the view), a different hash is this server's to take back,
@@ -1071,21 +1092,7 @@ fn a_strong_clients_check_waits_for_the_stable_stream() {
     drain(&mut n);
     // The client's stream has another message at seq 2.
     let theirs = chained(&[(1, 9, 1), (2, 8, 1)]);
-    let s = SessionId(5);
-    n.handle_open(T0, s);
-    let mut h = hello(5, &["t.>"], SlowPolicy::Disconnect);
-    if let ClientFrame::Hello(h) = &mut h {
-        h.resume = Some(Resume {
-            stream: n.config().stream,
-            after: Seq(2),
-            check: Some(StreamCheck {
-                seq: Seq(2),
-                hash: theirs,
-            }),
-            agreed: None,
-        });
-    }
-    n.handle_frame(T0, s, h);
+    strong_resume_checked(&mut n, 5, (2, theirs));
     let out = drain(&mut n);
     assert!(
         out.iter()
@@ -1103,21 +1110,7 @@ fn a_strong_clients_check_waits_for_the_stable_stream() {
         "{out:?}"
     );
     // A check that the stable stream contradicts is reported.
-    let s = SessionId(6);
-    n.handle_open(T0, s);
-    let mut h = hello(6, &["t.>"], SlowPolicy::Disconnect);
-    if let ClientFrame::Hello(h) = &mut h {
-        h.resume = Some(Resume {
-            stream: n.config().stream,
-            after: Seq(2),
-            check: Some(StreamCheck {
-                seq: Seq(2),
-                hash: chained(&[(1, 9, 1), (2, 9, 2)]),
-            }),
-            agreed: None,
-        });
-    }
-    n.handle_frame(T0, s, h);
+    let s = strong_resume_checked(&mut n, 6, (2, chained(&[(1, 9, 1), (2, 9, 2)])));
     let out = drain(&mut n);
     assert!(
         out.iter()
