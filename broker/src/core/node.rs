@@ -294,6 +294,11 @@ pub struct Node {
     /// Deliberate protocol bugs, off unless a test proving a checker turns
     /// one on.
     pub(crate) bugs: Bugs,
+    /// Test builds: publishers the table forgot, with their last pub_seq
+    /// (their old retries may be ordered again: the simulator's checker
+    /// excuses those).
+    #[cfg(test)]
+    pub(crate) forgotten: HashMap<PublisherId, PubSeq>,
     /// Whether the core group orders publishes (they are submitted with
     /// `take_submissions` and come back through `handle_ordered`) rather
     /// than this node alone.
@@ -413,6 +418,8 @@ impl Node {
             topics: TopicCounts::default(),
             topic_names: HashSet::new(),
             bugs: Bugs::default(),
+            #[cfg(test)]
+            forgotten: HashMap::new(),
             grouped: false,
             primary: true,
             submissions: Vec::new(),
@@ -2168,7 +2175,12 @@ impl Node {
             let evict = (by_age.len() / 8).max(1);
             by_age.select_nth_unstable(evict - 1);
             for (_, id) in &by_age[..evict] {
-                self.publishers.remove(id);
+                let _gone = self.publishers.remove(id);
+                #[cfg(test)]
+                if let Some(p) = _gone {
+                    let e = self.forgotten.entry(*id).or_default();
+                    *e = (*e).max(p.last_pub_seq);
+                }
             }
         }
         self.publishers.insert(

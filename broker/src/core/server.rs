@@ -58,6 +58,10 @@ pub struct Server {
     below: Below,
     /// Core servers' client addresses, for the views told to the tree.
     core_addrs: HashMap<NodeId, String>,
+    /// Test builds: a copy of every event of the core group, in the order
+    /// the node took them, for the simulator's checkers (`None`: off).
+    #[cfg(test)]
+    tap: Option<Vec<Event>>,
 }
 
 impl Server {
@@ -67,6 +71,8 @@ impl Server {
             node,
             below: Below::Alone,
             core_addrs: HashMap::new(),
+            #[cfg(test)]
+            tap: None,
         }
     }
 
@@ -78,6 +84,8 @@ impl Server {
             node,
             below: Below::Core(Box::new(group)),
             core_addrs,
+            #[cfg(test)]
+            tap: None,
         }
     }
 
@@ -88,12 +96,20 @@ impl Server {
             node,
             below: Below::Relay(Box::new(upstream)),
             core_addrs: HashMap::new(),
+            #[cfg(test)]
+            tap: None,
         }
     }
 
     /// The client-facing node.
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// Test builds: the client-facing node, to change.
+    #[cfg(test)]
+    pub(crate) fn node_mut(&mut self) -> &mut Node {
+        &mut self.node
     }
 
     /// The group, when in one.
@@ -112,7 +128,21 @@ impl Server {
         }
     }
 
-    fn group_mut(&mut self) -> Option<&mut Group> {
+    /// Test builds: from now on, keeps a copy of every event of the core
+    /// group for [`Server::take_tapped`].
+    #[cfg(test)]
+    pub(crate) fn tap_events(&mut self) {
+        self.tap.get_or_insert_with(Vec::new);
+    }
+
+    /// Test builds: the core group's events since the last call, in the
+    /// order the node took them.
+    #[cfg(test)]
+    pub(crate) fn take_tapped(&mut self) -> Vec<Event> {
+        self.tap.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub(crate) fn group_mut(&mut self) -> Option<&mut Group> {
         match &mut self.below {
             Below::Core(g) => Some(g),
             _ => None,
@@ -269,7 +299,13 @@ impl Server {
     fn pump(&mut self, now: Duration) {
         match &mut self.below {
             Below::Alone => {}
-            Below::Core(group) => pump_core(&mut self.node, group, &self.core_addrs, now),
+            Below::Core(group) => {
+                #[cfg(test)]
+                let tap = self.tap.as_mut();
+                #[cfg(not(test))]
+                let tap = None;
+                pump_core(&mut self.node, group, &self.core_addrs, now, tap)
+            }
             Below::Relay(upstream) => pump_relay(&mut self.node, upstream, now),
         }
     }
@@ -336,6 +372,7 @@ fn pump_core(
     group: &mut Group,
     core_addrs: &HashMap<NodeId, String>,
     now: Duration,
+    mut tap: Option<&mut Vec<Event>>,
 ) {
     loop {
         // Events first: a stream reset among them drops what the node
@@ -343,6 +380,9 @@ fn pump_core(
         let mut moved = false;
         while let Some(event) = group.poll_event() {
             moved = true;
+            if let Some(tap) = tap.as_deref_mut() {
+                tap.push(event.clone());
+            }
             core_event(node, group, core_addrs, now, event);
         }
         let subs = node.take_submissions();

@@ -36,15 +36,19 @@ use super::checker::Violation;
 use super::cluster_checker::ClusterChecker;
 use super::Rng;
 use crate::core::group::{
-    wire, Event, Group, GroupBugs, GroupConfig, HardState, Incarnation, Msg, NodeId, Snapshot,
-    Submitted, ViewId,
+    wire, Event, Group, GroupBugs, GroupConfig, HardState, Incarnation, NodeId, Status, ViewId,
 };
+use crate::core::members::core_server_id;
+use crate::core::node::Output;
+use crate::core::{Node, NodeConfig, Server, SessionId};
 use bytes::Bytes;
-use canopy_client::protocol::{PubSeq, PublisherId};
+use canopy_client::protocol::{self, PubSeq, PublisherId, Seq};
+use client::{After, CoreClient};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::time::Duration;
+
+mod client;
 
 /// What a run did, for tests that require faults to have happened.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,6 +80,8 @@ pub struct ClusterOutcome {
     pub stream_resets: u64,
     /// Frames delivered twice.
     pub duplicates: u64,
+    /// Client connections broken.
+    pub client_breaks: u64,
     /// Time (µs) a majority was up and connected both ways, settled...
     pub connected_us: u64,
     /// ...and the part of it during which one of them was primary.
@@ -100,6 +106,7 @@ impl ClusterOutcome {
         self.total_crashes += o.total_crashes;
         self.stream_resets += o.stream_resets;
         self.duplicates += o.duplicates;
+        self.client_breaks += o.client_breaks;
         self.connected_us += o.connected_us;
         self.primary_us += o.primary_us;
     }
@@ -140,7 +147,7 @@ impl Default for ClusterPlan {
     }
 }
 
-/// A frame in flight.
+/// A frame in flight between two core servers.
 struct Frame {
     from: usize,
     to: usize,
@@ -155,6 +162,14 @@ enum Ev {
         at: usize,
         peer: usize,
     },
+    /// A client's frame reaches the server of connection `conn`...
+    Up(usize, Bytes),
+    /// ...a server's frame reaches the client...
+    Down(usize, Bytes),
+    /// ...and the server's close reaches the client, after its frames.
+    Closed(usize),
+    /// Client `c` tries to connect.
+    Connect(usize),
 }
 
 struct Scheduled {
@@ -180,69 +195,42 @@ impl Ord for Scheduled {
     }
 }
 
-/// A publisher as the SDK behaves: attached to one primary server, keeps
-/// what is unacknowledged, and on failover attaches elsewhere, learns what
-/// was acknowledged there, and sends the rest again.
-struct Publisher {
-    id: PublisherId,
-    /// Its first pub_seq (first contact may start anywhere).
-    first: u64,
-    next: u64,
-    unacked: VecDeque<Msg>,
-    acked: PubSeq,
-    /// Per stretch of acknowledgements: the last pub_seq and the stream it
-    /// was acknowledged in.
-    acked_in: Vec<(PubSeq, u64)>,
-    attached: Option<usize>,
-    /// The last pub_seq submitted on the current attachment, as the node
-    /// tracks a session's (`Submission::after`).
-    sent: PubSeq,
-}
-
-impl Publisher {
-    fn new(id: u64, first: u64) -> Self {
-        Publisher {
-            id: PublisherId(id),
-            first,
-            next: first,
-            unacked: VecDeque::new(),
-            acked: PubSeq(0),
-            acked_in: Vec::new(),
-            attached: None,
-            sent: PubSeq(0),
-        }
-    }
-
-    /// The stream `pub_seq` was acknowledged in, if it was.
-    fn acked_stream(&self, pub_seq: PubSeq) -> Option<u64> {
-        self.acked_in
-            .iter()
-            .find(|(through, _)| *through >= pub_seq)
-            .map(|&(_, stream)| stream)
-    }
-
-    /// Marks everything through `pub_seq` acknowledged, in `stream`.
-    fn ack(&mut self, pub_seq: PubSeq, stream: u64, out: &mut ClusterOutcome) {
-        if pub_seq <= self.acked {
-            return;
-        }
-        out.acked += pub_seq.0 - self.acked.0.max(self.first.saturating_sub(1));
-        self.acked = pub_seq;
-        self.acked_in.push((pub_seq, stream));
-        while self.unacked.front().is_some_and(|u| u.1 <= pub_seq) {
-            self.unacked.pop_front();
-        }
-    }
-}
-
-struct Server {
-    group: Group,
+/// A core server process: the composed [`Server`] (node over group), as
+/// `canopy serve` runs it.
+struct Srv {
+    server: Server,
+    /// The simulator's number for this process.
     incarnation: u64,
     /// Its first group incarnation (a rejoin moves on from there), and
     /// when it booted: a member of a view is this process if both are no
     /// later than the view's.
     first_incarnation: u64,
     booted: Duration,
+}
+
+impl Srv {
+    fn group(&self) -> &Group {
+        self.server
+            .group()
+            .expect("every simulated server is a core server")
+    }
+}
+
+/// A client connection to a core server, FIFO each way while it lasts.
+struct ClientConn {
+    client: usize,
+    server: usize,
+    /// The server process it was opened to.
+    process: u64,
+    session: SessionId,
+    live: bool,
+    /// The server closed it: nothing more goes up.
+    closing: bool,
+    /// The client had its Welcome on it.
+    welcomed: bool,
+    /// When the last frame each way arrives.
+    up_at: Duration,
+    down_at: Duration,
 }
 
 /// A view as first installed: when, and its members as (server index,
@@ -265,7 +253,7 @@ struct World {
     seed: u64,
     now: Duration,
     n: usize,
-    servers: Vec<Option<Server>>,
+    servers: Vec<Option<Srv>>,
     incarnations: u64,
     heap: BinaryHeap<Reverse<Scheduled>>,
     order: u64,
@@ -277,7 +265,15 @@ struct World {
     cut: Vec<Vec<bool>>,
     heal_at: Option<Duration>,
     latency_max_us: u64,
-    publishers: Vec<Publisher>,
+    /// The clients: the first `publishers` publish (and are retired and
+    /// replaced), the rest subscribe.
+    clients: Vec<CoreClient>,
+    publishers: usize,
+    conns: Vec<ClientConn>,
+    by_session: HashMap<SessionId, usize>,
+    next_session: u64,
+    /// The servers' client addresses (`c1`, `c2`, ...), as clients know them.
+    addrs: Vec<String>,
     checker: ClusterChecker,
     out: ClusterOutcome,
     plan: ClusterPlan,
@@ -285,7 +281,9 @@ struct World {
     failure_timeout: Duration,
     /// A violation found outside the checker's calls, reported next step.
     violation: Option<Violation>,
-    /// A publisher held on one server: (publisher index, server index).
+    /// A client held on one server whatever it says (a test's probe of a
+    /// minority side): (client index, server index). Its frames reach the
+    /// server at once.
     pinned: Option<(usize, usize)>,
     /// Whether publishers publish new messages outside the fault phase
     /// (scripted runs); the settle phase only retries.
@@ -297,11 +295,13 @@ struct World {
     /// Percent of frames delivered twice.
     dup_pct: u64,
     /// Publishers retired (their acknowledgements are still checked).
-    retired: Vec<Publisher>,
+    retired: Vec<CoreClient>,
     /// The next publisher id.
     next_publisher: u64,
     /// Publisher table bound.
     publishers_max: usize,
+    /// Messages a server's node retains for catch-up.
+    retention: usize,
     /// Streams seen, and per installed view when it was first installed
     /// and its members (server indexes).
     streams: HashSet<u64>,
@@ -318,6 +318,10 @@ struct World {
     connectivity: Connectivity,
     /// Faults may lose data directories.
     lose_disks: bool,
+    /// A script's fault: the server to cut off (frames in flight lost) the
+    /// moment the first view is installed anywhere (its coordinator goes
+    /// first, before any message is ordered in it).
+    isolate_at_first_view: Option<usize>,
 }
 
 /// Runs seed `seed` with the default plan.
@@ -360,6 +364,8 @@ impl World {
             false => 1_000,
         };
         let publishers_max = plan.publishers_max.unwrap_or(publishers_max);
+        // Small retention makes resuming subscribers meet gaps.
+        let retention = 50 + rng.below(2_000) as usize;
         let mut w = World {
             rng,
             seed,
@@ -374,7 +380,12 @@ impl World {
             cut: vec![vec![false; n]; n],
             heal_at: None,
             latency_max_us,
-            publishers: Vec::new(),
+            clients: Vec::new(),
+            publishers: 0,
+            conns: Vec::new(),
+            by_session: HashMap::new(),
+            next_session: 1,
+            addrs: (1..=n).map(|i| format!("c{i}")).collect(),
             checker: ClusterChecker::new(n),
             out: ClusterOutcome::default(),
             plan,
@@ -389,6 +400,7 @@ impl World {
             retired: Vec::new(),
             next_publisher: 1,
             publishers_max,
+            retention,
             streams: HashSet::new(),
             installed: HashMap::new(),
             latest_stream: None,
@@ -396,21 +408,36 @@ impl World {
             accepted_by: HashSet::new(),
             connectivity: Connectivity::default(),
             lose_disks: true,
+            isolate_at_first_view: None,
         };
         for _ in 0..2 + seed % 3 {
             let pb = w.new_publisher();
-            w.publishers.push(pb);
+            w.clients.push(pb);
+        }
+        w.publishers = w.clients.len();
+        // A strong and a weak subscriber, or two of one kind.
+        for k in 0..2 {
+            let weak = match seed % 4 {
+                0 => false,
+                1 => true,
+                _ => k == 1,
+            };
+            let id = PublisherId(1 << 40 | k);
+            w.clients.push(CoreClient::new(id, 1, Some(weak)));
         }
         for i in 0..n {
             let s = w.boot(i);
             w.servers.push(Some(s));
+        }
+        for c in 0..w.clients.len() {
+            w.schedule(Duration::ZERO, Ev::Connect(c));
         }
         w
     }
 
     /// A publisher with a new id, starting where a real client may: at 1,
     /// anywhere (first contact), or a few publishes short of `u64::MAX`.
-    fn new_publisher(&mut self) -> Publisher {
+    fn new_publisher(&mut self) -> CoreClient {
         let id = self.next_publisher;
         self.next_publisher += 1;
         let first = match self.rng.below(10) {
@@ -418,7 +445,7 @@ impl World {
             5..=7 => 2 + self.rng.below(1 << 40),
             _ => u64::MAX - 60 + self.rng.below(30),
         };
-        Publisher::new(id, first)
+        CoreClient::new(PublisherId(id), first, None)
     }
 
     /// Server `i`'s clock at the world's time.
@@ -439,31 +466,45 @@ impl World {
         Ok(w)
     }
 
-    /// Starts server `i` with what its disk holds.
-    fn boot(&mut self, i: usize) -> Server {
+    /// Starts server `i` with what its disk holds: the composed server
+    /// `canopy serve` runs, with small bounds so that they are reached.
+    fn boot(&mut self, i: usize) -> Srv {
         self.incarnations += 1;
         let servers: Vec<NodeId> = (1..=self.n as u32).map(NodeId).collect();
-        let mut c = GroupConfig::new(
-            NodeId(i as u32 + 1),
-            Incarnation(self.incarnations),
-            servers,
-        );
+        let me = NodeId(i as u32 + 1);
+        let mut c = GroupConfig::new(me, Incarnation(self.incarnations), servers);
         c.heartbeat_interval = self.heartbeat;
         c.failure_timeout = self.failure_timeout;
         c.link_confirm = self.heartbeat * 3;
         c.flush_timeout = self.failure_timeout;
         c.stream_seed = self.seed;
-        // Small bounds, so that they are reached.
         c.unordered_max = 64;
         c.log_len_max = 256;
         c.publishers_max = self.publishers_max;
-        let mut group = Group::recover(self.local(i), c, self.disks[i].clone());
+        let now = self.local(i);
+        let mut group = Group::recover(now, c, self.disks[i].clone());
         group.bugs = self.plan.bugs;
-        Server {
-            first_incarnation: group.me().incarnation.0,
-            booted: self.now,
-            group,
+        let first_incarnation = group.me().incarnation.0;
+        let node = NodeConfig {
+            name: self.addrs[i].clone(),
+            retention_count_max: self.retention,
+            publishers_max: self.publishers_max,
+            watermark_interval: self.heartbeat * 2,
+            idle_timeout: Duration::from_secs(3600),
+            servers: self.addrs.clone(),
+            id: core_server_id(me.0, first_incarnation),
+            ..NodeConfig::default()
+        };
+        let addrs = (0..self.n)
+            .map(|j| (NodeId(j as u32 + 1), self.addrs[j].clone()))
+            .collect();
+        let mut server = Server::grouped(Node::new_grouped(now, node), group, addrs);
+        server.tap_events();
+        Srv {
+            server,
             incarnation: self.incarnations,
+            first_incarnation,
+            booted: self.now,
         }
     }
 
@@ -513,7 +554,7 @@ impl World {
             .servers
             .iter()
             .flatten()
-            .filter_map(|s| s.group.state_view())
+            .filter_map(|s| s.group().state_view())
             .collect();
         let newest = accepted.iter().max();
         let carries_on = accepted.len() > self.n / 2 && held.iter().max() == newest;
@@ -528,7 +569,7 @@ impl World {
             let timer = (0..self.n)
                 .filter_map(|i| {
                     let s = self.servers[i].as_ref()?;
-                    Some(global_at(s.group.poll_timeout()?, self.rates[i]))
+                    Some(global_at(s.server.poll_timeout()?, self.rates[i]))
                 })
                 .min();
             let net = self.heap.peek().map(|Reverse(s)| s.at);
@@ -551,8 +592,8 @@ impl World {
                 for i in 0..self.n {
                     let local = self.local(i);
                     if let Some(s) = &mut self.servers[i] {
-                        if s.group.poll_timeout().is_some_and(|d| d <= local) {
-                            s.group.handle_timeout(local);
+                        if s.server.poll_timeout().is_some_and(|d| d <= local) {
+                            s.server.handle_timeout(local);
                         }
                     }
                 }
@@ -592,7 +633,7 @@ impl World {
                 && clique.iter().any(|&i| {
                     self.servers[i]
                         .as_ref()
-                        .is_some_and(|s| newest.is_some() && s.group.state_view() == newest)
+                        .is_some_and(|s| newest.is_some() && s.group().state_view() == newest)
                 });
         let blocked = self.blocked_by_lost_disks() || !holder;
         let c = &mut self.connectivity;
@@ -610,7 +651,7 @@ impl World {
             let primary = c.clique.iter().any(|&i| {
                 self.servers[i]
                     .as_ref()
-                    .is_some_and(|s| s.group.is_primary())
+                    .is_some_and(|s| s.group().is_primary())
             });
             if primary {
                 self.out.primary_us += us;
@@ -618,10 +659,10 @@ impl World {
                 let st: Vec<_> = (0..self.n)
                     .map(|i| {
                         self.servers[i].as_ref().map(|s| {
-                            let h = s.group.hard_state();
+                            let h = s.group().hard_state();
                             (
-                                s.group.status(),
-                                s.group.state_view().map(|v| v.to_string()),
+                                s.group().status(),
+                                s.group().state_view().map(|v| v.to_string()),
                                 h.accepted.map(|v| v.id.to_string()),
                                 h.installed.to_string(),
                             )
@@ -665,18 +706,15 @@ impl World {
             if roll < 50 {
                 return;
             }
-            let p = self.rng.below(self.publishers.len() as u64) as usize;
-            let new = faults || self.load;
+            let p = self.rng.below(self.publishers as u64) as usize;
             if faults && roll < 58 {
                 return self.retire(p);
             }
-            if new || self.rng.percent(30) {
+            if faults || self.load {
                 let k = 1 + self.rng.below(4);
                 for _ in 0..k {
-                    self.publish(p, new);
+                    self.publish(p);
                 }
-            } else {
-                self.attach(p);
             }
             return;
         }
@@ -706,6 +744,13 @@ impl World {
                 }
             }
             950..=964 if self.heal_at.is_none() => self.partition(),
+            965..=974 => {
+                let c = self.rng.below(self.clients.len() as u64) as usize;
+                if let Some(conn) = self.clients[c].conn {
+                    self.out.client_breaks += 1;
+                    self.end_conn(conn, true);
+                }
+            }
             _ => {
                 let a = self.rng.below(self.n as u64) as usize;
                 let b = self.rng.below(self.n as u64) as usize;
@@ -719,127 +764,217 @@ impl World {
     /// Publisher `p` goes away once nothing of it is unacknowledged, and a
     /// new one comes (every `canopy pub` run is a new publisher).
     fn retire(&mut self, p: usize) {
-        if !self.publishers[p].unacked.is_empty() || self.pinned.is_some() {
+        if !self.clients[p].unacked.is_empty() || self.pinned.is_some() {
             return;
+        }
+        if let Some(conn) = self.clients[p].conn {
+            self.end_conn(conn, false);
         }
         let fresh = self.new_publisher();
-        let old = std::mem::replace(&mut self.publishers[p], fresh);
+        let old = std::mem::replace(&mut self.clients[p], fresh);
         self.retired.push(old);
+        self.schedule(self.now, Ev::Connect(p));
     }
 
-    fn publish(&mut self, p: usize, new: bool) {
-        if self.pinned.is_some_and(|(q, _)| q == p) {
-            return self.publish_pinned(p);
-        }
-        self.attach(p);
-        let Some(i) = self.publishers[p].attached else {
-            return;
-        };
-        let Some(s) = &mut self.servers[i] else {
-            return;
-        };
-        let pb = &mut self.publishers[p];
-        if !new || s.group.unordered_full() || pb.unacked.len() >= 32 || pb.next == u64::MAX {
+    /// Client `c` publishes one message, if its window has room (it is
+    /// sent once the client has a Welcome).
+    fn publish(&mut self, c: usize) {
+        let cl = &mut self.clients[c];
+        if cl.unacked.len() >= 32 || cl.next == u64::MAX {
             return;
         }
-        let msg = Self::next_publish(pb, &s.group, &mut self.checker, &mut self.out);
-        s.group.submit(vec![msg]);
-    }
-
-    /// Publisher `pb`'s next publish, recorded as published and
-    /// unacknowledged.
-    fn next_publish(
-        pb: &mut Publisher,
-        group: &Group,
-        checker: &mut ClusterChecker,
-        out: &mut ClusterOutcome,
-    ) -> Submitted {
-        let pub_seq = PubSeq(pb.next);
-        pb.next = pb.next.saturating_add(1);
-        let msg = Msg(
-            pb.id,
-            pub_seq,
-            Arc::from("t"),
-            Bytes::from(format!("{}:{}", pb.id.0, pub_seq.0)),
-        );
-        pb.unacked.push_back(msg.clone());
-        checker.published(pb.id, pub_seq);
-        out.published += 1;
-        Self::submission(pb, group, msg)
-    }
-
-    /// `msg` as the node would submit it for `pb`: after the highest of its
-    /// pub_seqs the server knows ordered and what this attachment sent (0 on
-    /// first contact).
-    fn submission(pb: &mut Publisher, group: &Group, msg: Msg) -> Submitted {
-        let after = pb.sent.max(group.pub_delivered(pb.id));
-        pb.sent = pb.sent.max(msg.1);
-        Submitted(after, msg)
-    }
-
-    /// A publisher held on one server whatever it says (a test's probe of a
-    /// minority side): its publishes go to that server's group directly.
-    fn publish_pinned(&mut self, p: usize) {
-        let Some((_, i)) = self.pinned else { return };
-        let Some(s) = &mut self.servers[i] else {
-            return;
-        };
-        let pb = &mut self.publishers[p];
-        if s.group.unordered_full() || pb.next == u64::MAX {
-            return;
-        }
-        if pb.attached != Some(i) {
-            pb.attached = Some(i);
-            pb.sent = PubSeq(0);
-        }
-        let msg = Self::next_publish(pb, &s.group, &mut self.checker, &mut self.out);
-        s.group.submit(vec![msg]);
-    }
-
-    /// Keeps publisher `p` attached to a primary server, failing over (and
-    /// sending its unacknowledged publishes again) when it is not.
-    fn attach(&mut self, p: usize) {
-        let ok = self.publishers[p]
-            .attached
-            .and_then(|i| self.servers[i].as_ref())
-            .is_some_and(|s| s.group.is_primary());
-        if ok {
-            return;
-        }
-        self.publishers[p].attached = None;
-        let start = self.rng.below(self.n as u64) as usize;
-        for k in 0..self.n {
-            let i = (start + k) % self.n;
-            let Some(s) = &mut self.servers[i] else {
-                continue;
-            };
-            if !s.group.is_primary() || s.group.unordered_full() {
-                continue;
+        self.out.published += 1;
+        if let Some(frame) = cl.publish(&mut self.checker) {
+            if let Some(conn) = cl.conn {
+                self.send_up(conn, frame);
             }
-            let pb = &mut self.publishers[p];
-            pb.attached = Some(i);
-            pb.sent = PubSeq(0);
-            // The Welcome tells it what was acknowledged already.
-            let acked = s.group.pub_delivered(pb.id);
-            if acked > pb.acked {
-                let (stream, _) = self.checker.position(i, s.incarnation);
-                if self.checker.seq_of(stream, (pb.id, acked)).is_none() {
-                    self.violation.get_or_insert(Violation(format!(
-                        "acknowledgement: server {i} says publisher {} pub_seq {} was delivered, but it never was",
-                        pb.id.0, acked.0
-                    )));
+        }
+    }
+
+    /// Client `c` connects to the next server it tries: in its configured
+    /// order at first (rotated per client, as users configure them), after
+    /// a loss in adoption order with the lost server last; a round that
+    /// fails ends in a pause that doubles, as the SDK's.
+    fn connect(&mut self, c: usize) {
+        if self.clients[c].conn.is_some() {
+            return;
+        }
+        let target = match self.pinned {
+            Some((p, i)) if p == c => i,
+            _ => {
+                let cl = &mut self.clients[c];
+                if cl.to_try.is_empty() {
+                    cl.to_try = match &cl.lost {
+                        Some(lost) => protocol::failover_order(cl.id.0, &self.addrs, lost),
+                        None => {
+                            let mut order = self.addrs.clone();
+                            order.rotate_left(c % self.n);
+                            order
+                        }
+                    };
                 }
-                pb.ack(acked, stream, &mut self.out);
+                let addr = cl.to_try.remove(0);
+                self.addrs
+                    .iter()
+                    .position(|a| *a == addr)
+                    .expect("clients try the servers' addresses")
             }
-            let unacked: Vec<Msg> = pb.unacked.iter().cloned().collect();
-            let again: Vec<Submitted> = unacked
-                .into_iter()
-                .map(|m| Self::submission(pb, &s.group, m))
-                .collect();
-            if !again.is_empty() {
-                s.group.submit(again);
-            }
+        };
+        let Some(s) = self.servers[target].as_mut() else {
+            // Refused: the next one (or the pause after a round).
+            return self.retry(c);
+        };
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        let local = local_at(self.now, self.rates[target]);
+        s.server.handle_open(local, session);
+        self.conns.push(ClientConn {
+            client: c,
+            server: target,
+            process: s.incarnation,
+            session,
+            live: true,
+            closing: false,
+            welcomed: false,
+            up_at: self.now,
+            down_at: self.now,
+        });
+        let conn = self.conns.len() - 1;
+        self.by_session.insert(session, conn);
+        self.clients[c].conn = Some(conn);
+        let hello = self.clients[c].hello();
+        self.send_up(conn, hello);
+    }
+
+    /// Client `c`'s attempt failed: it tries the next server of its round
+    /// at once, or pauses after a round.
+    fn retry(&mut self, c: usize) {
+        let cl = &mut self.clients[c];
+        let pause = if cl.to_try.is_empty() {
+            let pause = cl.backoff;
+            cl.backoff = (cl.backoff * 2).min(Duration::from_secs(1));
+            pause
+        } else {
+            Duration::from_micros(100)
+        };
+        self.schedule(self.now + pause, Ev::Connect(c));
+    }
+
+    /// Ends client connection `conn`: the server is told (if the process
+    /// still runs), and the client tries again elsewhere, unless `by_client`
+    /// and it is going away.
+    fn end_conn(&mut self, conn: usize, reconnect: bool) {
+        let k = &mut self.conns[conn];
+        if !k.live {
             return;
+        }
+        k.live = false;
+        let (c, i, process, session, welcomed) =
+            (k.client, k.server, k.process, k.session, k.welcomed);
+        self.by_session.remove(&session);
+        let local = self.local(i);
+        if let Some(s) = self.servers[i]
+            .as_mut()
+            .filter(|s| s.incarnation == process)
+        {
+            s.server.handle_closed(local, session);
+            s.server.end_batch(local);
+        }
+        let cl = &mut self.clients[c];
+        if cl.conn != Some(conn) {
+            return;
+        }
+        cl.conn = None;
+        cl.welcomed = false;
+        if !reconnect {
+            return;
+        }
+        if welcomed {
+            // A working connection was lost: a new round, the lost server
+            // last.
+            cl.lost = Some(self.addrs[i].clone());
+            cl.to_try.clear();
+        }
+        self.retry(c);
+    }
+
+    /// Sends a client's frame up `conn` (at once for the pinned client).
+    fn send_up(&mut self, conn: usize, frame: Bytes) {
+        let k = &mut self.conns[conn];
+        if !k.live || k.closing {
+            return;
+        }
+        // Frames travel as the codec delivers them: without the length prefix.
+        let frame = frame.slice(4..);
+        let pinned = self.pinned.is_some_and(|(p, _)| p == k.client);
+        if pinned && k.up_at <= self.now {
+            return self.arrive(Ev::Up(conn, frame));
+        }
+        let latency = match pinned {
+            true => Duration::ZERO,
+            false => Duration::from_micros(20 + self.rng.below(self.latency_max_us)),
+        };
+        let at = (self.now + latency).max(k.up_at);
+        k.up_at = at;
+        self.schedule(at, Ev::Up(conn, frame));
+    }
+
+    /// Carries server `i`'s client outputs onto their connections.
+    fn output(&mut self, out: Output) {
+        let (session, frame, close) = match out {
+            Output::Transmit { session, frame, .. } => (session, Some(frame), false),
+            Output::Close { session, frame, .. } => (session, frame, true),
+        };
+        let Some(&conn) = self.by_session.get(&session) else {
+            return;
+        };
+        let latency = Duration::from_micros(20 + self.rng.below(self.latency_max_us));
+        let k = &mut self.conns[conn];
+        if !k.live || k.closing {
+            return;
+        }
+        let at = (self.now + latency).max(k.down_at);
+        k.down_at = at;
+        k.closing = close;
+        if let Some(frame) = frame {
+            self.schedule(at, Ev::Down(conn, frame.slice(4..)));
+        }
+        if close {
+            self.schedule(at, Ev::Closed(conn));
+        }
+    }
+
+    /// A server's frame reached client connection `conn`.
+    fn deliver_down(&mut self, conn: usize, frame: Bytes) {
+        if !self.conns[conn].live {
+            return;
+        }
+        let c = self.conns[conn].client;
+        let mut replies = Vec::new();
+        let (after, acked) = match self.clients[c].on_frame(frame, &self.checker, &mut replies) {
+            Ok(r) => r,
+            Err(v) => {
+                self.violation.get_or_insert(v);
+                return;
+            }
+        };
+        self.out.acked += acked;
+        if std::env::var_os("CANOPY_SIM_TRACE").is_some()
+            && !self.conns[conn].welcomed
+            && self.clients[c].welcomed
+        {
+            let cl = &self.clients[c];
+            eprintln!(
+                "{:?} client {}: welcomed at server {} (acked {}, next {})",
+                self.now, cl.id.0, self.conns[conn].server, cl.acked.0, cl.next
+            );
+        }
+        self.conns[conn].welcomed |= self.clients[c].welcomed;
+        for r in replies {
+            self.send_up(conn, r);
+        }
+        if after == After::Reconnect {
+            self.end_conn(conn, true);
         }
     }
 
@@ -851,6 +986,12 @@ impl World {
             eprintln!("{:?} server {i}: crashed", self.now);
         }
         self.out.crashes += 1;
+        // Its clients' connections reset: they fail over.
+        for conn in 0..self.conns.len() {
+            if self.conns[conn].live && self.conns[conn].server == i {
+                self.end_conn(conn, true);
+            }
+        }
         for j in 0..self.n {
             self.generation[i][j] += 1;
             self.generation[j][i] += 1;
@@ -858,7 +999,7 @@ impl World {
             if j != i && self.rng.percent(70) {
                 let local = self.local(j);
                 if let Some(s) = &mut self.servers[j] {
-                    s.group.handle_link_down(local, NodeId(i as u32 + 1));
+                    s.server.handle_link_down(local, NodeId(i as u32 + 1));
                 }
             }
         }
@@ -967,7 +1108,7 @@ impl World {
         for (x, y) in [(a, b), (b, a)] {
             let local = self.local(x);
             if let Some(s) = &mut self.servers[x] {
-                s.group.handle_link_down(local, NodeId(y as u32 + 1));
+                s.server.handle_link_down(local, NodeId(y as u32 + 1));
             }
         }
         self.schedule_link_up(a, b);
@@ -998,7 +1139,7 @@ impl World {
                     return;
                 };
                 let msg = wire::decode(&f.bytes[4..]).expect("frames the groups encoded decode");
-                s.group.handle_msg(local, NodeId(f.from as u32 + 1), msg);
+                s.server.handle_peer(local, NodeId(f.from as u32 + 1), msg);
             }
             Ev::LinkUp { at, peer } => {
                 if self.cut[at][peer] || self.servers[peer].is_none() {
@@ -1006,14 +1147,36 @@ impl World {
                 }
                 let local = self.local(at);
                 if let Some(s) = &mut self.servers[at] {
-                    s.group.handle_link_up(local, NodeId(peer as u32 + 1));
+                    s.server.handle_link_up(local, NodeId(peer as u32 + 1));
                 }
             }
+            Ev::Up(conn, bytes) => {
+                let k = &self.conns[conn];
+                if !k.live {
+                    return;
+                }
+                let (i, process, session) = (k.server, k.process, k.session);
+                let local = self.local(i);
+                let Some(s) = self.servers[i]
+                    .as_mut()
+                    .filter(|s| s.incarnation == process)
+                else {
+                    return;
+                };
+                let frame = protocol::decode_client(bytes)
+                    .expect("frames the model clients encoded decode");
+                s.server.handle_frame(local, session, frame);
+                s.server.end_batch(local);
+            }
+            Ev::Down(conn, bytes) => self.deliver_down(conn, bytes),
+            Ev::Closed(conn) => self.end_conn(conn, true),
+            Ev::Connect(c) => self.connect(c),
         }
     }
 
-    /// Carries every server's frames onto links and its events to the
-    /// checker and the publishers, until all are quiet.
+    /// Carries every server's frames onto links, its group's events to the
+    /// checker and its client outputs onto connections, until all are
+    /// quiet.
     fn drain(&mut self) -> Result<(), Violation> {
         loop {
             let mut moved = false;
@@ -1023,36 +1186,42 @@ impl World {
                 };
                 let inc = s.incarnation;
                 // The hard state is on disk before any frame leaves.
-                if let Some(hard) = s.group.poll_hard_state() {
+                if let Some(hard) = s.server.poll_hard_state() {
                     if let Some(v) = &hard.accepted {
                         self.accepted_by.insert((i, inc, v.id));
                     }
                     self.disks[i] = Some(hard);
                 }
-                for (p, held) in s.group.forgotten.drain() {
+                // What either publisher table forgot: old retries of those
+                // publishers may be ordered again (the price of the bound).
+                let mut forgotten: Vec<_> = s.server.node_mut().forgotten.drain().collect();
+                if let Some(g) = s.server.group_mut() {
+                    forgotten.extend(g.forgotten.drain());
+                }
+                for (p, held) in forgotten {
                     let e = self.checker.forgotten.entry(p).or_default();
                     *e = (*e).max(held);
                 }
                 let mut frames = Vec::new();
-                let mut events = Vec::new();
-                while let Some(t) = s.group.poll_transmit() {
+                while let Some(t) = s.server.poll_transmit() {
                     frames.push(t);
                 }
-                while let Some(e) = s.group.poll_event() {
-                    events.push(e);
+                let events = s.server.take_tapped();
+                let mut outputs = Vec::new();
+                while let Some(o) = s.server.poll_output() {
+                    outputs.push(o);
                 }
-                moved |= !frames.is_empty() || !events.is_empty();
+                moved |= !frames.is_empty() || !events.is_empty() || !outputs.is_empty();
+                // What the node was told is checked before any client
+                // can see what the node made of it.
                 for e in events {
                     self.event(i, inc, e)?;
                 }
-                // Snapshots asked for by the events were queued after them.
-                if let Some(s) = &mut self.servers[i] {
-                    while let Some(t) = s.group.poll_transmit() {
-                        frames.push(t);
-                    }
-                }
                 for (to, bytes) in frames {
                     self.send(i, to.0 as usize - 1, bytes);
+                }
+                for o in outputs {
+                    self.output(o);
                 }
             }
             if !moved {
@@ -1087,20 +1256,18 @@ impl World {
         }
     }
 
+    /// One event of server `i`'s group, as its node took it.
     fn event(&mut self, i: usize, inc: u64, e: Event) -> Result<(), Violation> {
         self.out.digest = mix(self.out.digest, i as u64);
+        if std::env::var_os("CANOPY_SIM_TRACE_EVENTS").is_some() {
+            eprintln!("{:?} server {i}/{inc}: {e:?}", self.now);
+        }
         match e {
             Event::Deliver(batch) => {
                 self.checker.deliver(i, inc, &batch)?;
                 self.out.delivered += batch.len() as u64;
-                let (stream, _) = self.checker.position(i, inc);
                 for m in &batch {
                     self.out.digest = mix(self.out.digest, m.seq.0 ^ (m.publisher.0 << 40));
-                    for pb in &mut self.publishers {
-                        if pb.id == m.publisher && pb.attached == Some(i) {
-                            pb.ack(m.pub_seq, stream, &mut self.out);
-                        }
-                    }
                 }
             }
             Event::Held(msgs) => self.checker.held(i, inc, &msgs)?,
@@ -1148,26 +1315,15 @@ impl World {
                     .or_default()
                     .entry(view.id)
                     .or_insert((self.now, members));
+                if let Some(x) = self.isolate_at_first_view.take() {
+                    self.isolate(x);
+                    for j in (0..self.n).filter(|&j| j != x) {
+                        self.break_link(x, j);
+                    }
+                }
             }
-            Event::SnapshotNeeded { to } => {
-                let (stream, head) = self.checker.position(i, inc);
-                let s = self.servers[i]
-                    .as_mut()
-                    .expect("a server that asks for a snapshot is running");
-                // The publisher table as the server's node would keep it.
-                let (publishers, evicted) = s.group.publisher_table();
-                let state = Snapshot {
-                    stream,
-                    head,
-                    publishers,
-                    evicted,
-                    first: head.next(),
-                    msgs: Vec::new(),
-                    members: None,
-                    hash: 0,
-                };
-                s.group.send_snapshot(to, state);
-            }
+            // The server answered it with its node's snapshot.
+            Event::SnapshotNeeded { .. } => {}
             Event::Reset(state) => {
                 if std::env::var_os("CANOPY_SIM_TRACE").is_some() {
                     eprintln!(
@@ -1177,22 +1333,22 @@ impl World {
                 }
                 self.out.digest = mix(self.out.digest, state.head.0);
                 self.new_stream(state.stream)?;
+                // The node's real snapshot: what it retains is the stream.
+                let mut seq = state.first;
+                for m in &state.msgs {
+                    let stable = self.checker.content(state.stream, seq);
+                    if stable != Some((m.0, m.1)) {
+                        return Err(Violation(format!(
+                            "agreement: server {i} was reset with {:?} at seq {seq} of stream {:x}, where the stream has {stable:?}",
+                            (m.0, m.1),
+                            state.stream
+                        )));
+                    }
+                    seq = seq.next();
+                }
                 self.checker.reset(i, inc, state.stream, state.head)?;
-                // As the server does, it drops its clients to catch up.
-                for pb in &mut self.publishers {
-                    if pb.attached == Some(i) {
-                        pb.attached = None;
-                    }
-                }
             }
-            Event::NotPrimary => {
-                let pinned = self.pinned.map(|(p, _)| self.publishers[p].id);
-                for pb in &mut self.publishers {
-                    if pb.attached == Some(i) && Some(pb.id) != pinned {
-                        pb.attached = None;
-                    }
-                }
-            }
+            Event::NotPrimary => {}
         }
         Ok(())
     }
@@ -1246,7 +1402,8 @@ impl World {
         Ok(())
     }
 
-    /// After the settle time: one view of all servers, nothing pending.
+    /// After the settle time: one view of all servers, nothing pending,
+    /// every client served.
     fn converged(&mut self) -> Result<(), Violation> {
         let mut view = None;
         let mut position = None;
@@ -1254,13 +1411,13 @@ impl World {
             let Some(s) = s else {
                 return Err(Violation(format!("liveness: server {i} is down")));
             };
-            if !s.group.is_primary() {
+            if !s.group().is_primary() {
                 return Err(Violation(format!(
                     "liveness: server {i} is not primary ({:?}) after faults stopped",
-                    s.group.status()
+                    s.group().status()
                 )));
             }
-            let v = s.group.view().map(|v| (v.id, v.members.len()));
+            let v = s.group().view().map(|v| (v.id, v.members.len()));
             if view.is_some_and(|x| Some(x) != v) {
                 return Err(Violation(format!(
                     "liveness: servers disagree on the view: {view:?} vs {v:?}"
@@ -1274,6 +1431,15 @@ impl World {
                 )));
             }
             position = Some(p);
+            // Every submission is ordered in the end: a server's own
+            // membership events are submitted once, so one stuck here is
+            // lost for good (and holds back every later one).
+            if s.group().unordered_len() > 0 {
+                return Err(Violation(format!(
+                    "liveness: server {i} still has {} submissions the group never ordered",
+                    s.group().unordered_len()
+                )));
+            }
         }
         if view.map(|v| v.1) != Some(self.n) {
             return Err(Violation(format!(
@@ -1281,11 +1447,11 @@ impl World {
                 self.n
             )));
         }
-        let (stream, _) = position.unwrap_or_default();
+        let (stream, head) = position.unwrap_or_default();
         // Durability: every publish acknowledged in the final stream is in
         // it (one acknowledged in a stream that ended was checked when the
         // new one began).
-        for pb in self.publishers.iter().chain(&self.retired) {
+        for pb in self.clients.iter().chain(&self.retired) {
             for k in pb.first..=pb.acked.0 {
                 if pb.acked_stream(PubSeq(k)) == Some(stream)
                     && self.checker.seq_of(stream, (pb.id, PubSeq(k))).is_none()
@@ -1298,21 +1464,67 @@ impl World {
                 }
             }
         }
-        for pb in &self.publishers {
-            if !pb.unacked.is_empty() {
+        for c in 0..self.clients.len() {
+            let cl = &self.clients[c];
+            if !cl.welcomed {
+                return Err(Violation(format!(
+                    "liveness: client {} is not connected (trying {:?}, lost {:?})",
+                    cl.id.0, cl.to_try, cl.lost
+                )));
+            }
+            if !cl.unacked.is_empty() {
                 let tables: Vec<(PubSeq, PubSeq)> = self
                     .servers
                     .iter()
                     .flatten()
-                    .map(|s| (s.group.pub_held(pb.id), s.group.pub_delivered(pb.id)))
+                    .map(|s| (s.group().pub_held(cl.id), s.group().pub_delivered(cl.id)))
                     .collect();
                 return Err(Violation(format!(
-                    "liveness: publisher {} still has {} unacknowledged publishes (first {:?}, acked {:?}, attached {:?}; servers' held/delivered {tables:?})",
-                    pb.id.0,
-                    pb.unacked.len(),
-                    pb.unacked.front().map(|m| m.1),
-                    pb.acked,
-                    pb.attached
+                    "liveness: publisher {} still has {} unacknowledged publishes (first {:?}, acked {:?}, at {:?}; servers' held/delivered {tables:?})",
+                    cl.id.0,
+                    cl.unacked.len(),
+                    cl.unacked.front(),
+                    cl.acked,
+                    cl.conn.map(|k| self.conns[k].server)
+                )));
+            }
+            self.clients[c].check_final(&self.checker, stream, head)?;
+        }
+        self.members_agree()
+    }
+
+    /// Every server's membership state is the same, and lists each client
+    /// at the server it is attached to (adoption included).
+    fn members_agree(&self) -> Result<(), Violation> {
+        let report = |i: usize| {
+            self.servers[i]
+                .as_ref()
+                .map(|s| s.server.node().members().report(Seq(0)))
+        };
+        let first = report(0);
+        for i in 1..self.n {
+            if report(i) != first {
+                return Err(Violation(format!(
+                    "membership: server {i}'s differs from server 0's:\n  {i}: {:?}\n  0: {first:?}",
+                    report(i)
+                )));
+            }
+        }
+        let Some(first) = first else {
+            return Ok(());
+        };
+        for cl in &self.clients {
+            let Some(conn) = cl.conn else { continue };
+            let at = self.conns[conn].server;
+            let server = self.servers[at]
+                .as_ref()
+                .map(|s| s.server.node().config().id);
+            let session = self.conns[conn].session.0;
+            let listed = first.joined.iter().find(|e| e.id == cl.id);
+            if listed.map(|e| (e.server, e.session)) != server.map(|s| (s, session)) {
+                return Err(Violation(format!(
+                    "membership: client {} is at server {at} but listed as {listed:?}",
+                    cl.id.0
                 )));
             }
         }
@@ -1348,7 +1560,7 @@ pub fn minority_partition(seed: u64) -> Result<MinorityReport, Violation> {
         .servers
         .iter()
         .flatten()
-        .find_map(|s| s.group.view().map(|v| v.id.coordinator.0 as usize - 1))
+        .find_map(|s| s.group().view().map(|v| v.id.coordinator.0 as usize - 1))
         .ok_or_else(|| Violation("no view formed within a second".into()))?;
     let other = (cut + 1) % 3;
     let inc = |w: &World, i: usize| w.servers[i].as_ref().map_or(0, |s| s.incarnation);
@@ -1359,7 +1571,7 @@ pub fn minority_partition(seed: u64) -> Result<MinorityReport, Violation> {
             }
         }
     }
-    w.pinned = Some((0, cut));
+    w.pin(0, cut);
     // Frames already in flight when the cut came still land (the longest
     // link latency is under 6 ms); what they complete was decided before.
     let settle = w.now + Duration::from_millis(10);
@@ -1375,11 +1587,11 @@ pub fn minority_partition(seed: u64) -> Result<MinorityReport, Violation> {
         delivered_while_cut: after.0 - before.0,
         told_not_primary: !w.servers[cut]
             .as_ref()
-            .is_some_and(|s| s.group.is_primary()),
+            .is_some_and(|s| s.group().is_primary()),
         majority_delivered: w.checker.position(other, inc(&w, other)).1 .0 - majority_before.0,
         published_there: w.out.published - published_before,
     };
-    w.pinned = None;
+    w.unpin();
     w.load = false;
     w.heal_partition();
     let end = w.now + w.plan.settle;
@@ -1417,7 +1629,10 @@ pub fn restarted_server_cannot_outvote_the_state(seed: u64) -> Result<(), Violat
     let end = w.now + w.failure_timeout * 10;
     w.run_until(end, false)?;
     for i in [1, 2] {
-        if w.servers[i].as_ref().is_some_and(|s| s.group.is_primary()) {
+        if w.servers[i]
+            .as_ref()
+            .is_some_and(|s| s.group().is_primary())
+        {
             return Err(Violation(format!(
                 "primary component: server {} formed a view without the newest state",
                 i + 1
@@ -1476,7 +1691,7 @@ impl World {
     fn coordinator(&self) -> Result<usize, Violation> {
         self.servers[0]
             .as_ref()
-            .and_then(|s| s.group.view())
+            .and_then(|s| s.group().view())
             .map(|v| v.id.coordinator.0 as usize - 1)
             .ok_or_else(|| Violation("no view".into()))
     }
@@ -1484,7 +1699,35 @@ impl World {
     fn primary(&self, i: usize) -> bool {
         self.servers[i]
             .as_ref()
-            .is_some_and(|s| s.group.is_primary())
+            .is_some_and(|s| s.group().is_primary())
+    }
+
+    /// Holds client `c` on server `i` whatever it says; its frames reach
+    /// the server at once.
+    fn pin(&mut self, c: usize, i: usize) {
+        self.pinned = Some((c, i));
+        if let Some(conn) = self.clients[c].conn {
+            if self.conns[conn].server != i {
+                self.end_conn(conn, false);
+            }
+        }
+        self.connect(c);
+    }
+
+    /// Lets the pinned client go where it likes again.
+    fn unpin(&mut self) {
+        self.pinned = None;
+    }
+
+    /// Runs until client `c` has its Welcome.
+    fn welcomed(&mut self, c: usize) -> Result<(), Violation> {
+        for _ in 0..100 {
+            if self.clients[c].welcomed {
+                return Ok(());
+            }
+            self.run_for(self.heartbeat)?;
+        }
+        Err(Violation(format!("setup: client {c} got no Welcome")))
     }
 
     /// Cuts server `i` off from the others both ways.
@@ -1505,7 +1748,7 @@ impl World {
     /// Heals every cut, stops new publishes, and requires convergence with
     /// every acknowledged publish (and availability).
     fn heal_and_converge(&mut self) -> Result<(), Violation> {
-        self.pinned = None;
+        self.unpin();
         self.load = false;
         self.heal_partition();
         self.run_for(self.plan.settle)?;
@@ -1529,9 +1772,10 @@ impl World {
     }
 }
 
-/// Scenario 1: server 3 is cut off right after the first view (it holds
-/// nothing); servers 1 and 2 order and acknowledge publishes; server 2 is
-/// cut off and server 1 crashes and restarts with its data directory.
+/// Scenario 1: server 3 is cut off the moment the first view is installed
+/// (by its coordinator), frames in flight lost: it accepted the view and
+/// holds nothing. Servers 1 and 2 order and acknowledge publishes; server 2
+/// is cut off and server 1 crashes and restarts with its data directory.
 /// Restarted 1 and stale 3 must not form a view (before the fix they
 /// ordered seq 1, 2, ... again under the same stream id); after the heal
 /// everything converges with every acknowledged publish.
@@ -1542,20 +1786,36 @@ pub(crate) fn stream_restarted_under_the_same_id(
     seed: u64,
     bugs: GroupBugs,
 ) -> Result<(), Violation> {
-    let mut w = World::scenario(seed, bugs)?;
-    w.isolate(2);
+    let plan = ClusterPlan {
+        bugs,
+        servers: Some(3),
+        ..ClusterPlan::default()
+    };
+    let mut w = World::new(seed, plan);
+    w.load = true;
+    w.isolate_at_first_view = Some(2);
     w.run_for(Duration::from_secs(1))?;
     let without_3 = [0, 1].iter().all(|&i| {
         w.primary(i)
             && w.servers[i]
                 .as_ref()
-                .and_then(|s| s.group.view())
+                .and_then(|s| s.group().view())
                 .is_some_and(|v| v.members.len() == 2)
     });
-    if !without_3 {
-        return Err(Violation(
-            "setup: servers 1 and 2 did not go on without 3".into(),
-        ));
+    let holds_nothing = w.servers[2]
+        .as_ref()
+        .is_some_and(|s| s.group().held() == Seq(0));
+    if !without_3 || !holds_nothing {
+        let views: Vec<_> = (0..3)
+            .map(|i| {
+                w.servers[i]
+                    .as_ref()
+                    .and_then(|s| s.group().view().map(|v| (v.id, v.members.len())))
+            })
+            .collect();
+        return Err(Violation(format!(
+            "setup: servers 1 and 2 did not go on without 3, which holds nothing: {without_3} {holds_nothing} {views:?}"
+        )));
     }
     w.heal_partition();
     w.isolate(1);
@@ -1631,26 +1891,28 @@ pub(crate) fn a_lost_submit_is_not_overtaken_after_eviction(
     let via = (coordinator + 1) % 3;
     w.load = false;
     let fresh = w.new_publisher();
-    let p = w.publishers.len();
-    w.publishers.push(fresh);
-    w.pinned = Some((p, via));
-    w.publish_pinned(p);
+    let p = w.clients.len();
+    w.clients.push(fresh);
+    w.pin(p, via);
+    w.welcomed(p)?;
+    w.publish(p);
     w.drain()?;
     // The first `Submit` is in flight: the link breaks under it.
     w.break_link(via, coordinator);
-    w.publish_pinned(p);
+    w.publish(p);
     w.drain()?;
     w.run_for(w.failure_timeout * 4)?;
-    w.pinned = None;
+    w.unpin();
     w.heal_and_converge()
 }
 
-/// Scenario 5: a server that is cut off while it holds its own undelivered
-/// submissions (a publisher pinned to it that never sends again, as the
-/// node's own membership events are submitted once) rejoins after the
-/// heal. Its submissions must survive the rejoin (before the fix `rejoin`
-/// dropped them, the next one skipped a pub_seq, and the sequencer waited
-/// for the missing one for good).
+/// Scenario 5: a server whose outgoing links are cut holds its own
+/// undelivered submissions (the detach and attach of a client that
+/// reconnects there; a node's membership events are submitted once). It
+/// still hears the others, learns that a newer view went on without it,
+/// and rejoins. Its submissions must survive the rejoin (before the fix
+/// `rejoin` dropped them, the next one skipped a pub_seq, and the sequencer
+/// waited for the missing one for good).
 ///
 /// # Errors
 /// The first broken guarantee.
@@ -1658,20 +1920,35 @@ pub(crate) fn own_submissions_survive_a_rejoin(
     seed: u64,
     bugs: GroupBugs,
 ) -> Result<(), Violation> {
-    let mut w = World::scenario(seed, bugs)?;
-    let coordinator = w.coordinator()?;
-    let cut = (coordinator + 1) % 3;
-    w.pinned = Some((0, cut));
-    w.isolate(cut);
-    for _ in 0..5 {
-        w.publish_pinned(0);
+    // No eviction: the sequencer orders past a revived publisher's gap.
+    let plan = ClusterPlan {
+        bugs,
+        publishers_max: Some(1_000),
+        ..ClusterPlan::default()
+    };
+    let mut w = World::first_view(seed, plan)?;
+    let cut = (w.coordinator()? + 1) % 3;
+    w.pin(0, cut);
+    w.welcomed(0)?;
+    for j in (0..3).filter(|&j| j != cut) {
+        w.cut[cut][j] = true;
     }
+    // Publishes in flight, then the client reconnects: a detach and an
+    // attach that cannot reach the sequencer.
+    for _ in 0..5 {
+        w.publish(0);
+    }
+    w.drain()?;
+    if let Some(conn) = w.clients[0].conn {
+        w.end_conn(conn, true);
+    }
+    w.welcomed(0)?;
     w.run_for(w.failure_timeout * 10)?;
     w.heal_partition();
     w.run_for(w.failure_timeout * 10)?;
-    // The next own submission follows the ones held over the rejoin.
+    // More own events follow the ones held over the rejoin.
     for _ in 0..3 {
-        w.publish_pinned(0);
+        w.publish(0);
     }
     w.run_for(w.failure_timeout * 10)?;
     w.heal_and_converge()
@@ -1695,6 +1972,66 @@ pub(crate) fn a_deaf_server_does_not_make_the_majority_flap(
     }
     w.run_for(w.failure_timeout * 40)?;
     w.available()?;
+    w.heal_and_converge()
+}
+
+/// Held messages taken back: the coordinator's outgoing links are cut
+/// (it still hears the others), and a publisher pinned to it has publishes
+/// ordered that no one else gets: held there, never stable. The two
+/// others flush a view without it; its proposer crashes after the other
+/// accepted that view and before it was committed, so the view orders
+/// nothing. After the heal the old coordinator is lagging in the same
+/// stream with nothing delivered beyond what the others hold: it keeps
+/// its prefix and must take its held messages back openly (`Unheld`)
+/// before the new history replaces them.
+///
+/// # Errors
+/// The first broken guarantee; a "setup" error when the seed's timing
+/// did not reach the point where held messages are taken back.
+pub(crate) fn held_messages_are_taken_back(seed: u64, bugs: GroupBugs) -> Result<(), Violation> {
+    let mut w = World::scenario(seed, bugs)?;
+    w.run_for(Duration::from_millis(200))?;
+    w.load = false;
+    let c = w.coordinator()?;
+    let others: Vec<usize> = (0..3).filter(|&j| j != c).collect();
+    for &j in &others {
+        w.cut[c][j] = true;
+    }
+    w.pin(0, c);
+    w.welcomed(0)?;
+    for _ in 0..3 {
+        w.publish(0);
+    }
+    w.drain()?;
+    // Step (below the least link latency) until one of the others has
+    // accepted a view the other proposed without `c`; then crash its
+    // proposer before the acceptance reaches it.
+    let deadline = w.now + w.failure_timeout * 20;
+    let proposer = loop {
+        if w.now > deadline {
+            return Err(Violation(
+                "setup: no view was accepted without the coordinator".into(),
+            ));
+        }
+        w.run_for(Duration::from_micros(20))?;
+        let accepted = others.iter().find_map(|&j| {
+            let g = w.servers[j].as_ref()?.group();
+            let v = g.state_view()?;
+            let k = v.coordinator.0 as usize - 1;
+            (g.status() == Status::Accepted && k != c && k != j).then_some(k)
+        });
+        if let Some(k) = accepted {
+            break k;
+        }
+    };
+    w.crash(proposer);
+    w.heal_partition();
+    w.unpin();
+    w.run_for(w.failure_timeout * 10)?;
+    if w.out.unheld == 0 {
+        return Err(Violation("setup: no held message was taken back".into()));
+    }
+    w.restart(proposer, true);
     w.heal_and_converge()
 }
 

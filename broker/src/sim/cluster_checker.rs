@@ -25,7 +25,10 @@ use super::checker::Violation;
 use crate::core::group::{View, ViewId};
 use crate::core::retention::Ordered;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+/// The prefix of system topics (`$canopy.>` without the wildcard).
+const SYSTEM_PREFIX: &str = "$canopy.";
 
 /// Where one server (one incarnation) stands.
 #[derive(Clone, Debug, Default)]
@@ -45,6 +48,9 @@ pub struct ClusterChecker {
     tracks: HashMap<(usize, u64), ServerTrack>,
     /// Per stream: seq → content.
     order: HashMap<u64, BTreeMap<Seq, (PublisherId, PubSeq)>>,
+    /// Per stream: the seqs of system messages (the servers' own
+    /// membership events, not a simulated publisher's).
+    system: HashSet<(u64, Seq)>,
     /// Per stream: content → seq.
     seq_of: HashMap<u64, HashMap<(PublisherId, PubSeq), Seq>>,
     /// Per stream and publisher: seq → pub_seq.
@@ -80,6 +86,23 @@ impl ClusterChecker {
     /// The delivered content at `seq` in `stream`, if any server delivered it.
     pub fn content(&self, stream: u64, seq: Seq) -> Option<(PublisherId, PubSeq)> {
         self.order.get(&stream).and_then(|o| o.get(&seq)).copied()
+    }
+
+    /// What `stream` holds after `after` through `through`: seq, content,
+    /// and whether it is a system message.
+    pub fn contents(
+        &self,
+        stream: u64,
+        after: Seq,
+        through: Seq,
+    ) -> Vec<(Seq, (PublisherId, PubSeq), bool)> {
+        let Some(order) = self.order.get(&stream) else {
+            return Vec::new();
+        };
+        order
+            .range(after.next()..=through)
+            .map(|(&seq, &c)| (seq, c, self.system.contains(&(stream, seq))))
+            .collect()
     }
 
     /// Server `server` (incarnation `inc`) delivered `batch`.
@@ -133,17 +156,24 @@ impl ClusterChecker {
                     order.insert(m.seq, content);
                 }
             }
+            // A server's own membership event: its payload is the node's,
+            // and its publisher is the server.
+            let system = m.topic.starts_with(SYSTEM_PREFIX);
+            if system {
+                self.system.insert((stream, m.seq));
+            }
             let expected = format!("{}:{}", m.publisher.0, m.pub_seq.0);
-            if m.payload.as_ref() != expected.as_bytes() {
+            if !system && m.payload.as_ref() != expected.as_bytes() {
                 return Err(Violation(format!(
                     "no creation: seq {} carries a payload nobody published with {content:?}",
                     m.seq
                 )));
             }
-            if self
-                .published
-                .get(&m.publisher)
-                .is_none_or(|&p| m.pub_seq > p)
+            if !system
+                && self
+                    .published
+                    .get(&m.publisher)
+                    .is_none_or(|&p| m.pub_seq > p)
             {
                 return Err(Violation(format!(
                     "no creation: seq {} is {content:?}, never published",

@@ -3,11 +3,13 @@
 
 use super::cluster::{
     a_deaf_server_does_not_make_the_majority_flap, a_lost_submit_is_not_overtaken_after_eviction,
-    acknowledged_publishes_survive_a_majority_restart, minority_partition,
-    own_submissions_survive_a_rejoin, restarted_server_cannot_outvote_the_state, run, run_with,
-    stream_restarted_under_the_same_id, view_ids_are_never_reused, ClusterOutcome, ClusterPlan,
+    acknowledged_publishes_survive_a_majority_restart, held_messages_are_taken_back,
+    minority_partition, own_submissions_survive_a_rejoin,
+    restarted_server_cannot_outvote_the_state, run, run_with, stream_restarted_under_the_same_id,
+    view_ids_are_never_reused, ClusterOutcome, ClusterPlan,
 };
 use crate::core::group::GroupBugs;
+use crate::sim::checker::Violation;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
 fn seed_count() -> u64 {
@@ -45,7 +47,9 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
     assert!(t.restarts > seeds / 2, "servers restarted: {t:?}");
     assert!(t.partitions > seeds / 4, "partitions: {t:?}");
     assert!(t.breaks > seeds, "links broke: {t:?}");
-    assert!(t.unheld > 0, "held messages taken back: {t:?}");
+    // Held messages taken back (`unheld`) are rare here: every new primary
+    // view orders its core list, so a lagging server mostly takes a
+    // snapshot instead; `held_messages_are_taken_back` scripts it.
     assert!(
         t.disks_lost > seeds / 10,
         "restarts without the disk: {t:?}"
@@ -96,6 +100,41 @@ fn a_restarted_server_cannot_outvote_the_state() {
     }
 }
 
+/// Seeds each scripted scenario runs.
+const SEEDS: u64 = 10;
+
+/// Requires scripted scenario `f` to hold on every seed of the correct
+/// build.
+fn holds(f: impl Fn(u64, GroupBugs) -> Result<(), Violation>) {
+    for seed in 0..SEEDS {
+        f(seed, GroupBugs::default()).unwrap_or_else(|v| panic!("seed {seed}: {}", v.0));
+    }
+}
+
+/// The first seed's violation (or panic) under `bugs`, or a panic if none
+/// fails. (A seed where the broken build does not reach the scenario's
+/// starting point, a "setup" error, does not count.)
+fn fails(
+    bugs: GroupBugs,
+    f: impl Fn(u64, GroupBugs) -> Result<(), Violation> + std::panic::RefUnwindSafe,
+) -> String {
+    (0..SEEDS * 3)
+        .find_map(|seed| match std::panic::catch_unwind(|| f(seed, bugs)) {
+            Ok(r) => r.err().map(|v| v.0).filter(|v| !v.starts_with("setup")),
+            Err(panic) => Some(panic_text(panic)),
+        })
+        .unwrap_or_else(|| panic!("{bugs:?} passed every seed: the scenario misses it"))
+}
+
+/// What a caught panic said.
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}
+
 /// Runs seeds with `bugs` until one is caught; returns what was caught.
 fn caught(bugs: GroupBugs) -> String {
     for seed in 0..200 {
@@ -108,13 +147,7 @@ fn caught(bugs: GroupBugs) -> String {
         match std::panic::catch_unwind(|| run_with(seed, plan)) {
             Ok(Ok(_)) => {}
             Ok(Err(v)) => return v.0,
-            Err(panic) => {
-                return panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a panic".into())
-            }
+            Err(panic) => return panic_text(panic),
         }
     }
     panic!("a group with {bugs:?} passed 200 seeds: the checkers miss it");
@@ -144,13 +177,20 @@ fn a_sequencer_that_orders_retries_again_is_caught() {
     assert!(v.contains("duplication") || v.contains("FIFO"), "{v}");
 }
 
+/// Held messages are taken back openly (`Unheld`), scripted because the
+/// composed server rarely gets there by chance: every new primary view
+/// orders its core list, so a lagging server usually takes a snapshot
+/// (`Reset`) instead. In the broken build the node's own invariant (held
+/// seqs are contiguous) trips before the stream checker sees the events.
 #[test]
 fn taking_back_held_messages_silently_is_caught() {
-    let v = caught(GroupBugs {
+    holds(held_messages_are_taken_back);
+    let bugs = GroupBugs {
         silent_unhold: true,
         ..GroupBugs::default()
-    });
-    assert!(v.contains("weak"), "{v}");
+    };
+    let v = fails(bugs, held_messages_are_taken_back);
+    assert!(v.contains("weak") || v.contains("contiguous"), "{v}");
 }
 
 #[test]
@@ -210,13 +250,27 @@ fn replay() {
         a_lost_submit_is_not_overtaken_after_eviction,
         own_submissions_survive_a_rejoin,
         a_deaf_server_does_not_make_the_majority_flap,
+        held_messages_are_taken_back,
     ];
     if let Some(n) = std::env::var("CANOPY_SIM_SCENARIO")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
         let f = scenarios[n - 1];
-        return f(seed, GroupBugs::default()).unwrap_or_else(|v| panic!("{}", v.0));
+        // `CANOPY_SIM_BUG=cold,promises,rejoin,lost_submit,deafness` (any
+        // of them): the broken build the scenario must catch.
+        let bug = std::env::var("CANOPY_SIM_BUG").unwrap_or_default();
+        let has = |name: &str| bug.split(',').any(|b| b == name);
+        let bugs = GroupBugs {
+            cold_start_without_state: has("cold"),
+            forget_promises: has("promises"),
+            clear_queue_on_rejoin: has("rejoin"),
+            order_past_lost_submit: has("lost_submit"),
+            ignore_deafness: has("deafness"),
+            silent_unhold: has("unhold"),
+            ..GroupBugs::default()
+        };
+        return f(seed, bugs).unwrap_or_else(|v| panic!("{}", v.0));
     }
     match run(seed) {
         Ok(o) => println!("seed {seed}: {o:?}"),
@@ -252,26 +306,8 @@ fn availability_survey() {
 /// and the broken build that restores the old behaviour fails it.
 mod restart_safety {
     use super::super::cluster::*;
+    use super::{fails, holds};
     use crate::core::group::GroupBugs;
-
-    const SEEDS: u64 = 10;
-
-    fn holds(f: impl Fn(u64, GroupBugs) -> Result<(), crate::sim::checker::Violation>) {
-        for seed in 0..SEEDS {
-            f(seed, GroupBugs::default()).unwrap_or_else(|v| panic!("seed {seed}: {}", v.0));
-        }
-    }
-
-    /// The first seed's violation under `bugs`, or a panic if none fails.
-    fn fails(
-        bugs: GroupBugs,
-        f: impl Fn(u64, GroupBugs) -> Result<(), crate::sim::checker::Violation>,
-    ) -> String {
-        (0..SEEDS)
-            .find_map(|seed| f(seed, bugs).err())
-            .map(|v| v.0)
-            .unwrap_or_else(|| panic!("{bugs:?} passed every seed: the scenario misses it"))
-    }
 
     const COLD: GroupBugs = GroupBugs {
         cold_start_without_state: true,

@@ -677,6 +677,11 @@ impl Group {
             .map_or(PubSeq(0), |p| p.held)
     }
 
+    /// How many submissions made here wait to be delivered.
+    pub fn unordered_len(&self) -> usize {
+        self.unordered.len()
+    }
+
     /// Whether `submit` would refuse more publishes now.
     pub fn unordered_full(&self) -> bool {
         self.unordered.len() >= self.config.unordered_max

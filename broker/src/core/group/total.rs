@@ -49,8 +49,8 @@ impl Group {
         self.status == Status::Normal && self.coordinator() == Some(self.config.me)
     }
 
-    /// The last seq this server holds.
-    pub(super) fn held(&self) -> Seq {
+    /// The last seq this server holds (ordered, maybe not yet stable).
+    pub fn held(&self) -> Seq {
         Seq(self.delivered.0 + self.log.len() as u64)
     }
 
