@@ -477,6 +477,18 @@ fn core_event(
             node.set_primary(now, group.is_primary());
         }
         Event::NotPrimary => node.set_primary(now, false),
+        Event::Retried {
+            publisher,
+            pub_seq,
+            seq,
+        } => {
+            let ack = PubAck {
+                pub_seq,
+                seq,
+                publisher: None,
+            };
+            node.ack_publisher(now, publisher, ack);
+        }
     }
 }
 

@@ -1,5 +1,13 @@
-//! The core-group simulator: several [`Group`]s in one process, joined by
-//! simulated links, with publishers that fail over the way the SDK does.
+//! The core simulator: the core servers users run, several in one
+//! process. Each is the composed [`Server`] (a client-facing [`Node`] over
+//! its [`Group`], with the core tier's node ids, small retention and
+//! publisher tables), joined to the others by simulated links. Model
+//! clients ([`client::CoreClient`]) speak the client protocol to them over
+//! simulated connections and follow the SDK's rules: Hello with resume,
+//! check and agreed position; resending what is unacknowledged; failover
+//! in the Welcome's order with the lost server last; a doubling pause
+//! after a failed round. Snapshots, membership events (attach, detach, the
+//! core list, adoption) and weak delivery are the servers' own.
 //!
 //! One `u64` seed fixes the core size (3 or 5), the timings, the link
 //! latencies, each server's clock rate, the bounds, the workload and the
@@ -20,17 +28,29 @@
 //!
 //! Frames travel encoded, FIFO per link while the link lasts.
 //!
+//! Client connections break too, and each run has a strong and a weak
+//! subscriber (or two of one kind) beside its publishers.
+//!
 //! After every step the [`ClusterChecker`] checks guarantees 1–4 and 7
-//! (among them: a seq never means two things under one stream id). A new
+//! (among them: a seq never means two things under one stream id) on every
+//! group event in the order each node took it, and every snapshot's
+//! messages against the stream; the model clients check what they are
+//! told: an acknowledgement is in the stream it was given in, a strong
+//! subscriber sees only stable content, a changed stream id arrives only
+//! with a Welcome (the SDK's `StreamReset`), and a weak subscriber's
+//! deliveries match the stable stream unless a `Diverged` notice took them
+//! back first. A new
 //! stream may begin only when every member of the newest installed view has
 //! crashed since (its messages are gone: no durable log); otherwise the
 //! beginning is a durability violation. **Availability** is measured: over
 //! the time a majority has been up and connected both ways for a few
 //! failure timeouts, the fraction during which one of them is primary. When
 //! the fault phase ends everything is healed and restarted, and the run
-//! must converge (guarantee 8): one view of every server, every publisher
-//! acknowledged, and every publish acknowledged in the final stream
-//! delivered everywhere (guarantee 5).
+//! must converge (guarantee 8): one view of every server, every server's
+//! submissions ordered, every publisher acknowledged, every publish
+//! acknowledged in the final stream delivered everywhere (guarantee 5),
+//! every subscriber holding every message after where it joined (or a gap
+//! notice over it), and every server's membership table the same.
 
 use super::checker::Violation;
 use super::cluster_checker::ClusterChecker;
@@ -1348,7 +1368,7 @@ impl World {
                 }
                 self.checker.reset(i, inc, state.stream, state.head)?;
             }
-            Event::NotPrimary => {}
+            Event::NotPrimary | Event::Retried { .. } => {}
         }
         Ok(())
     }
@@ -1435,8 +1455,18 @@ impl World {
             // membership events are submitted once, so one stuck here is
             // lost for good (and holds back every later one).
             if s.group().unordered_len() > 0 {
+                let front = s.group().unordered_front();
+                let tables: Vec<(PubSeq, PubSeq)> = front
+                    .map(|(p, ..)| {
+                        self.servers
+                            .iter()
+                            .flatten()
+                            .map(|s| (s.group().pub_held(p), s.group().pub_delivered(p)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 return Err(Violation(format!(
-                    "liveness: server {i} still has {} submissions the group never ordered",
+                    "liveness: server {i} still has {} submissions the group never ordered (the oldest {front:?}; servers' held/delivered {tables:?})",
                     s.group().unordered_len()
                 )));
             }

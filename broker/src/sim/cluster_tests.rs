@@ -304,6 +304,14 @@ fn availability_survey() {
 
 /// Restart safety (issue 10): each scripted scenario holds on seeds 0..10,
 /// and the broken build that restores the old behaviour fails it.
+///
+/// The six were found on the code at commit a193af3, before durable hard
+/// state and the rules that came with it (036c782, 267e220, 1e6af5c). The
+/// scenarios cannot run on that commit (its servers have no hard state
+/// to keep across a restart), so each runs against `GroupBugs` that put
+/// the old rule back: the rule before hard state (`cold`), forgotten
+/// promises, a rejoin that clears the queue, ordering past a lost
+/// `Submit`, and proposing a server that cannot hear.
 mod restart_safety {
     use super::super::cluster::*;
     use super::{fails, holds};

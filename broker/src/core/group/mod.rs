@@ -87,7 +87,13 @@
 //!   from that member (one was lost with a link), so a publish never
 //!   overtakes a lost predecessor, which a table that forgot its publisher
 //!   could not tell. (What eviction still costs: an old retry of a
-//!   forgotten publisher may be ordered again.)
+//!   forgotten publisher may be ordered again.) Each member's table evicts
+//!   on its own, so a member may forget a publisher the sequencer still
+//!   knows: when the sequencer drops a member's submission as a retry it
+//!   says so (`Retried`, with its entry for the publisher), and a member
+//!   that delivered that seq learns the entry, forgets the submission and
+//!   acknowledges the publisher (`Event::Retried`); otherwise it would wait
+//!   for that retry's delivery for good.
 //!
 //! What this guarantees, and what it does not: no acknowledged publish is
 //! lost while one member of each installed view survives with its messages;
@@ -310,6 +316,17 @@ pub enum Event {
     /// This server is not in a primary view: it orders nothing, and its
     /// clients should move. Cleared by the next `View`.
     NotPrimary,
+    /// A retry submitted here was delivered earlier, as the sequencer said,
+    /// though this server's table had forgotten its publisher: the
+    /// publisher is acknowledged through `pub_seq` (at `seq`).
+    Retried {
+        /// The publisher.
+        publisher: PublisherId,
+        /// The last pub_seq of it delivered.
+        pub_seq: PubSeq,
+        /// The seq of that publish.
+        seq: Seq,
+    },
 }
 
 /// Where this server stands in membership.
@@ -682,6 +699,15 @@ impl Group {
         self.unordered.len()
     }
 
+    /// Test builds: the oldest submission waiting here, as (publisher,
+    /// pub_seq, the pub_seq it follows).
+    #[cfg(test)]
+    pub(crate) fn unordered_front(&self) -> Option<(PublisherId, PubSeq, PubSeq)> {
+        self.unordered
+            .front()
+            .map(|Submitted(after, m)| (m.0, m.1, *after))
+    }
+
     /// Whether `submit` would refuse more publishes now.
     pub fn unordered_full(&self) -> bool {
         self.unordered.len() >= self.config.unordered_max
@@ -760,6 +786,12 @@ impl Group {
             PeerMsg::Ack { view, have } => self.on_ack(from, view, have),
             PeerMsg::Stable { view, through } => self.on_stable(now, view, through),
             PeerMsg::Resend { view, after } => self.on_resend(from, view, after),
+            PeerMsg::Retried {
+                view,
+                publisher,
+                pub_seq,
+                seq,
+            } => self.on_retried(view, publisher, pub_seq, seq),
             PeerMsg::FlushReq { proposal, members } => {
                 self.on_flush_req(now, from, proposal, members)
             }

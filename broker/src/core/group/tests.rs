@@ -14,14 +14,18 @@ struct Net {
 
 impl Net {
     fn new(n: u32) -> Net {
+        Net::with(n, |_| {})
+    }
+
+    /// `n` servers, each config changed by `tune` first.
+    fn with(n: u32, tune: impl Fn(&mut GroupConfig)) -> Net {
         let servers: Vec<NodeId> = (1..=n).map(NodeId).collect();
         let groups = servers
             .iter()
             .map(|&me| {
-                Some(Group::new(
-                    Duration::ZERO,
-                    GroupConfig::new(me, Incarnation(1), servers.clone()),
-                ))
+                let mut config = GroupConfig::new(me, Incarnation(1), servers.clone());
+                tune(&mut config);
+                Some(Group::new(Duration::ZERO, config))
             })
             .collect();
         Net {
@@ -53,7 +57,10 @@ impl Net {
                         Event::SnapshotNeeded { to } => snaps.push(to),
                         Event::Reset(s) => self.delivered[i].retain(|d| d.0 <= s.head),
                         // The simulator checks held messages against deliveries.
-                        Event::NotPrimary | Event::Held(_) | Event::Unheld { .. } => {}
+                        Event::NotPrimary
+                        | Event::Held(_)
+                        | Event::Unheld { .. }
+                        | Event::Retried { .. } => {}
                     }
                 }
                 for to in snaps {
@@ -102,6 +109,10 @@ impl Net {
         }
     }
 
+    fn member(&self, i: usize) -> &Group {
+        self.groups[i].as_ref().expect("running")
+    }
+
     fn submit(&mut self, i: usize, publisher: u64, pub_seq: u64) {
         let g = self.groups[i].as_mut().expect("running");
         g.submit(vec![Submitted(
@@ -134,6 +145,33 @@ fn three_servers_form_one_view_and_agree_on_one_order() {
     assert_eq!(net.delivered[0].len(), 10, "retries are not ordered twice");
     assert_eq!(net.delivered[0], net.delivered[1]);
     assert_eq!(net.delivered[0], net.delivered[2]);
+}
+
+/// A member whose table forgot a publisher (its bound; the sequencer's
+/// table still knows it) submits a retry: the sequencer drops it, and
+/// tells the member, which learns the publisher's delivered pub_seq and
+/// forgets the submission. (Found by the composed-server simulator, seeds
+/// 2755 and 5530: before, the member waited for the retry's delivery for
+/// good, resent its whole queue every failure timeout, and never
+/// acknowledged the publisher.)
+#[test]
+fn a_retry_the_member_forgot_but_the_sequencer_knows_is_done() {
+    let mut net = Net::with(3, |c| {
+        if c.me == NodeId(2) {
+            c.publishers_max = 2;
+        }
+    });
+    net.run_for(Duration::from_millis(500));
+    for publisher in [10, 20, 30] {
+        net.submit(0, publisher, 1);
+    }
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(net.member(1).pub_delivered(PublisherId(10)), PubSeq(0));
+    net.submit(1, 10, 1);
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(net.member(1).unordered_len(), 0);
+    assert_eq!(net.member(1).pub_delivered(PublisherId(10)), PubSeq(1));
+    assert_eq!(net.delivered[1].len(), 3, "the retry is not ordered again");
 }
 
 #[test]

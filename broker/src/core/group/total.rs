@@ -10,7 +10,7 @@
 
 use super::wire::{Msg, PeerMsg, Submitted};
 use super::{Event, Group, NodeId, PubState, Status, ViewId};
-use canopy_client::protocol::{PubSeq, Seq};
+use canopy_client::protocol::{PubSeq, PublisherId, Seq};
 
 /// Messages per `Order` or `Submit` frame at most...
 const FRAME_MSGS_MAX: usize = 4096;
@@ -171,17 +171,83 @@ impl Group {
             tracing::debug!(node = %from, first, seen, "submissions after a lost one dropped");
             return;
         }
-        let taken = self.order(msgs) as u64;
+        let (taken, retried) = self.order(msgs);
         self.submit_seen
-            .insert(from, seen.max(first.saturating_add(taken)));
+            .insert(from, seen.max(first.saturating_add(taken as u64)));
+        if from == self.config.me {
+            return;
+        }
+        // The member may have forgotten these publishers: it would wait for
+        // the retries' delivery for good.
+        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+            return;
+        };
+        for publisher in retried {
+            if let Some(p) = self.publishers.get(&publisher) {
+                let msg = PeerMsg::Retried {
+                    view,
+                    publisher,
+                    pub_seq: p.held,
+                    seq: p.seq,
+                };
+                self.send(from, &msg);
+            }
+        }
+    }
+
+    /// Member: the sequencer dropped a submission of `publisher` made here
+    /// as a retry, and holds it through `pub_seq` at `seq`. If this server
+    /// delivered `seq` in the same view and its table knows less of the
+    /// publisher, the table learns it, the own submissions it covers are
+    /// done, and the publisher is acknowledged. (A `seq` not yet delivered
+    /// here is learned from its delivery.)
+    pub(super) fn on_retried(
+        &mut self,
+        view: ViewId,
+        publisher: PublisherId,
+        pub_seq: PubSeq,
+        seq: Seq,
+    ) {
+        if self.view.as_ref().map(|v| v.id) != Some(view) || seq > self.delivered {
+            return;
+        }
+        if self
+            .publishers
+            .get(&publisher)
+            .is_some_and(|p| p.delivered >= pub_seq)
+        {
+            return;
+        }
+        if !self.publishers.contains_key(&publisher)
+            && self.publishers.len() >= self.config.publishers_max
+        {
+            self.evict_publishers();
+        }
+        let e = self.publishers.entry(publisher).or_insert(PubState {
+            held: PubSeq(0),
+            delivered: PubSeq(0),
+            seq,
+            revived: self.evicted_any,
+        });
+        e.held = e.held.max(pub_seq);
+        e.delivered = pub_seq;
+        e.seq = e.seq.max(seq);
+        self.forget_delivered_submissions();
+        self.events.push_back(Event::Retried {
+            publisher,
+            pub_seq,
+            seq,
+        });
     }
 
     /// Sequencer: assigns seqs to `msgs` and sends the order to members.
     /// Returns how many of `msgs` it took (ordered, or dropped as retries
-    /// or to wait for a predecessor); the rest met the log's bound.
-    fn order(&mut self, msgs: Vec<Submitted>) -> usize {
+    /// or to wait for a predecessor; the rest met the log's bound), and the
+    /// publishers of those dropped as retries.
+    fn order(&mut self, msgs: Vec<Submitted>) -> (usize, Vec<PublisherId>) {
+        let mut retried = Vec::new();
         let Some(view) = self.view.as_ref().map(|v| v.id) else {
-            return 0;
+            return (0, retried);
         };
         let first = self.held().next();
         let mut ordered = Vec::with_capacity(msgs.len());
@@ -199,6 +265,9 @@ impl Group {
             match known {
                 Some(last) if m.1 <= last && !self.bugs.no_dedup => {
                     self.stats.duplicates += 1;
+                    if !retried.contains(&m.0) {
+                        retried.push(m.0);
+                    }
                     continue;
                 }
                 // A later pub_seq whose predecessor has not arrived (it was
@@ -218,7 +287,7 @@ impl Group {
             ordered.push(m);
         }
         if ordered.is_empty() {
-            return taken;
+            return (taken, retried);
         }
         self.stats.ordered += ordered.len() as u64;
         let held = self.held();
@@ -227,7 +296,7 @@ impl Group {
             self.send_members(&msg);
         }
         self.advance_stable();
-        taken
+        (taken, retried)
     }
 
     /// Appends an ordered message to the log and the publisher table.
@@ -442,6 +511,13 @@ impl Group {
                 p.delivered = p.delivered.max(m.pub_seq);
             }
         }
+        self.forget_delivered_submissions();
+        self.events.push_back(Event::Deliver(batch));
+    }
+
+    /// Forgets own submissions, oldest first, that the table says are
+    /// delivered.
+    fn forget_delivered_submissions(&mut self) {
         while let Some(Submitted(_, front)) = self.unordered.front() {
             let done = self
                 .publishers
@@ -452,7 +528,6 @@ impl Group {
             }
             self.unordered.pop_front();
         }
-        self.events.push_back(Event::Deliver(batch));
     }
 }
 

@@ -148,6 +148,22 @@ pub enum PeerMsg {
         /// The stable seq.
         through: Seq,
     },
+    /// Sequencer to a member whose submission it dropped as a retry: it
+    /// holds `publisher` through `pub_seq`, the publish it ordered at
+    /// `seq`. A member whose own table forgot the publisher (its bound, or
+    /// a snapshot from a server whose table did) learns from it that the
+    /// retry is delivered once it delivered `seq`; without it, it would
+    /// wait for that retry's delivery for good.
+    Retried {
+        /// The view.
+        view: ViewId,
+        /// The publisher.
+        publisher: PublisherId,
+        /// The last pub_seq of it the sequencer holds.
+        pub_seq: PubSeq,
+        /// The seq of that publish.
+        seq: Seq,
+    },
     /// Member to coordinator: "I lost orders after `after`; send them again".
     Resend {
         /// The view.
