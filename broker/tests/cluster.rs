@@ -1,6 +1,6 @@
 //! A 3-server core of real `canopy serve` processes on loopback: one total
 //! order across servers, and no loss or duplication when a server is killed
-//! with SIGKILL in the middle of a stream (DESIGN.md guarantees 1–5).
+//! with SIGKILL in the middle of a stream (docs/DESIGN.md guarantees 1–5).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Membership reports over real processes (DESIGN.md, "Membership reports"):
+//! Membership reports over real processes (docs/DESIGN.md, "Membership reports"):
 //! `full` clients see the same views at the same positions of the stream
 //! across a whole tree, and what one client joining or leaving costs the
 //! other clients in `full` and in `none` mode.

@@ -5,7 +5,7 @@
 //! - Each server in turn killed mid-stream and restarted, for
 //!   `CANOPY_RESTART_ROUNDS` rounds (default 3): every subscriber delivers
 //!   the identical complete stream and every publish is acknowledged
-//!   (DESIGN.md guarantees 1–5 across restarts).
+//!   (docs/DESIGN.md guarantees 1–5 across restarts).
 //! - All three killed and restarted: the core begins a new stream, and a
 //!   subscriber is told (`Event::StreamReset`) before anything of it.
 //! - Server 3 deaf (it sends, nothing reaches it): the other two keep

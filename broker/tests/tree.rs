@@ -2,7 +2,7 @@
 //! 2 relays, a second tier of 2 relays, subscribers at the leaves and
 //! publishers at the core. A leaf relay and then a core server are killed
 //! with SIGKILL mid-stream; every subscriber must deliver the identical
-//! complete sequence, nothing lost or doubled (DESIGN.md guarantees 1–5 at
+//! complete sequence, nothing lost or doubled (docs/DESIGN.md guarantees 1–5 at
 //! the clients, and "Adoption").
 //!
 //! Weak subscribers ride along at every level, some on the killed core

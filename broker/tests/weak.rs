@@ -1,4 +1,4 @@
-//! Weak delivery over real processes (DESIGN.md guarantee 6): a weak
+//! Weak delivery over real processes (docs/DESIGN.md guarantee 6): a weak
 //! subscriber is sent what its server holds before it is stable; when that
 //! server fails with messages the survivors never got, the subscriber is
 //! told its stream diverged, and then handed the agreed stream.

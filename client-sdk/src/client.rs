@@ -65,7 +65,7 @@ pub struct ClientOptions {
     /// default) keeps its failover list current; `full` adds
     /// [`Event::View`]s; `none` is the cheapest.
     pub reports: protocol::Reports,
-    /// Weak delivery (DESIGN.md guarantee 6): messages arrive as soon as
+    /// Weak delivery (docs/DESIGN.md guarantee 6): messages arrive as soon as
     /// they are ordered, before they are stable, for lower latency. When a
     /// server failure takes back messages already delivered, every
     /// subscription is told with [`Event::Diverged`], and the agreed stream
@@ -477,7 +477,7 @@ impl Driver {
 
     /// The order of one round of connection attempts: the configured order
     /// for the first connection; after a loss, the adoption order among the
-    /// servers the tier lists, with the lost server last (DESIGN.md,
+    /// servers the tier lists, with the lost server last (docs/DESIGN.md,
     /// "Adoption").
     fn attempt_order(&self) -> Vec<String> {
         match &self.lost {

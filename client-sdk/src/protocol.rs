@@ -228,7 +228,7 @@ pub struct Hello {
     /// keeps its newest one, whatever order servers report them in.
     #[serde(default)]
     pub connection: u64,
-    /// Weak delivery (DESIGN.md guarantee 6): messages are delivered as
+    /// Weak delivery (docs/DESIGN.md guarantee 6): messages are delivered as
     /// soon as they are ordered, before they are stable. If a failure
     /// takes back what was delivered, the server says so with a
     /// [`DivergedHead`], never silently.
@@ -236,7 +236,7 @@ pub struct Hello {
     pub weak: bool,
 }
 
-/// What a client is told of membership (DESIGN.md, "Membership reports").
+/// What a client is told of membership (docs/DESIGN.md, "Membership reports").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reports {
@@ -895,7 +895,7 @@ impl DeliverBuilder {
 /// The order in which a client identified by `key` (its publisher id)
 /// tries `servers`: rendezvous hashing, highest weight first.
 ///
-/// This is Canopy's adoption rule (DESIGN.md, "Adoption"). Every party
+/// This is Canopy's adoption rule (docs/DESIGN.md, "Adoption"). Every party
 /// computes it identically from the same list, with no coordination. A
 /// client homes on its first choice; when that server fails, the client's
 /// next choice is its adopter. The orphans of one failed server spread

@@ -1,4 +1,4 @@
-//! The tree's membership as the ordered stream tells it (DESIGN.md,
+//! The tree's membership as the ordered stream tells it (docs/DESIGN.md,
 //! "Adoption" and "Membership reports").
 //!
 //! Attach and detach are **ordered events**: a server that takes a client
@@ -17,9 +17,9 @@
 //!   of a relay that detached leave with the relay; they attach again where
 //!   they are adopted.
 //!
-//! Where this differs from DESIGN.md ("Adoption"): the adopter of an
-//! orphan is not assigned by the servers and no survivor redirects.
-//! Every client computes it, identically, by rendezvous hashing over its
+//! The adopter of an orphan is not assigned by the servers and no
+//! survivor redirects (docs/DESIGN.md, "Adoption" and "Where Canopy
+//! differs from Horus"). Every client computes it, identically, by rendezvous hashing over its
 //! tier's server list ([`canopy_client::protocol::adopter_order`]), so no
 //! server needs to be up to tell it; the servers then agree on where it
 //! went from its ordered `Attach`. A client's first server is its own

@@ -15,7 +15,7 @@
 //! # Invariants
 //! - Sequence numbers are assigned once, contiguously, in acceptance order,
 //!   and each session receives its deliveries in ascending seq order
-//!   (DESIGN.md guarantees 1 and 3).
+//!   (docs/DESIGN.md guarantees 1 and 3).
 //! - A publish is acknowledged only after it is ordered and retained; a
 //!   retry of an acknowledged `(publisher, pub_seq)` is acknowledged again but
 //!   never ordered twice (guarantee 2).
@@ -27,7 +27,7 @@
 //!   so it sees every seq once and in order however far behind it was.
 //! - Every queue here is bounded: pending publishes by `batch_len_max`,
 //!   retention by count and bytes, subscriptions per session, publishers.
-//! - Weak delivery (DESIGN.md guarantee 6): weak sessions are sent what
+//! - Weak delivery (docs/DESIGN.md guarantee 6): weak sessions are sent what
 //!   the group below holds (`handle_held`) before it is stable; strong ones
 //!   only what is stable. Every delivery carries the stream's running hash.
 //!   A weak session sent something that is taken back (`handle_unheld`)
@@ -35,9 +35,9 @@
 //!   claim is checked when this node's stream reaches it, and a difference
 //!   is reported (`Diverged`) before anything past it is sent, then the
 //!   agreed stream is replayed from where the session's stream was agreed.
-//!   Where DESIGN.md ties weak mode to "no membership reports", a weak
-//!   client here may still take the server list (`servers`); only `full`
-//!   reports, whose positions are stable ones, are refused it.
+//!   A weak client may still take the server list (`servers`); only `full`
+//!   reports, whose positions are stable ones, are refused it
+//!   (docs/DESIGN.md, "Weak delivery").
 
 use super::group::{Msg, Snapshot};
 use super::index::Index;
@@ -1561,7 +1561,7 @@ impl Node {
     /// In a group: a view change took back the held messages after
     /// `after` (never stable). Weak sessions sent any of them are checked
     /// when the stream reaches what they were sent again: a difference is
-    /// reported to them (DESIGN.md guarantee 6), sameness is not.
+    /// reported to them (docs/DESIGN.md guarantee 6), sameness is not.
     pub fn handle_unheld(&mut self, now: Duration, after: Seq) {
         self.now = now;
         self.unheld(after);
@@ -1761,7 +1761,7 @@ impl Node {
 
     /// In a group: whether this server is in the primary view. When it is
     /// not, every client is told `not_primary` and closed, so it moves to a
-    /// server that orders (DESIGN.md guarantee 7), and new ones are refused.
+    /// server that orders (docs/DESIGN.md guarantee 7), and new ones are refused.
     pub fn set_primary(&mut self, now: Duration, primary: bool) {
         self.now = now;
         if self.primary == primary {
@@ -2050,7 +2050,7 @@ impl Node {
 
     /// Takes one ordered message for fan-out and retention. A membership
     /// event is applied here, at its position: what precedes it goes out
-    /// first, then the reports of its change (DESIGN.md guarantee 4 at the
+    /// first, then the reports of its change (docs/DESIGN.md guarantee 4 at the
     /// clients: one change, one position, everywhere).
     fn push_ordered(&mut self, mut m: Ordered) {
         m.hash = protocol::chain(self.hash, m.seq, m.publisher, m.pub_seq);
@@ -2312,7 +2312,7 @@ fn stable_mark(session: SessionId, frame: Bytes, head: Seq) -> Output {
 }
 
 /// Queues one control `frame`, encoded once, for each of `sessions`
-/// (DESIGN.md, "Hot path": no copy per session).
+/// (docs/DESIGN.md, "Hot path": no copy per session).
 fn broadcast(
     outputs: &mut VecDeque<Output>,
     sessions: &BTreeSet<SessionId>,

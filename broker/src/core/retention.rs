@@ -1,5 +1,5 @@
 //! The retention buffer: the most recent ordered messages, kept so that a
-//! client that reconnects can resume by sequence number (DESIGN.md, "Identity
+//! client that reconnects can resume by sequence number (docs/DESIGN.md, "Identity
 //! and resume").
 //!
 //! Bounded by a message count and a byte total; the oldest messages leave

@@ -1,5 +1,5 @@
 //! `Server`: CLTSVR, one server of any tier: its client-facing [`Node`]
-//! over "the group below" of DESIGN.md's layer stack.
+//! over "the group below" of docs/DESIGN.md's layer stack.
 //!
 //! The group below is one of three things, and the node's logic is the same
 //! over each:

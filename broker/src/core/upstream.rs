@@ -1,4 +1,4 @@
-//! `Upstream`: a relay's "group below" (DESIGN.md, "The layer stack"): its
+//! `Upstream`: a relay's "group below" (docs/DESIGN.md, "The layer stack"): its
 //! connection to the tier above, as a sans-IO state machine.
 //!
 //! A relay is a client of the tier above and a server for its own clients.
@@ -341,7 +341,7 @@ impl Upstream {
     }
 
     /// The adoption order of the tier above for this relay, with the
-    /// server it lost last (DESIGN.md, "Adoption").
+    /// server it lost last (docs/DESIGN.md, "Adoption").
     fn attempt_order(&self) -> Vec<String> {
         let lost = self.lost.as_deref().unwrap_or("");
         protocol::failover_order(self.config.publisher.0, &self.servers, lost)

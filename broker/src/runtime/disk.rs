@@ -11,7 +11,7 @@
 //! - [`save`] replaces the file atomically and durably: a crash at any point
 //!   leaves either the old state or the new one, never a mix, and once it
 //!   returns the new state survives a power loss. The group sends a promise
-//!   only after that (DESIGN.md guarantee 7 rests on promises not being
+//!   only after that (docs/DESIGN.md guarantee 7 rests on promises not being
 //!   forgotten).
 //! - [`load`] returns `None` only when there is no file: a file that cannot
 //!   be read, is damaged or is of an unknown version is an error, never a

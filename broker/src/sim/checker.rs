@@ -1,4 +1,4 @@
-//! Checks of DESIGN.md's guarantees over what simulated clients saw.
+//! Checks of docs/DESIGN.md's guarantees over what simulated clients saw.
 //!
 //! Incremental checks run on every event: agreement on order and on what a
 //! seq means (1), no creation and no duplication (2), publisher FIFO (3).

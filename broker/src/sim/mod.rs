@@ -17,7 +17,7 @@
 //! faults (broken connections, stalls of a client's reading, delays). Frames
 //! travel encoded through the real codec, FIFO per connection as on TCP.
 //!
-//! The [`checker`] checks DESIGN.md's guarantees 1–3 after every step and
+//! The [`checker`] checks docs/DESIGN.md's guarantees 1–3 after every step and
 //! guarantees 5 and 8 (no acknowledged publish lost, convergence) once faults
 //! stop. A failure prints its seed and the command that replays it.
 //!

@@ -4,14 +4,14 @@
 //! A [`Group`] turns the publishes its server submits into one total order
 //! agreed by every server of the primary view, and hands back the stable
 //! messages and the views as a stream of [`Event`]s that is the same at
-//! every member: the "group below" of DESIGN.md's layer stack.
+//! every member: the "group below" of docs/DESIGN.md's layer stack.
 //!
 //! # Protocol in brief
 //! - **TOTAL.** A view's coordinator (its lowest-numbered proposer) is the
 //!   sequencer. Members forward publishes with `Submit`; the sequencer gives
 //!   them the next seqs and sends `Order` to every member; members answer
 //!   with cumulative `Ack`s; a seq held by every member is **stable**, and
-//!   only stable messages are delivered (DESIGN.md guarantee 5). Seqs
+//!   only stable messages are delivered (docs/DESIGN.md guarantee 5). Seqs
 //!   continue across views. Retries are deduplicated by the sequencer's
 //!   publisher table, which every member keeps too.
 //! - **MBRSHIP.** Every server heartbeats every other configured server.
@@ -35,10 +35,10 @@
 //! - **Primary component.** A view is installed only with the promises of a
 //!   majority of the *configured* core servers. Any two majorities share a
 //!   server, and a server promises only increasing proposals, so two views
-//!   can never both go on (guarantee 7). DESIGN.md words the rule as "a
-//!   majority of the previous view"; the configured majority is the form of
-//!   it that stays safe when view changes overlap (a view half installed
-//!   can otherwise count as "previous" for two successors). A server that
+//!   can never both go on (guarantee 7). The starting picture worded the
+//!   rule as "a majority of the previous view"; the configured majority is
+//!   the form of it that stays safe when view changes overlap (a view half
+//!   installed can otherwise count as "previous" for two successors). A server that
 //!   cannot reach a majority orders nothing, tells its clients
 //!   (`Event::NotPrimary`), and rejoins when it hears the primary.
 //! - **Rejoin.** A server that learns of a view newer than its own that it
