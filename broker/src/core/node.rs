@@ -672,17 +672,21 @@ impl Node {
         }
         self.watermark_next = now + self.config.watermark_interval;
         self.fan_out();
+        // Sessions in id order: outputs never depend on hash iteration.
+        let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        ids.sort_unstable();
         // Half-open connections (a peer that vanished without a FIN) are
         // found here: clients ping well within the idle timeout.
-        let idle: Vec<SessionId> = self
-            .sessions
+        let idle: Vec<SessionId> = ids
             .iter()
-            .filter(|(_, s)| {
-                s.hello.is_some()
-                    && !s.closing
-                    && now.saturating_sub(s.last_heard) > self.config.idle_timeout
+            .copied()
+            .filter(|id| {
+                self.sessions.get(id).is_some_and(|s| {
+                    s.hello.is_some()
+                        && !s.closing
+                        && now.saturating_sub(s.last_heard) > self.config.idle_timeout
+                })
             })
-            .map(|(id, _)| *id)
             .collect();
         for session in idle {
             let msg = format!("nothing heard for {:?}", self.config.idle_timeout);
@@ -690,7 +694,10 @@ impl Node {
         }
         // A conflating session that fell behind while the stream went quiet
         // hears of its gap now rather than at the next delivery.
-        for (&session, s) in &mut self.sessions {
+        for &session in &ids {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                continue;
+            };
             if let Some((from, to)) = s.gap.take() {
                 self.outputs.push_back(Output::Transmit {
                     session,
@@ -705,7 +712,10 @@ impl Node {
         }
         self.watermark_sent = self.head;
         let frame = protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
-        for (&session, s) in &self.sessions {
+        for &session in &ids {
+            let Some(s) = self.sessions.get(&session) else {
+                continue;
+            };
             if s.hello.is_some() && !s.closing {
                 self.outputs.push_back(Output::Transmit {
                     session,

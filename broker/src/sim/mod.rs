@@ -187,4 +187,6 @@ impl Rng {
 #[cfg(test)]
 mod cluster_tests;
 #[cfg(test)]
+mod fingerprints;
+#[cfg(test)]
 mod tests;
