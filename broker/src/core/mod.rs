@@ -67,7 +67,8 @@ impl fmt::Display for SessionId {
 #[cfg(test)]
 mod tests {
     /// The core must not depend on I/O, clocks or ambient randomness
-    /// (STYLE.md, "Core modules are sans-IO"): this scans its sources.
+    /// (docs/DESIGN.md, "Sans-IO and the simulators"): this scans its
+    /// sources.
     #[test]
     fn core_stays_sans_io() {
         let forbidden = [

@@ -1,0 +1,185 @@
+//! Outputs: the order in which the node hands its outputs to the shell
+//! (catch-up paced against live frames), and what a full session queue
+//! does (cut the session, or a gap notice for a conflating one).
+
+use super::*;
+
+impl Node {
+    /// The next action for the shell, or `None` when there is nothing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        let out = self.next_output()?;
+        if let Output::Transmit {
+            session,
+            frame,
+            kind,
+            seqs,
+        } = &out
+        {
+            self.stats.bytes_out += frame.len() as u64;
+            match kind {
+                // Deliveries record `sent_through` in `next_output`, where
+                // the session is at hand already.
+                TransmitKind::Deliver => {}
+                TransmitKind::Gap => {
+                    self.stats.gaps += 1;
+                    let detail = format!("session {session} told of a gap {}..={}", seqs.0, seqs.1);
+                    self.journal.record(self.now, EventKind::Gap, detail);
+                }
+                TransmitKind::Replay => {
+                    if let Some(s) = self.sessions.get_mut(session) {
+                        s.sent_through = seqs.1;
+                    }
+                }
+                TransmitKind::Watermark | TransmitKind::Control => {}
+            }
+        }
+        Some(out)
+    }
+
+    pub(super) fn next_output(&mut self) -> Option<Output> {
+        loop {
+            if self.outputs.is_empty() {
+                self.fan_out();
+            }
+            if self.outputs.is_empty() {
+                // Catch-up frames only when nothing else waits, one at a
+                // time, so a full queue is known before the next is built.
+                let out = self.next_catch_up();
+                if out.is_some() || self.outputs.is_empty() {
+                    return out;
+                }
+                // A session went live: what that queued (its first report,
+                // a stable mark) goes out now, not with the next input.
+                continue;
+            }
+            let out = self.outputs.pop_front()?;
+            match out {
+                Output::Transmit {
+                    session,
+                    kind: TransmitKind::Deliver,
+                    seqs,
+                    ..
+                } => {
+                    let Some(s) = self.sessions.get_mut(&session) else {
+                        continue;
+                    };
+                    if s.closing {
+                        if s.drain {
+                            return Some(out);
+                        }
+                        continue;
+                    }
+                    if s.catch_up.is_some() && !self.bugs.overtake_catch_up {
+                        // Held back: the catch-up sends it from retention.
+                        continue;
+                    }
+                    if s.claim.is_some() {
+                        // At or below the unchecked claim (nothing past it
+                        // is sent before the check), so the client has these
+                        // seqs; and a frame's stable mark must not vouch for
+                        // what is not checked yet.
+                        continue;
+                    }
+                    s.sent_through = seqs.1;
+                    if let Some((from, _)) = s.gap.take() {
+                        // A conflating session missed something: this batch
+                        // joins the gap, and the notice goes in its place so
+                        // that the client hears of the gap before any later seq.
+                        let gap = GapHead { from, to: seqs.1 };
+                        return Some(Output::Transmit {
+                            session,
+                            frame: protocol::encode(kind::GAP, &gap, &[]),
+                            kind: TransmitKind::Gap,
+                            seqs: (from, seqs.1),
+                        });
+                    }
+                    return Some(out);
+                }
+                Output::Transmit { session, kind, .. } => {
+                    // A watermark must not overtake a gap the session has
+                    // not been told of yet: it would claim the gap was sent.
+                    let pass = self.sessions.get(&session).is_some_and(|s| {
+                        // Nor may it claim what a catch-up has yet to send,
+                        // or vouch for a stream not checked yet.
+                        let gap_first = kind == TransmitKind::Watermark
+                            && (s.gap.is_some() || s.catch_up.is_some() || s.claim.is_some());
+                        if s.closing {
+                            s.drain
+                        } else {
+                            !gap_first
+                        }
+                    });
+                    if pass {
+                        return Some(out);
+                    }
+                }
+                Output::Close { session, .. } => {
+                    if let Some(s) = self.sessions.remove(&session) {
+                        self.session_gone(session, s);
+                    }
+                    return Some(out);
+                }
+            }
+        }
+    }
+
+    /// A transmit of kind `kind` covering `seqs` did not fit `session`'s
+    /// outbound queue. Call at once, before the next `poll_output`.
+    pub fn handle_queue_full(
+        &mut self,
+        now: Duration,
+        session: SessionId,
+        kind: TransmitKind,
+        seqs: (Seq, Seq),
+    ) {
+        self.now = now;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if s.closing {
+            return;
+        }
+        if kind == TransmitKind::Replay {
+            s.catch_up = Some(Seq(seqs.0 .0.saturating_sub(1)));
+            s.replay_stalled = true;
+            self.replay_retry.get_or_insert(now + REPLAY_RETRY);
+            return;
+        }
+        let conflate = s
+            .hello
+            .as_ref()
+            .is_some_and(|h| h.slow == SlowPolicy::Conflate);
+        match kind {
+            TransmitKind::Watermark => {}
+            TransmitKind::Deliver | TransmitKind::Gap if conflate => {
+                s.gap = Some(match s.gap {
+                    Some((from, to)) => (from.min(seqs.0), to.max(seqs.1)),
+                    None => seqs,
+                });
+            }
+            _ => {
+                self.stats.slow_consumers += 1;
+                let detail = format!("session {session} cut off: outbound queue full");
+                self.journal
+                    .record(self.now, EventKind::SlowConsumer, detail);
+                let frame = error_frame(
+                    ErrorCode::SlowConsumer,
+                    "outbound queue full: the client did not keep up",
+                );
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.closing = true;
+                    for p in std::mem::take(&mut s.patterns) {
+                        self.indexes.of(s.weak).remove(&p, session);
+                    }
+                }
+                // Ahead of everything queued: what is queued for this session
+                // can no longer be delivered in order anyway.
+                self.outputs.push_front(Output::Close {
+                    session,
+                    frame: Some(frame),
+                    drain: false,
+                });
+            }
+        }
+    }
+}

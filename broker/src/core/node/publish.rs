@@ -1,0 +1,407 @@
+//! The publish path: a publish's checks, deduplication, ordering (alone)
+//! or submission to the group below, acknowledgements, refusals, and the
+//! node's publisher table.
+
+use super::*;
+
+impl Node {
+    pub(super) fn on_publish(&mut self, session: SessionId, publish: Publish) {
+        if let Err(e) = Topic::validate(publish.topic()) {
+            return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string());
+        }
+        let relay = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.hello.as_ref())
+            .is_some_and(|h| h.role == Role::Relay);
+        // Relays carry their clients' membership events.
+        if is_system(publish.topic()) && !relay {
+            let msg = format!(
+                "`{}`: topics starting with `$` are the broker's own",
+                publish.topic()
+            );
+            return self.close_with_error(session, ErrorCode::InvalidTopic, msg);
+        }
+        let Publish {
+            pub_seq, payload, ..
+        } = &publish;
+        let (pub_seq, payload) = (*pub_seq, payload.clone());
+        let Some(hello) = self.sessions.get(&session).and_then(|s| s.hello.as_ref()) else {
+            return;
+        };
+        let publisher = match publish.publisher {
+            None => hello.publisher,
+            Some(p) if hello.role == Role::Relay => p,
+            Some(p) => {
+                let msg = format!(
+                    "a publish for publisher {p}: only a relay may publish for another publisher"
+                );
+                return self.close_with_error(session, ErrorCode::ForwardNotAllowed, msg);
+            }
+        };
+        let forwarded = publisher != hello.publisher;
+        if forwarded {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                return;
+            };
+            match s.refused.get(&publisher) {
+                Some(&first) if pub_seq > first => return,
+                Some(_) => {
+                    s.refused.remove(&publisher);
+                }
+                None => {}
+            }
+        }
+        let state = self.publishers.get(&publisher).copied();
+        if self.grouped {
+            return self.submit(session, publisher, forwarded, state, publish);
+        }
+        let ack = match state {
+            Some(p) if pub_seq <= p.last_pub_seq && !self.bugs.order_retries => {
+                // A retry of something already ordered: acknowledge, do not
+                // order again (guarantee 2).
+                self.stats.duplicates += 1;
+                let ack = PubAck {
+                    pub_seq: p.last_pub_seq,
+                    seq: p.last_seq,
+                    publisher: None,
+                };
+                if forwarded {
+                    return self.ack_forwarded(session, publisher, ack);
+                }
+                ack
+            }
+            Some(p) if pub_seq.0 > p.last_pub_seq.0.saturating_add(1) => {
+                let msg = format!(
+                    "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
+                    pub_seq.0, p.last_pub_seq.0
+                );
+                if forwarded {
+                    // Only that publisher is refused; the relay stays.
+                    return self.refuse_forwarded(
+                        session,
+                        publisher,
+                        pub_seq,
+                        ErrorCode::PubSeqGap,
+                        msg,
+                    );
+                }
+                return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
+            }
+            _ => {
+                self.head = self.head.next();
+                self.stats.published += 1;
+                self.stats.bytes_in += payload.len() as u64;
+                self.remember_publisher(publisher, pub_seq, self.head);
+                let topic = self.intern(publish.topic());
+                self.push_ordered(Ordered {
+                    seq: self.head,
+                    topic,
+                    publisher,
+                    pub_seq,
+                    payload,
+                    hash: 0,
+                });
+                PubAck {
+                    pub_seq,
+                    seq: self.head,
+                    publisher: None,
+                }
+            }
+        };
+        // A relay learns that its forwards are ordered from the stream.
+        if !forwarded {
+            self.owe_ack(session, ack);
+        }
+    }
+
+    /// In a group: hands a publish to the group unless it is a retry.
+    pub(super) fn submit(
+        &mut self,
+        session: SessionId,
+        publisher: PublisherId,
+        forwarded: bool,
+        state: Option<PublisherState>,
+        publish: Publish,
+    ) {
+        let ordered = state.map_or(PubSeq(0), |p| p.last_pub_seq);
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let pub_seq = publish.pub_seq;
+        if !forwarded {
+            // After its first publish on a connection, a client's new
+            // pub_seqs follow what it sent and what is known here: a skip
+            // now is the client's, not a lag elsewhere.
+            let previous = s.last_pub_seq.map(|p| p.max(pub_seq));
+            let sent = std::mem::replace(&mut s.last_pub_seq, previous.or(Some(pub_seq)));
+            let known = ordered.max(s.submitted);
+            if let Some(sent) = sent.filter(|p| pub_seq.0 > (*p).max(known).0.saturating_add(1)) {
+                let msg = format!(
+                    "pub_seq {} after {}: publisher sequence numbers must not skip",
+                    pub_seq.0,
+                    sent.max(known).0
+                );
+                return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
+            }
+        }
+        if pub_seq <= ordered && !self.bugs.order_retries {
+            // Ordered and delivered already: acknowledge again (guarantee 2).
+            self.stats.duplicates += 1;
+            let seq = state.map_or(Seq(0), |p| p.last_seq);
+            let ack = PubAck {
+                pub_seq: ordered,
+                seq,
+                publisher: None,
+            };
+            if forwarded {
+                return self.ack_forwarded(session, publisher, ack);
+            }
+            return self.owe_ack(session, ack);
+        }
+        if forwarded && s.forwarded.len() >= self.config.publishers_max {
+            // Forgetting what is in flight only costs resubmissions, which
+            // the sequencer deduplicates.
+            s.forwarded.clear();
+        }
+        let submitted = match forwarded {
+            true => s.forwarded.entry(publisher).or_default(),
+            false => &mut s.submitted,
+        };
+        let known = ordered.max(*submitted);
+        let after = match pub_seq <= known {
+            // A relay's retry goes up again: this node may never see the
+            // first one come back (it was ordered before this node's
+            // stream began, say), and the tier above answers a duplicate
+            // with an acknowledgement for the relay.
+            true if forwarded => PubSeq(pub_seq.0 - 1),
+            true => {
+                // In flight in the group: acknowledged when it comes back.
+                self.stats.duplicates += 1;
+                return;
+            }
+            // Whether `pub_seq` skips is judged by the caller against what
+            // the group holds: this node may not have delivered yet what
+            // another server acknowledged (see `Submission::after`).
+            false => known,
+        };
+        *submitted = pub_seq.max(*submitted);
+        let topic = self.intern(publish.topic());
+        self.stats.bytes_in += publish.payload.len() as u64;
+        self.submissions.push(Submission {
+            session,
+            after,
+            forwarded,
+            msg: Msg(publisher, pub_seq, topic, publish.payload),
+        });
+    }
+
+    /// Tells relay `session` at once that `publisher`'s retry was ordered
+    /// before: it will not see the retry in the stream.
+    pub(super) fn ack_forwarded(
+        &mut self,
+        session: SessionId,
+        publisher: PublisherId,
+        ack: PubAck,
+    ) {
+        let ack = PubAck {
+            publisher: Some(publisher),
+            ..ack
+        };
+        self.control(session, kind::PUB_ACK, &ack);
+    }
+
+    /// In a relay: the tier above acknowledged `publisher`'s publishes up
+    /// to `ack.pub_seq` (retries it had ordered before). The publisher's
+    /// session here is told; if the publisher is further down, the relays
+    /// that forwarded for it are told in turn.
+    pub fn ack_publisher(&mut self, now: Duration, publisher: PublisherId, ack: PubAck) {
+        self.now = now;
+        if let Some(&session) = self.publisher_sessions.get(&publisher) {
+            self.owe_ack(
+                session,
+                PubAck {
+                    publisher: None,
+                    ..ack
+                },
+            );
+            self.fan_out();
+            return;
+        }
+        for session in self.forwarders_of(publisher) {
+            self.ack_forwarded(session, publisher, ack);
+        }
+    }
+
+    /// The relay sessions that forwarded publishes of `publisher`, in
+    /// session order.
+    pub(super) fn forwarders_of(&self, publisher: PublisherId) -> Vec<SessionId> {
+        let mut v: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.forwarded.contains_key(&publisher))
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// In a group: the publishes accepted since the last call, in order,
+    /// for the group to order.
+    pub fn take_submissions(&mut self) -> Vec<Submission> {
+        std::mem::take(&mut self.submissions)
+    }
+
+    /// Gives back taken submissions that must wait (no room below yet):
+    /// they are taken again first, in their order.
+    pub fn defer_submissions(&mut self, mut waiting: Vec<Submission>) {
+        waiting.append(&mut self.submissions);
+        self.submissions = waiting;
+    }
+
+    /// In a core server: refuses `sub`, the first publish of a connection,
+    /// whose pub_seq skips past `known`, the last of its publisher's that
+    /// this server's group knows of. Every server of the current primary
+    /// view knows at least what any server acknowledged to the publisher
+    /// (the flush carries it over), so this server is behind the primary
+    /// component (excluded from it without knowing yet): the client is told
+    /// `not_primary` and moves on, and the server finds out itself within a
+    /// failure timeout. (A client that really skips is refused wherever it
+    /// goes; within one connection a skip is refused as `pub_seq_gap`.)
+    pub fn reject_behind(&mut self, now: Duration, sub: &Submission, known: PubSeq) {
+        let msg = format!(
+            "this server knows publisher {} only through pub_seq {}, before {}: it is behind the primary component; reconnect elsewhere",
+            sub.msg.0, known.0, sub.msg.1 .0
+        );
+        self.reject(now, sub, ErrorCode::NotPrimary, msg);
+    }
+
+    /// Refuses `sub` because the group cannot take more publishes now; its
+    /// client retries what was not acknowledged.
+    pub fn reject_overloaded(&mut self, now: Duration, sub: &Submission) {
+        let msg = "too many publishes waiting to be ordered; retry".to_owned();
+        self.reject(now, sub, ErrorCode::Overloaded, msg);
+    }
+
+    /// Refuses a submission: a publisher's own session is closed with the
+    /// error. A relay's session stays open: the relay is told which
+    /// publisher the error concerns, and that publisher's later publishes
+    /// are judged afresh.
+    pub(super) fn reject(
+        &mut self,
+        now: Duration,
+        sub: &Submission,
+        code: ErrorCode,
+        message: String,
+    ) {
+        self.now = now;
+        let publisher = sub.msg.0;
+        if !sub.forwarded {
+            return self.close_with_error(sub.session, code, message);
+        }
+        self.refuse_forwarded(sub.session, publisher, sub.msg.1, code, message);
+    }
+
+    /// Tells relay `session` that `publisher`'s publish `pub_seq` (and what
+    /// follows it on the way) is refused; the relay's session stays open.
+    pub(super) fn refuse_forwarded(
+        &mut self,
+        session: SessionId,
+        publisher: PublisherId,
+        pub_seq: PubSeq,
+        code: ErrorCode,
+        message: String,
+    ) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.forwarded.remove(&publisher);
+        let first = s.refused.entry(publisher).or_insert(pub_seq);
+        *first = (*first).min(pub_seq);
+        let frame = ErrorFrame {
+            code,
+            message,
+            publisher: Some(publisher),
+        };
+        self.control(session, kind::ERROR, &frame);
+    }
+
+    /// In a relay: the tier above refused `publisher`'s forwarded publishes
+    /// with `code`; the publisher's session here is closed with it (its
+    /// client retries what was not acknowledged), or the relays below that
+    /// forwarded for it are told.
+    pub fn reject_publisher(
+        &mut self,
+        now: Duration,
+        publisher: PublisherId,
+        code: ErrorCode,
+        message: String,
+    ) {
+        self.now = now;
+        if let Some(&session) = self.publisher_sessions.get(&publisher) {
+            // Its client did not skip: a relay forwards in order, and judged
+            // this session's own sequence (`published`). The tier above
+            // refused it because of where its earlier publishes went (an
+            // earlier connection's, still on the way): it retries.
+            let message = format!("refused by the tier above ({code:?}: {message}); retry");
+            return self.close_with_error(session, ErrorCode::Overloaded, message);
+        }
+        // Further down: each relay that forwarded for it is told, and
+        // forgets what it had in flight for it, so that retries pass.
+        for session in self.forwarders_of(publisher) {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.forwarded.remove(&publisher);
+            }
+            let frame = ErrorFrame {
+                code,
+                message: message.clone(),
+                publisher: Some(publisher),
+            };
+            self.control(session, kind::ERROR, &frame);
+        }
+    }
+
+    /// Notes that `session` is owed `ack` (cumulative: a later one replaces
+    /// an earlier); it goes out after the current batch is fanned out.
+    pub(super) fn owe_ack(&mut self, session: SessionId, ack: PubAck) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if s.ack_due.replace(ack).is_none() {
+                self.acks_due.push(session);
+            }
+        }
+    }
+
+    pub(super) fn remember_publisher(&mut self, publisher: PublisherId, pub_seq: PubSeq, seq: Seq) {
+        if !self.publishers.contains_key(&publisher)
+            && self.publishers.len() >= self.config.publishers_max
+        {
+            // Forget the eighth of publishers that have been quiet longest,
+            // in one pass, so the cost per new publisher stays constant on
+            // average. A forgotten publisher that comes back with retries of
+            // old pub_seqs gets them ordered again: the price of the bound.
+            self.publishers_evicted = true;
+            let mut by_age: Vec<(Seq, PublisherId)> = self
+                .publishers
+                .iter()
+                .map(|(id, p)| (p.last_seq, *id))
+                .collect();
+            let evict = (by_age.len() / 8).max(1);
+            by_age.select_nth_unstable(evict - 1);
+            for (_, id) in &by_age[..evict] {
+                let _gone = self.publishers.remove(id);
+                #[cfg(test)]
+                if let Some(p) = _gone {
+                    let e = self.forgotten.entry(*id).or_default();
+                    *e = (*e).max(p.last_pub_seq);
+                }
+            }
+        }
+        self.publishers.insert(
+            publisher,
+            PublisherState {
+                last_pub_seq: pub_seq,
+                last_seq: seq,
+            },
+        );
+    }
+}

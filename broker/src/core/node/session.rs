@@ -1,0 +1,272 @@
+//! Sessions: the handshake (Hello, resume and its checks, Welcome),
+//! subscriptions, and membership reports for a new session.
+
+use super::*;
+
+impl Node {
+    pub(super) fn on_hello(&mut self, session: SessionId, hello: Hello) {
+        if !self.primary {
+            let msg = "this server is not serving: it is not in the primary component of the core, or has no stream from the tier above yet".to_owned();
+            return self.close_with_error(session, ErrorCode::NotPrimary, msg);
+        }
+        if hello.version != protocol::PROTOCOL_VERSION {
+            let msg = format!(
+                "client speaks protocol version {}, this server speaks {}",
+                hello.version,
+                protocol::PROTOCOL_VERSION
+            );
+            return self.close_with_error(session, ErrorCode::UnsupportedVersion, msg);
+        }
+        if hello.weak && hello.reports == Reports::Full && hello.role != Role::Relay {
+            let msg = "weak delivery cannot be combined with full membership reports (their positions are stable ones)".to_owned();
+            return self.close_with_error(session, ErrorCode::WeakNotAllowed, msg);
+        }
+        if let Some(r) = hello
+            .resume
+            .filter(|r| r.check.is_some_and(|c| c.seq > r.after))
+        {
+            // A client checks what it delivered, which is never past where
+            // it stands.
+            let msg = format!(
+                "resume check at seq {} is past the resume position {}",
+                r.check.map_or(0, |c| c.seq.0),
+                r.after
+            );
+            return self.close_with_error(session, ErrorCode::Malformed, msg);
+        }
+        if hello.subscriptions.len() > self.config.subscriptions_per_session_max {
+            let msg = format!(
+                "{} subscriptions, at most {} per connection",
+                hello.subscriptions.len(),
+                self.config.subscriptions_per_session_max
+            );
+            return self.close_with_error(session, ErrorCode::TooManySubscriptions, msg);
+        }
+        let mut patterns = Vec::with_capacity(hello.subscriptions.len());
+        for text in &hello.subscriptions {
+            match Pattern::new(text) {
+                Ok(p) if !patterns.contains(&p) => patterns.push(p),
+                Ok(_) => {}
+                Err(e) => {
+                    return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string())
+                }
+            }
+        }
+        // Order what is pending first, so the replay below and the live
+        // stream after it meet exactly at `head`.
+        self.fan_out();
+        for p in &patterns {
+            self.indexes.of(hello.weak).insert(p, session);
+        }
+        // Everyone starts at the stable head (the agreed stream); a weak
+        // client is then caught up through what is held.
+        let head = self.head;
+        let pub_acked = self
+            .publishers
+            .get(&hello.publisher)
+            .map_or(PubSeq(0), |p| p.last_pub_seq);
+        let welcome = Welcome {
+            version: protocol::PROTOCOL_VERSION,
+            server: self.config.name.clone(),
+            session: session.0,
+            stream: self.config.stream,
+            head,
+            pub_acked,
+            frame_len_max: u32::try_from(self.config.frame_len_max).unwrap_or(u32::MAX),
+            servers: self.config.servers.clone(),
+            hash: self.hash,
+        };
+        self.control(session, kind::WELCOME, &welcome);
+        let resume = hello.resume.filter(|r| r.stream == self.config.stream);
+        let resume_after = resume.map(|r| r.after);
+        let listed_here = self
+            .members
+            .client(hello.publisher)
+            .is_some_and(|e| e.server == self.config.id);
+        if resume.is_some() && !listed_here {
+            self.stats.adopted += 1;
+        }
+        let weak_head = self.weak_head();
+        // How far this server's stream counts for the client's check: a
+        // strong client's stream is stable, so only this server's stable
+        // part can tell it apart (an unstable part that differs is this
+        // server's to take back, not the client's).
+        let horizon = if hello.weak { weak_head } else { self.head };
+        // The client's stream must be this server's up to where it stands.
+        let (mut claim, mut diverged) = (None, None);
+        if let Some((check, r)) = resume.and_then(|r| Some((r.check?, r))) {
+            let agreed = r
+                .agreed
+                .unwrap_or(r.after)
+                .min(Seq(check.seq.0.saturating_sub(1)));
+            let known = match check.seq <= horizon {
+                true => self.hash_at(check.seq),
+                false => None,
+            };
+            match known {
+                Some(hash) if hash == check.hash => {}
+                Some(_) => diverged = Some((agreed, check.seq)),
+                // Not reached yet: checked when it is.
+                None if check.seq > horizon => claim = Some((check, agreed)),
+                // Older than retention, with an unchecked part (weak): it
+                // cannot be ruled out; the replay reports what is missing.
+                None if r.agreed.is_some_and(|a| a < check.seq) => {
+                    diverged = Some((agreed, check.seq))
+                }
+                // Older than retention and stable all through: under one
+                // stream id a stable seq means one thing for good (the core
+                // never restarts a stream under its id; see the group's
+                // "Restart safety"), so there is nothing left to check.
+                None => {}
+            }
+        }
+        if claim.is_some() {
+            self.checks.push(session);
+        }
+        if hello.weak {
+            self.weak_live += 1;
+            if hello.role == Role::Relay {
+                self.stable_marks.insert(session);
+            }
+        }
+        if self.grouped {
+            self.publisher_sessions.insert(hello.publisher, session);
+        }
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.submitted = pub_acked;
+            s.patterns = patterns;
+            s.sent_through = head;
+            s.weak = hello.weak;
+            // Where the client stands, as far as this server holds.
+            s.weak_sent = resume_after.map_or(head, |a| a.min(weak_head).max(head));
+            s.claim = claim;
+            s.hello = Some(SessionHello {
+                entry: MemberEntry {
+                    id: hello.publisher,
+                    name: member_name(&hello.name),
+                    server: self.config.id,
+                    relay: hello.role == Role::Relay,
+                    session: session.0,
+                    connection: hello.connection,
+                },
+                name: hello.name,
+                publisher: hello.publisher,
+                slow: hello.slow,
+                role: hello.role,
+                reports: hello.reports,
+            });
+        }
+        if let Some((agreed, seen)) = diverged {
+            self.diverge(session, agreed, seen);
+        } else if let Some(after) = resume_after
+            .or(hello.weak.then_some(head))
+            .filter(|a| *a < if hello.weak { weak_head } else { head })
+        {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.catch_up = Some(after);
+                self.catching_up.push(session);
+            }
+        } else {
+            self.start_reports(session);
+        }
+        if let Some(entry) = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.hello.as_ref())
+            .map(|h| h.entry.clone())
+        {
+            self.publish_member_event(MemberEvent::Attach(entry));
+        }
+    }
+
+    /// Starts `full` or `servers` reports for a session that is live now.
+    pub(super) fn start_reports(&mut self, session: SessionId) {
+        let Some(reports) = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.hello.as_ref())
+            .map(|h| h.reports)
+        else {
+            return;
+        };
+        if reports != Reports::None {
+            // `full` includes the server list.
+            self.reporting_servers.insert(session);
+        }
+        match reports {
+            Reports::Full => {
+                let report = self.members.report(self.head);
+                self.control(session, kind::MEMBERS, &report);
+                self.reporting_full.insert(session);
+            }
+            Reports::Servers => {}
+            Reports::None => {}
+        }
+    }
+
+    pub(super) fn on_subscribe(&mut self, session: SessionId, text: &str) {
+        let pattern = match Pattern::new(text) {
+            Ok(p) => p,
+            Err(e) => {
+                return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string())
+            }
+        };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if !s.patterns.contains(&pattern) {
+            if s.patterns.len() >= self.config.subscriptions_per_session_max {
+                let msg = format!(
+                    "at most {} subscriptions per connection",
+                    self.config.subscriptions_per_session_max
+                );
+                return self.close_with_error(session, ErrorCode::TooManySubscriptions, msg);
+            }
+            // Fan out what is pending under the old subscriptions, so that the
+            // new one starts exactly after `head` as the answer says.
+            self.fan_out();
+            if let Some(s) = self.sessions.get_mut(&session) {
+                self.indexes.of(s.weak).insert(&pattern, session);
+                s.patterns.push(pattern);
+            }
+        }
+        let answer = self.subscription_answer(session, text);
+        self.control(session, kind::SUBSCRIBED, &answer);
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, session: SessionId, text: &str) {
+        let pattern = match Pattern::new(text) {
+            Ok(p) => p,
+            Err(e) => {
+                return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string())
+            }
+        };
+        self.fan_out();
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if let Some(i) = s.patterns.iter().position(|p| *p == pattern) {
+                s.patterns.swap_remove(i);
+                self.indexes.of(s.weak).remove(&pattern, session);
+            }
+        }
+        let answer = self.subscription_answer(session, text);
+        self.control(session, kind::UNSUBSCRIBED, &answer);
+    }
+
+    /// The answer to a subscription change: the client's position moves to
+    /// what it has been sent everything of, with the hash there.
+    pub(super) fn subscription_answer(
+        &mut self,
+        session: SessionId,
+        pattern: &str,
+    ) -> SubscribedHead {
+        let head = self.sent_head(session);
+        if let Some(s) = self.sessions.get_mut(&session).filter(|s| s.weak) {
+            s.weak_sent = s.weak_sent.max(head);
+        }
+        SubscribedHead {
+            pattern: pattern.to_owned(),
+            head,
+            hash: self.hash_at(head),
+        }
+    }
+}
