@@ -1216,7 +1216,7 @@ impl World {
                 // publishers may be ordered again (the price of the bound).
                 let mut forgotten: Vec<_> = s.server.node_mut().forgotten.drain().collect();
                 if let Some(g) = s.server.group_mut() {
-                    forgotten.extend(g.forgotten.drain());
+                    forgotten.extend(g.take_forgotten());
                 }
                 for (p, held) in forgotten {
                     let e = self.checker.forgotten.entry(p).or_default();

@@ -3,16 +3,58 @@
 
 use super::wire::{Heartbeat, Msg, PeerMsg, Snapshot};
 use super::{
-    Event, FlushOk, Group, Incarnation, Member, NodeId, Proposal, PubState, Stash, Status, View,
-    ViewId,
+    Event, FlushOk, Group, Incarnation, Member, NodeId, Peer, Proposal, PubState, Stash, Status,
+    View, ViewId,
 };
 use canopy_client::protocol::{PubSeq, Seq};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+
+/// MBRSHIP's state: views, promises, peers, the flush under way.
+pub(super) struct Membership {
+    pub(super) incarnation: Incarnation,
+    pub(super) status: Status,
+    /// The installed view (kept while flushing; `None` while joining).
+    pub(super) view: Option<View>,
+    /// The highest proposal promised (or the installed view's id).
+    pub(super) promised: ViewId,
+    /// The last view accepted, as the hard state keeps it (it outlives the
+    /// messages: a restarted server remembers it without holding its state).
+    pub(super) accepted_view: Option<View>,
+    /// The last view installed, as the hard state keeps it.
+    pub(super) installed: ViewId,
+    /// The hard state changed since the shell last took it.
+    pub(super) hard_dirty: bool,
+    /// The highest epoch seen anywhere.
+    pub(super) epoch_seen: u64,
+    /// Told it lags; the coordinator's snapshot has not come yet.
+    pub(super) awaiting_snapshot: bool,
+    /// The `NewView` that waits for the snapshot.
+    pub(super) stash: Option<Stash>,
+    /// The stream this server's delivered seqs belong to (0: none yet).
+    pub(super) stream: u64,
+    /// The view whose history this server's state comes from; kept across a
+    /// rejoin, since what it delivered stays delivered.
+    pub(super) state_view: Option<ViewId>,
+    /// The last seq of the accepted view's inherited history.
+    pub(super) accepted_through: Seq,
+    /// Proposer: the members that hold the accepted view's history.
+    pub(super) accepted: BTreeSet<NodeId>,
+    /// When the current non-normal stretch began (for `NotPrimary`).
+    pub(super) blocked_since: Option<Duration>,
+    /// Whether `NotPrimary` was told for the current stretch.
+    pub(super) told_not_primary: bool,
+    /// When a promise made without a following view times out.
+    pub(super) promise_deadline: Option<Duration>,
+    pub(super) proposal: Option<Proposal>,
+    pub(super) peers: BTreeMap<NodeId, Peer>,
+    pub(super) heartbeat_next: Duration,
+}
 
 impl Group {
     pub(super) fn send_heartbeats(&mut self, now: Duration) {
         let hears = self
+            .mbr
             .peers
             .iter()
             .filter(|(_, p)| self.heard_recently(now, p))
@@ -20,24 +62,26 @@ impl Group {
             .collect();
         let msg = PeerMsg::Heartbeat(Heartbeat {
             from: self.me(),
-            joining: self.status == Status::Joining,
+            joining: self.mbr.status == Status::Joining,
             view: self.reported_view(),
-            epoch: self.promised.epoch,
+            epoch: self.mbr.promised.epoch,
             have: self.held(),
-            stable: if self.status == Status::Normal && self.coordinator() == Some(self.config.me) {
-                self.stable
+            stable: if self.mbr.status == Status::Normal
+                && self.coordinator() == Some(self.config.me)
+            {
+                self.total.stable
             } else {
                 Seq(0)
             },
             hears,
         });
         let frame = super::wire::encode(&msg);
-        for &n in self.peers.keys() {
+        for &n in self.mbr.peers.keys() {
             self.transmits.push_back((n, frame.clone()));
         }
         // An acceptance (or the commit answering it) may have been lost.
-        if self.status == Status::Accepted && self.coordinator() != Some(self.config.me) {
-            if let Some(v) = self.view.as_ref().map(|v| v.id) {
+        if self.mbr.status == Status::Accepted && self.coordinator() != Some(self.config.me) {
+            if let Some(v) = self.mbr.view.as_ref().map(|v| v.id) {
                 self.send(v.coordinator, &PeerMsg::AcceptOk { view: v });
             }
         }
@@ -45,7 +89,7 @@ impl Group {
 
     /// The view this server holds the state of, as it reports it.
     fn reported_view(&self) -> Option<ViewId> {
-        self.state_view
+        self.mbr.state_view
     }
 
     pub(super) fn on_heartbeat(&mut self, now: Duration, hb: Heartbeat) {
@@ -58,31 +102,31 @@ impl Group {
             stable,
             hears,
         } = hb;
-        self.epoch_seen = self.epoch_seen.max(epoch);
+        self.mbr.epoch_seen = self.mbr.epoch_seen.max(epoch);
         let me = self.config.me;
-        if let Some(p) = self.peers.get_mut(&from.node) {
+        if let Some(p) = self.mbr.peers.get_mut(&from.node) {
             p.incarnation = from.incarnation;
             p.view = view;
             p.joining = joining;
             p.promised = epoch;
             p.hears_me = hears.contains(&me);
         }
-        let Some(mine) = self.view.as_ref().map(|v| v.id) else {
+        let Some(mine) = self.mbr.view.as_ref().map(|v| v.id) else {
             return;
         };
         if let Some(theirs) = view {
-            self.epoch_seen = self.epoch_seen.max(theirs.epoch);
+            self.mbr.epoch_seen = self.mbr.epoch_seen.max(theirs.epoch);
             // A view newer than anything this server promised was installed
             // without it (or it missed the install): start over.
-            if theirs > mine && theirs > self.promised {
+            if theirs > mine && theirs > self.mbr.promised {
                 tracing::info!(me = %self.config.me, view = %theirs, mine = %mine, node = %from.node, "a newer view exists without this server; rejoining");
                 return self.rejoin(now);
             }
         }
-        if view != Some(mine) || self.status != Status::Normal {
+        if view != Some(mine) || self.mbr.status != Status::Normal {
             return;
         }
-        let member = self.view.as_ref().is_some_and(|v| v.has(from));
+        let member = self.mbr.view.as_ref().is_some_and(|v| v.has(from));
         if !member {
             return;
         }
@@ -95,13 +139,13 @@ impl Group {
             // A heartbeat later we still lack what the coordinator held at
             // the previous one: an `Order` was lost with a link. (Comparing
             // with its current `have` would ask for every order in flight.)
-            let behind = self.lag_mark.is_some_and(|prev| self.held() < prev);
-            if behind && !self.awaiting_snapshot {
+            let behind = self.total.lag_mark.is_some_and(|prev| self.held() < prev);
+            if behind && !self.mbr.awaiting_snapshot {
                 let after = self.held();
-                self.resend_asked = Some(after);
+                self.total.resend_asked = Some(after);
                 self.send(from.node, &PeerMsg::Resend { view: mine, after });
             }
-            self.lag_mark = Some(have);
+            self.total.lag_mark = Some(have);
         }
     }
 
@@ -120,7 +164,7 @@ impl Group {
         if node == self.config.me {
             return true;
         }
-        let Some(p) = self.peers.get(&node) else {
+        let Some(p) = self.mbr.peers.get(&node) else {
             return false;
         };
         if p.excluded_until.is_some_and(|t| now < t) || !(p.hears_me || self.bugs.ignore_deafness) {
@@ -137,7 +181,7 @@ impl Group {
     /// Failure detection and view-change decisions; called on every timeout.
     pub(super) fn evaluate(&mut self, now: Duration) {
         self.tell_not_primary(now);
-        if let Some(p) = &self.proposal {
+        if let Some(p) = &self.mbr.proposal {
             if now < p.deadline {
                 return;
             }
@@ -148,7 +192,7 @@ impl Group {
             let backoff = now + self.config.failure_timeout * 2;
             for m in p.members.clone() {
                 if !answered.contains(&m.node) {
-                    if let Some(peer) = self.peers.get_mut(&m.node) {
+                    if let Some(peer) = self.mbr.peers.get_mut(&m.node) {
                         // It can send (we hear its heartbeats) but not
                         // answer: a one-way partition, or it promised a
                         // competing proposal. Leave it out for a while
@@ -159,12 +203,12 @@ impl Group {
                     }
                 }
             }
-            self.proposal = None;
+            self.mbr.proposal = None;
         }
-        if self.promise_deadline.is_some_and(|d| now >= d) {
-            let promised = self.promised;
-            if self.status == Status::Flushing
-                && self.peers.values().any(|p| p.view >= Some(promised))
+        if self.mbr.promise_deadline.is_some_and(|d| now >= d) {
+            let promised = self.mbr.promised;
+            if self.mbr.status == Status::Flushing
+                && self.mbr.peers.values().any(|p| p.view >= Some(promised))
             {
                 // The view we promised (or a later one) went on without
                 // this server taking its history: join it afresh.
@@ -175,13 +219,14 @@ impl Group {
             // it no longer counts alive and the lowest survivor proposes.
             // (Counting a live proposer dead here would drop it from this
             // server's `hears`, and it would count this server dead in turn.)
-            self.promise_deadline = None;
+            self.mbr.promise_deadline = None;
         }
-        if self.promise_deadline.is_some() {
+        if self.mbr.promise_deadline.is_some() {
             return;
         }
-        if self.awaiting_snapshot
+        if self.mbr.awaiting_snapshot
             && self
+                .mbr
                 .blocked_since
                 .is_some_and(|t| now.saturating_sub(t) >= self.config.flush_timeout)
         {
@@ -191,8 +236,9 @@ impl Group {
         // Live servers that are not in our view and hold no newer one:
         // restarted (no view) or stale (an older view they were dropped
         // from). Both join with a snapshot.
-        let mine = self.view.as_ref().map(|v| v.id);
+        let mine = self.mbr.view.as_ref().map(|v| v.id);
         let joiners: Vec<Member> = self
+            .mbr
             .peers
             .iter()
             .filter(|(&n, p)| (p.joining || p.view < mine) && self.alive(now, n))
@@ -201,7 +247,7 @@ impl Group {
                 incarnation: p.incarnation,
             })
             .collect();
-        match (&self.view, self.status) {
+        match (&self.mbr.view, self.mbr.status) {
             (Some(view), Status::Normal | Status::Flushing | Status::Accepted) => {
                 let survivors: Vec<Member> =
                     view.members
@@ -210,7 +256,7 @@ impl Group {
                         .filter(|m| {
                             m.node == self.config.me
                                 || (self.alive(now, m.node)
-                                    && self.peers.get(&m.node).is_some_and(|p| {
+                                    && self.mbr.peers.get(&m.node).is_some_and(|p| {
                                         p.incarnation == m.incarnation && !p.joining
                                     }))
                         })
@@ -218,11 +264,12 @@ impl Group {
                 // A member that promised a proposal that went nowhere waits
                 // for a view change; the lowest survivor gives it one.
                 let stuck = survivors.iter().any(|m| {
-                    self.peers
+                    self.mbr
+                        .peers
                         .get(&m.node)
                         .is_some_and(|p| p.promised > view.id.epoch)
                 });
-                let changed = self.status != Status::Normal
+                let changed = self.mbr.status != Status::Normal
                     || stuck
                     || survivors.len() != view.members.len()
                     || joiners.iter().any(|j| !view.has(*j));
@@ -243,19 +290,25 @@ impl Group {
                 // lowest of those holding the newest state proposes. (All
                 // restarted at once, nobody holds any: a new stream begins.)
                 let any_view = self
+                    .mbr
                     .peers
                     .iter()
                     .any(|(&n, p)| !p.joining && self.alive(now, n));
                 let newest = joiners
                     .iter()
-                    .filter_map(|j| self.peers.get(&j.node).and_then(|p| p.view))
+                    .filter_map(|j| self.mbr.peers.get(&j.node).and_then(|p| p.view))
                     .max()
-                    .max(self.state_view);
+                    .max(self.mbr.state_view);
                 let leader = joiners
                     .iter()
-                    .filter(|j| self.peers.get(&j.node).is_some_and(|p| p.view == newest))
+                    .filter(|j| {
+                        self.mbr
+                            .peers
+                            .get(&j.node)
+                            .is_some_and(|p| p.view == newest)
+                    })
                     .map(|j| j.node)
-                    .chain((self.state_view == newest).then_some(self.config.me))
+                    .chain((self.mbr.state_view == newest).then_some(self.config.me))
                     .min();
                 let mut members = joiners;
                 members.push(self.me());
@@ -280,10 +333,10 @@ impl Group {
         members.sort();
         members.dedup_by_key(|m| m.node);
         let id = ViewId {
-            epoch: self.epoch_seen.max(self.promised.epoch) + 1,
+            epoch: self.mbr.epoch_seen.max(self.mbr.promised.epoch) + 1,
             coordinator: self.config.me,
         };
-        self.epoch_seen = id.epoch;
+        self.mbr.epoch_seen = id.epoch;
         tracing::debug!(me = %self.config.me, proposal = %id, members = ?members.iter().map(|m| m.node.0).collect::<Vec<_>>(), "proposing a view");
         self.promise(now, id);
         let mut oks = BTreeMap::new();
@@ -297,39 +350,39 @@ impl Group {
                 self.send(m.node, &req);
             }
         }
-        self.proposal = Some(Proposal {
+        self.mbr.proposal = Some(Proposal {
             id,
             members,
             oks,
             deadline: now + self.config.flush_timeout,
         });
-        self.promise_deadline = None;
+        self.mbr.promise_deadline = None;
         self.try_install(now);
     }
 
     /// Promises proposal `id`: ordering in the old view stops here.
     fn promise(&mut self, now: Duration, id: ViewId) {
-        self.promised = id;
-        self.hard_dirty = true;
+        self.mbr.promised = id;
+        self.mbr.hard_dirty = true;
         // A snapshot awaited for an older proposal will not matter now.
-        self.awaiting_snapshot = false;
-        self.stash = None;
-        if matches!(self.status, Status::Normal | Status::Accepted) {
-            self.status = Status::Flushing;
+        self.mbr.awaiting_snapshot = false;
+        self.mbr.stash = None;
+        if matches!(self.mbr.status, Status::Normal | Status::Accepted) {
+            self.mbr.status = Status::Flushing;
         }
-        self.blocked_since.get_or_insert(now);
-        self.promise_deadline = Some(now + self.config.flush_timeout);
+        self.mbr.blocked_since.get_or_insert(now);
+        self.mbr.promise_deadline = Some(now + self.config.flush_timeout);
     }
 
     fn flush_ok(&self) -> FlushOk {
         FlushOk {
             from: self.me(),
             view: self.reported_view(),
-            accepted: self.accepted_view.clone(),
-            installed: self.installed,
-            delivered: self.delivered,
+            accepted: self.mbr.accepted_view.clone(),
+            installed: self.mbr.installed,
+            delivered: self.total.delivered,
             msgs: if self.reported_view().is_some() {
-                self.log.iter().map(Msg::of).collect()
+                self.total.log.iter().map(Msg::of).collect()
             } else {
                 Vec::new()
             },
@@ -343,15 +396,15 @@ impl Group {
         proposal: ViewId,
         members: Vec<Member>,
     ) {
-        self.epoch_seen = self.epoch_seen.max(proposal.epoch);
+        self.mbr.epoch_seen = self.mbr.epoch_seen.max(proposal.epoch);
         if proposal.coordinator != from || !members.contains(&self.me()) {
             return;
         }
-        if proposal < self.promised {
+        if proposal < self.mbr.promised {
             return;
         }
-        if proposal > self.promised {
-            if self.proposal.take().is_some() {
+        if proposal > self.mbr.promised {
+            if self.mbr.proposal.take().is_some() {
                 tracing::debug!(me = %self.config.me, proposal = %proposal, "a higher proposal overrides ours");
             }
             self.promise(now, proposal);
@@ -370,11 +423,13 @@ impl Group {
     }
 
     pub(super) fn on_flush_ok(&mut self, now: Duration, proposal: ViewId, ok: FlushOk) {
-        let Some(p) = &mut self.proposal else { return };
+        let Some(p) = &mut self.mbr.proposal else {
+            return;
+        };
         if p.id != proposal || !p.members.contains(&ok.from) {
             return;
         }
-        if ok.view > self.state_view && self.status != Status::Joining {
+        if ok.view > self.mbr.state_view && self.mbr.status != Status::Joining {
             // Someone holds a newer view's state than ours: we are stale.
             return self.rejoin(now);
         }
@@ -385,24 +440,24 @@ impl Group {
     /// Moves the proposal on once every proposed member answered: the
     /// proposer takes the new view's history and sends it (`NewView`).
     fn try_install(&mut self, now: Duration) {
-        let Some(p) = &self.proposal else { return };
+        let Some(p) = &self.mbr.proposal else { return };
         if p.oks.len() < p.members.len() {
             return;
         }
-        let Some(p) = self.proposal.take() else {
+        let Some(p) = self.mbr.proposal.take() else {
             return;
         };
         let basis = match self.basis(&p) {
             Ok(basis) => basis,
             Err(why) => {
                 tracing::debug!(me = %self.config.me, proposal = %p.id, why, answered = ?p.oks.values().map(|o| (o.from.node.0, o.view, o.accepted.as_ref().map(|v| v.id))).collect::<Vec<_>>(), "no history to continue: not primary");
-                self.proposal = Some(p);
+                self.mbr.proposal = Some(p);
                 return;
             }
         };
         if basis.is_some() && basis != self.reported_view() {
             // Only a holder of the newest state can carry the stream on.
-            if self.status == Status::Joining {
+            if self.mbr.status == Status::Joining {
                 return;
             }
             return self.rejoin(now);
@@ -417,9 +472,9 @@ impl Group {
             .filter(|o| basis.is_some() && o.view == basis)
             .max_by_key(|o| o.held())
             .cloned();
-        let through = best.as_ref().map_or(self.delivered, FlushOk::held);
+        let through = best.as_ref().map_or(self.total.delivered, FlushOk::held);
         let stream = match basis {
-            Some(_) => self.stream,
+            Some(_) => self.mbr.stream,
             None => {
                 // The lineage: a stream that replaces a lost one gets an id
                 // of its own (the proposal's id is never reused).
@@ -432,7 +487,7 @@ impl Group {
                 fresh_stream(
                     self.config.stream_seed ^ lost.unwrap_or(0),
                     p.id,
-                    self.incarnation,
+                    self.mbr.incarnation,
                 )
             }
         };
@@ -455,11 +510,11 @@ impl Group {
                 }
             }
             self.clear_log();
-            self.delivered = Seq(0);
-            self.stable = Seq(0);
-            self.publishers.clear();
-            self.evicted_any = false;
-            self.stream = stream;
+            self.total.delivered = Seq(0);
+            self.total.stable = Seq(0);
+            self.total.publishers.clear();
+            self.total.evicted_any = false;
+            self.mbr.stream = stream;
             self.drop_old_stream_submissions();
             self.events.push_back(Event::Reset(Snapshot {
                 stream,
@@ -469,7 +524,7 @@ impl Group {
             }));
         }
         let through = if self.bugs.skip_flush {
-            self.stable.max(self.delivered)
+            self.total.stable.max(self.total.delivered)
         } else {
             if let Some(best) = &best {
                 let held = self.held();
@@ -494,12 +549,12 @@ impl Group {
             let is_lagging = ok.view != basis || basis.is_none();
             let from = if is_lagging {
                 lagging.push(ok.from.node);
-                self.delivered
+                self.total.delivered
             } else {
-                ok.held().max(self.delivered)
+                ok.held().max(self.total.delivered)
             };
-            let skip = (from.0 - self.delivered.0) as usize;
-            let msgs: Vec<Msg> = self.log.iter().skip(skip).map(Msg::of).collect();
+            let skip = (from.0 - self.total.delivered.0) as usize;
+            let msgs: Vec<Msg> = self.total.log.iter().skip(skip).map(Msg::of).collect();
             let msg = PeerMsg::NewView {
                 view: view.clone(),
                 through,
@@ -513,7 +568,7 @@ impl Group {
             self.events.push_back(Event::SnapshotNeeded { to });
         }
         self.accept(now, view, through);
-        self.accepted.insert(self.config.me);
+        self.mbr.accepted.insert(self.config.me);
         self.try_commit(now);
     }
 
@@ -597,12 +652,12 @@ impl Group {
         if !self.bugs.silent_unhold {
             self.events.push_back(Event::Unheld { after: through });
         }
-        let keep = through.0.saturating_sub(self.delivered.0) as usize;
+        let keep = through.0.saturating_sub(self.total.delivered.0) as usize;
         // The publisher table forgets them too, so that their publishers'
         // resubmissions are ordered rather than taken for retries.
-        for m in self.log.drain(keep..) {
-            self.log_bytes = self.log_bytes.saturating_sub(m.cost());
-            if let Some(p) = self.publishers.get_mut(&m.publisher) {
+        for m in self.total.log.drain(keep..) {
+            self.total.log_bytes = self.total.log_bytes.saturating_sub(m.cost());
+            if let Some(p) = self.total.publishers.get_mut(&m.publisher) {
                 if p.held >= m.pub_seq {
                     p.held = PubSeq(m.pub_seq.0.saturating_sub(1)).max(p.delivered);
                 }
@@ -613,20 +668,20 @@ impl Group {
     /// This server holds `view`'s history through `through` and waits for
     /// the commit. From now on it reports `view` as the state it holds.
     fn accept(&mut self, now: Duration, view: View, through: Seq) {
-        self.promised = view.id;
-        self.accepted_view = Some(view.clone());
-        self.hard_dirty = true;
-        self.epoch_seen = self.epoch_seen.max(view.id.epoch);
-        self.status = Status::Accepted;
-        self.awaiting_snapshot = false;
-        self.stash = None;
-        self.stream = view.stream;
-        self.state_view = Some(view.id);
-        self.accepted_through = through;
-        self.accepted.clear();
-        self.promise_deadline = Some(now + self.config.flush_timeout);
+        self.mbr.promised = view.id;
+        self.mbr.accepted_view = Some(view.clone());
+        self.mbr.hard_dirty = true;
+        self.mbr.epoch_seen = self.mbr.epoch_seen.max(view.id.epoch);
+        self.mbr.status = Status::Accepted;
+        self.mbr.awaiting_snapshot = false;
+        self.mbr.stash = None;
+        self.mbr.stream = view.stream;
+        self.mbr.state_view = Some(view.id);
+        self.mbr.accepted_through = through;
+        self.mbr.accepted.clear();
+        self.mbr.promise_deadline = Some(now + self.config.flush_timeout);
         for m in &view.members {
-            if let Some(p) = self.peers.get_mut(&m.node) {
+            if let Some(p) = self.mbr.peers.get_mut(&m.node) {
                 // What it will say in its next heartbeat; saying it now keeps
                 // the old answer from reading as a joiner or a stranger.
                 p.incarnation = m.incarnation;
@@ -634,26 +689,26 @@ impl Group {
                 p.joining = false;
             }
         }
-        self.view = Some(view);
+        self.mbr.view = Some(view);
     }
 
     pub(super) fn on_accept_ok(&mut self, now: Duration, from: NodeId, view: ViewId) {
-        tracing::trace!(me = %self.config.me, node = %from, view = %view, status = ?self.status, mine = ?self.view.as_ref().map(|v| v.id), "accept ok");
-        if self.view.as_ref().map(|v| v.id) != Some(view)
+        tracing::trace!(me = %self.config.me, node = %from, view = %view, status = ?self.mbr.status, mine = ?self.mbr.view.as_ref().map(|v| v.id), "accept ok");
+        if self.mbr.view.as_ref().map(|v| v.id) != Some(view)
             || self.coordinator() != Some(self.config.me)
         {
             return;
         }
-        match self.status {
+        match self.mbr.status {
             Status::Accepted => {
-                self.accepted.insert(from);
+                self.mbr.accepted.insert(from);
                 self.try_commit(now);
             }
             // A late acceptor: tell it the view is on.
             Status::Normal => {
                 let msg = PeerMsg::Stable {
                     view,
-                    through: self.stable,
+                    through: self.total.stable,
                 };
                 self.send(from, &msg);
             }
@@ -665,38 +720,38 @@ impl Group {
     /// servers hold its history: then any later proposal hears of it from
     /// one of them, so what is delivered from here on is never undone.
     fn try_commit(&mut self, now: Duration) {
-        if self.status != Status::Accepted || self.accepted.len() < self.config.quorum() {
+        if self.mbr.status != Status::Accepted || self.mbr.accepted.len() < self.config.quorum() {
             return;
         }
-        let through = self.accepted_through;
+        let through = self.mbr.accepted_through;
         self.commit(now);
-        if let Some(view) = self.view.as_ref().map(|v| v.id) {
+        if let Some(view) = self.mbr.view.as_ref().map(|v| v.id) {
             self.send_members(&PeerMsg::Stable { view, through });
         }
     }
 
     /// Delivers the old view's history and starts ordering in the new one.
     pub(super) fn commit(&mut self, _now: Duration) {
-        let Some(view) = self.view.clone() else {
+        let Some(view) = self.mbr.view.clone() else {
             return;
         };
-        let at = self.accepted_through;
-        self.installed = view.id;
-        self.hard_dirty = true;
+        let at = self.mbr.accepted_through;
+        self.mbr.installed = view.id;
+        self.mbr.hard_dirty = true;
         self.deliver_through(at);
         tracing::info!(me = %self.config.me, view = %view.id, members = ?view.members.iter().map(|m| m.node.0).collect::<Vec<_>>(), at = at.0, "view installed");
         self.stats.views += 1;
-        self.status = Status::Normal;
-        self.promise_deadline = None;
-        self.blocked_since = None;
-        self.told_not_primary = false;
-        self.stable = at;
-        self.stable_sent = at;
-        self.resend_asked = None;
-        self.lag_mark = None;
-        self.acks = view.members.iter().map(|m| (m.node, at)).collect();
+        self.mbr.status = Status::Normal;
+        self.mbr.promise_deadline = None;
+        self.mbr.blocked_since = None;
+        self.mbr.told_not_primary = false;
+        self.total.stable = at;
+        self.total.stable_sent = at;
+        self.total.resend_asked = None;
+        self.total.lag_mark = None;
+        self.total.acks = view.members.iter().map(|m| (m.node, at)).collect();
         // Every member resubmits from its front as the view begins.
-        self.submit_seen.clear();
+        self.total.submit_seen.clear();
         self.events.push_back(Event::View { view, at });
         // Ordering resumes: first what our clients submitted meanwhile.
         self.resubmit();
@@ -711,16 +766,16 @@ impl Group {
         msgs: Vec<Msg>,
         lagging: bool,
     ) {
-        let again =
-            self.status != Status::Flushing && self.view.as_ref().is_some_and(|v| v.id == view.id);
-        if view.id != self.promised || !view.has(self.me()) || again {
+        let again = self.mbr.status != Status::Flushing
+            && self.mbr.view.as_ref().is_some_and(|v| v.id == view.id);
+        if view.id != self.mbr.promised || !view.has(self.me()) || again {
             return;
         }
-        self.proposal = None;
+        self.mbr.proposal = None;
         if lagging {
             // State comes in the snapshot that follows; keep the rest.
-            self.awaiting_snapshot = true;
-            self.stash = Some(Stash {
+            self.mbr.awaiting_snapshot = true;
+            self.mbr.stash = Some(Stash {
                 view,
                 through,
                 first,
@@ -761,8 +816,8 @@ impl Group {
             return;
         }
         self.truncate(through);
-        if self.held() != through || self.delivered > through {
-            tracing::warn!(me = %self.config.me, view = %view.id, held = self.held().0, through = through.0, delivered = self.delivered.0, first = first.0, "new view does not match what this server holds; rejoining");
+        if self.held() != through || self.total.delivered > through {
+            tracing::warn!(me = %self.config.me, view = %view.id, held = self.held().0, through = through.0, delivered = self.total.delivered.0, first = first.0, "new view does not match what this server holds; rejoining");
             return self.rejoin(now);
         }
         let id = view.id;
@@ -772,27 +827,27 @@ impl Group {
     }
 
     pub(super) fn on_snapshot(&mut self, now: Duration, view: ViewId, state: Snapshot) {
-        let ours = self.stash.as_ref().is_some_and(|s| s.view.id == view);
-        if !self.awaiting_snapshot || !ours || self.promised != view {
+        let ours = self.mbr.stash.as_ref().is_some_and(|s| s.view.id == view);
+        if !self.mbr.awaiting_snapshot || !ours || self.mbr.promised != view {
             // A late snapshot for a proposal that lost: keep waiting.
             return;
         }
-        let Some(stash) = self.stash.take() else {
+        let Some(stash) = self.mbr.stash.take() else {
             return;
         };
-        self.awaiting_snapshot = false;
-        if state.stream == self.stream && self.delivered >= state.head {
+        self.mbr.awaiting_snapshot = false;
+        if state.stream == self.mbr.stream && self.total.delivered >= state.head {
             // This server delivered a longer prefix of the same stream (it
             // was left behind in an older view): keep it, take the rest.
-            self.truncate(self.delivered);
+            self.truncate(self.total.delivered);
             return self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
         }
-        let old_stream = std::mem::replace(&mut self.stream, state.stream);
-        self.evicted_any = state.evicted;
+        let old_stream = std::mem::replace(&mut self.mbr.stream, state.stream);
+        self.total.evicted_any = state.evicted;
         self.clear_log();
-        self.delivered = state.head;
-        self.stable = state.head;
-        self.publishers = state
+        self.total.delivered = state.head;
+        self.total.stable = state.head;
+        self.total.publishers = state
             .publishers
             .iter()
             .map(|&(id, pub_seq, seq)| {
@@ -808,7 +863,7 @@ impl Group {
             })
             .collect();
         self.events.push_back(Event::Reset(state));
-        if self.stream != old_stream {
+        if self.mbr.stream != old_stream {
             self.drop_old_stream_submissions();
         }
         self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
@@ -816,7 +871,7 @@ impl Group {
 
     /// Sends the snapshot asked for by `Event::SnapshotNeeded`.
     pub fn send_snapshot(&mut self, to: NodeId, state: Snapshot) {
-        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
             return;
         };
         self.send(to, &PeerMsg::Snapshot { view, state });
@@ -825,15 +880,15 @@ impl Group {
     /// Leaves whatever view this server was in and joins again as a new
     /// incarnation.
     pub(super) fn rejoin(&mut self, now: Duration) {
-        self.incarnation = Incarnation(self.incarnation.0.saturating_add(1));
-        self.hard_dirty = true;
-        self.status = Status::Joining;
-        self.view = None;
-        self.proposal = None;
-        self.promise_deadline = None;
-        self.awaiting_snapshot = false;
-        self.stash = None;
-        self.accepted.clear();
+        self.mbr.incarnation = Incarnation(self.mbr.incarnation.0.saturating_add(1));
+        self.mbr.hard_dirty = true;
+        self.mbr.status = Status::Joining;
+        self.mbr.view = None;
+        self.mbr.proposal = None;
+        self.mbr.promise_deadline = None;
+        self.mbr.awaiting_snapshot = false;
+        self.mbr.stash = None;
+        self.mbr.accepted.clear();
         // The log stays: what it holds may be stable elsewhere, and this
         // server still reports the state of its last view, log included.
         // So do own submissions: the server's own membership events are
@@ -841,12 +896,12 @@ impl Group {
         // back every later one), and a client's are deduplicated by the
         // sequencer if the client also sends them elsewhere.
         if self.bugs.clear_queue_on_rejoin {
-            self.unordered.clear();
+            self.total.unordered.clear();
         }
-        self.acks.clear();
-        self.blocked_since = Some(now);
-        if !self.told_not_primary {
-            self.told_not_primary = true;
+        self.total.acks.clear();
+        self.mbr.blocked_since = Some(now);
+        if !self.mbr.told_not_primary {
+            self.mbr.told_not_primary = true;
             self.events.push_back(Event::NotPrimary);
         }
     }
@@ -855,14 +910,14 @@ impl Group {
     /// working view for a failure timeout (joining, blocked in a view
     /// change, or waiting for its snapshot).
     fn tell_not_primary(&mut self, now: Duration) {
-        if self.told_not_primary {
+        if self.mbr.told_not_primary {
             return;
         }
-        let Some(since) = self.blocked_since else {
+        let Some(since) = self.mbr.blocked_since else {
             return;
         };
         if now.saturating_sub(since) >= self.config.failure_timeout {
-            self.told_not_primary = true;
+            self.mbr.told_not_primary = true;
             self.events.push_back(Event::NotPrimary);
         }
     }

@@ -123,6 +123,9 @@
 
 mod mbrship;
 mod total;
+
+use mbrship::Membership;
+use total::Total;
 pub mod wire;
 
 #[cfg(test)]
@@ -462,84 +465,14 @@ pub struct GroupStats {
 /// docs for the protocol and how to drive it.
 pub struct Group {
     config: GroupConfig,
-    incarnation: Incarnation,
-    status: Status,
-    /// The installed view (kept while flushing; `None` while joining).
-    view: Option<View>,
-    /// The highest proposal promised (or the installed view's id).
-    promised: ViewId,
-    /// The last view accepted, as the hard state keeps it (it outlives the
-    /// messages: a restarted server remembers it without holding its state).
-    accepted_view: Option<View>,
-    /// The last view installed, as the hard state keeps it.
-    installed: ViewId,
-    /// The hard state changed since the shell last took it.
-    hard_dirty: bool,
-    /// The highest epoch seen anywhere.
-    epoch_seen: u64,
-    /// Told it lags; the coordinator's snapshot has not come yet.
-    awaiting_snapshot: bool,
-    /// The `NewView` that waits for the snapshot.
-    stash: Option<Stash>,
-    /// The stream this server's delivered seqs belong to (0: none yet).
-    stream: u64,
-    /// The view whose history this server's state comes from; kept across a
-    /// rejoin, since what it delivered stays delivered.
-    state_view: Option<ViewId>,
-    /// The last seq of the accepted view's inherited history.
-    accepted_through: Seq,
-    /// Proposer: the members that hold the accepted view's history.
-    accepted: BTreeSet<NodeId>,
-    /// When the current non-normal stretch began (for `NotPrimary`).
-    blocked_since: Option<Duration>,
-    /// Whether `NotPrimary` was told for the current stretch.
-    told_not_primary: bool,
-    /// When a promise made without a following view times out.
-    promise_deadline: Option<Duration>,
-    proposal: Option<Proposal>,
-    peers: BTreeMap<NodeId, Peer>,
-    heartbeat_next: Duration,
-
-    /// The last seq delivered.
-    delivered: Seq,
-    /// Messages held after `delivered`, contiguous.
-    log: VecDeque<Ordered>,
-    /// What `log` holds, as `Ordered::cost` counts it.
-    log_bytes: usize,
-    /// The last seq known stable in the view.
-    stable: Seq,
-    /// Coordinator: the last seq each member holds.
-    acks: BTreeMap<NodeId, Seq>,
-    /// Coordinator: the stable seq last announced.
-    stable_sent: Seq,
-    /// A `Resend` was asked after this seq and not yet answered.
-    resend_asked: Option<Seq>,
-    /// The coordinator's `have` in its previous heartbeat.
-    lag_mark: Option<Seq>,
-    publishers: HashMap<PublisherId, PubState>,
-    /// The number the next own submission gets (see `Submit`'s `first`).
-    submit_next: u64,
-    /// Sequencer: per member, one past the last submission number received
-    /// in this view (a larger `first` means a `Submit` was lost).
-    submit_seen: BTreeMap<NodeId, u64>,
-    /// Whether the publisher table ever forgot a publisher (then an unknown
-    /// publisher's publish may be a forgotten one's, and is ordered).
-    evicted_any: bool,
-    /// Own submissions not yet delivered, in submission order, numbered
-    /// contiguously from `submit_next - unordered.len()`.
-    unordered: VecDeque<Submitted>,
-    /// Since when the front of `unordered` has been the same publish.
-    resubmit_check: (Duration, Option<(PublisherId, PubSeq)>),
-
+    /// MBRSHIP's state (`mbrship.rs`).
+    mbr: Membership,
+    /// TOTAL's state (`total.rs`).
+    total: Total,
     events: VecDeque<Event>,
     transmits: VecDeque<(NodeId, Bytes)>,
     stats: GroupStats,
     pub(crate) bugs: GroupBugs,
-    /// Tests: every publisher the table forgot, with the last pub_seq it
-    /// had then (the simulator excuses an old retry of one of those ordered
-    /// again, the documented price of the bound).
-    #[cfg(test)]
-    pub(crate) forgotten: HashMap<PublisherId, PubSeq>,
 }
 
 impl Group {
@@ -570,47 +503,51 @@ impl Group {
             .map(|&n| (n, Peer::default()))
             .collect();
         Group {
-            incarnation,
-            status: Status::Joining,
-            view: None,
-            promised: hard.promised,
-            accepted_view: hard.accepted,
-            installed: hard.installed,
-            hard_dirty: true,
-            epoch_seen: hard.promised.epoch,
-            awaiting_snapshot: false,
-            stash: None,
-            stream: 0,
-            state_view: None,
-            accepted_through: Seq(0),
-            accepted: BTreeSet::new(),
-            blocked_since: Some(now),
-            told_not_primary: false,
-            promise_deadline: None,
-            proposal: None,
-            peers,
-            heartbeat_next: now,
-            delivered: Seq(0),
-            log: VecDeque::new(),
-            log_bytes: 0,
-            stable: Seq(0),
-            acks: BTreeMap::new(),
-            stable_sent: Seq(0),
-            resend_asked: None,
-            lag_mark: None,
-            publishers: HashMap::new(),
-            submit_next: 0,
-            submit_seen: BTreeMap::new(),
-            evicted_any: false,
-            unordered: VecDeque::new(),
-            resubmit_check: (now, None),
+            config,
+            mbr: Membership {
+                incarnation,
+                status: Status::Joining,
+                view: None,
+                promised: hard.promised,
+                accepted_view: hard.accepted,
+                installed: hard.installed,
+                hard_dirty: true,
+                epoch_seen: hard.promised.epoch,
+                awaiting_snapshot: false,
+                stash: None,
+                stream: 0,
+                state_view: None,
+                accepted_through: Seq(0),
+                accepted: BTreeSet::new(),
+                blocked_since: Some(now),
+                told_not_primary: false,
+                promise_deadline: None,
+                proposal: None,
+                peers,
+                heartbeat_next: now,
+            },
+            total: Total {
+                delivered: Seq(0),
+                log: VecDeque::new(),
+                log_bytes: 0,
+                stable: Seq(0),
+                acks: BTreeMap::new(),
+                stable_sent: Seq(0),
+                resend_asked: None,
+                lag_mark: None,
+                publishers: HashMap::new(),
+                submit_next: 0,
+                submit_seen: BTreeMap::new(),
+                evicted_any: false,
+                unordered: VecDeque::new(),
+                resubmit_check: (now, None),
+                #[cfg(test)]
+                forgotten: HashMap::new(),
+            },
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             stats: GroupStats::default(),
             bugs: GroupBugs::default(),
-            #[cfg(test)]
-            forgotten: HashMap::new(),
-            config,
         }
     }
 
@@ -618,34 +555,34 @@ impl Group {
     pub fn me(&self) -> Member {
         Member {
             node: self.config.me,
-            incarnation: self.incarnation,
+            incarnation: self.mbr.incarnation,
         }
     }
 
     /// Where it stands in membership.
     pub fn status(&self) -> Status {
-        self.status
+        self.mbr.status
     }
 
     /// The installed view, if any.
     pub fn view(&self) -> Option<&View> {
-        self.view.as_ref()
+        self.mbr.view.as_ref()
     }
 
     /// The view whose state this server holds (`None`: it holds none, as
     /// after a restart).
     pub fn state_view(&self) -> Option<ViewId> {
-        self.state_view
+        self.mbr.state_view
     }
 
     /// The last seq delivered.
     pub fn delivered(&self) -> Seq {
-        self.delivered
+        self.total.delivered
     }
 
     /// Whether this server is in an installed view and ordering.
     pub fn is_primary(&self) -> bool {
-        self.status == Status::Normal && !self.awaiting_snapshot
+        self.mbr.status == Status::Normal && !self.mbr.awaiting_snapshot
     }
 
     /// Counters since start.
@@ -656,7 +593,8 @@ impl Group {
     /// The last pub_seq of `publisher` delivered here (what a publisher
     /// that attaches here is told has been acknowledged).
     pub fn pub_delivered(&self, publisher: PublisherId) -> PubSeq {
-        self.publishers
+        self.total
+            .publishers
             .get(&publisher)
             .map_or(PubSeq(0), |p| p.delivered)
     }
@@ -667,19 +605,21 @@ impl Group {
     /// joining server must take over as it is.
     pub fn publisher_table(&self) -> (Vec<(PublisherId, PubSeq, Seq)>, bool) {
         let mut table: Vec<_> = self
+            .total
             .publishers
             .iter()
             .filter(|(_, p)| p.delivered > PubSeq(0))
             .map(|(&id, p)| (id, p.delivered, p.seq))
             .collect();
         table.sort_unstable();
-        (table, self.evicted_any)
+        (table, self.total.evicted_any)
     }
 
     /// When everything of `publisher` held here is delivered: its last
     /// pub_seq and that publish's seq (an acknowledgement for a retry).
     pub fn pub_acknowledged(&self, publisher: PublisherId) -> Option<(PubSeq, Seq)> {
-        self.publishers
+        self.total
+            .publishers
             .get(&publisher)
             .filter(|p| p.delivered > PubSeq(0) && p.held == p.delivered)
             .map(|p| (p.delivered, p.seq))
@@ -689,35 +629,44 @@ impl Group {
     /// delivered). In a primary view it covers every publish acknowledged
     /// anywhere: acknowledged means stable, held by every member.
     pub fn pub_held(&self, publisher: PublisherId) -> PubSeq {
-        self.publishers
+        self.total
+            .publishers
             .get(&publisher)
             .map_or(PubSeq(0), |p| p.held)
     }
 
+    /// Test builds: the publishers the table forgot since the last call,
+    /// with the last pub_seq each had then.
+    #[cfg(test)]
+    pub(crate) fn take_forgotten(&mut self) -> HashMap<PublisherId, PubSeq> {
+        std::mem::take(&mut self.total.forgotten)
+    }
+
     /// How many submissions made here wait to be delivered.
     pub fn unordered_len(&self) -> usize {
-        self.unordered.len()
+        self.total.unordered.len()
     }
 
     /// Test builds: the oldest submission waiting here, as (publisher,
     /// pub_seq, the pub_seq it follows).
     #[cfg(test)]
     pub(crate) fn unordered_front(&self) -> Option<(PublisherId, PubSeq, PubSeq)> {
-        self.unordered
+        self.total
+            .unordered
             .front()
             .map(|Submitted(after, m)| (m.0, m.1, *after))
     }
 
     /// Whether `submit` would refuse more publishes now.
     pub fn unordered_full(&self) -> bool {
-        self.unordered.len() >= self.config.unordered_max
+        self.total.unordered.len() >= self.config.unordered_max
     }
 
     /// The hard state, when it changed since the last call. The shell must
     /// write it durably before it sends the next frame from
     /// [`Group::poll_transmit`].
     pub fn poll_hard_state(&mut self) -> Option<HardState> {
-        if !std::mem::take(&mut self.hard_dirty) {
+        if !std::mem::take(&mut self.mbr.hard_dirty) {
             return None;
         }
         Some(self.hard_state())
@@ -726,13 +675,13 @@ impl Group {
     /// The hard state as it stands.
     pub fn hard_state(&self) -> HardState {
         HardState {
-            incarnation: self.incarnation,
+            incarnation: self.mbr.incarnation,
             promised: match self.bugs.forget_promises {
                 true => ViewId::default(),
-                false => self.promised,
+                false => self.mbr.promised,
             },
-            accepted: self.accepted_view.clone(),
-            installed: self.installed,
+            accepted: self.mbr.accepted_view.clone(),
+            installed: self.mbr.installed,
         }
     }
 
@@ -748,10 +697,10 @@ impl Group {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let mut t = self.heartbeat_next;
+        let mut t = self.mbr.heartbeat_next;
         for d in [
-            self.promise_deadline,
-            self.proposal.as_ref().map(|p| p.deadline),
+            self.mbr.promise_deadline,
+            self.mbr.proposal.as_ref().map(|p| p.deadline),
         ]
         .into_iter()
         .flatten()
@@ -763,7 +712,7 @@ impl Group {
 
     /// A decoded message arrived from `from`.
     pub fn handle_msg(&mut self, now: Duration, from: NodeId, msg: PeerMsg) {
-        let Some(peer) = self.peers.get_mut(&from) else {
+        let Some(peer) = self.mbr.peers.get_mut(&from) else {
             tracing::debug!(node = %from, "message from an unconfigured server ignored");
             return;
         };
@@ -831,7 +780,7 @@ impl Group {
     /// The link to or from `peer` broke: a hint that it may have failed.
     /// It is excluded only if it then stays silent for `link_confirm`.
     pub fn handle_link_down(&mut self, now: Duration, peer: NodeId) {
-        if let Some(p) = self.peers.get_mut(&peer) {
+        if let Some(p) = self.mbr.peers.get_mut(&peer) {
             p.link_down.get_or_insert(now);
         }
     }
@@ -844,6 +793,7 @@ impl Group {
         }
         // A proposal it has not answered may have been lost: ask again.
         let again = self
+            .mbr
             .proposal
             .as_ref()
             .filter(|p| p.members.iter().any(|m| m.node == peer) && !p.oks.contains_key(&peer))
@@ -859,8 +809,8 @@ impl Group {
     /// Time has reached `now`: heartbeats, failure detection, view change
     /// retries.
     pub fn handle_timeout(&mut self, now: Duration) {
-        if now >= self.heartbeat_next {
-            self.heartbeat_next = now + self.config.heartbeat_interval;
+        if now >= self.mbr.heartbeat_next {
+            self.mbr.heartbeat_next = now + self.config.heartbeat_interval;
             self.send_heartbeats(now);
             self.check_progress(now);
         }
@@ -874,7 +824,7 @@ impl Group {
 
     /// Sends one encoding of `msg` to every member of the view but this one.
     fn send_members(&mut self, msg: &PeerMsg) {
-        let Some(view) = &self.view else { return };
+        let Some(view) = &self.mbr.view else { return };
         let frame = wire::encode(msg);
         for m in &view.members {
             if m.node != self.config.me {

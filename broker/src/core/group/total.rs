@@ -10,7 +10,50 @@
 
 use super::wire::{Msg, PeerMsg, Submitted};
 use super::{Event, Group, NodeId, PubState, Status, ViewId};
+use crate::core::retention::Ordered;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+/// TOTAL's state: the log, stability, the publisher table, own
+/// submissions.
+pub(super) struct Total {
+    /// The last seq delivered.
+    pub(super) delivered: Seq,
+    /// Messages held after `delivered`, contiguous.
+    pub(super) log: VecDeque<Ordered>,
+    /// What `log` holds, as `Ordered::cost` counts it.
+    pub(super) log_bytes: usize,
+    /// The last seq known stable in the view.
+    pub(super) stable: Seq,
+    /// Coordinator: the last seq each member holds.
+    pub(super) acks: BTreeMap<NodeId, Seq>,
+    /// Coordinator: the stable seq last announced.
+    pub(super) stable_sent: Seq,
+    /// A `Resend` was asked after this seq and not yet answered.
+    pub(super) resend_asked: Option<Seq>,
+    /// The coordinator's `have` in its previous heartbeat.
+    pub(super) lag_mark: Option<Seq>,
+    pub(super) publishers: HashMap<PublisherId, PubState>,
+    /// The number the next own submission gets (see `Submit`'s `first`).
+    pub(super) submit_next: u64,
+    /// Sequencer: per member, one past the last submission number received
+    /// in this view (a larger `first` means a `Submit` was lost).
+    pub(super) submit_seen: BTreeMap<NodeId, u64>,
+    /// Whether the publisher table ever forgot a publisher (then an unknown
+    /// publisher's publish may be a forgotten one's, and is ordered).
+    pub(super) evicted_any: bool,
+    /// Own submissions not yet delivered, in submission order, numbered
+    /// contiguously from `submit_next - unordered.len()`.
+    pub(super) unordered: VecDeque<Submitted>,
+    /// Since when the front of `unordered` has been the same publish.
+    pub(super) resubmit_check: (Duration, Option<(PublisherId, PubSeq)>),
+    /// Tests: every publisher the table forgot, with the last pub_seq it
+    /// had then (the simulator excuses an old retry of one of those ordered
+    /// again, the documented price of the bound).
+    #[cfg(test)]
+    pub(super) forgotten: HashMap<PublisherId, PubSeq>,
+}
 
 /// Messages per `Order` or `Submit` frame at most...
 const FRAME_MSGS_MAX: usize = 4096;
@@ -42,16 +85,16 @@ fn msg_cost(m: &Msg) -> usize {
 impl Group {
     /// The current view's coordinator.
     pub(super) fn coordinator(&self) -> Option<NodeId> {
-        self.view.as_ref().map(|v| v.id.coordinator)
+        self.mbr.view.as_ref().map(|v| v.id.coordinator)
     }
 
     fn is_coordinator(&self) -> bool {
-        self.status == Status::Normal && self.coordinator() == Some(self.config.me)
+        self.mbr.status == Status::Normal && self.coordinator() == Some(self.config.me)
     }
 
     /// The last seq this server holds (ordered, maybe not yet stable).
     pub fn held(&self) -> Seq {
-        Seq(self.delivered.0 + self.log.len() as u64)
+        Seq(self.total.delivered.0 + self.total.log.len() as u64)
     }
 
     /// Publishes from this server's clients, to be ordered.
@@ -62,27 +105,27 @@ impl Group {
     /// [`Group::unordered_full`] is false; beyond the bound the server must
     /// push back on its publishers.
     pub fn submit(&mut self, msgs: Vec<Submitted>) {
-        let start = self.unordered.len();
-        let first = self.submit_next;
-        self.submit_next += msgs.len() as u64;
-        self.unordered.extend(msgs);
+        let start = self.total.unordered.len();
+        let first = self.total.submit_next;
+        self.total.submit_next += msgs.len() as u64;
+        self.total.unordered.extend(msgs);
         if !self.is_primary() {
             // Sent when a view is installed.
             return;
         }
-        let fresh: Vec<Submitted> = self.unordered.range(start..).cloned().collect();
+        let fresh: Vec<Submitted> = self.total.unordered.range(start..).cloned().collect();
         self.forward(first, fresh);
     }
 
     /// The number of the oldest own submission not yet delivered.
     fn submit_front(&self) -> u64 {
-        self.submit_next - self.unordered.len() as u64
+        self.total.submit_next - self.total.unordered.len() as u64
     }
 
     /// Sends submissions numbered from `first` to the coordinator, or
     /// orders them if it is us.
     fn forward(&mut self, mut first: u64, msgs: Vec<Submitted>) {
-        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
             return;
         };
         let front = self.submit_front();
@@ -107,7 +150,7 @@ impl Group {
     /// Sends every undelivered own submission again, to the current
     /// coordinator; the sequencer drops what it already ordered.
     pub(super) fn resubmit(&mut self) {
-        let msgs: Vec<Submitted> = self.unordered.iter().cloned().collect();
+        let msgs: Vec<Submitted> = self.total.unordered.iter().cloned().collect();
         if msgs.is_empty() {
             return;
         }
@@ -121,7 +164,7 @@ impl Group {
     /// told the stream reset and send what is unacknowledged again, as
     /// first contacts; the node starts its own pub_seqs again.
     pub(super) fn drop_old_stream_submissions(&mut self) {
-        self.unordered.clear();
+        self.total.unordered.clear();
     }
 
     /// Called every heartbeat: when the oldest own submission has waited a
@@ -129,14 +172,18 @@ impl Group {
     /// delivered is sent again (a frame may have been lost with a link, or
     /// dropped by a sequencer at its bound, while other traffic flows).
     pub(super) fn check_progress(&mut self, now: std::time::Duration) {
-        let front = self.unordered.front().map(|Submitted(_, m)| (m.0, m.1));
-        let (since, seen) = self.resubmit_check;
+        let front = self
+            .total
+            .unordered
+            .front()
+            .map(|Submitted(_, m)| (m.0, m.1));
+        let (since, seen) = self.total.resubmit_check;
         if front.is_none() || front != seen {
-            self.resubmit_check = (now, front);
+            self.total.resubmit_check = (now, front);
             return;
         }
         if self.is_primary() && now.saturating_sub(since) >= self.config.failure_timeout {
-            self.resubmit_check = (now, front);
+            self.total.resubmit_check = (now, front);
             self.resubmit();
         }
     }
@@ -149,7 +196,7 @@ impl Group {
         first: u64,
         msgs: Vec<Submitted>,
     ) {
-        if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
+        if !self.is_coordinator() || self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
             // A stale submission: its sender resubmits after the view change.
             tracing::trace!(node = %from, view = %view, "submission outside its view dropped");
             return;
@@ -166,24 +213,31 @@ impl Group {
     /// overtake a lost predecessor, which a publisher table that forgot its
     /// publisher could not tell. The sender resubmits from its front.
     fn take_submissions(&mut self, from: NodeId, front: u64, first: u64, msgs: Vec<Submitted>) {
-        let seen = self.submit_seen.get(&from).copied().unwrap_or(0).max(front);
+        let seen = self
+            .total
+            .submit_seen
+            .get(&from)
+            .copied()
+            .unwrap_or(0)
+            .max(front);
         if first > seen && !self.bugs.order_past_lost_submit {
             tracing::debug!(node = %from, first, seen, "submissions after a lost one dropped");
             return;
         }
         let (taken, retried) = self.order(msgs);
-        self.submit_seen
+        self.total
+            .submit_seen
             .insert(from, seen.max(first.saturating_add(taken as u64)));
         if from == self.config.me {
             return;
         }
         // The member may have forgotten these publishers: it would wait for
         // the retries' delivery for good.
-        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
             return;
         };
         for publisher in retried {
-            if let Some(p) = self.publishers.get(&publisher) {
+            if let Some(p) = self.total.publishers.get(&publisher) {
                 let msg = PeerMsg::Retried {
                     view,
                     publisher,
@@ -208,26 +262,27 @@ impl Group {
         pub_seq: PubSeq,
         seq: Seq,
     ) {
-        if self.view.as_ref().map(|v| v.id) != Some(view) || seq > self.delivered {
+        if self.mbr.view.as_ref().map(|v| v.id) != Some(view) || seq > self.total.delivered {
             return;
         }
         if self
+            .total
             .publishers
             .get(&publisher)
             .is_some_and(|p| p.delivered >= pub_seq)
         {
             return;
         }
-        if !self.publishers.contains_key(&publisher)
-            && self.publishers.len() >= self.config.publishers_max
+        if !self.total.publishers.contains_key(&publisher)
+            && self.total.publishers.len() >= self.config.publishers_max
         {
             self.evict_publishers();
         }
-        let e = self.publishers.entry(publisher).or_insert(PubState {
+        let e = self.total.publishers.entry(publisher).or_insert(PubState {
             held: PubSeq(0),
             delivered: PubSeq(0),
             seq,
-            revived: self.evicted_any,
+            revived: self.total.evicted_any,
         });
         e.held = e.held.max(pub_seq);
         e.delivered = pub_seq;
@@ -246,22 +301,22 @@ impl Group {
     /// publishers of those dropped as retries.
     fn order(&mut self, msgs: Vec<Submitted>) -> (usize, Vec<PublisherId>) {
         let mut retried = Vec::new();
-        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
             return (0, retried);
         };
         let first = self.held().next();
         let mut ordered = Vec::with_capacity(msgs.len());
         let mut taken = 0;
         for Submitted(after, m) in msgs {
-            if self.log.len() >= self.config.log_len_max
-                || self.log_bytes >= self.config.log_bytes_max
+            if self.total.log.len() >= self.config.log_len_max
+                || self.total.log_bytes >= self.config.log_bytes_max
             {
                 // At the bound: the submitters send it again later.
                 break;
             }
             taken += 1;
-            let known = self.publishers.get(&m.0).map(|p| p.held);
-            let revived = self.publishers.get(&m.0).is_some_and(|p| p.revived);
+            let known = self.total.publishers.get(&m.0).map(|p| p.held);
+            let revived = self.total.publishers.get(&m.0).is_some_and(|p| p.revived);
             match known {
                 Some(last) if m.1 <= last && !self.bugs.no_dedup => {
                     self.stats.duplicates += 1;
@@ -279,7 +334,9 @@ impl Group {
                     continue
                 }
                 // Nor order a publisher's later publish on first sight.
-                None if after > PubSeq(0) && !self.evicted_any && !self.bugs.no_dedup => continue,
+                None if after > PubSeq(0) && !self.total.evicted_any && !self.bugs.no_dedup => {
+                    continue
+                }
                 _ => {}
             }
             let seq = self.held().next();
@@ -291,7 +348,7 @@ impl Group {
         }
         self.stats.ordered += ordered.len() as u64;
         let held = self.held();
-        self.acks.insert(self.config.me, held);
+        self.total.acks.insert(self.config.me, held);
         for msg in self.orders(view, first, &ordered) {
             self.send_members(&msg);
         }
@@ -302,25 +359,29 @@ impl Group {
     /// Appends an ordered message to the log and the publisher table.
     pub(super) fn hold(&mut self, m: crate::core::retention::Ordered) {
         debug_assert_eq!(m.seq, self.held().next());
-        if !self.publishers.contains_key(&m.publisher)
-            && self.publishers.len() >= self.config.publishers_max
+        if !self.total.publishers.contains_key(&m.publisher)
+            && self.total.publishers.len() >= self.config.publishers_max
         {
             self.evict_publishers();
         }
-        let e = self.publishers.entry(m.publisher).or_insert(PubState {
-            held: PubSeq(0),
-            delivered: PubSeq(0),
-            seq: m.seq,
-            revived: self.evicted_any,
-        });
+        let e = self
+            .total
+            .publishers
+            .entry(m.publisher)
+            .or_insert(PubState {
+                held: PubSeq(0),
+                delivered: PubSeq(0),
+                seq: m.seq,
+                revived: self.total.evicted_any,
+            });
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
-        self.log_bytes += m.cost();
+        self.total.log_bytes += m.cost();
         match self.events.back_mut() {
             Some(Event::Held(held)) => held.push(m.clone()),
             _ => self.events.push_back(Event::Held(vec![m.clone()])),
         }
-        self.log.push_back(m);
+        self.total.log.push_back(m);
     }
 
     /// Forgets the eighth of publishers quiet longest whose messages are all
@@ -328,6 +389,7 @@ impl Group {
     /// the price of the bound, as in the node's table.
     fn evict_publishers(&mut self) {
         let mut by_age: Vec<(Seq, canopy_client::protocol::PublisherId)> = self
+            .total
             .publishers
             .iter()
             .filter(|(_, p)| p.held == p.delivered)
@@ -339,14 +401,14 @@ impl Group {
         let evict = (by_age.len() / 8).max(1);
         by_age.select_nth_unstable(evict - 1);
         for (_, id) in &by_age[..evict] {
-            let _gone = self.publishers.remove(id);
+            let _gone = self.total.publishers.remove(id);
             #[cfg(test)]
             if let Some(p) = _gone {
-                let e = self.forgotten.entry(*id).or_default();
+                let e = self.total.forgotten.entry(*id).or_default();
                 *e = (*e).max(p.held);
             }
         }
-        self.evicted_any = true;
+        self.total.evicted_any = true;
     }
 
     pub(super) fn on_order(
@@ -357,9 +419,9 @@ impl Group {
         msgs: Vec<Msg>,
         stable: Seq,
     ) {
-        if self.status != Status::Normal
-            || self.awaiting_snapshot
-            || self.view.as_ref().map(|v| v.id) != Some(view)
+        if self.mbr.status != Status::Normal
+            || self.mbr.awaiting_snapshot
+            || self.mbr.view.as_ref().map(|v| v.id) != Some(view)
             || self.coordinator() != Some(from)
         {
             return;
@@ -367,8 +429,8 @@ impl Group {
         let held = self.held();
         if first > held.next() {
             // Orders were lost with a link: ask once for what is missing.
-            if self.resend_asked != Some(held) {
-                self.resend_asked = Some(held);
+            if self.total.resend_asked != Some(held) {
+                self.total.resend_asked = Some(held);
                 self.send(from, &PeerMsg::Resend { view, after: held });
             }
             return;
@@ -378,7 +440,7 @@ impl Group {
             self.hold(m.ordered(Seq(first.0 + i as u64)));
         }
         if self.held() > held {
-            self.resend_asked = None;
+            self.total.resend_asked = None;
             let have = self.held();
             self.send(from, &PeerMsg::Ack { view, have });
         }
@@ -386,41 +448,41 @@ impl Group {
     }
 
     pub(super) fn on_ack(&mut self, from: NodeId, view: ViewId, have: Seq) {
-        if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
+        if !self.is_coordinator() || self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
             return;
         }
-        if let Some(a) = self.acks.get_mut(&from) {
+        if let Some(a) = self.total.acks.get_mut(&from) {
             *a = (*a).max(have);
         }
         self.advance_stable();
     }
 
     pub(super) fn on_stable(&mut self, now: std::time::Duration, view: ViewId, through: Seq) {
-        tracing::trace!(me = %self.config.me, view = %view, through = through.0, status = ?self.status, accepted_through = self.accepted_through.0, "stable");
-        if self.view.as_ref().map(|v| v.id) != Some(view) {
+        tracing::trace!(me = %self.config.me, view = %view, through = through.0, status = ?self.mbr.status, accepted_through = self.mbr.accepted_through.0, "stable");
+        if self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
             return;
         }
-        if self.status == Status::Accepted && through >= self.accepted_through {
+        if self.mbr.status == Status::Accepted && through >= self.mbr.accepted_through {
             // The proposer committed the view.
             self.commit(now);
         }
-        if self.status == Status::Normal {
+        if self.mbr.status == Status::Normal {
             self.learn_stable(through);
         }
     }
 
     pub(super) fn on_resend(&mut self, from: NodeId, view: ViewId, after: Seq) {
-        if !self.is_coordinator() || self.view.as_ref().map(|v| v.id) != Some(view) {
+        if !self.is_coordinator() || self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
             return;
         }
-        if after < self.delivered {
+        if after < self.total.delivered {
             // It lacks stable seqs, which it acknowledged: not possible for
             // a member of this view; the failure detector will sort it out.
             tracing::warn!(node = %from, after = after.0, "resend asked below the stable seq");
             return;
         }
-        let skip = (after.0 - self.delivered.0) as usize;
-        let msgs: Vec<Msg> = self.log.iter().skip(skip).map(Msg::of).collect();
+        let skip = (after.0 - self.total.delivered.0) as usize;
+        let msgs: Vec<Msg> = self.total.log.iter().skip(skip).map(Msg::of).collect();
         for msg in self.orders(view, after.next(), &msgs) {
             self.send(from, &msg);
         }
@@ -436,7 +498,7 @@ impl Group {
                     view,
                     first: at,
                     msgs: chunk.to_vec(),
-                    stable: self.stable,
+                    stable: self.total.stable,
                 };
                 at = Seq(at.0 + chunk.len() as u64);
                 msg
@@ -446,13 +508,13 @@ impl Group {
 
     /// Coordinator: the stable seq is the lowest any member holds.
     fn advance_stable(&mut self) {
-        let Some(view) = &self.view else { return };
+        let Some(view) = &self.mbr.view else { return };
         let held = self.held();
-        self.acks.insert(self.config.me, held);
+        self.total.acks.insert(self.config.me, held);
         let stable = view
             .members
             .iter()
-            .map(|m| self.acks.get(&m.node).copied().unwrap_or(Seq(0)))
+            .map(|m| self.total.acks.get(&m.node).copied().unwrap_or(Seq(0)))
             .min()
             .unwrap_or(held);
         self.learn_stable(stable);
@@ -461,28 +523,28 @@ impl Group {
     /// Coordinator: tells members the stable seq if it moved since the last
     /// announcement (once per input, not once per acknowledgement).
     pub(super) fn announce_stable(&mut self) {
-        if !self.is_coordinator() || self.stable <= self.stable_sent {
+        if !self.is_coordinator() || self.total.stable <= self.total.stable_sent {
             return;
         }
-        self.stable_sent = self.stable;
-        let Some(view) = self.view.as_ref().map(|v| v.id) else {
+        self.total.stable_sent = self.total.stable;
+        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
             return;
         };
         let msg = PeerMsg::Stable {
             view,
-            through: self.stable,
+            through: self.total.stable,
         };
         self.send_members(&msg);
     }
 
     pub(super) fn learn_stable(&mut self, stable: Seq) {
-        if stable > self.stable {
-            self.stable = stable;
+        if stable > self.total.stable {
+            self.total.stable = stable;
         }
         let through = if self.bugs.deliver_unstable {
             self.held()
         } else {
-            self.stable.min(self.held())
+            self.total.stable.min(self.held())
         };
         self.deliver_through(through);
     }
@@ -490,24 +552,24 @@ impl Group {
     /// Empties the log (its messages are replaced by a snapshot or a new
     /// stream).
     pub(super) fn clear_log(&mut self) {
-        self.log.clear();
-        self.log_bytes = 0;
+        self.total.log.clear();
+        self.total.log_bytes = 0;
     }
 
     /// Delivers the log up to `through` and forgets own submissions that
     /// are now delivered.
     pub(super) fn deliver_through(&mut self, through: Seq) {
-        if through <= self.delivered {
+        if through <= self.total.delivered {
             return;
         }
-        let n = (through.0 - self.delivered.0) as usize;
-        let batch: Vec<_> = self.log.drain(..n).collect();
+        let n = (through.0 - self.total.delivered.0) as usize;
+        let batch: Vec<_> = self.total.log.drain(..n).collect();
         for m in &batch {
-            self.log_bytes = self.log_bytes.saturating_sub(m.cost());
+            self.total.log_bytes = self.total.log_bytes.saturating_sub(m.cost());
         }
-        self.delivered = through;
+        self.total.delivered = through;
         for m in &batch {
-            if let Some(p) = self.publishers.get_mut(&m.publisher) {
+            if let Some(p) = self.total.publishers.get_mut(&m.publisher) {
                 p.delivered = p.delivered.max(m.pub_seq);
             }
         }
@@ -518,15 +580,16 @@ impl Group {
     /// Forgets own submissions, oldest first, that the table says are
     /// delivered.
     fn forget_delivered_submissions(&mut self) {
-        while let Some(Submitted(_, front)) = self.unordered.front() {
+        while let Some(Submitted(_, front)) = self.total.unordered.front() {
             let done = self
+                .total
                 .publishers
                 .get(&front.0)
                 .is_some_and(|p| p.delivered >= front.1);
             if !done {
                 break;
             }
-            self.unordered.pop_front();
+            self.total.unordered.pop_front();
         }
     }
 }
