@@ -3,52 +3,93 @@
 
 use super::wire::{Heartbeat, Msg, PeerMsg, Snapshot};
 use super::{
-    Event, FlushOk, Group, Incarnation, Member, NodeId, Peer, Proposal, PubState, Stash, Status,
-    View, ViewId,
+    Event, FlushOk, Group, GroupConfig, HardState, Incarnation, Member, NodeId, Peer, Proposal,
+    Stash, Status, View, ViewId,
 };
-use canopy_client::protocol::{PubSeq, Seq};
+use canopy_client::protocol::Seq;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// MBRSHIP's state: views, promises, peers, the flush under way.
 pub(super) struct Membership {
-    pub(super) incarnation: Incarnation,
-    pub(super) status: Status,
+    incarnation: Incarnation,
+    status: Status,
     /// The installed view (kept while flushing; `None` while joining).
-    pub(super) view: Option<View>,
+    view: Option<View>,
     /// The highest proposal promised (or the installed view's id).
-    pub(super) promised: ViewId,
+    promised: ViewId,
     /// The last view accepted, as the hard state keeps it (it outlives the
     /// messages: a restarted server remembers it without holding its state).
-    pub(super) accepted_view: Option<View>,
+    accepted_view: Option<View>,
     /// The last view installed, as the hard state keeps it.
-    pub(super) installed: ViewId,
+    installed: ViewId,
     /// The hard state changed since the shell last took it.
-    pub(super) hard_dirty: bool,
+    hard_dirty: bool,
     /// The highest epoch seen anywhere.
-    pub(super) epoch_seen: u64,
+    epoch_seen: u64,
     /// Told it lags; the coordinator's snapshot has not come yet.
-    pub(super) awaiting_snapshot: bool,
+    awaiting_snapshot: bool,
     /// The `NewView` that waits for the snapshot.
-    pub(super) stash: Option<Stash>,
+    stash: Option<Stash>,
     /// The stream this server's delivered seqs belong to (0: none yet).
-    pub(super) stream: u64,
+    stream: u64,
     /// The view whose history this server's state comes from; kept across a
     /// rejoin, since what it delivered stays delivered.
-    pub(super) state_view: Option<ViewId>,
+    state_view: Option<ViewId>,
     /// The last seq of the accepted view's inherited history.
-    pub(super) accepted_through: Seq,
+    accepted_through: Seq,
     /// Proposer: the members that hold the accepted view's history.
-    pub(super) accepted: BTreeSet<NodeId>,
+    accepted: BTreeSet<NodeId>,
     /// When the current non-normal stretch began (for `NotPrimary`).
-    pub(super) blocked_since: Option<Duration>,
+    blocked_since: Option<Duration>,
     /// Whether `NotPrimary` was told for the current stretch.
-    pub(super) told_not_primary: bool,
+    told_not_primary: bool,
     /// When a promise made without a following view times out.
-    pub(super) promise_deadline: Option<Duration>,
-    pub(super) proposal: Option<Proposal>,
-    pub(super) peers: BTreeMap<NodeId, Peer>,
-    pub(super) heartbeat_next: Duration,
+    promise_deadline: Option<Duration>,
+    proposal: Option<Proposal>,
+    peers: BTreeMap<NodeId, Peer>,
+    heartbeat_next: Duration,
+}
+
+impl Membership {
+    /// A server's membership state at start, from its hard state (the
+    /// default when it has none).
+    pub(super) fn new(now: Duration, config: &GroupConfig, hard: HardState) -> Self {
+        let incarnation = Incarnation(
+            config
+                .incarnation
+                .0
+                .max(hard.incarnation.0.saturating_add(1)),
+        );
+        let peers = config
+            .servers
+            .iter()
+            .filter(|&&n| n != config.me)
+            .map(|&n| (n, Peer::default()))
+            .collect();
+        Membership {
+            incarnation,
+            status: Status::Joining,
+            view: None,
+            promised: hard.promised,
+            accepted_view: hard.accepted,
+            installed: hard.installed,
+            hard_dirty: true,
+            epoch_seen: hard.promised.epoch,
+            awaiting_snapshot: false,
+            stash: None,
+            stream: 0,
+            state_view: None,
+            accepted_through: Seq(0),
+            accepted: BTreeSet::new(),
+            blocked_since: Some(now),
+            told_not_primary: false,
+            promise_deadline: None,
+            proposal: None,
+            peers,
+            heartbeat_next: now,
+        }
+    }
 }
 
 impl Group {
@@ -66,13 +107,7 @@ impl Group {
             view: self.reported_view(),
             epoch: self.mbr.promised.epoch,
             have: self.held(),
-            stable: if self.mbr.status == Status::Normal
-                && self.coordinator() == Some(self.config.me)
-            {
-                self.total.stable
-            } else {
-                Seq(0)
-            },
+            stable: self.stable_to_announce(),
             hears,
         });
         let frame = super::wire::encode(&msg);
@@ -84,6 +119,30 @@ impl Group {
             if let Some(v) = self.mbr.view.as_ref().map(|v| v.id) {
                 self.send(v.coordinator, &PeerMsg::AcceptOk { view: v });
             }
+        }
+    }
+
+    /// The current view's coordinator (its sequencer).
+    pub(super) fn coordinator(&self) -> Option<NodeId> {
+        self.mbr.view.as_ref().map(|v| v.id.coordinator)
+    }
+
+    /// The installed view's id.
+    pub(super) fn view_id(&self) -> Option<ViewId> {
+        self.mbr.view.as_ref().map(|v| v.id)
+    }
+
+    /// Whether this server waits for a snapshot (it orders nothing until
+    /// then).
+    pub(super) fn awaiting_snapshot(&self) -> bool {
+        self.mbr.awaiting_snapshot
+    }
+
+    /// A `Stable` of the coordinator through `through`: the first one that
+    /// covers an accepted view's history commits it.
+    pub(super) fn commit_if_accepted(&mut self, now: Duration, through: Seq) {
+        if self.mbr.status == Status::Accepted && through >= self.mbr.accepted_through {
+            self.commit(now);
         }
     }
 
@@ -135,17 +194,7 @@ impl Group {
             // at most one interval.
             self.on_ack(from.node, mine, have);
         } else if self.coordinator() == Some(from.node) {
-            self.learn_stable(stable);
-            // A heartbeat later we still lack what the coordinator held at
-            // the previous one: an `Order` was lost with a link. (Comparing
-            // with its current `have` would ask for every order in flight.)
-            let behind = self.total.lag_mark.is_some_and(|prev| self.held() < prev);
-            if behind && !self.mbr.awaiting_snapshot {
-                let after = self.held();
-                self.total.resend_asked = Some(after);
-                self.send(from.node, &PeerMsg::Resend { view: mine, after });
-            }
-            self.total.lag_mark = Some(have);
+            self.coordinator_heartbeat(from.node, mine, have, stable);
         }
     }
 
@@ -380,9 +429,9 @@ impl Group {
             view: self.reported_view(),
             accepted: self.mbr.accepted_view.clone(),
             installed: self.mbr.installed,
-            delivered: self.total.delivered,
+            delivered: self.total.delivered(),
             msgs: if self.reported_view().is_some() {
-                self.total.log.iter().map(Msg::of).collect()
+                self.total.held_after(self.total.delivered())
             } else {
                 Vec::new()
             },
@@ -472,7 +521,7 @@ impl Group {
             .filter(|o| basis.is_some() && o.view == basis)
             .max_by_key(|o| o.held())
             .cloned();
-        let through = best.as_ref().map_or(self.total.delivered, FlushOk::held);
+        let through = best.as_ref().map_or(self.total.delivered(), FlushOk::held);
         let stream = match basis {
             Some(_) => self.mbr.stream,
             None => {
@@ -509,11 +558,7 @@ impl Group {
                     tracing::info!(me = %self.config.me, proposal = %p.id, stream = stream_hex, "first formation: starting the stream")
                 }
             }
-            self.clear_log();
-            self.total.delivered = Seq(0);
-            self.total.stable = Seq(0);
-            self.total.publishers.clear();
-            self.total.evicted_any = false;
+            self.total.begin_stream();
             self.mbr.stream = stream;
             self.drop_old_stream_submissions();
             self.events.push_back(Event::Reset(Snapshot {
@@ -524,7 +569,7 @@ impl Group {
             }));
         }
         let through = if self.bugs.skip_flush {
-            self.total.stable.max(self.total.delivered)
+            self.total.stable().max(self.total.delivered())
         } else {
             if let Some(best) = &best {
                 let held = self.held();
@@ -549,12 +594,11 @@ impl Group {
             let is_lagging = ok.view != basis || basis.is_none();
             let from = if is_lagging {
                 lagging.push(ok.from.node);
-                self.total.delivered
+                self.total.delivered()
             } else {
-                ok.held().max(self.total.delivered)
+                ok.held().max(self.total.delivered())
             };
-            let skip = (from.0 - self.total.delivered.0) as usize;
-            let msgs: Vec<Msg> = self.total.log.iter().skip(skip).map(Msg::of).collect();
+            let msgs = self.total.held_after(from);
             let msg = PeerMsg::NewView {
                 view: view.clone(),
                 through,
@@ -652,17 +696,7 @@ impl Group {
         if !self.bugs.silent_unhold {
             self.events.push_back(Event::Unheld { after: through });
         }
-        let keep = through.0.saturating_sub(self.total.delivered.0) as usize;
-        // The publisher table forgets them too, so that their publishers'
-        // resubmissions are ordered rather than taken for retries.
-        for m in self.total.log.drain(keep..) {
-            self.total.log_bytes = self.total.log_bytes.saturating_sub(m.cost());
-            if let Some(p) = self.total.publishers.get_mut(&m.publisher) {
-                if p.held >= m.pub_seq {
-                    p.held = PubSeq(m.pub_seq.0.saturating_sub(1)).max(p.delivered);
-                }
-            }
-        }
+        self.total.truncate(through);
     }
 
     /// This server holds `view`'s history through `through` and waits for
@@ -708,7 +742,7 @@ impl Group {
             Status::Normal => {
                 let msg = PeerMsg::Stable {
                     view,
-                    through: self.total.stable,
+                    through: self.total.stable(),
                 };
                 self.send(from, &msg);
             }
@@ -745,13 +779,8 @@ impl Group {
         self.mbr.promise_deadline = None;
         self.mbr.blocked_since = None;
         self.mbr.told_not_primary = false;
-        self.total.stable = at;
-        self.total.stable_sent = at;
-        self.total.resend_asked = None;
-        self.total.lag_mark = None;
-        self.total.acks = view.members.iter().map(|m| (m.node, at)).collect();
-        // Every member resubmits from its front as the view begins.
-        self.total.submit_seen.clear();
+        self.total
+            .begin_view(view.members.iter().map(|m| m.node), at);
         self.events.push_back(Event::View { view, at });
         // Ordering resumes: first what our clients submitted meanwhile.
         self.resubmit();
@@ -816,8 +845,8 @@ impl Group {
             return;
         }
         self.truncate(through);
-        if self.held() != through || self.total.delivered > through {
-            tracing::warn!(me = %self.config.me, view = %view.id, held = self.held().0, through = through.0, delivered = self.total.delivered.0, first = first.0, "new view does not match what this server holds; rejoining");
+        if self.held() != through || self.total.delivered() > through {
+            tracing::warn!(me = %self.config.me, view = %view.id, held = self.held().0, through = through.0, delivered = self.total.delivered().0, first = first.0, "new view does not match what this server holds; rejoining");
             return self.rejoin(now);
         }
         let id = view.id;
@@ -836,32 +865,14 @@ impl Group {
             return;
         };
         self.mbr.awaiting_snapshot = false;
-        if state.stream == self.mbr.stream && self.total.delivered >= state.head {
+        if state.stream == self.mbr.stream && self.total.delivered() >= state.head {
             // This server delivered a longer prefix of the same stream (it
             // was left behind in an older view): keep it, take the rest.
-            self.truncate(self.total.delivered);
+            self.truncate(self.total.delivered());
             return self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
         }
         let old_stream = std::mem::replace(&mut self.mbr.stream, state.stream);
-        self.total.evicted_any = state.evicted;
-        self.clear_log();
-        self.total.delivered = state.head;
-        self.total.stable = state.head;
-        self.total.publishers = state
-            .publishers
-            .iter()
-            .map(|&(id, pub_seq, seq)| {
-                (
-                    id,
-                    PubState {
-                        held: pub_seq,
-                        delivered: pub_seq,
-                        seq,
-                        revived: state.evicted,
-                    },
-                )
-            })
-            .collect();
+        self.total.install(&state);
         self.events.push_back(Event::Reset(state));
         if self.mbr.stream != old_stream {
             self.drop_old_stream_submissions();
@@ -895,10 +906,7 @@ impl Group {
         // submitted once and must not be lost (a missing pub_seq would hold
         // back every later one), and a client's are deduplicated by the
         // sequencer if the client also sends them elsewhere.
-        if self.bugs.clear_queue_on_rejoin {
-            self.total.unordered.clear();
-        }
-        self.total.acks.clear();
+        self.total.leave_view(self.bugs.clear_queue_on_rejoin);
         self.mbr.blocked_since = Some(now);
         if !self.mbr.told_not_primary {
             self.mbr.told_not_primary = true;
@@ -932,4 +940,138 @@ fn fresh_stream(seed: u64, id: ViewId, incarnation: Incarnation) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (x ^ (x >> 31)).max(1)
+}
+
+/// MBRSHIP's part of the group's interface: who this server is, its view
+/// and hard state, its peers and timers.
+impl Group {
+    /// This server as a member.
+    pub fn me(&self) -> Member {
+        Member {
+            node: self.config.me,
+            incarnation: self.mbr.incarnation,
+        }
+    }
+
+    /// Where it stands in membership.
+    pub fn status(&self) -> Status {
+        self.mbr.status
+    }
+
+    /// The installed view, if any.
+    pub fn view(&self) -> Option<&View> {
+        self.mbr.view.as_ref()
+    }
+
+    /// The view whose state this server holds (`None`: it holds none, as
+    /// after a restart).
+    pub fn state_view(&self) -> Option<ViewId> {
+        self.mbr.state_view
+    }
+
+    /// Whether this server is in an installed view and ordering.
+    pub fn is_primary(&self) -> bool {
+        self.mbr.status == Status::Normal && !self.mbr.awaiting_snapshot
+    }
+
+    /// The hard state, when it changed since the last call. The shell must
+    /// write it durably before it sends the next frame from
+    /// [`Group::poll_transmit`].
+    pub fn poll_hard_state(&mut self) -> Option<HardState> {
+        if !std::mem::take(&mut self.mbr.hard_dirty) {
+            return None;
+        }
+        Some(self.hard_state())
+    }
+
+    /// The hard state as it stands.
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            incarnation: self.mbr.incarnation,
+            promised: match self.bugs.forget_promises {
+                true => ViewId::default(),
+                false => self.mbr.promised,
+            },
+            accepted: self.mbr.accepted_view.clone(),
+            installed: self.mbr.installed,
+        }
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let mut t = self.mbr.heartbeat_next;
+        for d in [
+            self.mbr.promise_deadline,
+            self.mbr.proposal.as_ref().map(|p| p.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            t = t.min(d);
+        }
+        Some(t)
+    }
+
+    /// The link to or from `peer` broke: a hint that it may have failed.
+    /// It is excluded only if it then stays silent for `link_confirm`.
+    pub fn handle_link_down(&mut self, now: Duration, peer: NodeId) {
+        if let Some(p) = self.mbr.peers.get_mut(&peer) {
+            p.link_down.get_or_insert(now);
+        }
+    }
+
+    /// The link to `peer` is (re)established. What was sent on the old link
+    /// may be lost: submissions to it are sent again.
+    pub fn handle_link_up(&mut self, _now: Duration, peer: NodeId) {
+        if self.coordinator() == Some(peer) && self.is_primary() {
+            self.resubmit();
+        }
+        // A proposal it has not answered may have been lost: ask again.
+        let again = self
+            .mbr
+            .proposal
+            .as_ref()
+            .filter(|p| p.members.iter().any(|m| m.node == peer) && !p.oks.contains_key(&peer))
+            .map(|p| PeerMsg::FlushReq {
+                proposal: p.id,
+                members: p.members.clone(),
+            });
+        if let Some(req) = again {
+            self.send(peer, &req);
+        }
+    }
+
+    /// Time has reached `now`: heartbeats, failure detection, view change
+    /// retries.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if now >= self.mbr.heartbeat_next {
+            self.mbr.heartbeat_next = now + self.config.heartbeat_interval;
+            self.send_heartbeats(now);
+            self.check_progress(now);
+        }
+        self.evaluate(now);
+        self.announce_stable();
+    }
+
+    /// Sends one encoding of `msg` to every member of the view but this one.
+    pub(super) fn send_members(&mut self, msg: &PeerMsg) {
+        let Some(view) = &self.mbr.view else { return };
+        let frame = super::wire::encode(msg);
+        for m in &view.members {
+            if m.node != self.config.me {
+                self.transmits.push_back((m.node, frame.clone()));
+            }
+        }
+    }
+
+    /// Notes that `from` was heard at `now`; `false` if it is not a
+    /// configured server.
+    pub(super) fn heard_from(&mut self, now: Duration, from: NodeId) -> bool {
+        let Some(peer) = self.mbr.peers.get_mut(&from) else {
+            return false;
+        };
+        peer.heard = Some(now);
+        peer.link_down = None;
+        true
+    }
 }

@@ -135,7 +135,7 @@ use crate::core::retention::Ordered;
 use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
 pub use wire::{Msg, PeerMsg, Snapshot, Submitted};
@@ -490,60 +490,10 @@ impl Group {
     /// ([`Group::poll_hard_state`]).
     pub fn recover(now: Duration, config: GroupConfig, hard: Option<HardState>) -> Self {
         let hard = hard.unwrap_or_default();
-        let incarnation = Incarnation(
-            config
-                .incarnation
-                .0
-                .max(hard.incarnation.0.saturating_add(1)),
-        );
-        let peers = config
-            .servers
-            .iter()
-            .filter(|&&n| n != config.me)
-            .map(|&n| (n, Peer::default()))
-            .collect();
         Group {
+            mbr: Membership::new(now, &config, hard),
+            total: Total::new(now),
             config,
-            mbr: Membership {
-                incarnation,
-                status: Status::Joining,
-                view: None,
-                promised: hard.promised,
-                accepted_view: hard.accepted,
-                installed: hard.installed,
-                hard_dirty: true,
-                epoch_seen: hard.promised.epoch,
-                awaiting_snapshot: false,
-                stash: None,
-                stream: 0,
-                state_view: None,
-                accepted_through: Seq(0),
-                accepted: BTreeSet::new(),
-                blocked_since: Some(now),
-                told_not_primary: false,
-                promise_deadline: None,
-                proposal: None,
-                peers,
-                heartbeat_next: now,
-            },
-            total: Total {
-                delivered: Seq(0),
-                log: VecDeque::new(),
-                log_bytes: 0,
-                stable: Seq(0),
-                acks: BTreeMap::new(),
-                stable_sent: Seq(0),
-                resend_asked: None,
-                lag_mark: None,
-                publishers: HashMap::new(),
-                submit_next: 0,
-                submit_seen: BTreeMap::new(),
-                evicted_any: false,
-                unordered: VecDeque::new(),
-                resubmit_check: (now, None),
-                #[cfg(test)]
-                forgotten: HashMap::new(),
-            },
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             stats: GroupStats::default(),
@@ -551,138 +501,9 @@ impl Group {
         }
     }
 
-    /// This server as a member.
-    pub fn me(&self) -> Member {
-        Member {
-            node: self.config.me,
-            incarnation: self.mbr.incarnation,
-        }
-    }
-
-    /// Where it stands in membership.
-    pub fn status(&self) -> Status {
-        self.mbr.status
-    }
-
-    /// The installed view, if any.
-    pub fn view(&self) -> Option<&View> {
-        self.mbr.view.as_ref()
-    }
-
-    /// The view whose state this server holds (`None`: it holds none, as
-    /// after a restart).
-    pub fn state_view(&self) -> Option<ViewId> {
-        self.mbr.state_view
-    }
-
-    /// The last seq delivered.
-    pub fn delivered(&self) -> Seq {
-        self.total.delivered
-    }
-
-    /// Whether this server is in an installed view and ordering.
-    pub fn is_primary(&self) -> bool {
-        self.mbr.status == Status::Normal && !self.mbr.awaiting_snapshot
-    }
-
     /// Counters since start.
     pub fn stats(&self) -> GroupStats {
         self.stats
-    }
-
-    /// The last pub_seq of `publisher` delivered here (what a publisher
-    /// that attaches here is told has been acknowledged).
-    pub fn pub_delivered(&self, publisher: PublisherId) -> PubSeq {
-        self.total
-            .publishers
-            .get(&publisher)
-            .map_or(PubSeq(0), |p| p.delivered)
-    }
-
-    /// The delivered publisher table as a snapshot carries it (publisher,
-    /// last pub_seq delivered, its seq), and whether the table ever forgot
-    /// a publisher: the table the sequencer drops retries by, which a
-    /// joining server must take over as it is.
-    pub fn publisher_table(&self) -> (Vec<(PublisherId, PubSeq, Seq)>, bool) {
-        let mut table: Vec<_> = self
-            .total
-            .publishers
-            .iter()
-            .filter(|(_, p)| p.delivered > PubSeq(0))
-            .map(|(&id, p)| (id, p.delivered, p.seq))
-            .collect();
-        table.sort_unstable();
-        (table, self.total.evicted_any)
-    }
-
-    /// When everything of `publisher` held here is delivered: its last
-    /// pub_seq and that publish's seq (an acknowledgement for a retry).
-    pub fn pub_acknowledged(&self, publisher: PublisherId) -> Option<(PubSeq, Seq)> {
-        self.total
-            .publishers
-            .get(&publisher)
-            .filter(|p| p.delivered > PubSeq(0) && p.held == p.delivered)
-            .map(|p| (p.delivered, p.seq))
-    }
-
-    /// The last pub_seq of `publisher` held here (ordered, maybe not yet
-    /// delivered). In a primary view it covers every publish acknowledged
-    /// anywhere: acknowledged means stable, held by every member.
-    pub fn pub_held(&self, publisher: PublisherId) -> PubSeq {
-        self.total
-            .publishers
-            .get(&publisher)
-            .map_or(PubSeq(0), |p| p.held)
-    }
-
-    /// Test builds: the publishers the table forgot since the last call,
-    /// with the last pub_seq each had then.
-    #[cfg(test)]
-    pub(crate) fn take_forgotten(&mut self) -> HashMap<PublisherId, PubSeq> {
-        std::mem::take(&mut self.total.forgotten)
-    }
-
-    /// How many submissions made here wait to be delivered.
-    pub fn unordered_len(&self) -> usize {
-        self.total.unordered.len()
-    }
-
-    /// Test builds: the oldest submission waiting here, as (publisher,
-    /// pub_seq, the pub_seq it follows).
-    #[cfg(test)]
-    pub(crate) fn unordered_front(&self) -> Option<(PublisherId, PubSeq, PubSeq)> {
-        self.total
-            .unordered
-            .front()
-            .map(|Submitted(after, m)| (m.0, m.1, *after))
-    }
-
-    /// Whether `submit` would refuse more publishes now.
-    pub fn unordered_full(&self) -> bool {
-        self.total.unordered.len() >= self.config.unordered_max
-    }
-
-    /// The hard state, when it changed since the last call. The shell must
-    /// write it durably before it sends the next frame from
-    /// [`Group::poll_transmit`].
-    pub fn poll_hard_state(&mut self) -> Option<HardState> {
-        if !std::mem::take(&mut self.mbr.hard_dirty) {
-            return None;
-        }
-        Some(self.hard_state())
-    }
-
-    /// The hard state as it stands.
-    pub fn hard_state(&self) -> HardState {
-        HardState {
-            incarnation: self.mbr.incarnation,
-            promised: match self.bugs.forget_promises {
-                true => ViewId::default(),
-                false => self.mbr.promised,
-            },
-            accepted: self.mbr.accepted_view.clone(),
-            installed: self.mbr.installed,
-        }
     }
 
     /// The next event for the server, in stream order.
@@ -695,29 +516,12 @@ impl Group {
         self.transmits.pop_front()
     }
 
-    /// When `handle_timeout` should next be called.
-    pub fn poll_timeout(&self) -> Option<Duration> {
-        let mut t = self.mbr.heartbeat_next;
-        for d in [
-            self.mbr.promise_deadline,
-            self.mbr.proposal.as_ref().map(|p| p.deadline),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            t = t.min(d);
-        }
-        Some(t)
-    }
-
     /// A decoded message arrived from `from`.
     pub fn handle_msg(&mut self, now: Duration, from: NodeId, msg: PeerMsg) {
-        let Some(peer) = self.mbr.peers.get_mut(&from) else {
+        if !self.heard_from(now, from) {
             tracing::debug!(node = %from, "message from an unconfigured server ignored");
             return;
-        };
-        peer.heard = Some(now);
-        peer.link_down = None;
+        }
         match msg {
             PeerMsg::Heartbeat(hb) => self.on_heartbeat(now, hb),
             PeerMsg::Submit {
@@ -777,59 +581,7 @@ impl Group {
         self.announce_stable();
     }
 
-    /// The link to or from `peer` broke: a hint that it may have failed.
-    /// It is excluded only if it then stays silent for `link_confirm`.
-    pub fn handle_link_down(&mut self, now: Duration, peer: NodeId) {
-        if let Some(p) = self.mbr.peers.get_mut(&peer) {
-            p.link_down.get_or_insert(now);
-        }
-    }
-
-    /// The link to `peer` is (re)established. What was sent on the old link
-    /// may be lost: submissions to it are sent again.
-    pub fn handle_link_up(&mut self, _now: Duration, peer: NodeId) {
-        if self.coordinator() == Some(peer) && self.is_primary() {
-            self.resubmit();
-        }
-        // A proposal it has not answered may have been lost: ask again.
-        let again = self
-            .mbr
-            .proposal
-            .as_ref()
-            .filter(|p| p.members.iter().any(|m| m.node == peer) && !p.oks.contains_key(&peer))
-            .map(|p| PeerMsg::FlushReq {
-                proposal: p.id,
-                members: p.members.clone(),
-            });
-        if let Some(req) = again {
-            self.send(peer, &req);
-        }
-    }
-
-    /// Time has reached `now`: heartbeats, failure detection, view change
-    /// retries.
-    pub fn handle_timeout(&mut self, now: Duration) {
-        if now >= self.mbr.heartbeat_next {
-            self.mbr.heartbeat_next = now + self.config.heartbeat_interval;
-            self.send_heartbeats(now);
-            self.check_progress(now);
-        }
-        self.evaluate(now);
-        self.announce_stable();
-    }
-
     fn send(&mut self, to: NodeId, msg: &PeerMsg) {
         self.transmits.push_back((to, wire::encode(msg)));
-    }
-
-    /// Sends one encoding of `msg` to every member of the view but this one.
-    fn send_members(&mut self, msg: &PeerMsg) {
-        let Some(view) = &self.mbr.view else { return };
-        let frame = wire::encode(msg);
-        for m in &view.members {
-            if m.node != self.config.me {
-                self.transmits.push_back((m.node, frame.clone()));
-            }
-        }
     }
 }

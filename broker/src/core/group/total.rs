@@ -8,7 +8,7 @@
 //! heartbeats, a member that sees a seq gap asks for a `Resend`, and a
 //! member whose submissions make no progress submits them again.
 
-use super::wire::{Msg, PeerMsg, Submitted};
+use super::wire::{Msg, PeerMsg, Snapshot, Submitted};
 use super::{Event, Group, NodeId, PubState, Status, ViewId};
 use crate::core::retention::Ordered;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
@@ -19,40 +19,164 @@ use std::time::Duration;
 /// submissions.
 pub(super) struct Total {
     /// The last seq delivered.
-    pub(super) delivered: Seq,
+    delivered: Seq,
     /// Messages held after `delivered`, contiguous.
-    pub(super) log: VecDeque<Ordered>,
+    log: VecDeque<Ordered>,
     /// What `log` holds, as `Ordered::cost` counts it.
-    pub(super) log_bytes: usize,
+    log_bytes: usize,
     /// The last seq known stable in the view.
-    pub(super) stable: Seq,
+    stable: Seq,
     /// Coordinator: the last seq each member holds.
-    pub(super) acks: BTreeMap<NodeId, Seq>,
+    acks: BTreeMap<NodeId, Seq>,
     /// Coordinator: the stable seq last announced.
-    pub(super) stable_sent: Seq,
+    stable_sent: Seq,
     /// A `Resend` was asked after this seq and not yet answered.
-    pub(super) resend_asked: Option<Seq>,
+    resend_asked: Option<Seq>,
     /// The coordinator's `have` in its previous heartbeat.
-    pub(super) lag_mark: Option<Seq>,
-    pub(super) publishers: HashMap<PublisherId, PubState>,
+    lag_mark: Option<Seq>,
+    publishers: HashMap<PublisherId, PubState>,
     /// The number the next own submission gets (see `Submit`'s `first`).
-    pub(super) submit_next: u64,
+    submit_next: u64,
     /// Sequencer: per member, one past the last submission number received
     /// in this view (a larger `first` means a `Submit` was lost).
-    pub(super) submit_seen: BTreeMap<NodeId, u64>,
+    submit_seen: BTreeMap<NodeId, u64>,
     /// Whether the publisher table ever forgot a publisher (then an unknown
     /// publisher's publish may be a forgotten one's, and is ordered).
-    pub(super) evicted_any: bool,
+    evicted_any: bool,
     /// Own submissions not yet delivered, in submission order, numbered
     /// contiguously from `submit_next - unordered.len()`.
-    pub(super) unordered: VecDeque<Submitted>,
+    unordered: VecDeque<Submitted>,
     /// Since when the front of `unordered` has been the same publish.
-    pub(super) resubmit_check: (Duration, Option<(PublisherId, PubSeq)>),
+    resubmit_check: (Duration, Option<(PublisherId, PubSeq)>),
     /// Tests: every publisher the table forgot, with the last pub_seq it
     /// had then (the simulator excuses an old retry of one of those ordered
     /// again, the documented price of the bound).
     #[cfg(test)]
-    pub(super) forgotten: HashMap<PublisherId, PubSeq>,
+    forgotten: HashMap<PublisherId, PubSeq>,
+}
+
+/// TOTAL's state as MBRSHIP changes it: the named calls of a view change,
+/// a new stream and a snapshot.
+impl Total {
+    /// Nothing held, delivered or submitted yet.
+    pub(super) fn new(now: Duration) -> Self {
+        Total {
+            delivered: Seq(0),
+            log: VecDeque::new(),
+            log_bytes: 0,
+            stable: Seq(0),
+            acks: BTreeMap::new(),
+            stable_sent: Seq(0),
+            resend_asked: None,
+            lag_mark: None,
+            publishers: HashMap::new(),
+            submit_next: 0,
+            submit_seen: BTreeMap::new(),
+            evicted_any: false,
+            unordered: VecDeque::new(),
+            resubmit_check: (now, None),
+            #[cfg(test)]
+            forgotten: HashMap::new(),
+        }
+    }
+
+    /// The last seq delivered.
+    pub(super) fn delivered(&self) -> Seq {
+        self.delivered
+    }
+
+    /// The last seq known stable.
+    pub(super) fn stable(&self) -> Seq {
+        self.stable
+    }
+
+    /// The last seq held.
+    pub(super) fn held(&self) -> Seq {
+        Seq(self.delivered.0 + self.log.len() as u64)
+    }
+
+    /// The held messages after `from` (at least the last delivered seq).
+    pub(super) fn held_after(&self, from: Seq) -> Vec<Msg> {
+        let skip = from.0.saturating_sub(self.delivered.0) as usize;
+        self.log.iter().skip(skip).map(Msg::of).collect()
+    }
+
+    /// Empties the log (its messages are replaced by a snapshot or a new
+    /// stream).
+    pub(super) fn clear_log(&mut self) {
+        self.log.clear();
+        self.log_bytes = 0;
+    }
+
+    /// A new stream begins: nothing held or delivered, no publisher known.
+    pub(super) fn begin_stream(&mut self) {
+        self.clear_log();
+        self.delivered = Seq(0);
+        self.stable = Seq(0);
+        self.publishers.clear();
+        self.evicted_any = false;
+    }
+
+    /// Drops the held messages after `through` (a view change left them
+    /// out). The publisher table forgets them too, so that their
+    /// publishers' resubmissions are ordered rather than taken for retries.
+    pub(super) fn truncate(&mut self, through: Seq) {
+        let keep = through.0.saturating_sub(self.delivered.0) as usize;
+        if keep >= self.log.len() {
+            return;
+        }
+        for m in self.log.drain(keep..) {
+            self.log_bytes = self.log_bytes.saturating_sub(m.cost());
+            if let Some(p) = self.publishers.get_mut(&m.publisher) {
+                if p.held >= m.pub_seq {
+                    p.held = PubSeq(m.pub_seq.0.saturating_sub(1)).max(p.delivered);
+                }
+            }
+        }
+    }
+
+    /// A view of `members` is installed with everything through `at`
+    /// delivered: ordering starts again from there.
+    pub(super) fn begin_view(&mut self, members: impl Iterator<Item = NodeId>, at: Seq) {
+        self.stable = at;
+        self.stable_sent = at;
+        self.resend_asked = None;
+        self.lag_mark = None;
+        self.acks = members.map(|n| (n, at)).collect();
+        // Every member resubmits from its front as the view begins.
+        self.submit_seen.clear();
+    }
+
+    /// Replaces everything delivered with a snapshot's state.
+    pub(super) fn install(&mut self, state: &Snapshot) {
+        self.evicted_any = state.evicted;
+        self.clear_log();
+        self.delivered = state.head;
+        self.stable = state.head;
+        self.publishers = state
+            .publishers
+            .iter()
+            .map(|&(id, pub_seq, seq)| {
+                let entry = PubState {
+                    held: pub_seq,
+                    delivered: pub_seq,
+                    seq,
+                    revived: state.evicted,
+                };
+                (id, entry)
+            })
+            .collect();
+    }
+
+    /// The server left its view (a rejoin): the view's acknowledgements
+    /// go. The log and own submissions stay (module docs, "Restart
+    /// safety"), unless `clear_queue`, the broken build that drops them.
+    pub(super) fn leave_view(&mut self, clear_queue: bool) {
+        if clear_queue {
+            self.unordered.clear();
+        }
+        self.acks.clear();
+    }
 }
 
 /// Messages per `Order` or `Submit` frame at most...
@@ -83,18 +207,44 @@ fn msg_cost(m: &Msg) -> usize {
 }
 
 impl Group {
-    /// The current view's coordinator.
-    pub(super) fn coordinator(&self) -> Option<NodeId> {
-        self.mbr.view.as_ref().map(|v| v.id.coordinator)
-    }
-
     fn is_coordinator(&self) -> bool {
-        self.mbr.status == Status::Normal && self.coordinator() == Some(self.config.me)
+        self.status() == Status::Normal && self.coordinator() == Some(self.config.me)
     }
 
     /// The last seq this server holds (ordered, maybe not yet stable).
     pub fn held(&self) -> Seq {
-        Seq(self.total.delivered.0 + self.total.log.len() as u64)
+        self.total.held()
+    }
+
+    /// The stable seq a heartbeat announces: the sequencer's, in a working
+    /// view (members learn stability from it when a `Stable` was lost).
+    pub(super) fn stable_to_announce(&self) -> Seq {
+        match self.is_coordinator() {
+            true => self.total.stable,
+            false => Seq(0),
+        }
+    }
+
+    /// TOTAL's part of a heartbeat from the coordinator of view `view`,
+    /// which holds through `have` and announces `stable`.
+    pub(super) fn coordinator_heartbeat(
+        &mut self,
+        from: NodeId,
+        view: ViewId,
+        have: Seq,
+        stable: Seq,
+    ) {
+        self.learn_stable(stable);
+        // A heartbeat later we still lack what the coordinator held at
+        // the previous one: an `Order` was lost with a link. (Comparing
+        // with its current `have` would ask for every order in flight.)
+        let behind = self.total.lag_mark.is_some_and(|prev| self.held() < prev);
+        if behind && !self.awaiting_snapshot() {
+            let after = self.held();
+            self.total.resend_asked = Some(after);
+            self.send(from, &PeerMsg::Resend { view, after });
+        }
+        self.total.lag_mark = Some(have);
     }
 
     /// Publishes from this server's clients, to be ordered.
@@ -125,7 +275,7 @@ impl Group {
     /// Sends submissions numbered from `first` to the coordinator, or
     /// orders them if it is us.
     fn forward(&mut self, mut first: u64, msgs: Vec<Submitted>) {
-        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.view_id() else {
             return;
         };
         let front = self.submit_front();
@@ -196,7 +346,7 @@ impl Group {
         first: u64,
         msgs: Vec<Submitted>,
     ) {
-        if !self.is_coordinator() || self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
+        if !self.is_coordinator() || self.view_id() != Some(view) {
             // A stale submission: its sender resubmits after the view change.
             tracing::trace!(node = %from, view = %view, "submission outside its view dropped");
             return;
@@ -233,7 +383,7 @@ impl Group {
         }
         // The member may have forgotten these publishers: it would wait for
         // the retries' delivery for good.
-        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.view_id() else {
             return;
         };
         for publisher in retried {
@@ -262,7 +412,7 @@ impl Group {
         pub_seq: PubSeq,
         seq: Seq,
     ) {
-        if self.mbr.view.as_ref().map(|v| v.id) != Some(view) || seq > self.total.delivered {
+        if self.view_id() != Some(view) || seq > self.total.delivered {
             return;
         }
         if self
@@ -301,7 +451,7 @@ impl Group {
     /// publishers of those dropped as retries.
     fn order(&mut self, msgs: Vec<Submitted>) -> (usize, Vec<PublisherId>) {
         let mut retried = Vec::new();
-        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.view_id() else {
             return (0, retried);
         };
         let first = self.held().next();
@@ -419,9 +569,9 @@ impl Group {
         msgs: Vec<Msg>,
         stable: Seq,
     ) {
-        if self.mbr.status != Status::Normal
-            || self.mbr.awaiting_snapshot
-            || self.mbr.view.as_ref().map(|v| v.id) != Some(view)
+        if self.status() != Status::Normal
+            || self.awaiting_snapshot()
+            || self.view_id() != Some(view)
             || self.coordinator() != Some(from)
         {
             return;
@@ -448,7 +598,7 @@ impl Group {
     }
 
     pub(super) fn on_ack(&mut self, from: NodeId, view: ViewId, have: Seq) {
-        if !self.is_coordinator() || self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
+        if !self.is_coordinator() || self.view_id() != Some(view) {
             return;
         }
         if let Some(a) = self.total.acks.get_mut(&from) {
@@ -458,21 +608,19 @@ impl Group {
     }
 
     pub(super) fn on_stable(&mut self, now: std::time::Duration, view: ViewId, through: Seq) {
-        tracing::trace!(me = %self.config.me, view = %view, through = through.0, status = ?self.mbr.status, accepted_through = self.mbr.accepted_through.0, "stable");
-        if self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
+        tracing::trace!(me = %self.config.me, view = %view, through = through.0, status = ?self.status(), "stable");
+        if self.view_id() != Some(view) {
             return;
         }
-        if self.mbr.status == Status::Accepted && through >= self.mbr.accepted_through {
-            // The proposer committed the view.
-            self.commit(now);
-        }
-        if self.mbr.status == Status::Normal {
+        // The first `Stable` of an accepted view commits it.
+        self.commit_if_accepted(now, through);
+        if self.status() == Status::Normal {
             self.learn_stable(through);
         }
     }
 
     pub(super) fn on_resend(&mut self, from: NodeId, view: ViewId, after: Seq) {
-        if !self.is_coordinator() || self.mbr.view.as_ref().map(|v| v.id) != Some(view) {
+        if !self.is_coordinator() || self.view_id() != Some(view) {
             return;
         }
         if after < self.total.delivered {
@@ -508,13 +656,17 @@ impl Group {
 
     /// Coordinator: the stable seq is the lowest any member holds.
     fn advance_stable(&mut self) {
-        let Some(view) = &self.mbr.view else { return };
+        if self.view().is_none() {
+            return;
+        }
         let held = self.held();
         self.total.acks.insert(self.config.me, held);
-        let stable = view
-            .members
-            .iter()
-            .map(|m| self.total.acks.get(&m.node).copied().unwrap_or(Seq(0)))
+        let acks = &self.total.acks;
+        let stable = self
+            .view()
+            .into_iter()
+            .flat_map(|v| &v.members)
+            .map(|m| acks.get(&m.node).copied().unwrap_or(Seq(0)))
             .min()
             .unwrap_or(held);
         self.learn_stable(stable);
@@ -527,7 +679,7 @@ impl Group {
             return;
         }
         self.total.stable_sent = self.total.stable;
-        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
+        let Some(view) = self.view_id() else {
             return;
         };
         let msg = PeerMsg::Stable {
@@ -547,13 +699,6 @@ impl Group {
             self.total.stable.min(self.held())
         };
         self.deliver_through(through);
-    }
-
-    /// Empties the log (its messages are replaced by a snapshot or a new
-    /// stream).
-    pub(super) fn clear_log(&mut self) {
-        self.total.log.clear();
-        self.total.log_bytes = 0;
     }
 
     /// Delivers the log up to `through` and forgets own submissions that
@@ -591,6 +736,88 @@ impl Group {
             }
             self.total.unordered.pop_front();
         }
+    }
+}
+
+/// TOTAL's part of the group's interface: the delivered position and the
+/// publisher table as the server above asks for them, and own
+/// submissions.
+impl Group {
+    /// The last seq delivered.
+    pub fn delivered(&self) -> Seq {
+        self.total.delivered
+    }
+
+    /// The last pub_seq of `publisher` delivered here (what a publisher
+    /// that attaches here is told has been acknowledged).
+    pub fn pub_delivered(&self, publisher: PublisherId) -> PubSeq {
+        self.total
+            .publishers
+            .get(&publisher)
+            .map_or(PubSeq(0), |p| p.delivered)
+    }
+
+    /// The delivered publisher table as a snapshot carries it (publisher,
+    /// last pub_seq delivered, its seq), and whether the table ever forgot
+    /// a publisher: the table the sequencer drops retries by, which a
+    /// joining server must take over as it is.
+    pub fn publisher_table(&self) -> (Vec<(PublisherId, PubSeq, Seq)>, bool) {
+        let mut table: Vec<_> = self
+            .total
+            .publishers
+            .iter()
+            .filter(|(_, p)| p.delivered > PubSeq(0))
+            .map(|(&id, p)| (id, p.delivered, p.seq))
+            .collect();
+        table.sort_unstable();
+        (table, self.total.evicted_any)
+    }
+
+    /// When everything of `publisher` held here is delivered: its last
+    /// pub_seq and that publish's seq (an acknowledgement for a retry).
+    pub fn pub_acknowledged(&self, publisher: PublisherId) -> Option<(PubSeq, Seq)> {
+        self.total
+            .publishers
+            .get(&publisher)
+            .filter(|p| p.delivered > PubSeq(0) && p.held == p.delivered)
+            .map(|p| (p.delivered, p.seq))
+    }
+
+    /// The last pub_seq of `publisher` held here (ordered, maybe not yet
+    /// delivered). In a primary view it covers every publish acknowledged
+    /// anywhere: acknowledged means stable, held by every member.
+    pub fn pub_held(&self, publisher: PublisherId) -> PubSeq {
+        self.total
+            .publishers
+            .get(&publisher)
+            .map_or(PubSeq(0), |p| p.held)
+    }
+
+    /// Test builds: the publishers the table forgot since the last call,
+    /// with the last pub_seq each had then.
+    #[cfg(test)]
+    pub(crate) fn take_forgotten(&mut self) -> HashMap<PublisherId, PubSeq> {
+        std::mem::take(&mut self.total.forgotten)
+    }
+
+    /// How many submissions made here wait to be delivered.
+    pub fn unordered_len(&self) -> usize {
+        self.total.unordered.len()
+    }
+
+    /// Test builds: the oldest submission waiting here, as (publisher,
+    /// pub_seq, the pub_seq it follows).
+    #[cfg(test)]
+    pub(crate) fn unordered_front(&self) -> Option<(PublisherId, PubSeq, PubSeq)> {
+        self.total
+            .unordered
+            .front()
+            .map(|Submitted(after, m)| (m.0, m.1, *after))
+    }
+
+    /// Whether `submit` would refuse more publishes now.
+    pub fn unordered_full(&self) -> bool {
+        self.total.unordered.len() >= self.config.unordered_max
     }
 }
 
