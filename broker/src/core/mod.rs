@@ -34,17 +34,12 @@
 //! - **snapshot**: the delivered state (position, publisher table, recent
 //!   messages) a joining server takes from a peer.
 
+pub mod cltsvr;
 pub mod group;
-pub mod index;
-pub mod members;
-pub mod node;
-pub mod report;
 pub mod retention;
-pub mod server;
-pub mod upstream;
 
-pub use node::{Node, NodeConfig, Output, SessionReport, Stats, Submission, TransmitKind};
-pub use server::Server;
+pub use cltsvr::node::{Node, NodeConfig, Output, SessionReport, Stats, Submission, TransmitKind};
+pub use cltsvr::server::Server;
 
 use std::fmt;
 

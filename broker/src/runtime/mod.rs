@@ -34,8 +34,8 @@ mod report;
 mod upstream;
 
 use crate::config::ServerConfig;
+use crate::core::cltsvr::upstream::Action;
 use crate::core::group::{Group, Incarnation, NodeId, PeerMsg};
-use crate::core::upstream::Action;
 use crate::core::{Node, Output, Server, SessionId};
 use anyhow::Context;
 use bytes::Bytes;
@@ -224,14 +224,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
             uplink = Some(upstream::UpLink::new(inbox_tx.clone()));
             // The relay's one id: for its connection above, and for the
             // clients it attaches.
-            let up = crate::core::upstream::UpstreamConfig::new(
+            let up = crate::core::cltsvr::upstream::UpstreamConfig::new(
                 config.node.name.clone(),
                 node_config.id,
                 relay.unwrap_or_default(),
             );
             Server::relay(
                 Node::new_grouped(Duration::ZERO, node_config),
-                crate::core::upstream::Upstream::new(Duration::ZERO, up),
+                crate::core::cltsvr::upstream::Upstream::new(Duration::ZERO, up),
             )
         }
         None => Server::standalone(Node::new(Duration::ZERO, node_config)),
@@ -276,7 +276,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
             tracing::info!(addr = %core.peer_listen, id = %core.me, peers = core.peers.len(), "core links");
             peer_task = Some(tokio::spawn(peer::accept_loop(listener, inbox_tx.clone())));
             links = Some(peer::Links::start(core.me, &core.peers, inbox_tx.clone()));
-            node_config.id = crate::core::members::core_server_id(core.me.0, incarnation);
+            node_config.id = crate::core::cltsvr::members::core_server_id(core.me.0, incarnation);
             Server::grouped(
                 Node::new_grouped(Duration::ZERO, node_config),
                 group,

@@ -30,7 +30,7 @@ const TREE_DEPTH_MAX: usize = 8;
 /// the relays attached to each, tier by tier, and each server's count of
 /// clients; `None` when there is no core view in the stream (a standalone
 /// node, or membership off), and the node shows itself alone.
-fn tree(members: &crate::core::members::Members) -> Option<dash::TreeNode> {
+fn tree(members: &crate::core::cltsvr::members::Members) -> Option<dash::TreeNode> {
     use canopy_client::protocol::{MemberEntry, PublisherId};
     if members.core().is_empty() {
         return None;

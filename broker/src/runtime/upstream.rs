@@ -1,6 +1,6 @@
 //! A relay's connection to the tier above: connect, read and decode, write.
 //!
-//! The [`Upstream`](crate::core::upstream::Upstream) state machine decides
+//! The [`Upstream`](crate::core::cltsvr::upstream::Upstream) state machine decides
 //! where to connect and what to send; this only moves bytes. Each
 //! connection has a number, and the node task ignores what an older one
 //! reports, so a connection replaced mid-read cannot feed stale frames.

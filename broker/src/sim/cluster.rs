@@ -55,11 +55,11 @@
 use super::checker::Violation;
 use super::cluster_checker::ClusterChecker;
 use super::Rng;
+use crate::core::cltsvr::members::core_server_id;
+use crate::core::cltsvr::node::Output;
 use crate::core::group::{
     wire, Event, Group, GroupBugs, GroupConfig, HardState, Incarnation, NodeId, Status, ViewId,
 };
-use crate::core::members::core_server_id;
-use crate::core::node::Output;
 use crate::core::{Node, NodeConfig, Server, SessionId};
 use bytes::Bytes;
 use canopy_client::protocol::{self, PubSeq, PublisherId, Seq};

@@ -103,13 +103,13 @@ fn the_checker_catches_a_silently_lost_acknowledged_message() {
 
 /// The first seed (of the first 300) on which a node with `bugs` breaks a
 /// guarantee, with what broke.
-fn first_failure(bugs: crate::core::node::Bugs) -> Option<(u64, String)> {
+fn first_failure(bugs: crate::core::cltsvr::node::Bugs) -> Option<(u64, String)> {
     (0..300).find_map(|seed| run_with(seed, bugs).err().map(|v| (seed, v.0)))
 }
 
 #[test]
 fn a_node_that_orders_retries_again_is_caught() {
-    let bugs = crate::core::node::Bugs {
+    let bugs = crate::core::cltsvr::node::Bugs {
         order_retries: true,
         ..Default::default()
     };
@@ -119,7 +119,7 @@ fn a_node_that_orders_retries_again_is_caught() {
 
 #[test]
 fn a_node_whose_live_stream_overtakes_a_catch_up_is_caught() {
-    let bugs = crate::core::node::Bugs {
+    let bugs = crate::core::cltsvr::node::Bugs {
         overtake_catch_up: true,
         ..Default::default()
     };

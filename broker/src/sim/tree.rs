@@ -24,7 +24,7 @@
 use super::checker::{Checker, Violation};
 use super::client::{After, Client};
 use super::Rng;
-use crate::core::upstream::{Action, Upstream, UpstreamConfig};
+use crate::core::cltsvr::upstream::{Action, Upstream, UpstreamConfig};
 use crate::core::{Node, NodeConfig, Output, Server, SessionId};
 use bytes::Bytes;
 use canopy_client::protocol::{self, PublisherId, SlowPolicy};

@@ -75,14 +75,17 @@ struct World {
 /// # Errors
 /// The first broken guarantee, naming the seed.
 pub fn run(seed: u64) -> Result<Outcome, Violation> {
-    run_with(seed, crate::core::node::Bugs::default())
+    run_with(seed, crate::core::cltsvr::node::Bugs::default())
 }
 
 /// Runs seed `seed` against a node with deliberate `bugs`.
 ///
 /// # Errors
 /// As [`run`].
-pub(crate) fn run_with(seed: u64, bugs: crate::core::node::Bugs) -> Result<Outcome, Violation> {
+pub(crate) fn run_with(
+    seed: u64,
+    bugs: crate::core::cltsvr::node::Bugs,
+) -> Result<Outcome, Violation> {
     let mut rng = Rng::new(seed);
     let config = NodeConfig {
         name: "sim".into(),

@@ -465,9 +465,9 @@ pub struct GroupStats {
 /// docs for the protocol and how to drive it.
 pub struct Group {
     config: GroupConfig,
-    /// MBRSHIP's state (`mbrship.rs`).
+    /// MBRSHIP's state (`mbrship/`).
     mbr: Membership,
-    /// TOTAL's state (`total.rs`).
+    /// TOTAL's state (`total/`).
     total: Total,
     events: VecDeque<Event>,
     transmits: VecDeque<(NodeId, Bytes)>,

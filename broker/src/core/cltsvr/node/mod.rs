@@ -49,12 +49,12 @@
 //!   reports, whose positions are stable ones, are refused it
 //!   (docs/DESIGN.md, "Weak delivery").
 
-use super::group::{Msg, Snapshot};
 use super::index::Index;
 use super::members::{MemberEvent, Members, MEMBERS_TOPIC};
 use super::report::{Entry, EventKind, Journal, TopicCounts};
-use super::retention::{Ordered, Retention};
-use super::SessionId;
+use crate::core::group::{Msg, Snapshot};
+use crate::core::retention::{Ordered, Retention};
+use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, kind, DeliverBuilder, DivergedHead, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry,

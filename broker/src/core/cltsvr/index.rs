@@ -11,7 +11,7 @@ use canopy_client::topic::{Pattern, Token};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::SessionId;
+use crate::core::SessionId;
 
 #[derive(Default)]
 struct TrieNode {

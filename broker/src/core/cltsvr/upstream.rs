@@ -2,7 +2,7 @@
 //! connection to the tier above, as a sans-IO state machine.
 //!
 //! A relay is a client of the tier above and a server for its own clients.
-//! Upstream gives the relay's [`Node`](super::Node) what a core group gives
+//! Upstream gives the relay's [`Node`](super::node::Node) what a core group gives
 //! a core server: the ordered stream (every message, in the one total
 //! order, contiguous from the relay's head) and a way to submit publishes.
 //! The relay subscribes to the whole stream (`>`); its own clients'
@@ -36,9 +36,9 @@
 //! - Forwards held are bounded by count; the node pushes back on its
 //!   publishers when the bound is reached.
 
-use super::group::{Msg, Snapshot};
 use super::members::SYSTEM_PATTERN;
-use super::retention::Ordered;
+use crate::core::group::{Msg, Snapshot};
+use crate::core::retention::Ordered;
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, ClientFrame, ErrorCode, Hello, MembersHead, Message, PingHead, PubAck, PubSeq,

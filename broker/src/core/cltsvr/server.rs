@@ -24,11 +24,11 @@
 //! writes what [`Server::poll_hard_state`] returns durably before it sends
 //! the next peer frame.
 
-use super::group::{Event, Group, HardState, NodeId, PeerMsg, Submitted};
 use super::members::core_server_id;
 use super::node::{Node, Output, TransmitKind};
 use super::upstream::{Action, UpEvent, Upstream};
-use super::SessionId;
+use crate::core::group::{Event, Group, HardState, NodeId, PeerMsg, Submitted};
+use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
     ClientFrame, ErrorCode, PubAck, PubSeq, Seq, ServerEntry, ServerFrame,
