@@ -118,8 +118,15 @@
 //!   a flush established; after promising a proposal it delivers nothing
 //!   more of the old view.
 //! - Everything is bounded: the log by `log_len_max` (the sequencer stops
-//!   ordering at the bound), unordered submissions by `unordered_max`, the
-//!   publisher table by `publishers_max`.
+//!   ordering at the bound), unordered submissions by `unordered_max` (the
+//!   server's own membership events pass it), the publisher table by
+//!   `publishers_max` plus the publishers of messages still in the log
+//!   (only publishers whose messages are all delivered are evicted).
+//! - After every input (debug builds assert it, [`Group::check_invariants`]):
+//!   nothing is delivered past the stable seq; the log holds exactly the
+//!   seqs after the delivered one; a server in a view's `Normal` status has
+//!   that view; one awaiting a snapshot keeps the `NewView` it waits with;
+//!   no installed view is newer than the highest promise.
 
 mod mbrship;
 mod total;
@@ -448,6 +455,32 @@ pub(crate) struct GroupBugs {
     pub order_past_lost_submit: bool,
 }
 
+impl GroupBugs {
+    /// Whether any bug is on.
+    fn any(&self) -> bool {
+        let GroupBugs {
+            skip_flush,
+            no_dedup,
+            deliver_unstable,
+            silent_unhold,
+            ignore_deafness,
+            cold_start_without_state,
+            forget_promises,
+            clear_queue_on_rejoin,
+            order_past_lost_submit,
+        } = *self;
+        skip_flush
+            || no_dedup
+            || deliver_unstable
+            || silent_unhold
+            || ignore_deafness
+            || cold_start_without_state
+            || forget_promises
+            || clear_queue_on_rejoin
+            || order_past_lost_submit
+    }
+}
+
 /// Counters since start, for operators and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupStats {
@@ -579,6 +612,16 @@ impl Group {
             PeerMsg::AcceptOk { view } => self.on_accept_ok(now, from, view),
         }
         self.announce_stable();
+        self.check_invariants();
+    }
+
+    /// Debug builds: the invariants of the module docs hold (a broken
+    /// build's deliberate bugs excepted).
+    pub(super) fn check_invariants(&self) {
+        if cfg!(debug_assertions) && !self.bugs.any() {
+            self.mbr.check_invariants();
+            self.total.check_invariants();
+        }
     }
 
     fn send(&mut self, to: NodeId, msg: &PeerMsg) {

@@ -57,6 +57,25 @@ pub(super) struct Membership {
 }
 
 impl Membership {
+    /// Debug builds: MBRSHIP's invariants (module docs of `group`).
+    pub(super) fn check_invariants(&self) {
+        if self.status == Status::Normal {
+            debug_assert!(self.view.is_some(), "invariant: a Normal server has a view");
+        }
+        if self.awaiting_snapshot {
+            debug_assert!(
+                self.stash.is_some(),
+                "invariant: a snapshot is awaited with its NewView"
+            );
+        }
+        if let Some(v) = &self.view {
+            debug_assert!(
+                v.id <= self.promised,
+                "invariant: no view newer than the highest promise"
+            );
+        }
+    }
+
     /// A server's membership state at start, from its hard state (the
     /// default when it has none).
     pub(super) fn new(now: Duration, config: &GroupConfig, hard: HardState) -> Self {
@@ -534,6 +553,7 @@ impl Group {
         }
         self.evaluate(now);
         self.announce_stable();
+        self.check_invariants();
     }
 
     /// Sends one encoding of `msg` to every member of the view but this one.

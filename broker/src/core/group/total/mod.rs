@@ -64,6 +64,24 @@ pub(super) struct Total {
 /// TOTAL's state as MBRSHIP changes it: the named calls of a view change,
 /// a new stream and a snapshot.
 impl Total {
+    /// Debug builds: TOTAL's invariants (module docs of `group`).
+    pub(super) fn check_invariants(&self) {
+        debug_assert!(
+            self.delivered <= self.stable,
+            "invariant: nothing delivered past the stable seq ({:?} > {:?})",
+            self.delivered,
+            self.stable
+        );
+        if let (Some(first), Some(last)) = (self.log.front(), self.log.back()) {
+            debug_assert_eq!(
+                first.seq,
+                self.delivered.next(),
+                "invariant: the log follows the delivered seq"
+            );
+            debug_assert_eq!(last.seq, self.held(), "invariant: the log is contiguous");
+        }
+    }
+
     /// Nothing held, delivered or submitted yet.
     pub(super) fn new(now: Duration) -> Self {
         Total {

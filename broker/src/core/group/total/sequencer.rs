@@ -17,12 +17,12 @@ impl Group {
         let first = self.total.submit_next;
         self.total.submit_next += msgs.len() as u64;
         self.total.unordered.extend(msgs);
-        if !self.is_primary() {
-            // Sent when a view is installed.
-            return;
+        if self.is_primary() {
+            // (Otherwise sent when a view is installed.)
+            let fresh: Vec<Submitted> = self.total.unordered.range(start..).cloned().collect();
+            self.forward(first, fresh);
         }
-        let fresh: Vec<Submitted> = self.total.unordered.range(start..).cloned().collect();
-        self.forward(first, fresh);
+        self.check_invariants();
     }
 
     /// The number of the oldest own submission not yet delivered.
