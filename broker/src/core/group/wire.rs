@@ -247,9 +247,15 @@ pub fn encode(msg: &PeerMsg) -> Bytes {
 ///
 /// # Errors
 /// When the content is not a valid `PeerMsg`; the link should be dropped.
-pub fn decode(content: &[u8]) -> Result<PeerMsg, String> {
-    ciborium::from_reader(content).map_err(|e| e.to_string())
+pub fn decode(content: &[u8]) -> Result<PeerMsg, DecodeError> {
+    ciborium::from_reader(content).map_err(|e| DecodeError(e.to_string()))
 }
+
+/// A peer's frame that is not a valid peer message: the link that carried
+/// it is dropped (a peer misbehaving, or another program on the port).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid peer message: {0}")]
+pub struct DecodeError(String);
 
 #[cfg(test)]
 mod tests {

@@ -132,7 +132,7 @@ impl Group {
         let basis = match self.basis(&p) {
             Ok(basis) => basis,
             Err(why) => {
-                tracing::debug!(me = %self.config.me, proposal = %p.id, why, answered = ?p.oks.values().map(|o| (o.from.node.0, o.view, o.accepted.as_ref().map(|v| v.id))).collect::<Vec<_>>(), "no history to continue: not primary");
+                tracing::debug!(me = %self.config.me, proposal = %p.id, why = %why, answered = ?p.oks.values().map(|o| (o.from.node.0, o.view, o.accepted.as_ref().map(|v| v.id))).collect::<Vec<_>>(), "no history to continue: not primary");
                 self.mbr.proposal = Some(p);
                 return;
             }
@@ -275,7 +275,7 @@ impl Group {
     /// - Otherwise a server that did not answer (or lost its data
     ///   directory, and with it its records) may hold or know of newer
     ///   state, with acknowledged publishes in it: wait.
-    pub(super) fn basis(&self, p: &Proposal) -> Result<Option<ViewId>, &'static str> {
+    pub(super) fn basis(&self, p: &Proposal) -> Result<Option<ViewId>, NoBasis> {
         let voters = p.oks.values().filter(|o| o.accepted.is_some()).count();
         let newest = p
             .oks
@@ -293,12 +293,12 @@ impl Group {
             let holders = p.oks.values().filter(|o| o.view.is_some()).count();
             let cold = p.oks.values().all(|o| o.held() == Seq(0));
             if holders < self.config.quorum() && !(cold && p.oks.len() >= self.config.quorum()) {
-                return Err("no majority holds state");
+                return Err(NoBasis::NoMajorityHoldsState);
             }
             return Ok(p.oks.values().filter_map(|o| o.view).max());
         }
         if !self.config.servers.iter().all(|n| p.oks.contains_key(n)) {
-            return Err("no majority of voters holds the newest view's state, and not every configured server answered");
+            return Err(NoBasis::NotEveryServerAnswered);
         }
         let Some(held) = p.oks.values().filter_map(|o| o.view).max() else {
             // Every server answered and none holds any message: whatever
@@ -306,7 +306,7 @@ impl Group {
             return Ok(None);
         };
         if voters != p.oks.len() {
-            return Err("a server without its data directory may have lost the record of the newest installed view");
+            return Err(NoBasis::RecordMayBeLost);
         }
         let installed = p
             .oks
@@ -541,4 +541,23 @@ fn fresh_stream(seed: u64, id: ViewId, incarnation: Incarnation) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (x ^ (x >> 31)).max(1)
+}
+
+/// Why no view may form from a proposal's answers (`Group::basis`): the
+/// core waits, not primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(in crate::core::group) enum NoBasis {
+    /// The broken build's rule before hard state: no majority holds state.
+    #[error("no majority holds state")]
+    NoMajorityHoldsState,
+    /// No majority of voters holds the newest accepted view's state, and a
+    /// server that did not answer may.
+    #[error("no majority of voters holds the newest view's state, and not every configured server answered")]
+    NotEveryServerAnswered,
+    /// Every server answered, but one lost its data directory, and with it
+    /// perhaps the record of the newest installed view.
+    #[error(
+        "a server without its data directory may have lost the record of the newest installed view"
+    )]
+    RecordMayBeLost,
 }
