@@ -280,9 +280,9 @@ async fn bad_input_on_a_core_link_drops_only_that_link() {
     .await
     .expect("connects");
     let mut sub = client.subscribe("t.>").await.expect("subscribe");
-    // A well-formed link hello from "server 2", as CBOR {version: 1, node: 2}.
+    // A well-formed link hello from "server 2", as CBOR {version: 2, node: 2}.
     let mut hello = Vec::new();
-    ciborium::into_writer(&serde_json::json!({"version": 1, "node": 2}), &mut hello)
+    ciborium::into_writer(&serde_json::json!({"version": 2, "node": 2}), &mut hello)
         .expect("encode");
     let framed = |content: &[u8]| {
         let mut f = (content.len() as u32).to_be_bytes().to_vec();

@@ -53,7 +53,10 @@ struct LinkHello {
     node: NodeId,
 }
 
-const LINK_VERSION: u32 = 1;
+/// The peer protocol's version: servers of another version refuse each
+/// other's links at the hello, rather than drop them later on a message one
+/// of them cannot decode. 2: the sequencer's `Retried`.
+const LINK_VERSION: u32 = 2;
 
 /// Numbers incoming connections in the order they were accepted.
 static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);

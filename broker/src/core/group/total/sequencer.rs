@@ -187,17 +187,7 @@ impl Group {
         {
             return;
         }
-        if !self.total.publishers.contains_key(&publisher)
-            && self.total.publishers.len() >= self.config.publishers_max
-        {
-            self.evict_publishers();
-        }
-        let e = self.total.publishers.entry(publisher).or_insert(PubState {
-            held: PubSeq(0),
-            delivered: PubSeq(0),
-            seq,
-            revived: self.total.evicted_any,
-        });
+        let e = self.publisher_entry(publisher, seq);
         e.held = e.held.max(pub_seq);
         e.delivered = pub_seq;
         e.seq = e.seq.max(seq);
@@ -273,21 +263,7 @@ impl Group {
     /// Appends an ordered message to the log and the publisher table.
     pub(in crate::core::group) fn hold(&mut self, m: crate::core::retention::Ordered) {
         debug_assert_eq!(m.seq, self.held().next());
-        if !self.total.publishers.contains_key(&m.publisher)
-            && self.total.publishers.len() >= self.config.publishers_max
-        {
-            self.evict_publishers();
-        }
-        let e = self
-            .total
-            .publishers
-            .entry(m.publisher)
-            .or_insert(PubState {
-                held: PubSeq(0),
-                delivered: PubSeq(0),
-                seq: m.seq,
-                revived: self.total.evicted_any,
-            });
+        let e = self.publisher_entry(m.publisher, m.seq);
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
         self.total.log_bytes += m.cost();
@@ -296,6 +272,23 @@ impl Group {
             _ => self.events.push_back(Event::Held(vec![m.clone()])),
         }
         self.total.log.push_back(m);
+    }
+
+    /// The table's entry for `publisher`, made (at `seq`) if it has none,
+    /// after making room at the bound.
+    fn publisher_entry(&mut self, publisher: PublisherId, seq: Seq) -> &mut PubState {
+        if !self.total.publishers.contains_key(&publisher)
+            && self.total.publishers.len() >= self.config.publishers_max
+        {
+            self.evict_publishers();
+        }
+        let revived = self.total.evicted_any;
+        self.total.publishers.entry(publisher).or_insert(PubState {
+            held: PubSeq(0),
+            delivered: PubSeq(0),
+            seq,
+            revived,
+        })
     }
 
     /// Forgets the eighth of publishers quiet longest whose messages are all
