@@ -308,6 +308,30 @@ fn a_resume_from_another_stream_replays_nothing() {
     );
 }
 
+/// Watermarks go out in session order, never in hash order: one input
+/// gives the same outputs in every process (the simulators replay seeds
+/// across processes by that).
+#[test]
+fn watermarks_go_out_in_session_order() {
+    let mut n = node();
+    let sessions: Vec<SessionId> = (1..=40)
+        .map(|k| join(&mut n, k, &["nothing.here"], SlowPolicy::Disconnect))
+        .collect();
+    n.handle_frame(T0, sessions[0], publish("x", 1));
+    drain(&mut n);
+    let due = n.poll_timeout().expect("a watermark timer");
+    n.handle_timeout(due);
+    let order: Vec<SessionId> = drain(&mut n)
+        .into_iter()
+        .filter(|(_, f)| matches!(f, ServerFrame::Watermark(_)))
+        .map(|(s, _)| s)
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(order.len(), sessions.len(), "{order:?}");
+    assert_eq!(order, sorted);
+}
+
 #[test]
 fn quiet_sessions_get_watermarks_when_the_head_moves() {
     let mut n = node();
