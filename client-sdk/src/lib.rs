@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod client;
+pub mod core;
 mod error;
 pub mod io;
 pub mod protocol;

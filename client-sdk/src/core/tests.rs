@@ -1,0 +1,414 @@
+use super::*;
+use crate::protocol::{
+    DeliverBuilder, DivergedHead, ErrorCode, ErrorFrame, PublisherId, Reports, Role, ServersHead,
+    SlowPolicy, StreamCheck, SubscribedHead, WatermarkHead,
+};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn config(servers: &[&str]) -> LinkConfig {
+    LinkConfig {
+        name: "test".into(),
+        publisher: PublisherId(7),
+        servers: servers.iter().map(|s| s.to_string()).collect(),
+        role: Role::Client,
+        reports: Reports::Servers,
+        slow: SlowPolicy::Disconnect,
+        weak: false,
+        ping_interval: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(2),
+        reconnect_for: Some(Duration::from_secs(10)),
+        first_order: FirstOrder::Configured,
+    }
+}
+
+fn welcome(stream: u64, head: u64, pub_acked: u64) -> ServerFrame {
+    ServerFrame::Welcome(Welcome {
+        version: protocol::PROTOCOL_VERSION,
+        server: "s".into(),
+        session: 1,
+        stream,
+        head: Seq(head),
+        pub_acked: PubSeq(pub_acked),
+        frame_len_max: 1 << 20,
+        servers: Vec::new(),
+        hash: head * 100,
+    })
+}
+
+/// Frames a shell would decode from the core's sends.
+fn sent(core: &mut ClientCore) -> Vec<ClientFrame> {
+    let mut out = Vec::new();
+    while let Some(a) = core.poll_action() {
+        if let Action::Send(frame) = a {
+            let frame =
+                protocol::decode_client(frame.slice(4..)).expect("the core's frames decode");
+            out.push(frame);
+        }
+    }
+    out
+}
+
+fn connects(core: &mut ClientCore) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(a) = core.poll_action() {
+        if let Action::Connect(addr) = a {
+            out.push(addr);
+        }
+    }
+    out
+}
+
+fn events(core: &mut ClientCore) -> Vec<Event> {
+    std::iter::from_fn(|| core.poll_event()).collect()
+}
+
+/// A core serving on the first of `servers`, at time 0.
+fn serving(servers: &[&str], weak: bool) -> ClientCore {
+    let mut c = config(servers);
+    c.weak = weak;
+    let mut core = ClientCore::new(Duration::ZERO, c);
+    core.subscribe(">");
+    core.handle_timeout(Duration::ZERO);
+    assert_eq!(connects(&mut core), vec![servers[0].to_string()]);
+    core.handle_connected(Duration::ZERO);
+    assert!(core
+        .handle_frame(Duration::ZERO, welcome(1, 10, 0))
+        .is_none());
+    sent(&mut core);
+    events(&mut core);
+    core
+}
+
+fn deliver(seqs: std::ops::RangeInclusive<u64>, hash: Option<u64>) -> ServerFrame {
+    let mut b = DeliverBuilder::default();
+    for s in seqs {
+        b.push(Seq(s), PublisherId(1), PubSeq(s), "t", b"x");
+    }
+    let frame = b.finish_with(hash, None);
+    protocol::decode_server(frame.slice(4..)).expect("decodes")
+}
+
+#[test]
+fn rounds_go_in_order_then_pause_doubling_then_give_up() {
+    let mut core = ClientCore::new(Duration::ZERO, config(&["a", "b"]));
+    let mut now = Duration::ZERO;
+    let mut pauses = Vec::new();
+    loop {
+        let Some(at) = core.poll_timeout() else { break };
+        if at > now {
+            pauses.push(at - now);
+        }
+        now = at;
+        core.handle_timeout(now);
+        for addr in connects(&mut core) {
+            assert!(addr == "a" || addr == "b");
+            core.handle_closed(now);
+        }
+    }
+    // Rounds of two attempts with no pause inside, pauses of 20, 40, ... 1000 ms.
+    assert_eq!(pauses[..4], [20 * MS, 40 * MS, 80 * MS, 160 * MS]);
+    assert!(pauses.iter().all(|&p| p <= BACKOFF_MAX));
+    assert!(now >= Duration::from_secs(10) && now < Duration::from_secs(12));
+    let ev = events(&mut core);
+    assert!(matches!(
+        ev.last(),
+        Some(Event::Link(LinkEvent::Unreachable(
+            Error::Unreachable { .. }
+        )))
+    ));
+    assert!(core.link().is_stopped());
+}
+
+#[test]
+fn a_lost_connection_goes_to_the_adopter_at_once_with_the_lost_server_last() {
+    let servers = ["a", "b", "c", "d"];
+    let mut core = serving(&servers, false);
+    let now = Duration::from_secs(1);
+    core.handle_closed(now);
+    assert_eq!(core.poll_timeout(), Some(now));
+    let expected = protocol::failover_order(7, &servers.map(String::from), "a");
+    let mut tried = Vec::new();
+    for _ in 0..4 {
+        core.handle_timeout(now);
+        tried.extend(connects(&mut core));
+        core.handle_closed(now);
+    }
+    assert_eq!(tried, expected);
+    assert_eq!(tried.last().map(String::as_str), Some("a"));
+}
+
+#[test]
+fn a_silent_server_is_dropped_after_three_ping_periods() {
+    let mut core = serving(&["a", "b"], false);
+    let mut pings = 0;
+    let mut now = Duration::ZERO;
+    while core.link().is_up() {
+        now = core.poll_timeout().expect("a timer");
+        core.handle_timeout(now);
+        pings += sent(&mut core)
+            .iter()
+            .filter(|f| matches!(f, ClientFrame::Ping(_)))
+            .count();
+    }
+    assert_eq!(now, Duration::from_secs(3));
+    assert_eq!(pings, 2, "a ping each period before the deadline");
+    assert!(matches!(
+        events(&mut core)[..],
+        [Event::Link(LinkEvent::Lost { .. })]
+    ));
+    // Any frame counts as heard.
+    let mut core = serving(&["a"], false);
+    core.handle_frame(
+        Duration::from_secs(2),
+        ServerFrame::Pong(protocol::PingHead { nonce: 1 }),
+    );
+    core.handle_timeout(Duration::from_secs(3));
+    assert!(core.link().is_up());
+}
+
+#[test]
+fn unacknowledged_publishes_go_again_in_order_after_the_welcome() {
+    let mut core = serving(&["a", "b"], false);
+    for _ in 0..3 {
+        core.publish("t", b"p");
+    }
+    assert_eq!(sent(&mut core).len(), 3);
+    core.handle_frame(
+        MS,
+        ServerFrame::PubAck(PubAck {
+            pub_seq: PubSeq(1),
+            seq: Seq(11),
+            publisher: None,
+        }),
+    );
+    assert!(matches!(events(&mut core)[..], [Event::Acked(PubSeq(1))]));
+    core.handle_closed(MS);
+    // Published while down: sent after the Welcome only.
+    core.publish("t", b"p");
+    core.handle_timeout(MS);
+    connects(&mut core);
+    core.handle_connected(MS);
+    let hello = sent(&mut core);
+    let [ClientFrame::Hello(h)] = &hello[..] else {
+        panic!("a Hello: {hello:?}")
+    };
+    assert_eq!(h.connection, 2);
+    let resume = h.resume.expect("resumes");
+    assert_eq!((resume.stream, resume.after), (1, Seq(10)));
+    assert_eq!(
+        resume.check,
+        Some(StreamCheck {
+            seq: Seq(10),
+            hash: 1000
+        })
+    );
+    // The server had ordered pub_seq 2 already.
+    core.handle_frame(MS, welcome(1, 12, 2));
+    let resent: Vec<PubSeq> = sent(&mut core)
+        .into_iter()
+        .filter_map(|f| match f {
+            ClientFrame::Publish(p) => Some(p.pub_seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resent, [PubSeq(3), PubSeq(4)]);
+    assert_eq!(core.unacked_len(), 2);
+}
+
+#[test]
+fn a_fixed_publisher_continues_after_what_the_server_ordered() {
+    let mut core = ClientCore::new(Duration::ZERO, config(&["a"]));
+    core.handle_timeout(Duration::ZERO);
+    connects(&mut core);
+    core.handle_connected(Duration::ZERO);
+    core.handle_frame(Duration::ZERO, welcome(1, 0, 41));
+    assert_eq!(core.publish("t", b"p"), PubSeq(42));
+}
+
+#[test]
+fn a_delivery_moves_the_position_only_when_taken() {
+    let mut core = serving(&["a", "b"], false);
+    let d = core
+        .handle_frame(MS, deliver(9..=12, Some(5)))
+        .expect("new messages");
+    let seqs: Vec<u64> = d.messages.iter().map(|m| m.seq.0).collect();
+    assert_eq!(seqs, [11, 12], "what was handed over before is skipped");
+    // Not taken: the next connection resumes from 10.
+    drop(d.messages);
+    core.drop_connection(MS, "the application is behind");
+    assert_eq!(core.position().at(), Some((1, Seq(10))));
+    let d = core.handle_frame(MS, deliver(11..=12, Some(5)));
+    assert!(d.is_none(), "nothing is taken on a dropped connection");
+    core.handle_timeout(MS);
+    connects(&mut core);
+    core.handle_connected(MS);
+    core.handle_frame(MS, welcome(1, 12, 0));
+    let d = core
+        .handle_frame(MS, deliver(11..=12, Some(5)))
+        .expect("delivered");
+    core.take(d.commit);
+    assert_eq!(core.position().at(), Some((1, Seq(12))));
+    assert_eq!(
+        core.position().resume().and_then(|r| r.check),
+        Some(StreamCheck {
+            seq: Seq(12),
+            hash: 5
+        })
+    );
+}
+
+#[test]
+fn another_stream_resets_the_position() {
+    let mut core = serving(&["a"], false);
+    core.handle_closed(MS);
+    core.handle_timeout(MS);
+    connects(&mut core);
+    core.handle_connected(MS);
+    core.handle_frame(MS, welcome(2, 3, 0));
+    let ev = events(&mut core);
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::Welcomed {
+            joined: Joined::Reset,
+            ..
+        }
+    )));
+    assert_eq!(core.position().at(), Some((2, Seq(3))));
+}
+
+#[test]
+fn weak_divergence_takes_the_position_back() {
+    let mut core = serving(&["a"], true);
+    assert_eq!(core.position().agreed(), Some(Seq(10)));
+    let d = core
+        .handle_frame(MS, deliver(11..=15, Some(9)))
+        .expect("delivered");
+    core.take(d.commit);
+    core.handle_frame(MS, ServerFrame::Watermark(WatermarkHead { seq: Seq(12) }));
+    assert_eq!(core.position().agreed(), Some(Seq(12)));
+    let diverged = DivergedHead {
+        from: Seq(14),
+        seen: Seq(15),
+    };
+    core.handle_frame(MS, ServerFrame::Diverged(diverged));
+    let r = core.position().resume().expect("a position");
+    assert_eq!((r.after, r.check, r.agreed), (Seq(13), None, Some(Seq(13))));
+    assert!(matches!(
+        events(&mut core)[..],
+        [Event::Diverged { from: Seq(14), .. }]
+    ));
+    // A strong client is never told of divergence: it is a protocol error.
+    let mut strong = serving(&["a"], false);
+    strong.handle_frame(MS, ServerFrame::Diverged(diverged));
+    assert!(!strong.link().is_up());
+    assert!(matches!(
+        events(&mut strong)[..],
+        [.., Event::Link(LinkEvent::Refused(Error::Protocol(_)))]
+    ));
+}
+
+#[test]
+fn refusals_end_the_connection_retryable_ones_try_elsewhere() {
+    let mut core = serving(&["a", "b"], false);
+    let busy = ErrorFrame {
+        code: ErrorCode::NotPrimary,
+        message: "minority".into(),
+        publisher: None,
+    };
+    core.handle_frame(MS, ServerFrame::Error(busy));
+    assert!(matches!(
+        events(&mut core)[..],
+        [Event::Link(LinkEvent::Lost { .. })]
+    ));
+    assert_eq!(core.poll_timeout(), Some(MS), "the next server at once");
+    let mut core = serving(&["a", "b"], false);
+    let no = ErrorFrame {
+        code: ErrorCode::Malformed,
+        message: "no".into(),
+        publisher: None,
+    };
+    core.handle_frame(MS, ServerFrame::Error(no));
+    assert!(matches!(
+        events(&mut core)[..],
+        [
+            Event::Link(LinkEvent::Lost { .. }),
+            Event::Link(LinkEvent::Refused(Error::Rejected {
+                code: ErrorCode::Malformed,
+                ..
+            }))
+        ]
+    ));
+}
+
+#[test]
+fn the_handshake_is_checked() {
+    let mut core = ClientCore::new(Duration::ZERO, config(&["a", "b"]));
+    core.handle_timeout(Duration::ZERO);
+    connects(&mut core);
+    core.handle_connected(Duration::ZERO);
+    let ServerFrame::Welcome(mut w) = welcome(1, 0, 0) else {
+        unreachable!()
+    };
+    w.version += 1;
+    core.handle_frame(MS, ServerFrame::Welcome(w));
+    assert!(matches!(
+        events(&mut core)[..],
+        [Event::Link(LinkEvent::Refused(Error::Protocol(_)))]
+    ));
+    // No answer in time: the next server.
+    core.handle_timeout(MS);
+    assert_eq!(connects(&mut core), ["b"]);
+    core.handle_connected(MS);
+    core.handle_timeout(MS + Duration::from_secs(2));
+    assert!(!core.link().is_open());
+    // A delivery before the Welcome is a protocol error.
+    let mut core = ClientCore::new(Duration::ZERO, config(&["a"]));
+    core.subscribe(">");
+    core.handle_timeout(Duration::ZERO);
+    connects(&mut core);
+    core.handle_connected(Duration::ZERO);
+    assert!(core.handle_frame(MS, deliver(1..=1, None)).is_none());
+    assert!(!core.link().is_open());
+}
+
+#[test]
+fn subscriptions_made_while_connecting_follow_the_welcome() {
+    let mut core = ClientCore::new(Duration::ZERO, config(&["a"]));
+    assert!(core.subscribe("x.*"));
+    assert!(!core.subscribe("x.*"), "one subscription per pattern");
+    core.handle_timeout(Duration::ZERO);
+    connects(&mut core);
+    core.handle_connected(Duration::ZERO);
+    sent(&mut core);
+    core.subscribe("y.*");
+    core.unsubscribe("x.*");
+    core.handle_frame(MS, welcome(1, 0, 0));
+    let frames = sent(&mut core);
+    assert!(
+        matches!(&frames[..], [ClientFrame::Subscribe(s), ClientFrame::Unsubscribe(u)]
+        if s.pattern == "y.*" && u.pattern == "x.*")
+    );
+    assert!(events(&mut core)
+        .iter()
+        .all(|e| !matches!(e, Event::Subscribed(_))));
+    let answer = SubscribedHead {
+        pattern: "y.*".into(),
+        head: Seq(4),
+        hash: Some(44),
+    };
+    core.handle_frame(MS, ServerFrame::Subscribed(answer));
+    assert!(matches!(&events(&mut core)[..], [Event::Subscribed(p)] if p == "y.*"));
+    assert_eq!(core.position().at(), Some((1, Seq(4))));
+}
+
+#[test]
+fn the_tiers_server_list_replaces_the_configured_one() {
+    let mut core = serving(&["a"], false);
+    let list = ServersHead {
+        seq: Seq(1),
+        servers: vec!["x".into(), "y".into()],
+    };
+    core.handle_frame(MS, ServerFrame::Servers(list));
+    assert_eq!(core.link().servers(), ["x", "y"]);
+}
