@@ -94,8 +94,7 @@ fn rounds_go_in_order_then_pause_doubling_then_give_up() {
     let mut core = ClientCore::new(Duration::ZERO, config(&["a", "b"]));
     let mut now = Duration::ZERO;
     let mut pauses = Vec::new();
-    loop {
-        let Some(at) = core.poll_timeout() else { break };
+    while let Some(at) = core.poll_timeout() {
         if at > now {
             pauses.push(at - now);
         }
