@@ -1,14 +1,15 @@
 //! The async client: one driver task per [`Client`] owns the connection.
 //!
-//! The driver connects to the first reachable server of the list, performs
-//! the handshake, and then multiplexes commands from the [`Client`] handle,
-//! frames from the server, and a keep-alive timer. A separate writer task
-//! coalesces outgoing frames into vectored writes, so that a driver busy
-//! reading deliveries never waits on its own writes.
+//! The protocol's rules (which server, when, the handshake, resuming,
+//! retries, pings) are the sans-IO [`ClientCore`]'s; the driver is its shell:
+//! it opens the sockets the core asks for and multiplexes commands from the
+//! [`Client`] handle, frames from the server, and the core's timer. A
+//! separate writer task coalesces outgoing frames into vectored writes, so
+//! that a driver busy reading deliveries never waits on its own writes.
 //!
 //! On any connection failure (or a retryable server error such as
-//! `slow_consumer`) the driver reconnects to the next address, resumes its
-//! subscriptions from the last sequence number it handed to the application,
+//! `slow_consumer`) the core reconnects to the next address, resumes its
+//! subscriptions from the last sequence number handed to the application,
 //! and resends every publish that was not acknowledged; the server drops the
 //! retries it already ordered, by `(publisher, pub_seq)`.
 //!
@@ -16,11 +17,11 @@
 //! decoded once, its payloads are slices of the received buffer, and the
 //! batch travels to the [`Subscription`] in one channel send.
 
-use crate::error::Error;
-use crate::protocol::{
-    self, ClientFrame, DeliverHead, ErrorCode, Hello, Message, PingHead, PubAck, PubSeq,
-    PublisherId, Resume, Seq, ServerFrame, SlowPolicy, SubscribeHead, Welcome,
+use crate::core::{
+    Action, ClientCore, Event as CoreEvent, FirstOrder, Joined, LinkConfig, LinkEvent,
 };
+use crate::error::Error;
+use crate::protocol::{self, Message, PubSeq, PublisherId, Seq, SlowPolicy};
 use crate::topic::{Pattern, Topic};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -212,29 +213,10 @@ impl Client {
             .publisher
             .unwrap_or_else(|| PublisherId(rand::random()));
         let window = Arc::new(Semaphore::new(options.window.max(1)));
-        let (commands, commands_rx) = flume::unbounded();
-        let mut driver = Driver {
-            publisher,
-            window: window.clone(),
-            commands: commands_rx,
-            unacked: VecDeque::new(),
-            next_pub_seq: 1,
-            flushes: Vec::new(),
-            subs: Vec::new(),
-            pending_subs: VecDeque::new(),
-            position: None,
-            check: None,
-            agreed: None,
-            batch: Vec::new(),
-            servers: options.servers.clone(),
-            lost: None,
-            view: Arc::default(),
-            connections: 0,
-            options,
-        };
-        let (conn, welcome) = driver.connect().await?;
-        let payload_max = (welcome.frame_len_max as usize).saturating_sub(512);
-        tokio::spawn(driver.run(conn, welcome));
+        let (mut driver, commands) = Driver::new(&options, publisher, window.clone());
+        let frame_len_max = driver.connect().await?;
+        let payload_max = (frame_len_max as usize).saturating_sub(512);
+        tokio::spawn(driver.run());
         Ok(Client {
             commands,
             window,
@@ -378,299 +360,250 @@ impl Drop for Subscription {
     }
 }
 
-struct Unacked {
-    pub_seq: PubSeq,
-    topic: Topic,
-    payload: Bytes,
-    ack: Option<oneshot::Sender<Result<PubSeq, Error>>>,
-}
-
 struct Sub {
     id: u64,
     pattern: Pattern,
     events: flume::Sender<Vec<Event>>,
 }
 
-/// One live connection: frames in, a queue to the writer task out.
+/// One open connection: frames in, a queue to the writer task out.
 struct Conn {
     frames: FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
     out: flume::Sender<Bytes>,
-    server: String,
 }
 
-/// Why a connection ended.
-enum Ended {
-    /// Reconnect and resume.
-    Lost(String),
-    /// Stop: the error is final.
-    Fatal(Error),
+type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+
+/// Why the driver stops.
+enum Stop {
+    /// The error is final.
+    Failed(Error),
     /// Every handle is gone.
     Done,
 }
 
+/// The async shell around the client's protocol core
+/// ([`crate::core::ClientCore`]): it opens the sockets the core asks for,
+/// feeds it frames, commands and the time, and hands deliveries, answers
+/// and acknowledgements to the application.
 struct Driver {
-    options: ClientOptions,
-    publisher: PublisherId,
-    window: Arc<Semaphore>,
+    core: ClientCore,
+    /// The core's time is measured from here.
+    origin: Instant,
     commands: flume::Receiver<Command>,
-    unacked: VecDeque<Unacked>,
-    next_pub_seq: u64,
+    window: Arc<Semaphore>,
+    subscription_batches_max: usize,
+    /// Acknowledgements awaited, in pub_seq order.
+    acks: VecDeque<(PubSeq, oneshot::Sender<Result<PubSeq, Error>>)>,
     flushes: Vec<(PubSeq, oneshot::Sender<Result<(), Error>>)>,
     subs: Vec<Sub>,
     /// Subscribe answers awaited, by pattern, in request order.
     pending_subs: VecDeque<(String, oneshot::Sender<Result<(), Error>>)>,
-    /// Where the application stands: stream and last seq handed over.
-    position: Option<(u64, Seq)>,
-    /// The running hash at the last delivery frame taken, checked by the
-    /// server on resume.
-    check: Option<protocol::StreamCheck>,
-    /// Weak delivery: through this seq, what was delivered is agreed.
-    agreed: Option<Seq>,
-    /// Scratch space for decoding deliveries.
-    batch: Vec<Message>,
-    /// The servers to try: the configured list until a server tells its
-    /// tier's.
-    servers: Vec<String>,
-    /// The server the last connection was lost with, tried last.
-    lost: Option<String>,
+    conn: Option<Conn>,
+    connecting: Option<Connecting>,
     /// The membership (`full` reports).
     view: Arc<View>,
-    /// Connections attempted so far ([`Hello::connection`]).
-    connections: u64,
+    /// The first Welcome's frame limit, once it came.
+    frame_len_max: Option<u32>,
 }
 
 impl Driver {
-    /// Connects to the servers in turn until one completes the handshake or
-    /// `reconnect_for` runs out.
-    async fn connect(&mut self) -> Result<(Conn, Welcome), Error> {
-        let give_up = Instant::now() + self.options.reconnect_for;
-        let mut backoff = Duration::from_millis(20);
-        let mut last = String::from("no attempt made");
+    fn new(
+        options: &ClientOptions,
+        publisher: PublisherId,
+        window: Arc<Semaphore>,
+    ) -> (Self, flume::Sender<Command>) {
+        let config = LinkConfig {
+            name: options.name.clone(),
+            publisher,
+            servers: options.servers.clone(),
+            role: protocol::Role::Client,
+            reports: options.reports,
+            slow: options.slow,
+            weak: options.weak,
+            ping_interval: options.ping_interval.max(Duration::from_millis(100)),
+            connect_timeout: options.connect_timeout,
+            reconnect_for: Some(options.reconnect_for),
+            first_order: FirstOrder::Configured,
+        };
+        let (commands, commands_rx) = flume::unbounded();
+        let driver = Driver {
+            core: ClientCore::new(Duration::ZERO, config),
+            origin: Instant::now(),
+            commands: commands_rx,
+            window,
+            subscription_batches_max: options.subscription_batches_max.max(1),
+            acks: VecDeque::new(),
+            flushes: Vec::new(),
+            subs: Vec::new(),
+            pending_subs: VecDeque::new(),
+            conn: None,
+            connecting: None,
+            view: Arc::default(),
+            frame_len_max: None,
+        };
+        (driver, commands)
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Runs until the first Welcome; returns its frame limit.
+    async fn connect(&mut self) -> Result<u32, Error> {
         loop {
-            for addr in self.attempt_order() {
-                let attempt =
-                    tokio::time::timeout(self.options.connect_timeout, self.handshake(&addr)).await;
-                match attempt {
-                    Ok(Ok(ok)) => return Ok(ok),
-                    Ok(Err(Ended::Fatal(e))) => return Err(e),
-                    Ok(Err(Ended::Lost(why))) => last = format!("{addr}: {why}"),
-                    Ok(Err(Ended::Done)) => return Err(Error::Closed),
-                    Err(_) => {
-                        last = format!(
-                            "{addr}: no handshake within {:?}",
-                            self.options.connect_timeout
-                        )
-                    }
-                }
-                tracing::debug!(server = %addr, error = %last, "connect failed");
-            }
-            if Instant::now() >= give_up {
-                return Err(Error::Unreachable {
-                    servers: self.servers.join(", "),
-                    last,
+            if let Some(stop) = self.turn().await {
+                return Err(match stop {
+                    Stop::Failed(e) => e,
+                    Stop::Done => Error::Closed,
                 });
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-        }
-    }
-
-    /// The order of one round of connection attempts: the configured order
-    /// for the first connection; after a loss, the adoption order among the
-    /// servers the tier lists, with the lost server last (docs/DESIGN.md,
-    /// "Adoption").
-    fn attempt_order(&self) -> Vec<String> {
-        match &self.lost {
-            None => self.servers.clone(),
-            Some(lost) => protocol::failover_order(self.publisher.0, &self.servers, lost),
-        }
-    }
-
-    async fn handshake(&mut self, addr: &str) -> Result<(Conn, Welcome), Ended> {
-        self.connections += 1;
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| Ended::Lost(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
-        let codec = LengthDelimitedCodec::builder()
-            .max_frame_length(protocol::FRAME_LEN_MAX_LIMIT + protocol::FRAME_HEAD_ALLOWANCE)
-            .new_codec();
-        let mut frames = FramedRead::new(read, codec);
-        let (out, out_rx) = flume::unbounded();
-        tokio::spawn(write_loop(write, out_rx));
-        let hello = Hello {
-            version: protocol::PROTOCOL_VERSION,
-            name: self.options.name.clone(),
-            publisher: self.publisher,
-            subscriptions: self.subscribed_patterns(),
-            resume: self.position.map(|(stream, after)| Resume {
-                stream,
-                after,
-                check: self.check,
-                agreed: self.agreed,
-            }),
-            slow: self.options.slow,
-            role: protocol::Role::Client,
-            reports: self.options.reports,
-            connection: self.connections,
-            weak: self.options.weak,
-        };
-        let _ = out.send(protocol::encode_client(&ClientFrame::Hello(hello)));
-        let welcome = match next_frame(&mut frames).await? {
-            ServerFrame::Welcome(w) => w,
-            ServerFrame::Error(e) => return Err(server_error(e.code, e.message)),
-            other => {
-                return Err(Ended::Fatal(Error::Protocol(format!(
-                    "expected Welcome, got {other:?}"
-                ))))
+            if let Some(len) = self.frame_len_max {
+                return Ok(len);
             }
-        };
-        if welcome.version != protocol::PROTOCOL_VERSION {
-            return Err(Ended::Fatal(Error::Protocol(format!(
-                "server speaks protocol version {}",
-                welcome.version
-            ))));
-        }
-        tracing::debug!(server = addr, head = %welcome.head, session = welcome.session, "connected");
-        Ok((
-            Conn {
-                frames,
-                out,
-                server: addr.to_owned(),
-            },
-            welcome,
-        ))
-    }
-
-    /// Distinct patterns of the live subscriptions.
-    fn subscribed_patterns(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .subs
-            .iter()
-            .map(|s| s.pattern.as_str().to_owned())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    }
-
-    /// Brings a fresh connection up to date: position, acknowledgements
-    /// the server already has, retries of the rest.
-    fn on_welcome(&mut self, conn: &Conn, welcome: &Welcome) {
-        if protocol::usable_servers(&welcome.servers) {
-            self.servers.clone_from(&welcome.servers);
-        }
-        let fresh = match self.position {
-            Some((stream, _)) if stream != welcome.stream => {
-                tracing::warn!(server = %conn.server, "server has a different stream; sequence numbers restart");
-                self.notify(Event::StreamReset);
-                true
-            }
-            Some(_) => false,
-            None => true,
-        };
-        if fresh {
-            self.position = Some((welcome.stream, welcome.head));
-            // The Welcome's position is stable (a weak client is then sent
-            // what is held after it); its hash is the first resume check.
-            self.check = Some(protocol::StreamCheck {
-                seq: welcome.head,
-                hash: welcome.hash,
-            });
-            self.agreed = self.options.weak.then_some(welcome.head);
-        }
-        self.acknowledge(welcome.pub_acked);
-        // A fixed publisher id may have published before this process
-        // started: continue after what the server has, or the server would
-        // take new messages for retries of old ones.
-        self.next_pub_seq = self.next_pub_seq.max(welcome.pub_acked.0 + 1);
-        for u in &self.unacked {
-            let _ = conn.out.send(encode_publish(u));
-        }
-        // Subscriptions were sent in the Hello and are now in effect.
-        for (_, done) in self.pending_subs.drain(..) {
-            let _ = done.send(Ok(()));
         }
     }
 
-    async fn run(mut self, mut conn: Conn, welcome: Welcome) {
-        self.on_welcome(&conn, &welcome);
+    async fn run(mut self) {
         loop {
-            let ended = self.serve(&mut conn).await;
-            let why = match ended {
-                Ended::Done => return,
-                Ended::Fatal(e) => return self.fail(e),
-                Ended::Lost(why) => why,
-            };
-            tracing::info!(server = %conn.server, reason = %why, "connection lost; reconnecting");
-            self.lost = Some(conn.server.clone());
-            match self.connect().await {
-                Ok((c, w)) => {
-                    conn = c;
-                    self.on_welcome(&conn, &w);
-                }
-                Err(e) => return self.fail(e),
+            match self.turn().await {
+                None => {}
+                Some(Stop::Done) => return,
+                Some(Stop::Failed(e)) => return self.fail(e),
             }
         }
     }
 
-    /// Serves one connection until it ends.
-    async fn serve(&mut self, conn: &mut Conn) -> Ended {
-        let period = self.options.ping_interval.max(Duration::from_millis(100));
-        let mut ping = tokio::time::interval(period);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut heard = Instant::now();
-        let mut nonce = 0u64;
-        loop {
-            tokio::select! {
-                cmd = self.commands.recv_async() => {
-                    let Ok(cmd) = cmd else { return Ended::Done };
-                    self.command(conn, cmd);
-                }
-                frame = next_frame(&mut conn.frames) => {
-                    heard = Instant::now();
-                    let frame = match frame {
-                        Ok(f) => f,
-                        Err(ended) => return ended,
-                    };
-                    if let Err(ended) = self.frame(conn, frame) {
-                        return ended;
+    /// Waits for one thing to happen (a command, a frame, a connection, the
+    /// core's timer), feeds it to the core, and carries out what follows.
+    async fn turn(&mut self) -> Option<Stop> {
+        let deadline = self.core.poll_timeout().map(|t| self.origin + t);
+        tokio::select! {
+            cmd = self.commands.recv_async() => {
+                let Ok(cmd) = cmd else { return Some(Stop::Done) };
+                self.command(cmd);
+            }
+            opened = wait_for(self.connecting.as_mut()) => {
+                self.connecting = None;
+                let now = self.now();
+                match opened {
+                    Ok(stream) => {
+                        self.conn = Some(open(stream));
+                        self.core.handle_connected(now);
+                    }
+                    Err(e) => {
+                        let why = format!("{}: {e}", self.core.link().server().unwrap_or(""));
+                        self.core.drop_connection(now, &why);
                     }
                 }
-                _ = ping.tick() => {
-                    if heard.elapsed() > period * 3 {
-                        return Ended::Lost("server silent for three ping periods".into());
+            }
+            frame = next_frame(self.conn.as_mut()) => self.frame(frame),
+            () = sleep_until(deadline) => {
+                let now = self.now();
+                self.core.handle_timeout(now);
+            }
+        }
+        self.carry_out();
+        self.events()
+    }
+
+    /// Executes the core's actions.
+    fn carry_out(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Connect(addr) => {
+                    self.conn = None;
+                    self.connecting = Some(Box::pin(async move {
+                        let stream = TcpStream::connect(addr).await?;
+                        let _ = stream.set_nodelay(true);
+                        Ok(stream)
+                    }));
+                }
+                Action::Send(frame) => {
+                    if let Some(conn) = &self.conn {
+                        let _ = conn.out.send(frame);
                     }
-                    nonce += 1;
-                    let _ = conn.out.send(protocol::encode_client(&ClientFrame::Ping(PingHead { nonce })));
+                }
+                Action::Disconnect => {
+                    self.conn = None;
+                    self.connecting = None;
                 }
             }
         }
     }
 
-    fn command(&mut self, conn: &Conn, cmd: Command) {
+    /// Hands the core's events to the application.
+    fn events(&mut self) -> Option<Stop> {
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                CoreEvent::Welcomed { welcome, joined } => {
+                    self.frame_len_max.get_or_insert(welcome.frame_len_max);
+                    if joined == Joined::Reset {
+                        self.notify(Event::StreamReset);
+                    }
+                }
+                CoreEvent::Acked(through) => self.acknowledge(through),
+                CoreEvent::Subscribed(pattern) => {
+                    while let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == pattern) {
+                        if let Some((_, done)) = self.pending_subs.remove(i) {
+                            let _ = done.send(Ok(()));
+                        }
+                    }
+                }
+                CoreEvent::Gap { from, to } => self.notify(Event::Gap { from, to }),
+                CoreEvent::Diverged { from, seen } => self.notify(Event::Diverged { from, seen }),
+                CoreEvent::Members(m) => {
+                    Arc::make_mut(&mut self.view).apply(m);
+                    self.notify(Event::View(self.view.clone()));
+                }
+                CoreEvent::Link(LinkEvent::Lost { .. }) => {}
+                CoreEvent::Link(LinkEvent::Refused(e) | LinkEvent::Unreachable(e)) => {
+                    self.core.stop();
+                    return Some(Stop::Failed(e));
+                }
+            }
+        }
+        None
+    }
+
+    fn frame(&mut self, frame: Option<Result<bytes::BytesMut, std::io::Error>>) {
+        let now = self.now();
+        let content = match frame {
+            Some(Ok(content)) => content.freeze(),
+            Some(Err(e)) => return self.core.drop_connection(now, &e.to_string()),
+            None => return self.core.handle_closed(now),
+        };
+        let frame = match protocol::decode_server(content) {
+            Ok(f) => f,
+            Err(e) => return self.core.refuse(now, Error::Protocol(e.to_string())),
+        };
+        if let Some(mut delivery) = self.core.handle_frame(now, frame) {
+            if self.hand_over(&mut delivery.messages) {
+                self.core.take(delivery.commit);
+            } else {
+                self.core.drop_connection(
+                    now,
+                    "a subscription's buffer is full (the application is not keeping up); resuming later",
+                );
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Publish {
                 topic,
                 payload,
                 ack,
             } => {
-                let u = Unacked {
-                    pub_seq: PubSeq(self.next_pub_seq),
-                    topic,
-                    payload,
-                    ack: Some(ack),
-                };
-                self.next_pub_seq += 1;
-                let _ = conn.out.send(encode_publish(&u));
-                self.unacked.push_back(u);
+                let pub_seq = self.core.publish(topic.as_str(), &payload);
+                self.acks.push_back((pub_seq, ack));
             }
-            Command::Flush { done } => match self.unacked.back() {
+            Command::Flush { done } => match self.acks.back() {
                 None => {
                     let _ = done.send(Ok(()));
                 }
-                Some(u) => self.flushes.push((u.pub_seq, done)),
+                Some((pub_seq, _)) => self.flushes.push((*pub_seq, done)),
             },
             Command::Subscribe {
                 pattern,
@@ -678,23 +611,16 @@ impl Driver {
                 events,
                 done,
             } => {
-                let known = self.subs.iter().any(|s| s.pattern == pattern);
                 let text = pattern.as_str().to_owned();
                 self.subs.push(Sub {
                     id,
                     pattern,
                     events,
                 });
-                if known {
-                    let _ = done.send(Ok(()));
-                } else {
-                    let head = SubscribeHead {
-                        pattern: text.clone(),
-                    };
-                    let _ = conn
-                        .out
-                        .send(protocol::encode_client(&ClientFrame::Subscribe(head)));
+                if self.core.subscribe(&text) {
                     self.pending_subs.push_back((text, done));
+                } else {
+                    let _ = done.send(Ok(()));
                 }
             }
             Command::Unsubscribe { id } => {
@@ -703,128 +629,34 @@ impl Driver {
                 };
                 let sub = self.subs.swap_remove(i);
                 if !self.subs.iter().any(|s| s.pattern == sub.pattern) {
-                    let head = SubscribeHead {
-                        pattern: sub.pattern.as_str().to_owned(),
-                    };
-                    let _ = conn
-                        .out
-                        .send(protocol::encode_client(&ClientFrame::Unsubscribe(head)));
+                    self.core.unsubscribe(sub.pattern.as_str());
                 }
             }
         }
     }
 
-    fn frame(&mut self, conn: &Conn, frame: ServerFrame) -> Result<(), Ended> {
-        match frame {
-            ServerFrame::Deliver(head, body) => self.deliver(&head, &body)?,
-            ServerFrame::PubAck(PubAck { pub_seq, .. }) => self.acknowledge(pub_seq),
-            ServerFrame::Subscribed(s) => {
-                // The server sent everything up to `head` before this answer.
-                self.answered(s.head, s.hash);
-                if let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == s.pattern) {
-                    if let Some((_, done)) = self.pending_subs.remove(i) {
-                        let _ = done.send(Ok(()));
-                    }
-                }
-            }
-            ServerFrame::Unsubscribed(s) => self.answered(s.head, s.hash),
-            ServerFrame::Pong(_) => {}
-            ServerFrame::Watermark(w) => {
-                // A watermark is a stable position (weak clients are told
-                // of any difference before it).
-                if self.options.weak {
-                    self.agreed = self.agreed.max(Some(w.seq));
-                }
-                self.advance(w.seq)
-            }
-            ServerFrame::Diverged(d) => {
-                tracing::warn!(server = %conn.server, from = %d.from, seen = %d.seen, "delivered messages were not the agreed stream; the agreed stream follows");
-                let back = Seq(d.from.0.saturating_sub(1));
-                if let Some((_, at)) = &mut self.position {
-                    *at = (*at).min(back);
-                }
-                self.check = None;
-                self.agreed = Some(back);
-                self.notify(Event::Diverged {
-                    from: d.from,
-                    seen: d.seen,
-                });
-            }
-            ServerFrame::Gap(g) => {
-                self.advance(g.to);
-                self.notify(Event::Gap {
-                    from: g.from,
-                    to: g.to,
-                });
-            }
-            ServerFrame::Ping(p) => {
-                let _ = conn
-                    .out
-                    .send(protocol::encode_client(&ClientFrame::Pong(p)));
-            }
-            ServerFrame::Error(e) => return Err(server_error(e.code, e.message)),
-            ServerFrame::Welcome(_) => {
-                return Err(Ended::Fatal(Error::Protocol("second Welcome".into())));
-            }
-            // Neither moves the resume position: a conflating client may
-            // have a gap notice still to come for messages before it.
-            ServerFrame::Members(m) => {
-                Arc::make_mut(&mut self.view).apply(m);
-                self.notify(Event::View(self.view.clone()));
-            }
-            ServerFrame::Servers(s) => {
-                if protocol::usable_servers(&s.servers) {
-                    self.servers = s.servers;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn advance(&mut self, seq: Seq) {
-        if let Some((_, at)) = &mut self.position {
-            *at = (*at).max(seq);
-        }
-    }
-
-    /// Hands a delivery batch to the matching subscriptions.
-    ///
-    /// Either every matching subscription takes its part and the position
-    /// advances, or none does and the connection is dropped, to resume from
-    /// the unchanged position once reconnected: the driver never waits on
-    /// the application, and nothing is handed over twice.
-    fn deliver(&mut self, head: &DeliverHead, body: &Bytes) -> Result<(), Ended> {
-        self.batch.clear();
-        protocol::messages(head, body, &mut self.batch)
-            .map_err(|e| Ended::Fatal(Error::Protocol(e.to_string())))?;
-        // A resumed stream may overlap what was already handed over.
-        let at = self.position.map_or(Seq(0), |(_, s)| s);
-        let skip = self.batch.iter().take_while(|m| m.seq <= at).count();
-        let Some(last) = self.batch.last().map(|m| m.seq) else {
-            return Ok(());
-        };
-        // Taken only with the batch (below), so that a resume checks what
-        // the application was handed.
-        let check = head
-            .hash
-            .map(|hash| protocol::StreamCheck { seq: last, hash })
-            .filter(|c| self.check.is_none_or(|old| c.seq >= old.seq));
-        let cap = self.options.subscription_batches_max.max(1);
+    /// Hands a delivery's messages to the matching subscriptions: either
+    /// every matching subscription takes its part, or none does (and the
+    /// connection is dropped, to resume from the unchanged position): the
+    /// driver never waits on the application, and nothing is handed over
+    /// twice.
+    fn hand_over(&mut self, msgs: &mut Vec<Message>) -> bool {
+        let cap = self.subscription_batches_max;
         self.subs.retain(|s| !s.events.is_disconnected());
-        let msgs = &self.batch[skip..];
+        if msgs.is_empty() {
+            return true;
+        }
         if let [sub] = &self.subs[..] {
             // The common case, one subscription that wants the whole batch:
             // move the messages instead of cloning them.
             if msgs.iter().all(|m| sub.pattern.matches(m.topic())) {
                 if sub.events.len() >= cap {
-                    return Err(Ended::Lost(
-                        "the subscription's buffer is full (the application is not keeping up); resuming later".into(),
-                    ));
+                    return false;
                 }
-                let part: Vec<Event> = self.batch.drain(skip..).map(Event::Message).collect();
-                let _ = sub.events.send(part);
-                self.took(last, check, head.stable);
-                return Ok(());
+                let _ = sub
+                    .events
+                    .send(msgs.drain(..).map(Event::Message).collect());
+                return true;
             }
         }
         let mut parts = Vec::with_capacity(self.subs.len());
@@ -839,37 +671,14 @@ impl Driver {
                 continue;
             }
             if sub.events.len() >= cap {
-                return Err(Ended::Lost(
-                    "a subscription's buffer is full (the application is not keeping up); resuming later".into(),
-                ));
+                return false;
             }
             parts.push((i, part));
         }
         for (i, part) in parts {
             let _ = self.subs[i].events.send(part);
         }
-        self.took(last, check, head.stable);
-        Ok(())
-    }
-
-    /// A subscription answer moved the position to `head`: the resume
-    /// check follows it.
-    fn answered(&mut self, head: Seq, hash: Option<u64>) {
-        self.advance(head);
-        if let Some(hash) = hash.filter(|_| self.check.is_none_or(|c| c.seq <= head)) {
-            self.check = Some(protocol::StreamCheck { seq: head, hash });
-        }
-    }
-
-    /// A delivery frame through `last` was handed over.
-    fn took(&mut self, last: Seq, check: Option<protocol::StreamCheck>, stable: Option<Seq>) {
-        self.advance(last);
-        if check.is_some() {
-            self.check = check;
-        }
-        if stable.is_some() {
-            self.agreed = self.agreed.max(stable);
-        }
+        true
     }
 
     /// Tells every subscription of a rare event (a gap, a reset); these go
@@ -883,17 +692,15 @@ impl Driver {
     /// Everything up to `through` is acknowledged.
     fn acknowledge(&mut self, through: PubSeq) {
         let mut released = 0;
-        while self.unacked.front().is_some_and(|u| u.pub_seq <= through) {
-            if let Some(mut u) = self.unacked.pop_front() {
-                if let Some(ack) = u.ack.take() {
-                    let _ = ack.send(Ok(u.pub_seq));
-                }
+        while self.acks.front().is_some_and(|(p, _)| *p <= through) {
+            if let Some((pub_seq, ack)) = self.acks.pop_front() {
+                let _ = ack.send(Ok(pub_seq));
                 released += 1;
             }
         }
         self.window.add_permits(released);
         // A flush is done when nothing at or before its target is unacknowledged.
-        let oldest = self.unacked.front().map(|u| u.pub_seq);
+        let oldest = self.acks.front().map(|(p, _)| *p);
         let mut i = 0;
         while i < self.flushes.len() {
             if oldest.is_none_or(|o| o > self.flushes[i].0) {
@@ -907,10 +714,8 @@ impl Driver {
 
     fn fail(mut self, e: Error) {
         tracing::warn!(error = %e, "client stopped");
-        for mut u in self.unacked.drain(..) {
-            if let Some(ack) = u.ack.take() {
-                let _ = ack.send(Err(e.clone()));
-            }
+        for (_, ack) in self.acks.drain(..) {
+            let _ = ack.send(Err(e.clone()));
         }
         for (_, done) in self.flushes.drain(..) {
             let _ = done.send(Err(e.clone()));
@@ -922,26 +727,38 @@ impl Driver {
     }
 }
 
-fn encode_publish(u: &Unacked) -> Bytes {
-    protocol::encode_publish(u.topic.as_str(), u.pub_seq, &u.payload)
-}
-
-fn server_error(code: ErrorCode, message: String) -> Ended {
-    if code.is_retryable() {
-        Ended::Lost(format!("{code:?}: {message}"))
-    } else {
-        Ended::Fatal(Error::Rejected { code, message })
+/// Splits a connected socket into a frame reader and a writer task.
+fn open(stream: TcpStream) -> Conn {
+    let (read, write) = stream.into_split();
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(protocol::FRAME_LEN_MAX_LIMIT + protocol::FRAME_HEAD_ALLOWANCE)
+        .new_codec();
+    let (out, out_rx) = flume::unbounded();
+    tokio::spawn(write_loop(write, out_rx));
+    Conn {
+        frames: FramedRead::new(read, codec),
+        out,
     }
 }
 
-async fn next_frame(
-    frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
-) -> Result<ServerFrame, Ended> {
-    match frames.next().await {
-        Some(Ok(content)) => protocol::decode_server(content.freeze())
-            .map_err(|e| Ended::Fatal(Error::Protocol(e.to_string()))),
-        Some(Err(e)) => Err(Ended::Lost(e.to_string())),
-        None => Err(Ended::Lost("server closed the connection".into())),
+async fn wait_for(connecting: Option<&mut Connecting>) -> std::io::Result<TcpStream> {
+    match connecting {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_frame(conn: Option<&mut Conn>) -> Option<Result<bytes::BytesMut, std::io::Error>> {
+    match conn {
+        Some(c) => c.frames.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

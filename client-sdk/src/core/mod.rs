@@ -259,6 +259,12 @@ impl ClientCore {
         self.link.drop_connection(now, why);
     }
 
+    /// The server broke the protocol (say, a frame that does not decode):
+    /// the connection is dropped and [`LinkEvent::Refused`] follows.
+    pub fn refuse(&mut self, now: Duration, e: Error) {
+        self.link.refuse(now, e);
+    }
+
     /// Stops for good.
     pub fn stop(&mut self) {
         self.link.stop();
