@@ -15,6 +15,13 @@
 //! it is sent held messages with the stable position, and is told when
 //! what it held is taken back ([`UpEvent::Unheld`]).
 //!
+//! The connection itself (which server of the tier above and when, the
+//! handshake's checks, pings and the missed-pings rule) is the client
+//! protocol core's [`Link`], the one the SDK runs; what is a relay's own is
+//! here: the stream kept as held and stable with its running hash checked,
+//! membership reports at their positions, and publishes forwarded for many
+//! publishers, kept until the stream shows them stable.
+//!
 //! # Driving it
 //! The shell executes [`Upstream::poll_action`] outputs (connect, send,
 //! disconnect) and reports back with [`Upstream::handle_connected`],
@@ -40,9 +47,11 @@ use super::members::SYSTEM_PATTERN;
 use crate::core::group::{Msg, Snapshot};
 use crate::core::retention::Ordered;
 use bytes::Bytes;
+pub use canopy_client::core::Action;
+use canopy_client::core::{FirstOrder, Link, LinkConfig};
 use canopy_client::protocol::{
-    self, ClientFrame, ErrorCode, Hello, MembersHead, Message, PingHead, PubAck, PubSeq,
-    PublisherId, Reports, Resume, Role, Seq, ServerFrame,
+    self, ErrorCode, MembersHead, Message, PubAck, PubSeq, PublisherId, Reports, Resume, Role,
+    Seq, ServerFrame,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -82,18 +91,6 @@ impl UpstreamConfig {
     }
 }
 
-/// An action for the shell.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Action {
-    /// Open a connection to this address (dropping any other); report with
-    /// `handle_connected` or `handle_closed`.
-    Connect(String),
-    /// Send this frame (length prefix included) on the open connection.
-    Send(Bytes),
-    /// Close the open connection; no `handle_closed` is expected.
-    Disconnect,
-}
-
 /// What the relay's node is told.
 #[derive(Debug)]
 pub enum UpEvent {
@@ -128,31 +125,11 @@ pub enum UpEvent {
     Reattach,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-enum Link {
-    /// Nothing open; the next attempt is due at this time.
-    Down { retry_at: Duration },
-    /// Connecting to, or awaiting the Welcome of, `addr` since `since`.
-    Opening { addr: String, since: Duration },
-    /// Serving: the last frame was heard at `heard`.
-    Up {
-        addr: String,
-        heard: Duration,
-        ping_at: Duration,
-    },
-}
-
 /// A relay's connection to the tier above. See the module docs.
 pub struct Upstream {
     config: UpstreamConfig,
-    /// The tier above: configured, then as its servers tell.
-    servers: Vec<String>,
+    /// The connection to the tier above.
     link: Link,
-    /// Addresses left to try in this round.
-    round: Vec<String>,
-    /// The address the last connection was lost with, tried last.
-    lost: Option<String>,
-    backoff: Duration,
     /// The stream the head belongs to; none before the first Welcome.
     stream: Option<u64>,
     /// The last seq received (held above, stable or not).
@@ -172,8 +149,6 @@ pub struct Upstream {
     forwards: BTreeMap<PublisherId, VecDeque<Msg>>,
     forwards_len: usize,
     events: VecDeque<UpEvent>,
-    actions: VecDeque<Action>,
-    nonce: u64,
     /// Scratch space for decoding deliveries.
     batch: Vec<Message>,
     /// What the relay was last told (`UpEvent::Serving`).
@@ -181,28 +156,35 @@ pub struct Upstream {
     /// After a reset: no membership yet; serving waits for a complete
     /// report at the head.
     awaiting_report: bool,
-    /// Connections opened so far ([`Hello::connection`]).
-    connections: u64,
-    /// Since when no connection has served, while one did before.
-    down_since: Option<Duration>,
     /// A deliberate bug for the test that proves the tree simulator
     /// catches it: forwards are not sent again on a new connection.
     pub(crate) bug_no_resend: bool,
 }
 
-const BACKOFF_MIN: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 impl Upstream {
     /// An upstream that connects at its first timeout (at `now`).
     pub fn new(now: Duration, config: UpstreamConfig) -> Self {
-        Upstream {
+        let link = LinkConfig {
+            name: config.name.clone(),
+            publisher: config.publisher,
             servers: config.servers.clone(),
+            role: Role::Relay,
+            // A complete membership report to start from (the stream's
+            // events keep it current), and the server list.
+            reports: Reports::Full,
+            slow: protocol::SlowPolicy::Disconnect,
+            // Sent held messages with the stable position (module docs).
+            weak: true,
+            ping_interval: config.ping_interval,
+            connect_timeout: config.connect_timeout,
+            // A relay never gives up on the tier above.
+            reconnect_for: None,
+            // Relays spread over the tier above by adoption order.
+            first_order: FirstOrder::Spread,
+        };
+        Upstream {
+            link: Link::new(now, link),
             config,
-            link: Link::Down { retry_at: now },
-            round: Vec::new(),
-            lost: None,
-            backoff: BACKOFF_MIN,
             stream: None,
             head: Seq(0),
             hash: 0,
@@ -212,13 +194,9 @@ impl Upstream {
             forwards: BTreeMap::new(),
             forwards_len: 0,
             events: VecDeque::new(),
-            actions: VecDeque::new(),
-            nonce: 0,
             batch: Vec::new(),
             serving: false,
             awaiting_report: false,
-            connections: 0,
-            down_since: None,
             bug_no_resend: false,
         }
     }
@@ -231,7 +209,7 @@ impl Upstream {
 
     /// Whether a connection is serving now.
     pub fn is_up(&self) -> bool {
-        matches!(self.link, Link::Up { .. })
+        self.link.is_up()
     }
 
     /// Forwarded publishes held until ordered.
@@ -249,9 +227,7 @@ impl Upstream {
     /// when connected, and again on every new connection until ordered).
     pub fn submit(&mut self, msgs: Vec<Msg>) {
         for m in msgs {
-            if self.is_up() {
-                self.actions.push_back(Action::Send(encode(&m)));
-            }
+            self.link.send(encode(&m));
             self.forwards.entry(m.0).or_default().push_back(m);
             self.forwards_len += 1;
         }
@@ -259,173 +235,76 @@ impl Upstream {
 
     /// The next event for the node.
     pub fn poll_event(&mut self) -> Option<UpEvent> {
+        // The link's own events are logged where they happen; what they
+        // mean for the relay is decided here, from the link's state.
+        while self.link.poll_event().is_some() {}
         self.events.pop_front()
     }
 
     /// The next action for the shell.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        self.link.poll_action()
     }
 
-    /// When `handle_timeout` is next due.
+    /// When `handle_timeout` is next due: the link's timer, or the time the
+    /// relay stops serving without its stream.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let link = match &self.link {
-            Link::Down { retry_at } => *retry_at,
-            Link::Opening { since, .. } => *since + self.config.connect_timeout,
-            Link::Up { heard, ping_at, .. } => (*ping_at).min(*heard + self.silence_max()),
-        };
-        let give_up = self
-            .down_since
-            .filter(|_| self.serving)
-            .map(|t| t + self.silence_max());
-        Some(give_up.map_or(link, |g| g.min(link)))
+        let link = self.link.poll_timeout();
+        let give_up = self.give_up_at();
+        match (link, give_up) {
+            (Some(l), Some(g)) => Some(l.min(g)),
+            (l, g) => l.or(g),
+        }
     }
 
-    fn silence_max(&self) -> Duration {
-        self.config.ping_interval * 3
+    fn give_up_at(&self) -> Option<Duration> {
+        self.link
+            .down_since()
+            .filter(|_| self.serving)
+            .map(|t| t + self.link.silence_max())
     }
 
     /// Time has reached `now`: connect, ping, or give up on a silent link.
     pub fn handle_timeout(&mut self, now: Duration) {
-        if self.serving
-            && self
-                .down_since
-                .is_some_and(|t| now >= t + self.silence_max())
-        {
+        if self.give_up_at().is_some_and(|t| now >= t) {
             tracing::warn!("no stream from the tier above: clients are sent to a sibling");
             self.set_serving(false);
         }
-        let silence_max = self.silence_max();
-        match &mut self.link {
-            Link::Down { retry_at } if now >= *retry_at => self.connect_next(now),
-            Link::Opening { addr, since } if now >= *since + self.config.connect_timeout => {
-                tracing::debug!(server = %addr, "no handshake in time");
-                self.actions.push_back(Action::Disconnect);
-                self.lose(now);
-            }
-            Link::Up { addr, heard, .. } if now >= *heard + silence_max => {
-                tracing::warn!(server = %addr, "tier above silent for three ping periods");
-                self.actions.push_back(Action::Disconnect);
-                self.lose(now);
-            }
-            Link::Up { ping_at, .. } if now >= *ping_at => {
-                *ping_at = now + self.config.ping_interval;
-                self.nonce += 1;
-                let ping = ClientFrame::Ping(PingHead { nonce: self.nonce });
-                self.actions
-                    .push_back(Action::Send(protocol::encode_client(&ping)));
-            }
-            _ => {}
-        }
-    }
-
-    /// Starts the next attempt of this round, or a new round after a pause
-    /// when the last one found nobody.
-    fn connect_next(&mut self, now: Duration) {
-        if self.round.is_empty() {
-            self.round = self.attempt_order();
-            // Popped from the back: reverse, so the first choice goes first.
-            self.round.reverse();
-        }
-        match self.round.pop() {
-            Some(addr) => {
-                self.actions.push_back(Action::Connect(addr.clone()));
-                self.link = Link::Opening { addr, since: now };
-            }
-            None => {
-                self.link = Link::Down {
-                    retry_at: now + BACKOFF_MAX,
-                }
-            }
-        }
-    }
-
-    /// The adoption order of the tier above for this relay, with the
-    /// server it lost last (docs/DESIGN.md, "Adoption").
-    fn attempt_order(&self) -> Vec<String> {
-        let lost = self.lost.as_deref().unwrap_or("");
-        protocol::failover_order(self.config.publisher.0, &self.servers, lost)
+        self.link.handle_timeout(now);
     }
 
     /// The connection opened: the handshake goes out, resuming after the
     /// head when there is one.
     pub fn handle_connected(&mut self, now: Duration) {
-        let Link::Opening { since, .. } = &mut self.link else {
-            return;
-        };
-        *since = now;
-        self.connections += 1;
-        let hello = Hello {
-            version: protocol::PROTOCOL_VERSION,
-            name: self.config.name.clone(),
-            publisher: self.config.publisher,
-            // Every application topic, and the membership events.
-            subscriptions: vec![">".to_owned(), SYSTEM_PATTERN.to_owned()],
-            resume: self.stream.map(|stream| Resume {
-                stream,
-                after: self.head,
-                check: Some(protocol::StreamCheck {
-                    seq: self.head,
-                    hash: self.hash,
-                }),
-                agreed: Some(self.stable.0),
+        let resume = self.stream.map(|stream| Resume {
+            stream,
+            after: self.head,
+            check: Some(protocol::StreamCheck {
+                seq: self.head,
+                hash: self.hash,
             }),
-            slow: protocol::SlowPolicy::Disconnect,
-            role: Role::Relay,
-            // A complete membership report to start from (the stream's
-            // events keep it current), and the server list.
-            reports: Reports::Full,
-            connection: self.connections,
-            weak: true,
-        };
-        let frame = protocol::encode_client(&ClientFrame::Hello(hello));
-        self.actions.push_back(Action::Send(frame));
+            agreed: Some(self.stable.0),
+        });
+        // Every application topic, and the membership events.
+        let subscriptions = vec![">".to_owned(), SYSTEM_PATTERN.to_owned()];
+        self.link.handle_connected(now, subscriptions, resume);
     }
 
     /// The connection (or the attempt) ended.
     pub fn handle_closed(&mut self, now: Duration) {
-        if let Link::Opening { addr, .. } | Link::Up { addr, .. } = &self.link {
-            tracing::info!(server = %addr, "connection to the tier above lost");
-        }
-        self.lose(now);
-    }
-
-    fn lose(&mut self, now: Duration) {
-        // Frames for the lost connection are moot: forwards go again on
-        // the next one.
-        self.actions.retain(|a| !matches!(a, Action::Send(_)));
-        if matches!(self.link, Link::Down { .. }) {
-            // Already down: the pending retry (and its backoff) stands.
-            return;
-        }
-        match std::mem::replace(&mut self.link, Link::Down { retry_at: now }) {
-            Link::Up { addr, .. } => {
-                self.lost = Some(addr);
-                self.round.clear();
-                self.backoff = BACKOFF_MIN;
-                self.down_since = Some(now);
-                // The adopter is tried at once.
-            }
-            Link::Opening { .. } if self.round.is_empty() => {
-                self.link = Link::Down {
-                    retry_at: now + self.backoff,
-                };
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-            }
-            _ => {}
-        }
+        self.link.handle_closed(now);
     }
 
     /// A frame arrived on the open connection.
     pub fn handle_frame(&mut self, now: Duration, frame: ServerFrame) {
-        match &mut self.link {
-            Link::Up { heard, .. } => *heard = now,
-            Link::Opening { .. } => {}
-            Link::Down { .. } => return,
-        }
+        // The link takes its own frames, and hands back only a checked
+        // Welcome and, after it, the rest.
+        let Some(frame) = self.link.handle_frame(now, frame) else {
+            return;
+        };
         match frame {
-            ServerFrame::Welcome(w) => self.on_welcome(now, w),
-            ServerFrame::Deliver(head, body) if self.is_up() => {
+            ServerFrame::Welcome(w) => self.on_welcome(w),
+            ServerFrame::Deliver(head, body) => {
                 self.batch.clear();
                 if let Err(e) = protocol::messages(&head, &body, &mut self.batch) {
                     return self.drop_link(now, &format!("bad delivery: {e}"));
@@ -446,9 +325,9 @@ impl Upstream {
                     self.mark_stable(stable);
                 }
             }
-            ServerFrame::Watermark(w) if self.is_up() => self.mark_stable(w.seq),
-            ServerFrame::Diverged(d) if self.is_up() => self.on_diverged(now, d),
-            ServerFrame::Gap(g) if self.is_up() => {
+            ServerFrame::Watermark(w) => self.mark_stable(w.seq),
+            ServerFrame::Diverged(d) => self.on_diverged(now, d),
+            ServerFrame::Gap(g) => {
                 // The tier above no longer holds what follows the head: the
                 // relay cannot continue its stream contiguously. It starts
                 // over on a fresh connection, at the head there, with the
@@ -466,34 +345,13 @@ impl Upstream {
                     self.events.push_back(UpEvent::Acked(p, ack));
                 }
             }
-            ServerFrame::Error(e) => match e.publisher {
-                Some(p) => {
+            // (The link handles the connection's own errors: these are
+            // a publisher's.)
+            ServerFrame::Error(e) => {
+                if let Some(p) = e.publisher {
                     self.forget(p);
                     self.events
                         .push_back(UpEvent::Refused(p, e.code, e.message));
-                }
-                None if e.code.is_retryable() => {
-                    // Not serving now (not primary, shutting down, ...):
-                    // another server of the tier is tried.
-                    tracing::debug!(code = ?e.code, message = %e.message, "the tier above sent us away");
-                    self.actions.push_back(Action::Disconnect);
-                    self.lose(now);
-                }
-                None => {
-                    tracing::error!(code = ?e.code, message = %e.message, "the tier above refused this relay");
-                    self.drop_link(now, &e.message);
-                }
-            },
-            ServerFrame::Ping(p) => {
-                let pong = protocol::encode_client(&ClientFrame::Pong(p));
-                self.actions.push_back(Action::Send(pong));
-            }
-            ServerFrame::Deliver(..) | ServerFrame::Gap(_) | ServerFrame::Diverged(_) => {
-                self.drop_link(now, "delivery before the handshake");
-            }
-            ServerFrame::Servers(s) => {
-                if protocol::usable_servers(&s.servers) {
-                    self.servers = s.servers;
                 }
             }
             // Only between the stable position and the head (the tier above
@@ -517,32 +375,18 @@ impl Upstream {
                 );
                 self.start_over(now, "no membership report at the head");
             }
-            ServerFrame::Pong(_)
-            | ServerFrame::Members(_)
-            | ServerFrame::Watermark(_)
+            ServerFrame::Members(_)
             | ServerFrame::Subscribed(_)
-            | ServerFrame::Unsubscribed(_) => {}
+            | ServerFrame::Unsubscribed(_)
+            | ServerFrame::Ping(_)
+            | ServerFrame::Pong(_)
+            | ServerFrame::Servers(_) => {}
         }
     }
 
-    fn on_welcome(&mut self, now: Duration, w: protocol::Welcome) {
-        let Link::Opening { addr, .. } = &self.link else {
-            return self.drop_link(now, "a second Welcome");
-        };
-        if w.version != protocol::PROTOCOL_VERSION {
-            tracing::error!(server = %addr, version = w.version, "the tier above speaks another protocol version");
-            return self.drop_link(now, "protocol version");
-        }
-        tracing::info!(server = %addr, head = w.head.0, stream = w.stream, "connected to the tier above");
-        self.link = Link::Up {
-            addr: addr.clone(),
-            heard: now,
-            ping_at: now + self.config.ping_interval,
-        };
-        if protocol::usable_servers(&w.servers) {
-            self.servers = w.servers;
-        }
-        self.down_since = None;
+    /// A Welcome, checked by the link.
+    fn on_welcome(&mut self, w: protocol::Welcome) {
+        tracing::info!(server = %w.server, head = w.head.0, stream = w.stream, "connected to the tier above");
         if self.stream != Some(w.stream) {
             // The first stream, or a new one: start at its head, and serve
             // again once the membership report for it has come.
@@ -560,7 +404,7 @@ impl Upstream {
             return;
         }
         for m in self.forwards.values().flatten() {
-            self.actions.push_back(Action::Send(encode(m)));
+            self.link.send(encode(m));
         }
     }
 
@@ -724,8 +568,7 @@ impl Upstream {
 
     fn drop_link(&mut self, now: Duration, why: &str) {
         tracing::warn!(reason = why, "dropping the connection to the tier above");
-        self.actions.push_back(Action::Disconnect);
-        self.lose(now);
+        self.link.drop_connection(now, why);
     }
 }
 

@@ -1,7 +1,7 @@
 //! Unit tests of the relay's upstream state machine.
 
 use super::*;
-use canopy_client::protocol::{DeliverBuilder, GapHead, Welcome};
+use canopy_client::protocol::{ClientFrame, DeliverBuilder, GapHead, Welcome};
 
 const MS: Duration = Duration::from_millis(1);
 
