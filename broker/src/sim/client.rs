@@ -1,211 +1,151 @@
-//! A model client: the SDK's protocol rules (resume by position, resend
-//! what is unacknowledged, drop what it already has) without its tasks.
+//! A client of the node and tree simulators: the SDK's own protocol core
+//! ([`ClientCore`]: resume by position with the running-hash check, resend
+//! what is unacknowledged, drop what it already has, the attempt order and
+//! backoff), with what it published and was handed reported to the checker.
 
 use super::checker::{Checker, Violation};
 use bytes::Bytes;
-use canopy_client::protocol::{
-    self, ClientFrame, Hello, PingHead, PubSeq, Publish, PublisherId, Resume, Seq, ServerFrame,
-    SlowPolicy, StreamCheck,
-};
+use canopy_client::core::{Action, ClientCore, Event, FirstOrder, Joined, LinkConfig, LinkEvent};
+use canopy_client::protocol::{self, PubSeq, PublisherId, Reports, Role, ServerFrame, SlowPolicy};
 use std::collections::VecDeque;
-
-/// What a client does after a frame.
-#[derive(Debug, PartialEq, Eq)]
-pub enum After {
-    /// Keep going.
-    Continue,
-    /// The server closed or refused the session: reconnect later.
-    Reconnect,
-}
+use std::time::Duration;
 
 pub struct Client {
     pub id: usize,
     pub publisher: PublisherId,
     pub patterns: Vec<String>,
-    pub slow: SlowPolicy,
+    /// The client protocol core the SDK runs.
+    pub core: ClientCore,
     /// The index of its live connection in the world, if connected.
     pub conn: Option<usize>,
-    /// Stream and last seq handed to the application.
-    pub position: Option<(u64, Seq)>,
-    pub unacked: VecDeque<(PubSeq, String, Bytes)>,
-    pub next_pub_seq: u64,
-    pub welcomed: bool,
-    /// The last few acknowledged publishes, kept to retry on purpose.
-    pub acked_tail: VecDeque<(PubSeq, String, Bytes)>,
+    /// Its publishes not acknowledged yet, with their frames.
+    sent: VecDeque<(PubSeq, Bytes)>,
+    /// The last few acknowledged publishes' frames, kept to retry on purpose.
+    acked_tail: VecDeque<Bytes>,
     /// On the next Welcome, also resend `acked_tail`, as a client that lost
     /// its acknowledgements would: the server must not order them again.
     pub resend_acked: bool,
-    /// Connections made, as the SDK counts them (`Hello::connection`).
-    pub connections: u64,
-    /// The running hash at the last delivery frame, as the SDK keeps it:
-    /// the server checks it on resume.
-    pub check: Option<StreamCheck>,
 }
 
 impl Client {
-    pub fn new(id: usize, patterns: Vec<String>, slow: SlowPolicy) -> Self {
+    /// A client of `servers` (tried in this order first).
+    pub fn new(id: usize, patterns: Vec<String>, slow: SlowPolicy, servers: Vec<String>) -> Self {
+        let publisher = PublisherId(1000 + id as u64);
+        let config = LinkConfig {
+            name: format!("sim-{id}"),
+            publisher,
+            servers,
+            role: Role::Client,
+            reports: Reports::Servers,
+            slow,
+            weak: false,
+            // Longer than a run: the simulators end connections themselves.
+            ping_interval: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_for: None,
+            first_order: FirstOrder::Configured,
+        };
+        let mut core = ClientCore::new(Duration::ZERO, config);
+        for p in &patterns {
+            core.subscribe(p);
+        }
         Client {
             id,
-            publisher: PublisherId(1000 + id as u64),
+            publisher,
             patterns,
-            slow,
+            core,
             conn: None,
-            position: None,
-            unacked: VecDeque::new(),
-            next_pub_seq: 1,
-            welcomed: false,
+            sent: VecDeque::new(),
             acked_tail: VecDeque::new(),
             resend_acked: false,
-            connections: 0,
-            check: None,
         }
     }
 
-    /// The Hello of a new connection.
-    pub fn hello(&mut self) -> Bytes {
-        self.connections += 1;
-        protocol::encode_client(&ClientFrame::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            name: format!("sim-{}", self.id),
-            publisher: self.publisher,
-            subscriptions: self.patterns.clone(),
-            resume: self.position.map(|(stream, after)| Resume {
-                stream,
-                after,
-                check: self.check,
-                agreed: None,
-            }),
-            slow: self.slow,
-            role: protocol::Role::Client,
-            reports: protocol::Reports::Servers,
-            connection: self.connections,
-            weak: false,
-        }))
+    /// Whether a connection serves (its Welcome arrived).
+    pub fn welcomed(&self) -> bool {
+        self.core.link().is_up()
     }
 
-    /// A new publish; returns its frame.
-    pub fn publish(&mut self, topic: &str, checker: &mut Checker) -> Bytes {
-        let pub_seq = PubSeq(self.next_pub_seq);
-        self.next_pub_seq += 1;
+    /// Publishes not acknowledged yet.
+    pub fn unacked_len(&self) -> usize {
+        self.core.unacked_len()
+    }
+
+    /// A new publish (the core sends it once welcomed).
+    pub fn publish(&mut self, topic: &str, checker: &mut Checker) {
+        let pub_seq = self.core.next_pub_seq();
         let payload = Bytes::from(format!("{}:{}", self.publisher.0, pub_seq.0));
         checker.published(self.publisher, pub_seq, topic, &payload);
-        let frame = protocol::encode_client(&ClientFrame::Publish(Publish::new(
-            topic,
-            pub_seq,
-            payload.clone(),
-        )));
-        self.unacked.push_back((pub_seq, topic.to_owned(), payload));
-        frame
+        self.core.publish(topic, &payload);
+        let frame = protocol::encode_publish(topic, pub_seq, &payload);
+        self.sent.push_back((pub_seq, frame));
     }
 
-    fn acknowledge(&mut self, through: PubSeq, checker: &mut Checker) {
-        while self.unacked.front().is_some_and(|(p, _, _)| *p <= through) {
-            if let Some(acked) = self.unacked.pop_front() {
-                checker.acked(self.publisher, acked.0);
-                if self.acked_tail.len() == 4 {
-                    self.acked_tail.pop_front();
-                }
-                self.acked_tail.push_back(acked);
-            }
-        }
+    /// The next action for the world.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.core.poll_action()
     }
 
-    /// The running hash at `seq`, kept as the resume check unless an older
-    /// point than the one kept (as the SDK does).
-    fn note_check(&mut self, seq: Seq, hash: u64) {
-        if self.check.is_none_or(|c| c.seq <= seq) {
-            self.check = Some(StreamCheck { seq, hash });
-        }
-    }
-
-    fn advance(&mut self, seq: Seq) {
-        if let Some((_, at)) = &mut self.position {
-            *at = (*at).max(seq);
-        }
-    }
-
-    /// Handles one frame from the server; frames to send go to `out`.
+    /// Handles one frame from the server; frames the model adds (retries
+    /// of acknowledged publishes) go to `out`, before the core's actions.
     pub fn on_frame(
         &mut self,
+        now: Duration,
         content: Bytes,
         checker: &mut Checker,
         out: &mut Vec<Bytes>,
-    ) -> Result<After, Violation> {
+    ) -> Result<(), Violation> {
         let frame = protocol::decode_server(content)
             .map_err(|e| Violation(format!("client {}: undecodable server frame: {e}", self.id)))?;
-        match frame {
-            ServerFrame::Welcome(w) => {
-                if self.position.is_some_and(|(s, _)| s != w.stream) {
+        if matches!(frame, ServerFrame::Welcome(_)) && self.resend_acked {
+            out.extend(self.acked_tail.iter().cloned());
+        }
+        if let Some(delivery) = self.core.handle_frame(now, frame) {
+            for m in &delivery.messages {
+                checker.delivered(
+                    self.id,
+                    m.seq,
+                    m.publisher,
+                    m.pub_seq,
+                    m.topic(),
+                    &m.payload,
+                )?;
+            }
+            self.core.take(delivery.commit);
+        }
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                Event::Welcomed {
+                    joined: Joined::Reset,
+                    ..
+                } => {
                     return Err(Violation(format!("client {}: the stream changed", self.id)));
                 }
-                if self.position.is_none() {
-                    self.position = Some((w.stream, w.head));
-                    self.note_check(w.head, w.hash);
+                Event::Acked(through) => self.acknowledge(through, checker),
+                Event::Gap { from, to } => checker.gap(self.id, from, to),
+                // A strong client told of divergence is refused by its core.
+                Event::Link(LinkEvent::Refused(e)) => {
+                    return Err(Violation(format!("client {} was refused: {e}", self.id)));
                 }
-                self.welcomed = true;
-                let retries: Vec<_> = if self.resend_acked {
-                    self.acked_tail.iter().cloned().collect()
-                } else {
-                    Vec::new()
-                };
-                self.acknowledge(w.pub_acked, checker);
-                self.next_pub_seq = self.next_pub_seq.max(w.pub_acked.0 + 1);
-                for (pub_seq, topic, payload) in retries.iter().chain(&self.unacked) {
-                    let p = Publish::new(topic, *pub_seq, payload.clone());
-                    out.push(protocol::encode_client(&ClientFrame::Publish(p)));
-                }
-            }
-            ServerFrame::Deliver(head, body) => {
-                let mut msgs = Vec::new();
-                protocol::messages(&head, &body, &mut msgs)
-                    .map_err(|e| Violation(format!("client {}: bad delivery: {e}", self.id)))?;
-                let at = self.position.map_or(Seq(0), |(_, s)| s);
-                for m in msgs.iter().filter(|m| m.seq > at) {
-                    checker.delivered(
-                        self.id,
-                        m.seq,
-                        m.publisher,
-                        m.pub_seq,
-                        m.topic(),
-                        &m.payload,
-                    )?;
-                    self.advance(m.seq);
-                }
-                if let (Some(hash), Some(last)) = (head.hash, msgs.last()) {
-                    self.note_check(last.seq, hash);
-                }
-            }
-            ServerFrame::Diverged(d) => {
-                // The model clients are strong: their streams are stable.
-                return Err(Violation(format!(
-                    "client {}: a strong client was told its stream diverged from seq {} (seen at {})",
-                    self.id, d.from, d.seen
-                )));
-            }
-            ServerFrame::PubAck(a) => self.acknowledge(a.pub_seq, checker),
-            ServerFrame::Watermark(w) => self.advance(w.seq),
-            ServerFrame::Gap(g) => {
-                checker.gap(self.id, g.from, g.to);
-                self.advance(g.to);
-            }
-            ServerFrame::Subscribed(s) | ServerFrame::Unsubscribed(s) => {
-                self.advance(s.head);
-                if let Some(hash) = s.hash {
-                    self.note_check(s.head, hash);
-                }
-            }
-            ServerFrame::Ping(p) => out.push(protocol::encode_client(&ClientFrame::Pong(p))),
-            ServerFrame::Pong(PingHead { .. }) => {}
-            ServerFrame::Members(m) => self.advance(m.seq),
-            ServerFrame::Servers(m) => self.advance(m.seq),
-            ServerFrame::Error(e) if e.code.is_retryable() => return Ok(After::Reconnect),
-            ServerFrame::Error(e) => {
-                return Err(Violation(format!(
-                    "client {} was refused: {:?}: {}",
-                    self.id, e.code, e.message
-                )))
+                Event::Welcomed { .. }
+                | Event::Subscribed(_)
+                | Event::Diverged { .. }
+                | Event::Members(_)
+                | Event::Link(LinkEvent::Lost { .. } | LinkEvent::Unreachable(_)) => {}
             }
         }
-        Ok(After::Continue)
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, through: PubSeq, checker: &mut Checker) {
+        while self.sent.front().is_some_and(|(p, _)| *p <= through) {
+            if let Some((pub_seq, frame)) = self.sent.pop_front() {
+                checker.acked(self.publisher, pub_seq);
+                if self.acked_tail.len() == 4 {
+                    self.acked_tail.pop_front();
+                }
+                self.acked_tail.push_back(frame);
+            }
+        }
     }
 }

@@ -62,8 +62,9 @@ use crate::core::group::{
 };
 use crate::core::{Node, NodeConfig, Server, SessionId};
 use bytes::Bytes;
+use canopy_client::core::Action;
 use canopy_client::protocol::{self, PubSeq, PublisherId, Seq};
-use client::{After, CoreClient};
+use client::CoreClient;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::time::Duration;
@@ -188,8 +189,10 @@ enum Ev {
     Down(usize, Bytes),
     /// ...and the server's close reaches the client, after its frames.
     Closed(usize),
-    /// Client `c` tries to connect.
-    Connect(usize),
+    /// Client `c`'s core timer armed for this time.
+    ClientTimer(usize, Duration),
+    /// Client (index, id)'s connection attempt found no server there.
+    ConnectFailed(usize, PublisherId),
 }
 
 struct Scheduled {
@@ -246,8 +249,6 @@ struct ClientConn {
     live: bool,
     /// The server closed it: nothing more goes up.
     closing: bool,
-    /// The client had its Welcome on it.
-    welcomed: bool,
     /// When the last frame each way arrives.
     up_at: Duration,
     down_at: Duration,
@@ -431,7 +432,7 @@ impl World {
             isolate_at_first_view: None,
         };
         for _ in 0..2 + seed % 3 {
-            let pb = w.new_publisher();
+            let pb = w.new_publisher(w.clients.len());
             w.clients.push(pb);
         }
         w.publishers = w.clients.len();
@@ -443,21 +444,31 @@ impl World {
                 _ => k == 1,
             };
             let id = PublisherId(1 << 40 | k);
-            w.clients.push(CoreClient::new(id, 1, Some(weak)));
+            let servers = w.servers_of(w.clients.len());
+            w.clients
+                .push(CoreClient::new(Duration::ZERO, id, 1, Some(weak), servers));
         }
         for i in 0..n {
             let s = w.boot(i);
             w.servers.push(Some(s));
         }
         for c in 0..w.clients.len() {
-            w.schedule(Duration::ZERO, Ev::Connect(c));
+            w.arm(c);
         }
         w
     }
 
+    /// The servers client `c` is configured with: every server, rotated per
+    /// client, as users configure them.
+    fn servers_of(&self, c: usize) -> Vec<String> {
+        let mut order = self.addrs.clone();
+        order.rotate_left(c % self.n);
+        order
+    }
+
     /// A publisher with a new id, starting where a real client may: at 1,
     /// anywhere (first contact), or a few publishes short of `u64::MAX`.
-    fn new_publisher(&mut self) -> CoreClient {
+    fn new_publisher(&mut self, c: usize) -> CoreClient {
         let id = self.next_publisher;
         self.next_publisher += 1;
         let first = match self.rng.below(10) {
@@ -465,7 +476,8 @@ impl World {
             5..=7 => 2 + self.rng.below(1 << 40),
             _ => u64::MAX - 60 + self.rng.below(30),
         };
-        CoreClient::new(PublisherId(id), first, None)
+        let servers = self.servers_of(c);
+        CoreClient::new(self.now, PublisherId(id), first, None, servers)
     }
 
     /// Server `i`'s clock at the world's time.
@@ -784,65 +796,93 @@ impl World {
     /// Publisher `p` goes away once nothing of it is unacknowledged, and a
     /// new one comes (every `canopy pub` run is a new publisher).
     fn retire(&mut self, p: usize) {
-        if !self.clients[p].unacked.is_empty() || self.pinned.is_some() {
+        if self.clients[p].core.unacked_len() > 0 || self.pinned.is_some() {
             return;
         }
         if let Some(conn) = self.clients[p].conn {
             self.end_conn(conn, false);
         }
-        let fresh = self.new_publisher();
+        let fresh = self.new_publisher(p);
         let old = std::mem::replace(&mut self.clients[p], fresh);
         self.retired.push(old);
-        self.schedule(self.now, Ev::Connect(p));
+        self.arm(p);
     }
 
-    /// Client `c` publishes one message, if its window has room (it is
-    /// sent once the client has a Welcome).
+    /// Client `c` publishes one message, if its window has room (its core
+    /// sends it once it has a Welcome).
     fn publish(&mut self, c: usize) {
         let cl = &mut self.clients[c];
-        if cl.unacked.len() >= 32 || cl.next == u64::MAX {
+        if cl.core.unacked_len() >= 32 || cl.core.next_pub_seq().0 == u64::MAX {
             return;
         }
         self.out.published += 1;
-        if let Some(frame) = cl.publish(&mut self.checker) {
-            if let Some(conn) = cl.conn {
-                self.send_up(conn, frame);
+        cl.publish(&mut self.checker);
+        self.run_client(c);
+    }
+
+    /// Carries out client `c`'s actions and arms its core's timer.
+    fn run_client(&mut self, c: usize) {
+        while let Some(action) = self.clients[c].poll_action() {
+            match action {
+                Action::Connect(addr) => self.connect(c, &addr),
+                Action::Send(frame) => {
+                    if let Some(conn) = self.clients[c].conn {
+                        self.send_up(conn, frame);
+                    }
+                }
+                Action::Disconnect => {
+                    if let Some(conn) = self.clients[c].conn {
+                        self.end_conn(conn, false);
+                    }
+                }
             }
+        }
+        self.arm(c);
+    }
+
+    /// Schedules client `c`'s core timer, unless it is armed already for
+    /// that time or earlier.
+    fn arm(&mut self, c: usize) {
+        let cl = &mut self.clients[c];
+        let Some(at) = cl.core.poll_timeout() else {
+            return;
+        };
+        let at = at.max(self.now);
+        if cl.armed.is_none_or(|armed| at < armed) {
+            cl.armed = Some(at);
+            self.schedule(at, Ev::ClientTimer(c, at));
         }
     }
 
-    /// Client `c` connects to the next server it tries: in its configured
-    /// order at first (rotated per client, as users configure them), after
-    /// a loss in adoption order with the lost server last; a round that
-    /// fails ends in a pause that doubles, as the SDK's.
-    fn connect(&mut self, c: usize) {
-        if self.clients[c].conn.is_some() {
+    /// Client `c`'s timer armed for `at` fired (unless re-armed since).
+    fn client_timer(&mut self, c: usize, at: Duration) {
+        let cl = &mut self.clients[c];
+        if cl.armed != Some(at) {
             return;
         }
+        cl.armed = None;
+        if cl.core.poll_timeout().is_some_and(|t| t <= self.now) {
+            cl.core.handle_timeout(self.now);
+        }
+        self.run_client(c);
+    }
+
+    /// Client `c` connects to `addr` (the pinned client to its server,
+    /// whatever it asks). A server that is down refuses after a round
+    /// trip.
+    fn connect(&mut self, c: usize, addr: &str) {
+        if let Some(conn) = self.clients[c].conn {
+            self.end_conn(conn, false);
+        }
         let target = match self.pinned {
-            Some((p, i)) if p == c => i,
-            _ => {
-                let cl = &mut self.clients[c];
-                if cl.to_try.is_empty() {
-                    cl.to_try = match &cl.lost {
-                        Some(lost) => protocol::failover_order(cl.id.0, &self.addrs, lost),
-                        None => {
-                            let mut order = self.addrs.clone();
-                            order.rotate_left(c % self.n);
-                            order
-                        }
-                    };
-                }
-                let addr = cl.to_try.remove(0);
-                self.addrs
-                    .iter()
-                    .position(|a| *a == addr)
-                    .expect("clients try the servers' addresses")
-            }
+            Some((p, i)) if p == c => Some(i),
+            _ => self.addrs.iter().position(|a| a == addr),
         };
-        let Some(s) = self.servers[target].as_mut() else {
-            // Refused: the next one (or the pause after a round).
-            return self.retry(c);
+        let Some((target, s)) = target.and_then(|i| self.servers[i].as_mut().map(|s| (i, s)))
+        else {
+            let id = self.clients[c].id;
+            let at = self.now + Duration::from_micros(100);
+            return self.schedule(at, Ev::ConnectFailed(c, id));
         };
         let session = SessionId(self.next_session);
         self.next_session += 1;
@@ -855,42 +895,36 @@ impl World {
             session,
             live: true,
             closing: false,
-            welcomed: false,
             up_at: self.now,
             down_at: self.now,
         });
         let conn = self.conns.len() - 1;
         self.by_session.insert(session, conn);
         self.clients[c].conn = Some(conn);
-        let hello = self.clients[c].hello();
-        self.send_up(conn, hello);
+        self.clients[c].core.handle_connected(self.now);
     }
 
-    /// Client `c`'s attempt failed: it tries the next server of its round
-    /// at once, or pauses after a round.
-    fn retry(&mut self, c: usize) {
+    /// Client `c`'s attempt found no server (if it is still that client,
+    /// still without a connection).
+    fn connect_failed(&mut self, c: usize, id: PublisherId) {
         let cl = &mut self.clients[c];
-        let pause = if cl.to_try.is_empty() {
-            let pause = cl.backoff;
-            cl.backoff = (cl.backoff * 2).min(Duration::from_secs(1));
-            pause
-        } else {
-            Duration::from_micros(100)
-        };
-        self.schedule(self.now + pause, Ev::Connect(c));
+        if cl.id != id || cl.conn.is_some() {
+            return;
+        }
+        cl.core.handle_closed(self.now);
+        self.run_client(c);
     }
 
     /// Ends client connection `conn`: the server is told (if the process
-    /// still runs), and the client tries again elsewhere, unless `by_client`
-    /// and it is going away.
-    fn end_conn(&mut self, conn: usize, reconnect: bool) {
+    /// still runs), and the client if `tell` (not when it closed it itself,
+    /// or is going away).
+    fn end_conn(&mut self, conn: usize, tell: bool) {
         let k = &mut self.conns[conn];
         if !k.live {
             return;
         }
         k.live = false;
-        let (c, i, process, session, welcomed) =
-            (k.client, k.server, k.process, k.session, k.welcomed);
+        let (c, i, process, session) = (k.client, k.server, k.process, k.session);
         self.by_session.remove(&session);
         let local = self.local(i);
         if let Some(s) = self.servers[i]
@@ -905,17 +939,10 @@ impl World {
             return;
         }
         cl.conn = None;
-        cl.welcomed = false;
-        if !reconnect {
-            return;
+        if tell {
+            cl.core.handle_closed(self.now);
+            self.run_client(c);
         }
-        if welcomed {
-            // A working connection was lost: a new round, the lost server
-            // last.
-            cl.lost = Some(self.addrs[i].clone());
-            cl.to_try.clear();
-        }
-        self.retry(c);
     }
 
     /// Sends a client's frame up `conn` (at once for the pinned client).
@@ -970,32 +997,26 @@ impl World {
             return;
         }
         let c = self.conns[conn].client;
-        let mut replies = Vec::new();
-        let (after, acked) = match self.clients[c].on_frame(frame, &self.checker, &mut replies) {
-            Ok(r) => r,
+        let was_up = self.clients[c].welcomed();
+        match self.clients[c].on_frame(self.now, frame, &self.checker) {
+            Ok(acked) => self.out.acked += acked,
             Err(v) => {
                 self.violation.get_or_insert(v);
                 return;
             }
-        };
-        self.out.acked += acked;
-        if std::env::var_os("CANOPY_SIM_TRACE").is_some()
-            && !self.conns[conn].welcomed
-            && self.clients[c].welcomed
-        {
+        }
+        if std::env::var_os("CANOPY_SIM_TRACE").is_some() && !was_up && self.clients[c].welcomed() {
             let cl = &self.clients[c];
             eprintln!(
                 "{:?} client {}: welcomed at server {} (acked {}, next {})",
-                self.now, cl.id.0, self.conns[conn].server, cl.acked.0, cl.next
+                self.now,
+                cl.id.0,
+                self.conns[conn].server,
+                cl.acked.0,
+                cl.core.next_pub_seq().0
             );
         }
-        self.conns[conn].welcomed |= self.clients[c].welcomed;
-        for r in replies {
-            self.send_up(conn, r);
-        }
-        if after == After::Reconnect {
-            self.end_conn(conn, true);
-        }
+        self.run_client(c);
     }
 
     fn crash(&mut self, i: usize) {
@@ -1190,7 +1211,8 @@ impl World {
             }
             Ev::Down(conn, bytes) => self.deliver_down(conn, bytes),
             Ev::Closed(conn) => self.end_conn(conn, true),
-            Ev::Connect(c) => self.connect(c),
+            Ev::ClientTimer(c, at) => self.client_timer(c, at),
+            Ev::ConnectFailed(c, id) => self.connect_failed(c, id),
         }
     }
 
@@ -1496,13 +1518,15 @@ impl World {
         }
         for c in 0..self.clients.len() {
             let cl = &self.clients[c];
-            if !cl.welcomed {
+            if !cl.welcomed() {
                 return Err(Violation(format!(
-                    "liveness: client {} is not connected (trying {:?}, lost {:?})",
-                    cl.id.0, cl.to_try, cl.lost
+                    "liveness: client {} is not connected (at {:?}, next timer {:?})",
+                    cl.id.0,
+                    cl.core.link().server(),
+                    cl.core.poll_timeout()
                 )));
             }
-            if !cl.unacked.is_empty() {
+            if cl.core.unacked_len() > 0 {
                 let tables: Vec<(PubSeq, PubSeq)> = self
                     .servers
                     .iter()
@@ -1510,10 +1534,10 @@ impl World {
                     .map(|s| (s.group().pub_held(cl.id), s.group().pub_delivered(cl.id)))
                     .collect();
                 return Err(Violation(format!(
-                    "liveness: publisher {} still has {} unacknowledged publishes (first {:?}, acked {:?}, at {:?}; servers' held/delivered {tables:?})",
+                    "liveness: publisher {} still has {} unacknowledged publishes (next {:?}, acked {:?}, at {:?}; servers' held/delivered {tables:?})",
                     cl.id.0,
-                    cl.unacked.len(),
-                    cl.unacked.front(),
+                    cl.core.unacked_len(),
+                    cl.core.next_pub_seq(),
                     cl.acked,
                     cl.conn.map(|k| self.conns[k].server)
                 )));
@@ -1736,12 +1760,19 @@ impl World {
     /// the server at once.
     fn pin(&mut self, c: usize, i: usize) {
         self.pinned = Some((c, i));
-        if let Some(conn) = self.clients[c].conn {
-            if self.conns[conn].server != i {
+        match self.clients[c].conn {
+            Some(conn) if self.conns[conn].server == i => return,
+            Some(conn) => {
                 self.end_conn(conn, false);
+                self.clients[c].core.handle_closed(self.now);
             }
+            None => {}
         }
-        self.connect(c);
+        // It connects now, to `i`.
+        let core = &mut self.clients[c].core;
+        core.reset_backoff(self.now);
+        core.handle_timeout(self.now);
+        self.run_client(c);
     }
 
     /// Lets the pinned client go where it likes again.
@@ -1752,7 +1783,7 @@ impl World {
     /// Runs until client `c` has its Welcome.
     fn welcomed(&mut self, c: usize) -> Result<(), Violation> {
         for _ in 0..100 {
-            if self.clients[c].welcomed {
+            if self.clients[c].welcomed() {
                 return Ok(());
             }
             self.run_for(self.heartbeat)?;
@@ -1920,8 +1951,8 @@ pub(crate) fn a_lost_submit_is_not_overtaken_after_eviction(
     let coordinator = w.coordinator()?;
     let via = (coordinator + 1) % 3;
     w.load = false;
-    let fresh = w.new_publisher();
     let p = w.clients.len();
+    let fresh = w.new_publisher(p);
     w.clients.push(fresh);
     w.pin(p, via);
     w.welcomed(p)?;

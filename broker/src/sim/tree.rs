@@ -22,7 +22,7 @@
 //! covered by a gap notice (guarantees 5 and 8 at the clients).
 
 use super::checker::{Checker, Violation};
-use super::client::{After, Client};
+use super::client::Client;
 use super::Rng;
 use crate::core::cltsvr::upstream::{Action, Upstream, UpstreamConfig};
 use crate::core::{Node, NodeConfig, Output, Server, SessionId};
@@ -108,10 +108,6 @@ struct World {
     /// Relay indices per tier, top down.
     tiers: Vec<Vec<usize>>,
     clients: Vec<Client>,
-    /// Per client: the servers it may use (the leaf tier, or the root for
-    /// the observer), and the one it lost last.
-    homes: Vec<Vec<String>>,
-    lost: Vec<Option<String>>,
     conns: Vec<Conn>,
     by_session: HashMap<(usize, SessionId), usize>,
     checker: Checker,
@@ -166,10 +162,13 @@ pub(crate) fn run_with(seed: u64, bugs: TreeBugs) -> Result<TreeOutcome, Violati
     let leaves: Vec<String> = tiers[tiers.len() - 1].iter().map(|&i| addr(i)).collect();
     let n = 3 + rng.below(5) as usize;
     let observer = n;
+    // Clients use the leaf tier, in an order rotated per client.
     let mut clients: Vec<Client> = (0..n)
         .map(|id| {
             let patterns = vec![PATTERNS[rng.below(PATTERNS.len() as u64) as usize].to_owned()];
-            Client::new(id, patterns, SlowPolicy::Disconnect)
+            let mut home = leaves.clone();
+            home.rotate_left(id % leaves.len());
+            Client::new(id, patterns, SlowPolicy::Disconnect, home)
         })
         .collect();
     // The observer, at the root, subscribed to everything and never broken,
@@ -178,25 +177,17 @@ pub(crate) fn run_with(seed: u64, bugs: TreeBugs) -> Result<TreeOutcome, Violati
         observer,
         vec![">".into()],
         SlowPolicy::Disconnect,
+        vec![addr(0)],
     ));
-    let mut homes: Vec<Vec<String>> = (0..n)
-        .map(|c| {
-            let mut l = leaves.clone();
-            l.rotate_left(c % leaves.len());
-            l
-        })
-        .collect();
-    homes.push(vec![addr(0)]);
     let mut w = World {
         seed,
         now: Duration::ZERO,
         srvs: Vec::new(),
         tiers,
         checker: Checker::new(n + 1),
-        lost: vec![None; n + 1],
-        reconnect_at: vec![None; n + 1],
+        // Clients start once the relays have their stream.
+        reconnect_at: vec![Some(Duration::MAX); n + 1],
         clients,
-        homes,
         conns: Vec::new(),
         by_session: HashMap::new(),
         next_session: 1,
@@ -282,9 +273,10 @@ impl World {
         // anything is published.
         self.settle(|w| w.all_synced(), "relays syncing")?;
         for c in 0..self.clients.len() {
-            self.connect(c);
+            self.reconnect_at[c] = None;
+            self.run_client(c);
         }
-        self.settle(|w| w.clients.iter().all(|c| c.welcomed), "initial joins")?;
+        self.settle(|w| w.clients.iter().all(Client::welcomed), "initial joins")?;
         for _ in 0..FAULT_STEPS {
             self.fault_step()?;
         }
@@ -299,7 +291,7 @@ impl World {
                 w.all_synced()
                     && w.clients
                         .iter()
-                        .all(|c| c.conn.is_some() && c.welcomed && c.unacked.is_empty())
+                        .all(|c| c.conn.is_some() && c.welcomed() && c.unacked_len() == 0)
                     && w.conns
                         .iter()
                         .all(|c| c.link.dead || (c.link.up.is_empty() && c.link.down.is_empty()))
@@ -376,26 +368,24 @@ impl World {
         let c = self.rng.below(self.clients.len() as u64 - 1) as usize;
         match r {
             0..=29 => {
-                if self.clients[c].unacked.len() < WINDOW {
+                if self.clients[c].unacked_len() < WINDOW {
                     let topic = TOPICS[self.rng.below(TOPICS.len() as u64) as usize];
-                    let frame = self.clients[c].publish(topic, &mut self.checker);
+                    self.clients[c].publish(topic, &mut self.checker);
                     self.out.published += 1;
-                    if let Some(conn) = self.clients[c].conn.filter(|_| self.clients[c].welcomed) {
-                        self.send_to_server(conn, frame);
-                    }
+                    self.run_client(c);
                 }
             }
             30..=31 => {
                 if let Some(conn) = self.clients[c].conn {
                     self.out.client_breaks += 1;
-                    self.break_conn(conn);
+                    self.break_conn(conn, true);
                 }
             }
             32..=33 => {
                 let i = 1 + self.rng.below(self.srvs.len() as u64 - 1) as usize;
                 if let Some(conn) = self.srvs[i].up_conn {
                     self.out.upstream_breaks += 1;
-                    self.break_conn(conn);
+                    self.break_conn(conn, true);
                 }
             }
             34 => self.crash_one(),
@@ -423,7 +413,7 @@ impl World {
         for conn in 0..self.conns.len() {
             let c = &self.conns[conn];
             if !c.link.dead && (c.server == i || c.peer == Peer::Relay(i)) {
-                self.break_conn(conn);
+                self.break_conn(conn, true);
             }
         }
     }
@@ -462,44 +452,56 @@ impl World {
             .iter()
             .map(|c| {
                 format!(
-                    "c{}: at {:?} welcomed {} unacked {}",
+                    "c{}: at {:?} welcomed {} unacked {} (next attempt {:?}, held back until {:?})",
                     c.id,
                     c.conn.map(|k| self.conns[k].server),
-                    c.welcomed,
-                    c.unacked.len()
+                    c.welcomed(),
+                    c.unacked_len(),
+                    c.core.poll_timeout(),
+                    self.reconnect_at[c.id]
                 )
             })
             .collect();
         format!(
-            "relays [{}]; clients [{}]",
+            "at {:?}: relays [{}]; clients [{}]",
+            self.now,
             relays.join(", "),
             clients.join(", ")
         )
     }
 
-    /// Connects client `c` to the first running server in its order: its
-    /// home list at first, then the adoption order with the lost server last.
-    fn connect(&mut self, c: usize) {
-        let order: Vec<String> = match &self.lost[c] {
-            None => self.homes[c].clone(),
-            Some(lost) => {
-                protocol::failover_order(self.clients[c].publisher.0, &self.homes[c], lost)
+    /// Carries out client `c`'s actions.
+    fn run_client(&mut self, c: usize) {
+        while let Some(action) = self.clients[c].poll_action() {
+            match action {
+                Action::Connect(a) => self.connect(c, &a),
+                Action::Send(frame) => {
+                    if let Some(conn) = self.clients[c].conn {
+                        self.send_to_server(conn, frame);
+                    }
+                }
+                Action::Disconnect => {
+                    if let Some(conn) = self.clients[c].conn {
+                        self.break_conn(conn, false);
+                    }
+                }
             }
-        };
-        let Some(server) = order
-            .iter()
-            .filter_map(|a| index(a))
-            .find(|&i| self.srvs[i].server.is_some())
-        else {
-            self.reconnect_at[c] = Some(self.now + Duration::from_millis(20));
-            return;
+        }
+    }
+
+    /// Connects client `c` to `a`, if that server is running; a server
+    /// that is not refuses at once.
+    fn connect(&mut self, c: usize, a: &str) {
+        if let Some(conn) = self.clients[c].conn {
+            self.break_conn(conn, false);
+        }
+        let Some(server) = index(a).filter(|&i| self.srvs[i].server.is_some()) else {
+            return self.clients[c].core.handle_closed(self.now);
         };
         let conn = self.open(Peer::Client(c), server);
         self.clients[c].conn = Some(conn);
-        self.clients[c].welcomed = false;
         self.clients[c].resend_acked = self.rng.percent(50);
-        let hello = self.clients[c].hello();
-        self.send_to_server(conn, hello);
+        self.clients[c].core.handle_connected(self.now);
     }
 
     fn open(&mut self, peer: Peer, server: usize) -> usize {
@@ -527,8 +529,9 @@ impl World {
         }
     }
 
-    /// Ends `conn`: both ends are told.
-    fn break_conn(&mut self, conn: usize) {
+    /// Ends `conn`: both ends are told (a client not if it closed the
+    /// connection itself: `tell` false).
+    fn break_conn(&mut self, conn: usize, tell: bool) {
         let c = &mut self.conns[conn];
         if !c.link.kill() {
             return;
@@ -542,7 +545,11 @@ impl World {
         match peer {
             Peer::Client(c) => {
                 self.clients[c].conn = None;
-                self.lost[c] = Some(addr(server));
+                if tell {
+                    self.clients[c].core.handle_closed(self.now);
+                }
+                // Its next connection takes a while to open: its core is
+                // not run until then.
                 let ms = 1 + self.rng.below(100);
                 self.reconnect_at[c] = Some(self.now + Duration::from_millis(ms));
             }
@@ -672,7 +679,8 @@ impl World {
                     Peer::Client(client) => {
                         let before = self.checker.seen(client).gaps.len();
                         let mut replies = Vec::new();
-                        let after = self.clients[client].on_frame(
+                        self.clients[client].on_frame(
+                            self.now,
                             content,
                             &mut self.checker,
                             &mut replies,
@@ -681,8 +689,8 @@ impl World {
                         for r in replies {
                             self.send_to_server(conn, r);
                         }
-                        if after == After::Reconnect {
-                            self.break_conn(conn);
+                        self.run_client(client);
+                        if self.clients[client].conn != Some(conn) {
                             break;
                         }
                     }
@@ -698,7 +706,7 @@ impl World {
             }
             let link = &self.conns[conn].link;
             if link.closed_by_server && !link.dead && link.down.is_empty() {
-                self.break_conn(conn);
+                self.break_conn(conn, true);
             }
         }
         Ok(())
@@ -720,11 +728,15 @@ impl World {
             }
         }
         for c in 0..self.clients.len() {
-            if self.reconnect_at[c].is_some_and(|t| t <= self.now) && self.clients[c].conn.is_none()
-            {
-                self.reconnect_at[c] = None;
-                self.connect(c);
+            if self.reconnect_at[c].is_some_and(|t| t > self.now) {
+                continue;
             }
+            self.reconnect_at[c] = None;
+            let core = &mut self.clients[c].core;
+            if core.poll_timeout().is_some_and(|t| t <= self.now) {
+                core.handle_timeout(self.now);
+            }
+            self.run_client(c);
         }
         Ok(())
     }

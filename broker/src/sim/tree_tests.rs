@@ -59,11 +59,17 @@ fn the_resume_check_catches_a_relay_with_a_wrong_running_hash() {
     assert!(v.0.contains("diverged"), "{}", v.0);
 }
 
-/// `CANOPY_SIM_SEED=N cargo test -p canopy-broker --lib sim::tree_tests::replay -- --ignored --nocapture`
+/// `CANOPY_SIM_SEED=N [RUST_LOG=debug] cargo test -p canopy-broker --lib sim::tree_tests::replay -- --ignored --nocapture`
 #[test]
 #[ignore = "a tool: replays the seed in CANOPY_SIM_SEED"]
 fn replay() {
     let seed = super::replay_seed();
+    // RUST_LOG=debug shows the relays' and the clients' decisions.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .without_time()
+        .with_test_writer()
+        .try_init();
     match run(seed) {
         Ok(o) => println!("seed {seed}: {o:?}"),
         Err(v) => panic!("{}", v.0),

@@ -1,10 +1,11 @@
 //! One simulated run: a node, model clients, connections, faults.
 
 use super::checker::{Checker, Violation};
-use super::client::{After, Client};
+use super::client::Client;
 use super::Rng;
 use crate::core::{Node, NodeConfig, Output, SessionId};
 use bytes::Bytes;
+use canopy_client::core::Action;
 use canopy_client::protocol::{self, SlowPolicy};
 use canopy_client::topic::Pattern;
 use std::collections::HashMap;
@@ -14,6 +15,8 @@ const TOPICS: [&str; 5] = ["a.x", "a.y", "b.x", "c", "a.x.z"];
 const PATTERNS: [&str; 7] = [">", "a.>", "a.*", "b.x", "*.x", "c", "a.x"];
 /// Publishes a client keeps in flight at most.
 const WINDOW: usize = 16;
+/// The node's address, as its clients know it.
+const NODE_ADDR: &str = "node";
 /// Steps in the faulty phase.
 const FAULT_STEPS: u64 = 3000;
 /// Steps allowed for convergence after faults stop.
@@ -111,13 +114,14 @@ pub(crate) fn run_with(
             } else {
                 SlowPolicy::Disconnect
             };
-            Client::new(id, patterns, slow)
+            Client::new(id, patterns, slow, vec![NODE_ADDR.into()])
         })
         .collect();
     clients.push(Client::new(
         observer,
         vec![">".into()],
         SlowPolicy::Disconnect,
+        vec![NODE_ADDR.into()],
     ));
     let mut w = World {
         seed,
@@ -151,11 +155,11 @@ pub(crate) fn run_with(
 impl World {
     fn play(&mut self) -> Result<(), Violation> {
         for c in 0..self.clients.len() {
-            self.connect(c);
+            self.run_client(c);
         }
         // Everyone joins before anything is published, so that every
         // acknowledged message is one each client should see.
-        self.settle(|w| w.clients.iter().all(|c| c.welcomed), "initial joins")?;
+        self.settle(|w| w.clients.iter().all(Client::welcomed), "initial joins")?;
         for _ in 0..FAULT_STEPS {
             self.fault_step()?;
         }
@@ -166,7 +170,7 @@ impl World {
             |w| {
                 w.clients
                     .iter()
-                    .all(|c| c.conn.is_some() && c.unacked.is_empty())
+                    .all(|c| c.conn.is_some() && c.unacked_len() == 0)
                     && w.conns
                         .iter()
                         .all(|c| c.link.dead || (c.link.up.is_empty() && c.link.down.is_empty()))
@@ -197,21 +201,17 @@ impl World {
         let c = self.rng.below(self.clients.len() as u64) as usize;
         match r {
             0..=29 => {
-                if self.clients[c].unacked.len() < WINDOW {
+                if self.clients[c].unacked_len() < WINDOW {
                     let topic = TOPICS[self.rng.below(TOPICS.len() as u64) as usize];
-                    let frame = self.clients[c].publish(topic, &mut self.checker);
+                    self.clients[c].publish(topic, &mut self.checker);
                     self.out.published += 1;
-                    // Like the SDK, a client sends new publishes only once
-                    // welcomed: the Welcome's resend of older ones goes first.
-                    if let Some(conn) = self.clients[c].conn.filter(|_| self.clients[c].welcomed) {
-                        self.send_to_node(conn, frame);
-                    }
+                    self.run_client(c);
                 }
             }
             30..=32 => {
                 if let Some(conn) = self.clients[c].conn.filter(|_| c != self.observer()) {
                     self.out.breaks += 1;
-                    self.break_conn(conn);
+                    self.break_conn(conn, true);
                 }
             }
             33..=35 if c != self.observer() => {
@@ -245,7 +245,29 @@ impl World {
         self.clients.len() - 1
     }
 
+    /// Carries out client `c`'s actions: its connections go to the node.
+    fn run_client(&mut self, c: usize) {
+        while let Some(action) = self.clients[c].poll_action() {
+            match action {
+                Action::Connect(_) => self.connect(c),
+                Action::Send(frame) => {
+                    if let Some(conn) = self.clients[c].conn {
+                        self.send_to_node(conn, frame);
+                    }
+                }
+                Action::Disconnect => {
+                    if let Some(conn) = self.clients[c].conn {
+                        self.break_conn(conn, false);
+                    }
+                }
+            }
+        }
+    }
+
     fn connect(&mut self, c: usize) {
+        if let Some(conn) = self.clients[c].conn {
+            self.break_conn(conn, false);
+        }
         let session = SessionId(self.next_session);
         self.next_session += 1;
         self.conns.push(Conn {
@@ -256,12 +278,10 @@ impl World {
         let conn = self.conns.len() - 1;
         self.by_session.insert(session, conn);
         self.clients[c].conn = Some(conn);
-        self.clients[c].welcomed = false;
         self.clients[c].resend_acked = self.rng.percent(50);
         self.node.handle_open(self.now, session);
         self.drain_node();
-        let hello = self.clients[c].hello();
-        self.send_to_node(conn, hello);
+        self.clients[c].core.handle_connected(self.now);
     }
 
     fn send_to_node(&mut self, conn: usize, frame: Bytes) {
@@ -271,7 +291,10 @@ impl World {
         }
     }
 
-    fn break_conn(&mut self, conn: usize) {
+    /// Ends `conn`: the node is told, and the client if `tell` (not when
+    /// it closed the connection itself). Its next connection takes a
+    /// while to open: its core is not run until then.
+    fn break_conn(&mut self, conn: usize, tell: bool) {
         let c = &mut self.conns[conn];
         if !c.link.kill() {
             return;
@@ -280,6 +303,9 @@ impl World {
         self.node.handle_closed(self.now, session);
         self.drain_node();
         self.clients[client].conn = None;
+        if tell {
+            self.clients[client].core.handle_closed(self.now);
+        }
         let ms = 1 + self.rng.below(100);
         self.reconnect_at[client] = Some(self.now + Duration::from_millis(ms));
     }
@@ -342,21 +368,25 @@ impl World {
                 };
                 let before = self.checker.seen(client).gaps.len();
                 let mut replies = Vec::new();
-                let after =
-                    self.clients[client].on_frame(content, &mut self.checker, &mut replies)?;
+                self.clients[client].on_frame(
+                    self.now,
+                    content,
+                    &mut self.checker,
+                    &mut replies,
+                )?;
                 self.out.gaps += (self.checker.seen(client).gaps.len() - before) as u64;
                 for r in replies {
                     self.send_to_node(conn, r);
                 }
-                if after == After::Reconnect {
-                    self.break_conn(conn);
+                self.run_client(client);
+                if self.clients[client].conn != Some(conn) {
                     break;
                 }
             }
             let link = &self.conns[conn].link;
             if link.closed_by_server && !link.dead && link.down.is_empty() {
                 // The client read the last frame and then the close.
-                self.break_conn(conn);
+                self.break_conn(conn, true);
             }
         }
         Ok(())
@@ -369,11 +399,15 @@ impl World {
             self.drain_node();
         }
         for c in 0..self.clients.len() {
-            if self.reconnect_at[c].is_some_and(|t| t <= self.now) && self.clients[c].conn.is_none()
-            {
-                self.reconnect_at[c] = None;
-                self.connect(c);
+            if self.reconnect_at[c].is_some_and(|t| t > self.now) {
+                continue;
             }
+            self.reconnect_at[c] = None;
+            let core = &mut self.clients[c].core;
+            if core.poll_timeout().is_some_and(|t| t <= self.now) {
+                core.handle_timeout(self.now);
+            }
+            self.run_client(c);
         }
         Ok(())
     }

@@ -8,10 +8,15 @@
 //!   reachable one) or spread by adoption order ([`FirstOrder::Spread`], a
 //!   relay). After a serving connection is lost, a round tries the tier's
 //!   servers in adoption order with the lost one last
-//!   ([`protocol::failover_order`]), at once: the adopter is the first tried.
+//!   ([`protocol::failover_order`]): the adopter is the first tried, at once
+//!   (unless the pause above applies).
 //! - **Backoff.** Within a round the next server is tried as soon as one
 //!   fails; a round that found nobody is followed by a pause that doubles
-//!   from 20 ms to 1 s. A serving connection resets it.
+//!   from 20 ms to 1 s. A server that refuses a connection it served for
+//!   less than the longest pause (1 s) counts as a failed attempt too: say,
+//!   a core that keeps answering `overloaded` right after each Welcome is
+//!   not reconnected to in a tight loop. A broken connection, or a refusal
+//!   after serving longer, resets the pause.
 //! - **Giving up.** With `reconnect_for`, the link stops ([`LinkEvent::Unreachable`])
 //!   when a round ends that long after the link went down; without it (a
 //!   relay) it never stops.
@@ -114,9 +119,10 @@ enum State {
     Down { retry_at: Duration },
     /// Connecting to, or awaiting the Welcome of, `addr` since `since`.
     Opening { addr: String, since: Duration },
-    /// Serving: the last frame was heard at `heard`.
+    /// Serving since `since`: the last frame was heard at `heard`.
     Up {
         addr: String,
+        since: Duration,
         heard: Duration,
         ping_at: Duration,
     },
@@ -333,25 +339,31 @@ impl Link {
             Some(addr) => format!("{addr}: connection closed"),
             None => return,
         };
-        self.lose(now, &why);
+        self.lose(now, &why, false);
     }
 
     /// Drops the open connection (the shell is told to close it) and tries
     /// again by the rules.
     pub fn drop_connection(&mut self, now: Duration, why: &str) {
+        self.drop_as(now, why, false);
+    }
+
+    /// Drops the open connection; `refused`: because the server sent the
+    /// client away (see the backoff rule in the module docs).
+    fn drop_as(&mut self, now: Duration, why: &str, refused: bool) {
         if self.is_open() {
             tracing::debug!(reason = why, "dropping the connection");
             self.actions.push_back(Action::Disconnect);
         }
-        self.lose(now, why);
+        self.lose(now, why, refused);
     }
 
-    fn lose(&mut self, now: Duration, why: &str) {
+    fn lose(&mut self, now: Duration, why: &str, refused: bool) {
         // Frames for the lost connection are moot: what must be sent again
         // goes on the next one.
         self.actions.retain(|a| !matches!(a, Action::Send(_)));
         match std::mem::replace(&mut self.state, State::Down { retry_at: now }) {
-            State::Up { addr, .. } => {
+            State::Up { addr, since, .. } => {
                 tracing::info!(server = %addr, reason = why, "connection lost; reconnecting");
                 self.events.push_back(LinkEvent::Lost {
                     server: addr.clone(),
@@ -359,9 +371,16 @@ impl Link {
                 });
                 self.lost = Some(addr);
                 self.round.clear();
-                self.backoff = BACKOFF_MIN;
                 self.down_since = Some(now);
-                // The adopter is tried at once.
+                if !refused || now >= since + BACKOFF_MAX {
+                    // The adopter is tried at once.
+                    self.backoff = BACKOFF_MIN;
+                } else {
+                    self.state = State::Down {
+                        retry_at: now + self.backoff,
+                    };
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                }
             }
             State::Opening { .. } => {
                 self.last_failure = why.to_owned();
@@ -394,6 +413,16 @@ impl Link {
             retry_at: now + self.backoff,
         };
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Tries again now instead of at the end of the pause, with the pause
+    /// back at its shortest: for a shell that knows the network changed
+    /// (gRPC's `resetConnectBackoff`).
+    pub fn reset_backoff(&mut self, now: Duration) {
+        self.backoff = BACKOFF_MIN;
+        if let State::Down { retry_at } = &mut self.state {
+            *retry_at = (*retry_at).min(now);
+        }
     }
 
     /// Gives up for good (the owner's decision, say on a refusal).
@@ -430,11 +459,11 @@ impl Link {
                 }
                 self.state = State::Up {
                     addr: addr.clone(),
+                    since: now,
                     heard: now,
                     ping_at: now + self.config.ping_interval,
                 };
                 self.down_since = None;
-                self.backoff = BACKOFF_MIN;
                 if protocol::usable_servers(&w.servers) {
                     self.servers.clone_from(&w.servers);
                 }
@@ -457,7 +486,7 @@ impl Link {
                     // Not serving now (not primary, shutting down, ...), or
                     // this client fell behind: another server, or a resume.
                     let why = format!("{:?}: {}", e.code, e.message);
-                    self.drop_connection(now, &why);
+                    self.drop_as(now, &why, true);
                 } else {
                     let e = Error::Rejected {
                         code: e.code,
@@ -481,7 +510,7 @@ impl Link {
     /// The server refused this client or broke the protocol.
     pub fn refuse(&mut self, now: Duration, e: Error) {
         tracing::warn!(server = self.server().unwrap_or(""), error = %e, "refused");
-        self.drop_connection(now, &e.to_string());
+        self.drop_as(now, &e.to_string(), true);
         self.events.push_back(LinkEvent::Refused(e));
     }
 }

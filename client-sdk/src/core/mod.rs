@@ -265,6 +265,11 @@ impl ClientCore {
         self.link.refuse(now, e);
     }
 
+    /// Tries again now, without waiting out the backoff ([`Link::reset_backoff`]).
+    pub fn reset_backoff(&mut self, now: Duration) {
+        self.link.reset_backoff(now);
+    }
+
     /// Stops for good.
     pub fn stop(&mut self) {
         self.link.stop();

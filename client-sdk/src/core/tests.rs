@@ -80,6 +80,15 @@ fn serving(servers: &[&str], weak: bool) -> ClientCore {
     core
 }
 
+/// Lets the core's timer run to its next attempt, and opens it.
+fn reconnect(core: &mut ClientCore) -> Duration {
+    let at = core.poll_timeout().expect("a timer");
+    core.handle_timeout(at);
+    assert_eq!(connects(core).len(), 1);
+    core.handle_connected(at);
+    at
+}
+
 fn deliver(seqs: std::ops::RangeInclusive<u64>, hash: Option<u64>) -> ServerFrame {
     let mut b = DeliverBuilder::default();
     for s in seqs {
@@ -185,9 +194,7 @@ fn unacknowledged_publishes_go_again_in_order_after_the_welcome() {
     core.handle_closed(MS);
     // Published while down: sent after the Welcome only.
     core.publish("t", b"p");
-    core.handle_timeout(MS);
-    connects(&mut core);
-    core.handle_connected(MS);
+    let now = reconnect(&mut core);
     let hello = sent(&mut core);
     let [ClientFrame::Hello(h)] = &hello[..] else {
         panic!("a Hello: {hello:?}")
@@ -203,7 +210,7 @@ fn unacknowledged_publishes_go_again_in_order_after_the_welcome() {
         })
     );
     // The server had ordered pub_seq 2 already.
-    core.handle_frame(MS, welcome(1, 12, 2));
+    core.handle_frame(now, welcome(1, 12, 2));
     let resent: Vec<PubSeq> = sent(&mut core)
         .into_iter()
         .filter_map(|f| match f {
@@ -239,12 +246,10 @@ fn a_delivery_moves_the_position_only_when_taken() {
     assert_eq!(core.position().at(), Some((1, Seq(10))));
     let d = core.handle_frame(MS, deliver(11..=12, Some(5)));
     assert!(d.is_none(), "nothing is taken on a dropped connection");
-    core.handle_timeout(MS);
-    connects(&mut core);
-    core.handle_connected(MS);
-    core.handle_frame(MS, welcome(1, 12, 0));
+    let now = reconnect(&mut core);
+    core.handle_frame(now, welcome(1, 12, 0));
     let d = core
-        .handle_frame(MS, deliver(11..=12, Some(5)))
+        .handle_frame(now, deliver(11..=12, Some(5)))
         .expect("delivered");
     core.take(d.commit);
     assert_eq!(core.position().at(), Some((1, Seq(12))));
@@ -261,10 +266,8 @@ fn a_delivery_moves_the_position_only_when_taken() {
 fn another_stream_resets_the_position() {
     let mut core = serving(&["a"], false);
     core.handle_closed(MS);
-    core.handle_timeout(MS);
-    connects(&mut core);
-    core.handle_connected(MS);
-    core.handle_frame(MS, welcome(2, 3, 0));
+    let now = reconnect(&mut core);
+    core.handle_frame(now, welcome(2, 3, 0));
     let ev = events(&mut core);
     assert!(ev.iter().any(|e| matches!(
         e,
@@ -315,12 +318,38 @@ fn refusals_end_the_connection_retryable_ones_try_elsewhere() {
         message: "minority".into(),
         publisher: None,
     };
-    core.handle_frame(MS, ServerFrame::Error(busy));
+    core.handle_frame(MS, ServerFrame::Error(busy.clone()));
     assert!(matches!(
         events(&mut core)[..],
         [Event::Link(LinkEvent::Lost { .. })]
     ));
-    assert_eq!(core.poll_timeout(), Some(MS), "the next server at once");
+    // It had served for less than the longest pause: the next server
+    // after a pause, not at once.
+    assert_eq!(core.poll_timeout(), Some(MS + 20 * MS));
+    // Refused again and again right after each Welcome: the pauses double
+    // (no tight reconnect loop against an overloaded core).
+    let mut now = MS;
+    let mut pauses = Vec::new();
+    for _ in 0..8 {
+        let at = core.poll_timeout().expect("a timer");
+        pauses.push(at - now);
+        now = at;
+        core.handle_timeout(now);
+        assert_eq!(connects(&mut core).len(), 1);
+        core.handle_connected(now);
+        core.handle_frame(now, welcome(1, 10, 0));
+        core.handle_frame(now, ServerFrame::Error(busy.clone()));
+    }
+    assert_eq!(pauses[..4], [20 * MS, 40 * MS, 80 * MS, 160 * MS]);
+    assert_eq!(pauses[7], BACKOFF_MAX);
+    // A connection that served a while is followed by the adopter at once.
+    core.handle_timeout(core.poll_timeout().expect("a timer"));
+    connects(&mut core);
+    core.handle_connected(now);
+    core.handle_frame(now, welcome(1, 10, 0));
+    now += BACKOFF_MAX;
+    core.handle_frame(now, ServerFrame::Error(busy));
+    assert_eq!(core.poll_timeout(), Some(now));
     let mut core = serving(&["a", "b"], false);
     let no = ErrorFrame {
         code: ErrorCode::Malformed,

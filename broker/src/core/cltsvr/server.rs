@@ -388,6 +388,8 @@ fn pump_core(
         let subs = node.take_submissions();
         moved |= !subs.is_empty();
         let mut msgs = Vec::with_capacity(subs.len());
+        // The group's bound, counting what this batch already took.
+        let mut room = group.unordered_room();
         for sub in subs {
             let (publisher, pub_seq) = (sub.msg.0, sub.msg.1);
             // What the group holds covers whatever any server has
@@ -411,13 +413,14 @@ fn pump_core(
                 node.ack_publisher(now, publisher, ack);
             } else if known > PubSeq(0) && pub_seq.0 > known.0.saturating_add(1) {
                 node.reject_behind(now, &sub, known);
-            } else if group.unordered_full() && sub.session != SessionId::NODE {
+            } else if room == 0 && sub.session != SessionId::NODE {
                 // (The node's own membership events are few, and must
                 // not be lost: they pass.)
                 // Push back on this publisher; it retries what was not
                 // acknowledged after reconnecting.
                 node.reject_overloaded(now, &sub);
             } else {
+                room = room.saturating_sub(1);
                 msgs.push(Submitted(sub.after, sub.msg));
             }
         }

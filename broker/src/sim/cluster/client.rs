@@ -1,9 +1,10 @@
-//! A client of the simulated core, following the SDK's rules over the real
-//! client protocol: it resumes by stream and position with the running-hash
-//! check, keeps what is unacknowledged and sends it again after a Welcome,
-//! learns what was acknowledged from the Welcome, and on a loss tries the
-//! servers in adoption order with the lost one last, backing off between
-//! rounds. A client publishes, subscribes (strong or weak), or both.
+//! A client of the simulated core: the SDK's own protocol core
+//! ([`ClientCore`]) over the real client protocol, so what the simulator
+//! checks is what users run: resuming by stream and position with the
+//! running-hash check, resending what is unacknowledged after a Welcome,
+//! learning what was acknowledged from it, and on a loss trying the servers
+//! in adoption order with the lost one last, backing off between rounds. A
+//! client publishes, subscribes (strong or weak), or both.
 //!
 //! What it checks as it goes (the rest is checked once the core settles,
 //! [`CoreClient::check_final`]):
@@ -18,33 +19,19 @@
 use crate::sim::checker::Violation;
 use crate::sim::cluster_checker::ClusterChecker;
 use bytes::Bytes;
-use canopy_client::protocol::{
-    self, ClientFrame, Hello, PubSeq, Publish, PublisherId, Reports, Resume, Role, Seq,
-    ServerFrame, SlowPolicy, StreamCheck,
-};
-use std::collections::{BTreeMap, VecDeque};
+use canopy_client::core::{Action, ClientCore, Event, FirstOrder, Joined, LinkConfig, LinkEvent};
+use canopy_client::protocol::{self, PubSeq, PublisherId, Reports, Role, Seq, SlowPolicy};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The topic every simulated publish goes to.
 pub(super) const TOPIC: &str = "t";
 
-/// What a client does after a frame.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum After {
-    Continue,
-    /// The server refused or closed the session: try elsewhere.
-    Reconnect,
-}
-
-/// The subscribing side of a client (pattern `>`).
+/// The subscribing side of a client (pattern `>`): what it was handed, to
+/// check against the stream. Its position is the core's.
 #[derive(Debug)]
 pub(super) struct Subscriber {
     weak: bool,
-    /// Stream and the last seq handed over (or told by a watermark).
-    position: Option<(u64, Seq)>,
-    check: Option<StreamCheck>,
-    /// Weak: through this seq, what was handed over is agreed.
-    agreed: Option<Seq>,
     /// In the current stream: where the client joined it, what it was
     /// handed (seq → content), and the gaps it was told of.
     since: Seq,
@@ -62,9 +49,6 @@ impl Subscriber {
     fn new(weak: bool) -> Self {
         Subscriber {
             weak,
-            position: None,
-            check: None,
-            agreed: None,
             since: Seq(0),
             log: BTreeMap::new(),
             gaps: Vec::new(),
@@ -74,16 +58,16 @@ impl Subscriber {
         }
     }
 
-    fn advance(&mut self, seq: Seq) {
-        if let Some((_, at)) = &mut self.position {
-            *at = (*at).max(seq);
-        }
-    }
-
     /// Weak: compares what was handed over through `agreed` with the
     /// stable stream.
-    fn verify(&mut self, id: PublisherId, checker: &ClusterChecker) -> Result<(), Violation> {
-        let (Some((stream, _)), Some(agreed)) = (self.position, self.agreed) else {
+    fn verify(
+        &mut self,
+        id: PublisherId,
+        checker: &ClusterChecker,
+        stream: u64,
+        agreed: Option<Seq>,
+    ) -> Result<(), Violation> {
+        let Some(agreed) = agreed else {
             return Ok(());
         };
         if agreed <= self.verified {
@@ -103,51 +87,71 @@ impl Subscriber {
     }
 }
 
-/// A client of the core.
+/// A client of the core: the SDK's protocol core, with what it published
+/// and was handed kept for the checks.
 #[derive(Debug)]
 pub(super) struct CoreClient {
     pub id: PublisherId,
     /// Its first pub_seq (first contact may start anywhere).
     pub first: u64,
-    pub next: u64,
-    pub unacked: VecDeque<PubSeq>,
+    /// The client protocol core the SDK runs.
+    pub core: ClientCore,
     pub acked: PubSeq,
     /// Per stretch of acknowledgements: the last pub_seq and the stream it
     /// was acknowledged in.
     acked_in: Vec<(PubSeq, u64)>,
     pub sub: Option<Subscriber>,
-    /// Its live connection (the world's index), if any...
+    /// Its live connection (the world's index), if any.
     pub conn: Option<usize>,
-    /// ...and whether that connection has its Welcome, in which stream.
-    pub welcomed: bool,
-    stream: u64,
-    /// Connections attempted, as the SDK counts them (`Hello::connection`).
-    connections: u64,
-    /// The server it lost last (tried last), the servers still to try in
-    /// this round, and the pause before the next round.
-    pub lost: Option<String>,
-    pub to_try: Vec<String>,
-    pub backoff: Duration,
+    /// When its core's timer is armed in the world, if it is.
+    pub armed: Option<Duration>,
 }
 
 impl CoreClient {
-    pub fn new(id: PublisherId, first: u64, sub: Option<bool>) -> Self {
+    /// A client that tries `servers` in this order first.
+    pub fn new(
+        now: Duration,
+        id: PublisherId,
+        first: u64,
+        sub: Option<bool>,
+        servers: Vec<String>,
+    ) -> Self {
+        let config = LinkConfig {
+            name: format!("sim-{}", id.0),
+            publisher: id,
+            servers,
+            role: Role::Client,
+            reports: Reports::Servers,
+            slow: SlowPolicy::Disconnect,
+            weak: sub == Some(true),
+            // Longer than a run: the simulator ends connections itself (a
+            // crash resets them), and a silent server is the core's unit
+            // tests' and the real-process tests' business.
+            ping_interval: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_for: None,
+            first_order: FirstOrder::Configured,
+        };
+        let mut core = ClientCore::new(now, config);
+        core.start_pub_seq_at(first);
+        if sub.is_some() {
+            core.subscribe(">");
+        }
         CoreClient {
             id,
             first,
-            next: first,
-            unacked: VecDeque::new(),
+            core,
             acked: PubSeq(0),
             acked_in: Vec::new(),
             sub: sub.map(Subscriber::new),
             conn: None,
-            welcomed: false,
-            stream: 0,
-            connections: 0,
-            lost: None,
-            to_try: Vec::new(),
-            backoff: Duration::from_millis(20),
+            armed: None,
         }
+    }
+
+    /// Whether a connection serves (its Welcome arrived).
+    pub fn welcomed(&self) -> bool {
+        self.core.link().is_up()
     }
 
     /// The stream `pub_seq` was acknowledged in, if it was.
@@ -158,51 +162,18 @@ impl CoreClient {
             .map(|&(_, stream)| stream)
     }
 
-    /// The frame of publish `pub_seq` (its payload names it, as the
-    /// checker expects).
-    fn publish_frame(&self, pub_seq: PubSeq) -> Bytes {
+    /// A new publish, recorded as published (the core sends it when it
+    /// can; its payload names it, as the checker expects).
+    pub fn publish(&mut self, checker: &mut ClusterChecker) {
+        let pub_seq = self.core.next_pub_seq();
         let payload = Bytes::from(format!("{}:{}", self.id.0, pub_seq.0));
-        protocol::encode_client(&ClientFrame::Publish(Publish::new(TOPIC, pub_seq, payload)))
-    }
-
-    /// A new publish, recorded as published; its frame if connected.
-    pub fn publish(&mut self, checker: &mut ClusterChecker) -> Option<Bytes> {
-        let pub_seq = PubSeq(self.next);
-        self.next = self.next.saturating_add(1);
-        self.unacked.push_back(pub_seq);
         checker.published(self.id, pub_seq);
-        self.welcomed.then(|| self.publish_frame(pub_seq))
+        self.core.publish(TOPIC, &payload);
     }
 
-    /// The Hello of a new connection.
-    pub fn hello(&mut self) -> Bytes {
-        self.connections += 1;
-        self.welcomed = false;
-        let (subscriptions, resume, weak) = match &self.sub {
-            None => (Vec::new(), None, false),
-            Some(s) => (
-                vec![">".to_owned()],
-                s.position.map(|(stream, after)| Resume {
-                    stream,
-                    after,
-                    check: s.check,
-                    agreed: s.agreed,
-                }),
-                s.weak,
-            ),
-        };
-        protocol::encode_client(&ClientFrame::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            name: format!("sim-{}", self.id.0),
-            publisher: self.id,
-            subscriptions,
-            resume,
-            slow: SlowPolicy::Disconnect,
-            role: Role::Client,
-            reports: Reports::Servers,
-            connection: self.connections,
-            weak,
-        }))
+    /// The next action for the world.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.core.poll_action()
     }
 
     /// Marks everything through `pub_seq` acknowledged in the current
@@ -211,159 +182,100 @@ impl CoreClient {
         if pub_seq <= self.acked {
             return Ok(0);
         }
-        if checker.seq_of(self.stream, (self.id, pub_seq)).is_none() {
+        let stream = self.core.stream().unwrap_or_default();
+        if checker.seq_of(stream, (self.id, pub_seq)).is_none() {
             return Err(Violation(format!(
-                "acknowledgement: publisher {} was told pub_seq {} is ordered in stream {:x}, but it is not there (found at {:?})",
+                "acknowledgement: publisher {} was told pub_seq {} is ordered in stream {stream:x}, but it is not there (found at {:?})",
                 self.id.0,
                 pub_seq.0,
-                self.stream,
                 checker.find(self.id, pub_seq)
             )));
         }
         let newly = pub_seq.0 - self.acked.0.max(self.first.saturating_sub(1));
         self.acked = pub_seq;
-        self.acked_in.push((pub_seq, self.stream));
-        while self.unacked.front().is_some_and(|&p| p <= pub_seq) {
-            self.unacked.pop_front();
-        }
+        self.acked_in.push((pub_seq, stream));
         Ok(newly)
     }
 
-    /// Handles one frame from the server: frames to send go to `replies`;
-    /// returns what to do next and how many publishes it acknowledged.
+    /// Handles one frame from the server; returns how many publishes it
+    /// acknowledged.
     pub fn on_frame(
         &mut self,
+        now: Duration,
         content: Bytes,
         checker: &ClusterChecker,
-        replies: &mut Vec<Bytes>,
-    ) -> Result<(After, u64), Violation> {
+    ) -> Result<u64, Violation> {
         let id = self.id;
         let frame = protocol::decode_server(content)
             .map_err(|e| Violation(format!("client {}: undecodable frame: {e}", id.0)))?;
+        if let Some(delivery) = self.core.handle_frame(now, frame) {
+            let Some(s) = &mut self.sub else {
+                return Err(Violation(format!(
+                    "client {}: a delivery to a client that subscribed to nothing",
+                    id.0
+                )));
+            };
+            let (stream, _) = self.core.position().at().unwrap_or_default();
+            for m in &delivery.messages {
+                let content = (m.publisher, m.pub_seq);
+                if !s.weak {
+                    let stable = checker.content(stream, m.seq);
+                    if stable != Some(content) {
+                        return Err(Violation(format!(
+                            "strong client {} was handed {content:?} at seq {} of stream {stream:x}, where the stream has {stable:?}",
+                            id.0, m.seq
+                        )));
+                    }
+                }
+                s.log.insert(m.seq, content);
+            }
+            self.core.take(delivery.commit);
+        }
         let mut acked = 0;
-        match frame {
-            ServerFrame::Welcome(w) => {
-                self.welcomed = true;
-                self.stream = w.stream;
-                self.backoff = Duration::from_millis(20);
-                if let Some(s) = &mut self.sub {
-                    let fresh = match s.position {
-                        Some((stream, _)) if stream != w.stream => {
-                            s.resets += 1;
-                            true
-                        }
-                        Some(_) => false,
-                        None => true,
-                    };
-                    if fresh {
-                        s.position = Some((w.stream, w.head));
-                        s.check = Some(StreamCheck {
-                            seq: w.head,
-                            hash: w.hash,
-                        });
-                        s.agreed = s.weak.then_some(w.head);
-                        s.since = w.head;
-                        s.verified = w.head;
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                Event::Welcomed { welcome, joined } => {
+                    if let Some(s) = self.sub.as_mut().filter(|_| joined != Joined::Resumed) {
+                        s.resets += u64::from(joined == Joined::Reset);
+                        s.since = welcome.head;
+                        s.verified = welcome.head;
                         s.log.clear();
                         s.gaps.clear();
                     }
                 }
-                acked = self.acknowledge(w.pub_acked, checker)?;
-                self.next = self.next.max(w.pub_acked.0.saturating_add(1));
-                for &p in &self.unacked {
-                    replies.push(self.publish_frame(p));
-                }
-            }
-            ServerFrame::PubAck(a) => acked = self.acknowledge(a.pub_seq, checker)?,
-            ServerFrame::Deliver(head, body) => {
-                let Some(s) = &mut self.sub else {
-                    return Err(Violation(format!(
-                        "client {}: a delivery to a client that subscribed to nothing",
-                        id.0
-                    )));
-                };
-                let mut msgs = Vec::new();
-                protocol::messages(&head, &body, &mut msgs)
-                    .map_err(|e| Violation(format!("client {}: bad delivery: {e}", id.0)))?;
-                let (stream, from) = s.position.unwrap_or_default();
-                let mut at = from;
-                for m in msgs.iter().filter(|m| m.seq > from) {
-                    let content = (m.publisher, m.pub_seq);
-                    if !s.weak {
-                        let stable = checker.content(stream, m.seq);
-                        if stable != Some(content) {
-                            return Err(Violation(format!(
-                                "strong client {} was handed {content:?} at seq {} of stream {stream:x}, where the stream has {stable:?}",
-                                id.0, m.seq
-                            )));
-                        }
+                Event::Acked(through) => acked += self.acknowledge(through, checker)?,
+                Event::Gap { from, to } => {
+                    if let Some(s) = &mut self.sub {
+                        s.gaps.push((from, to));
                     }
-                    s.log.insert(m.seq, content);
-                    at = m.seq;
                 }
-                s.advance(at);
-                if let (Some(hash), Some(last)) = (head.hash, msgs.last()) {
-                    s.check = Some(StreamCheck {
-                        seq: last.seq,
-                        hash,
-                    });
-                }
-                if head.stable.is_some() {
-                    s.agreed = s.agreed.max(head.stable);
-                }
-                if s.weak {
-                    s.verify(id, checker)?;
-                }
-            }
-            ServerFrame::Watermark(w) => {
-                if let Some(s) = &mut self.sub {
-                    if s.weak {
-                        s.agreed = s.agreed.max(Some(w.seq));
-                        s.verify(id, checker)?;
+                Event::Diverged { from, seen } => {
+                    let Some(s) = &mut self.sub else {
+                        continue;
+                    };
+                    let back = Seq(from.0.saturating_sub(1));
+                    if back < s.verified {
+                        return Err(Violation(format!(
+                            "weak: client {} was told of a difference from seq {from} (seen at {seen}) after being told it was agreed through {}",
+                            id.0, s.verified
+                        )));
                     }
-                    s.advance(w.seq);
+                    s.log.split_off(&from);
+                    s.diverged += 1;
                 }
-            }
-            ServerFrame::Diverged(d) => {
-                let Some(s) = self.sub.as_mut().filter(|s| s.weak) else {
-                    return Err(Violation(format!(
-                        "strong client {} was told its stream diverged from seq {} (seen at {})",
-                        id.0, d.from, d.seen
-                    )));
-                };
-                let back = Seq(d.from.0.saturating_sub(1));
-                if back < s.verified {
-                    return Err(Violation(format!(
-                        "weak: client {} was told of a difference from seq {} after being told it was agreed through {}",
-                        id.0, d.from, s.verified
-                    )));
+                Event::Link(LinkEvent::Refused(e)) => {
+                    return Err(Violation(format!("client {} was refused: {e}", id.0)));
                 }
-                if let Some((_, at)) = &mut s.position {
-                    *at = (*at).min(back);
-                }
-                s.check = None;
-                s.agreed = Some(back);
-                s.log.split_off(&d.from);
-                s.diverged += 1;
-            }
-            ServerFrame::Gap(g) => {
-                if let Some(s) = &mut self.sub {
-                    s.gaps.push((g.from, g.to));
-                    s.advance(g.to);
-                }
-            }
-            ServerFrame::Subscribed(_) | ServerFrame::Unsubscribed(_) => {}
-            ServerFrame::Ping(p) => replies.push(protocol::encode_client(&ClientFrame::Pong(p))),
-            ServerFrame::Pong(_) | ServerFrame::Members(_) | ServerFrame::Servers(_) => {}
-            ServerFrame::Error(e) if e.code.is_retryable() => return Ok((After::Reconnect, acked)),
-            ServerFrame::Error(e) => {
-                return Err(Violation(format!(
-                    "client {} was refused: {:?}: {}",
-                    id.0, e.code, e.message
-                )))
+                Event::Link(LinkEvent::Lost { .. } | LinkEvent::Unreachable(_))
+                | Event::Subscribed(_)
+                | Event::Members(_) => {}
             }
         }
-        Ok((After::Continue, acked))
+        if let Some(s) = self.sub.as_mut().filter(|s| s.weak) {
+            let (stream, _) = self.core.position().at().unwrap_or_default();
+            s.verify(id, checker, stream, self.core.position().agreed())?;
+        }
+        Ok(acked)
     }
 
     /// Once the core settled in `stream` at `head`: a subscriber in that
@@ -379,7 +291,7 @@ impl CoreClient {
         let Some(s) = &mut self.sub else {
             return Ok(());
         };
-        let Some((at_stream, at)) = s.position else {
+        let Some((at_stream, at)) = self.core.position().at() else {
             return Err(Violation(format!(
                 "liveness: subscriber {} never joined the stream",
                 id.0
@@ -392,8 +304,7 @@ impl CoreClient {
             )));
         }
         if s.weak {
-            s.agreed = Some(head);
-            s.verify(id, checker)?;
+            s.verify(id, checker, stream, Some(head))?;
         }
         for (seq, content, system) in checker.contents(stream, s.since, head) {
             let gap = s.gaps.iter().any(|&(from, to)| from <= seq && seq <= to);

@@ -40,13 +40,13 @@ impl Node {
             }
         }
         for session in self.acks_due.drain(..) {
-            let Some(ack) = self
-                .sessions
-                .get_mut(&session)
-                .and_then(|s| s.ack_due.take())
-            else {
+            let Some(s) = self.sessions.get_mut(&session) else {
                 continue;
             };
+            let Some(ack) = s.ack_due.take().filter(|a| a.pub_seq > s.ack_sent) else {
+                continue;
+            };
+            s.ack_sent = ack.pub_seq;
             self.outputs.push_back(Output::Transmit {
                 session,
                 frame: protocol::encode(kind::PUB_ACK, &ack, &[]),

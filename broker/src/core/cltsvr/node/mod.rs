@@ -226,6 +226,11 @@ struct Session {
     gap: Option<(Seq, Seq)>,
     /// The acknowledgement owed after the current batch.
     ack_due: Option<PubAck>,
+    /// The highest pub_seq acknowledged on this session so far: an
+    /// acknowledgement that adds nothing (a retry of what the client was
+    /// told ordered) is not sent again, so that retries cannot fill the
+    /// client's queue with copies of one cumulative acknowledgement.
+    ack_sent: PubSeq,
     /// Closed by the core; the `Close` output is queued.
     closing: bool,
     /// With `closing`: whether what is queued for the session still goes
@@ -537,6 +542,7 @@ impl Node {
                 patterns: Vec::new(),
                 gap: None,
                 ack_due: None,
+                ack_sent: PubSeq(0),
                 closing: false,
                 drain: false,
                 opened_at: now,

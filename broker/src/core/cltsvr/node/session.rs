@@ -134,6 +134,8 @@ impl Node {
         }
         if let Some(s) = self.sessions.get_mut(&session) {
             s.submitted = pub_acked;
+            // The Welcome acknowledges this much.
+            s.ack_sent = pub_acked;
             s.patterns = patterns;
             s.sent_through = head;
             s.weak = hello.weak;

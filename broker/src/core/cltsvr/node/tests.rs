@@ -173,6 +173,32 @@ fn retries_are_acknowledged_but_ordered_once() {
     assert_eq!(n.stats().duplicates, 2);
 }
 
+/// Retries of what a session was told is ordered add nothing to the
+/// cumulative acknowledgement: they get no copies of it (a client that
+/// resends its whole window must not fill its own queue with them).
+#[test]
+fn copies_of_one_acknowledgement_are_not_sent_again() {
+    let mut n = node();
+    let p = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("x", 1));
+    n.handle_frame(T0, p, publish("x", 2));
+    let acks = |out: &[(SessionId, ServerFrame)]| -> Vec<u64> {
+        out.iter()
+            .filter_map(|(_, f)| match f {
+                ServerFrame::PubAck(a) => Some(a.pub_seq.0),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(acks(&drain(&mut n)), [2]);
+    for pub_seq in [1, 2, 1, 2] {
+        n.handle_frame(T0, p, publish("x", pub_seq));
+    }
+    assert_eq!(acks(&drain(&mut n)), Vec::<u64>::new());
+    n.handle_frame(T0, p, publish("x", 3));
+    assert_eq!(acks(&drain(&mut n)), [3]);
+}
+
 #[test]
 fn a_full_queue_cuts_a_strong_session_and_nothing_more_is_sent_to_it() {
     let mut n = node();
@@ -650,13 +676,24 @@ fn grouped_node_submits_and_acknowledges_on_delivery() {
         "{out:?}"
     );
     assert_eq!(seqs(&out, sub), vec![1, 2]);
-    // A retry of what was delivered is acknowledged at once.
+    // A retry of what was delivered is not ordered again, and, having
+    // been acknowledged on this session, not acknowledged again.
     n.handle_frame(T0, p, publish("t.a", 1));
+    assert!(drain(&mut n).is_empty());
+    assert!(n.take_submissions().is_empty());
+    // On a new connection the Welcome acknowledges it, and the retry
+    // again gets nothing more.
+    n.handle_closed(T0, p);
+    let p = SessionId(99);
+    n.handle_open(T0, p);
+    n.handle_frame(T0, p, hello(2, &[], SlowPolicy::Disconnect));
     let out = drain(&mut n);
     assert!(
-        matches!(out.as_slice(), [(x, ServerFrame::PubAck(a))] if *x == p && a.pub_seq == PubSeq(2)),
+        matches!(out.as_slice(), [(x, ServerFrame::Welcome(w))] if *x == p && w.pub_acked == PubSeq(2)),
         "{out:?}"
     );
+    n.handle_frame(T0, p, publish("t.a", 1));
+    assert!(drain(&mut n).is_empty());
     assert!(n.take_submissions().is_empty());
     // Losing the primary view closes every client with `not_primary`.
     n.set_primary(T0, false);

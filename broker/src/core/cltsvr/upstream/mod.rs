@@ -50,8 +50,8 @@ use bytes::Bytes;
 pub use canopy_client::core::Action;
 use canopy_client::core::{FirstOrder, Link, LinkConfig};
 use canopy_client::protocol::{
-    self, ErrorCode, MembersHead, Message, PubAck, PubSeq, PublisherId, Reports, Resume, Role,
-    Seq, ServerFrame,
+    self, ErrorCode, MembersHead, Message, PubAck, PubSeq, PublisherId, Reports, Resume, Role, Seq,
+    ServerFrame,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;

@@ -525,9 +525,12 @@ impl Group {
             .map(|Submitted(after, m)| (m.0, m.1, *after))
     }
 
-    /// Whether `submit` would refuse more publishes now.
-    pub fn unordered_full(&self) -> bool {
-        self.total.unordered.len() >= self.config.unordered_max
+    /// How many more publishes `submit` may take now (its bound,
+    /// `unordered_max`, less what waits to be ordered).
+    pub fn unordered_room(&self) -> usize {
+        self.config
+            .unordered_max
+            .saturating_sub(self.total.unordered.len())
     }
 }
 

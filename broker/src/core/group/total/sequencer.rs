@@ -10,7 +10,7 @@ impl Group {
     /// They are kept until delivered and sent again after a view change or
     /// a broken link, so a publish is lost only if this server fails (and
     /// then its publisher, unacknowledged, retries elsewhere). Call only when
-    /// [`Group::unordered_full`] is false; beyond the bound the server must
+    /// [`Group::unordered_room`] allows them; beyond the bound the server must
     /// push back on its publishers.
     pub fn submit(&mut self, msgs: Vec<Submitted>) {
         let start = self.total.unordered.len();
