@@ -10,6 +10,31 @@ use canopy_client::protocol::{self, PubSeq, PublisherId, Reports, Role, ServerFr
 use std::collections::VecDeque;
 use std::time::Duration;
 
+/// The settings of a simulated client's core: an SDK client's, but for its
+/// ping period. That is longer than a run: the simulators end connections
+/// themselves (a crash resets them), and a silent server is the core's unit
+/// tests' and the real-process tests' business.
+pub(super) fn link_config(
+    publisher: PublisherId,
+    servers: Vec<String>,
+    slow: SlowPolicy,
+    weak: bool,
+) -> LinkConfig {
+    LinkConfig {
+        name: format!("sim-{}", publisher.0),
+        publisher,
+        servers,
+        role: Role::Client,
+        reports: Reports::Servers,
+        slow,
+        weak,
+        ping_interval: Duration::from_secs(3600),
+        connect_timeout: Duration::from_secs(5),
+        reconnect_for: None,
+        first_order: FirstOrder::Configured,
+    }
+}
+
 pub struct Client {
     pub id: usize,
     pub publisher: PublisherId,
@@ -31,20 +56,7 @@ impl Client {
     /// A client of `servers` (tried in this order first).
     pub fn new(id: usize, patterns: Vec<String>, slow: SlowPolicy, servers: Vec<String>) -> Self {
         let publisher = PublisherId(1000 + id as u64);
-        let config = LinkConfig {
-            name: format!("sim-{id}"),
-            publisher,
-            servers,
-            role: Role::Client,
-            reports: Reports::Servers,
-            slow,
-            weak: false,
-            // Longer than a run: the simulators end connections themselves.
-            ping_interval: Duration::from_secs(3600),
-            connect_timeout: Duration::from_secs(5),
-            reconnect_for: None,
-            first_order: FirstOrder::Configured,
-        };
+        let config = link_config(publisher, servers, slow, false);
         let mut core = ClientCore::new(Duration::ZERO, config);
         for p in &patterns {
             core.subscribe(p);

@@ -17,10 +17,11 @@
 //!   them back first.
 
 use crate::sim::checker::Violation;
+use crate::sim::client::link_config;
 use crate::sim::cluster_checker::ClusterChecker;
 use bytes::Bytes;
-use canopy_client::core::{Action, ClientCore, Event, FirstOrder, Joined, LinkConfig, LinkEvent};
-use canopy_client::protocol::{self, PubSeq, PublisherId, Reports, Role, Seq, SlowPolicy};
+use canopy_client::core::{Action, ClientCore, Event, Joined, LinkEvent};
+use canopy_client::protocol::{self, PubSeq, PublisherId, Seq, SlowPolicy};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -116,22 +117,7 @@ impl CoreClient {
         sub: Option<bool>,
         servers: Vec<String>,
     ) -> Self {
-        let config = LinkConfig {
-            name: format!("sim-{}", id.0),
-            publisher: id,
-            servers,
-            role: Role::Client,
-            reports: Reports::Servers,
-            slow: SlowPolicy::Disconnect,
-            weak: sub == Some(true),
-            // Longer than a run: the simulator ends connections itself (a
-            // crash resets them), and a silent server is the core's unit
-            // tests' and the real-process tests' business.
-            ping_interval: Duration::from_secs(3600),
-            connect_timeout: Duration::from_secs(5),
-            reconnect_for: None,
-            first_order: FirstOrder::Configured,
-        };
+        let config = link_config(id, servers, SlowPolicy::Disconnect, sub == Some(true));
         let mut core = ClientCore::new(now, config);
         core.start_pub_seq_at(first);
         if sub.is_some() {
