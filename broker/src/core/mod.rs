@@ -37,6 +37,7 @@
 pub mod cltsvr;
 pub mod group;
 pub mod retention;
+pub mod timers;
 
 pub use cltsvr::node::{Node, NodeConfig, Output, SessionReport, Stats, Submission, TransmitKind};
 pub use cltsvr::server::Server;

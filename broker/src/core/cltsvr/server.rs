@@ -28,6 +28,7 @@ use super::members::core_server_id;
 use super::node::{Node, Output, TransmitKind};
 use super::upstream::{Action, UpEvent, Upstream};
 use crate::core::group::{Event, Group, HardState, NodeId, PeerMsg, Submitted};
+use crate::core::timers::earliest;
 use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
@@ -252,16 +253,12 @@ impl Server {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let node = self.node.poll_timeout();
         let below = match &self.below {
             Below::Alone => None,
             Below::Core(g) => g.poll_timeout(),
             Below::Relay(u) => u.poll_timeout(),
         };
-        match (node, below) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(self.node.poll_timeout(), below)
     }
 
     /// Time has reached `now`.

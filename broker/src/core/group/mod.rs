@@ -397,7 +397,6 @@ struct Proposal {
     id: ViewId,
     members: Vec<Member>,
     oks: BTreeMap<NodeId, FlushOk>,
-    deadline: Duration,
 }
 
 /// A lagging member's `NewView`, kept until its snapshot arrives.

@@ -54,6 +54,7 @@ use super::members::{MemberEvent, Members, MEMBERS_TOPIC};
 use super::report::{Entry, EventKind, Journal, TopicCounts};
 use crate::core::group::{Msg, Snapshot};
 use crate::core::retention::{Ordered, Retention};
+use crate::core::timers::Timers;
 use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
@@ -218,6 +219,17 @@ pub enum Output {
     },
 }
 
+/// The node's timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeTimer {
+    /// Watermarks, the idle check, and the fan-out of what is pending.
+    Watermark,
+    /// Stalled catch-ups are retried.
+    ReplayRetry,
+    /// The oldest session awaiting its Hello is due.
+    Handshake,
+}
+
 struct Session {
     /// Set by a valid `Hello`; nothing but `Hello` is accepted before.
     hello: Option<SessionHello>,
@@ -301,14 +313,13 @@ pub struct Node {
     pending: Vec<Ordered>,
     /// Sessions with `ack_due` set.
     acks_due: Vec<SessionId>,
-    /// Sessions awaiting their Hello, with the time it is due by, in order.
+    /// Sessions awaiting their Hello, with the time it is due by, in order
+    /// (the front's is [`NodeTimer::Handshake`]).
     hello_due: VecDeque<(Duration, SessionId)>,
     /// Sessions with a catch-up in progress.
     catching_up: Vec<SessionId>,
-    /// When stalled catch-ups are retried.
-    replay_retry: Option<Duration>,
+    timers: Timers<NodeTimer>,
     outputs: VecDeque<Output>,
-    watermark_next: Duration,
     watermark_sent: Seq,
     fanout: Fanout,
     stats: Stats,
@@ -433,9 +444,12 @@ impl Node {
             acks_due: Vec::new(),
             hello_due: VecDeque::new(),
             catching_up: Vec::new(),
-            replay_retry: None,
             outputs: VecDeque::new(),
-            watermark_next: now + config.watermark_interval,
+            timers: {
+                let mut t = Timers::new();
+                t.set(NodeTimer::Watermark, now + config.watermark_interval);
+                t
+            },
             watermark_sent: Seq(0),
             fanout: Fanout::default(),
             stats: Stats::default(),
@@ -570,8 +584,10 @@ impl Node {
             );
             return self.close_with_error(session, ErrorCode::TooManyConnections, msg);
         }
-        self.hello_due
-            .push_back((now + self.config.handshake_timeout, session));
+        let due = now + self.config.handshake_timeout;
+        self.hello_due.push_back((due, session));
+        // (Later than the front's, if there is one.)
+        self.timers.set_unless_set(NodeTimer::Handshake, due);
     }
 
     /// A connection ended (by the peer or by the shell after a `Close`).
@@ -602,17 +618,14 @@ impl Node {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let hello = self.hello_due.front().map(|(t, _)| *t);
-        let next = hello.map_or(self.watermark_next, |h| h.min(self.watermark_next));
-        Some(self.replay_retry.map_or(next, |r| r.min(next)))
+        self.timers.next()
     }
 
     /// Time has reached `now`: closes sessions that never said Hello and
     /// sends watermarks when they are due.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.now = now;
-        if self.replay_retry.is_some_and(|r| r <= now) {
-            self.replay_retry = None;
+        if self.timers.fire(NodeTimer::ReplayRetry, now) {
             for id in &self.catching_up {
                 if let Some(s) = self.sessions.get_mut(id) {
                     s.replay_stalled = false;
@@ -633,10 +646,13 @@ impl Node {
                 self.close_with_error(session, ErrorCode::HandshakeTimeout, msg);
             }
         }
-        if now < self.watermark_next {
+        let next_hello = self.hello_due.front().map(|&(due, _)| due);
+        self.timers.set_or_cancel(NodeTimer::Handshake, next_hello);
+        if !self.timers.is_due(NodeTimer::Watermark, now) {
             return;
         }
-        self.watermark_next = now + self.config.watermark_interval;
+        self.timers
+            .set(NodeTimer::Watermark, now + self.config.watermark_interval);
         self.fan_out();
         // Sessions in id order: outputs never depend on hash iteration.
         let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();

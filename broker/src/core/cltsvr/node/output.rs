@@ -142,7 +142,8 @@ impl Node {
         if kind == TransmitKind::Replay {
             s.catch_up = Some(Seq(seqs.0 .0.saturating_sub(1)));
             s.replay_stalled = true;
-            self.replay_retry.get_or_insert(now + REPLAY_RETRY);
+            self.timers
+                .set_unless_set(NodeTimer::ReplayRetry, now + REPLAY_RETRY);
             return;
         }
         let conflate = s

@@ -46,6 +46,7 @@
 use super::members::SYSTEM_PATTERN;
 use crate::core::group::{Msg, Snapshot};
 use crate::core::retention::Ordered;
+use crate::core::timers::earliest;
 use bytes::Bytes;
 pub use canopy_client::core::Action;
 use canopy_client::core::{FirstOrder, Link, LinkConfig};
@@ -249,12 +250,7 @@ impl Upstream {
     /// When `handle_timeout` is next due: the link's timer, or the time the
     /// relay stops serving without its stream.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let link = self.link.poll_timeout();
-        let give_up = self.give_up_at();
-        match (link, give_up) {
-            (Some(l), Some(g)) => Some(l.min(g)),
-            (l, g) => l.or(g),
-        }
+        earliest(self.link.poll_timeout(), self.give_up_at())
     }
 
     fn give_up_at(&self) -> Option<Duration> {

@@ -27,13 +27,11 @@ impl Group {
                 self.send(m.node, &req);
             }
         }
-        self.mbr.proposal = Some(Proposal {
-            id,
-            members,
-            oks,
-            deadline: now + self.config.flush_timeout,
-        });
-        self.mbr.promise_deadline = None;
+        self.mbr.proposal = Some(Proposal { id, members, oks });
+        self.mbr
+            .timers
+            .set(MbrTimer::Proposal, now + self.config.flush_timeout);
+        self.mbr.timers.cancel(MbrTimer::Promise);
         self.try_install(now);
     }
 
@@ -48,7 +46,9 @@ impl Group {
             self.mbr.status = Status::Flushing;
         }
         self.mbr.blocked_since.get_or_insert(now);
-        self.mbr.promise_deadline = Some(now + self.config.flush_timeout);
+        self.mbr
+            .timers
+            .set(MbrTimer::Promise, now + self.config.flush_timeout);
     }
 
     pub(super) fn flush_ok(&self) -> FlushOk {
@@ -82,6 +82,7 @@ impl Group {
         }
         if proposal > self.mbr.promised {
             if self.mbr.proposal.take().is_some() {
+                self.mbr.timers.cancel(MbrTimer::Proposal);
                 tracing::debug!(me = %self.config.me, proposal = %proposal, "a higher proposal overrides ours");
             }
             self.promise(now, proposal);
@@ -137,6 +138,8 @@ impl Group {
                 return;
             }
         };
+        // The proposal is decided, whichever way what follows goes.
+        self.mbr.timers.cancel(MbrTimer::Proposal);
         if basis.is_some() && basis != self.reported_view() {
             // Only a holder of the newest state can carry the stream on.
             if self.mbr.status == Status::Joining {
@@ -346,7 +349,9 @@ impl Group {
         self.mbr.state_view = Some(view.id);
         self.mbr.accepted_through = through;
         self.mbr.accepted.clear();
-        self.mbr.promise_deadline = Some(now + self.config.flush_timeout);
+        self.mbr
+            .timers
+            .set(MbrTimer::Promise, now + self.config.flush_timeout);
         for m in &view.members {
             if let Some(p) = self.mbr.peers.get_mut(&m.node) {
                 // What it will say in its next heartbeat; saying it now keeps
@@ -414,7 +419,7 @@ impl Group {
         tracing::info!(me = %self.config.me, view = %view.id, members = ?view.members.iter().map(|m| m.node.0).collect::<Vec<_>>(), at = at.0, "view installed");
         self.stats.views += 1;
         self.mbr.status = Status::Normal;
-        self.mbr.promise_deadline = None;
+        self.mbr.timers.cancel(MbrTimer::Promise);
         self.mbr.blocked_since = None;
         self.mbr.told_not_primary = false;
         self.total
@@ -439,6 +444,7 @@ impl Group {
             return;
         }
         self.mbr.proposal = None;
+        self.mbr.timers.cancel(MbrTimer::Proposal);
         if lagging {
             // State comes in the snapshot that follows; keep the rest.
             self.mbr.awaiting_snapshot = true;

@@ -9,6 +9,7 @@ use super::{
     Event, FlushOk, Group, GroupConfig, HardState, Incarnation, Member, NodeId, Peer, Proposal,
     Stash, Status, View, ViewId,
 };
+use crate::core::timers::Timers;
 use canopy_client::protocol::Seq;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -49,11 +50,22 @@ pub(super) struct Membership {
     blocked_since: Option<Duration>,
     /// Whether `NotPrimary` was told for the current stretch.
     told_not_primary: bool,
-    /// When a promise made without a following view times out.
-    promise_deadline: Option<Duration>,
     proposal: Option<Proposal>,
     peers: BTreeMap<NodeId, Peer>,
-    heartbeat_next: Duration,
+    timers: Timers<MbrTimer>,
+}
+
+/// MBRSHIP's timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MbrTimer {
+    /// Heartbeats, and the check that own submissions progress.
+    Heartbeat,
+    /// A promise made without a following view times out.
+    Promise,
+    /// This server's own proposal did not complete in time: it is retried
+    /// without the members that did not answer. Set exactly while there
+    /// is a proposal.
+    Proposal,
 }
 
 impl Membership {
@@ -74,6 +86,11 @@ impl Membership {
                 "invariant: no view newer than the highest promise"
             );
         }
+        debug_assert_eq!(
+            self.proposal.is_some(),
+            self.timers.get(MbrTimer::Proposal).is_some(),
+            "invariant: a proposal has its deadline, and only a proposal"
+        );
     }
 
     /// A server's membership state at start, from its hard state (the
@@ -108,10 +125,13 @@ impl Membership {
             accepted: BTreeSet::new(),
             blocked_since: Some(now),
             told_not_primary: false,
-            promise_deadline: None,
             proposal: None,
             peers,
-            heartbeat_next: now,
+            timers: {
+                let mut t = Timers::new();
+                t.set(MbrTimer::Heartbeat, now);
+                t
+            },
         }
     }
 }
@@ -255,7 +275,7 @@ impl Group {
     pub(super) fn evaluate(&mut self, now: Duration) {
         self.tell_not_primary(now);
         if let Some(p) = &self.mbr.proposal {
-            if now < p.deadline {
+            if !self.mbr.timers.is_due(MbrTimer::Proposal, now) {
                 return;
             }
             // The proposal did not complete: some proposed member did not
@@ -277,8 +297,9 @@ impl Group {
                 }
             }
             self.mbr.proposal = None;
+            self.mbr.timers.cancel(MbrTimer::Proposal);
         }
-        if self.mbr.promise_deadline.is_some_and(|d| now >= d) {
+        if self.mbr.timers.is_due(MbrTimer::Promise, now) {
             let promised = self.mbr.promised;
             if self.mbr.status == Status::Flushing
                 && self.mbr.peers.values().any(|p| p.view >= Some(promised))
@@ -292,9 +313,9 @@ impl Group {
             // it no longer counts alive and the lowest survivor proposes.
             // (Counting a live proposer dead here would drop it from this
             // server's `hears`, and it would count this server dead in turn.)
-            self.mbr.promise_deadline = None;
+            self.mbr.timers.cancel(MbrTimer::Promise);
         }
-        if self.mbr.promise_deadline.is_some() {
+        if self.mbr.timers.get(MbrTimer::Promise).is_some() {
             return;
         }
         if self.mbr.awaiting_snapshot
@@ -409,7 +430,8 @@ impl Group {
         self.mbr.status = Status::Joining;
         self.mbr.view = None;
         self.mbr.proposal = None;
-        self.mbr.promise_deadline = None;
+        self.mbr.timers.cancel(MbrTimer::Proposal);
+        self.mbr.timers.cancel(MbrTimer::Promise);
         self.mbr.awaiting_snapshot = false;
         self.mbr.stash = None;
         self.mbr.accepted.clear();
@@ -501,17 +523,7 @@ impl Group {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let mut t = self.mbr.heartbeat_next;
-        for d in [
-            self.mbr.promise_deadline,
-            self.mbr.proposal.as_ref().map(|p| p.deadline),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            t = t.min(d);
-        }
-        Some(t)
+        self.mbr.timers.next()
     }
 
     /// The link to or from `peer` broke: a hint that it may have failed.
@@ -546,8 +558,10 @@ impl Group {
     /// Time has reached `now`: heartbeats, failure detection, view change
     /// retries.
     pub fn handle_timeout(&mut self, now: Duration) {
-        if now >= self.mbr.heartbeat_next {
-            self.mbr.heartbeat_next = now + self.config.heartbeat_interval;
+        if self.mbr.timers.is_due(MbrTimer::Heartbeat, now) {
+            self.mbr
+                .timers
+                .set(MbrTimer::Heartbeat, now + self.config.heartbeat_interval);
             self.send_heartbeats(now);
             self.check_progress(now);
         }
