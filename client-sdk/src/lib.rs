@@ -26,16 +26,23 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The protocol itself is described in `PROTOCOL.md` and [`protocol`].
+//! The protocol itself is described in `PROTOCOL.md` and [`protocol`]. The
+//! client side of it is [`core`], sans-IO state machines that `Client` (and
+//! Canopy's relays and simulators) run; with `default-features = false` the
+//! crate is the protocol and that core alone, without tokio (the `tokio`
+//! feature, on by default, adds the async `Client`).
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
 mod client;
 pub mod core;
 mod error;
+#[cfg(feature = "tokio")]
 pub mod io;
 pub mod protocol;
 pub mod topic;
 
+#[cfg(feature = "tokio")]
 pub use client::{Client, ClientOptions, Event, PendingAck, Subscription, View};
 pub use error::Error;
 pub use protocol::{Message, PubSeq, PublisherId, Reports, Seq, SlowPolicy};

@@ -488,7 +488,7 @@ pub struct Welcome {
     pub hash: u64,
 }
 
-/// One message inside a [`Deliver`] head. Its topic and payload follow, in
+/// One message inside a [`ServerFrame::Deliver`] head. Its topic and payload follow, in
 /// this order and without separators, in the frame body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliverEntry(pub Seq, pub PublisherId, pub PubSeq, pub u16, pub u32);
