@@ -50,6 +50,9 @@ pub struct Client {
     /// On the next Welcome, also resend `acked_tail`, as a client that lost
     /// its acknowledgements would: the server must not order them again.
     pub resend_acked: bool,
+    /// The world holds the client's core back until then (a connection
+    /// takes a while to open; the tree's clients wait for the relays).
+    pub held_until: Option<Duration>,
 }
 
 impl Client {
@@ -70,12 +73,27 @@ impl Client {
             sent: VecDeque::new(),
             acked_tail: VecDeque::new(),
             resend_acked: false,
+            held_until: None,
         }
     }
 
     /// Whether a connection serves (its Welcome arrived).
     pub fn welcomed(&self) -> bool {
         self.core.link().is_up()
+    }
+
+    /// Time has reached `now`: runs the core's timer if it is due, unless
+    /// the world holds the client back. Returns whether the core ran (its
+    /// actions are then to be carried out).
+    pub fn tick(&mut self, now: Duration) -> bool {
+        if self.held_until.is_some_and(|t| t > now) {
+            return false;
+        }
+        self.held_until = None;
+        if self.core.poll_timeout().is_some_and(|t| t <= now) {
+            self.core.handle_timeout(now);
+        }
+        true
     }
 
     /// Publishes not acknowledged yet.

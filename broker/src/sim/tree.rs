@@ -112,7 +112,6 @@ struct World {
     by_session: HashMap<(usize, SessionId), usize>,
     checker: Checker,
     next_session: u64,
-    reconnect_at: Vec<Option<Duration>>,
     queue_max: usize,
     delay_max_ms: u64,
     retention: usize,
@@ -179,14 +178,16 @@ pub(crate) fn run_with(seed: u64, bugs: TreeBugs) -> Result<TreeOutcome, Violati
         SlowPolicy::Disconnect,
         vec![addr(0)],
     ));
+    // Clients start once the relays have their stream.
+    for c in &mut clients {
+        c.held_until = Some(Duration::MAX);
+    }
     let mut w = World {
         seed,
         now: Duration::ZERO,
         srvs: Vec::new(),
         tiers,
         checker: Checker::new(n + 1),
-        // Clients start once the relays have their stream.
-        reconnect_at: vec![Some(Duration::MAX); n + 1],
         clients,
         conns: Vec::new(),
         by_session: HashMap::new(),
@@ -273,7 +274,7 @@ impl World {
         // anything is published.
         self.settle(|w| w.all_synced(), "relays syncing")?;
         for c in 0..self.clients.len() {
-            self.reconnect_at[c] = None;
+            self.clients[c].held_until = None;
             self.run_client(c);
         }
         self.settle(|w| w.clients.iter().all(Client::welcomed), "initial joins")?;
@@ -458,7 +459,7 @@ impl World {
                     c.welcomed(),
                     c.unacked_len(),
                     c.core.poll_timeout(),
-                    self.reconnect_at[c.id]
+                    c.held_until
                 )
             })
             .collect();
@@ -551,7 +552,7 @@ impl World {
                 // Its next connection takes a while to open: its core is
                 // not run until then.
                 let ms = 1 + self.rng.below(100);
-                self.reconnect_at[c] = Some(self.now + Duration::from_millis(ms));
+                self.clients[c].held_until = Some(self.now + Duration::from_millis(ms));
             }
             Peer::Relay(r) => {
                 if self.srvs[r].up_conn == Some(conn) {
@@ -728,15 +729,9 @@ impl World {
             }
         }
         for c in 0..self.clients.len() {
-            if self.reconnect_at[c].is_some_and(|t| t > self.now) {
-                continue;
+            if self.clients[c].tick(self.now) {
+                self.run_client(c);
             }
-            self.reconnect_at[c] = None;
-            let core = &mut self.clients[c].core;
-            if core.poll_timeout().is_some_and(|t| t <= self.now) {
-                core.handle_timeout(self.now);
-            }
-            self.run_client(c);
         }
         Ok(())
     }

@@ -69,7 +69,6 @@ struct World {
     delay_max_ms: u64,
     next_session: u64,
     stalled_until: Vec<Duration>,
-    reconnect_at: Vec<Option<Duration>>,
     out: Outcome,
 }
 
@@ -140,7 +139,6 @@ pub(crate) fn run_with(
         conns: Vec::new(),
         next_session: 1,
         stalled_until: vec![Duration::ZERO; n],
-        reconnect_at: vec![None; n],
         out: Outcome::default(),
     };
     w.play().map_err(|Violation(v)| {
@@ -307,7 +305,7 @@ impl World {
             self.clients[client].core.handle_closed(self.now);
         }
         let ms = 1 + self.rng.below(100);
-        self.reconnect_at[client] = Some(self.now + Duration::from_millis(ms));
+        self.clients[client].held_until = Some(self.now + Duration::from_millis(ms));
     }
 
     fn drain_node(&mut self) {
@@ -399,15 +397,9 @@ impl World {
             self.drain_node();
         }
         for c in 0..self.clients.len() {
-            if self.reconnect_at[c].is_some_and(|t| t > self.now) {
-                continue;
+            if self.clients[c].tick(self.now) {
+                self.run_client(c);
             }
-            self.reconnect_at[c] = None;
-            let core = &mut self.clients[c].core;
-            if core.poll_timeout().is_some_and(|t| t <= self.now) {
-                core.handle_timeout(self.now);
-            }
-            self.run_client(c);
         }
         Ok(())
     }
