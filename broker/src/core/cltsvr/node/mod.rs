@@ -278,9 +278,23 @@ struct Session {
     /// far as this server knows).
     weak_sent: Seq,
     /// A point of the stream the client holds that this server has not
-    /// reached yet: checked when it does. With the position through which
-    /// the client's stream is agreed, replayed from on a difference.
-    claim: Option<(StreamCheck, Seq)>,
+    /// reached yet: checked when it does.
+    claim: Option<Claim>,
+}
+
+/// A point of a session's stream to check against this server's once it
+/// reaches it (docs/DESIGN.md, "Weak delivery").
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    check: StreamCheck,
+    /// Through here the session's stream is agreed: on a difference what
+    /// follows is replayed from here.
+    agreed: Seq,
+    /// Only this server's stable stream can tell the session's apart: a
+    /// strong session's, or a weak one that knows its stream is agreed
+    /// through `check` (a held part here that differs is this server's
+    /// to take back, not the client's).
+    stable_only: bool,
 }
 
 struct SessionHello {

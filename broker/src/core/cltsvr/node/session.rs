@@ -87,14 +87,17 @@ impl Node {
             self.stats.adopted += 1;
         }
         let weak_head = self.weak_head();
-        // How far this server's stream counts for the client's check: a
-        // strong client's stream is stable, so only this server's stable
-        // part can tell it apart (an unstable part that differs is this
-        // server's to take back, not the client's).
-        let horizon = if hello.weak { weak_head } else { self.head };
         // The client's stream must be this server's up to where it stands.
         let (mut claim, mut diverged) = (None, None);
         if let Some((check, r)) = resume.and_then(|r| Some((r.check?, r))) {
+            // How far this server's stream counts for the client's check:
+            // a strong client's stream is stable, and so is a weak one's
+            // through its `agreed`; there only this server's stable part
+            // can tell it apart (an unstable part that differs is this
+            // server's to take back, not the client's: a server cut off
+            // from the primary component, still serving).
+            let stable_only = !hello.weak || r.agreed.is_some_and(|a| a >= check.seq);
+            let horizon = if stable_only { self.head } else { weak_head };
             let agreed = r
                 .agreed
                 .unwrap_or(r.after)
@@ -107,7 +110,13 @@ impl Node {
                 Some(hash) if hash == check.hash => {}
                 Some(_) => diverged = Some((agreed, check.seq)),
                 // Not reached yet: checked when it is.
-                None if check.seq > horizon => claim = Some((check, agreed)),
+                None if check.seq > horizon => {
+                    claim = Some(Claim {
+                        check,
+                        agreed,
+                        stable_only,
+                    })
+                }
                 // Older than retention, with an unchecked part (weak): it
                 // cannot be ruled out; the replay reports what is missing.
                 None if r.agreed.is_some_and(|a| a < check.seq) => {

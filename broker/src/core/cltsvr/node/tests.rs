@@ -886,6 +886,75 @@ fn weak_sessions_get_messages_when_held_and_strong_ones_when_stable() {
     assert_eq!((head.hash, head.stable), (Some(hash), None));
 }
 
+/// A weak client that knows its stream is agreed through its check point
+/// (another server told it so) resumes at a server that holds something
+/// else there, unstable: a server cut off from the primary component, still
+/// serving. The difference is that server's to take back, not the client's:
+/// it is not told its stream diverged, and nothing past the claim is sent,
+/// until this server's stable stream reaches the check point.
+#[test]
+fn a_weak_claim_agreed_elsewhere_is_checked_only_against_the_stable_stream() {
+    let mut n = grouped();
+    // This server holds (3, 4) from publisher 9; the primary ordered
+    // publisher 7's there.
+    n.handle_held(
+        T0,
+        vec![held(1, 9, 1), held(2, 9, 2), held(3, 9, 3), held(4, 9, 4)],
+    );
+    n.handle_ordered(T0, vec![held(1, 9, 1), held(2, 9, 2)]);
+    drain(&mut n);
+    let agreed = [(1, 9, 1), (2, 9, 2), (3, 7, 1)];
+    let resume = |n: &mut Node, id: u64, agreed_through: u64| {
+        let s = SessionId(id);
+        n.handle_open(T0, s);
+        let mut h = hello(id, &["t.>"], SlowPolicy::Disconnect);
+        if let ClientFrame::Hello(h) = &mut h {
+            h.weak = true;
+            h.resume = Some(Resume {
+                stream: n.config().stream,
+                after: Seq(3),
+                check: Some(StreamCheck {
+                    seq: Seq(3),
+                    hash: chained(&agreed),
+                }),
+                agreed: Some(Seq(agreed_through)),
+            });
+        }
+        n.handle_frame(T0, s, h);
+        (s, drain(n))
+    };
+    let (told, out) = resume(&mut n, 2, 3);
+    assert!(
+        out.iter()
+            .all(|(_, f)| !matches!(f, ServerFrame::Diverged(_))),
+        "{out:?}"
+    );
+    assert!(seqs(&out, told).is_empty(), "{out:?}");
+    // Its claim's unagreed part is checked against what is held: a client
+    // agreed only through 2 is told at once.
+    let (unsure, out) = resume(&mut n, 3, 2);
+    assert!(
+        out.iter().any(
+            |(s, f)| *s == unsure && matches!(f, ServerFrame::Diverged(d) if d.from == Seq(3))
+        ),
+        "{out:?}"
+    );
+    // This server takes its 3 back and stabilizes the primary's: the
+    // claim checks out, and the client goes on.
+    n.handle_unheld(T0, Seq(2));
+    n.handle_held(T0, vec![held(3, 7, 1), held(4, 7, 2)]);
+    n.handle_ordered(T0, vec![held(3, 7, 1), held(4, 7, 2)]);
+    let out = drain(&mut n);
+    assert!(
+        out.iter()
+            .filter(|(s, _)| *s == told)
+            .all(|(_, f)| !matches!(f, ServerFrame::Diverged(_))),
+        "{out:?}"
+    );
+    // (From where it was agreed: the client skips what it holds.)
+    assert_eq!(seqs(&out, told), vec![3, 4]);
+}
+
 #[test]
 fn held_messages_taken_back_and_ordered_otherwise_are_reported_and_replayed() {
     let mut n = grouped();

@@ -139,16 +139,21 @@ impl Node {
                 seq: s.weak_sent,
                 hash: held.map_or(0, |m| m.hash),
             };
-            // A claim from its resume, further on, stands.
-            let check = match s.claim {
-                Some((c, _)) if c.seq > sent.seq => c,
-                _ => sent,
+            // A claim from its resume, at or past what this server thinks
+            // it sent, stands: it is what the client holds.
+            let claim = match s.claim {
+                Some(c) if c.check.seq >= sent.seq => c,
+                _ => Claim {
+                    check: sent,
+                    agreed: after,
+                    stable_only: false,
+                },
             };
             if s.claim.is_none() {
                 self.checks.push(id);
             }
-            let agreed = s.claim.map_or(after, |(_, a)| a.min(after));
-            s.claim = Some((check, agreed));
+            let agreed = s.claim.map_or(after, |c| c.agreed.min(after));
+            s.claim = Some(Claim { agreed, ..claim });
             // A catch-up past `after` reads the new messages from there.
             if s.catch_up.is_some_and(|c| c > after) {
                 s.catch_up = Some(after);
@@ -174,16 +179,19 @@ impl Node {
         let (weak, stable) = (self.weak_head(), self.head);
         let mut due = Vec::new();
         self.checks.retain(|id| {
-            let session = self.sessions.get(id).filter(|s| !s.closing);
-            let reached = session.map_or(stable, |s| if s.weak { weak } else { stable });
-            match session.and_then(|s| s.claim) {
-                Some((check, agreed)) if check.seq <= reached => {
-                    due.push((*id, check, agreed));
-                    false
-                }
-                Some(_) => true,
-                None => false,
+            let Some(c) = self
+                .sessions
+                .get(id)
+                .filter(|s| !s.closing)
+                .and_then(|s| s.claim)
+            else {
+                return false;
+            };
+            let reached = if c.stable_only { stable } else { weak };
+            if c.check.seq <= reached {
+                due.push((*id, c.check, c.agreed));
             }
+            c.check.seq > reached
         });
         for (id, check, agreed) in due {
             if let Some(s) = self.sessions.get_mut(&id) {
