@@ -1520,10 +1520,17 @@ impl World {
             let cl = &self.clients[c];
             if !cl.welcomed() {
                 return Err(Violation(format!(
-                    "liveness: client {} is not connected (at {:?}, next timer {:?})",
+                    "liveness: client {} is not connected (at {:?}, next timer {:?}; acked {:?}, unacked {}; servers' held/delivered {:?})",
                     cl.id.0,
                     cl.core.link().server(),
-                    cl.core.poll_timeout()
+                    cl.core.poll_timeout(),
+                    cl.acked,
+                    cl.core.unacked_len(),
+                    self.servers
+                        .iter()
+                        .flatten()
+                        .map(|s| (s.group().pub_held(cl.id), s.group().pub_delivered(cl.id), s.group().pub_acknowledged(cl.id)))
+                        .collect::<Vec<_>>()
                 )));
             }
             if cl.core.unacked_len() > 0 {
