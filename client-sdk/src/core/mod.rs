@@ -117,8 +117,6 @@ pub struct ClientCore {
     /// Every publish through this one is acknowledged.
     acked: PubSeq,
     next_pub_seq: u64,
-    /// The stream of the serving connection's Welcome.
-    stream: Option<u64>,
     events: VecDeque<Event>,
 }
 
@@ -134,7 +132,6 @@ impl ClientCore {
             unacked: VecDeque::new(),
             acked: PubSeq(0),
             next_pub_seq: 1,
-            stream: None,
             events: VecDeque::new(),
         }
     }
@@ -151,7 +148,9 @@ impl ClientCore {
 
     /// The stream of the serving connection, if one serves.
     pub fn stream(&self) -> Option<u64> {
-        self.stream.filter(|_| self.link.is_up())
+        // (Every Welcome sets the position's stream to its own.)
+        let (stream, _) = self.position.at()?;
+        self.link.is_up().then_some(stream)
     }
 
     /// Publishes sent and not acknowledged.
@@ -347,7 +346,6 @@ impl ClientCore {
 
     fn welcomed(&mut self, w: Welcome) {
         let joined = self.position.welcome(&w);
-        self.stream = Some(w.stream);
         if joined == Joined::Reset {
             tracing::warn!(server = %w.server, "server has a different stream; sequence numbers restart");
         }

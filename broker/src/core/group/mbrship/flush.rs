@@ -81,8 +81,7 @@ impl Group {
             return;
         }
         if proposal > self.mbr.promised {
-            if self.mbr.proposal.take().is_some() {
-                self.mbr.timers.cancel(MbrTimer::Proposal);
+            if self.mbr.end_proposal().is_some() {
                 tracing::debug!(me = %self.config.me, proposal = %proposal, "a higher proposal overrides ours");
             }
             self.promise(now, proposal);
@@ -443,8 +442,7 @@ impl Group {
         if view.id != self.mbr.promised || !view.has(self.me()) || again {
             return;
         }
-        self.mbr.proposal = None;
-        self.mbr.timers.cancel(MbrTimer::Proposal);
+        self.mbr.end_proposal();
         if lagging {
             // State comes in the snapshot that follows; keep the rest.
             self.mbr.awaiting_snapshot = true;

@@ -93,6 +93,12 @@ impl Membership {
         );
     }
 
+    /// Drops this server's own proposal, if any, with its deadline.
+    pub(super) fn end_proposal(&mut self) -> Option<Proposal> {
+        self.timers.cancel(MbrTimer::Proposal);
+        self.proposal.take()
+    }
+
     /// A server's membership state at start, from its hard state (the
     /// default when it has none).
     pub(super) fn new(now: Duration, config: &GroupConfig, hard: HardState) -> Self {
@@ -296,8 +302,7 @@ impl Group {
                     }
                 }
             }
-            self.mbr.proposal = None;
-            self.mbr.timers.cancel(MbrTimer::Proposal);
+            self.mbr.end_proposal();
         }
         if self.mbr.timers.is_due(MbrTimer::Promise, now) {
             let promised = self.mbr.promised;
@@ -429,8 +434,7 @@ impl Group {
         self.mbr.hard_dirty = true;
         self.mbr.status = Status::Joining;
         self.mbr.view = None;
-        self.mbr.proposal = None;
-        self.mbr.timers.cancel(MbrTimer::Proposal);
+        self.mbr.end_proposal();
         self.mbr.timers.cancel(MbrTimer::Promise);
         self.mbr.awaiting_snapshot = false;
         self.mbr.stash = None;
