@@ -1478,7 +1478,7 @@ impl World {
             // lost for good (and holds back every later one).
             if s.group().unordered_len() > 0 {
                 let front = s.group().unordered_front();
-                let tables: Vec<(PubSeq, PubSeq)> = front
+                let tables: Vec<(Option<PubSeq>, PubSeq)> = front
                     .map(|(p, ..)| {
                         self.servers
                             .iter()
@@ -1534,7 +1534,7 @@ impl World {
                 )));
             }
             if cl.core.unacked_len() > 0 {
-                let tables: Vec<(PubSeq, PubSeq)> = self
+                let tables: Vec<(Option<PubSeq>, PubSeq)> = self
                     .servers
                     .iter()
                     .flatten()

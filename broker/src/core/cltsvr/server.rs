@@ -391,7 +391,7 @@ fn pump_core(
             let (publisher, pub_seq) = (sub.msg.0, sub.msg.1);
             // What the group holds covers whatever any server has
             // acknowledged to this publisher; this node may lag it.
-            let known = sub.after.max(group.pub_held(publisher));
+            let known = sub.after.max(group.pub_held(publisher).unwrap_or_default());
             // A publisher on first contact may start anywhere (as with
             // a single node); after that it must not skip. (Within one
             // connection the node judged that; past what the group knows,
@@ -504,8 +504,19 @@ mod tests {
     /// A one-server core, in its primary view, whose node remembers
     /// `node_publishers` publishers.
     fn core(node_publishers: usize) -> Server {
+        core_with_tables(
+            node_publishers,
+            GroupConfig::new(NodeId(1), Incarnation(1), vec![]).publishers_max,
+        )
+    }
+
+    /// A one-server core, in its primary view, whose node remembers
+    /// `node_publishers` publishers and its group `group_publishers`.
+    fn core_with_tables(node_publishers: usize, group_publishers: usize) -> Server {
         let me = NodeId(1);
-        let group = Group::new(T0, GroupConfig::new(me, Incarnation(1), vec![me]));
+        let mut group_config = GroupConfig::new(me, Incarnation(1), vec![me]);
+        group_config.publishers_max = group_publishers;
+        let group = Group::new(T0, group_config);
         let config = NodeConfig {
             members_max: 0,
             publishers_max: node_publishers,
@@ -598,6 +609,30 @@ mod tests {
             s.group().map(|g| g.pub_delivered(PublisherId(7))),
             Some(PubSeq(2))
         );
+    }
+
+    /// The group's table forgot publisher 7 at its bound, and an old retry
+    /// of 7 (here a connection that starts with it) was ordered again and
+    /// made a new entry lower than what 7 was acknowledged. 7's next
+    /// connection, starting past that entry, is ordered: the entry cannot
+    /// vouch for what 7 was acknowledged. Before, every server refused 7
+    /// as `not_primary` for good (cluster simulator, seed 11924 of 20,000).
+    #[test]
+    fn an_entry_made_after_the_table_forgot_does_not_send_its_publisher_away() {
+        let mut s = core_with_tables(1, 2);
+        let out = connect_and_publish(&mut s, 1, 7, &[1, 2, 3, 4, 5]);
+        assert_eq!(acked(&out, 1), Some(PubSeq(5)), "{out:?}");
+        s.handle_closed(T0, SessionId(1));
+        // Publishers 8 and 9 push 7 out of both tables.
+        for (session, publisher) in [(2, 8), (3, 9)] {
+            let out = connect_and_publish(&mut s, session, publisher, &[1]);
+            assert_eq!(acked(&out, session), Some(PubSeq(1)), "{out:?}");
+        }
+        let out = connect_and_publish(&mut s, 4, 7, &[2]);
+        assert_eq!(acked(&out, 4), Some(PubSeq(2)), "the old retry: {out:?}");
+        s.handle_closed(T0, SessionId(4));
+        let out = connect_and_publish(&mut s, 5, 7, &[6]);
+        assert_eq!(acked(&out, 5), Some(PubSeq(6)), "{out:?}");
     }
 
     /// A connection's first publish past what this server's group knows of

@@ -150,9 +150,9 @@ impl Default for NodeConfig {
 pub struct Submission {
     /// The session it came from.
     pub session: SessionId,
-    /// The publisher's highest pub_seq this node knew of before it: the
-    /// publish skips numbers if it is beyond both this and what the group
-    /// holds, plus one.
+    /// The publisher's highest pub_seq this node knew of before it (and
+    /// can vouch for: docs/DESIGN.md, "Bounds"): the publish skips numbers
+    /// if it is beyond both this and what the group holds, plus one.
     pub after: PubSeq,
     /// Whether a relay forwarded it for one of its clients (the session is
     /// the relay's, not the publisher's).
@@ -309,8 +309,15 @@ struct SessionHello {
 
 #[derive(Clone, Copy)]
 struct PublisherState {
+    /// The highest pub_seq delivered.
     last_pub_seq: PubSeq,
+    /// The seq of its latest delivery (for eviction by age).
     last_seq: Seq,
+    /// Made after the table forgot publishers: an old retry of a forgotten
+    /// publisher, ordered again, may have made it, below what the
+    /// publisher was acknowledged (as the group's table, docs/DESIGN.md,
+    /// "Bounds").
+    revived: bool,
 }
 
 /// The single-node state machine. See the module docs for how to drive it.

@@ -182,8 +182,13 @@ impl Node {
             }
             // Whether `pub_seq` skips is judged by the caller against what
             // the group holds: this node may not have delivered yet what
-            // another server acknowledged (see `Submission::after`).
-            false => known,
+            // another server acknowledged (see `Submission::after`). An
+            // entry made after the table forgot publishers vouches for
+            // nothing.
+            false => match state {
+                Some(p) if !p.revived => known,
+                _ => *submitted,
+            },
         };
         *submitted = pub_seq.max(*submitted);
         let topic = self.intern(publish.topic());
@@ -396,12 +401,14 @@ impl Node {
                 }
             }
         }
-        self.publishers.insert(
-            publisher,
-            PublisherState {
-                last_pub_seq: pub_seq,
-                last_seq: seq,
-            },
-        );
+        let revived = self.publishers_evicted;
+        let entry = self.publishers.entry(publisher).or_insert(PublisherState {
+            last_pub_seq: pub_seq,
+            last_seq: seq,
+            revived,
+        });
+        // An old retry ordered again does not take the entry back.
+        entry.last_pub_seq = entry.last_pub_seq.max(pub_seq);
+        entry.last_seq = seq;
     }
 }

@@ -141,8 +141,15 @@ impl Node {
         if self.grouped {
             self.publisher_sessions.insert(hello.publisher, session);
         }
+        // What the table vouches for (docs/DESIGN.md, "Bounds") counts as
+        // handed to the group already.
+        let vouched = self
+            .publishers
+            .get(&hello.publisher)
+            .filter(|p| !p.revived)
+            .map_or(PubSeq(0), |p| p.last_pub_seq);
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.submitted = pub_acked;
+            s.submitted = vouched;
             // The Welcome acknowledges this much.
             s.ack_sent = pub_acked;
             s.patterns = patterns;

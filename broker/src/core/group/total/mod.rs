@@ -494,13 +494,17 @@ impl Group {
     }
 
     /// The last pub_seq of `publisher` held here (ordered, maybe not yet
-    /// delivered). In a primary view it covers every publish acknowledged
-    /// anywhere: acknowledged means stable, held by every member.
-    pub fn pub_held(&self, publisher: PublisherId) -> PubSeq {
+    /// delivered), when the table can vouch for it: in a primary view it
+    /// then covers every publish acknowledged anywhere (acknowledged means
+    /// stable, held by every member). `None` when the table does not know
+    /// the publisher, or its entry was made after the table forgot
+    /// publishers (docs/DESIGN.md, "Bounds").
+    pub fn pub_held(&self, publisher: PublisherId) -> Option<PubSeq> {
         self.total
             .publishers
             .get(&publisher)
-            .map_or(PubSeq(0), |p| p.held)
+            .filter(|p| !p.revived)
+            .map(|p| p.held)
     }
 
     /// Test builds: the publishers the table forgot since the last call,
