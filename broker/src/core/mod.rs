@@ -36,8 +36,11 @@
 
 pub mod cltsvr;
 pub mod group;
+pub mod mbrship;
 pub mod retention;
+pub mod stream;
 pub mod timers;
+pub mod total;
 
 pub use cltsvr::node::{Node, NodeConfig, Output, SessionReport, Stats, Submission, TransmitKind};
 pub use cltsvr::server::Server;
@@ -98,5 +101,67 @@ mod tests {
             }
         }
         assert!(checked >= 4, "expected the core sources, found {checked}");
+    }
+
+    /// The layers depend one way (docs/DESIGN.md, "Layers"): cltsvr on
+    /// the group, the group on TOTAL and MBRSHIP, TOTAL on MBRSHIP, and
+    /// MBRSHIP on neither (it reaches TOTAL only through its `Above`
+    /// trait). This scans each layer's code (comments left out) for the
+    /// core modules it names.
+    #[test]
+    fn layers_depend_one_way() {
+        let allowed: &[(&str, &[&str])] = &[
+            ("stream", &[]),
+            ("timers", &[]),
+            ("retention", &["stream"]),
+            ("mbrship", &["stream", "timers"]),
+            ("total", &["stream", "timers", "mbrship"]),
+            ("group", &["stream", "mbrship", "total"]),
+        ];
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
+        for (layer, may) in allowed {
+            let mut files = Vec::new();
+            let file = root.join(format!("{layer}.rs"));
+            if file.exists() {
+                files.push(file);
+            }
+            let mut dirs = vec![root.join(layer)];
+            while let Some(dir) = dirs.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries {
+                    let path = entry.expect("dir entry").path();
+                    match path.is_dir() {
+                        true => dirs.push(path),
+                        false => files.push(path),
+                    }
+                }
+            }
+            assert!(!files.is_empty(), "no sources for layer {layer}");
+            for path in files {
+                let text = std::fs::read_to_string(&path).expect("source readable");
+                for line in text.lines() {
+                    let code = line.split("//").next().unwrap_or("");
+                    for (at, _) in code.match_indices("core::") {
+                        let named: String = code[at + 6..]
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        // (`core::{a, b}` would hide what it names.)
+                        assert!(
+                            named == *layer || may.contains(&named.as_str()),
+                            "{} ({layer}) depends on core::{named}: {line}",
+                            path.display()
+                        );
+                    }
+                    assert!(
+                        !code.contains("super::super"),
+                        "{} reaches past its layer: {line}",
+                        path.display()
+                    );
+                }
+            }
+        }
     }
 }

@@ -6,37 +6,9 @@
 //! first. Sequence numbers in the buffer are contiguous, so a lookup by
 //! sequence number is an index computation.
 
-use bytes::Bytes;
-use canopy_client::protocol::{PubSeq, PublisherId, Seq};
+use crate::core::stream::Ordered;
+use canopy_client::protocol::Seq;
 use std::collections::VecDeque;
-use std::sync::Arc;
-
-/// One ordered message.
-#[derive(Clone, Debug)]
-pub struct Ordered {
-    /// Its global sequence number.
-    pub seq: Seq,
-    /// Its topic.
-    pub topic: Arc<str>,
-    /// Who published it.
-    pub publisher: PublisherId,
-    /// The publisher's sequence number for it.
-    pub pub_seq: PubSeq,
-    /// The payload.
-    pub payload: Bytes,
-    /// The running hash of the whole stream through this message
-    /// ([`chain`](canopy_client::protocol::chain)); set by the node that
-    /// takes it into its stream, 0 before.
-    pub hash: u64,
-}
-
-impl Ordered {
-    /// What it counts against a byte bound: topic, payload and a fixed
-    /// overhead.
-    pub fn cost(&self) -> usize {
-        self.topic.len() + self.payload.len() + 64
-    }
-}
 
 /// Recent ordered messages, contiguous in sequence number.
 pub struct Retention {
@@ -144,6 +116,9 @@ impl Retention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use canopy_client::protocol::{PubSeq, PublisherId};
+    use std::sync::Arc;
 
     fn msg(seq: u64, len: usize) -> Ordered {
         Ordered {

@@ -7,7 +7,7 @@
 //! task queues for that peer; when the connection fails it reports
 //! `LinkDown` and reconnects with backoff. Frames written into the broken
 //! connection are lost; frames queued meanwhile go out on the next one. The
-//! protocol never relies on more than that (see `core::group::wire`).
+//! protocol never relies on more than that (see `core::total::wire`).
 //! Readers decode frames into [`PeerMsg`]s off the node task.
 //!
 //! Bounds: each outgoing queue holds `LINK_QUEUE_MAX` frames. A peer that

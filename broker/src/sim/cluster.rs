@@ -515,7 +515,7 @@ impl World {
         c.publishers_max = self.publishers_max;
         let now = self.local(i);
         let mut group = Group::recover(now, c, self.disks[i].clone());
-        group.bugs = self.plan.bugs;
+        group.set_bugs(self.plan.bugs);
         let first_incarnation = group.me().incarnation.0;
         let node = NodeConfig {
             name: self.addrs[i].clone(),

@@ -23,7 +23,7 @@
 
 use super::checker::Violation;
 use crate::core::group::{View, ViewId};
-use crate::core::retention::Ordered;
+use crate::core::stream::Ordered;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 

@@ -52,8 +52,9 @@
 use super::index::Index;
 use super::members::{MemberEvent, Members, MEMBERS_TOPIC};
 use super::report::{Entry, EventKind, Journal, TopicCounts};
-use crate::core::group::{Msg, Snapshot};
-use crate::core::retention::{Ordered, Retention};
+use crate::core::retention::Retention;
+use crate::core::stream::Ordered;
+use crate::core::stream::{Msg, Snapshot};
 use crate::core::timers::Timers;
 use crate::core::SessionId;
 use bytes::Bytes;

@@ -44,8 +44,8 @@
 //!   publishers when the bound is reached.
 
 use super::members::SYSTEM_PATTERN;
-use crate::core::group::{Msg, Snapshot};
-use crate::core::retention::Ordered;
+use crate::core::stream::Ordered;
+use crate::core::stream::{Msg, Snapshot};
 use crate::core::timers::earliest;
 use bytes::Bytes;
 pub use canopy_client::core::Action;

@@ -3,37 +3,37 @@
 //! resubmission after a view change, a broken link or no progress.
 
 use super::*;
+use crate::core::mbrship::ViewId;
 
-impl Group {
+impl Total {
     /// Publishes from this server's clients, to be ordered.
     ///
     /// They are kept until delivered and sent again after a view change or
     /// a broken link, so a publish is lost only if this server fails (and
     /// then its publisher, unacknowledged, retries elsewhere). Call only when
-    /// [`Group::unordered_room`] allows them; beyond the bound the server must
+    /// `Group::unordered_room` allows them; beyond the bound the server must
     /// push back on its publishers.
-    pub fn submit(&mut self, msgs: Vec<Submitted>) {
-        let start = self.total.unordered.len();
-        let first = self.total.submit_next;
-        self.total.submit_next += msgs.len() as u64;
-        self.total.unordered.extend(msgs);
-        if self.is_primary() {
+    pub(crate) fn submit(&mut self, mbr: &Membership, msgs: Vec<Submitted>) {
+        let start = self.unordered.len();
+        let first = self.submit_next;
+        self.submit_next += msgs.len() as u64;
+        self.unordered.extend(msgs);
+        if mbr.is_primary() {
             // (Otherwise sent when a view is installed.)
-            let fresh: Vec<Submitted> = self.total.unordered.range(start..).cloned().collect();
-            self.forward(first, fresh);
+            let fresh: Vec<Submitted> = self.unordered.range(start..).cloned().collect();
+            self.forward(mbr, first, fresh);
         }
-        self.check_invariants();
     }
 
     /// The number of the oldest own submission not yet delivered.
-    pub(super) fn submit_front(&self) -> u64 {
-        self.total.submit_next - self.total.unordered.len() as u64
+    fn submit_front(&self) -> u64 {
+        self.submit_next - self.unordered.len() as u64
     }
 
     /// Sends submissions numbered from `first` to the coordinator, or
     /// orders them if it is us.
-    pub(super) fn forward(&mut self, mut first: u64, msgs: Vec<Submitted>) {
-        let Some(view) = self.view_id() else {
+    fn forward(&mut self, mbr: &Membership, mut first: u64, msgs: Vec<Submitted>) {
+        let Some(view) = mbr.view_id() else {
             return;
         };
         let front = self.submit_front();
@@ -41,7 +41,7 @@ impl Group {
             // Our own, under the same rule as a member's: after some met
             // the log's bound, later ones wait for the resubmission.
             let me = self.config.me;
-            return self.take_submissions(me, front, first, msgs);
+            return self.take_submissions(mbr, me, front, first, msgs);
         }
         for chunk in frames(&msgs, |s: &Submitted| msg_cost(&s.1)) {
             let msg = PeerMsg::Submit {
@@ -57,13 +57,13 @@ impl Group {
 
     /// Sends every undelivered own submission again, to the current
     /// coordinator; the sequencer drops what it already ordered.
-    pub(in crate::core::group) fn resubmit(&mut self) {
-        let msgs: Vec<Submitted> = self.total.unordered.iter().cloned().collect();
+    pub(crate) fn resubmit(&mut self, mbr: &Membership) {
+        let msgs: Vec<Submitted> = self.unordered.iter().cloned().collect();
         if msgs.is_empty() {
             return;
         }
         self.stats.resubmitted += msgs.len() as u64;
-        self.forward(self.submit_front(), msgs);
+        self.forward(mbr, self.submit_front(), msgs);
     }
 
     /// The stream changed under own submissions (a new stream began, or a
@@ -71,45 +71,42 @@ impl Group {
     /// old stream's publisher tables and are dropped. Their publishers are
     /// told the stream reset and send what is unacknowledged again, as
     /// first contacts; the node starts its own pub_seqs again.
-    pub(in crate::core::group) fn drop_old_stream_submissions(&mut self) {
-        self.total.unordered.clear();
+    pub(super) fn drop_old_stream_submissions(&mut self) {
+        self.unordered.clear();
     }
 
     /// Called every heartbeat: when the oldest own submission has waited a
     /// whole failure timeout without being delivered, everything not yet
     /// delivered is sent again (a frame may have been lost with a link, or
     /// dropped by a sequencer at its bound, while other traffic flows).
-    pub(in crate::core::group) fn check_progress(&mut self, now: std::time::Duration) {
-        let front = self
-            .total
-            .unordered
-            .front()
-            .map(|Submitted(_, m)| (m.0, m.1));
-        let (since, seen) = self.total.resubmit_check;
+    pub(super) fn check_progress(&mut self, mbr: &Membership, now: Duration) {
+        let front = self.unordered.front().map(|Submitted(_, m)| (m.0, m.1));
+        let (since, seen) = self.resubmit_check;
         if front.is_none() || front != seen {
-            self.total.resubmit_check = (now, front);
+            self.resubmit_check = (now, front);
             return;
         }
-        if self.is_primary() && now.saturating_sub(since) >= self.config.failure_timeout {
-            self.total.resubmit_check = (now, front);
-            self.resubmit();
+        if mbr.is_primary() && now.saturating_sub(since) >= self.config.failure_timeout {
+            self.resubmit_check = (now, front);
+            self.resubmit(mbr);
         }
     }
 
-    pub(in crate::core::group) fn on_submit(
+    pub(crate) fn on_submit(
         &mut self,
+        mbr: &Membership,
         from: NodeId,
         view: ViewId,
         front: u64,
         first: u64,
         msgs: Vec<Submitted>,
     ) {
-        if !self.is_coordinator() || self.view_id() != Some(view) {
+        if !mbr.is_coordinator() || mbr.view_id() != Some(view) {
             // A stale submission: its sender resubmits after the view change.
             tracing::trace!(node = %from, view = %view, "submission outside its view dropped");
             return;
         }
-        self.take_submissions(from, front, first, msgs);
+        self.take_submissions(mbr, from, front, first, msgs);
     }
 
     /// Sequencer: orders `msgs`, numbered from `first`, from member `from`
@@ -120,38 +117,32 @@ impl Group {
     /// (or met the log's bound): ordering this one would let a publish
     /// overtake a lost predecessor, which a publisher table that forgot its
     /// publisher could not tell. The sender resubmits from its front.
-    pub(super) fn take_submissions(
+    fn take_submissions(
         &mut self,
+        mbr: &Membership,
         from: NodeId,
         front: u64,
         first: u64,
         msgs: Vec<Submitted>,
     ) {
-        let seen = self
-            .total
-            .submit_seen
-            .get(&from)
-            .copied()
-            .unwrap_or(0)
-            .max(front);
+        let seen = self.submit_seen.get(&from).copied().unwrap_or(0).max(front);
         if first > seen && !self.bugs.order_past_lost_submit {
             tracing::debug!(node = %from, first, seen, "submissions after a lost one dropped");
             return;
         }
-        let (taken, retried) = self.order(msgs);
-        self.total
-            .submit_seen
+        let (taken, retried) = self.order(mbr, msgs);
+        self.submit_seen
             .insert(from, seen.max(first.saturating_add(taken as u64)));
         if from == self.config.me {
             return;
         }
         // The member may have forgotten these publishers: it would wait for
         // the retries' delivery for good.
-        let Some(view) = self.view_id() else {
+        let Some(view) = mbr.view_id() else {
             return;
         };
         for publisher in retried {
-            if let Some(p) = self.total.publishers.get(&publisher) {
+            if let Some(p) = self.publishers.get(&publisher) {
                 let msg = PeerMsg::Retried {
                     view,
                     publisher,
@@ -169,18 +160,18 @@ impl Group {
     /// publisher, the table learns it, the own submissions it covers are
     /// done, and the publisher is acknowledged. (A `seq` not yet delivered
     /// here is learned from its delivery.)
-    pub(in crate::core::group) fn on_retried(
+    pub(crate) fn on_retried(
         &mut self,
+        mbr: &Membership,
         view: ViewId,
         publisher: PublisherId,
         pub_seq: PubSeq,
         seq: Seq,
     ) {
-        if self.view_id() != Some(view) || seq > self.total.delivered {
+        if mbr.view_id() != Some(view) || seq > self.delivered {
             return;
         }
         if self
-            .total
             .publishers
             .get(&publisher)
             .is_some_and(|p| p.delivered >= pub_seq)
@@ -203,24 +194,24 @@ impl Group {
     /// Returns how many of `msgs` it took (ordered, or dropped as retries
     /// or to wait for a predecessor; the rest met the log's bound), and the
     /// publishers of those dropped as retries.
-    pub(super) fn order(&mut self, msgs: Vec<Submitted>) -> (usize, Vec<PublisherId>) {
+    fn order(&mut self, mbr: &Membership, msgs: Vec<Submitted>) -> (usize, Vec<PublisherId>) {
         let mut retried = Vec::new();
-        let Some(view) = self.view_id() else {
+        let Some(view) = mbr.view_id() else {
             return (0, retried);
         };
         let first = self.held().next();
         let mut ordered = Vec::with_capacity(msgs.len());
         let mut taken = 0;
         for Submitted(after, m) in msgs {
-            if self.total.log.len() >= self.config.log_len_max
-                || self.total.log_bytes >= self.config.log_bytes_max
+            if self.log.len() >= self.config.log_len_max
+                || self.log_bytes >= self.config.log_bytes_max
             {
                 // At the bound: the submitters send it again later.
                 break;
             }
             taken += 1;
-            let known = self.total.publishers.get(&m.0).map(|p| p.held);
-            let revived = self.total.publishers.get(&m.0).is_some_and(|p| p.revived);
+            let known = self.publishers.get(&m.0).map(|p| p.held);
+            let revived = self.publishers.get(&m.0).is_some_and(|p| p.revived);
             match known {
                 Some(last) if m.1 <= last && !self.bugs.no_dedup => {
                     self.stats.duplicates += 1;
@@ -238,9 +229,7 @@ impl Group {
                     continue
                 }
                 // Nor order a publisher's later publish on first sight.
-                None if after > PubSeq(0) && !self.total.evicted_any && !self.bugs.no_dedup => {
-                    continue
-                }
+                None if after > PubSeq(0) && !self.evicted_any && !self.bugs.no_dedup => continue,
                 _ => {}
             }
             let seq = self.held().next();
@@ -252,38 +241,38 @@ impl Group {
         }
         self.stats.ordered += ordered.len() as u64;
         let held = self.held();
-        self.total.acks.insert(self.config.me, held);
+        self.acks.insert(self.config.me, held);
         for msg in self.orders(view, first, &ordered) {
-            self.send_members(&msg);
+            self.send_members(mbr, &msg);
         }
-        self.advance_stable();
+        self.advance_stable(mbr);
         (taken, retried)
     }
 
     /// Appends an ordered message to the log and the publisher table.
-    pub(in crate::core::group) fn hold(&mut self, m: crate::core::retention::Ordered) {
+    pub(super) fn hold(&mut self, m: Ordered) {
         debug_assert_eq!(m.seq, self.held().next());
         let e = self.publisher_entry(m.publisher, m.seq);
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
-        self.total.log_bytes += m.cost();
+        self.log_bytes += m.cost();
         match self.events.back_mut() {
             Some(Event::Held(held)) => held.push(m.clone()),
             _ => self.events.push_back(Event::Held(vec![m.clone()])),
         }
-        self.total.log.push_back(m);
+        self.log.push_back(m);
     }
 
     /// The table's entry for `publisher`, made (at `seq`) if it has none,
     /// after making room at the bound.
     fn publisher_entry(&mut self, publisher: PublisherId, seq: Seq) -> &mut PubState {
-        if !self.total.publishers.contains_key(&publisher)
-            && self.total.publishers.len() >= self.config.publishers_max
+        if !self.publishers.contains_key(&publisher)
+            && self.publishers.len() >= self.config.publishers_max
         {
             self.evict_publishers();
         }
-        let revived = self.total.evicted_any;
-        self.total.publishers.entry(publisher).or_insert(PubState {
+        let revived = self.evicted_any;
+        self.publishers.entry(publisher).or_insert(PubState {
             held: PubSeq(0),
             delivered: PubSeq(0),
             seq,
@@ -294,9 +283,8 @@ impl Group {
     /// Forgets the eighth of publishers quiet longest whose messages are all
     /// delivered. A forgotten publisher's old retries could be ordered again:
     /// the price of the bound, as in the node's table.
-    pub(super) fn evict_publishers(&mut self) {
+    fn evict_publishers(&mut self) {
         let mut by_age: Vec<(Seq, canopy_client::protocol::PublisherId)> = self
-            .total
             .publishers
             .iter()
             .filter(|(_, p)| p.held == p.delivered)
@@ -308,13 +296,13 @@ impl Group {
         let evict = (by_age.len() / 8).max(1);
         by_age.select_nth_unstable(evict - 1);
         for (_, id) in &by_age[..evict] {
-            let _gone = self.total.publishers.remove(id);
+            let _gone = self.publishers.remove(id);
             #[cfg(test)]
             if let Some(p) = _gone {
-                let e = self.total.forgotten.entry(*id).or_default();
+                let e = self.forgotten.entry(*id).or_default();
                 *e = (*e).max(p.held);
             }
         }
-        self.total.evicted_any = true;
+        self.evicted_any = true;
     }
 }

@@ -2,149 +2,147 @@
 //! basis the new view carries on from (module docs, "Restart safety"),
 //! `NewView`, acceptance, the commit, and snapshots for lagging members.
 
+use super::wire::{FlushOk, FlushReq, MbrMsg, NewView, Stable, StateTransfer};
 use super::*;
 
-impl Group {
+/// A view change this server proposed.
+#[derive(Debug)]
+pub(super) struct Proposal {
+    pub(super) id: ViewId,
+    pub(super) members: Vec<Member>,
+    pub(super) oks: BTreeMap<NodeId, FlushOk>,
+}
+
+impl Membership {
     /// Starts a view change towards `members` (this server among them).
-    pub(super) fn propose(&mut self, now: Duration, mut members: Vec<Member>) {
+    pub(super) fn propose(&mut self, now: Duration, mut members: Vec<Member>, up: &mut impl Above) {
         members.sort();
         members.dedup_by_key(|m| m.node);
         let id = ViewId {
-            epoch: self.mbr.epoch_seen.max(self.mbr.promised.epoch) + 1,
+            epoch: self.epoch_seen.max(self.promised.epoch) + 1,
             coordinator: self.config.me,
         };
-        self.mbr.epoch_seen = id.epoch;
+        self.epoch_seen = id.epoch;
         tracing::debug!(me = %self.config.me, proposal = %id, members = ?members.iter().map(|m| m.node.0).collect::<Vec<_>>(), "proposing a view");
         self.promise(now, id);
         let mut oks = BTreeMap::new();
-        oks.insert(self.config.me, self.flush_ok());
-        let req = PeerMsg::FlushReq {
+        oks.insert(self.config.me, self.flush_ok(id, up));
+        let to: Vec<NodeId> = members
+            .iter()
+            .map(|m| m.node)
+            .filter(|&n| n != self.config.me)
+            .collect();
+        let req = FlushReq {
             proposal: id,
             members: members.clone(),
         };
-        for m in &members {
-            if m.node != self.config.me {
-                self.send(m.node, &req);
-            }
-        }
-        self.mbr.proposal = Some(Proposal { id, members, oks });
-        self.mbr
-            .timers
+        up.send(&to, MbrMsg::FlushReq(req));
+        self.proposal = Some(Proposal { id, members, oks });
+        self.timers
             .set(MbrTimer::Proposal, now + self.config.flush_timeout);
-        self.mbr.timers.cancel(MbrTimer::Promise);
-        self.try_install(now);
+        self.timers.cancel(MbrTimer::Promise);
+        self.try_install(now, up);
     }
 
     /// Promises proposal `id`: ordering in the old view stops here.
-    pub(super) fn promise(&mut self, now: Duration, id: ViewId) {
-        self.mbr.promised = id;
-        self.mbr.hard_dirty = true;
+    fn promise(&mut self, now: Duration, id: ViewId) {
+        self.promised = id;
+        self.hard_dirty = true;
         // A snapshot awaited for an older proposal will not matter now.
-        self.mbr.awaiting_snapshot = false;
-        self.mbr.stash = None;
-        if matches!(self.mbr.status, Status::Normal | Status::Accepted) {
-            self.mbr.status = Status::Flushing;
+        self.awaiting_snapshot = false;
+        self.stash = None;
+        if matches!(self.status, Status::Normal | Status::Accepted) {
+            self.status = Status::Flushing;
         }
-        self.mbr.blocked_since.get_or_insert(now);
-        self.mbr
-            .timers
+        self.blocked_since.get_or_insert(now);
+        self.timers
             .set(MbrTimer::Promise, now + self.config.flush_timeout);
     }
 
-    pub(super) fn flush_ok(&self) -> FlushOk {
+    /// This server's answer to `proposal`: what it holds beyond what it
+    /// delivered, if it holds any state.
+    fn flush_ok(&self, proposal: ViewId, up: &impl Above) -> FlushOk {
         FlushOk {
+            proposal,
             from: self.me(),
-            view: self.reported_view(),
-            accepted: self.mbr.accepted_view.clone(),
-            installed: self.mbr.installed,
-            delivered: self.total.delivered(),
-            msgs: if self.reported_view().is_some() {
-                self.total.held_after(self.total.delivered())
+            view: self.state_view,
+            accepted: self.accepted_view.clone(),
+            installed: self.installed,
+            delivered: up.delivered(),
+            msgs: if self.state_view.is_some() {
+                up.held_after(up.delivered())
             } else {
                 Vec::new()
             },
         }
     }
 
-    pub(in crate::core::group) fn on_flush_req(
+    pub(crate) fn on_flush_req(
         &mut self,
         now: Duration,
         from: NodeId,
-        proposal: ViewId,
-        members: Vec<Member>,
+        req: FlushReq,
+        up: &mut impl Above,
     ) {
-        self.mbr.epoch_seen = self.mbr.epoch_seen.max(proposal.epoch);
+        let FlushReq { proposal, members } = req;
+        self.epoch_seen = self.epoch_seen.max(proposal.epoch);
         if proposal.coordinator != from || !members.contains(&self.me()) {
             return;
         }
-        if proposal < self.mbr.promised {
+        if proposal < self.promised {
             return;
         }
-        if proposal > self.mbr.promised {
-            if self.mbr.end_proposal().is_some() {
+        if proposal > self.promised {
+            if self.end_proposal().is_some() {
                 tracing::debug!(me = %self.config.me, proposal = %proposal, "a higher proposal overrides ours");
             }
             self.promise(now, proposal);
         }
-        let ok = self.flush_ok();
-        let msg = PeerMsg::FlushOk {
-            proposal,
-            from: ok.from,
-            view: ok.view,
-            accepted: ok.accepted,
-            installed: ok.installed,
-            delivered: ok.delivered,
-            msgs: ok.msgs,
-        };
-        self.send(from, &msg);
+        let ok = self.flush_ok(proposal, up);
+        up.send(&[from], MbrMsg::FlushOk(ok));
     }
 
-    pub(in crate::core::group) fn on_flush_ok(
-        &mut self,
-        now: Duration,
-        proposal: ViewId,
-        ok: FlushOk,
-    ) {
-        let Some(p) = &mut self.mbr.proposal else {
+    pub(crate) fn on_flush_ok(&mut self, now: Duration, ok: FlushOk, up: &mut impl Above) {
+        let Some(p) = &mut self.proposal else {
             return;
         };
-        if p.id != proposal || !p.members.contains(&ok.from) {
+        if p.id != ok.proposal || !p.members.contains(&ok.from) {
             return;
         }
-        if ok.view > self.mbr.state_view && self.mbr.status != Status::Joining {
+        if ok.view > self.state_view && self.status != Status::Joining {
             // Someone holds a newer view's state than ours: we are stale.
-            return self.rejoin(now);
+            return self.rejoin(now, up);
         }
         p.oks.insert(ok.from.node, ok);
-        self.try_install(now);
+        self.try_install(now, up);
     }
 
     /// Moves the proposal on once every proposed member answered: the
     /// proposer takes the new view's history and sends it (`NewView`).
-    pub(super) fn try_install(&mut self, now: Duration) {
-        let Some(p) = &self.mbr.proposal else { return };
+    fn try_install(&mut self, now: Duration, up: &mut impl Above) {
+        let Some(p) = &self.proposal else { return };
         if p.oks.len() < p.members.len() {
             return;
         }
-        let Some(p) = self.mbr.proposal.take() else {
+        let Some(p) = self.proposal.take() else {
             return;
         };
         let basis = match self.basis(&p) {
             Ok(basis) => basis,
             Err(why) => {
                 tracing::debug!(me = %self.config.me, proposal = %p.id, why = %why, answered = ?p.oks.values().map(|o| (o.from.node.0, o.view, o.accepted.as_ref().map(|v| v.id))).collect::<Vec<_>>(), "no history to continue: not primary");
-                self.mbr.proposal = Some(p);
+                self.proposal = Some(p);
                 return;
             }
         };
         // The proposal is decided, whichever way what follows goes.
-        self.mbr.timers.cancel(MbrTimer::Proposal);
-        if basis.is_some() && basis != self.reported_view() {
+        self.timers.cancel(MbrTimer::Proposal);
+        if basis.is_some() && basis != self.state_view {
             // Only a holder of the newest state can carry the stream on.
-            if self.mbr.status == Status::Joining {
+            if self.status == Status::Joining {
                 return;
             }
-            return self.rejoin(now);
+            return self.rejoin(now, up);
         }
         // The authority: members holding the newest view's state. Their
         // held ranges overlap (each holds through every seq any of them saw
@@ -156,9 +154,9 @@ impl Group {
             .filter(|o| basis.is_some() && o.view == basis)
             .max_by_key(|o| o.held())
             .cloned();
-        let through = best.as_ref().map_or(self.total.delivered(), FlushOk::held);
+        let through = best.as_ref().map_or(up.delivered(), FlushOk::held);
         let stream = match basis {
-            Some(_) => self.mbr.stream,
+            Some(_) => self.stream,
             None => {
                 // The lineage: a stream that replaces a lost one gets an id
                 // of its own (the proposal's id is never reused).
@@ -171,7 +169,7 @@ impl Group {
                 fresh_stream(
                     self.config.stream_seed ^ lost.unwrap_or(0),
                     p.id,
-                    self.mbr.incarnation,
+                    self.incarnation,
                 )
             }
         };
@@ -193,31 +191,24 @@ impl Group {
                     tracing::info!(me = %self.config.me, proposal = %p.id, stream = stream_hex, "first formation: starting the stream")
                 }
             }
-            self.total.begin_stream();
-            self.mbr.stream = stream;
-            self.drop_old_stream_submissions();
-            self.events.push_back(Event::Reset(Snapshot {
-                stream,
-                // Nobody's membership carries over to a new stream.
-                members: Some(canopy_client::protocol::MembersHead::default()),
-                ..Snapshot::default()
-            }));
+            self.stream = stream;
+            up.new_stream(stream);
         }
         let through = if self.bugs.skip_flush {
-            self.total.stable().max(self.total.delivered())
+            up.stable().max(up.delivered())
         } else {
             if let Some(best) = &best {
-                let held = self.held();
+                let held = up.held();
                 for (i, m) in best.msgs.iter().enumerate() {
                     let seq = Seq(best.delivered.0 + 1 + i as u64);
                     if seq > held {
-                        self.hold(m.clone().ordered(seq));
+                        up.hold(m.clone().ordered(seq));
                     }
                 }
             }
             through
         };
-        self.truncate(through);
+        up.truncate(through);
         // Each member gets what it lacks up to `through`. A lagging member
         // (no state of the newest view) gets a snapshot of what this server
         // delivered, then everything after it.
@@ -229,26 +220,25 @@ impl Group {
             let is_lagging = ok.view != basis || basis.is_none();
             let from = if is_lagging {
                 lagging.push(ok.from.node);
-                self.total.delivered()
+                up.delivered()
             } else {
-                ok.held().max(self.total.delivered())
+                ok.held().max(up.delivered())
             };
-            let msgs = self.total.held_after(from);
-            let msg = PeerMsg::NewView {
+            let msg = NewView {
                 view: view.clone(),
                 through,
                 first: from.next(),
-                msgs,
+                msgs: up.held_after(from),
                 lagging: is_lagging,
             };
-            self.send(ok.from.node, &msg);
+            up.send(&[ok.from.node], MbrMsg::NewView(msg));
         }
         for to in lagging {
-            self.events.push_back(Event::SnapshotNeeded { to });
+            up.snapshot_needed(to);
         }
         self.accept(now, view, through);
-        self.mbr.accepted.insert(self.config.me);
-        self.try_commit(now);
+        self.accepted.insert(self.config.me);
+        self.try_commit(now, up);
     }
 
     /// Which state a proposal whose members all answered carries on: the
@@ -277,7 +267,7 @@ impl Group {
     /// - Otherwise a server that did not answer (or lost its data
     ///   directory, and with it its records) may hold or know of newer
     ///   state, with acknowledged publishes in it: wait.
-    pub(super) fn basis(&self, p: &Proposal) -> Result<Option<ViewId>, NoBasis> {
+    fn basis(&self, p: &Proposal) -> Result<Option<ViewId>, NoBasis> {
         let voters = p.oks.values().filter(|o| o.accepted.is_some()).count();
         let newest = p
             .oks
@@ -322,37 +312,24 @@ impl Group {
         }
     }
 
-    /// Drops held messages after `through`: never stable, never delivered,
-    /// and not part of the new view's history.
-    pub(super) fn truncate(&mut self, through: Seq) {
-        if self.held() <= through {
-            return;
-        }
-        if !self.bugs.silent_unhold {
-            self.events.push_back(Event::Unheld { after: through });
-        }
-        self.total.truncate(through);
-    }
-
     /// This server holds `view`'s history through `through` and waits for
     /// the commit. From now on it reports `view` as the state it holds.
-    pub(super) fn accept(&mut self, now: Duration, view: View, through: Seq) {
-        self.mbr.promised = view.id;
-        self.mbr.accepted_view = Some(view.clone());
-        self.mbr.hard_dirty = true;
-        self.mbr.epoch_seen = self.mbr.epoch_seen.max(view.id.epoch);
-        self.mbr.status = Status::Accepted;
-        self.mbr.awaiting_snapshot = false;
-        self.mbr.stash = None;
-        self.mbr.stream = view.stream;
-        self.mbr.state_view = Some(view.id);
-        self.mbr.accepted_through = through;
-        self.mbr.accepted.clear();
-        self.mbr
-            .timers
+    fn accept(&mut self, now: Duration, view: View, through: Seq) {
+        self.promised = view.id;
+        self.accepted_view = Some(view.clone());
+        self.hard_dirty = true;
+        self.epoch_seen = self.epoch_seen.max(view.id.epoch);
+        self.status = Status::Accepted;
+        self.awaiting_snapshot = false;
+        self.stash = None;
+        self.stream = view.stream;
+        self.state_view = Some(view.id);
+        self.accepted_through = through;
+        self.accepted.clear();
+        self.timers
             .set(MbrTimer::Promise, now + self.config.flush_timeout);
         for m in &view.members {
-            if let Some(p) = self.mbr.peers.get_mut(&m.node) {
+            if let Some(p) = self.peers.get_mut(&m.node) {
                 // What it will say in its next heartbeat; saying it now keeps
                 // the old answer from reading as a joiner or a stranger.
                 p.incarnation = m.incarnation;
@@ -360,33 +337,35 @@ impl Group {
                 p.joining = false;
             }
         }
-        self.mbr.view = Some(view);
+        self.view = Some(view);
     }
 
-    pub(in crate::core::group) fn on_accept_ok(
+    pub(crate) fn on_accept_ok(
         &mut self,
         now: Duration,
         from: NodeId,
-        view: ViewId,
+        accept: AcceptOk,
+        up: &mut impl Above,
     ) {
-        tracing::trace!(me = %self.config.me, node = %from, view = %view, status = ?self.mbr.status, mine = ?self.mbr.view.as_ref().map(|v| v.id), "accept ok");
-        if self.mbr.view.as_ref().map(|v| v.id) != Some(view)
+        let view = accept.view;
+        tracing::trace!(me = %self.config.me, node = %from, view = %view, status = ?self.status, mine = ?self.view.as_ref().map(|v| v.id), "accept ok");
+        if self.view.as_ref().map(|v| v.id) != Some(view)
             || self.coordinator() != Some(self.config.me)
         {
             return;
         }
-        match self.mbr.status {
+        match self.status {
             Status::Accepted => {
-                self.mbr.accepted.insert(from);
-                self.try_commit(now);
+                self.accepted.insert(from);
+                self.try_commit(now, up);
             }
             // A late acceptor: tell it the view is on.
             Status::Normal => {
-                let msg = PeerMsg::Stable {
+                let msg = Stable {
                     view,
-                    through: self.total.stable(),
+                    through: up.stable(),
                 };
-                self.send(from, &msg);
+                up.send(&[from], MbrMsg::Stable(msg));
             }
             _ => {}
         }
@@ -395,144 +374,119 @@ impl Group {
     /// The proposer commits the view once a majority of the configured
     /// servers hold its history: then any later proposal hears of it from
     /// one of them, so what is delivered from here on is never undone.
-    pub(super) fn try_commit(&mut self, now: Duration) {
-        if self.mbr.status != Status::Accepted || self.mbr.accepted.len() < self.config.quorum() {
+    fn try_commit(&mut self, now: Duration, up: &mut impl Above) {
+        if self.status != Status::Accepted || self.accepted.len() < self.config.quorum() {
             return;
         }
-        let through = self.mbr.accepted_through;
-        self.commit(now);
-        if let Some(view) = self.mbr.view.as_ref().map(|v| v.id) {
-            self.send_members(&PeerMsg::Stable { view, through });
+        let through = self.accepted_through;
+        self.commit(now, up);
+        if let Some(view) = self.view_id() {
+            up.send(&self.others(), MbrMsg::Stable(Stable { view, through }));
         }
     }
 
     /// Delivers the old view's history and starts ordering in the new one.
-    pub(in crate::core::group) fn commit(&mut self, _now: Duration) {
-        let Some(view) = self.mbr.view.clone() else {
+    pub(super) fn commit(&mut self, _now: Duration, up: &mut impl Above) {
+        let Some(id) = self.view_id() else {
             return;
         };
-        let at = self.mbr.accepted_through;
-        self.mbr.installed = view.id;
-        self.mbr.hard_dirty = true;
-        self.deliver_through(at);
-        tracing::info!(me = %self.config.me, view = %view.id, members = ?view.members.iter().map(|m| m.node.0).collect::<Vec<_>>(), at = at.0, "view installed");
-        self.stats.views += 1;
-        self.mbr.status = Status::Normal;
-        self.mbr.timers.cancel(MbrTimer::Promise);
-        self.mbr.blocked_since = None;
-        self.mbr.told_not_primary = false;
-        self.total
-            .begin_view(view.members.iter().map(|m| m.node), at);
-        self.events.push_back(Event::View { view, at });
-        // Ordering resumes: first what our clients submitted meanwhile.
-        self.resubmit();
+        let at = self.accepted_through;
+        self.installed = id;
+        self.hard_dirty = true;
+        up.deliver_through(at);
+        tracing::info!(me = %self.config.me, view = %id, members = ?self.view.iter().flat_map(|v| &v.members).map(|m| m.node.0).collect::<Vec<_>>(), at = at.0, "view installed");
+        self.views += 1;
+        self.status = Status::Normal;
+        self.timers.cancel(MbrTimer::Promise);
+        self.blocked_since = None;
+        self.told_not_primary = false;
+        up.view_installed(self, at);
     }
 
-    pub(in crate::core::group) fn on_new_view(
-        &mut self,
-        now: Duration,
-        view: View,
-        through: Seq,
-        first: Seq,
-        msgs: Vec<Msg>,
-        lagging: bool,
-    ) {
-        let again = self.mbr.status != Status::Flushing
-            && self.mbr.view.as_ref().is_some_and(|v| v.id == view.id);
-        if view.id != self.mbr.promised || !view.has(self.me()) || again {
+    pub(crate) fn on_new_view(&mut self, now: Duration, new: NewView, up: &mut impl Above) {
+        let again = self.status != Status::Flushing
+            && self.view.as_ref().is_some_and(|v| v.id == new.view.id);
+        if new.view.id != self.promised || !new.view.has(self.me()) || again {
             return;
         }
-        self.mbr.end_proposal();
-        if lagging {
+        self.end_proposal();
+        if new.lagging {
             // State comes in the snapshot that follows; keep the rest.
-            self.mbr.awaiting_snapshot = true;
-            self.mbr.stash = Some(Stash {
-                view,
-                through,
-                first,
-                msgs,
-            });
+            self.awaiting_snapshot = true;
+            self.stash = Some(new);
             return;
         }
-        self.take_history(now, view, through, first, msgs);
+        self.take_history(now, new, up);
     }
 
     /// Appends the new view's history after what this server holds, and
     /// accepts the view.
-    pub(super) fn take_history(
-        &mut self,
-        now: Duration,
-        view: View,
-        through: Seq,
-        first: Seq,
-        msgs: Vec<Msg>,
-    ) {
-        let held = self.held();
+    fn take_history(&mut self, now: Duration, new: NewView, up: &mut impl Above) {
+        let NewView {
+            view,
+            through,
+            first,
+            msgs,
+            ..
+        } = new;
+        let held = up.held();
         if first > held.next() {
             // Cannot happen with a correct proposer; rejoining is safe.
             tracing::warn!(me = %self.config.me, view = %view.id, "new view leaves a hole; rejoining");
-            return self.rejoin(now);
+            return self.rejoin(now, up);
         }
         for (i, m) in msgs.into_iter().enumerate() {
             let seq = Seq(first.0 + i as u64);
             if seq > held {
-                self.hold(m.ordered(seq));
+                up.hold(m.ordered(seq));
             }
         }
-        if self.bugs.skip_flush {
-            // The broken build: install with whatever this server holds.
-            let (id, coordinator) = (view.id, view.id.coordinator);
-            self.accept(now, view, through);
-            self.send(coordinator, &PeerMsg::AcceptOk { view: id });
-            return;
-        }
-        self.truncate(through);
-        if self.held() != through || self.total.delivered() > through {
-            tracing::warn!(me = %self.config.me, view = %view.id, held = self.held().0, through = through.0, delivered = self.total.delivered().0, first = first.0, "new view does not match what this server holds; rejoining");
-            return self.rejoin(now);
+        // (The broken build installs with whatever this server holds.)
+        if !self.bugs.skip_flush {
+            up.truncate(through);
+            if up.held() != through || up.delivered() > through {
+                tracing::warn!(me = %self.config.me, view = %view.id, held = up.held().0, through = through.0, delivered = up.delivered().0, first = first.0, "new view does not match what this server holds; rejoining");
+                return self.rejoin(now, up);
+            }
         }
         let id = view.id;
-        let coordinator = id.coordinator;
         self.accept(now, view, through);
-        self.send(coordinator, &PeerMsg::AcceptOk { view: id });
+        up.send(&[id.coordinator], MbrMsg::AcceptOk(AcceptOk { view: id }));
     }
 
-    pub(in crate::core::group) fn on_snapshot(
+    pub(crate) fn on_snapshot(
         &mut self,
         now: Duration,
-        view: ViewId,
-        state: Snapshot,
+        transfer: StateTransfer,
+        up: &mut impl Above,
     ) {
-        let ours = self.mbr.stash.as_ref().is_some_and(|s| s.view.id == view);
-        if !self.mbr.awaiting_snapshot || !ours || self.mbr.promised != view {
+        let StateTransfer { view, state } = transfer;
+        let ours = self.stash.as_ref().is_some_and(|s| s.view.id == view);
+        if !self.awaiting_snapshot || !ours || self.promised != view {
             // A late snapshot for a proposal that lost: keep waiting.
             return;
         }
-        let Some(stash) = self.mbr.stash.take() else {
+        let Some(stash) = self.stash.take() else {
             return;
         };
-        self.mbr.awaiting_snapshot = false;
-        if state.stream == self.mbr.stream && self.total.delivered() >= state.head {
+        self.awaiting_snapshot = false;
+        if state.stream == self.stream && up.delivered() >= state.head {
             // This server delivered a longer prefix of the same stream (it
             // was left behind in an older view): keep it, take the rest.
-            self.truncate(self.total.delivered());
-            return self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
+            up.truncate(up.delivered());
+            return self.take_history(now, stash, up);
         }
-        let old_stream = std::mem::replace(&mut self.mbr.stream, state.stream);
-        self.total.install(&state);
-        self.events.push_back(Event::Reset(state));
-        if self.mbr.stream != old_stream {
-            self.drop_old_stream_submissions();
-        }
-        self.take_history(now, stash.view, stash.through, stash.first, stash.msgs);
+        let old_stream = std::mem::replace(&mut self.stream, state.stream);
+        up.install(state, self.stream != old_stream);
+        self.take_history(now, stash, up);
     }
 
-    /// Sends the snapshot asked for by `Event::SnapshotNeeded`.
-    pub fn send_snapshot(&mut self, to: NodeId, state: Snapshot) {
-        let Some(view) = self.mbr.view.as_ref().map(|v| v.id) else {
+    /// Sends a lagging member the snapshot the layer above made for it.
+    pub(crate) fn send_snapshot(&self, to: NodeId, state: Snapshot, up: &mut impl Above) {
+        let Some(view) = self.view_id() else {
             return;
         };
-        self.send(to, &PeerMsg::Snapshot { view, state });
+        up.send(&[to], MbrMsg::Snapshot(StateTransfer { view, state }));
     }
 }
 
@@ -547,10 +501,10 @@ fn fresh_stream(seed: u64, id: ViewId, incarnation: Incarnation) -> u64 {
     (x ^ (x >> 31)).max(1)
 }
 
-/// Why no view may form from a proposal's answers (`Group::basis`): the
+/// Why no view may form from a proposal's answers (`Membership::basis`): the
 /// core waits, not primary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub(in crate::core::group) enum NoBasis {
+pub(crate) enum NoBasis {
     /// The broken build's rule before hard state: no majority holds state.
     #[error("no majority holds state")]
     NoMajorityHoldsState,
