@@ -70,11 +70,15 @@ use std::time::Duration;
 
 mod below;
 mod catchup;
+mod config;
 mod fanout;
 mod output;
 mod publish;
 mod session;
 mod weak;
+
+pub use config::NodeConfig;
+pub use output::{Output, TransmitKind};
 
 use fanout::*;
 
@@ -83,68 +87,6 @@ const REPLAY_RETRY: Duration = Duration::from_millis(10);
 
 /// Distinct topic texts kept for sharing at most.
 const TOPICS_INTERNED_MAX: usize = 65_536;
-
-/// Validated settings of a node.
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    /// The node's name, told to clients in the handshake.
-    pub name: String,
-    /// The identity of this node's ordered stream (random per start).
-    pub stream: u64,
-    /// The largest frame content accepted and sent, in bytes.
-    pub frame_len_max: usize,
-    /// Retention bound: messages.
-    pub retention_count_max: usize,
-    /// Retention bound: bytes.
-    pub retention_bytes_max: usize,
-    /// Subscriptions one session may hold.
-    pub subscriptions_per_session_max: usize,
-    /// Publishers whose deduplication state is remembered.
-    pub publishers_max: usize,
-    /// Publishes ordered per fan-out batch at most.
-    pub batch_len_max: usize,
-    /// How often sessions are told the current position.
-    pub watermark_interval: Duration,
-    /// Time a new connection has to send its Hello.
-    pub handshake_timeout: Duration,
-    /// A session silent this long (no frame, not even a ping) is closed.
-    pub idle_timeout: Duration,
-    /// Connections held at most.
-    pub sessions_max: usize,
-    /// The client addresses of this node's tier (itself included), told to
-    /// clients in the handshake for their failover; empty for none.
-    pub servers: Vec<String>,
-    /// Clients the membership state remembers at most; 0 turns ordered
-    /// membership off (no attach or detach events, no `full` reports),
-    /// which keeps seqs for application messages alone.
-    pub members_max: usize,
-    /// This node's id in membership reports: the publisher id it attaches
-    /// clients under (random per start; for core servers derived from the
-    /// server id and incarnation, see [`core_server_id`](super::members::core_server_id)).
-    pub id: PublisherId,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            name: "canopy".into(),
-            stream: 1,
-            frame_len_max: protocol::FRAME_LEN_MAX_DEFAULT,
-            retention_count_max: 1_000_000,
-            retention_bytes_max: 256 << 20,
-            subscriptions_per_session_max: 1024,
-            publishers_max: 100_000,
-            batch_len_max: 1024,
-            watermark_interval: Duration::from_secs(1),
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
-            sessions_max: 100_000,
-            servers: Vec::new(),
-            members_max: 400_000,
-            id: PublisherId(0),
-        }
-    }
-}
 
 /// A publish accepted from a session, for the group to order.
 #[derive(Clone, Debug)]
@@ -174,50 +116,6 @@ pub(crate) struct Bugs {
     /// Start the running hash from 0 at a snapshot's head instead of the
     /// snapshot's hash.
     pub forget_snapshot_hash: bool,
-}
-
-/// What a transmit carries, which decides what a full queue means for it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransmitKind {
-    /// Ordered messages `seqs.0..=seqs.1`.
-    Deliver,
-    /// A gap notice for `seqs.0..=seqs.1`.
-    Gap,
-    /// A watermark; harmless to drop, the next one supersedes it.
-    Watermark,
-    /// A catch-up frame (messages or a gap notice) for a resuming session,
-    /// covering `seqs.0..=seqs.1`; a full queue only delays it.
-    Replay,
-    /// Anything else (handshake, acks, subscription answers, pongs).
-    Control,
-}
-
-/// An action for the shell.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Output {
-    /// Queue `frame` (length prefix included) on the session's outbound queue
-    /// without waiting. If the queue is full, call
-    /// [`Node::handle_queue_full`] with this transmit's kind and seqs.
-    Transmit {
-        /// The receiving session.
-        session: SessionId,
-        /// The encoded frame.
-        frame: Bytes,
-        /// What the frame carries.
-        kind: TransmitKind,
-        /// For deliveries and gaps: the first and last seq covered.
-        seqs: (Seq, Seq),
-    },
-    /// Close the session: send `frame` last if given, after what is already
-    /// queued when `drain` is set, or instead of it otherwise.
-    Close {
-        /// The session.
-        session: SessionId,
-        /// A final error frame.
-        frame: Option<Bytes>,
-        /// Whether queued frames go out before the final frame.
-        drain: bool,
-    },
 }
 
 /// The node's timers.

@@ -4,6 +4,50 @@
 
 use super::*;
 
+/// What a transmit carries, which decides what a full queue means for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransmitKind {
+    /// Ordered messages `seqs.0..=seqs.1`.
+    Deliver,
+    /// A gap notice for `seqs.0..=seqs.1`.
+    Gap,
+    /// A watermark; harmless to drop, the next one supersedes it.
+    Watermark,
+    /// A catch-up frame (messages or a gap notice) for a resuming session,
+    /// covering `seqs.0..=seqs.1`; a full queue only delays it.
+    Replay,
+    /// Anything else (handshake, acks, subscription answers, pongs).
+    Control,
+}
+
+/// An action for the shell.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Queue `frame` (length prefix included) on the session's outbound queue
+    /// without waiting. If the queue is full, call
+    /// [`Node::handle_queue_full`] with this transmit's kind and seqs.
+    Transmit {
+        /// The receiving session.
+        session: SessionId,
+        /// The encoded frame.
+        frame: Bytes,
+        /// What the frame carries.
+        kind: TransmitKind,
+        /// For deliveries and gaps: the first and last seq covered.
+        seqs: (Seq, Seq),
+    },
+    /// Close the session: send `frame` last if given, after what is already
+    /// queued when `drain` is set, or instead of it otherwise.
+    Close {
+        /// The session.
+        session: SessionId,
+        /// A final error frame.
+        frame: Option<Bytes>,
+        /// Whether queued frames go out before the final frame.
+        drain: bool,
+    },
+}
+
 impl Node {
     /// The next action for the shell, or `None` when there is nothing to do.
     pub fn poll_output(&mut self) -> Option<Output> {
