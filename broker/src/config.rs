@@ -119,12 +119,13 @@ impl CoreConfig {
         servers.push(self.me);
         servers.sort();
         let mut g = GroupConfig::new(self.me, incarnation, servers);
-        g.heartbeat_interval = self.heartbeat_interval;
-        g.failure_timeout = self.failure_timeout;
+        let m = &mut g.membership;
+        m.heartbeat_interval = self.heartbeat_interval;
+        m.failure_timeout = self.failure_timeout;
         // A broken link is confirmed by a few heartbeats of silence.
-        g.link_confirm = (self.heartbeat_interval * 3).min(self.failure_timeout);
-        g.flush_timeout = self.failure_timeout;
-        g.stream_seed = stream_seed;
+        m.link_confirm = (self.heartbeat_interval * 3).min(self.failure_timeout);
+        m.flush_timeout = self.failure_timeout;
+        m.stream_seed = stream_seed;
         g
     }
 }

@@ -505,14 +505,14 @@ impl World {
         let servers: Vec<NodeId> = (1..=self.n as u32).map(NodeId).collect();
         let me = NodeId(i as u32 + 1);
         let mut c = GroupConfig::new(me, Incarnation(self.incarnations), servers);
-        c.heartbeat_interval = self.heartbeat;
-        c.failure_timeout = self.failure_timeout;
-        c.link_confirm = self.heartbeat * 3;
-        c.flush_timeout = self.failure_timeout;
-        c.stream_seed = self.seed;
-        c.unordered_max = 64;
-        c.log_len_max = 256;
-        c.publishers_max = self.publishers_max;
+        c.membership.heartbeat_interval = self.heartbeat;
+        c.membership.failure_timeout = self.failure_timeout;
+        c.membership.link_confirm = self.heartbeat * 3;
+        c.membership.flush_timeout = self.failure_timeout;
+        c.membership.stream_seed = self.seed;
+        c.ordering.unordered_max = 64;
+        c.ordering.log_len_max = 256;
+        c.ordering.publishers_max = self.publishers_max;
         let now = self.local(i);
         let mut group = Group::recover(now, c, self.disks[i].clone());
         group.set_bugs(self.plan.bugs);
@@ -1236,7 +1236,8 @@ impl World {
                 }
                 // What either publisher table forgot: old retries of those
                 // publishers may be ordered again (the price of the bound).
-                let mut forgotten: Vec<_> = s.server.node_mut().forgotten.drain().collect();
+                let mut forgotten: Vec<_> =
+                    s.server.node_mut().take_forgotten().into_iter().collect();
                 if let Some(g) = s.server.group_mut() {
                     forgotten.extend(g.take_forgotten());
                 }

@@ -506,7 +506,9 @@ mod tests {
     fn core(node_publishers: usize) -> Server {
         core_with_tables(
             node_publishers,
-            GroupConfig::new(NodeId(1), Incarnation(1), vec![]).publishers_max,
+            GroupConfig::new(NodeId(1), Incarnation(1), vec![])
+                .ordering
+                .publishers_max,
         )
     }
 
@@ -515,7 +517,7 @@ mod tests {
     fn core_with_tables(node_publishers: usize, group_publishers: usize) -> Server {
         let me = NodeId(1);
         let mut group_config = GroupConfig::new(me, Incarnation(1), vec![me]);
-        group_config.publishers_max = group_publishers;
+        group_config.ordering.publishers_max = group_publishers;
         let group = Group::new(T0, group_config);
         let config = NodeConfig {
             members_max: 0,

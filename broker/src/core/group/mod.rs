@@ -30,93 +30,43 @@
 
 #[cfg(test)]
 use crate::core::mbrship::MbrBugs;
-use crate::core::mbrship::{MbrConfig, Membership};
+use crate::core::mbrship::Membership;
+use crate::core::total::Total;
 #[cfg(test)]
 use crate::core::total::TotalBugs;
-use crate::core::total::{Total, TotalConfig};
 use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
 #[cfg(test)]
 use std::collections::HashMap;
 use std::time::Duration;
 
-pub use crate::core::mbrship::{HardState, Incarnation, Member, NodeId, Status, View, ViewId};
+pub use crate::core::mbrship::{
+    HardState, Incarnation, MbrConfig, Member, NodeId, Status, View, ViewId,
+};
 pub use crate::core::stream::{Msg, Snapshot};
 pub use crate::core::total::wire::{self, PeerMsg, Submitted};
-pub use crate::core::total::Event;
+pub use crate::core::total::{Event, TotalConfig};
 
 #[cfg(test)]
 mod tests;
 
-/// Validated settings of a group member.
+/// Validated settings of a group member: each layer's own.
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
-    /// This server.
-    pub me: NodeId,
-    /// This run's incarnation (unique per start, e.g. from the clock).
-    pub incarnation: Incarnation,
-    /// Every configured core server, this one included.
-    pub servers: Vec<NodeId>,
-    /// How often heartbeats go out.
-    pub heartbeat_interval: Duration,
-    /// A member silent this long is excluded.
-    pub failure_timeout: Duration,
-    /// A member whose link broke and that stays silent this long is excluded.
-    pub link_confirm: Duration,
-    /// How long a view change may take before it is retried.
-    pub flush_timeout: Duration,
-    /// Submitted but not yet delivered publishes held at most.
-    pub unordered_max: usize,
-    /// Ordered but not yet stable messages the sequencer holds at most.
-    pub log_len_max: usize,
-    /// ...and their bytes at most (so a flush fits in a few frames).
-    pub log_bytes_max: usize,
-    /// Publishers whose deduplication state is kept.
-    pub publishers_max: usize,
-    /// Mixed into the stream id of a newly formed core.
-    pub stream_seed: u64,
+    /// MBRSHIP's: who this server is, among whom, and its timings.
+    pub membership: MbrConfig,
+    /// TOTAL's bounds.
+    pub ordering: TotalConfig,
 }
 
 impl GroupConfig {
-    /// Settings for server `me` of `servers` with default timings.
+    /// Settings for server `me` of `servers` with default timings and
+    /// bounds.
     pub fn new(me: NodeId, incarnation: Incarnation, servers: Vec<NodeId>) -> Self {
         GroupConfig {
-            me,
-            incarnation,
-            servers,
-            heartbeat_interval: Duration::from_millis(100),
-            failure_timeout: Duration::from_millis(1000),
-            link_confirm: Duration::from_millis(300),
-            flush_timeout: Duration::from_millis(1000),
-            unordered_max: 1 << 20,
-            log_len_max: 1 << 20,
-            log_bytes_max: 64 << 20,
-            publishers_max: 100_000,
-            stream_seed: 0,
+            membership: MbrConfig::new(me, incarnation, servers),
+            ordering: TotalConfig::default(),
         }
-    }
-
-    /// MBRSHIP's and TOTAL's parts of the settings.
-    fn layers(&self) -> (MbrConfig, TotalConfig) {
-        let mbr = MbrConfig {
-            me: self.me,
-            incarnation: self.incarnation,
-            servers: self.servers.clone(),
-            heartbeat_interval: self.heartbeat_interval,
-            failure_timeout: self.failure_timeout,
-            link_confirm: self.link_confirm,
-            flush_timeout: self.flush_timeout,
-            stream_seed: self.stream_seed,
-        };
-        let total = TotalConfig {
-            me: self.me,
-            failure_timeout: self.failure_timeout,
-            unordered_max: self.unordered_max,
-            log_len_max: self.log_len_max,
-            log_bytes_max: self.log_bytes_max,
-            publishers_max: self.publishers_max,
-        };
-        (mbr, total)
     }
 }
 
@@ -216,10 +166,13 @@ impl Group {
     /// none of its messages. The new hard state is ready at once
     /// ([`Group::poll_hard_state`]).
     pub fn recover(now: Duration, config: GroupConfig, hard: Option<HardState>) -> Self {
-        let (mbr, total) = config.layers();
+        let GroupConfig {
+            membership,
+            ordering,
+        } = config;
         Group {
-            mbr: Membership::new(now, mbr, hard.unwrap_or_default()),
-            total: Total::new(now, total),
+            mbr: Membership::new(now, membership, hard.unwrap_or_default()),
+            total: Total::new(now, ordering),
         }
     }
 

@@ -157,8 +157,8 @@ fn three_servers_form_one_view_and_agree_on_one_order() {
 #[test]
 fn a_retry_the_member_forgot_but_the_sequencer_knows_is_done() {
     let mut net = Net::with(3, |c| {
-        if c.me == NodeId(2) {
-            c.publishers_max = 2;
+        if c.membership.me == NodeId(2) {
+            c.ordering.publishers_max = 2;
         }
     });
     net.run_for(Duration::from_millis(500));

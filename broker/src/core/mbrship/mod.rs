@@ -233,7 +233,7 @@ struct Peer {
     hears_me: bool,
 }
 
-/// MBRSHIP's settings (from the group's configuration).
+/// MBRSHIP's settings.
 #[derive(Clone, Debug)]
 pub struct MbrConfig {
     /// This server.
@@ -255,6 +255,20 @@ pub struct MbrConfig {
 }
 
 impl MbrConfig {
+    /// Settings for server `me` of `servers` with default timings.
+    pub fn new(me: NodeId, incarnation: Incarnation, servers: Vec<NodeId>) -> Self {
+        MbrConfig {
+            me,
+            incarnation,
+            servers,
+            heartbeat_interval: Duration::from_millis(100),
+            failure_timeout: Duration::from_millis(1000),
+            link_confirm: Duration::from_millis(300),
+            flush_timeout: Duration::from_millis(1000),
+            stream_seed: 0,
+        }
+    }
+
     /// A majority of the configured servers.
     fn quorum(&self) -> usize {
         self.servers.len() / 2 + 1
@@ -528,6 +542,11 @@ impl Membership {
     /// Whether this server is in an installed view and ordering.
     pub(crate) fn is_primary(&self) -> bool {
         self.status == Status::Normal && !self.awaiting_snapshot
+    }
+
+    /// Its settings.
+    pub(crate) fn config(&self) -> &MbrConfig {
+        &self.config
     }
 
     /// Views installed here.

@@ -59,6 +59,7 @@
 //! are all delivered are evicted), the events and frames an input queues by
 //! what the input carries.
 
+mod publishers;
 mod sequencer;
 mod stability;
 pub mod wire;
@@ -68,7 +69,8 @@ use crate::core::mbrship::{Above, Membership, NodeId, View};
 use crate::core::stream::{Msg, Ordered, Snapshot};
 use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+pub use publishers::{PubState, PublisherTable};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use wire::{PeerMsg, Submitted};
 
@@ -120,13 +122,9 @@ pub enum Event {
     },
 }
 
-/// TOTAL's settings (from the group's configuration).
+/// TOTAL's bounds.
 #[derive(Clone, Debug)]
 pub struct TotalConfig {
-    /// This server.
-    pub me: NodeId,
-    /// Own submissions that wait this long are sent again.
-    pub failure_timeout: Duration,
     /// Submitted but not yet delivered publishes held at most.
     pub unordered_max: usize,
     /// Ordered but not yet stable messages the sequencer holds at most.
@@ -135,6 +133,17 @@ pub struct TotalConfig {
     pub log_bytes_max: usize,
     /// Publishers whose deduplication state is kept.
     pub publishers_max: usize,
+}
+
+impl Default for TotalConfig {
+    fn default() -> Self {
+        TotalConfig {
+            unordered_max: 1 << 20,
+            log_len_max: 1 << 20,
+            log_bytes_max: 64 << 20,
+            publishers_max: 100_000,
+        }
+    }
 }
 
 /// TOTAL's deliberate protocol bugs, for tests proving the simulator's
@@ -182,23 +191,6 @@ pub(crate) struct TotalStats {
     pub resubmitted: u64,
 }
 
-/// The deduplication state of one publisher.
-#[derive(Clone, Copy, Debug)]
-struct PubState {
-    /// The last pub_seq held in the log or delivered.
-    held: PubSeq,
-    /// The last pub_seq delivered.
-    delivered: PubSeq,
-    /// The seq of its latest held message (for eviction by age).
-    seq: Seq,
-    /// Made after the table forgot publishers: it may have been made by an
-    /// old retry of a forgotten publisher, so a later pub_seq that skips
-    /// past it is no proof of a lost predecessor (waiting for one would
-    /// wait for good). Submissions are numbered per member, so a lost
-    /// predecessor is caught there instead.
-    revived: bool,
-}
-
 /// TOTAL's state: the log, stability, the publisher table, own
 /// submissions.
 pub(crate) struct Total {
@@ -225,25 +217,17 @@ pub(crate) struct Total {
     resend_asked: Option<Seq>,
     /// The coordinator's `have` in its previous heartbeat.
     lag_mark: Option<Seq>,
-    publishers: HashMap<PublisherId, PubState>,
+    publishers: PublisherTable,
     /// The number the next own submission gets (see `Submit`'s `first`).
     submit_next: u64,
     /// Sequencer: per member, one past the last submission number received
     /// in this view (a larger `first` means a `Submit` was lost).
     submit_seen: BTreeMap<NodeId, u64>,
-    /// Whether the publisher table ever forgot a publisher (then an unknown
-    /// publisher's publish may be a forgotten one's, and is ordered).
-    evicted_any: bool,
     /// Own submissions not yet delivered, in submission order, numbered
     /// contiguously from `submit_next - unordered.len()`.
     unordered: VecDeque<Submitted>,
     /// Since when the front of `unordered` has been the same publish.
     resubmit_check: (Duration, Option<(PublisherId, PubSeq)>),
-    /// Tests: every publisher the table forgot, with the last pub_seq it
-    /// had then (the simulator excuses an old retry of one of those ordered
-    /// again, the documented price of the bound).
-    #[cfg(test)]
-    forgotten: HashMap<PublisherId, PubSeq>,
 }
 
 /// TOTAL's state, and the calls that change it as a whole: a new stream, a
@@ -270,6 +254,7 @@ impl Total {
     /// Nothing held, delivered or submitted yet.
     pub(crate) fn new(now: Duration, config: TotalConfig) -> Self {
         Total {
+            publishers: PublisherTable::new(config.publishers_max),
             config,
             bugs: TotalBugs::default(),
             stats: TotalStats::default(),
@@ -283,14 +268,10 @@ impl Total {
             stable_sent: Seq(0),
             resend_asked: None,
             lag_mark: None,
-            publishers: HashMap::new(),
             submit_next: 0,
             submit_seen: BTreeMap::new(),
-            evicted_any: false,
             unordered: VecDeque::new(),
             resubmit_check: (now, None),
-            #[cfg(test)]
-            forgotten: HashMap::new(),
         }
     }
 
@@ -317,8 +298,7 @@ impl Total {
         self.clear_log();
         self.delivered = Seq(0);
         self.stable = Seq(0);
-        self.publishers.clear();
-        self.evicted_any = false;
+        self.publishers.reset(false);
     }
 
     /// Drops the held messages after `through` (a view change left them
@@ -331,7 +311,7 @@ impl Total {
         }
         for m in self.log.drain(keep..) {
             self.log_bytes = self.log_bytes.saturating_sub(m.cost());
-            if let Some(p) = self.publishers.get_mut(&m.publisher) {
+            if let Some(p) = self.publishers.get_mut(m.publisher) {
                 if p.held >= m.pub_seq {
                     p.held = PubSeq(m.pub_seq.0.saturating_sub(1)).max(p.delivered);
                 }
@@ -353,23 +333,10 @@ impl Total {
 
     /// Replaces everything delivered with a snapshot's state.
     fn install_state(&mut self, state: &Snapshot) {
-        self.evicted_any = state.evicted;
         self.clear_log();
         self.delivered = state.head;
         self.stable = state.head;
-        self.publishers = state
-            .publishers
-            .iter()
-            .map(|&(id, pub_seq, seq)| {
-                let entry = PubState {
-                    held: pub_seq,
-                    delivered: pub_seq,
-                    seq,
-                    revived: state.evicted,
-                };
-                (id, entry)
-            })
-            .collect();
+        self.publishers.install(&state.publishers, state.evicted);
     }
 
     /// The server left its view (a rejoin): the view's acknowledgements
@@ -530,7 +497,7 @@ impl Total {
     /// that attaches here is told has been acknowledged).
     pub(crate) fn pub_delivered(&self, publisher: PublisherId) -> PubSeq {
         self.publishers
-            .get(&publisher)
+            .get(publisher)
             .map_or(PubSeq(0), |p| p.delivered)
     }
 
@@ -539,21 +506,14 @@ impl Total {
     /// a publisher: the table the sequencer drops retries by, which a
     /// joining server must take over as it is.
     pub(crate) fn publisher_table(&self) -> (Vec<(PublisherId, PubSeq, Seq)>, bool) {
-        let mut table: Vec<_> = self
-            .publishers
-            .iter()
-            .filter(|(_, p)| p.delivered > PubSeq(0))
-            .map(|(&id, p)| (id, p.delivered, p.seq))
-            .collect();
-        table.sort_unstable();
-        (table, self.evicted_any)
+        (self.publishers.rows(), self.publishers.evicted_any())
     }
 
     /// When everything of `publisher` held here is delivered: its last
     /// pub_seq and that publish's seq (an acknowledgement for a retry).
     pub(crate) fn pub_acknowledged(&self, publisher: PublisherId) -> Option<(PubSeq, Seq)> {
         self.publishers
-            .get(&publisher)
+            .get(publisher)
             .filter(|p| p.delivered > PubSeq(0) && p.held == p.delivered)
             .map(|p| (p.delivered, p.seq))
     }
@@ -566,7 +526,7 @@ impl Total {
     /// publishers (docs/DESIGN.md, "Bounds").
     pub(crate) fn pub_held(&self, publisher: PublisherId) -> Option<PubSeq> {
         self.publishers
-            .get(&publisher)
+            .get(publisher)
             .filter(|p| !p.revived)
             .map(|p| p.held)
     }
@@ -574,8 +534,8 @@ impl Total {
     /// Test builds: the publishers the table forgot since the last call,
     /// with the last pub_seq each had then.
     #[cfg(test)]
-    pub(crate) fn take_forgotten(&mut self) -> HashMap<PublisherId, PubSeq> {
-        std::mem::take(&mut self.forgotten)
+    pub(crate) fn take_forgotten(&mut self) -> std::collections::HashMap<PublisherId, PubSeq> {
+        self.publishers.take_forgotten()
     }
 
     /// How many submissions made here wait to be delivered.

@@ -37,10 +37,10 @@ impl Total {
             return;
         };
         let front = self.submit_front();
-        if view.coordinator == self.config.me {
+        if view.coordinator == mbr.config().me {
             // Our own, under the same rule as a member's: after some met
             // the log's bound, later ones wait for the resubmission.
-            let me = self.config.me;
+            let me = mbr.config().me;
             return self.take_submissions(mbr, me, front, first, msgs);
         }
         for chunk in frames(&msgs, |s: &Submitted| msg_cost(&s.1)) {
@@ -86,7 +86,7 @@ impl Total {
             self.resubmit_check = (now, front);
             return;
         }
-        if mbr.is_primary() && now.saturating_sub(since) >= self.config.failure_timeout {
+        if mbr.is_primary() && now.saturating_sub(since) >= mbr.config().failure_timeout {
             self.resubmit_check = (now, front);
             self.resubmit(mbr);
         }
@@ -133,7 +133,7 @@ impl Total {
         let (taken, retried) = self.order(mbr, msgs);
         self.submit_seen
             .insert(from, seen.max(first.saturating_add(taken as u64)));
-        if from == self.config.me {
+        if from == mbr.config().me {
             return;
         }
         // The member may have forgotten these publishers: it would wait for
@@ -142,7 +142,7 @@ impl Total {
             return;
         };
         for publisher in retried {
-            if let Some(p) = self.publishers.get(&publisher) {
+            if let Some(p) = self.publishers.get(publisher) {
                 let msg = PeerMsg::Retried {
                     view,
                     publisher,
@@ -173,12 +173,12 @@ impl Total {
         }
         if self
             .publishers
-            .get(&publisher)
+            .get(publisher)
             .is_some_and(|p| p.delivered >= pub_seq)
         {
             return;
         }
-        let e = self.publisher_entry(publisher, seq);
+        let e = self.publishers.entry(publisher, seq);
         e.held = e.held.max(pub_seq);
         e.delivered = pub_seq;
         e.seq = e.seq.max(seq);
@@ -210,8 +210,8 @@ impl Total {
                 break;
             }
             taken += 1;
-            let known = self.publishers.get(&m.0).map(|p| p.held);
-            let revived = self.publishers.get(&m.0).is_some_and(|p| p.revived);
+            let known = self.publishers.get(m.0).map(|p| p.held);
+            let revived = self.publishers.get(m.0).is_some_and(|p| p.revived);
             match known {
                 Some(last) if m.1 <= last && !self.bugs.no_dedup => {
                     self.stats.duplicates += 1;
@@ -229,7 +229,12 @@ impl Total {
                     continue
                 }
                 // Nor order a publisher's later publish on first sight.
-                None if after > PubSeq(0) && !self.evicted_any && !self.bugs.no_dedup => continue,
+                None if after > PubSeq(0)
+                    && !self.publishers.evicted_any()
+                    && !self.bugs.no_dedup =>
+                {
+                    continue
+                }
                 _ => {}
             }
             let seq = self.held().next();
@@ -241,7 +246,7 @@ impl Total {
         }
         self.stats.ordered += ordered.len() as u64;
         let held = self.held();
-        self.acks.insert(self.config.me, held);
+        self.acks.insert(mbr.config().me, held);
         for msg in self.orders(view, first, &ordered) {
             self.send_members(mbr, &msg);
         }
@@ -252,7 +257,7 @@ impl Total {
     /// Appends an ordered message to the log and the publisher table.
     pub(super) fn hold(&mut self, m: Ordered) {
         debug_assert_eq!(m.seq, self.held().next());
-        let e = self.publisher_entry(m.publisher, m.seq);
+        let e = self.publishers.entry(m.publisher, m.seq);
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
         self.log_bytes += m.cost();
@@ -261,48 +266,5 @@ impl Total {
             _ => self.events.push_back(Event::Held(vec![m.clone()])),
         }
         self.log.push_back(m);
-    }
-
-    /// The table's entry for `publisher`, made (at `seq`) if it has none,
-    /// after making room at the bound.
-    fn publisher_entry(&mut self, publisher: PublisherId, seq: Seq) -> &mut PubState {
-        if !self.publishers.contains_key(&publisher)
-            && self.publishers.len() >= self.config.publishers_max
-        {
-            self.evict_publishers();
-        }
-        let revived = self.evicted_any;
-        self.publishers.entry(publisher).or_insert(PubState {
-            held: PubSeq(0),
-            delivered: PubSeq(0),
-            seq,
-            revived,
-        })
-    }
-
-    /// Forgets the eighth of publishers quiet longest whose messages are all
-    /// delivered. A forgotten publisher's old retries could be ordered again:
-    /// the price of the bound, as in the node's table.
-    fn evict_publishers(&mut self) {
-        let mut by_age: Vec<(Seq, canopy_client::protocol::PublisherId)> = self
-            .publishers
-            .iter()
-            .filter(|(_, p)| p.held == p.delivered)
-            .map(|(id, p)| (p.seq, *id))
-            .collect();
-        if by_age.is_empty() {
-            return;
-        }
-        let evict = (by_age.len() / 8).max(1);
-        by_age.select_nth_unstable(evict - 1);
-        for (_, id) in &by_age[..evict] {
-            let _gone = self.publishers.remove(id);
-            #[cfg(test)]
-            if let Some(p) = _gone {
-                let e = self.forgotten.entry(*id).or_default();
-                *e = (*e).max(p.held);
-            }
-        }
-        self.evicted_any = true;
     }
 }

@@ -96,7 +96,7 @@ impl Total {
         view: ViewId,
         through: Seq,
     ) {
-        tracing::trace!(me = %self.config.me, view = %view, through = through.0, status = ?mbr.status(), "stable");
+        tracing::trace!(me = %mbr.config().me, view = %view, through = through.0, status = ?mbr.status(), "stable");
         if mbr.view_id() != Some(view) {
             return;
         }
@@ -148,7 +148,7 @@ impl Total {
             return;
         }
         let held = self.held();
-        self.acks.insert(self.config.me, held);
+        self.acks.insert(mbr.config().me, held);
         let acks = &self.acks;
         let stable = mbr
             .view()
@@ -202,7 +202,7 @@ impl Total {
         }
         self.delivered = through;
         for m in &batch {
-            if let Some(p) = self.publishers.get_mut(&m.publisher) {
+            if let Some(p) = self.publishers.get_mut(m.publisher) {
                 p.delivered = p.delivered.max(m.pub_seq);
             }
         }
@@ -216,7 +216,7 @@ impl Total {
         while let Some(Submitted(_, front)) = self.unordered.front() {
             let done = self
                 .publishers
-                .get(&front.0)
+                .get(front.0)
                 .is_some_and(|p| p.delivered >= front.1);
             if !done {
                 break;

@@ -136,8 +136,7 @@ impl Node {
         self.config.stream = state.stream;
         self.head = state.head;
         self.watermark_sent = Seq(0);
-        self.publishers.clear();
-        self.publishers_evicted = state.evicted;
+        self.publishers.reset(state.evicted);
         for (id, pub_seq, seq) in state.publishers {
             self.remember_publisher(id, pub_seq, seq);
         }
@@ -178,13 +177,6 @@ impl Node {
     /// and `bytes_max` bytes (as retention counts them).
     pub fn snapshot(&mut self, msgs_max: usize, bytes_max: usize) -> Snapshot {
         self.fan_out();
-        let mut publishers: Vec<(PublisherId, PubSeq, Seq)> = self
-            .publishers
-            .iter()
-            .map(|(&id, p)| (id, p.last_pub_seq, p.last_seq))
-            .collect();
-        // Sorted, so the same state always encodes the same.
-        publishers.sort_unstable();
         let all: Vec<&Ordered> = self.retention.after(Seq(0)).collect();
         let (mut keep, mut bytes) = (0, 0);
         for m in all.iter().rev() {
@@ -203,8 +195,9 @@ impl Node {
             hash,
             stream: self.config.stream,
             head: self.head,
-            publishers,
-            evicted: self.publishers_evicted,
+            // Sorted, so the same state always encodes the same.
+            publishers: self.publishers.rows(),
+            evicted: self.publishers.evicted_any(),
             first,
             msgs,
             members: Some(self.members.report(self.head)),

@@ -53,9 +53,9 @@ use super::index::Index;
 use super::members::{MemberEvent, Members, MEMBERS_TOPIC};
 use super::report::{Entry, EventKind, Journal, TopicCounts};
 use crate::core::retention::Retention;
-use crate::core::stream::Ordered;
-use crate::core::stream::{Msg, Snapshot};
+use crate::core::stream::{Msg, Ordered, Snapshot};
 use crate::core::timers::Timers;
+use crate::core::total::{PubState, PublisherTable};
 use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
@@ -206,26 +206,14 @@ struct SessionHello {
     entry: MemberEntry,
 }
 
-#[derive(Clone, Copy)]
-struct PublisherState {
-    /// The highest pub_seq delivered.
-    last_pub_seq: PubSeq,
-    /// The seq of its latest delivery (for eviction by age).
-    last_seq: Seq,
-    /// Made after the table forgot publishers: an old retry of a forgotten
-    /// publisher, ordered again, may have made it, below what the
-    /// publisher was acknowledged (as the group's table, docs/DESIGN.md,
-    /// "Bounds").
-    revived: bool,
-}
-
 /// The single-node state machine. See the module docs for how to drive it.
 pub struct Node {
     config: NodeConfig,
     sessions: HashMap<SessionId, Session>,
     /// Subscriptions of strong and of weak sessions.
     indexes: Indexes,
-    publishers: HashMap<PublisherId, PublisherState>,
+    /// What was delivered of each publisher (`core::total`'s table type).
+    publishers: PublisherTable,
     retention: Retention,
     /// The last assigned seq.
     head: Seq,
@@ -250,11 +238,6 @@ pub struct Node {
     /// Deliberate protocol bugs, off unless a test proving a checker turns
     /// one on.
     pub(crate) bugs: Bugs,
-    /// Test builds: publishers the table forgot, with their last pub_seq
-    /// (their old retries may be ordered again: the simulator's checker
-    /// excuses those).
-    #[cfg(test)]
-    pub(crate) forgotten: HashMap<PublisherId, PubSeq>,
     /// Whether the core group orders publishes (they are submitted with
     /// `take_submissions` and come back through `handle_ordered`) rather
     /// than this node alone.
@@ -267,8 +250,6 @@ pub struct Node {
     /// In a group: the session of each local publisher, to acknowledge its
     /// publishes when they come back ordered.
     publisher_sessions: HashMap<PublisherId, SessionId>,
-    /// Whether the publisher table ever forgot a publisher.
-    publishers_evicted: bool,
     /// The time of the latest input, for journal entries.
     now: Duration,
     /// The tree's membership, from the ordered stream.
@@ -358,7 +339,7 @@ impl Node {
             },
             retention: Retention::new(config.retention_count_max, config.retention_bytes_max),
             sessions: HashMap::new(),
-            publishers: HashMap::new(),
+            publishers: PublisherTable::new(config.publishers_max),
             head: Seq(0),
             pending: Vec::new(),
             acks_due: Vec::new(),
@@ -377,13 +358,10 @@ impl Node {
             topics: TopicCounts::default(),
             topic_names: HashSet::new(),
             bugs: Bugs::default(),
-            #[cfg(test)]
-            forgotten: HashMap::new(),
             grouped: false,
             primary: true,
             submissions: Vec::new(),
             publisher_sessions: HashMap::new(),
-            publishers_evicted: false,
             now,
             members: Members::new(config.members_max),
             own_pub_seq: PubSeq(0),

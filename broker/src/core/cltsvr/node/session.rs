@@ -63,8 +63,8 @@ impl Node {
         let head = self.head;
         let pub_acked = self
             .publishers
-            .get(&hello.publisher)
-            .map_or(PubSeq(0), |p| p.last_pub_seq);
+            .get(hello.publisher)
+            .map_or(PubSeq(0), |p| p.delivered);
         let welcome = Welcome {
             version: protocol::PROTOCOL_VERSION,
             server: self.config.name.clone(),
@@ -145,9 +145,9 @@ impl Node {
         // handed to the group already.
         let vouched = self
             .publishers
-            .get(&hello.publisher)
+            .get(hello.publisher)
             .filter(|p| !p.revived)
-            .map_or(PubSeq(0), |p| p.last_pub_seq);
+            .map_or(PubSeq(0), |p| p.delivered);
         if let Some(s) = self.sessions.get_mut(&session) {
             s.submitted = vouched;
             // The Welcome acknowledges this much.

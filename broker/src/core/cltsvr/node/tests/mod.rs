@@ -566,7 +566,7 @@ fn forgetting_publishers_at_the_bound_keeps_the_most_recent() {
     }
     assert!(n.publishers.len() <= 16);
     assert!(
-        n.publishers.contains_key(&PublisherId(40)),
+        n.publishers.get(PublisherId(40)).is_some(),
         "the newest publisher is remembered"
     );
 }
