@@ -69,7 +69,7 @@ use crate::core::mbrship::{Above, Membership, NodeId, View};
 use crate::core::stream::{Msg, Ordered, Snapshot};
 use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
-pub use publishers::{PubState, PublisherTable};
+pub use publishers::{Next, PubState, PublisherTable};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use wire::{PeerMsg, Submitted};
@@ -525,10 +525,7 @@ impl Total {
     /// the publisher, or its entry was made after the table forgot
     /// publishers (docs/DESIGN.md, "Bounds").
     pub(crate) fn pub_held(&self, publisher: PublisherId) -> Option<PubSeq> {
-        self.publishers
-            .get(publisher)
-            .filter(|p| !p.revived)
-            .map(|p| p.held)
+        self.publishers.vouched(publisher)
     }
 
     /// Test builds: the publishers the table forgot since the last call,

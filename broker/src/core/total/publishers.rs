@@ -27,6 +27,24 @@ pub struct PubState {
     pub revived: bool,
 }
 
+/// Where a publisher's pub_seq stands against the table: the pub_seq rule
+/// (a publisher's pub_seqs follow one another, each once) as every place
+/// that orders judges it.
+#[derive(Clone, Copy, Debug)]
+pub enum Next {
+    /// At or below what the table holds of the publisher: a retry. Its
+    /// entry.
+    Retry(PubState),
+    /// The publisher's next pub_seq, or one past an entry that cannot
+    /// vouch for what came before (a revived one).
+    Follows,
+    /// Past the next pub_seq of an entry that vouches for it: a
+    /// predecessor is missing. What the table holds.
+    Skips(PubSeq),
+    /// The table does not know the publisher.
+    Unknown,
+}
+
 /// Publishers' deduplication state, bounded.
 #[derive(Debug)]
 pub struct PublisherTable {
@@ -63,6 +81,26 @@ impl PublisherTable {
     /// The same, to change it.
     pub fn get_mut(&mut self, publisher: PublisherId) -> Option<&mut PubState> {
         self.entries.get_mut(&publisher)
+    }
+
+    /// Where `pub_seq` of `publisher` stands (see [`Next`]).
+    pub fn next(&self, publisher: PublisherId, pub_seq: PubSeq) -> Next {
+        match self.entries.get(&publisher) {
+            None => Next::Unknown,
+            Some(p) if pub_seq <= p.held => Next::Retry(*p),
+            Some(p) if pub_seq.0 > p.held.0.saturating_add(1) && !p.revived => Next::Skips(p.held),
+            Some(_) => Next::Follows,
+        }
+    }
+
+    /// The last pub_seq of `publisher` held, when the table can vouch for
+    /// it: `None` when it does not know the publisher, or its entry is
+    /// revived (see the module docs).
+    pub fn vouched(&self, publisher: PublisherId) -> Option<PubSeq> {
+        self.entries
+            .get(&publisher)
+            .filter(|p| !p.revived)
+            .map(|p| p.held)
     }
 
     /// `publisher`'s entry, made (at `seq`) if it has none, after making
@@ -182,8 +220,20 @@ mod tests {
             e.delivered = PubSeq(if i == 1 { 2 } else { 3 });
         }
         assert!(!t.get(PublisherId(8)).is_some_and(|p| p.revived));
+        assert!(matches!(t.next(PublisherId(8), PubSeq(3)), Next::Retry(_)));
+        assert!(matches!(t.next(PublisherId(8), PubSeq(4)), Next::Follows));
+        assert!(matches!(
+            t.next(PublisherId(8), PubSeq(5)),
+            Next::Skips(PubSeq(3))
+        ));
+        assert!(matches!(t.next(PublisherId(9), PubSeq(5)), Next::Unknown));
         let e = t.entry(PublisherId(9), Seq(9));
         assert!(e.revived);
+        e.held = PubSeq(2);
+        // A revived entry vouches for nothing past itself.
+        assert!(matches!(t.next(PublisherId(9), PubSeq(7)), Next::Follows));
+        assert_eq!(t.vouched(PublisherId(9)), None);
+        assert_eq!(t.vouched(PublisherId(8)), Some(PubSeq(3)));
         assert!(t.get(PublisherId(1)).is_some(), "in flight: kept");
         assert!(
             t.get(PublisherId(2)).is_none(),

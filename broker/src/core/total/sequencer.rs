@@ -210,10 +210,9 @@ impl Total {
                 break;
             }
             taken += 1;
-            let known = self.publishers.get(m.0).map(|p| p.held);
-            let revived = self.publishers.get(m.0).is_some_and(|p| p.revived);
-            match known {
-                Some(last) if m.1 <= last && !self.bugs.no_dedup => {
+            match self.publishers.next(m.0, m.1) {
+                _ if self.bugs.no_dedup => {}
+                Next::Retry(_) => {
                     self.stats.duplicates += 1;
                     if !retried.contains(&m.0) {
                         retried.push(m.0);
@@ -223,19 +222,10 @@ impl Total {
                 // A later pub_seq whose predecessor has not arrived (it was
                 // lost with a link and is being resubmitted): wait for it,
                 // so that the publisher's order holds (guarantee 3).
-                Some(last)
-                    if m.1 .0 > last.0.saturating_add(1) && !revived && !self.bugs.no_dedup =>
-                {
-                    continue
-                }
+                Next::Skips(_) => continue,
                 // Nor order a publisher's later publish on first sight.
-                None if after > PubSeq(0)
-                    && !self.publishers.evicted_any()
-                    && !self.bugs.no_dedup =>
-                {
-                    continue
-                }
-                _ => {}
+                Next::Unknown if after > PubSeq(0) && !self.publishers.evicted_any() => continue,
+                Next::Unknown | Next::Follows => {}
             }
             let seq = self.held().next();
             self.hold(m.clone().ordered(seq));

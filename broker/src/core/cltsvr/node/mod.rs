@@ -55,7 +55,7 @@ use super::report::{Entry, EventKind, Journal, TopicCounts};
 use crate::core::retention::Retention;
 use crate::core::stream::{Msg, Ordered, Snapshot};
 use crate::core::timers::Timers;
-use crate::core::total::{PubState, PublisherTable};
+use crate::core::total::{Next, PubState, PublisherTable};
 use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{

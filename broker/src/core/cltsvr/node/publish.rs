@@ -56,8 +56,8 @@ impl Node {
         if self.grouped {
             return self.submit(session, publisher, forwarded, state, publish);
         }
-        let ack = match state {
-            Some(p) if pub_seq <= p.delivered && !self.bugs.order_retries => {
+        let ack = match self.publishers.next(publisher, pub_seq) {
+            Next::Retry(p) if !self.bugs.order_retries => {
                 // A retry of something already ordered: acknowledge, do not
                 // order again (guarantee 2).
                 self.stats.duplicates += 1;
@@ -71,10 +71,10 @@ impl Node {
                 }
                 ack
             }
-            Some(p) if pub_seq.0 > p.delivered.0.saturating_add(1) => {
+            Next::Skips(known) => {
                 let msg = format!(
                     "publisher {publisher} sent pub_seq {} after {}: publisher sequence numbers must not skip",
-                    pub_seq.0, p.delivered.0
+                    pub_seq.0, known.0
                 );
                 if forwarded {
                     // Only that publisher is refused; the relay stays.

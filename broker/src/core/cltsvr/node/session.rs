@@ -143,11 +143,7 @@ impl Node {
         }
         // What the table vouches for (docs/DESIGN.md, "Bounds") counts as
         // handed to the group already.
-        let vouched = self
-            .publishers
-            .get(hello.publisher)
-            .filter(|p| !p.revived)
-            .map_or(PubSeq(0), |p| p.delivered);
+        let vouched = self.publishers.vouched(hello.publisher).unwrap_or_default();
         if let Some(s) = self.sessions.get_mut(&session) {
             s.submitted = vouched;
             // The Welcome acknowledges this much.
