@@ -10,15 +10,18 @@ use canopy_client::protocol::{self, PubSeq, PublisherId, Reports, Role, ServerFr
 use std::collections::VecDeque;
 use std::time::Duration;
 
+/// A ping period longer than a run, for the simulators whose connections
+/// never go silent (they end connections themselves: a crash resets them).
+pub(super) const PING_NEVER: Duration = Duration::from_secs(3600);
+
 /// The settings of a simulated client's core: an SDK client's, but for its
-/// ping period. That is longer than a run: the simulators end connections
-/// themselves (a crash resets them), and a silent server is the core's unit
-/// tests' and the real-process tests' business.
+/// ping period, `ping` (and so how soon it finds a silent connection).
 pub(super) fn link_config(
     publisher: PublisherId,
     servers: Vec<String>,
     slow: SlowPolicy,
     weak: bool,
+    ping: Duration,
 ) -> LinkConfig {
     LinkConfig {
         name: format!("sim-{}", publisher.0),
@@ -28,7 +31,7 @@ pub(super) fn link_config(
         reports: Reports::Servers,
         slow,
         weak,
-        ping_interval: Duration::from_secs(3600),
+        ping_interval: ping,
         connect_timeout: Duration::from_secs(5),
         reconnect_for: None,
         first_order: FirstOrder::Configured,
@@ -59,7 +62,7 @@ impl Client {
     /// A client of `servers` (tried in this order first).
     pub fn new(id: usize, patterns: Vec<String>, slow: SlowPolicy, servers: Vec<String>) -> Self {
         let publisher = PublisherId(1000 + id as u64);
-        let config = link_config(publisher, servers, slow, false);
+        let config = link_config(publisher, servers, slow, false, PING_NEVER);
         let mut core = ClientCore::new(Duration::ZERO, config);
         for p in &patterns {
             core.subscribe(p);

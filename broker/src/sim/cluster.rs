@@ -103,6 +103,8 @@ pub struct ClusterOutcome {
     pub duplicates: u64,
     /// Client connections broken.
     pub client_breaks: u64,
+    /// Client connections gone silent one way or both, without a close.
+    pub client_silences: u64,
     /// Time (µs) a majority was up and connected both ways, settled...
     pub connected_us: u64,
     /// ...and the part of it during which one of them was primary.
@@ -128,6 +130,7 @@ impl ClusterOutcome {
         self.stream_resets += o.stream_resets;
         self.duplicates += o.duplicates;
         self.client_breaks += o.client_breaks;
+        self.client_silences += o.client_silences;
         self.connected_us += o.connected_us;
         self.primary_us += o.primary_us;
     }
@@ -154,6 +157,9 @@ pub struct ClusterPlan {
     pub servers: Option<usize>,
     /// The publisher table bound, instead of the seed's choice.
     pub publishers_max: Option<usize>,
+    /// The clients' ping period (a broken build pings never, and so never
+    /// finds a silent connection).
+    pub client_ping: Duration,
 }
 
 impl Default for ClusterPlan {
@@ -164,6 +170,7 @@ impl Default for ClusterPlan {
             settle: Duration::from_secs(8),
             servers: None,
             publishers_max: None,
+            client_ping: CLIENT_PING,
         }
     }
 }
@@ -239,6 +246,13 @@ impl Srv {
     }
 }
 
+/// Clients ping this often when they hear nothing else, and count a
+/// connection dead after three such periods of silence; a server closes a
+/// session silent for `SESSION_IDLE`. (Short, so that a silent connection,
+/// which nothing else ends, is found within a run.)
+const CLIENT_PING: Duration = Duration::from_millis(250);
+const SESSION_IDLE: Duration = Duration::from_millis(1000);
+
 /// A client connection to a core server, FIFO each way while it lasts.
 struct ClientConn {
     client: usize,
@@ -252,6 +266,11 @@ struct ClientConn {
     /// When the last frame each way arrives.
     up_at: Duration,
     down_at: Duration,
+    /// Frames toward the server vanish (a half-open connection, a NAT
+    /// that forgot it): nothing arrives, not even a close.
+    silent_up: bool,
+    /// ...and toward the client.
+    silent_down: bool,
 }
 
 /// A view as first installed: when, and its members as (server index,
@@ -444,9 +463,9 @@ impl World {
                 _ => k == 1,
             };
             let id = PublisherId(1 << 40 | k);
-            let servers = w.servers_of(w.clients.len());
+            let link = (w.servers_of(w.clients.len()), w.plan.client_ping);
             w.clients
-                .push(CoreClient::new(Duration::ZERO, id, 1, Some(weak), servers));
+                .push(CoreClient::new(Duration::ZERO, id, 1, Some(weak), link));
         }
         for i in 0..n {
             let s = w.boot(i);
@@ -476,8 +495,8 @@ impl World {
             5..=7 => 2 + self.rng.below(1 << 40),
             _ => u64::MAX - 60 + self.rng.below(30),
         };
-        let servers = self.servers_of(c);
-        CoreClient::new(self.now, PublisherId(id), first, None, servers)
+        let link = (self.servers_of(c), self.plan.client_ping);
+        CoreClient::new(self.now, PublisherId(id), first, None, link)
     }
 
     /// Server `i`'s clock at the world's time.
@@ -522,7 +541,7 @@ impl World {
             retention_count_max: self.retention,
             publishers_max: self.publishers_max,
             watermark_interval: self.heartbeat * 2,
-            idle_timeout: Duration::from_secs(3600),
+            idle_timeout: SESSION_IDLE,
             servers: self.addrs.clone(),
             id: core_server_id(me.0, first_incarnation),
             ..NodeConfig::default()
@@ -776,11 +795,24 @@ impl World {
                 }
             }
             950..=964 if self.heal_at.is_none() => self.partition(),
-            965..=974 => {
+            965..=971 => {
                 let c = self.rng.below(self.clients.len() as u64) as usize;
                 if let Some(conn) = self.clients[c].conn {
                     self.out.client_breaks += 1;
                     self.end_conn(conn, true);
+                }
+            }
+            // A client connection goes silent, one way or both, for good:
+            // only the client's missed-pings rule and the server's idle
+            // timeout end it.
+            972..=974 => {
+                let c = self.rng.below(self.clients.len() as u64) as usize;
+                let way = self.rng.below(3);
+                if let Some(conn) = self.clients[c].conn {
+                    self.out.client_silences += 1;
+                    let k = &mut self.conns[conn];
+                    k.silent_up |= way != 1;
+                    k.silent_down |= way != 0;
                 }
             }
             _ => {
@@ -897,6 +929,8 @@ impl World {
             closing: false,
             up_at: self.now,
             down_at: self.now,
+            silent_up: false,
+            silent_down: false,
         });
         let conn = self.conns.len() - 1;
         self.by_session.insert(session, conn);
@@ -948,7 +982,7 @@ impl World {
     /// Sends a client's frame up `conn` (at once for the pinned client).
     fn send_up(&mut self, conn: usize, frame: Bytes) {
         let k = &mut self.conns[conn];
-        if !k.live || k.closing {
+        if !k.live || k.closing || k.silent_up {
             return;
         }
         // Frames travel as the codec delivers them: without the length prefix.
@@ -980,9 +1014,13 @@ impl World {
         if !k.live || k.closing {
             return;
         }
+        k.closing = close;
+        if k.silent_down {
+            // Nothing reaches the client, not even the close.
+            return;
+        }
         let at = (self.now + latency).max(k.down_at);
         k.down_at = at;
-        k.closing = close;
         if let Some(frame) = frame {
             self.schedule(at, Ev::Down(conn, frame.slice(4..)));
         }

@@ -153,6 +153,22 @@ fn caught(bugs: GroupBugs) -> String {
     panic!("a group with {bugs:?} passed 200 seeds: the checkers miss it");
 }
 
+/// Clients whose connections go silent (one way or both, without a close)
+/// but that never ping, and so never find out: the checkers see them stuck
+/// (a subscriber behind the core, a publisher never acknowledged, or the
+/// churn of sessions the servers close as idle).
+#[test]
+fn clients_that_never_find_a_silent_connection_are_caught() {
+    let plan = ClusterPlan {
+        client_ping: std::time::Duration::from_secs(3600),
+        ..ClusterPlan::default()
+    };
+    let v = (0..200)
+        .find_map(|seed| run_with(seed, plan.clone()).err())
+        .expect("clients that never ping passed 200 seeds: the checkers miss silent connections");
+    assert!(v.0.contains("liveness"), "{}", v.0);
+}
+
 #[test]
 fn a_view_change_without_the_flush_is_caught() {
     let v = caught(GroupBugs {

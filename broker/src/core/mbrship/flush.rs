@@ -381,7 +381,8 @@ impl Membership {
         let through = self.accepted_through;
         self.commit(now, up);
         if let Some(view) = self.view_id() {
-            up.send(&self.others(), MbrMsg::Stable(Stable { view, through }));
+            let to: Vec<NodeId> = self.others().collect();
+            up.send(&to, MbrMsg::Stable(Stable { view, through }));
         }
     }
 

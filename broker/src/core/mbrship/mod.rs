@@ -518,13 +518,12 @@ impl Membership {
     }
 
     /// The other members of the view.
-    pub(crate) fn others(&self) -> Vec<NodeId> {
+    pub(crate) fn others(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.view
             .iter()
             .flat_map(|v| &v.members)
             .map(|m| m.node)
             .filter(|&n| n != self.config.me)
-            .collect()
     }
 
     /// The view whose state this server holds (`None`: it holds none, as

@@ -109,15 +109,17 @@ pub(super) struct CoreClient {
 }
 
 impl CoreClient {
-    /// A client that tries `servers` in this order first.
+    /// A client that tries `servers` in this order first, and pings every
+    /// `ping` when it hears nothing else.
     pub fn new(
         now: Duration,
         id: PublisherId,
         first: u64,
         sub: Option<bool>,
-        servers: Vec<String>,
+        (servers, ping): (Vec<String>, Duration),
     ) -> Self {
-        let config = link_config(id, servers, SlowPolicy::Disconnect, sub == Some(true));
+        let weak = sub == Some(true);
+        let config = link_config(id, servers, SlowPolicy::Disconnect, weak, ping);
         let mut core = ClientCore::new(now, config);
         core.start_pub_seq_at(first);
         if sub.is_some() {
