@@ -128,6 +128,21 @@ impl Membership {
                     || joiners.iter().any(|j| !view.has(*j));
                 let lowest = survivors.iter().map(|m| m.node).min();
                 if changed && lowest == Some(self.config.me) {
+                    // A live server holds the state of a newer view than
+                    // this one's. It is neither a survivor nor a joiner
+                    // here, and a proposal without it cannot carry the
+                    // stream on: this server is stale, and joins again so
+                    // that the holder takes it in. (The heartbeat's rule
+                    // misses this once this server's own failed proposals
+                    // raised its promise past that view; proposing on would
+                    // duel with the holder's proposals.)
+                    let newer = self.peers.iter().any(|(&n, p)| {
+                        !p.joining && p.view > self.state_view && self.alive(now, n)
+                    });
+                    if newer {
+                        tracing::info!(me = %self.config.me, "a live server holds newer state than this one; rejoining");
+                        return self.rejoin(now, up);
+                    }
                     let mut members = survivors;
                     for j in joiners {
                         if !members.contains(&j) {
