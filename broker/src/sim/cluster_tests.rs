@@ -47,7 +47,10 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
     assert!(t.restarts > seeds / 2, "servers restarted: {t:?}");
     assert!(t.partitions > seeds / 4, "partitions: {t:?}");
     assert!(t.breaks > seeds, "links broke: {t:?}");
-    assert!(t.client_silences > seeds / 4, "client connections went silent: {t:?}");
+    assert!(
+        t.client_silences > seeds / 4,
+        "client connections went silent: {t:?}"
+    );
     // Held messages taken back (`unheld`) are rare here: every new primary
     // view orders its core list, so a lagging server mostly takes a
     // snapshot instead; `held_messages_are_taken_back` scripts it.

@@ -217,6 +217,7 @@ pub(crate) struct Total {
     resend_asked: Option<Seq>,
     /// The coordinator's `have` in its previous heartbeat.
     lag_mark: Option<Seq>,
+    /// The group's publisher table (every member keeps the sequencer's).
     publishers: PublisherTable,
     /// The number the next own submission gets (see `Submit`'s `first`).
     submit_next: u64,
