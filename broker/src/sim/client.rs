@@ -59,10 +59,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of `servers` (tried in this order first).
-    pub fn new(id: usize, patterns: Vec<String>, slow: SlowPolicy, servers: Vec<String>) -> Self {
+    /// A client of `servers` (tried in this order first) that pings every
+    /// `ping` when it hears nothing else.
+    pub fn new(
+        id: usize,
+        patterns: Vec<String>,
+        slow: SlowPolicy,
+        servers: Vec<String>,
+        ping: Duration,
+    ) -> Self {
         let publisher = PublisherId(1000 + id as u64);
-        let config = link_config(publisher, servers, slow, false, PING_NEVER);
+        let config = link_config(publisher, servers, slow, false, ping);
         let mut core = ClientCore::new(Duration::ZERO, config);
         for p in &patterns {
             core.subscribe(p);

@@ -51,6 +51,11 @@ struct Link {
     dead: bool,
     /// Frames sent so far, both ways (they key the delays).
     sent: u64,
+    /// Frames toward the server vanish (a half-open connection): nothing
+    /// arrives, not even a close.
+    silent_up: bool,
+    /// ...and toward the client.
+    silent_down: bool,
 }
 
 impl Link {
@@ -61,7 +66,22 @@ impl Link {
             closed_by_server: false,
             dead: false,
             sent: 0,
+            silent_up: false,
+            silent_down: false,
         }
+    }
+
+    /// The connection goes silent toward the server (`up`), toward the
+    /// client (`down`), or both, for good, without a close.
+    fn silence(&mut self, up: bool, down: bool) {
+        self.silent_up |= up;
+        self.silent_down |= down;
+    }
+
+    /// Whether the client end sees the server's close now: it was closed,
+    /// what came before has arrived, and the close can get through.
+    fn close_heard(&self) -> bool {
+        self.closed_by_server && !self.dead && self.down.is_empty() && !self.silent_down
     }
 
     /// Queues `frame` (length prefix included) one way, to arrive after a
@@ -75,6 +95,9 @@ impl Link {
         frame: Bytes,
     ) {
         use std::hash::{Hash, Hasher};
+        if (down && self.silent_down) || (!down && self.silent_up) {
+            return;
+        }
         self.sent += 1;
         let mut h = std::hash::DefaultHasher::new();
         (seed, conn, self.sent, down).hash(&mut h);
@@ -91,7 +114,7 @@ impl Link {
         if !drain {
             self.down.clear();
         }
-        if let Some(f) = frame {
+        if let Some(f) = frame.filter(|_| !self.silent_down) {
             self.down.push_back((now, f.slice(4..)));
         }
         self.closed_by_server = true;

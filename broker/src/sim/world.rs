@@ -1,7 +1,7 @@
 //! One simulated run: a node, model clients, connections, faults.
 
 use super::checker::{Checker, Violation};
-use super::client::Client;
+use super::client::{Client, PING_NEVER};
 use super::Rng;
 use crate::core::{Node, NodeConfig, Output, SessionId};
 use bytes::Bytes;
@@ -113,7 +113,7 @@ pub(crate) fn run_with(
             } else {
                 SlowPolicy::Disconnect
             };
-            Client::new(id, patterns, slow, vec![NODE_ADDR.into()])
+            Client::new(id, patterns, slow, vec![NODE_ADDR.into()], PING_NEVER)
         })
         .collect();
     clients.push(Client::new(
@@ -121,6 +121,7 @@ pub(crate) fn run_with(
         vec![">".into()],
         SlowPolicy::Disconnect,
         vec![NODE_ADDR.into()],
+        PING_NEVER,
     ));
     let mut w = World {
         seed,
@@ -382,7 +383,7 @@ impl World {
                 }
             }
             let link = &self.conns[conn].link;
-            if link.closed_by_server && !link.dead && link.down.is_empty() {
+            if link.close_heard() {
                 // The client read the last frame and then the close.
                 self.break_conn(conn, true);
             }

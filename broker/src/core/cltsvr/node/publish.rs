@@ -44,8 +44,17 @@ impl Node {
             let Some(s) = self.sessions.get_mut(&session) else {
                 return;
             };
+            // What follows a refused publish waits for the publisher's retry
+            // of it, unless that publish was ordered since (the publisher
+            // went another way: adopted by another relay, and back); then
+            // its retry never comes.
+            let ordered = |first: PubSeq| {
+                self.publishers
+                    .get(publisher)
+                    .is_some_and(|p| p.delivered >= first)
+            };
             match s.refused.get(&publisher) {
-                Some(&first) if pub_seq > first => return,
+                Some(&first) if pub_seq > first && !ordered(first) => return,
                 Some(_) => {
                     s.refused.remove(&publisher);
                 }

@@ -177,6 +177,44 @@ fn a_relays_client_that_skips_within_one_connection_is_refused() {
     ));
 }
 
+/// A relay's forwards for a publisher refused here (at the bound) wait
+/// for the publisher's retry of the refused one; but once that publish is
+/// ordered by another way (the publisher was adopted by another relay, and
+/// came back), its later publishes pass. Before, they were dropped for
+/// good (tree simulator, seed 530 of 3,000, once links could go silent).
+#[test]
+fn forwards_after_a_refusal_pass_once_the_refused_publish_is_ordered() {
+    let mut n = Node::new_grouped(T0, config());
+    n.set_primary(T0, true);
+    let relay = SessionId(1);
+    n.handle_open(T0, relay);
+    let mut h = match hello(1, &[], SlowPolicy::Disconnect) {
+        ClientFrame::Hello(h) => h,
+        _ => unreachable!("hello() makes a Hello"),
+    };
+    h.role = Role::Relay;
+    n.handle_frame(T0, relay, ClientFrame::Hello(h));
+    drain(&mut n);
+    let forward = |pub_seq| {
+        let mut p = Publish::new("t.x", PubSeq(pub_seq), Bytes::from_static(b"m"));
+        p.publisher = Some(PublisherId(7));
+        ClientFrame::Publish(p)
+    };
+    n.handle_frame(T0, relay, forward(5));
+    let subs = n.take_submissions();
+    assert_eq!(subs.len(), 1);
+    n.reject_overloaded(T0, &subs[0]);
+    drain(&mut n);
+    // Still refused: 6 would skip the refused 5.
+    n.handle_frame(T0, relay, forward(6));
+    assert!(n.take_submissions().is_empty());
+    // 5 and 6 are ordered by another way.
+    n.handle_ordered(T0, vec![held(1, 7, 5), held(2, 7, 6)]);
+    drain(&mut n);
+    n.handle_frame(T0, relay, forward(7));
+    assert_eq!(n.take_submissions().len(), 1, "7 follows what is ordered");
+}
+
 /// Opens a weak session subscribed to `subs` on a grouped node; returns it
 /// with its Welcome.
 fn join_weak(n: &mut Node, id: u64, subs: &[&str]) -> (SessionId, Welcome) {
