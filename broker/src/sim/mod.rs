@@ -78,6 +78,14 @@ impl Link {
         self.silent_down |= down;
     }
 
+    /// Whether nothing is on the way or still to be found out: broken, or
+    /// both queues empty and not silent (a silent connection has yet to be
+    /// found dead by one of its ends).
+    fn settled(&self) -> bool {
+        self.dead
+            || (self.up.is_empty() && self.down.is_empty() && !self.silent_up && !self.silent_down)
+    }
+
     /// Whether the client end sees the server's close now: it was closed,
     /// what came before has arrived, and the close can get through.
     fn close_heard(&self) -> bool {
