@@ -134,6 +134,7 @@ impl Node {
         publish: Publish,
     ) {
         let ordered = state.map_or(PubSeq(0), |p| p.delivered);
+        let vouched = self.publishers.vouched(publisher).unwrap_or_default();
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -194,10 +195,7 @@ impl Node {
             // another server acknowledged (see `Submission::after`). An
             // entry made after the table forgot publishers vouches for
             // nothing.
-            false => match state {
-                Some(p) if !p.revived => known,
-                _ => *submitted,
-            },
+            false => vouched.max(*submitted),
         };
         *submitted = pub_seq.max(*submitted);
         let topic = self.intern(publish.topic());
