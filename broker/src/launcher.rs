@@ -13,6 +13,7 @@
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -24,6 +25,47 @@ pub const TREE_DEFAULT: &str = include_str!("../../configs/tree.toml");
 const START_TIME_MAX: Duration = Duration::from_secs(20);
 /// How long a process has to stop after SIGTERM before it is killed.
 const STOP_TIME_MAX: Duration = Duration::from_secs(5);
+
+/// Ports handed out by [`loopback_port`] in this process so far.
+static PORTS_GIVEN: AtomicU32 = AtomicU32::new(0);
+
+/// A free loopback address for a process to listen on later, outside the
+/// system's ephemeral port range.
+///
+/// A port the system picks for `127.0.0.1:0` comes from the ephemeral range,
+/// where any outgoing connection may take it as its source port between
+/// the moment it is released here and the moment a server binds it (a test
+/// that started a tree while other tests connected clients saw `Address
+/// already in use`). Below that range only listeners take ports, so each
+/// candidate is checked by binding it, and candidates never repeat within a
+/// process (parallel tests) and start at a place set by the process id
+/// (parallel processes).
+///
+/// # Errors
+/// When no port below the ephemeral range is free.
+pub fn loopback_port() -> std::io::Result<String> {
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1);
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let n = PORTS_GIVEN.fetch_add(1, AtomicOrdering::Relaxed);
+        let port = LOWEST + start.wrapping_add(n) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(l.local_addr()?.to_string());
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        format!("no free loopback port between {LOWEST} and {ephemeral}"),
+    ))
+}
 
 /// A tree file.
 #[derive(Debug, Deserialize)]
@@ -85,10 +127,7 @@ impl TreeConfig {
     /// # Errors
     /// When no free port can be found.
     pub fn loopback(core: usize, tiers: &[usize]) -> std::io::Result<TreeConfig> {
-        let free = || -> std::io::Result<String> {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            Ok(l.local_addr()?.to_string())
-        };
+        let free = loopback_port;
         let mut c = Vec::with_capacity(core);
         for _ in 0..core {
             c.push(TreeCore {

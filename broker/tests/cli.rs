@@ -174,9 +174,7 @@ async fn a_core_server_with_a_damaged_hard_state_does_not_start() {
     std::fs::create_dir_all(&data).expect("mkdir");
     let file = data.join("hard-state.cbor");
     std::fs::write(&file, b"\xa3 not a hard state").expect("write");
-    let peer = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let peer = common::free_port();
     let config = data.join("s1.toml");
     std::fs::write(
         &config,

@@ -14,18 +14,12 @@
 mod common;
 
 use canopy_client::{Client, ClientOptions, Event};
-use common::{within, Proxy, Server};
+use common::{free_port, within, Proxy, Server};
 use futures::StreamExt;
 use std::time::Duration;
 
 const BEFORE: usize = 10;
 const DURING: usize = 5;
-
-/// A free loopback port, released for a server to bind.
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").to_string()
-}
 
 /// A server's config: its own id, and where it reaches each server. The
 /// failure timeout leaves server 1 ample time to order, cut off, before it

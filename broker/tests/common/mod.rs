@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use canopy_broker::launcher::loopback_port;
 use canopy_client::protocol::{self, ClientFrame, Hello, PublisherId, ServerFrame, SlowPolicy};
 use canopy_client::{Client, ClientOptions, Event, Subscription};
 use futures::StreamExt;
@@ -46,11 +47,10 @@ static CONFIGS: AtomicU64 = AtomicU64::new(0);
 /// A loopback address on a port the system picks.
 const LISTEN_ANY: &str = "127.0.0.1:0";
 
-/// A free loopback port, reserved by binding and released for a server to
-/// bind.
+/// A free loopback address for a server to bind, outside the ephemeral
+/// port range (see [`loopback_port`]).
 pub fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").to_string()
+    loopback_port().expect("a free loopback port")
 }
 
 /// A fresh data directory path under the system's temp folder, unique per
@@ -608,10 +608,7 @@ pub struct Tree {
 impl Tree {
     /// Starts `core` core servers and tiers of `tiers[i]` relays.
     pub fn start(core: usize, tiers: &[usize]) -> Tree {
-        let free = || {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            l.local_addr().expect("local addr").to_string()
-        };
+        let free = free_port;
         let mut text = String::from("heartbeat_interval_ms = 50\nfailure_timeout_ms = 500\n");
         for _ in 0..core {
             text.push_str(&format!(
