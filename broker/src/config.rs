@@ -372,6 +372,7 @@ impl FileConfig {
                 retention_bytes_max: bytes,
                 subscriptions_per_session_max: subs,
                 publishers_max: publishers,
+                calls_max: d.calls_max,
                 batch_len_max: d.batch_len_max,
                 watermark_interval: wm,
                 handshake_timeout: handshake,

@@ -72,6 +72,8 @@ pub struct ClientOptions {
     /// subscription is told with [`Event::Diverged`], and the agreed stream
     /// follows. Cannot be combined with `full` reports. Off by default.
     pub weak: bool,
+    /// How long [`Client::call`] waits for a reply, across reconnects.
+    pub call_timeout: Duration,
     /// Delivery batches buffered per subscription. When the application
     /// lets a subscription fill up, the client drops its connection and
     /// resumes from the last message it handed over, so that the driver
@@ -96,6 +98,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
             subscription_batches_max: 256,
+            call_timeout: Duration::from_secs(10),
             reports: protocol::Reports::Servers,
             weak: false,
         }
@@ -183,6 +186,18 @@ enum Command {
     Flush {
         done: oneshot::Sender<Result<(), Error>>,
     },
+    Call {
+        method: String,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Bytes, Error>>,
+        sent: oneshot::Sender<PubSeq>,
+    },
+    /// A call timed out: stop waiting; answers whether the servers said
+    /// they are not primary.
+    Forget {
+        pub_seq: PubSeq,
+        no_primary: oneshot::Sender<bool>,
+    },
 }
 
 /// A handle on a Canopy connection. Cheap to clone; the connection lives
@@ -194,6 +209,7 @@ pub struct Client {
     next_sub: Arc<std::sync::atomic::AtomicU64>,
     payload_max: usize,
     publisher: PublisherId,
+    call_timeout: Duration,
 }
 
 impl Client {
@@ -223,6 +239,7 @@ impl Client {
             next_sub: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             payload_max,
             publisher,
+            call_timeout: options.call_timeout,
         })
     }
 
@@ -269,6 +286,56 @@ impl Client {
             })
             .map_err(|_| Error::Closed)?;
         Ok(PendingAck(rx))
+    }
+
+    /// Calls `method` of the core's replicated service and waits for its
+    /// reply (docs/DESIGN.md, "Replicated RPC"). The call is ordered like a
+    /// publish and named by this client's publisher id and the call's
+    /// publisher sequence number: across reconnects and adoptions it is
+    /// asked again, never executed twice.
+    ///
+    /// # Errors
+    /// [`Error::Call`] when the group failed the call (unknown method,
+    /// handler error, no service); [`Error::NoPrimary`] or
+    /// [`Error::CallTimeout`] when no reply came within `call_timeout`; an
+    /// invalid method name or an oversized payload; a closed client.
+    pub async fn call(&self, method: &str, payload: impl Into<Bytes>) -> Result<Bytes, Error> {
+        Topic::new(method)?;
+        let payload = payload.into();
+        if payload.len() > self.payload_max {
+            return Err(Error::PayloadTooLarge {
+                len: payload.len(),
+                max: self.payload_max,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        let (sent, sent_rx) = oneshot::channel();
+        self.commands
+            .send(Command::Call {
+                method: method.to_owned(),
+                payload,
+                reply,
+                sent,
+            })
+            .map_err(|_| Error::Closed)?;
+        let pub_seq = sent_rx.await.map_err(|_| Error::Closed)?;
+        match tokio::time::timeout(self.call_timeout, rx).await {
+            Ok(r) => r.map_err(|_| Error::Closed)?,
+            Err(_) => {
+                let (no_primary, answer) = oneshot::channel();
+                self.commands
+                    .send(Command::Forget {
+                        pub_seq,
+                        no_primary,
+                    })
+                    .map_err(|_| Error::Closed)?;
+                let (method, waited) = (method.to_owned(), self.call_timeout);
+                Err(match answer.await.unwrap_or(false) {
+                    true => Error::NoPrimary { method, waited },
+                    false => Error::CallTimeout { method, waited },
+                })
+            }
+        }
     }
 
     /// Waits until every publish sent before this call is acknowledged.
@@ -396,6 +463,8 @@ struct Driver {
     /// Acknowledgements awaited, in pub_seq order.
     acks: VecDeque<(PubSeq, oneshot::Sender<Result<PubSeq, Error>>)>,
     flushes: Vec<(PubSeq, oneshot::Sender<Result<(), Error>>)>,
+    /// Replies awaited, by the call's pub_seq.
+    calls: std::collections::HashMap<PubSeq, oneshot::Sender<Result<Bytes, Error>>>,
     subs: Vec<Sub>,
     /// Subscribe answers awaited, by pattern, in request order.
     pending_subs: VecDeque<(String, oneshot::Sender<Result<(), Error>>)>,
@@ -435,6 +504,7 @@ impl Driver {
             subscription_batches_max: options.subscription_batches_max.max(1),
             acks: VecDeque::new(),
             flushes: Vec::new(),
+            calls: std::collections::HashMap::new(),
             subs: Vec::new(),
             pending_subs: VecDeque::new(),
             conn: None,
@@ -543,6 +613,11 @@ impl Driver {
                     }
                 }
                 CoreEvent::Acked(through) => self.acknowledge(through),
+                CoreEvent::Replied { pub_seq, answer } => {
+                    if let Some(reply) = self.calls.remove(&pub_seq) {
+                        let _ = reply.send(answer.map_err(Error::Call));
+                    }
+                }
                 CoreEvent::Subscribed(pattern) => {
                     while let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == pattern) {
                         if let Some((_, done)) = self.pending_subs.remove(i) {
@@ -598,6 +673,26 @@ impl Driver {
             } => {
                 let pub_seq = self.core.publish(topic.as_str(), &payload);
                 self.acks.push_back((pub_seq, ack));
+            }
+            Command::Call {
+                method,
+                payload,
+                reply,
+                sent,
+            } => {
+                let pub_seq = self.core.call(&method, &payload);
+                self.calls.insert(pub_seq, reply);
+                let _ = sent.send(pub_seq);
+            }
+            Command::Forget {
+                pub_seq,
+                no_primary,
+            } => {
+                self.calls.remove(&pub_seq);
+                self.core.forget_call(pub_seq);
+                let link = self.core.link();
+                let said = link.last_error() == Some(protocol::ErrorCode::NotPrimary);
+                let _ = no_primary.send(!link.is_up() && said);
             }
             Command::Flush { done } => match self.acks.back() {
                 None => {
@@ -722,6 +817,9 @@ impl Driver {
         }
         for (_, done) in self.pending_subs.drain(..) {
             let _ = done.send(Err(e.clone()));
+        }
+        for (_, reply) in self.calls.drain() {
+            let _ = reply.send(Err(e.clone()));
         }
         self.window.close();
     }

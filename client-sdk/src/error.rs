@@ -1,6 +1,6 @@
 //! The SDK's error type.
 
-use crate::protocol::ErrorCode;
+use crate::protocol::{CallFailure, ErrorCode};
 use crate::topic::TopicError;
 
 /// What can go wrong for a Canopy client.
@@ -36,6 +36,28 @@ pub enum Error {
     /// The server broke the protocol (a bug or a wrong address).
     #[error("server broke the protocol: {0}")]
     Protocol(String),
+    /// A call failed as the core's group decided: unknown method, the
+    /// handler's error, no replicated service, or a reply no longer held.
+    #[error("call failed ({:?}): {}", .0.code, .0.message)]
+    Call(CallFailure),
+    /// No reply within the call timeout, while the servers said they are
+    /// not in a primary view (the core has lost its majority).
+    #[error("no reply to `{method}` within {waited:?}: no server is in a primary view")]
+    NoPrimary {
+        /// The method called.
+        method: String,
+        /// How long the call waited.
+        waited: std::time::Duration,
+    },
+    /// No reply within the call timeout. The call may still be executed;
+    /// calling again is a new call.
+    #[error("no reply to `{method}` within {waited:?}")]
+    CallTimeout {
+        /// The method called.
+        method: String,
+        /// How long the call waited.
+        waited: std::time::Duration,
+    },
     /// The client was closed, or failed earlier with another error.
     #[error("client is closed")]
     Closed,

@@ -195,6 +195,8 @@ pub mod kind {
     /// Server to client (weak delivery): what the client delivered from a
     /// position on is not the agreed stream; the agreed stream follows.
     pub const DIVERGED: u8 = 0x8b;
+    /// Server to client: the reply to a call (the reply's bytes in the body).
+    pub const REPLY: u8 = 0x8c;
 }
 
 /// Client to server: the first frame on every connection.
@@ -521,6 +523,55 @@ pub struct DivergedHead {
     pub seen: Seq,
 }
 
+/// Server to client: the reply to a call (a publish on a
+/// [`CALL_PREFIX`] topic), named by the call's pub_seq. The reply's bytes
+/// are the frame's body; a failed call has an empty body and `error`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyHead {
+    /// The call's pub_seq.
+    pub pub_seq: PubSeq,
+    /// To a relay only: the caller it forwarded the call for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<PublisherId>,
+    /// Why the call failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<CallFailure>,
+}
+
+/// The topic prefix of calls: a call of method `m` is a publish on
+/// `$canopy.call.m`, and its pub_seq names it.
+pub const CALL_PREFIX: &str = "$canopy.call.";
+
+/// Why a call failed, as the group agreed it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CallFailure {
+    /// What went wrong, for programs.
+    pub code: CallErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl std::fmt::Display for CallFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Why a call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallErrorCode {
+    /// The service has no method of that name.
+    UnknownMethod,
+    /// The service's handler refused the call (its message says why).
+    Handler,
+    /// The core runs no replicated service.
+    NoService,
+    /// The call was executed, but its reply is no longer held (the group
+    /// keeps a bounded number of replies): it will not be executed again.
+    Forgotten,
+}
+
 /// Server to client: every publish of this connection's publisher up to and
 /// including `pub_seq` is ordered (and, in a cluster, stable).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -627,6 +678,8 @@ pub enum ServerFrame {
     /// Weak delivery: the stream delivered from a position on was not the
     /// agreed one.
     Diverged(DivergedHead),
+    /// The reply to a call; the body holds the reply's bytes.
+    Reply(ReplyHead, Bytes),
 }
 
 /// Why a frame could not be decoded.
@@ -748,7 +801,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         }
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
-        k if (0x80..=kind::DIVERGED).contains(&k) => return Err(DecodeError::WrongDirection(k)),
+        k if (0x80..=kind::REPLY).contains(&k) => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
 }
@@ -787,6 +840,16 @@ pub fn decode_server(content: Bytes) -> Result<ServerFrame, DecodeError> {
         kind::MEMBERS => ServerFrame::Members(no_body(k, split(k, &content)?)?),
         kind::SERVERS => ServerFrame::Servers(no_body(k, split(k, &content)?)?),
         kind::DIVERGED => ServerFrame::Diverged(no_body(k, split(k, &content)?)?),
+        kind::REPLY => {
+            let (head, body): (ReplyHead, Bytes) = split(k, &content)?;
+            if head.error.is_some() && !body.is_empty() {
+                return Err(DecodeError::Malformed {
+                    kind: k,
+                    reason: "a failed call's reply has a body".into(),
+                });
+            }
+            ServerFrame::Reply(head, body)
+        }
         k if k < 0x80 => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
@@ -821,6 +884,7 @@ pub fn encode_server(frame: &ServerFrame) -> Bytes {
         ServerFrame::Members(h) => encode(kind::MEMBERS, h, &[]),
         ServerFrame::Servers(h) => encode(kind::SERVERS, h, &[]),
         ServerFrame::Diverged(h) => encode(kind::DIVERGED, h, &[]),
+        ServerFrame::Reply(h, body) => encode(kind::REPLY, h, body),
     }
 }
 

@@ -38,6 +38,7 @@ pub mod cltsvr;
 pub mod group;
 pub mod mbrship;
 pub mod retention;
+pub mod rrpc;
 pub mod stream;
 pub mod timers;
 pub mod total;
@@ -116,7 +117,8 @@ mod tests {
             ("retention", &["stream"]),
             ("mbrship", &["stream", "timers"]),
             ("total", &["stream", "timers", "mbrship"]),
-            ("group", &["stream", "mbrship", "total"]),
+            ("rrpc", &["stream", "mbrship", "total"]),
+            ("group", &["stream", "mbrship", "total", "rrpc"]),
         ];
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
         for (layer, may) in allowed {

@@ -86,4 +86,8 @@ pub struct Snapshot {
     /// (through `head` when `msgs` is empty).
     #[serde(default)]
     pub hash: u64,
+    /// The replicated service's state at `head` (RRPC's snapshot), in a
+    /// core group; `None`: the state a new stream starts from.
+    #[serde(default)]
+    pub service: Option<Bytes>,
 }

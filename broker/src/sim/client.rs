@@ -171,6 +171,7 @@ impl Client {
                 | Event::Subscribed(_)
                 | Event::Diverged { .. }
                 | Event::Members(_)
+                | Event::Replied { .. }
                 | Event::Link(LinkEvent::Lost { .. } | LinkEvent::Unreachable(_)) => {}
             }
         }

@@ -141,6 +141,10 @@ pub struct Link {
     round: Vec<String>,
     /// The address the last serving connection was lost with, tried last.
     lost: Option<String>,
+    /// The last error a server sent that sent this link elsewhere, since
+    /// the last Welcome (say, `NotPrimary` while the core has no primary
+    /// view).
+    last_error: Option<protocol::ErrorCode>,
     backoff: Duration,
     /// Since when no connection has served (from the start at first).
     down_since: Option<Duration>,
@@ -162,6 +166,7 @@ impl Link {
             state: State::Down { retry_at: now },
             round: Vec::new(),
             lost: None,
+            last_error: None,
             backoff: BACKOFF_MIN,
             down_since: Some(now),
             last_failure: "no attempt made".into(),
@@ -464,6 +469,7 @@ impl Link {
                     ping_at: now + self.config.ping_interval,
                 };
                 self.down_since = None;
+                self.last_error = None;
                 if protocol::usable_servers(&w.servers) {
                     self.servers.clone_from(&w.servers);
                 }
@@ -486,6 +492,7 @@ impl Link {
                     // Not serving now (not primary, shutting down, ...), or
                     // this client fell behind: another server, or a resume.
                     let why = format!("{:?}: {}", e.code, e.message);
+                    self.last_error = Some(e.code);
                     self.drop_as(now, &why, true);
                 } else {
                     let e = Error::Rejected {
@@ -505,6 +512,12 @@ impl Link {
             }
             other => Some(other),
         }
+    }
+
+    /// The last error a server sent this link away with since the last
+    /// Welcome (`None` while a connection serves).
+    pub fn last_error(&self) -> Option<protocol::ErrorCode> {
+        self.last_error
     }
 
     /// The server refused this client or broke the protocol.
@@ -530,5 +543,6 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
         ServerFrame::Ping(_) => "Ping",
         ServerFrame::Pong(_) => "Pong",
         ServerFrame::Error(_) => "an error",
+        ServerFrame::Reply(..) => "a reply",
     }
 }

@@ -11,8 +11,11 @@
 //! - [`Position`]: where a subscriber stands in the stream: what a resume
 //!   asks for and what moves it.
 //! - [`ClientCore`]: a whole client on a link: subscriptions, the position,
-//!   and its publishes, kept until acknowledged and sent again in order on
-//!   every new connection.
+//!   its publishes, kept until acknowledged and sent again in order on
+//!   every new connection, and its calls, kept until replied and asked
+//!   again on every new connection (a call is a publish; the server
+//!   answers a retried call with its reply, docs/DESIGN.md "Replicated
+//!   RPC").
 //!
 //! # Driving a `ClientCore`
 //! Execute [`ClientCore::poll_action`] outputs (connect, send, disconnect)
@@ -39,11 +42,11 @@ pub use stream::{Commit, Joined, Position};
 
 use crate::error::Error;
 use crate::protocol::{
-    self, ClientFrame, MembersHead, Message, PubAck, PubSeq, Seq, ServerFrame, SubscribeHead,
-    Welcome,
+    self, CallFailure, ClientFrame, MembersHead, Message, PubAck, PubSeq, Seq, ServerFrame,
+    SubscribeHead, Welcome, CALL_PREFIX,
 };
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 /// What a [`ClientCore`] tells its shell.
@@ -79,6 +82,13 @@ pub enum Event {
     },
     /// A membership report (`full` reports).
     Members(MembersHead),
+    /// The reply to the call published as `pub_seq`.
+    Replied {
+        /// The call's pub_seq ([`ClientCore::call`]).
+        pub_seq: PubSeq,
+        /// The reply, or why the call failed.
+        answer: Result<Bytes, CallFailure>,
+    },
     /// About the connection: lost, refused, or given up.
     Link(LinkEvent),
 }
@@ -114,6 +124,8 @@ pub struct ClientCore {
     /// The patterns of the open connection's Hello.
     in_hello: Vec<String>,
     unacked: VecDeque<Unacked>,
+    /// Calls not replied yet: their publish frames, by pub_seq.
+    calls: BTreeMap<PubSeq, Bytes>,
     /// Every publish through this one is acknowledged.
     acked: PubSeq,
     next_pub_seq: u64,
@@ -130,6 +142,7 @@ impl ClientCore {
             pending: Vec::new(),
             in_hello: Vec::new(),
             unacked: VecDeque::new(),
+            calls: BTreeMap::new(),
             acked: PubSeq(0),
             next_pub_seq: 1,
             events: VecDeque::new(),
@@ -178,6 +191,29 @@ impl ClientCore {
         self.link.send(frame.clone());
         self.unacked.push_back(Unacked { pub_seq, frame });
         pub_seq
+    }
+
+    /// Calls `method` of the core's replicated service (a publish on
+    /// `$canopy.call.METHOD`, validated by the caller): kept until its
+    /// reply comes ([`Event::Replied`]), and asked again on every new
+    /// connection. Returns its pub_seq, which names the call.
+    pub fn call(&mut self, method: &str, payload: &[u8]) -> PubSeq {
+        let pub_seq = self.publish(&format!("{CALL_PREFIX}{method}"), payload);
+        if let Some(u) = self.unacked.back() {
+            self.calls.insert(pub_seq, u.frame.clone());
+        }
+        pub_seq
+    }
+
+    /// Calls not replied yet.
+    pub fn calls_pending(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Stops waiting for the reply to call `pub_seq` (the application gave
+    /// up on it; the call may still be executed).
+    pub fn forget_call(&mut self, pub_seq: PubSeq) {
+        self.calls.remove(&pub_seq);
     }
 
     /// Subscribes to `pattern` (validated by the caller). Returns whether
@@ -328,6 +364,18 @@ impl ClientCore {
                 });
             }
             ServerFrame::Members(m) => self.events.push_back(Event::Members(m)),
+            ServerFrame::Reply(head, body) => {
+                if self.calls.remove(&head.pub_seq).is_some() {
+                    let answer = match head.error {
+                        Some(e) => Err(e),
+                        None => Ok(body),
+                    };
+                    self.events.push_back(Event::Replied {
+                        pub_seq: head.pub_seq,
+                        answer,
+                    });
+                }
+            }
             ServerFrame::Error(e) => {
                 // A publisher's error is for relays only.
                 let e = Error::Protocol(format!("an error for publisher {:?}", e.publisher));
@@ -380,6 +428,11 @@ impl ClientCore {
             joined,
         });
         self.acknowledge(pub_acked);
+        // Calls ordered but not replied are asked again (a retry: the
+        // server answers with the reply), then what is not ordered follows.
+        for (_, frame) in self.calls.range(..=self.acked) {
+            self.link.send(frame.clone());
+        }
         for u in &self.unacked {
             self.link.send(u.frame.clone());
         }

@@ -28,6 +28,7 @@ use super::members::core_server_id;
 use super::node::{Node, Output, TransmitKind};
 use super::upstream::{Action, UpEvent, Upstream};
 use crate::core::group::{Event, Group, HardState, NodeId, PeerMsg, Submitted};
+use crate::core::rrpc::{call_method, forgotten, CallId, Job, Lookup};
 use crate::core::timers::earliest;
 use crate::core::SessionId;
 use bytes::Bytes;
@@ -171,6 +172,21 @@ impl Server {
     pub fn handle_upstream_closed(&mut self, now: Duration) {
         if let Below::Relay(u) = &mut self.below {
             u.handle_closed(now);
+        }
+        self.pump(now);
+    }
+
+    /// The next call of the replicated service to execute off the loop
+    /// (core servers only): run it with [`Job::run`] and report with
+    /// [`Server::handle_executed`].
+    pub fn poll_job(&mut self) -> Option<Job> {
+        self.group_mut().and_then(Group::poll_job)
+    }
+
+    /// A job's result.
+    pub fn handle_executed(&mut self, now: Duration, job: &Job, result: Result<Bytes, String>) {
+        if let Some(g) = self.group_mut() {
+            g.executed(job, result);
         }
         self.pump(now);
     }
@@ -332,7 +348,11 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
                 node.reject_overloaded(now, &sub);
             }
         }
-        let mut moved = !msgs.is_empty();
+        // Calls whose replies the relay's clients wait for are asked of the
+        // tier above again (they are retries there).
+        let asked = node.take_asked_calls();
+        let mut moved = !msgs.is_empty() || !asked.is_empty();
+        msgs.extend(asked);
         node.defer_submissions(waiting);
         upstream.submit(msgs);
         while let Some(event) = upstream.poll_event() {
@@ -355,6 +375,17 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
                     node.reject_publisher(now, publisher, code, message)
                 }
                 UpEvent::Members(report) => node.install_members(report),
+                UpEvent::Replied(publisher, head, body) => {
+                    let id = CallId {
+                        publisher,
+                        pub_seq: head.pub_seq,
+                    };
+                    let answer = match head.error {
+                        Some(e) => Err(e),
+                        None => Ok(body),
+                    };
+                    node.reply(now, id, answer);
+                }
             }
         }
         if !moved {
@@ -382,6 +413,14 @@ fn pump_core(
             }
             core_event(node, group, core_addrs, now, event);
         }
+        while let Some(reply) = group.poll_reply() {
+            moved = true;
+            node.reply(now, reply.id, reply.answer);
+        }
+        for msg in node.take_asked_calls() {
+            moved = true;
+            answer_asked(node, group, now, &msg);
+        }
         let subs = node.take_submissions();
         moved |= !subs.is_empty();
         let mut msgs = Vec::with_capacity(subs.len());
@@ -408,8 +447,14 @@ fn pump_core(
                     publisher: None,
                 };
                 node.ack_publisher(now, publisher, ack);
+                if call_method(&sub.msg.2).is_some() {
+                    answer_asked(node, group, now, &sub.msg);
+                }
             } else if known > PubSeq(0) && pub_seq.0 > known.0.saturating_add(1) {
                 node.reject_behind(now, &sub, known);
+            } else if call_method(&sub.msg.2).is_some() && group.rrpc().is_full() {
+                // The replicated service is behind: its callers retry.
+                node.reject_overloaded(now, &sub);
             } else if room == 0 && sub.session != SessionId::NODE {
                 // (The node's own membership events are few, and must
                 // not be lost: they pass.)
@@ -427,6 +472,22 @@ fn pump_core(
         if !moved {
             return;
         }
+    }
+}
+
+/// A call ordered before, asked again: its reply from the group's table,
+/// or later when it is applied.
+fn answer_asked(node: &mut Node, group: &Group, now: Duration, msg: &crate::core::stream::Msg) {
+    let id = CallId {
+        publisher: msg.0,
+        pub_seq: msg.1,
+    };
+    match group.lookup_call(id) {
+        Lookup::Replied(answer) => node.reply(now, id, answer),
+        Lookup::Pending => {}
+        // The node's table says it was ordered; the group's reply table
+        // forgot it (its bound, or a snapshot from a server whose did).
+        Lookup::Unknown => node.reply(now, id, Err(forgotten(id))),
     }
 }
 

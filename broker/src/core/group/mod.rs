@@ -9,8 +9,9 @@
 //! safety in `core::mbrship`, ordering, stability and the publisher table
 //! in `core::total`. This module only stacks them: it routes each peer
 //! message to its layer, and hands each layer the one below (TOTAL reads
-//! MBRSHIP; MBRSHIP reaches TOTAL only through `mbrship::Above`). A
-//! replicated-RPC layer (`core::rrpc`, issue 12) goes on top of TOTAL here.
+//! MBRSHIP; MBRSHIP reaches TOTAL only through `mbrship::Above`), and RRPC
+//! on top of TOTAL: it reads the stable stream, views and snapshots as
+//! they pass up, and its outcomes go down to TOTAL to be ordered.
 //!
 //! # Driving it
 //! Inputs: [`Group::handle_msg`], [`Group::handle_link_down`],
@@ -31,6 +32,7 @@
 #[cfg(test)]
 use crate::core::mbrship::MbrBugs;
 use crate::core::mbrship::Membership;
+use crate::core::rrpc::{self, Job, Lookup, Reply, Rrpc, RrpcConfig, Shared};
 use crate::core::total::Total;
 #[cfg(test)]
 use crate::core::total::TotalBugs;
@@ -150,6 +152,8 @@ pub struct Group {
     mbr: Membership,
     /// TOTAL (`core::total`).
     total: Total,
+    /// RRPC (`core::rrpc`): the replicated service, if any.
+    rrpc: Rrpc,
 }
 
 impl Group {
@@ -170,10 +174,21 @@ impl Group {
             membership,
             ordering,
         } = config;
+        let mbr = Membership::new(now, membership, hard.unwrap_or_default());
+        let rrpc = Rrpc::new(mbr.me().node, None, rrpc_config(mbr.me()));
         Group {
-            mbr: Membership::new(now, membership, hard.unwrap_or_default()),
+            mbr,
             total: Total::new(now, ordering),
+            rrpc,
         }
+    }
+
+    /// Runs `service` as this server's replica of the group's replicated
+    /// service (before the group takes any input: every member of a group
+    /// runs the same service from its first view on).
+    pub fn set_service(&mut self, service: Shared) {
+        let me = self.mbr.me();
+        self.rrpc = Rrpc::new(me.node, Some(service), rrpc_config(me));
     }
 
     /// Turns on deliberate bugs (tests of the simulator's checkers).
@@ -193,9 +208,65 @@ impl Group {
         }
     }
 
-    /// The next event for the server, in stream order.
+    /// The next event for the server, in stream order. RRPC reads each on
+    /// its way up.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.total.poll_event()
+        let event = self.total.poll_event()?;
+        match &event {
+            Event::Deliver(msgs) => self.rrpc.deliver(msgs),
+            Event::View { view, .. } => {
+                self.rrpc
+                    .view(view.members.iter().map(|m| m.node).collect(), view.stream);
+                self.rrpc.set_primary(self.mbr.is_primary());
+            }
+            Event::NotPrimary => self.rrpc.set_primary(false),
+            Event::Reset(state) => {
+                if let Err(e) = self.rrpc.restore(state.service.as_deref(), state.stream) {
+                    tracing::error!(error = %e, head = %state.head, "the replicated service's state in a snapshot was refused; this replica keeps its own");
+                }
+            }
+            Event::Held(_)
+            | Event::Unheld { .. }
+            | Event::SnapshotNeeded { .. }
+            | Event::Retried { .. } => {}
+        }
+        self.submit_outcomes();
+        Some(event)
+    }
+
+    /// RRPC: the next call (or share) for the shell to execute off the
+    /// server's loop ([`Job::run`]), then hand to [`Group::executed`].
+    pub fn poll_job(&mut self) -> Option<Job> {
+        self.rrpc.poll_job()
+    }
+
+    /// RRPC: a job's result; its outcome is ordered.
+    pub fn executed(&mut self, job: &Job, result: Result<Bytes, String>) {
+        self.rrpc.executed(job, result);
+        self.submit_outcomes();
+    }
+
+    /// RRPC: the next reply, for the server the caller is attached to.
+    pub fn poll_reply(&mut self) -> Option<Reply> {
+        self.rrpc.poll_reply()
+    }
+
+    /// RRPC: what is known here of a call.
+    pub fn lookup_call(&self, id: rrpc::CallId) -> Lookup {
+        self.rrpc.lookup(id)
+    }
+
+    /// RRPC's state: the service, counters, queue.
+    pub fn rrpc(&self) -> &Rrpc {
+        &self.rrpc
+    }
+
+    /// RRPC's outcomes go down to be ordered.
+    fn submit_outcomes(&mut self) {
+        let msgs = self.rrpc.take_submissions();
+        if !msgs.is_empty() {
+            self.total.submit(&self.mbr, msgs);
+        }
     }
 
     /// The next frame to send, with its destination.
@@ -279,8 +350,10 @@ impl Group {
         self.check_invariants();
     }
 
-    /// Sends the snapshot asked for by `Event::SnapshotNeeded`.
-    pub fn send_snapshot(&mut self, to: NodeId, state: Snapshot) {
+    /// Sends the snapshot asked for by `Event::SnapshotNeeded`, with
+    /// RRPC's state at the same position.
+    pub fn send_snapshot(&mut self, to: NodeId, mut state: Snapshot) {
+        state.service = Some(self.rrpc.snapshot());
         self.mbr.send_snapshot(to, state, &mut self.total);
     }
 
@@ -292,6 +365,12 @@ impl Group {
             self.total.check_invariants();
         }
     }
+}
+
+/// RRPC's settings for member `me`: its outcomes are ordered under a
+/// publisher id of its own, new per incarnation.
+fn rrpc_config(me: Member) -> RrpcConfig {
+    RrpcConfig::new(rrpc::outcome_publisher(me.node, me.incarnation.0))
 }
 
 /// MBRSHIP's part of the group's interface: who this server is, its view

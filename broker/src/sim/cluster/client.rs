@@ -256,6 +256,7 @@ impl CoreClient {
                 }
                 Event::Link(LinkEvent::Lost { .. } | LinkEvent::Unreachable(_))
                 | Event::Subscribed(_)
+                | Event::Replied { .. }
                 | Event::Members(_) => {}
             }
         }

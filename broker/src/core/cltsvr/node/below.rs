@@ -201,6 +201,8 @@ impl Node {
             first,
             msgs,
             members: Some(self.members.report(self.head)),
+            // (The group adds its replicated service's state.)
+            service: None,
         }
     }
 
@@ -255,6 +257,7 @@ impl Node {
         for (_, entry) in live {
             self.publish_member_event(MemberEvent::Attach(entry));
         }
+        self.ask_again();
     }
 
     /// A core server coordinating a new view: tells the tree the view's
@@ -273,6 +276,7 @@ impl Node {
         }
         self.reporting_full.remove(&session);
         self.reporting_servers.remove(&session);
+        self.calls_gone(session);
         let Some(h) = &s.hello else {
             return;
         };

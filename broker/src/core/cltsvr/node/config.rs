@@ -20,6 +20,9 @@ pub struct NodeConfig {
     pub subscriptions_per_session_max: usize,
     /// Publishers whose deduplication state is remembered.
     pub publishers_max: usize,
+    /// Calls from this node's sessions awaiting replies at most; past it
+    /// calls are pushed back (`overloaded`).
+    pub calls_max: usize,
     /// Publishes ordered per fan-out batch at most.
     pub batch_len_max: usize,
     /// How often sessions are told the current position.
@@ -53,6 +56,7 @@ impl Default for NodeConfig {
             retention_bytes_max: 256 << 20,
             subscriptions_per_session_max: 1024,
             publishers_max: 100_000,
+            calls_max: 100_000,
             batch_len_max: 1024,
             watermark_interval: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),

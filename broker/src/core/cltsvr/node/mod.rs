@@ -53,6 +53,7 @@ use super::index::Index;
 use super::members::{MemberEvent, Members, MEMBERS_TOPIC};
 use super::report::{Entry, EventKind, Journal, TopicCounts};
 use crate::core::retention::Retention;
+use crate::core::rrpc::call_method;
 use crate::core::stream::{Msg, Ordered, Snapshot};
 use crate::core::timers::Timers;
 use crate::core::total::{Next, PubState, PublisherTable};
@@ -64,11 +65,12 @@ use canopy_client::protocol::{
     ServersHead, SlowPolicy, StreamCheck, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
 };
 use canopy_client::topic::{is_system, Pattern, Topic};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 mod below;
+mod calls;
 mod catchup;
 mod config;
 mod fanout;
@@ -280,6 +282,8 @@ pub struct Node {
     stable_marks: BTreeSet<SessionId>,
     /// The stable position last marked.
     marked: Seq,
+    /// Calls awaiting replies (`calls`).
+    calls: calls::Calls,
 }
 
 /// Counters for logs, benchmarks and the dashboard.
@@ -375,6 +379,7 @@ impl Node {
             checks: Vec::new(),
             stable_marks: BTreeSet::new(),
             marked: Seq(0),
+            calls: calls::Calls::default(),
             config,
         }
     }

@@ -3,6 +3,7 @@
 //! node's publisher table.
 
 use super::*;
+use crate::core::rrpc::CallId;
 
 impl Node {
     pub(super) fn on_publish(&mut self, session: SessionId, publish: Publish) {
@@ -14,8 +15,8 @@ impl Node {
             .get(&session)
             .and_then(|s| s.hello.as_ref())
             .is_some_and(|h| h.role == Role::Relay);
-        // Relays carry their clients' membership events.
-        if is_system(publish.topic()) && !relay {
+        // Relays carry their clients' membership events; anyone may call.
+        if is_system(publish.topic()) && !relay && !Self::is_call(publish.topic()) {
             let msg = format!(
                 "`{}`: topics starting with `$` are the broker's own",
                 publish.topic()
@@ -75,6 +76,9 @@ impl Node {
                     seq: p.seq,
                     publisher: None,
                 };
+                if Self::is_call(publish.topic()) {
+                    self.no_service(CallId { publisher, pub_seq });
+                }
                 if forwarded {
                     return self.ack_forwarded(session, publisher, ack);
                 }
@@ -103,6 +107,7 @@ impl Node {
                 self.stats.bytes_in += payload.len() as u64;
                 self.remember_publisher(publisher, pub_seq, self.head);
                 let topic = self.intern(publish.topic());
+                let call = Self::is_call(&topic);
                 self.push_ordered(Ordered {
                     seq: self.head,
                     topic,
@@ -111,6 +116,9 @@ impl Node {
                     payload,
                     hash: 0,
                 });
+                if call {
+                    self.no_service(CallId { publisher, pub_seq });
+                }
                 PubAck {
                     pub_seq,
                     seq: self.head,
@@ -155,8 +163,19 @@ impl Node {
                 return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
             }
         }
+        let call = Self::is_call(publish.topic());
         if pub_seq <= ordered && !self.bugs.order_retries {
-            // Ordered and delivered already: acknowledge again (guarantee 2).
+            // Ordered and delivered already: acknowledge again (guarantee 2);
+            // a call's reply is asked of the layer below.
+            if call {
+                let msg = Msg(
+                    publisher,
+                    pub_seq,
+                    self.intern(publish.topic()),
+                    publish.payload.clone(),
+                );
+                self.call_arrived(session, forwarded, &msg, true);
+            }
             self.stats.duplicates += 1;
             let seq = state.map_or(Seq(0), |p| p.seq);
             let ack = PubAck {
@@ -186,8 +205,18 @@ impl Node {
             // with an acknowledgement for the relay.
             true if forwarded => PubSeq(pub_seq.0 - 1),
             true => {
-                // In flight in the group: acknowledged when it comes back.
+                // In flight in the group: acknowledged when it comes back,
+                // and a call replied when it is applied.
                 self.stats.duplicates += 1;
+                if call {
+                    let msg = Msg(
+                        publisher,
+                        pub_seq,
+                        self.intern(publish.topic()),
+                        publish.payload,
+                    );
+                    self.call_arrived(session, forwarded, &msg, false);
+                }
                 return;
             }
             // Whether `pub_seq` skips is judged by the caller against what
@@ -200,12 +229,17 @@ impl Node {
         *submitted = pub_seq.max(*submitted);
         let topic = self.intern(publish.topic());
         self.stats.bytes_in += publish.payload.len() as u64;
-        self.submissions.push(Submission {
+        let sub = Submission {
             session,
             after,
             forwarded,
             msg: Msg(publisher, pub_seq, topic, publish.payload),
-        });
+        };
+        if call && !self.call_arrived(session, forwarded, &sub.msg, false) {
+            let msg = "too many calls waiting for replies here; retry".to_owned();
+            return self.reject(self.now, &sub, ErrorCode::Overloaded, msg);
+        }
+        self.submissions.push(sub);
     }
 
     /// Tells relay `session` at once that `publisher`'s retry was ordered

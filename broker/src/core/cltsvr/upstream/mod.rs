@@ -51,8 +51,8 @@ use bytes::Bytes;
 pub use canopy_client::core::Action;
 use canopy_client::core::{FirstOrder, Link, LinkConfig};
 use canopy_client::protocol::{
-    self, ErrorCode, MembersHead, Message, PubAck, PubSeq, PublisherId, Reports, Resume, Role, Seq,
-    ServerFrame,
+    self, ErrorCode, MembersHead, Message, PubAck, PubSeq, PublisherId, ReplyHead, Reports, Resume,
+    Role, Seq, ServerFrame,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -122,8 +122,11 @@ pub enum UpEvent {
     Serving(bool),
     /// A new connection to the tier above is up: the relay announces its
     /// live clients again, in case the old connection's end was ordered
-    /// first and took them out of the membership.
+    /// first and took them out of the membership, and asks again for the
+    /// replies its clients wait for.
     Reattach,
+    /// The reply to a call the relay forwarded for `publisher`.
+    Replied(PublisherId, ReplyHead, Bytes),
 }
 
 /// A relay's connection to the tier above. See the module docs.
@@ -341,6 +344,11 @@ impl Upstream {
                     self.events.push_back(UpEvent::Acked(p, ack));
                 }
             }
+            ServerFrame::Reply(head, body) => {
+                if let Some(p) = head.publisher {
+                    self.events.push_back(UpEvent::Replied(p, head, body));
+                }
+            }
             // (The link handles the connection's own errors: these are
             // a publisher's.)
             ServerFrame::Error(e) => {
@@ -552,6 +560,7 @@ impl Upstream {
             // The membership comes with the next complete report.
             members: None,
             hash,
+            service: None,
         }));
     }
 

@@ -1,0 +1,677 @@
+//! RRPC, replicated RPC: the layer above TOTAL that runs a replicated
+//! [`Service`] at every core server of the group (docs/DESIGN.md,
+//! "Replicated RPC").
+//!
+//! A call is a publish on `$canopy.call.METHOD`; TOTAL orders it like any
+//! other, so its id is its caller's `(publisher, pub_seq)` and a retry
+//! after a failover or an adoption is the same call. Every replica reads
+//! the stable stream in order:
+//! - a **call** joins the queue of calls not yet applied (a call already
+//!   applied, which a table that forgot its caller let through again, is
+//!   dropped);
+//! - an **outcome** (a record on `$canopy.rrpc` that a replica ordered:
+//!   the effect of a call it executed, or one share of a parallel call) is
+//!   kept with its call; the first outcome of a call (of a share) counts,
+//!   later ones are dropped, the same way at every replica.
+//!
+//! Calls are applied strictly in the order of the stream, each once its
+//! effect is known: an active call's effect is computed here and now (every
+//! replica executes it, deterministically); a primary-backup or
+//! load-balanced call's is its outcome; a parallel call's is the merge of
+//! its shares. Applying gives the reply, which is kept in the reply table
+//! (part of the group's state: a caller adopted by another server finds it
+//! there) and handed up, so that the server the caller is attached to
+//! sends it.
+//!
+//! Who executes is decided by each replica from its view: the primary
+//! (the view's first member) for primary-backup, once every earlier call
+//! is applied; the member a hash of the call id picks for load-balanced;
+//! the member `rank % size` for each share of a parallel call. A view
+//! change reassigns what has no outcome yet; an executor that loses its
+//! turn may still order its outcome, and the first one ordered wins, so a
+//! call is applied once and its effect never comes from two executions.
+//!
+//! # Driving it
+//! The group hands it the stable stream ([`Rrpc::deliver`]), views
+//! ([`Rrpc::view`]), primary or not ([`Rrpc::set_primary`]), and snapshots
+//! to take and install ([`Rrpc::snapshot`], [`Rrpc::restore`]). The shell
+//! runs the [`Job`]s of [`Rrpc::poll_job`] off the server's loop and
+//! reports with [`Rrpc::executed`]; outcomes to order come from
+//! [`Rrpc::take_submissions`], replies from [`Rrpc::poll_reply`].
+//!
+//! # Invariants
+//! - Every replica that delivered the same stream prefix has the same
+//!   queue, reply table and service state (apply is deterministic).
+//! - A call is applied at most once per replica: it leaves the queue when
+//!   applied, and a caller's later call id is applied only after earlier
+//!   ones (TOTAL keeps a publisher's order).
+//! - Bounded: replies by `replies_max` (oldest first); the queue by what
+//!   the stream delivered and no outcome completed yet (the node refuses
+//!   calls past [`RrpcConfig::queue_max`]).
+
+mod service;
+mod wire;
+
+pub use service::{digest_of, share, Call, CallId, Method, Mode, Service, Share, Shared};
+
+use crate::core::mbrship::NodeId;
+use crate::core::stream::{Msg, Ordered};
+use crate::core::total::wire::Submitted;
+use bytes::Bytes;
+use canopy_client::protocol::{CallErrorCode, CallFailure, PubSeq, PublisherId, CALL_PREFIX};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use wire::{Outcome, Pending, State};
+
+/// The topic replicas order their outcomes on.
+pub const OUTCOME_TOPIC: &str = "$canopy.rrpc";
+
+/// The publisher id member `node` in incarnation `incarnation` orders its
+/// outcomes under (not the id it attaches clients under: the two number
+/// their messages apart).
+pub fn outcome_publisher(node: NodeId, incarnation: u64) -> PublisherId {
+    let mut z = (u64::from(node.0) << 48) ^ incarnation ^ 0x5252_5043_0000_0000;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    PublisherId(z ^ (z >> 31))
+}
+
+/// The method a call topic names, if it is one.
+pub fn call_method(topic: &str) -> Option<&str> {
+    topic.strip_prefix(CALL_PREFIX)
+}
+
+/// A call's reply, or why it failed.
+pub type Answer = Result<Bytes, CallFailure>;
+
+/// RRPC's settings.
+#[derive(Clone, Debug)]
+pub struct RrpcConfig {
+    /// The publisher id this server orders its outcomes under (its own;
+    /// a new one per incarnation).
+    pub publisher: PublisherId,
+    /// Replies kept for callers that ask again, at most.
+    pub replies_max: usize,
+    /// Calls delivered and not yet applied beyond which the server takes
+    /// no new calls (they are pushed back, and retried by their callers).
+    pub queue_max: usize,
+}
+
+impl RrpcConfig {
+    /// Defaults for a server whose outcomes are ordered as `publisher`.
+    pub fn new(publisher: PublisherId) -> Self {
+        RrpcConfig {
+            publisher,
+            replies_max: 100_000,
+            queue_max: 10_000,
+        }
+    }
+}
+
+/// Work for the shell: execute a call (or a share of one) with
+/// [`Job::run`], off the server's loop, then hand the result to
+/// [`Rrpc::executed`].
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The call.
+    pub id: CallId,
+    /// Its method.
+    pub method: Arc<str>,
+    /// Its argument.
+    pub payload: Bytes,
+    /// The share, for a parallel call.
+    pub share: Option<Share>,
+}
+
+impl Job {
+    /// Executes the call on `service` (a handler that panics fails the
+    /// call, it does not take the server down).
+    pub fn run(&self, service: &Shared) -> Result<Bytes, String> {
+        let call = Call {
+            id: self.id,
+            method: &self.method,
+            payload: &self.payload,
+            share: self.share,
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service::read(service).execute(&call)
+        }))
+        .unwrap_or_else(|_| Err("the handler panicked".into()))
+    }
+}
+
+/// A reply for the server the caller is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The call.
+    pub id: CallId,
+    /// Its method.
+    pub method: Arc<str>,
+    /// The reply, or why it failed.
+    pub answer: Answer,
+}
+
+/// What the reply table knows of a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Applied; here is its reply.
+    Replied(Answer),
+    /// Ordered, not applied yet: its reply comes as a [`Reply`].
+    Pending,
+    /// Not ordered as far as this replica knows.
+    Unknown,
+}
+
+/// Counters per method, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MethodStats {
+    /// Its mode.
+    pub mode: Option<Mode>,
+    /// Calls applied (each once per replica).
+    pub applied: u64,
+    /// Of them, failed (unknown method or handler error).
+    pub failed: u64,
+    /// Calls (or shares) executed here.
+    pub executed: u64,
+    /// Calls (or shares) whose executor changed at a view change before
+    /// their outcome was ordered.
+    pub reassigned: u64,
+}
+
+/// The replicated-RPC layer of one core server. See the module docs.
+pub struct Rrpc {
+    /// `None`: the core runs no service; every call fails with `NoService`.
+    service: Option<Shared>,
+    /// The service's methods and modes.
+    modes: BTreeMap<String, Mode>,
+    /// A fresh service's snapshot: the state a new stream starts from.
+    initial: Bytes,
+    config: RrpcConfig,
+    me: NodeId,
+    /// The view's members, in the view's order.
+    members: Vec<NodeId>,
+    primary: bool,
+    /// Delivered calls not applied yet, in stream order.
+    queue: VecDeque<Pending>,
+    /// Replies of applied calls, kept for callers that ask again...
+    replies: HashMap<CallId, Answer>,
+    /// ...oldest first.
+    replies_order: VecDeque<CallId>,
+    /// Per caller, the last call applied (calls apply in each caller's
+    /// order); forgotten with the caller's last reply.
+    done: HashMap<PublisherId, PubSeq>,
+    /// Jobs handed out and not reported yet (call, share rank).
+    running: BTreeSet<(CallId, u32)>,
+    /// The last pub_seq of this server's own outcomes.
+    own_pub_seq: PubSeq,
+    stream: u64,
+    jobs: VecDeque<Job>,
+    submissions: Vec<Submitted>,
+    out: VecDeque<Reply>,
+    stats: BTreeMap<String, MethodStats>,
+}
+
+impl Rrpc {
+    /// The layer for server `me`, running `service` (or none).
+    pub fn new(me: NodeId, service: Option<Shared>, config: RrpcConfig) -> Self {
+        let (modes, initial) = match &service {
+            Some(service) => {
+                let s = service::read(service);
+                let modes = s.methods().into_iter().map(|m| (m.name, m.mode)).collect();
+                (modes, s.snapshot())
+            }
+            None => (BTreeMap::new(), Bytes::new()),
+        };
+        Rrpc {
+            service,
+            modes,
+            initial,
+            config,
+            me,
+            members: Vec::new(),
+            primary: false,
+            queue: VecDeque::new(),
+            replies: HashMap::new(),
+            replies_order: VecDeque::new(),
+            done: HashMap::new(),
+            running: BTreeSet::new(),
+            own_pub_seq: PubSeq(0),
+            stream: 0,
+            jobs: VecDeque::new(),
+            submissions: Vec::new(),
+            out: VecDeque::new(),
+            stats: BTreeMap::new(),
+        }
+    }
+
+    /// The service, if the core runs one.
+    pub fn service(&self) -> Option<&Shared> {
+        self.service.as_ref()
+    }
+
+    /// The service's methods and their modes.
+    pub fn methods(&self) -> &BTreeMap<String, Mode> {
+        &self.modes
+    }
+
+    /// Counters per method (methods called but unknown included).
+    pub fn stats(&self) -> &BTreeMap<String, MethodStats> {
+        &self.stats
+    }
+
+    /// Calls delivered and not applied yet.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether the server should take no new calls now.
+    pub fn is_full(&self) -> bool {
+        self.queue.len() >= self.config.queue_max
+    }
+
+    /// A digest of the replicated state: the service's state, the queue
+    /// and the reply table. Equal at replicas that delivered the same
+    /// stream prefix.
+    pub fn digest(&self) -> u64 {
+        digest_of(&self.snapshot())
+    }
+
+    /// A new view (members in the view's order), within stream `stream`.
+    /// What has no outcome yet is reassigned by the new view.
+    pub fn view(&mut self, members: Vec<NodeId>, stream: u64) {
+        if stream != self.stream {
+            self.set_stream(stream);
+        }
+        let old = std::mem::replace(&mut self.members, members);
+        if !old.is_empty() {
+            self.count_reassigned(&old);
+        }
+        self.dispatch_all();
+    }
+
+    /// In a primary view (executes and orders) or not.
+    pub fn set_primary(&mut self, primary: bool) {
+        self.primary = primary;
+        self.dispatch_all();
+    }
+
+    /// Stable messages, in stream order.
+    pub fn deliver(&mut self, msgs: &[Ordered]) {
+        for m in msgs {
+            if let Some(method) = call_method(&m.topic) {
+                self.on_call(m, method);
+            } else if &*m.topic == OUTCOME_TOPIC {
+                self.on_outcome(m);
+            }
+        }
+        self.advance();
+    }
+
+    /// A job's result.
+    pub fn executed(&mut self, job: &Job, result: Result<Bytes, String>) {
+        let rank = job.share.map_or(0, |s| s.rank);
+        self.running.remove(&(job.id, rank));
+        let Some(p) = self.queue.iter().find(|p| p.id == job.id) else {
+            return;
+        };
+        let wanted = match job.share {
+            Some(s) => !p.shares.contains_key(&s.rank),
+            None => p.outcome.is_none(),
+        };
+        if !wanted {
+            return;
+        }
+        self.stat(&job.method).executed += 1;
+        let outcome = Outcome {
+            id: job.id,
+            rank: job.share.map(|s| s.rank),
+            result,
+        };
+        let pub_seq = PubSeq(self.own_pub_seq.0 + 1);
+        let after = std::mem::replace(&mut self.own_pub_seq, pub_seq);
+        let msg = Msg(
+            self.config.publisher,
+            pub_seq,
+            OUTCOME_TOPIC.into(),
+            wire::encode(&outcome),
+        );
+        self.submissions.push(Submitted(after, msg));
+    }
+
+    /// The next job for the shell.
+    pub fn poll_job(&mut self) -> Option<Job> {
+        self.jobs.pop_front()
+    }
+
+    /// Outcomes to order, in order.
+    pub fn take_submissions(&mut self) -> Vec<Submitted> {
+        std::mem::take(&mut self.submissions)
+    }
+
+    /// The next reply, in the order calls were applied.
+    pub fn poll_reply(&mut self) -> Option<Reply> {
+        self.out.pop_front()
+    }
+
+    /// What this replica knows of call `id`.
+    pub fn lookup(&self, id: CallId) -> Lookup {
+        if let Some(a) = self.replies.get(&id) {
+            return Lookup::Replied(a.clone());
+        }
+        if self.queue.iter().any(|p| p.id == id) {
+            return Lookup::Pending;
+        }
+        if self
+            .done
+            .get(&id.publisher)
+            .is_some_and(|&d| id.pub_seq <= d)
+        {
+            return Lookup::Replied(Err(forgotten(id)));
+        }
+        Lookup::Unknown
+    }
+
+    /// The replicated state, for a snapshot (at the delivered position).
+    pub fn snapshot(&self) -> Bytes {
+        let mut replies: Vec<_> = self
+            .replies_order
+            .iter()
+            .filter_map(|id| Some((*id, self.replies.get(id)?.clone())))
+            .collect();
+        replies.dedup_by_key(|(id, _)| *id);
+        let mut done: Vec<_> = self.done.iter().map(|(p, s)| (*p, *s)).collect();
+        done.sort_unstable();
+        wire::encode(&State {
+            service: self
+                .service
+                .as_ref()
+                .map(|s| service::read(s).snapshot())
+                .unwrap_or_default(),
+            queue: self.queue.iter().cloned().collect(),
+            replies,
+            done,
+        })
+    }
+
+    /// Replaces the replicated state with a snapshot's (`None`: the state a
+    /// new stream starts from), at stream `stream`.
+    ///
+    /// # Errors
+    /// When the snapshot does not decode or the service refuses it; the
+    /// state is then left as it was.
+    pub fn restore(&mut self, state: Option<&[u8]>, stream: u64) -> Result<(), String> {
+        let state = match state {
+            Some(bytes) => wire::decode::<State>(bytes)?,
+            None => State {
+                service: self.initial.clone(),
+                ..State::default()
+            },
+        };
+        if let Some(service) = &self.service {
+            service::write(service).restore(&state.service)?;
+        }
+        if stream != self.stream {
+            self.set_stream(stream);
+        }
+        self.queue = state.queue.into();
+        self.replies_order = state.replies.iter().map(|(id, _)| *id).collect();
+        self.replies = state.replies.into_iter().collect();
+        self.done = state.done.into_iter().collect();
+        self.running.clear();
+        self.jobs.clear();
+        self.advance();
+        self.dispatch_all();
+        Ok(())
+    }
+
+    /// Another stream: nothing of this server's outcomes is known there.
+    fn set_stream(&mut self, stream: u64) {
+        self.stream = stream;
+        self.own_pub_seq = PubSeq(0);
+        self.submissions.clear();
+    }
+
+    fn on_call(&mut self, m: &Ordered, method: &str) {
+        let id = CallId {
+            publisher: m.publisher,
+            pub_seq: m.pub_seq,
+        };
+        let applied = self
+            .done
+            .get(&id.publisher)
+            .is_some_and(|&d| id.pub_seq <= d);
+        if applied || self.queue.iter().any(|p| p.id == id) {
+            return;
+        }
+        let mode = self.modes.get(method).copied();
+        let of = match mode {
+            Some(Mode::Parallel) => u32::try_from(self.members.len().max(1)).unwrap_or(u32::MAX),
+            _ => 1,
+        };
+        self.queue.push_back(Pending {
+            id,
+            method: method.into(),
+            payload: m.payload.clone(),
+            mode,
+            of,
+            outcome: None,
+            shares: BTreeMap::new(),
+        });
+        let i = self.queue.len() - 1;
+        self.dispatch(i);
+    }
+
+    fn on_outcome(&mut self, m: &Ordered) {
+        let outcome: Outcome = match wire::decode(&m.payload) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(publisher = %m.publisher, seq = %m.seq, error = %e, "an outcome record that does not decode; ignored");
+                return;
+            }
+        };
+        let Some(p) = self.queue.iter_mut().find(|p| p.id == outcome.id) else {
+            return;
+        };
+        match (p.mode, outcome.rank) {
+            (Some(Mode::Parallel), Some(rank)) if rank < p.of => {
+                p.shares.entry(rank).or_insert(outcome.result);
+            }
+            (Some(Mode::PrimaryBackup | Mode::LoadBalanced), None) => {
+                p.outcome.get_or_insert(outcome.result);
+            }
+            _ => {
+                tracing::warn!(call = %outcome.id, "an outcome that does not fit its call's mode; ignored")
+            }
+        }
+    }
+
+    /// Applies calls from the front of the queue while their effects are
+    /// known.
+    fn advance(&mut self) {
+        while self.queue.front().is_some_and(Pending::ready) {
+            let Some(p) = self.queue.pop_front() else {
+                break;
+            };
+            let answer = self.effect(&p).and_then(|effect| {
+                let service = self.service.as_ref().ok_or_else(no_service)?;
+                service::write(service)
+                    .apply(&p.call(None), &effect)
+                    .map_err(handler)
+            });
+            let stat = self.stat(&p.method);
+            stat.mode = p.mode;
+            stat.applied += 1;
+            stat.failed += u64::from(answer.is_err());
+            self.remember(p.id, answer.clone());
+            self.out.push_back(Reply {
+                id: p.id,
+                method: p.method,
+                answer,
+            });
+            // The next call may be the primary's to execute now.
+            self.dispatch(0);
+        }
+    }
+
+    /// The effect of a call whose effect is known ([`Pending::ready`]).
+    fn effect(&self, p: &Pending) -> Answer {
+        let service = self.service.as_ref().ok_or_else(no_service)?;
+        match p.mode {
+            None => Err(CallFailure {
+                code: CallErrorCode::UnknownMethod,
+                message: format!("the service has no method `{}`", p.method),
+            }),
+            // Every replica executes it here, in the one order.
+            Some(Mode::Active) => p.job(None).run(service).map_err(handler),
+            Some(Mode::PrimaryBackup | Mode::LoadBalanced) => match &p.outcome {
+                Some(r) => r.clone().map_err(handler),
+                None => Err(handler("no outcome".into())),
+            },
+            Some(Mode::Parallel) => {
+                let shares: Result<Vec<Bytes>, String> = p.shares.values().cloned().collect();
+                shares
+                    .and_then(|shares| {
+                        let call = p.call(None);
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            service::read(service).merge(&call, &shares)
+                        }))
+                        .unwrap_or_else(|_| Err("the merge panicked".into()))
+                    })
+                    .map_err(handler)
+            }
+        }
+    }
+
+    /// Keeps a reply, forgetting the oldest past the bound.
+    fn remember(&mut self, id: CallId, answer: Answer) {
+        self.replies.insert(id, answer);
+        self.replies_order.push_back(id);
+        let d = self.done.entry(id.publisher).or_default();
+        *d = (*d).max(id.pub_seq);
+        while self.replies_order.len() > self.config.replies_max {
+            let Some(old) = self.replies_order.pop_front() else {
+                break;
+            };
+            self.replies.remove(&old);
+            if self.done.get(&old.publisher) == Some(&old.pub_seq) {
+                self.done.remove(&old.publisher);
+            }
+        }
+    }
+
+    /// The member that executes `p` (or its share `rank`) in this view.
+    fn executor(&self, p: &Pending, rank: u32, members: &[NodeId]) -> Option<NodeId> {
+        if members.is_empty() {
+            return None;
+        }
+        let n = members.len() as u64;
+        let i = match p.mode? {
+            Mode::Active => return None,
+            Mode::PrimaryBackup => 0,
+            Mode::LoadBalanced => spread(p.id) % n,
+            Mode::Parallel => u64::from(rank) % n,
+        };
+        members.get(usize::try_from(i).ok()?).copied()
+    }
+
+    /// Hands out the jobs of queued call `i` that are this replica's now.
+    fn dispatch(&mut self, i: usize) {
+        if !self.primary {
+            return;
+        }
+        let Some(p) = self.queue.get(i) else {
+            return;
+        };
+        let missing: Vec<u32> = match p.mode {
+            None | Some(Mode::Active) => return,
+            // Once every earlier call is applied: its state is exact.
+            Some(Mode::PrimaryBackup) if i > 0 => return,
+            Some(Mode::PrimaryBackup | Mode::LoadBalanced) if p.outcome.is_some() => return,
+            Some(Mode::PrimaryBackup | Mode::LoadBalanced) => vec![0],
+            Some(Mode::Parallel) => (0..p.of).filter(|r| !p.shares.contains_key(r)).collect(),
+        };
+        for rank in missing {
+            if self.executor(p, rank, &self.members) != Some(self.me)
+                || !self.running.insert((p.id, rank))
+            {
+                continue;
+            }
+            let share = (p.mode == Some(Mode::Parallel)).then_some(Share { rank, of: p.of });
+            self.jobs.push_back(p.job(share));
+        }
+    }
+
+    fn dispatch_all(&mut self) {
+        for i in 0..self.queue.len() {
+            self.dispatch(i);
+        }
+    }
+
+    /// Counts what a view change moved to another executor.
+    fn count_reassigned(&mut self, old: &[NodeId]) {
+        let mut moved: Vec<Arc<str>> = Vec::new();
+        for p in &self.queue {
+            let ranks: Vec<u32> = match p.mode {
+                Some(Mode::PrimaryBackup | Mode::LoadBalanced) if p.outcome.is_none() => vec![0],
+                Some(Mode::Parallel) => (0..p.of).filter(|r| !p.shares.contains_key(r)).collect(),
+                _ => continue,
+            };
+            for rank in ranks {
+                if self.executor(p, rank, old) != self.executor(p, rank, &self.members) {
+                    moved.push(p.method.clone());
+                }
+            }
+        }
+        for method in moved {
+            self.stat(&method).reassigned += 1;
+        }
+    }
+
+    fn stat(&mut self, method: &str) -> &mut MethodStats {
+        if !self.stats.contains_key(method) {
+            let mode = self.modes.get(method).copied();
+            self.stats.insert(
+                method.to_owned(),
+                MethodStats {
+                    mode,
+                    ..MethodStats::default()
+                },
+            );
+        }
+        self.stats.entry(method.to_owned()).or_default()
+    }
+}
+
+/// A handler's error as the caller is told it.
+fn handler(message: String) -> CallFailure {
+    CallFailure {
+        code: CallErrorCode::Handler,
+        message,
+    }
+}
+
+fn no_service() -> CallFailure {
+    CallFailure {
+        code: CallErrorCode::NoService,
+        message: "the core runs no replicated service".into(),
+    }
+}
+
+/// The failure for a call whose reply is no longer held.
+pub fn forgotten(id: CallId) -> CallFailure {
+    CallFailure {
+        code: CallErrorCode::Forgotten,
+        message: format!("call {id} was executed; its reply is no longer held"),
+    }
+}
+
+/// Spreads call ids evenly over the members (load-balanced mode).
+fn spread(id: CallId) -> u64 {
+    let mut z = id.publisher.0 ^ id.pub_seq.0.rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests;

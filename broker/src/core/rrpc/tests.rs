@@ -1,0 +1,346 @@
+//! RRPC on its own: replicas fed one stream by hand.
+
+use super::*;
+use crate::core::stream::Ordered;
+use canopy_client::protocol::Seq;
+
+/// A counter with a method per mode; calls carry an `i64` (little endian).
+#[derive(Default)]
+struct Counter {
+    total: i64,
+}
+
+fn num(b: &[u8]) -> Result<i64, String> {
+    let a: [u8; 8] = b.try_into().map_err(|_| "not an i64".to_string())?;
+    Ok(i64::from_le_bytes(a))
+}
+
+fn bytes(n: i64) -> Bytes {
+    Bytes::copy_from_slice(&n.to_le_bytes())
+}
+
+impl Service for Counter {
+    fn methods(&self) -> Vec<Method> {
+        vec![
+            Method::new("add", Mode::Active),
+            Method::new("pb.add", Mode::PrimaryBackup),
+            Method::new("lb.add", Mode::LoadBalanced),
+            Method::new("par.add", Mode::Parallel),
+        ]
+    }
+
+    fn execute(&self, call: &Call<'_>) -> Result<Bytes, String> {
+        let n = num(call.payload)?;
+        if n < 0 {
+            return Err(format!("{n} is negative"));
+        }
+        Ok(match call.share {
+            // Share r of k adds the numbers below n that are r mod k.
+            Some(s) => bytes(
+                (0..n)
+                    .filter(|i| i % i64::from(s.of) == i64::from(s.rank))
+                    .count() as i64,
+            ),
+            None => bytes(n),
+        })
+    }
+
+    fn merge(&self, _call: &Call<'_>, shares: &[Bytes]) -> Result<Bytes, String> {
+        let mut sum = 0;
+        for s in shares {
+            sum += num(s)?;
+        }
+        Ok(bytes(sum))
+    }
+
+    fn apply(&mut self, _call: &Call<'_>, effect: &[u8]) -> Result<Bytes, String> {
+        self.total += num(effect)?;
+        Ok(bytes(self.total))
+    }
+
+    fn snapshot(&self) -> Bytes {
+        bytes(self.total)
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.total = num(snapshot)?;
+        Ok(())
+    }
+}
+
+/// Replicas over one hand-made stream: what a replica submits is
+/// appended to the stream when `order` is called.
+struct Group {
+    replicas: Vec<Rrpc>,
+    stream: Vec<Ordered>,
+    /// How far each replica has been delivered.
+    delivered: Vec<usize>,
+}
+
+const CALLER: PublisherId = PublisherId(7);
+
+impl Group {
+    fn new(n: u32) -> Self {
+        let members: Vec<NodeId> = (1..=n).map(NodeId).collect();
+        let n = n as usize;
+        let replicas = members
+            .iter()
+            .map(|&me| {
+                let config = RrpcConfig::new(PublisherId(1000 + u64::from(me.0)));
+                let mut r = Rrpc::new(me, Some(share(Counter::default())), config);
+                r.view(members.clone(), 1);
+                r.set_primary(true);
+                r
+            })
+            .collect();
+        Group {
+            replicas,
+            stream: Vec::new(),
+            delivered: vec![0; n],
+        }
+    }
+
+    fn append(&mut self, publisher: PublisherId, pub_seq: u64, topic: &str, payload: Bytes) {
+        let seq = Seq(self.stream.len() as u64 + 1);
+        self.stream.push(Ordered {
+            seq,
+            topic: topic.into(),
+            publisher,
+            pub_seq: PubSeq(pub_seq),
+            payload,
+            hash: 0,
+        });
+    }
+
+    fn call(&mut self, pub_seq: u64, method: &str, n: i64) {
+        self.append(CALLER, pub_seq, &format!("{CALL_PREFIX}{method}"), bytes(n));
+    }
+
+    /// Delivers the stream to replica `i`.
+    fn deliver(&mut self, i: usize) {
+        let from = self.delivered[i];
+        self.replicas[i].deliver(&self.stream[from..]);
+        self.delivered[i] = self.stream.len();
+    }
+
+    fn deliver_all(&mut self) {
+        for i in 0..self.replicas.len() {
+            self.deliver(i);
+        }
+    }
+
+    /// Runs every job replica `i` has, and orders what it submits.
+    fn execute(&mut self, i: usize) -> usize {
+        let mut ran = 0;
+        while let Some(job) = self.replicas[i].poll_job() {
+            let service = self.replicas[i].service().expect("a service").clone();
+            let result = job.run(&service);
+            self.replicas[i].executed(&job, result);
+            ran += 1;
+        }
+        for Submitted(_, m) in self.replicas[i].take_submissions() {
+            self.append(m.0, m.1 .0, &m.2, m.3);
+        }
+        ran
+    }
+
+    /// Delivers and executes until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            self.deliver_all();
+            let ran: usize = (0..self.replicas.len()).map(|i| self.execute(i)).sum();
+            if ran == 0 && self.delivered.iter().all(|&d| d == self.stream.len()) {
+                return;
+            }
+        }
+    }
+
+    fn replies(&mut self, i: usize) -> Vec<(u64, Answer)> {
+        std::iter::from_fn(|| self.replicas[i].poll_reply())
+            .map(|r| (r.id.pub_seq.0, r.answer))
+            .collect()
+    }
+
+    fn digests(&self) -> Vec<u64> {
+        self.replicas.iter().map(Rrpc::digest).collect()
+    }
+}
+
+fn ok(n: i64) -> Answer {
+    Ok(bytes(n))
+}
+
+#[test]
+fn every_mode_applies_in_the_order_of_the_calls_at_every_replica() {
+    let mut g = Group::new(3);
+    g.call(1, "add", 1);
+    g.call(2, "pb.add", 10);
+    g.call(3, "lb.add", 100);
+    g.call(4, "par.add", 5); // 0+1+2+3+4 counted: 5 numbers
+    g.call(5, "add", 1000);
+    g.settle();
+    let want = vec![
+        (1, ok(1)),
+        (2, ok(11)),
+        (3, ok(111)),
+        (4, ok(116)),
+        (5, ok(1116)),
+    ];
+    for i in 0..3 {
+        assert_eq!(g.replies(i), want, "replica {i}");
+    }
+    let d = g.digests();
+    assert!(d.iter().all(|&x| x == d[0]), "digests differ: {d:?}");
+}
+
+#[test]
+fn only_the_primary_executes_a_primary_backup_call_and_only_at_the_front() {
+    let mut g = Group::new(3);
+    g.call(1, "lb.add", 1);
+    g.call(2, "pb.add", 2);
+    g.deliver_all();
+    // Replicas 2 and 3 have no primary-backup job; replica 1 none yet
+    // either: the load-balanced call before it has no outcome.
+    let pb = |g: &mut Group, i: usize| {
+        std::iter::from_fn(|| g.replicas[i].poll_job())
+            .filter(|j| &*j.method == "pb.add")
+            .count()
+    };
+    // (The load-balanced job went to one of them; put the jobs back by
+    // running them later.)
+    assert_eq!(pb(&mut g, 1) + pb(&mut g, 2), 0);
+    assert_eq!(pb(&mut g, 0), 0);
+}
+
+#[test]
+fn a_view_change_reassigns_what_the_departed_replica_had_not_ordered() {
+    let mut g = Group::new(3);
+    for s in 1..=30 {
+        g.call(s, "lb.add", 1);
+    }
+    g.deliver_all();
+    // Replica 3 crashes with its jobs; the others run theirs.
+    while g.replicas[2].poll_job().is_some() {}
+    g.execute(0);
+    g.execute(1);
+    g.deliver_all();
+    assert!(g.replicas[0].queued() > 0, "replica 3 had some of 30 calls");
+    let members = vec![NodeId(1), NodeId(2)];
+    for i in 0..2 {
+        g.replicas[i].view(members.clone(), 1);
+    }
+    let survivors = |g: &mut Group| loop {
+        for i in 0..2 {
+            g.deliver(i);
+        }
+        if g.execute(0) + g.execute(1) == 0 && g.delivered[..2].iter().all(|&d| d == g.stream.len())
+        {
+            return;
+        }
+    };
+    survivors(&mut g);
+    let replies = g.replies(0);
+    assert_eq!(replies.len(), 30);
+    assert_eq!(replies.last(), Some(&(30, ok(30))));
+    assert!(g.replicas[0].stats()["lb.add"].reassigned > 0);
+    assert_eq!(g.replicas[0].digest(), g.replicas[1].digest());
+}
+
+#[test]
+fn the_first_outcome_ordered_counts_and_a_repeated_call_is_not_applied_again() {
+    let mut g = Group::new(2);
+    g.call(1, "pb.add", 5);
+    g.deliver_all();
+    let job = g.replicas[0].poll_job().expect("the primary executes");
+    g.replicas[0].executed(&job, Ok(bytes(5)));
+    let subs = g.replicas[0].take_submissions();
+    assert_eq!(subs.len(), 1);
+    let Submitted(_, m) = subs[0].clone();
+    // Another replica's outcome for the same call is ordered first, then
+    // the primary's (a view change moved the call, the old primary still
+    // ordered its own).
+    let other = Outcome {
+        id: job.id,
+        rank: None,
+        result: Ok(bytes(6)),
+    };
+    g.append(PublisherId(1002), 1, OUTCOME_TOPIC, wire::encode(&other));
+    g.append(m.0, m.1 .0, &m.2, m.3.clone());
+    // The same call ordered again (a table that forgot its caller).
+    g.call(1, "pb.add", 5);
+    g.settle();
+    for i in 0..2 {
+        assert_eq!(g.replies(i), vec![(1, ok(6))]);
+    }
+}
+
+#[test]
+fn unknown_methods_and_handler_errors_are_replies_every_replica_agrees_on() {
+    let mut g = Group::new(2);
+    g.call(1, "nope", 1);
+    g.call(2, "add", -1);
+    g.call(3, "lb.add", -1);
+    g.call(4, "add", 2);
+    g.settle();
+    for i in 0..2 {
+        let r = g.replies(i);
+        assert_eq!(
+            r[0].1.as_ref().map_err(|e| e.code),
+            Err(CallErrorCode::UnknownMethod)
+        );
+        assert_eq!(
+            r[1].1.as_ref().map_err(|e| e.code),
+            Err(CallErrorCode::Handler)
+        );
+        assert_eq!(
+            r[2].1.as_ref().map_err(|e| e.code),
+            Err(CallErrorCode::Handler)
+        );
+        assert_eq!(r[3], (4, ok(2)), "failed calls change nothing");
+    }
+}
+
+#[test]
+fn a_restored_replica_continues_where_its_snapshot_was_taken() {
+    let mut g = Group::new(2);
+    g.call(1, "add", 3);
+    g.call(2, "lb.add", 4);
+    g.call(3, "par.add", 4);
+    g.deliver_all();
+    // A snapshot with calls still queued.
+    let snap = g.replicas[0].snapshot();
+    let service = Some(share(Counter::default()));
+    let mut fresh = Rrpc::new(NodeId(3), service, RrpcConfig::new(PublisherId(1003)));
+    fresh.restore(Some(&snap), 1).expect("restores");
+    fresh.view(vec![NodeId(1), NodeId(2), NodeId(3)], 1);
+    g.replicas.push(fresh);
+    g.delivered.push(g.stream.len());
+    g.settle();
+    let d = g.digests();
+    assert!(d.iter().all(|&x| x == d[0]), "digests differ: {d:?}");
+    assert_eq!(g.replies(2).last(), Some(&(3, ok(3 + 4 + 4))));
+}
+
+#[test]
+fn replies_are_found_again_until_the_table_forgets_them() {
+    let mut g = Group::new(1);
+    g.replicas[0].config.replies_max = 2;
+    for s in 1..=3 {
+        g.call(s, "add", 1);
+    }
+    g.settle();
+    let id = |s| CallId {
+        publisher: CALLER,
+        pub_seq: PubSeq(s),
+    };
+    assert_eq!(g.replicas[0].lookup(id(3)), Lookup::Replied(ok(3)));
+    assert_eq!(g.replicas[0].lookup(id(2)), Lookup::Replied(ok(2)));
+    assert!(matches!(
+        g.replicas[0].lookup(id(1)),
+        Lookup::Replied(Err(CallFailure {
+            code: CallErrorCode::Forgotten,
+            ..
+        }))
+    ));
+    assert_eq!(g.replicas[0].lookup(id(4)), Lookup::Unknown);
+}

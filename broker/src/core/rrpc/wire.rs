@@ -1,0 +1,95 @@
+//! RRPC's records: the outcomes replicas order, and the replicated state a
+//! snapshot carries (CBOR).
+
+use super::service::{Call, CallId, Mode, Share};
+use super::{Answer, Job};
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// What a replica orders after executing a call (or a share of one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Outcome {
+    /// The call.
+    pub id: CallId,
+    /// The share's rank, for a parallel call.
+    pub rank: Option<u32>,
+    /// The effect, or the handler's error.
+    pub result: Result<Bytes, String>,
+}
+
+/// A call delivered and not applied yet, with what is known of its effect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Pending {
+    pub id: CallId,
+    pub method: Arc<str>,
+    pub payload: Bytes,
+    /// `None`: the service has no such method.
+    pub mode: Option<Mode>,
+    /// How many shares a parallel call has (1 otherwise).
+    pub of: u32,
+    /// The first outcome ordered (primary-backup, load-balanced).
+    pub outcome: Option<Result<Bytes, String>>,
+    /// The first share ordered per rank (parallel).
+    pub shares: BTreeMap<u32, Result<Bytes, String>>,
+}
+
+impl Pending {
+    /// Whether its effect is known, so that it can be applied.
+    pub fn ready(&self) -> bool {
+        match self.mode {
+            None | Some(Mode::Active) => true,
+            Some(Mode::PrimaryBackup | Mode::LoadBalanced) => self.outcome.is_some(),
+            Some(Mode::Parallel) => self.shares.len() >= self.of as usize,
+        }
+    }
+
+    /// The call as the service sees it.
+    pub fn call(&self, share: Option<Share>) -> Call<'_> {
+        Call {
+            id: self.id,
+            method: &self.method,
+            payload: &self.payload,
+            share,
+        }
+    }
+
+    /// A job that executes it (or a share).
+    pub fn job(&self, share: Option<Share>) -> Job {
+        Job {
+            id: self.id,
+            method: self.method.clone(),
+            payload: self.payload.clone(),
+            share,
+        }
+    }
+}
+
+/// The replicated state at a position of the stream.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(super) struct State {
+    /// The service's own snapshot.
+    pub service: Bytes,
+    /// Calls delivered and not applied yet.
+    pub queue: Vec<Pending>,
+    /// Replies kept, oldest first.
+    pub replies: Vec<(CallId, Answer)>,
+    /// Per caller, the last call applied.
+    pub done: Vec<(
+        canopy_client::protocol::PublisherId,
+        canopy_client::protocol::PubSeq,
+    )>,
+}
+
+/// CBOR of a record.
+pub(super) fn encode<T: Serialize>(v: &T) -> Bytes {
+    let mut buf = Vec::new();
+    ciborium::into_writer(v, &mut buf).expect("invariant: writing CBOR to a Vec cannot fail");
+    buf.into()
+}
+
+/// A record from CBOR.
+pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    ciborium::from_reader(bytes).map_err(|e| e.to_string())
+}
