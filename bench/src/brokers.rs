@@ -208,7 +208,7 @@ pub fn start_core(n: usize) -> anyhow::Result<Vec<InProcess>> {
     use canopy_broker::config::{FileConfig, FileCore, FileCoreServer};
     let mut peers = Vec::new();
     for _ in 0..n {
-        peers.push(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string());
+        peers.push(canopy_broker::launcher::loopback_port()?);
     }
     // A fresh data directory per server and run: each bench core is new.
     let run = format!("canopy-bench-{}-{}", std::process::id(), rand_stream());
@@ -227,6 +227,7 @@ pub fn start_core(n: usize) -> anyhow::Result<Vec<InProcess>> {
                     client: "127.0.0.1:0".into(),
                 })
                 .collect(),
+            service: None,
         };
         servers.push(start_in_process(FileConfig {
             name: Some(format!("s{}", i + 1)),

@@ -1,4 +1,5 @@
-//! The client-side commands of the `canopy` binary: `pub` and `sub`.
+//! The client-side commands of the `canopy` binary: `pub`, `sub`, `call`
+//! and `status`.
 
 use anyhow::Context;
 use canopy_client::{Client, ClientOptions, Event};
@@ -55,6 +56,45 @@ pub async fn publish(servers: &str, topic: &str, message: Option<String>) -> any
         }
     }
     Ok(count)
+}
+
+/// `canopy call`: calls `method` of the core's replicated service with
+/// `arg`, or once per line of stdin when it is `None`, printing each reply
+/// on a line of its own. Returns how many calls failed (each is reported
+/// on stderr).
+///
+/// # Errors
+/// When no server is reachable, or the client fails.
+pub async fn call(servers: &str, method: &str, arg: Option<String>) -> anyhow::Result<u64> {
+    let client = connect(servers, "canopy-call", false).await?;
+    let mut failed = 0;
+    let mut out = std::io::stdout().lock();
+    let args: Vec<String> = match arg {
+        Some(a) => vec![a],
+        None => {
+            let mut v = Vec::new();
+            let mut lines = BufReader::new(tokio::io::stdin()).lines();
+            while let Some(line) = lines.next_line().await.context("reading stdin")? {
+                v.push(line);
+            }
+            v
+        }
+    };
+    for arg in args {
+        match client.call(method, arg).await {
+            Ok(reply) => {
+                out.write_all(&reply)?;
+                out.write_all(b"\n")?;
+            }
+            Err(e @ canopy_client::Error::Call(_)) => {
+                failed += 1;
+                eprintln!("canopy call {method}: {e}");
+            }
+            Err(e) => return Err(e).with_context(|| format!("calling `{method}`")),
+        }
+    }
+    out.flush()?;
+    Ok(failed)
 }
 
 /// `canopy sub`: prints matching messages until `count` were printed (or

@@ -78,6 +78,10 @@ pub struct FileCore {
     /// Every server of the core, this one included.
     #[serde(default)]
     pub servers: Vec<FileCoreServer>,
+    /// The replicated service the core runs, by name (`kv`: the key-value
+    /// store that ships with Canopy); every server of a core must name the
+    /// same. None by default: calls then fail with `no_service`.
+    pub service: Option<String>,
 }
 
 /// One `[[core.servers]]` entry.
@@ -110,6 +114,8 @@ pub struct CoreConfig {
     /// Where this server keeps its hard state (`data_dir`, by default
     /// `canopy-data/s<ID>`).
     pub data_dir: PathBuf,
+    /// The built-in replicated service the core runs, if any.
+    pub service: Option<String>,
 }
 
 impl CoreConfig {
@@ -462,7 +468,17 @@ impl FileCore {
                 why: "a directory path (or no key, for canopy-data/s<ID>)",
             });
         }
+        if let Some(name) = self.service.as_deref() {
+            if !crate::services::NAMES.contains(&name) {
+                return Err(ConfigError::Range {
+                    key: "core.service",
+                    value: format!("{name:?}"),
+                    why: "the name of a built-in service (\"kv\")",
+                });
+            }
+        }
         Ok(CoreConfig {
+            service: self.service,
             me: NodeId(self.id),
             peer_listen: me.peer.clone(),
             peers: self

@@ -75,6 +75,8 @@ pub struct TreeConfig {
     pub heartbeat_interval_ms: Option<u64>,
     /// Silence after which a core server is excluded, milliseconds.
     pub failure_timeout_ms: Option<u64>,
+    /// The replicated service the core runs (`kv`), if any.
+    pub service: Option<String>,
     /// The core servers; their ids are their positions, from 1.
     pub core: Vec<TreeCore>,
     /// Tiers of relays, top down: the first under the core, each next one
@@ -150,6 +152,7 @@ impl TreeConfig {
         Ok(TreeConfig {
             heartbeat_interval_ms: Some(50),
             failure_timeout_ms: Some(500),
+            service: None,
             core: c,
             tiers: t,
         })
@@ -189,6 +192,9 @@ impl TreeConfig {
         }
         if let Some(ms) = self.failure_timeout_ms {
             timing.push_str(&format!("failure_timeout_ms = {ms}\n"));
+        }
+        if let Some(service) = &self.service {
+            timing.push_str(&format!("service = {service:?}\n"));
         }
         for (i, c) in self.core.iter().enumerate() {
             let name = format!("core-{}", i + 1);

@@ -7,5 +7,6 @@ pub mod config;
 pub mod core;
 pub mod launcher;
 pub mod runtime;
+pub mod services;
 #[cfg(test)]
 pub mod sim;

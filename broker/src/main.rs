@@ -86,6 +86,18 @@ enum Command {
         /// The message; without it, every line of stdin is one message.
         message: Option<String>,
     },
+    /// Call METHOD of the core's replicated service with ARG (or once per
+    /// line of stdin) and print each reply; `canopy up configs/kv.toml`
+    /// starts a core running the `kv` service.
+    Call {
+        /// Server addresses, comma-separated; the client fails over between them.
+        #[arg(long, env = "CANOPY_SERVER", default_value = LISTEN_DEFAULT)]
+        server: String,
+        /// The method (`put`, `get`, ... for `kv`).
+        method: String,
+        /// The argument; without it, every line of stdin is one call.
+        arg: Option<String>,
+    },
     /// Print messages matching PATTERN, one per line: `seq topic payload`.
     Sub {
         /// Server addresses, comma-separated; the client fails over between them.
@@ -171,6 +183,18 @@ async fn main() -> std::process::ExitCode {
             cli::publish(&server, &topic, message).await.map(|n| {
                 eprintln!("canopy pub: {n} message(s) acknowledged");
             })
+        }
+        Command::Call {
+            server,
+            method,
+            arg,
+        } => {
+            init_logs(cli.log_json, "warn");
+            match cli::call(&server, &method, arg).await {
+                Ok(0) => Ok(()),
+                Ok(n) => Err(anyhow::anyhow!("{n} call(s) failed")),
+                Err(e) => Err(e),
+            }
         }
         Command::Sub {
             server,

@@ -36,6 +36,7 @@ mod upstream;
 use crate::config::ServerConfig;
 use crate::core::cltsvr::upstream::Action;
 use crate::core::group::{Group, Incarnation, NodeId, PeerMsg};
+use crate::core::rrpc::{Job, Shared};
 use crate::core::{Node, Output, Server, SessionId};
 use anyhow::Context;
 use bytes::Bytes;
@@ -78,6 +79,8 @@ enum Inbound {
     /// A relay's connection `conn` to the tier above ended (or never
     /// opened).
     UpClosed(u64),
+    /// A call of the replicated service, executed off the node task.
+    Executed(Job, Result<Bytes, String>),
 }
 
 /// The node task's handles on one connection.
@@ -178,6 +181,30 @@ impl ServerHandle {
 /// core server's hard state cannot be read (missing is fine, damaged is
 /// not) or written.
 pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
+    let service = match config.core.as_ref().and_then(|c| c.service.as_deref()) {
+        Some(name) => Some(
+            crate::services::builtin(name)
+                .with_context(|| format!("no built-in service named {name:?}"))?,
+        ),
+        None => None,
+    };
+    start_with_service(config, service).await
+}
+
+/// Starts a server like [`start`], whose core server runs `service` as its
+/// replica of the group's replicated service (docs/DESIGN.md, "Replicated
+/// RPC"): the way a program of your own serves a [`Service`] of its own.
+/// Every core server of a group must run the same service. Ignored by
+/// relays and standalone servers.
+///
+/// [`Service`]: crate::core::rrpc::Service
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with_service(
+    config: ServerConfig,
+    service: Option<Shared>,
+) -> anyhow::Result<ServerHandle> {
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -209,6 +236,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
         });
     }
     let (inbox_tx, inbox_rx) = flume::bounded(INBOX_LEN_MAX);
+    let jobs_tx = inbox_tx.clone();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let started = Instant::now();
     let mut links = None;
@@ -261,6 +289,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
                 })?;
             }
             let incarnation = group.me().incarnation.0;
+            if let Some(service) = &service {
+                group.set_service(service.clone());
+                let methods = group.rrpc().methods().len();
+                tracing::info!(methods, "replicated service");
+            }
             tracing::info!(
                 dir = %core.data_dir.display(),
                 incarnation,
@@ -304,6 +337,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<ServerHandle> {
         let mut io = Links {
             peers: links,
             upstream: uplink,
+            jobs: service.map(|s| (s, jobs_tx)),
         };
         let ended = run_node(server, &mut io, shell, dashboard).await;
         if let Some(l) = &io.peers {
@@ -341,6 +375,8 @@ struct Dashboard {
 struct Links {
     peers: Option<peer::Links>,
     upstream: Option<upstream::UpLink>,
+    /// A core server's replicated service, and where executed calls go.
+    jobs: Option<(Shared, flume::Sender<Inbound>)>,
 }
 
 /// The node task's channels, and a core server's data directory.
@@ -526,6 +562,7 @@ fn take(
         Inbound::UpClosed(conn) if current(conn) => node.handle_upstream_closed(now),
         // From a connection already replaced.
         Inbound::UpConnected(_) | Inbound::UpFrames(..) | Inbound::UpClosed(_) => {}
+        Inbound::Executed(job, result) => node.handle_executed(now, &job, result),
     }
 }
 
@@ -582,6 +619,18 @@ fn drain(
                 Action::Disconnect => up.close(),
             }
         }
+    }
+    while let Some(job) = node.poll_job() {
+        let Some((service, done)) = &links.jobs else {
+            break;
+        };
+        // Off the node task: a handler may take its time (or sleep). The
+        // result waits for room in the inbox like any other input.
+        let (service, done) = (service.clone(), done.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = job.run(&service);
+            let _ = done.send(Inbound::Executed(job, result));
+        });
     }
     while let Some(out) = node.poll_output() {
         match out {
