@@ -608,8 +608,14 @@ pub struct Tree {
 impl Tree {
     /// Starts `core` core servers and tiers of `tiers[i]` relays.
     pub fn start(core: usize, tiers: &[usize]) -> Tree {
+        Self::start_with(core, tiers, "")
+    }
+
+    /// Starts a tree as [`Tree::start`] does, with `head` (TOML keys such
+    /// as `service = "kv"`) at the top of its tree file.
+    pub fn start_with(core: usize, tiers: &[usize], head: &str) -> Tree {
         let free = free_port;
-        let mut text = String::from("heartbeat_interval_ms = 50\nfailure_timeout_ms = 500\n");
+        let mut text = format!("heartbeat_interval_ms = 50\nfailure_timeout_ms = 500\n{head}\n");
         for _ in 0..core {
             text.push_str(&format!(
                 "[[core]]\nclient = \"{}\"\npeer = \"{}\"\n",
