@@ -171,6 +171,9 @@ pub mod kind {
     pub const PING: u8 = 0x05;
     /// Either way: answer to a ping.
     pub const PONG: u8 = 0x06;
+    /// Client to server: asks again for the reply to a call already
+    /// acknowledged (after a reconnect).
+    pub const ASK: u8 = 0x07;
     /// Server to client: handshake answer.
     pub const WELCOME: u8 = 0x81;
     /// Server to client: a batch of ordered messages (topics and payloads in the body).
@@ -570,6 +573,10 @@ pub enum CallErrorCode {
     /// The call was executed, but its reply is no longer held (the group
     /// keeps a bounded number of replies): it will not be executed again.
     Forgotten,
+    /// Told by the client itself: the core's stream began again (every
+    /// server lost its state, the SDK's `StreamReset`) after the call was
+    /// acknowledged; whether it was executed is not known.
+    StreamReset,
 }
 
 /// Server to client: every publish of this connection's publisher up to and
@@ -646,6 +653,20 @@ pub enum ClientFrame {
     Ping(PingHead),
     /// Answer to a server ping.
     Pong(PingHead),
+    /// Asks again for a call's reply.
+    Ask(AskHead),
+}
+
+/// Client to server: the reply to call `pub_seq`, acknowledged before on
+/// another connection, is still awaited. The server answers with the
+/// `Reply` when it has (or once it has) applied the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AskHead {
+    /// The call's pub_seq.
+    pub pub_seq: PubSeq,
+    /// From a relay only: the caller it asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<PublisherId>,
 }
 
 /// A decoded server-to-client frame.
@@ -801,6 +822,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         }
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
+        kind::ASK => ClientFrame::Ask(no_body(k, split(k, &content)?)?),
         k if (0x80..=kind::REPLY).contains(&k) => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
@@ -864,6 +886,7 @@ pub fn encode_client(frame: &ClientFrame) -> Bytes {
         ClientFrame::Publish(p) => encode_forward(p.publisher, p.topic(), p.pub_seq, &p.payload),
         ClientFrame::Ping(h) => encode(kind::PING, h, &[]),
         ClientFrame::Pong(h) => encode(kind::PONG, h, &[]),
+        ClientFrame::Ask(h) => encode(kind::ASK, h, &[]),
     }
 }
 

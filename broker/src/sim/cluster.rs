@@ -54,16 +54,18 @@
 
 use super::checker::Violation;
 use super::cluster_checker::ClusterChecker;
+use super::service::{ServiceBugs, SimService, State as ServiceState};
 use super::Rng;
 use crate::core::cltsvr::members::core_server_id;
 use crate::core::cltsvr::node::Output;
 use crate::core::group::{
     wire, Event, Group, GroupBugs, GroupConfig, HardState, Incarnation, NodeId, Status, ViewId,
 };
+use crate::core::rrpc::{share, CallId, Job};
 use crate::core::{Node, NodeConfig, Server, SessionId};
 use bytes::Bytes;
 use canopy_client::core::Action;
-use canopy_client::protocol::{self, PubSeq, PublisherId, Seq};
+use canopy_client::protocol::{self, CallErrorCode, PubSeq, PublisherId, Seq};
 use client::CoreClient;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -160,6 +162,11 @@ pub struct ClusterPlan {
     /// The clients' ping period (a broken build pings never, and so never
     /// finds a silent connection).
     pub client_ping: Duration,
+    /// Whether the servers run the simulated replicated service and half
+    /// the publishers call it, instead of the seed's choice.
+    pub calls: Option<bool>,
+    /// Deliberate bugs in the simulated service.
+    pub(crate) service_bugs: ServiceBugs,
 }
 
 impl Default for ClusterPlan {
@@ -171,6 +178,8 @@ impl Default for ClusterPlan {
             servers: None,
             publishers_max: None,
             client_ping: CLIENT_PING,
+            calls: None,
+            service_bugs: ServiceBugs::default(),
         }
     }
 }
@@ -200,6 +209,8 @@ enum Ev {
     ClientTimer(usize, Duration),
     /// Client (index, id)'s connection attempt found no server there.
     ConnectFailed(usize, PublisherId),
+    /// A call's execution (a job) at server (index, process) is done.
+    Executed(usize, u64, Job),
 }
 
 struct Scheduled {
@@ -362,6 +373,15 @@ struct World {
     /// moment the first view is installed anywhere (its coordinator goes
     /// first, before any message is ordered in it).
     isolate_at_first_view: Option<usize>,
+    /// The servers run the simulated replicated service; even publishers
+    /// are callers.
+    service: bool,
+    /// Per server: the stream it delivers, and the position its replicated
+    /// state was last compared at.
+    service_at: Vec<(u64, Seq)>,
+    /// The replicated state's digest at each position of each stream, as
+    /// the first server there had it.
+    digests: HashMap<(u64, Seq), (usize, u64)>,
 }
 
 /// Runs seed `seed` with the default plan.
@@ -406,6 +426,9 @@ impl World {
         let publishers_max = plan.publishers_max.unwrap_or(publishers_max);
         // Small retention makes resuming subscribers meet gaps.
         let retention = 50 + rng.below(2_000) as usize;
+        // (From the seed, not the random source: runs without the service
+        // are what they were.)
+        let service = plan.calls.unwrap_or(seed / 3 % 2 == 0);
         let mut w = World {
             rng,
             seed,
@@ -449,6 +472,9 @@ impl World {
             connectivity: Connectivity::default(),
             lose_disks: true,
             isolate_at_first_view: None,
+            service,
+            service_at: vec![(0, Seq(0)); n],
+            digests: HashMap::new(),
         };
         for _ in 0..2 + seed % 3 {
             let pb = w.new_publisher(w.clients.len());
@@ -496,7 +522,9 @@ impl World {
             _ => u64::MAX - 60 + self.rng.below(30),
         };
         let link = (self.servers_of(c), self.plan.client_ping);
-        CoreClient::new(self.now, PublisherId(id), first, None, link)
+        let mut client = CoreClient::new(self.now, PublisherId(id), first, None, link);
+        client.caller = self.service && id % 2 == 0;
+        client
     }
 
     /// Server `i`'s clock at the world's time.
@@ -535,6 +563,11 @@ impl World {
         let now = self.local(i);
         let mut group = Group::recover(now, c, self.disks[i].clone());
         group.set_bugs(self.plan.bugs);
+        if self.service {
+            let service = SimService::new(self.incarnations, self.plan.service_bugs);
+            group.set_service(share(service));
+        }
+        self.service_at[i] = (0, Seq(0));
         let first_incarnation = group.me().incarnation.0;
         let node = NodeConfig {
             name: self.addrs[i].clone(),
@@ -828,7 +861,10 @@ impl World {
     /// Publisher `p` goes away once nothing of it is unacknowledged, and a
     /// new one comes (every `canopy pub` run is a new publisher).
     fn retire(&mut self, p: usize) {
-        if self.clients[p].core.unacked_len() > 0 || self.pinned.is_some() {
+        if self.clients[p].core.unacked_len() > 0
+            || self.clients[p].core.calls_pending() > 0
+            || self.pinned.is_some()
+        {
             return;
         }
         if let Some(conn) = self.clients[p].conn {
@@ -1251,6 +1287,20 @@ impl World {
             Ev::Closed(conn) => self.end_conn(conn, true),
             Ev::ClientTimer(c, at) => self.client_timer(c, at),
             Ev::ConnectFailed(c, id) => self.connect_failed(c, id),
+            Ev::Executed(i, process, job) => {
+                let local = self.local(i);
+                let Some(s) = self.servers[i]
+                    .as_mut()
+                    .filter(|s| s.incarnation == process)
+                else {
+                    return;
+                };
+                let Some(service) = s.group().rrpc().service().cloned() else {
+                    return;
+                };
+                let result = job.run(&service);
+                s.server.handle_executed(local, &job, result);
+            }
         }
     }
 
@@ -1292,11 +1342,25 @@ impl World {
                 while let Some(o) = s.server.poll_output() {
                     outputs.push(o);
                 }
-                moved |= !frames.is_empty() || !events.is_empty() || !outputs.is_empty();
+                let mut jobs = Vec::new();
+                while let Some(job) = s.server.poll_job() {
+                    jobs.push(job);
+                }
+                moved |= !frames.is_empty()
+                    || !events.is_empty()
+                    || !outputs.is_empty()
+                    || !jobs.is_empty();
                 // What the node was told is checked before any client
                 // can see what the node made of it.
                 for e in events {
                     self.event(i, inc, e)?;
+                }
+                self.compare_service(i)?;
+                // A call's execution takes a while, off the server's loop;
+                // a crash meanwhile loses it.
+                for job in jobs {
+                    let took = Duration::from_micros(20 + self.rng.below(3_000));
+                    self.schedule(self.now + took, Ev::Executed(i, inc, job));
                 }
                 for (to, bytes) in frames {
                     self.send(i, to.0 as usize - 1, bytes);
@@ -1346,6 +1410,9 @@ impl World {
         match e {
             Event::Deliver(batch) => {
                 self.checker.deliver(i, inc, &batch)?;
+                if let Some(m) = batch.last() {
+                    self.service_at[i].1 = self.service_at[i].1.max(m.seq);
+                }
                 self.out.delivered += batch.len() as u64;
                 for m in &batch {
                     self.out.digest = mix(self.out.digest, m.seq.0 ^ (m.publisher.0 << 40));
@@ -1369,6 +1436,9 @@ impl World {
                 }
                 self.out.views += 1;
                 self.out.digest = mix(self.out.digest, view.id.epoch ^ at.0);
+                if self.service_at[i].0 != view.stream {
+                    self.service_at[i] = (view.stream, at);
+                }
                 self.new_stream(view.stream)?;
                 self.checker.view(i, inc, &view, at)?;
                 let members: Vec<usize> =
@@ -1414,6 +1484,7 @@ impl World {
                 }
                 self.out.digest = mix(self.out.digest, state.head.0);
                 self.new_stream(state.stream)?;
+                self.service_at[i] = (state.stream, state.head);
                 // The node's real snapshot: what it retains is the stream.
                 let mut seq = state.first;
                 for m in &state.msgs {
@@ -1555,6 +1626,7 @@ impl World {
                 }
             }
         }
+        self.calls_agree(stream)?;
         for c in 0..self.clients.len() {
             let cl = &self.clients[c];
             if !cl.welcomed() {
@@ -1591,6 +1663,138 @@ impl World {
             self.clients[c].check_final(&self.checker, stream, head)?;
         }
         self.members_agree()
+    }
+
+    /// Replicas agree at equal positions: server `i`'s replicated state
+    /// (the service's, the queue of calls not applied yet, the reply table)
+    /// is compared with every other server's at the same position of the
+    /// same stream.
+    fn compare_service(&mut self, i: usize) -> Result<(), Violation> {
+        if !self.service {
+            return Ok(());
+        }
+        let Some(s) = &self.servers[i] else {
+            return Ok(());
+        };
+        let (stream, at) = self.service_at[i];
+        if stream == 0 || s.group().delivered() != at {
+            return Ok(());
+        }
+        // The fingerprint at every position; the whole state (costly to
+        // encode) at some.
+        let rrpc = s.group().rrpc();
+        let digest = match at.0 % 64 {
+            0 => rrpc.digest(),
+            _ => rrpc.fingerprint(),
+        };
+        match self.digests.get(&(stream, at)) {
+            Some(&(j, d)) if d != digest => Err(Violation(format!(
+                "replicas disagree: server {i}'s replicated state at seq {at} of stream {stream:x} differs from server {j}'s there"
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.digests.insert((stream, at), (i, digest));
+                Ok(())
+            }
+        }
+    }
+
+    /// The service's state at server `i`, as its snapshot tells it.
+    fn service_state(&self, i: usize) -> Option<ServiceState> {
+        let s = self.servers[i].as_ref()?;
+        let service = s.group().rrpc().service()?;
+        let bytes = service
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .snapshot();
+        ciborium::from_reader(&bytes[..]).ok()
+    }
+
+    /// Once settled, with the core in `stream`: every call was applied at
+    /// most once at every replica, every call acknowledged in the stream
+    /// was applied (at least once in effect), every caller has every reply,
+    /// and every reply a caller was given in the stream is the state the
+    /// replicas reached by applying that call.
+    fn calls_agree(&self, stream: u64) -> Result<(), Violation> {
+        if !self.service {
+            return Ok(());
+        }
+        let mut log = None;
+        for i in 0..self.n {
+            let Some(state) = self.service_state(i) else {
+                continue;
+            };
+            let mut seen = HashSet::new();
+            if let Some((id, _)) = state.log.iter().find(|(id, _)| !seen.insert(*id)) {
+                return Err(Violation(format!(
+                    "at most once: server {i} applied call {id} more than once"
+                )));
+            }
+            log.get_or_insert(state.log);
+        }
+        let applied: HashMap<CallId, u64> = log.unwrap_or_default().into_iter().collect();
+        for cl in self.clients.iter().chain(&self.retired) {
+            if !cl.caller {
+                continue;
+            }
+            for (pub_seq, (at, answer)) in &cl.replies {
+                if *at != stream {
+                    continue;
+                }
+                let id = CallId {
+                    publisher: cl.id,
+                    pub_seq: *pub_seq,
+                };
+                let got = match answer {
+                    Ok(b) => b.as_ref().try_into().ok().map(u64::from_le_bytes),
+                    // Acknowledged in a stream that was lost (guarantee 5).
+                    Err(e) if e.code == CallErrorCode::StreamReset => continue,
+                    Err(e) => return Err(Violation(format!("replies: call {id} failed: {e}"))),
+                };
+                if applied.get(&id) != got.as_ref() {
+                    return Err(Violation(format!(
+                        "replies: call {id} was answered {got:x?}, but the replicas' state after applying it is {:x?}",
+                        applied.get(&id)
+                    )));
+                }
+            }
+            for k in cl.first..=cl.acked.0 {
+                let id = CallId {
+                    publisher: cl.id,
+                    pub_seq: PubSeq(k),
+                };
+                if cl.is_call(PubSeq(k))
+                    && cl.acked_stream(PubSeq(k)) == Some(stream)
+                    && !applied.contains_key(&id)
+                {
+                    return Err(Violation(format!(
+                        "at least once: call {id} was acknowledged in stream {stream:x} but never applied"
+                    )));
+                }
+            }
+        }
+        for cl in &self.clients {
+            if let Some(pub_seq) = cl.core.pending_calls().next() {
+                let id = CallId {
+                    publisher: cl.id,
+                    pub_seq,
+                };
+                let known: Vec<_> = self
+                    .servers
+                    .iter()
+                    .flatten()
+                    .map(|s| (s.group().lookup_call(id), s.group().pub_delivered(cl.id)))
+                    .collect();
+                return Err(Violation(format!(
+                    "liveness: caller {} still waits for {} replies, the first {id} (acked {:?}; at the servers {known:?}; attached to {:?})",
+                    cl.id.0,
+                    cl.core.calls_pending(),
+                    cl.acked,
+                    cl.conn.map(|k| self.conns[k].server)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every server's membership state is the same, and lists each client

@@ -363,6 +363,8 @@ mod restart_safety {
         forget_promises: false,
         clear_queue_on_rejoin: false,
         order_past_lost_submit: false,
+        rrpc_no_dedup: false,
+        rrpc_drop_queue_in_snapshot: false,
     };
 
     #[test]

@@ -30,6 +30,7 @@ pub mod checker;
 mod client;
 pub mod cluster;
 pub mod cluster_checker;
+pub(crate) mod service;
 pub mod tree;
 #[cfg(test)]
 mod tree_tests;

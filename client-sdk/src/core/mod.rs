@@ -42,11 +42,11 @@ pub use stream::{Commit, Joined, Position};
 
 use crate::error::Error;
 use crate::protocol::{
-    self, CallFailure, ClientFrame, MembersHead, Message, PubAck, PubSeq, Seq, ServerFrame,
-    SubscribeHead, Welcome, CALL_PREFIX,
+    self, AskHead, CallFailure, ClientFrame, MembersHead, Message, PubAck, PubSeq, Seq,
+    ServerFrame, SubscribeHead, Welcome, CALL_PREFIX,
 };
 use bytes::Bytes;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 /// What a [`ClientCore`] tells its shell.
@@ -124,8 +124,8 @@ pub struct ClientCore {
     /// The patterns of the open connection's Hello.
     in_hello: Vec<String>,
     unacked: VecDeque<Unacked>,
-    /// Calls not replied yet: their publish frames, by pub_seq.
-    calls: BTreeMap<PubSeq, Bytes>,
+    /// Calls not replied yet, by pub_seq.
+    calls: BTreeSet<PubSeq>,
     /// Every publish through this one is acknowledged.
     acked: PubSeq,
     next_pub_seq: u64,
@@ -142,7 +142,7 @@ impl ClientCore {
             pending: Vec::new(),
             in_hello: Vec::new(),
             unacked: VecDeque::new(),
-            calls: BTreeMap::new(),
+            calls: BTreeSet::new(),
             acked: PubSeq(0),
             next_pub_seq: 1,
             events: VecDeque::new(),
@@ -199,15 +199,18 @@ impl ClientCore {
     /// connection. Returns its pub_seq, which names the call.
     pub fn call(&mut self, method: &str, payload: &[u8]) -> PubSeq {
         let pub_seq = self.publish(&format!("{CALL_PREFIX}{method}"), payload);
-        if let Some(u) = self.unacked.back() {
-            self.calls.insert(pub_seq, u.frame.clone());
-        }
+        self.calls.insert(pub_seq);
         pub_seq
     }
 
     /// Calls not replied yet.
     pub fn calls_pending(&self) -> usize {
         self.calls.len()
+    }
+
+    /// The pub_seqs of the calls not replied yet.
+    pub fn pending_calls(&self) -> impl Iterator<Item = PubSeq> + '_ {
+        self.calls.iter().copied()
     }
 
     /// Stops waiting for the reply to call `pub_seq` (the application gave
@@ -365,7 +368,7 @@ impl ClientCore {
             }
             ServerFrame::Members(m) => self.events.push_back(Event::Members(m)),
             ServerFrame::Reply(head, body) => {
-                if self.calls.remove(&head.pub_seq).is_some() {
+                if self.calls.remove(&head.pub_seq) {
                     let answer = match head.error {
                         Some(e) => Err(e),
                         None => Ok(body),
@@ -422,19 +425,40 @@ impl ClientCore {
             self.link
                 .send(protocol::encode_client(&ClientFrame::Unsubscribe(head)));
         }
+        if joined == Joined::Reset {
+            // Calls acknowledged in the old stream are gone with it.
+            let lost: Vec<PubSeq> = self.calls.range(..=self.acked).copied().collect();
+            for pub_seq in lost {
+                self.calls.remove(&pub_seq);
+                let failure = CallFailure {
+                    code: protocol::CallErrorCode::StreamReset,
+                    message: "the core's stream began again after the call was acknowledged; whether it was executed is not known".into(),
+                };
+                self.events.push_back(Event::Replied {
+                    pub_seq,
+                    answer: Err(failure),
+                });
+            }
+        }
         let pub_acked = w.pub_acked;
         self.events.push_back(Event::Welcomed {
             welcome: Box::new(w),
             joined,
         });
         self.acknowledge(pub_acked);
-        // Calls ordered but not replied are asked again (a retry: the
-        // server answers with the reply), then what is not ordered follows.
-        for (_, frame) in self.calls.range(..=self.acked) {
-            self.link.send(frame.clone());
-        }
+        // What is not acknowledged goes again (a call among it is answered
+        // whether or not it was ordered before); calls acknowledged but not
+        // replied are asked for.
         for u in &self.unacked {
             self.link.send(u.frame.clone());
+        }
+        for &pub_seq in self.calls.range(..=self.acked) {
+            let ask = AskHead {
+                pub_seq,
+                publisher: None,
+            };
+            self.link
+                .send(protocol::encode_client(&ClientFrame::Ask(ask)));
         }
     }
 

@@ -349,12 +349,14 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
             }
         }
         // Calls whose replies the relay's clients wait for are asked of the
-        // tier above again (they are retries there).
+        // tier above.
         let asked = node.take_asked_calls();
         let mut moved = !msgs.is_empty() || !asked.is_empty();
-        msgs.extend(asked);
         node.defer_submissions(waiting);
         upstream.submit(msgs);
+        for id in asked {
+            upstream.ask(id.publisher, id.pub_seq);
+        }
         while let Some(event) = upstream.poll_event() {
             moved = true;
             match event {
@@ -417,9 +419,9 @@ fn pump_core(
             moved = true;
             node.reply(now, reply.id, reply.answer);
         }
-        for msg in node.take_asked_calls() {
+        for id in node.take_asked_calls() {
             moved = true;
-            answer_asked(node, group, now, &msg);
+            answer_asked(node, group, now, id);
         }
         let subs = node.take_submissions();
         moved |= !subs.is_empty();
@@ -448,7 +450,11 @@ fn pump_core(
                 };
                 node.ack_publisher(now, publisher, ack);
                 if call_method(&sub.msg.2).is_some() {
-                    answer_asked(node, group, now, &sub.msg);
+                    let id = CallId {
+                        publisher,
+                        pub_seq: sub.msg.1,
+                    };
+                    answer_asked(node, group, now, id);
                 }
             } else if known > PubSeq(0) && pub_seq.0 > known.0.saturating_add(1) {
                 node.reject_behind(now, &sub, known);
@@ -476,18 +482,18 @@ fn pump_core(
 }
 
 /// A call ordered before, asked again: its reply from the group's table,
-/// or later when it is applied.
-fn answer_asked(node: &mut Node, group: &Group, now: Duration, msg: &crate::core::stream::Msg) {
-    let id = CallId {
-        publisher: msg.0,
-        pub_seq: msg.1,
-    };
-    match group.lookup_call(id) {
+/// or later when it is applied (or once this server, behind, delivers it).
+fn answer_asked(node: &mut Node, group: &Group, now: Duration, id: CallId) {
+    let lookup = group.lookup_call(id);
+    tracing::debug!(call = %id, ?lookup, delivered = ?group.pub_delivered(id.publisher), "asked");
+    match lookup {
         Lookup::Replied(answer) => node.reply(now, id, answer),
         Lookup::Pending => {}
-        // The node's table says it was ordered; the group's reply table
-        // forgot it (its bound, or a snapshot from a server whose did).
-        Lookup::Unknown => node.reply(now, id, Err(forgotten(id))),
+        // Delivered here, but the reply table forgot it (its bound).
+        Lookup::Unknown if group.pub_delivered(id.publisher) >= id.pub_seq => {
+            node.reply(now, id, Err(forgotten(id)))
+        }
+        Lookup::Unknown => {}
     }
 }
 
@@ -536,6 +542,9 @@ fn core_event(
             node.set_primary(now, false);
             node.install_snapshot(now, state);
             node.set_primary(now, group.is_primary());
+            // Calls applied in the state taken over were replied where
+            // they were applied: what is awaited here is looked up again.
+            node.ask_again();
         }
         Event::NotPrimary => node.set_primary(now, false),
         Event::Retried {
@@ -549,6 +558,9 @@ fn core_event(
                 publisher: None,
             };
             node.ack_publisher(now, publisher, ack);
+            // A call among the retries was applied before: its reply is
+            // looked up.
+            node.ask_again_of(publisher, pub_seq);
         }
     }
 }

@@ -32,6 +32,8 @@
 #[cfg(test)]
 use crate::core::mbrship::MbrBugs;
 use crate::core::mbrship::Membership;
+#[cfg(test)]
+use crate::core::rrpc::RrpcBugs;
 use crate::core::rrpc::{self, Job, Lookup, Reply, Rrpc, RrpcConfig, Shared};
 use crate::core::total::Total;
 #[cfg(test)]
@@ -98,12 +100,16 @@ pub(crate) struct GroupBugs {
     pub clear_queue_on_rejoin: bool,
     /// Order a `Submit` that follows a lost one.
     pub order_past_lost_submit: bool,
+    /// RRPC: a call already applied or queued is applied again.
+    pub rrpc_no_dedup: bool,
+    /// RRPC: a snapshot leaves out the calls not applied yet.
+    pub rrpc_drop_queue_in_snapshot: bool,
 }
 
 #[cfg(test)]
 impl GroupBugs {
     /// Each layer's share of the bugs.
-    fn layers(self) -> (MbrBugs, TotalBugs) {
+    fn layers(self) -> (MbrBugs, TotalBugs, RrpcBugs) {
         let GroupBugs {
             skip_flush,
             no_dedup,
@@ -114,6 +120,8 @@ impl GroupBugs {
             forget_promises,
             clear_queue_on_rejoin,
             order_past_lost_submit,
+            rrpc_no_dedup,
+            rrpc_drop_queue_in_snapshot,
         } = self;
         let mbr = MbrBugs {
             skip_flush,
@@ -128,7 +136,11 @@ impl GroupBugs {
             clear_queue_on_rejoin,
             order_past_lost_submit,
         };
-        (mbr, total)
+        let rrpc = RrpcBugs {
+            no_dedup: rrpc_no_dedup,
+            drop_queue_in_snapshot: rrpc_drop_queue_in_snapshot,
+        };
+        (mbr, total, rrpc)
     }
 }
 
@@ -187,14 +199,15 @@ impl Group {
     /// service (before the group takes any input: every member of a group
     /// runs the same service from its first view on).
     pub fn set_service(&mut self, service: Shared) {
-        let me = self.mbr.me();
+        let (me, bugs) = (self.mbr.me(), self.rrpc.bugs);
         self.rrpc = Rrpc::new(me.node, Some(service), rrpc_config(me));
+        self.rrpc.bugs = bugs;
     }
 
     /// Turns on deliberate bugs (tests of the simulator's checkers).
     #[cfg(test)]
     pub(crate) fn set_bugs(&mut self, bugs: GroupBugs) {
-        (self.mbr.bugs, self.total.bugs) = bugs.layers();
+        (self.mbr.bugs, self.total.bugs, self.rrpc.bugs) = bugs.layers();
     }
 
     /// Counters since start.
@@ -214,14 +227,15 @@ impl Group {
         let event = self.total.poll_event()?;
         match &event {
             Event::Deliver(msgs) => self.rrpc.deliver(msgs),
-            Event::View { view, .. } => {
-                self.rrpc
-                    .view(view.members.iter().map(|m| m.node).collect(), view.stream);
+            Event::View { view, at } => {
+                let members = view.members.iter().map(|m| m.node).collect();
+                self.rrpc.view(members, view.stream, *at);
                 self.rrpc.set_primary(self.mbr.is_primary());
             }
             Event::NotPrimary => self.rrpc.set_primary(false),
             Event::Reset(state) => {
-                if let Err(e) = self.rrpc.restore(state.service.as_deref(), state.stream) {
+                let (stream, head) = (state.stream, state.head);
+                if let Err(e) = self.rrpc.restore(state.service.as_deref(), stream, head) {
                     tracing::error!(error = %e, head = %state.head, "the replicated service's state in a snapshot was refused; this replica keeps its own");
                 }
             }

@@ -58,10 +58,14 @@ use crate::core::mbrship::NodeId;
 use crate::core::stream::{Msg, Ordered};
 use crate::core::total::wire::Submitted;
 use bytes::Bytes;
-use canopy_client::protocol::{CallErrorCode, CallFailure, PubSeq, PublisherId, CALL_PREFIX};
+use canopy_client::protocol::{CallErrorCode, CallFailure, PubSeq, PublisherId, Seq, CALL_PREFIX};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use wire::{Outcome, Pending, State};
+
+/// The most shares a parallel call is split into (a record that says more
+/// is not a replica's).
+const SHARES_MAX: u32 = 1024;
 
 /// The topic replicas order their outcomes on.
 pub const OUTCOME_TOPIC: &str = "$canopy.rrpc";
@@ -178,8 +182,19 @@ pub struct MethodStats {
     pub reassigned: u64,
 }
 
+/// RRPC's deliberate bugs, for tests proving the simulator's checkers
+/// (`core::group::GroupBugs` sets them).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RrpcBugs {
+    /// A call already applied or queued is queued (and applied) again.
+    pub no_dedup: bool,
+    /// A snapshot leaves out the calls not applied yet.
+    pub drop_queue_in_snapshot: bool,
+}
+
 /// The replicated-RPC layer of one core server. See the module docs.
 pub struct Rrpc {
+    pub(crate) bugs: RrpcBugs,
     /// `None`: the core runs no service; every call fails with `NoService`.
     service: Option<Shared>,
     /// The service's methods and modes.
@@ -188,8 +203,20 @@ pub struct Rrpc {
     initial: Bytes,
     config: RrpcConfig,
     me: NodeId,
-    /// The view's members, in the view's order.
+    /// The view's members, in the view's order: the view the stream has
+    /// reached (a view installed after seq `at` counts from `at` on, and
+    /// the old view's last messages may be delivered after it is
+    /// installed).
     members: Vec<NodeId>,
+    /// Views installed that the stream has not reached yet: (the last seq
+    /// of the view before, members).
+    views: VecDeque<(Seq, Vec<NodeId>)>,
+    /// The last seq delivered.
+    delivered: Seq,
+    /// A running hash of every call applied and its reply (replicated
+    /// state, carried by snapshots): a cheap fingerprint of the sequence
+    /// of applies, for comparing replicas often.
+    history: u64,
     primary: bool,
     /// Delivered calls not applied yet, in stream order.
     queue: VecDeque<Pending>,
@@ -223,12 +250,16 @@ impl Rrpc {
             None => (BTreeMap::new(), Bytes::new()),
         };
         Rrpc {
+            bugs: RrpcBugs::default(),
             service,
             modes,
             initial,
             config,
             me,
             members: Vec::new(),
+            views: VecDeque::new(),
+            delivered: Seq(0),
+            history: 0,
             primary: false,
             queue: VecDeque::new(),
             replies: HashMap::new(),
@@ -259,6 +290,14 @@ impl Rrpc {
         &self.stats
     }
 
+    /// A fingerprint of the replicated state, cheap to take: every call
+    /// applied, in order, with its reply, and how many wait. Equal at
+    /// replicas that delivered the same stream prefix ([`Rrpc::digest`]
+    /// compares the whole state).
+    pub fn fingerprint(&self) -> u64 {
+        self.history ^ (self.queue.len() as u64).rotate_left(48)
+    }
+
     /// Calls delivered and not applied yet.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -276,17 +315,31 @@ impl Rrpc {
         digest_of(&self.snapshot())
     }
 
-    /// A new view (members in the view's order), within stream `stream`.
-    /// What has no outcome yet is reassigned by the new view.
-    pub fn view(&mut self, members: Vec<NodeId>, stream: u64) {
+    /// A new view (members in the view's order) of stream `stream`,
+    /// installed after seq `at`: it takes effect once the stream reaches
+    /// `at`, the same position at every replica. What has no outcome yet
+    /// is reassigned by the new view then.
+    pub fn view(&mut self, members: Vec<NodeId>, stream: u64, at: Seq) {
         if stream != self.stream {
             self.set_stream(stream);
+            self.delivered = at;
         }
-        let old = std::mem::replace(&mut self.members, members);
-        if !old.is_empty() {
-            self.count_reassigned(&old);
+        self.views.push_back((at, members));
+        self.reach_views(self.delivered);
+    }
+
+    /// Views installed at or before `seq` take effect.
+    fn reach_views(&mut self, seq: Seq) {
+        while self.views.front().is_some_and(|(at, _)| *at <= seq) {
+            let Some((_, members)) = self.views.pop_front() else {
+                break;
+            };
+            let old = std::mem::replace(&mut self.members, members);
+            if !old.is_empty() {
+                self.count_reassigned(&old);
+            }
+            self.dispatch_all();
         }
-        self.dispatch_all();
     }
 
     /// In a primary view (executes and orders) or not.
@@ -298,12 +351,16 @@ impl Rrpc {
     /// Stable messages, in stream order.
     pub fn deliver(&mut self, msgs: &[Ordered]) {
         for m in msgs {
+            // The view a message was ordered in.
+            self.reach_views(Seq(m.seq.0.saturating_sub(1)));
+            self.delivered = m.seq;
             if let Some(method) = call_method(&m.topic) {
                 self.on_call(m, method);
             } else if &*m.topic == OUTCOME_TOPIC {
                 self.on_outcome(m);
             }
         }
+        self.reach_views(self.delivered);
         self.advance();
     }
 
@@ -315,7 +372,7 @@ impl Rrpc {
             return;
         };
         let wanted = match job.share {
-            Some(s) => !p.shares.contains_key(&s.rank),
+            Some(s) => p.of.is_none_or(|of| of == s.of) && !p.shares.contains_key(&s.rank),
             None => p.outcome.is_none(),
         };
         if !wanted {
@@ -324,7 +381,7 @@ impl Rrpc {
         self.stat(&job.method).executed += 1;
         let outcome = Outcome {
             id: job.id,
-            rank: job.share.map(|s| s.rank),
+            share: job.share,
             result,
         };
         let pub_seq = PubSeq(self.own_pub_seq.0 + 1);
@@ -387,19 +444,23 @@ impl Rrpc {
                 .as_ref()
                 .map(|s| service::read(s).snapshot())
                 .unwrap_or_default(),
-            queue: self.queue.iter().cloned().collect(),
+            queue: match self.bugs.drop_queue_in_snapshot {
+                true => Vec::new(),
+                false => self.queue.iter().cloned().collect(),
+            },
             replies,
             done,
+            history: self.history,
         })
     }
 
     /// Replaces the replicated state with a snapshot's (`None`: the state a
-    /// new stream starts from), at stream `stream`.
+    /// new stream starts from), at seq `head` of stream `stream`.
     ///
     /// # Errors
     /// When the snapshot does not decode or the service refuses it; the
     /// state is then left as it was.
-    pub fn restore(&mut self, state: Option<&[u8]>, stream: u64) -> Result<(), String> {
+    pub fn restore(&mut self, state: Option<&[u8]>, stream: u64, head: Seq) -> Result<(), String> {
         let state = match state {
             Some(bytes) => wire::decode::<State>(bytes)?,
             None => State {
@@ -417,8 +478,11 @@ impl Rrpc {
         self.replies_order = state.replies.iter().map(|(id, _)| *id).collect();
         self.replies = state.replies.into_iter().collect();
         self.done = state.done.into_iter().collect();
+        self.history = state.history;
         self.running.clear();
         self.jobs.clear();
+        self.delivered = head;
+        self.reach_views(head);
         self.advance();
         self.dispatch_all();
         Ok(())
@@ -427,6 +491,7 @@ impl Rrpc {
     /// Another stream: nothing of this server's outcomes is known there.
     fn set_stream(&mut self, stream: u64) {
         self.stream = stream;
+        self.views.clear();
         self.own_pub_seq = PubSeq(0);
         self.submissions.clear();
     }
@@ -440,20 +505,32 @@ impl Rrpc {
             .done
             .get(&id.publisher)
             .is_some_and(|&d| id.pub_seq <= d);
-        if applied || self.queue.iter().any(|p| p.id == id) {
+        if applied && !self.bugs.no_dedup {
+            // Ordered again (a table that forgot its caller let a retry
+            // through): not applied again, but answered again, as the
+            // caller that retried waits.
+            let answer = self
+                .replies
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| Err(forgotten(id)));
+            self.out.push_back(Reply {
+                id,
+                method: method.into(),
+                answer,
+            });
+            return;
+        }
+        if self.queue.iter().any(|p| p.id == id) && !self.bugs.no_dedup {
             return;
         }
         let mode = self.modes.get(method).copied();
-        let of = match mode {
-            Some(Mode::Parallel) => u32::try_from(self.members.len().max(1)).unwrap_or(u32::MAX),
-            _ => 1,
-        };
         self.queue.push_back(Pending {
             id,
             method: method.into(),
             payload: m.payload.clone(),
             mode,
-            of,
+            of: None,
             outcome: None,
             shares: BTreeMap::new(),
         });
@@ -469,12 +546,21 @@ impl Rrpc {
                 return;
             }
         };
-        let Some(p) = self.queue.iter_mut().find(|p| p.id == outcome.id) else {
+        let Some(i) = self.queue.iter().position(|p| p.id == outcome.id) else {
             return;
         };
-        match (p.mode, outcome.rank) {
-            (Some(Mode::Parallel), Some(rank)) if rank < p.of => {
-                p.shares.entry(rank).or_insert(outcome.result);
+        let p = &mut self.queue[i];
+        match (p.mode, outcome.share) {
+            (Some(Mode::Parallel), Some(s)) if s.rank < s.of && s.of <= SHARES_MAX => {
+                if p.of.is_none() {
+                    // The first share decides how many there are; this
+                    // replica executes its ranks of those.
+                    p.of = Some(s.of);
+                    p.shares.insert(s.rank, outcome.result);
+                    self.dispatch(i);
+                } else if p.of == Some(s.of) {
+                    p.shares.entry(s.rank).or_insert(outcome.result);
+                }
             }
             (Some(Mode::PrimaryBackup | Mode::LoadBalanced), None) => {
                 p.outcome.get_or_insert(outcome.result);
@@ -503,6 +589,15 @@ impl Rrpc {
             stat.applied += 1;
             stat.failed += u64::from(answer.is_err());
             self.remember(p.id, answer.clone());
+            let reply = match &answer {
+                Ok(b) => digest_of(b),
+                Err(e) => digest_of(e.message.as_bytes()) ^ 1,
+            };
+            self.history = digest_of(
+                &[self.history, p.id.publisher.0, p.id.pub_seq.0, reply]
+                    .map(u64::to_le_bytes)
+                    .concat(),
+            );
             self.out.push_back(Reply {
                 id: p.id,
                 method: p.method,
@@ -574,6 +669,12 @@ impl Rrpc {
         members.get(usize::try_from(i).ok()?).copied()
     }
 
+    /// How many shares parallel call `p` is split into: as the first share
+    /// ordered says, or before one is, as this replica's view says.
+    fn shares_of(&self, p: &Pending) -> u32 {
+        p.of.unwrap_or_else(|| u32::try_from(self.members.len().max(1)).unwrap_or(SHARES_MAX))
+    }
+
     /// Hands out the jobs of queued call `i` that are this replica's now.
     fn dispatch(&mut self, i: usize) {
         if !self.primary {
@@ -588,15 +689,18 @@ impl Rrpc {
             Some(Mode::PrimaryBackup) if i > 0 => return,
             Some(Mode::PrimaryBackup | Mode::LoadBalanced) if p.outcome.is_some() => return,
             Some(Mode::PrimaryBackup | Mode::LoadBalanced) => vec![0],
-            Some(Mode::Parallel) => (0..p.of).filter(|r| !p.shares.contains_key(r)).collect(),
+            Some(Mode::Parallel) => (0..self.shares_of(p))
+                .filter(|r| !p.shares.contains_key(r))
+                .collect(),
         };
+        let of = self.shares_of(p);
         for rank in missing {
             if self.executor(p, rank, &self.members) != Some(self.me)
                 || !self.running.insert((p.id, rank))
             {
                 continue;
             }
-            let share = (p.mode == Some(Mode::Parallel)).then_some(Share { rank, of: p.of });
+            let share = (p.mode == Some(Mode::Parallel)).then_some(Share { rank, of });
             self.jobs.push_back(p.job(share));
         }
     }
@@ -613,7 +717,9 @@ impl Rrpc {
         for p in &self.queue {
             let ranks: Vec<u32> = match p.mode {
                 Some(Mode::PrimaryBackup | Mode::LoadBalanced) if p.outcome.is_none() => vec![0],
-                Some(Mode::Parallel) => (0..p.of).filter(|r| !p.shares.contains_key(r)).collect(),
+                Some(Mode::Parallel) => (0..self.shares_of(p))
+                    .filter(|r| !p.shares.contains_key(r))
+                    .collect(),
                 _ => continue,
             };
             for rank in ranks {

@@ -88,7 +88,7 @@ impl Group {
             .map(|&me| {
                 let config = RrpcConfig::new(PublisherId(1000 + u64::from(me.0)));
                 let mut r = Rrpc::new(me, Some(share(Counter::default())), config);
-                r.view(members.clone(), 1);
+                r.view(members.clone(), 1, Seq(0));
                 r.set_primary(true);
                 r
             })
@@ -227,7 +227,8 @@ fn a_view_change_reassigns_what_the_departed_replica_had_not_ordered() {
     assert!(g.replicas[0].queued() > 0, "replica 3 had some of 30 calls");
     let members = vec![NodeId(1), NodeId(2)];
     for i in 0..2 {
-        g.replicas[i].view(members.clone(), 1);
+        let at = Seq(g.delivered[i] as u64);
+        g.replicas[i].view(members.clone(), 1, at);
     }
     let survivors = |g: &mut Group| loop {
         for i in 0..2 {
@@ -261,7 +262,7 @@ fn the_first_outcome_ordered_counts_and_a_repeated_call_is_not_applied_again() {
     // ordered its own).
     let other = Outcome {
         id: job.id,
-        rank: None,
+        share: None,
         result: Ok(bytes(6)),
     };
     g.append(PublisherId(1002), 1, OUTCOME_TOPIC, wire::encode(&other));
@@ -311,8 +312,9 @@ fn a_restored_replica_continues_where_its_snapshot_was_taken() {
     let snap = g.replicas[0].snapshot();
     let service = Some(share(Counter::default()));
     let mut fresh = Rrpc::new(NodeId(3), service, RrpcConfig::new(PublisherId(1003)));
-    fresh.restore(Some(&snap), 1).expect("restores");
-    fresh.view(vec![NodeId(1), NodeId(2), NodeId(3)], 1);
+    let head = Seq(g.stream.len() as u64);
+    fresh.restore(Some(&snap), 1, head).expect("restores");
+    fresh.view(vec![NodeId(1), NodeId(2), NodeId(3)], 1, head);
     g.replicas.push(fresh);
     g.delivered.push(g.stream.len());
     g.settle();

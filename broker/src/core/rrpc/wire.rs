@@ -13,8 +13,9 @@ use std::sync::Arc;
 pub(super) struct Outcome {
     /// The call.
     pub id: CallId,
-    /// The share's rank, for a parallel call.
-    pub rank: Option<u32>,
+    /// The share, for a parallel call: its rank, and how many shares its
+    /// executor split the call into (the first share ordered decides).
+    pub share: Option<Share>,
     /// The effect, or the handler's error.
     pub result: Result<Bytes, String>,
 }
@@ -27,8 +28,11 @@ pub(super) struct Pending {
     pub payload: Bytes,
     /// `None`: the service has no such method.
     pub mode: Option<Mode>,
-    /// How many shares a parallel call has (1 otherwise).
-    pub of: u32,
+    /// How many shares a parallel call has: set by the first share
+    /// ordered (each executor splits by the view it has, and replicas that
+    /// caught up by a snapshot may not know the view a call was ordered
+    /// in, so it cannot come from the view).
+    pub of: Option<u32>,
     /// The first outcome ordered (primary-backup, load-balanced).
     pub outcome: Option<Result<Bytes, String>>,
     /// The first share ordered per rank (parallel).
@@ -41,7 +45,7 @@ impl Pending {
         match self.mode {
             None | Some(Mode::Active) => true,
             Some(Mode::PrimaryBackup | Mode::LoadBalanced) => self.outcome.is_some(),
-            Some(Mode::Parallel) => self.shares.len() >= self.of as usize,
+            Some(Mode::Parallel) => self.of.is_some_and(|of| self.shares.len() >= of as usize),
         }
     }
 
@@ -80,6 +84,9 @@ pub(super) struct State {
         canopy_client::protocol::PublisherId,
         canopy_client::protocol::PubSeq,
     )>,
+    /// The running hash of applies (`Rrpc::fingerprint`).
+    #[serde(default)]
+    pub history: u64,
 }
 
 /// CBOR of a record.

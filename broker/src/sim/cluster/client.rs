@@ -19,10 +19,11 @@
 use crate::sim::checker::Violation;
 use crate::sim::client::link_config;
 use crate::sim::cluster_checker::ClusterChecker;
+use crate::sim::service::METHODS;
 use bytes::Bytes;
 use canopy_client::core::{Action, ClientCore, Event, Joined, LinkEvent};
-use canopy_client::protocol::{self, PubSeq, PublisherId, Seq, SlowPolicy};
-use std::collections::BTreeMap;
+use canopy_client::protocol::{self, CallFailure, PubSeq, PublisherId, Seq, SlowPolicy};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// The topic every simulated publish goes to.
@@ -106,6 +107,12 @@ pub(super) struct CoreClient {
     pub conn: Option<usize>,
     /// When its core's timer is armed in the world, if it is.
     pub armed: Option<Duration>,
+    /// It calls the replicated service instead of publishing.
+    pub caller: bool,
+    /// The pub_seqs of its calls.
+    calls: BTreeSet<PubSeq>,
+    /// Replies, with the stream the connection that brought each was in.
+    pub replies: BTreeMap<PubSeq, (u64, Result<Bytes, CallFailure>)>,
 }
 
 impl CoreClient {
@@ -134,6 +141,9 @@ impl CoreClient {
             sub: sub.map(Subscriber::new),
             conn: None,
             armed: None,
+            caller: false,
+            calls: BTreeSet::new(),
+            replies: BTreeMap::new(),
         }
     }
 
@@ -156,7 +166,19 @@ impl CoreClient {
         let pub_seq = self.core.next_pub_seq();
         let payload = Bytes::from(format!("{}:{}", self.id.0, pub_seq.0));
         checker.published(self.id, pub_seq);
-        self.core.publish(TOPIC, &payload);
+        if self.caller {
+            // Every mode in turn.
+            let (method, _) = METHODS[(pub_seq.0 % METHODS.len() as u64) as usize];
+            self.calls.insert(pub_seq);
+            self.core.call(method, &payload);
+        } else {
+            self.core.publish(TOPIC, &payload);
+        }
+    }
+
+    /// Whether `pub_seq` was a call.
+    pub fn is_call(&self, pub_seq: PubSeq) -> bool {
+        self.calls.contains(&pub_seq)
     }
 
     /// The next action for the world.
@@ -254,9 +276,17 @@ impl CoreClient {
                 Event::Link(LinkEvent::Refused(e)) => {
                     return Err(Violation(format!("client {} was refused: {e}", id.0)));
                 }
+                Event::Replied { pub_seq, answer } => {
+                    let stream = self.core.stream().unwrap_or_default();
+                    if self.replies.insert(pub_seq, (stream, answer)).is_some() {
+                        return Err(Violation(format!(
+                            "replies: caller {} was answered call {} twice",
+                            id.0, pub_seq.0
+                        )));
+                    }
+                }
                 Event::Link(LinkEvent::Lost { .. } | LinkEvent::Unreachable(_))
                 | Event::Subscribed(_)
-                | Event::Replied { .. }
                 | Event::Members(_) => {}
             }
         }

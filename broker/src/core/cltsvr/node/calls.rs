@@ -4,12 +4,12 @@
 //! session waits for which call's reply, routes replies to it (or to the
 //! caller's session, or the relays that forward its calls), and collects
 //! the calls whose reply must be asked of the layer below: a retry of a
-//! call already ordered (a caller that reconnected, adopted, or a relay
-//! asking again for its clients).
+//! call already ordered, or an `Ask` for one (a caller that reconnected,
+//! or was adopted, or a relay asking again for its clients).
 
 use super::*;
 use crate::core::rrpc::{Answer, CallId};
-use canopy_client::protocol::{CallErrorCode, CallFailure, ReplyHead};
+use canopy_client::protocol::{AskHead, CallErrorCode, CallFailure, ReplyHead};
 
 /// A call from one of this node's sessions whose reply has not come.
 #[derive(Debug)]
@@ -18,7 +18,8 @@ struct Waiting {
     /// Whether the session is a relay forwarding the call for its caller.
     forwarded: bool,
     since: Duration,
-    msg: Msg,
+    /// The method, when the call itself came here (not only an `Ask`).
+    method: Option<Arc<str>>,
 }
 
 /// What the node keeps of calls.
@@ -26,7 +27,7 @@ struct Waiting {
 pub(super) struct Calls {
     waiting: BTreeMap<CallId, Waiting>,
     /// Calls ordered before whose replies the layer below must give.
-    asked: Vec<Msg>,
+    asked: Vec<CallId>,
     /// Replies sent since the last `take_call_latencies`: method, and time
     /// from the call's arrival here.
     latencies: Vec<(Arc<str>, Duration)>,
@@ -52,39 +53,106 @@ impl Node {
             publisher: msg.0,
             pub_seq: msg.1,
         };
+        tracing::debug!(call = %id, %session, ordered, "call");
+        let method = call_method(&msg.2).map(Arc::from);
+        self.await_call(session, forwarded, id, method, ordered)
+    }
+
+    /// Session `session` waits for call `id`'s reply; `ask` says whether
+    /// the layer below must be asked for it. False at the bound.
+    fn await_call(
+        &mut self,
+        session: SessionId,
+        forwarded: bool,
+        id: CallId,
+        method: Option<Arc<str>>,
+        ask: bool,
+    ) -> bool {
         if !self.calls.waiting.contains_key(&id)
             && self.calls.waiting.len() >= self.config.calls_max
         {
             return false;
         }
+        let since = self.now;
         self.calls.waiting.insert(
             id,
             Waiting {
                 session,
                 forwarded,
-                since: self.now,
-                msg: msg.clone(),
+                since,
+                method,
             },
         );
-        if ordered {
-            self.calls.asked.push(msg.clone());
+        if ask {
+            self.calls.asked.push(id);
         }
         true
+    }
+
+    /// A client (or a relay, for one of its callers) asks again for the
+    /// reply to a call acknowledged before.
+    pub(super) fn on_ask(&mut self, session: SessionId, head: AskHead) {
+        let Some(hello) = self.sessions.get(&session).and_then(|s| s.hello.as_ref()) else {
+            return;
+        };
+        let publisher = match head.publisher {
+            None => hello.publisher,
+            Some(p) if hello.role == Role::Relay => p,
+            Some(p) => {
+                let msg =
+                    format!("an Ask for publisher {p}: only a relay may ask for another publisher");
+                return self.close_with_error(session, ErrorCode::ForwardNotAllowed, msg);
+            }
+        };
+        let forwarded = publisher != hello.publisher;
+        let id = CallId {
+            publisher,
+            pub_seq: head.pub_seq,
+        };
+        tracing::debug!(call = %id, %session, "asked again");
+        if !self.grouped {
+            return self.no_service(id);
+        }
+        if !self.await_call(session, forwarded, id, None, true) {
+            let msg = "too many calls waiting for replies here; retry".to_owned();
+            self.close_with_error(session, ErrorCode::Overloaded, msg);
+        }
     }
 
     /// Calls ordered before whose replies the layer below must give (a
     /// core server looks them up in the reply table; a relay asks the tier
     /// above again).
-    pub fn take_asked_calls(&mut self) -> Vec<Msg> {
+    pub fn take_asked_calls(&mut self) -> Vec<CallId> {
         std::mem::take(&mut self.calls.asked)
     }
 
-    /// In a relay with a new connection to the tier above: every call
-    /// still awaited is asked again (the old connection may have lost its
-    /// reply).
-    pub(super) fn ask_again(&mut self) {
-        let all: Vec<Msg> = self.calls.waiting.values().map(|w| w.msg.clone()).collect();
+    /// Every call still awaited is asked of the layer below again: in a
+    /// relay with a new connection to the tier above (the old one may have
+    /// lost its reply), in a core server that took over a snapshot (calls
+    /// it covers were applied elsewhere).
+    pub fn ask_again(&mut self) {
+        let all: Vec<CallId> = self.calls.waiting.keys().copied().collect();
         self.calls.asked.extend(all);
+    }
+
+    /// `publisher`'s calls through `through` still awaited are asked of
+    /// the layer below again (the group says it ordered them before).
+    pub fn ask_again_of(&mut self, publisher: PublisherId, through: PubSeq) {
+        let from = CallId {
+            publisher,
+            pub_seq: PubSeq(0),
+        };
+        let to = CallId {
+            publisher,
+            pub_seq: through,
+        };
+        let ids: Vec<CallId> = self
+            .calls
+            .waiting
+            .range(from..=to)
+            .map(|(id, _)| *id)
+            .collect();
+        self.calls.asked.extend(ids);
     }
 
     /// Calls awaited here.
@@ -107,10 +175,10 @@ impl Node {
         let waiting = self.calls.waiting.remove(&id);
         let targets: Vec<(SessionId, bool)> = match &waiting {
             Some(w) => {
-                let method = call_method(&w.msg.2).unwrap_or_default();
-                self.calls
-                    .latencies
-                    .push((method.into(), now.saturating_sub(w.since)));
+                if let Some(method) = &w.method {
+                    let took = now.saturating_sub(w.since);
+                    self.calls.latencies.push((method.clone(), took));
+                }
                 vec![(w.session, w.forwarded)]
             }
             None => match self.publisher_sessions.get(&id.publisher) {
@@ -122,6 +190,7 @@ impl Node {
                     .collect(),
             },
         };
+        tracing::debug!(call = %id, to = ?targets, ok = answer.is_ok(), "reply");
         for (session, forwarded) in targets {
             let (error, body) = match &answer {
                 Ok(body) => (None, body.clone()),

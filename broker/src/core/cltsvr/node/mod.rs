@@ -648,6 +648,7 @@ impl Node {
             (F::Publish(p), true) => self.on_publish(session, p),
             (F::Ping(p), true) => self.control(session, kind::PONG, &p),
             (F::Pong(PingHead { .. }), true) => {}
+            (F::Ask(head), true) => self.on_ask(session, head),
         }
     }
 
@@ -726,6 +727,7 @@ fn frame_name(f: &protocol::ClientFrame) -> &'static str {
         F::Publish(..) => "Publish",
         F::Ping(_) => "Ping",
         F::Pong(_) => "Pong",
+        F::Ask(_) => "Ask",
     }
 }
 

@@ -294,6 +294,20 @@ impl Upstream {
         self.link.handle_closed(now);
     }
 
+    /// Asks the tier above for the reply to `publisher`'s call `pub_seq`
+    /// (on the open connection; a new one asks again, `UpEvent::Reattach`).
+    pub fn ask(&mut self, publisher: PublisherId, pub_seq: PubSeq) {
+        if !self.link.is_up() {
+            return;
+        }
+        let ask = protocol::AskHead {
+            pub_seq,
+            publisher: Some(publisher),
+        };
+        self.link
+            .send(protocol::encode_client(&protocol::ClientFrame::Ask(ask)));
+    }
+
     /// A frame arrived on the open connection.
     pub fn handle_frame(&mut self, now: Duration, frame: ServerFrame) {
         // The link takes its own frames, and hands back only a checked
