@@ -428,7 +428,7 @@ impl World {
         let retention = 50 + rng.below(2_000) as usize;
         // (From the seed, not the random source: runs without the service
         // are what they were.)
-        let service = plan.calls.unwrap_or(seed / 3 % 2 == 0);
+        let service = plan.calls.unwrap_or((seed / 3).is_multiple_of(2));
         let mut w = World {
             rng,
             seed,
@@ -523,7 +523,7 @@ impl World {
         };
         let link = (self.servers_of(c), self.plan.client_ping);
         let mut client = CoreClient::new(self.now, PublisherId(id), first, None, link);
-        client.caller = self.service && id % 2 == 0;
+        client.caller = self.service && id.is_multiple_of(2);
         client
     }
 
