@@ -107,6 +107,11 @@ pub struct ClusterOutcome {
     pub client_breaks: u64,
     /// Client connections gone silent one way or both, without a close.
     pub client_silences: u64,
+    /// Replies to calls of the replicated service checked against the
+    /// replicas' state...
+    pub replies: u64,
+    /// ...and calls (or shares) whose executor changed with a view.
+    pub reassigned: u64,
     /// Time (µs) a majority was up and connected both ways, settled...
     pub connected_us: u64,
     /// ...and the part of it during which one of them was primary.
@@ -133,6 +138,8 @@ impl ClusterOutcome {
         self.duplicates += o.duplicates;
         self.client_breaks += o.client_breaks;
         self.client_silences += o.client_silences;
+        self.replies += o.replies;
+        self.reassigned += o.reassigned;
         self.connected_us += o.connected_us;
         self.primary_us += o.primary_us;
     }
@@ -1715,7 +1722,7 @@ impl World {
     /// was applied (at least once in effect), every caller has every reply,
     /// and every reply a caller was given in the stream is the state the
     /// replicas reached by applying that call.
-    fn calls_agree(&self, stream: u64) -> Result<(), Violation> {
+    fn calls_agree(&mut self, stream: u64) -> Result<(), Violation> {
         if !self.service {
             return Ok(());
         }
@@ -1733,6 +1740,13 @@ impl World {
             log.get_or_insert(state.log);
         }
         let applied: HashMap<CallId, u64> = log.unwrap_or_default().into_iter().collect();
+        self.out.reassigned = self
+            .servers
+            .iter()
+            .flatten()
+            .flat_map(|s| s.group().rrpc().stats().values())
+            .map(|m| m.reassigned)
+            .sum();
         for cl in self.clients.iter().chain(&self.retired) {
             if !cl.caller {
                 continue;
@@ -1751,6 +1765,7 @@ impl World {
                     Err(e) if e.code == CallErrorCode::StreamReset => continue,
                     Err(e) => return Err(Violation(format!("replies: call {id} failed: {e}"))),
                 };
+                self.out.replies += 1;
                 if applied.get(&id) != got.as_ref() {
                     return Err(Violation(format!(
                         "replies: call {id} was answered {got:x?}, but the replicas' state after applying it is {:x?}",

@@ -10,6 +10,7 @@ use super::cluster::{
 };
 use crate::core::group::GroupBugs;
 use crate::sim::checker::Violation;
+use crate::sim::service::ServiceBugs;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
 fn seed_count() -> u64 {
@@ -64,6 +65,9 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
         "new streams after all lost their messages: {t:?}"
     );
     assert!(t.duplicates > seeds, "duplicated frames: {t:?}");
+    // Half the seeds run the replicated service, with callers in every mode.
+    assert!(t.replies > 20 * seeds, "replies checked: {t:?}");
+    assert!(t.reassigned > seeds / 4, "calls reassigned by views: {t:?}");
     // The figure for bench/RESULTS.md: `--nocapture` prints it.
     println!(
         "{seeds} seeds: availability {:.4} over {} s connected; {t:?}",
@@ -155,6 +159,76 @@ fn caught(bugs: GroupBugs) -> String {
         }
     }
     panic!("a group with {bugs:?} passed 200 seeds: the checkers miss it");
+}
+
+/// Runs seeds whose servers run the simulated service, with `bugs` and
+/// `service` bugs, until one is caught; returns what was caught.
+fn caught_in_calls(bugs: GroupBugs, service: ServiceBugs, publishers_max: Option<usize>) -> String {
+    for seed in 0..200 {
+        let plan = ClusterPlan {
+            bugs,
+            service_bugs: service,
+            calls: Some(true),
+            publishers_max,
+            ..ClusterPlan::default()
+        };
+        match std::panic::catch_unwind(|| run_with(seed, plan)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(v)) => return v.0,
+            Err(panic) => return panic_text(panic),
+        }
+    }
+    panic!("{bugs:?} {service:?} passed 200 seeds: the checkers miss it");
+}
+
+/// A service whose `apply` is not deterministic: replicas that applied the
+/// same calls hold different states.
+#[test]
+fn a_service_whose_replicas_drift_apart_is_caught() {
+    let service = ServiceBugs {
+        nondeterministic_apply: true,
+        ..ServiceBugs::default()
+    };
+    let v = caught_in_calls(GroupBugs::default(), service, None);
+    assert!(v.contains("replicas disagree"), "{v}");
+}
+
+/// A service whose reply is not the state its call left.
+#[test]
+fn a_service_whose_replies_are_not_its_state_is_caught() {
+    let service = ServiceBugs {
+        reply_before_apply: true,
+        ..ServiceBugs::default()
+    };
+    let v = caught_in_calls(GroupBugs::default(), service, None);
+    assert!(v.contains("replies"), "{v}");
+}
+
+/// RRPC that applies a call again when a retry of it is ordered again (a
+/// publisher table that forgot its caller lets one through).
+#[test]
+fn applying_a_call_twice_is_caught() {
+    let bugs = GroupBugs {
+        rrpc_no_dedup: true,
+        ..GroupBugs::default()
+    };
+    let v = caught_in_calls(bugs, ServiceBugs::default(), Some(3));
+    assert!(v.contains("at most once"), "{v}");
+}
+
+/// RRPC whose snapshots leave out the calls not applied yet: a replica that
+/// joins by one never applies them.
+#[test]
+fn snapshots_that_lose_queued_calls_are_caught() {
+    let bugs = GroupBugs {
+        rrpc_drop_queue_in_snapshot: true,
+        ..GroupBugs::default()
+    };
+    let v = caught_in_calls(bugs, ServiceBugs::default(), None);
+    assert!(
+        v.contains("replicas disagree") || v.contains("at least once") || v.contains("liveness"),
+        "{v}"
+    );
 }
 
 /// Seed 2836 of 20,000 (the simulator as of the silent client
