@@ -265,6 +265,33 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(calls) = s["calls"].as_array().filter(|c| !c.is_empty()) {
+        let _ = writeln!(
+            out,
+            "replicated calls:\n  {:<16} {:<15} {:>9} {:>7} {:>9} {:>10} {:>9} {:>10}",
+            "method", "mode", "applied", "failed", "executed", "reassigned", "replied", "mean ms"
+        );
+        for c in calls {
+            let l = &c["latency"];
+            let replied = l["count"].as_u64().unwrap_or(0);
+            let mean = match replied {
+                0 => 0.0,
+                n => num(&l["sum"]) / n as f64 * 1000.0,
+            };
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<15} {:>9} {:>7} {:>9} {:>10} {:>9} {:>10.2}",
+                c["method"].as_str().unwrap_or("?"),
+                c["mode"].as_str().unwrap_or(""),
+                c["applied"].as_u64().unwrap_or(0),
+                c["failed"].as_u64().unwrap_or(0),
+                c["executed"].as_u64().unwrap_or(0),
+                c["reassigned"].as_u64().unwrap_or(0),
+                replied,
+                mean
+            );
+        }
+    }
     if let Some(events) = s["events"].as_array().filter(|e| !e.is_empty()) {
         let _ = writeln!(out, "recent events:");
         for e in events.iter().rev().take(10) {

@@ -227,9 +227,21 @@ struct Live<'a> {
     latency_p99: Option<f64>,
     tree: &'a TreeNode,
     topics: &'a [TopicInfo],
+    /// Replicated RPC per method, with latency quantiles.
+    calls: Vec<LiveCall<'a>>,
     /// Clients furthest behind (lag or queue), worst first.
     laggards: Vec<&'a ClientInfo>,
     events: &'a [EventInfo],
+}
+
+/// One method's calls on the live page.
+#[derive(Serialize)]
+struct LiveCall<'a> {
+    #[serde(flatten)]
+    info: &'a CallInfo,
+    replied: u64,
+    p50: Option<f64>,
+    p99: Option<f64>,
 }
 
 fn live_json(s: &Snapshot) -> String {
@@ -249,6 +261,17 @@ fn live_json(s: &Snapshot) -> String {
         latency_p99: s.latency.quantile_bound(0.99),
         tree: &s.tree,
         topics: &s.topics[..s.topics.len().min(LIVE_ITEMS)],
+        calls: s
+            .calls
+            .iter()
+            .take(LIVE_ITEMS)
+            .map(|c| LiveCall {
+                info: c,
+                replied: c.latency.count,
+                p50: c.latency.quantile_bound(0.5),
+                p99: c.latency.quantile_bound(0.99),
+            })
+            .collect(),
         laggards,
         events: &s.events[s.events.len().saturating_sub(LIVE_ITEMS)..],
     };

@@ -132,6 +132,7 @@ pub fn render(s: &Snapshot) -> String {
         "Time from a batch of publishes reaching the node task to its deliveries being queued.",
         &s.latency,
     );
+    calls(&mut out, s);
     let _ = writeln!(out, "# HELP canopy_build_info Build and role of this node.");
     let _ = writeln!(out, "# TYPE canopy_build_info gauge");
     let _ = writeln!(
@@ -141,6 +142,71 @@ pub fn render(s: &Snapshot) -> String {
         escape(&s.status.role)
     );
     out
+}
+
+/// Replicated RPC per method and mode.
+fn calls(out: &mut String, s: &Snapshot) {
+    if s.calls.is_empty() {
+        return;
+    }
+    type Field = fn(&crate::model::CallInfo) -> u64;
+    let counters: [(&str, &str, Field); 4] = [
+        (
+            "canopy_calls_applied_total",
+            "Calls of the replicated service this replica applied.",
+            |c| c.applied,
+        ),
+        (
+            "canopy_calls_failed_total",
+            "Of them, failed (unknown method or handler error).",
+            |c| c.failed,
+        ),
+        (
+            "canopy_calls_executed_total",
+            "Calls (or parallel shares) executed here.",
+            |c| c.executed,
+        ),
+        (
+            "canopy_calls_reassigned_total",
+            "Calls (or shares) reassigned by a view change before their outcome was ordered.",
+            |c| c.reassigned,
+        ),
+    ];
+    for (name, help, field) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for c in &s.calls {
+            let _ = writeln!(
+                out,
+                "{name}{{method=\"{}\",mode=\"{}\"}} {}",
+                escape(&c.method),
+                escape(&c.mode),
+                field(c)
+            );
+        }
+    }
+    let name = "canopy_call_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a call reaching this server to its reply leaving it."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for c in &s.calls {
+        let (m, h) = (escape(&c.method), &c.latency);
+        for (bound, count) in h.bounds.iter().zip(&h.cumulative) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{method=\"{m}\",le=\"{bound}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{method=\"{m}\",le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(out, "{name}_sum{{method=\"{m}\"}} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{{method=\"{m}\"}} {}", h.count);
+    }
 }
 
 /// Escapes a label value.

@@ -30,6 +30,31 @@ pub struct Snapshot {
     /// Time from a batch of publishes reaching the node task to its
     /// deliveries and acknowledgements being queued for the connections.
     pub latency: Histogram,
+    /// Replicated RPC, per method.
+    pub calls: Vec<CallInfo>,
+}
+
+/// Replicated RPC calls of one method, as this server saw them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CallInfo {
+    /// The method.
+    pub method: String,
+    /// Its mode (`active`, `primary-backup`, `load-balanced`, `parallel`),
+    /// or empty where the service is not known (a relay; a method the
+    /// service does not have).
+    pub mode: String,
+    /// Calls this replica applied.
+    pub applied: u64,
+    /// Of them, failed (unknown method or handler error).
+    pub failed: u64,
+    /// Calls (or parallel shares) executed here.
+    pub executed: u64,
+    /// Calls (or shares) whose executor changed with a view before their
+    /// outcome was ordered.
+    pub reassigned: u64,
+    /// Replies sent to this server's clients, and the time from each call
+    /// reaching this server to its reply leaving it.
+    pub latency: Histogram,
 }
 
 /// Node identity and state.

@@ -59,6 +59,15 @@ fn sample() -> Snapshot {
             ..Counters::default()
         },
         rates: Rates::default(),
+        calls: vec![CallInfo {
+            method: "put".into(),
+            mode: "active".into(),
+            applied: 7,
+            failed: 1,
+            executed: 7,
+            reassigned: 0,
+            latency: latency.clone(),
+        }],
         latency,
     }
 }
@@ -189,6 +198,17 @@ async fn metrics_parse_as_prometheus_text() {
         other => panic!("latency histogram missing: {other:?}"),
     }
     assert!(scrape.docs.contains_key("canopy_sent_bytes_total"));
+    let applied = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "canopy_calls_applied_total")
+        .expect("calls per method");
+    assert_eq!(applied.labels.get("method"), Some("put"));
+    assert_eq!(applied.labels.get("mode"), Some("active"));
+    assert!(matches!(applied.value, prometheus_parse::Value::Counter(v) if v == 7.0));
+    assert!(scrape.samples.iter().any(
+        |s| s.metric == "canopy_call_latency_seconds" && s.labels.get("method") == Some("put")
+    ));
 }
 
 #[tokio::test]

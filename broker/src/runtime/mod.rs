@@ -55,6 +55,9 @@ use tokio_util::sync::CancellationToken;
 const INBOX_LEN_MAX: usize = 1024;
 /// Inbox batches the node takes in one turn before it drains outputs.
 const INBOX_TURN_MAX: usize = 256;
+/// Methods whose call latency the dashboard keeps apart (callers name
+/// methods freely; past this they share one histogram).
+const CALL_METHODS_MAX: usize = 64;
 /// How often the dashboard snapshot is rebuilt.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -233,6 +236,7 @@ pub async fn start_with_service(
                 config.relay.is_some(),
             ),
             latency: canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS),
+            call_latency: std::collections::BTreeMap::new(),
         });
     }
     let (inbox_tx, inbox_rx) = flume::bounded(INBOX_LEN_MAX);
@@ -368,6 +372,9 @@ struct Dashboard {
     snapshots: watch::Sender<std::sync::Arc<canopy_dashboard::Snapshot>>,
     reporter: report::Reporter,
     latency: canopy_dashboard::Histogram,
+    /// Per method, the time from a call reaching this server to its reply
+    /// (at most `CALL_METHODS_MAX` methods; the rest as `(other)`).
+    call_latency: std::collections::BTreeMap<String, canopy_dashboard::Histogram>,
 }
 
 /// The node task's links below its clients: to other core servers, or a
@@ -475,15 +482,30 @@ async fn run_node(
                 }));
             }
         }
+        // Taken every turn, so that they never pile up in the node.
+        let replied = node.take_call_latencies();
         if let Some(d) = &mut dashboard {
             if let Some(turn) = turn.filter(|_| node.node().stats().published != published) {
                 d.latency.observe(turn.elapsed().as_secs_f64());
             }
+            for (method, took) in replied {
+                let known = d.call_latency.len() < CALL_METHODS_MAX
+                    || d.call_latency.contains_key(&*method);
+                let key = if known { &*method } else { "(other)" };
+                d.call_latency
+                    .entry(key.to_owned())
+                    .or_insert_with(|| canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS))
+                    .observe(took.as_secs_f64());
+            }
             if Instant::now() >= snapshot_next {
                 snapshot_next = Instant::now() + SNAPSHOT_INTERVAL;
-                let snap = d
-                    .reporter
-                    .snapshot(started.elapsed(), &node, &sessions, &d.latency);
+                let snap = d.reporter.snapshot(
+                    started.elapsed(),
+                    &node,
+                    &sessions,
+                    &d.latency,
+                    &d.call_latency,
+                );
                 d.snapshots.send_replace(std::sync::Arc::new(snap));
             }
         }

@@ -5,7 +5,7 @@ use super::SessionIo;
 use crate::core::{Server, SessionId};
 use canopy_client::protocol::SlowPolicy;
 use canopy_dashboard as dash;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// Upper bounds of the delivery latency buckets, in seconds.
@@ -120,6 +120,7 @@ impl Reporter {
         server: &Server,
         sessions: &HashMap<SessionId, SessionIo>,
         latency: &dash::Histogram,
+        call_latency: &BTreeMap<String, dash::Histogram>,
     ) -> dash::Snapshot {
         let node = server.node();
         if let Some(group) = server.group() {
@@ -266,6 +267,39 @@ impl Reporter {
             counters,
             rates,
             latency: latency.clone(),
+            calls: calls(server, call_latency),
         }
     }
+}
+
+/// Replicated RPC per method: what this replica applied and executed (a
+/// core server running a service), and the replies sent to this server's
+/// clients (any server).
+fn calls(server: &Server, latency: &BTreeMap<String, dash::Histogram>) -> Vec<dash::CallInfo> {
+    let mut out: BTreeMap<String, dash::CallInfo> = BTreeMap::new();
+    let empty = || dash::Histogram::new(&LATENCY_BOUNDS);
+    if let Some(rrpc) = server.group().map(|g| g.rrpc()) {
+        for (method, mode) in rrpc.methods() {
+            let info = out.entry(method.clone()).or_default();
+            info.mode = mode.name().into();
+        }
+        for (method, st) in rrpc.stats() {
+            let info = out.entry(method.clone()).or_default();
+            info.applied = st.applied;
+            info.failed = st.failed;
+            info.executed = st.executed;
+            info.reassigned = st.reassigned;
+        }
+    }
+    for (method, h) in latency {
+        out.entry(method.clone()).or_default().latency = h.clone();
+    }
+    out.into_iter()
+        .map(|(method, mut info)| {
+            if info.latency.bounds.is_empty() {
+                info.latency = empty();
+            }
+            dash::CallInfo { method, ..info }
+        })
+        .collect()
 }

@@ -176,6 +176,12 @@ impl Server {
         self.pump(now);
     }
 
+    /// Replies sent to this server's clients since the last call: the
+    /// method and the time from the call's arrival here.
+    pub fn take_call_latencies(&mut self) -> Vec<(std::sync::Arc<str>, Duration)> {
+        self.node.take_call_latencies()
+    }
+
     /// The next call of the replicated service to execute off the loop
     /// (core servers only): run it with [`Job::run`] and report with
     /// [`Server::handle_executed`].

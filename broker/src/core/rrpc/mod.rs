@@ -587,6 +587,8 @@ impl Rrpc {
             let stat = self.stat(&p.method);
             stat.mode = p.mode;
             stat.applied += 1;
+            // (An active call is executed here, by every replica.)
+            stat.executed += u64::from(p.mode == Some(Mode::Active));
             stat.failed += u64::from(answer.is_err());
             self.remember(p.id, answer.clone());
             let reply = match &answer {
