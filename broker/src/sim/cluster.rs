@@ -1687,13 +1687,9 @@ impl World {
         if stream == 0 || s.group().delivered() != at {
             return Ok(());
         }
-        // The fingerprint at every position; the whole state (costly to
-        // encode) at some.
-        let rrpc = s.group().rrpc();
-        let digest = match at.0 % 64 {
-            0 => rrpc.digest(),
-            _ => rrpc.fingerprint(),
-        };
+        // The fingerprint of the applies at every position (the whole
+        // state, costly to encode, is compared once settled).
+        let digest = s.group().rrpc().fingerprint();
         match self.digests.get(&(stream, at)) {
             Some(&(j, d)) if d != digest => Err(Violation(format!(
                 "replicas disagree: server {i}'s replicated state at seq {at} of stream {stream:x} differs from server {j}'s there"
@@ -1725,6 +1721,16 @@ impl World {
     fn calls_agree(&mut self, stream: u64) -> Result<(), Violation> {
         if !self.service {
             return Ok(());
+        }
+        // Settled at one position: the whole replicated state is the same.
+        let states: Vec<(usize, u64)> = (0..self.n)
+            .filter_map(|i| Some((i, self.servers[i].as_ref()?.group().rrpc().digest())))
+            .collect();
+        if let Some(&(j, d)) = states.iter().find(|(_, d)| *d != states[0].1) {
+            return Err(Violation(format!(
+                "replicas disagree: server {j}'s replicated state differs from server {}'s once settled ({d:x} vs {:x})",
+                states[0].0, states[0].1
+            )));
         }
         let mut log = None;
         for i in 0..self.n {
