@@ -5,7 +5,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -205,6 +204,16 @@ fn start_canopy(http: String) -> anyhow::Result<InProcess> {
 /// Starts a core of `n` servers on loopback and waits until all of them
 /// have installed one view of all `n`.
 pub fn start_core(n: usize) -> anyhow::Result<Vec<InProcess>> {
+    start_core_with(n, None, None)
+}
+
+/// A core of `n` in-process servers running the built-in `service`, each
+/// with `executors` threads for its calls (by default one per CPU).
+pub fn start_core_with(
+    n: usize,
+    service: Option<String>,
+    executors: Option<usize>,
+) -> anyhow::Result<Vec<InProcess>> {
     use canopy_broker::config::{FileConfig, FileCore, FileCoreServer};
     let mut peers = Vec::new();
     for _ in 0..n {
@@ -227,7 +236,8 @@ pub fn start_core(n: usize) -> anyhow::Result<Vec<InProcess>> {
                     client: "127.0.0.1:0".into(),
                 })
                 .collect(),
-            service: None,
+            service: service.clone(),
+            executors,
         };
         servers.push(start_in_process(FileConfig {
             name: Some(format!("s{}", i + 1)),
@@ -257,8 +267,13 @@ fn rand_stream() -> u64 {
         .map_or(1, |d| d.as_nanos() as u64)
 }
 
-fn start_nats() -> anyhow::Result<Broker> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+/// A `nats-server` child process on a free loopback port.
+pub fn start_nats() -> anyhow::Result<Broker> {
+    let port = canopy_broker::launcher::loopback_port()?
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .context("a loopback port")?;
     let child = Command::new("nats-server")
         .args(["-a", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())

@@ -13,7 +13,9 @@
 //! `canopy-bench failover` times a 3-server core's recovery from a crash,
 //! and `canopy-bench scale` streams to thousands of subscriber connections
 //! through relay tiers of real processes, and `canopy-bench weak` compares
-//! weak and strong delivery at every level of one tree (see their modules).
+//! weak and strong delivery at every level of one tree, and `canopy-bench
+//! rpc` measures replicated RPC against nats-server request-reply (see their
+//! modules).
 //!
 //! `fanout` runs against Canopy (in-process on its own runtime threads, or a
 //! running server with `--addr`) and against `nats-server` (started from
@@ -22,6 +24,7 @@
 mod brokers;
 mod failover;
 mod harness;
+mod rpc;
 mod scale;
 mod weak;
 
@@ -50,6 +53,10 @@ enum Cmd {
     /// Weak and strong delivery side by side at every level of one tree
     /// of real processes, in one run.
     Weak(weak::WeakArgs),
+    /// Replicated RPC: calls per second and latency for each mode, against
+    /// nats-server request-reply with a queue group of 3, and load-balanced
+    /// with 3 replicas against 1.
+    Rpc(rpc::RpcArgs),
 }
 
 /// Which brokers to run.
@@ -306,6 +313,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Failover(args) => return failover::main(&args),
         Cmd::Scale(args) => return scale::main(&args),
         Cmd::Weak(args) => return weak::main(&args),
+        Cmd::Rpc(args) => return rpc::main(&args),
     };
     anyhow::ensure!(
         args.size >= 16,

@@ -82,6 +82,9 @@ pub struct FileCore {
     /// store that ships with Canopy); every server of a core must name the
     /// same. None by default: calls then fail with `no_service`.
     pub service: Option<String>,
+    /// Threads that execute the service's calls (its load-balanced,
+    /// primary-backup and parallel work); by default one per CPU.
+    pub executors: Option<usize>,
 }
 
 /// One `[[core.servers]]` entry.
@@ -116,6 +119,8 @@ pub struct CoreConfig {
     pub data_dir: PathBuf,
     /// The built-in replicated service the core runs, if any.
     pub service: Option<String>,
+    /// Threads that execute the service's calls.
+    pub executors: usize,
 }
 
 impl CoreConfig {
@@ -477,8 +482,13 @@ impl FileCore {
                 });
             }
         }
+        let executors = self.executors.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        range("core.executors", executors, 1, 1024, "1 to 1024")?;
         Ok(CoreConfig {
             service: self.service,
+            executors,
             me: NodeId(self.id),
             peer_listen: me.peer.clone(),
             peers: self

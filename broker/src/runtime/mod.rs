@@ -240,13 +240,14 @@ pub async fn start_with_service(
         });
     }
     let (inbox_tx, inbox_rx) = flume::bounded(INBOX_LEN_MAX);
-    let jobs_tx = inbox_tx.clone();
+    let executed = inbox_tx.clone();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let started = Instant::now();
     let mut links = None;
     let mut peer_task = None;
     let mut uplink = None;
     let mut data_dir = None;
+    let mut executors_n = 1;
     let mut node_config = config.node.clone();
     node_config.id = canopy_client::protocol::PublisherId(rand::random());
     let server = match &config.core {
@@ -293,6 +294,7 @@ pub async fn start_with_service(
                 })?;
             }
             let incarnation = group.me().incarnation.0;
+            executors_n = core.executors;
             if let Some(service) = &service {
                 group.set_service(service.clone());
                 let methods = group.rrpc().methods().len();
@@ -341,7 +343,7 @@ pub async fn start_with_service(
         let mut io = Links {
             peers: links,
             upstream: uplink,
-            jobs: service.map(|s| (s, jobs_tx)),
+            jobs: service.map(|s| executors(s, executors_n, executed)),
         };
         let ended = run_node(server, &mut io, shell, dashboard).await;
         if let Some(l) = &io.peers {
@@ -382,8 +384,8 @@ struct Dashboard {
 struct Links {
     peers: Option<peer::Links>,
     upstream: Option<upstream::UpLink>,
-    /// A core server's replicated service, and where executed calls go.
-    jobs: Option<(Shared, flume::Sender<Inbound>)>,
+    /// A core server's replicated service: where its jobs go.
+    jobs: Option<flume::Sender<Job>>,
 }
 
 /// The node task's channels, and a core server's data directory.
@@ -530,6 +532,33 @@ async fn run_node(
     ended
 }
 
+/// Starts `n` threads that execute the replicated service's calls, off the
+/// node task (a handler may take its time, or sleep): a replica's capacity,
+/// which load-balanced calls spread over the replicas. Each result waits
+/// for room in the inbox like any other input. The threads end when the
+/// returned sender is dropped (the node task ended).
+fn executors(service: Shared, n: usize, executed: flume::Sender<Inbound>) -> flume::Sender<Job> {
+    // Unbounded here; bounded by RRPC's queue (`RrpcConfig::queue_max`).
+    let (tx, rx) = flume::unbounded::<Job>();
+    for i in 0..n.max(1) {
+        let (rx, service, executed) = (rx.clone(), service.clone(), executed.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("canopy-exec-{i}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let result = job.run(&service);
+                    if executed.send(Inbound::Executed(job, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start an executor thread");
+        }
+    }
+    tx
+}
+
 /// Per core server, its newest incoming connection. A peer that reset its
 /// link may still have frames in flight on the old one: they are older than
 /// everything on the new one and are dropped, so each peer's messages stay
@@ -643,16 +672,10 @@ fn drain(
         }
     }
     while let Some(job) = node.poll_job() {
-        let Some((service, done)) = &links.jobs else {
+        let Some(jobs) = &links.jobs else {
             break;
         };
-        // Off the node task: a handler may take its time (or sleep). The
-        // result waits for room in the inbox like any other input.
-        let (service, done) = (service.clone(), done.clone());
-        tokio::task::spawn_blocking(move || {
-            let result = job.run(&service);
-            let _ = done.send(Inbound::Executed(job, result));
-        });
+        let _ = jobs.send(job);
     }
     while let Some(out) = node.poll_output() {
         match out {
