@@ -14,11 +14,13 @@
 //!   kept with its call; the first outcome of a call (of a share) counts,
 //!   later ones are dropped, the same way at every replica.
 //!
-//! Calls are applied strictly in the order of the stream, each once its
-//! effect is known: an active call's effect is computed here and now (every
-//! replica executes it, deterministically); a primary-backup or
-//! load-balanced call's is its outcome; a parallel call's is the merge of
-//! its shares. Applying gives the reply, which is kept in the reply table
+//! A call is applied at the position of the stream where its effect
+//! becomes known, the same position at every replica: an active call's at
+//! its own (every replica executes it there, deterministically); a
+//! primary-backup or load-balanced call's at its outcome's; a parallel
+//! call's at its last share's (the merge of the shares). So one slow
+//! executor holds up no other call, and the order of applying is one total
+//! order all replicas share. Applying gives the reply, which is kept in the reply table
 //! (part of the group's state: a caller adopted by another server finds it
 //! there) and handed up, so that the server the caller is attached to
 //! sends it.
@@ -359,9 +361,10 @@ impl Rrpc {
             } else if &*m.topic == OUTCOME_TOPIC {
                 self.on_outcome(m);
             }
+            // What this message made known is applied at its position.
+            self.advance();
         }
         self.reach_views(self.delivered);
-        self.advance();
     }
 
     /// A job's result.
@@ -501,14 +504,19 @@ impl Rrpc {
             publisher: m.publisher,
             pub_seq: m.pub_seq,
         };
+        // Ordered again (a table that forgot its caller let a retry
+        // through): never applied twice. Still waiting for its effect, it
+        // is answered when applied; applied, it is answered again, as the
+        // caller that retried waits. (Calls may be applied out of their
+        // caller's order, so a call below the last applied may be queued.)
+        if self.queue.iter().any(|p| p.id == id) && !self.bugs.no_dedup {
+            return;
+        }
         let applied = self
             .done
             .get(&id.publisher)
             .is_some_and(|&d| id.pub_seq <= d);
         if applied && !self.bugs.no_dedup {
-            // Ordered again (a table that forgot its caller let a retry
-            // through): not applied again, but answered again, as the
-            // caller that retried waits.
             let answer = self
                 .replies
                 .get(&id)
@@ -519,9 +527,6 @@ impl Rrpc {
                 method: method.into(),
                 answer,
             });
-            return;
-        }
-        if self.queue.iter().any(|p| p.id == id) && !self.bugs.no_dedup {
             return;
         }
         let mode = self.modes.get(method).copied();
@@ -571,11 +576,13 @@ impl Rrpc {
         }
     }
 
-    /// Applies calls from the front of the queue while their effects are
-    /// known.
+    /// Applies the calls whose effects are known (at most the one the
+    /// message just delivered completed, or a new active call), in queue
+    /// order: a call is applied at the position of the stream where its
+    /// effect became known, so one slow executor holds up no other call.
     fn advance(&mut self) {
-        while self.queue.front().is_some_and(Pending::ready) {
-            let Some(p) = self.queue.pop_front() else {
+        while let Some(i) = self.queue.iter().position(Pending::ready) {
+            let Some(p) = self.queue.remove(i) else {
                 break;
             };
             let answer = self.effect(&p).and_then(|effect| {

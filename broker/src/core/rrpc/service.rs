@@ -119,7 +119,7 @@ pub struct Call<'a> {
 /// share per replica) and, except in active mode, off the server's loop and
 /// possibly on a state that has not applied every earlier call yet. It
 /// returns the call's **effect**. [`Service::apply`] then applies the
-/// effect at every replica, in the group's order of calls, and returns the
+/// effect at every replica, in one order they all share, and returns the
 /// reply; it must be deterministic, so every replica's state and reply are
 /// those of one sequential execution. Put what depends on the state in
 /// `apply` (a `put` that answers the old value) and what is slow or not
@@ -149,7 +149,8 @@ pub trait Service: Send + Sync + 'static {
 
     /// Applies a call's effect to the state and returns the reply.
     /// Deterministic: every replica applies the same effects in the same
-    /// order.
+    /// order (a call's effect may be applied after later calls' effects:
+    /// the order is where each became known in the stream).
     ///
     /// # Errors
     /// The handler's error, told to the caller (the state must be as if
