@@ -1279,10 +1279,7 @@ impl World {
                 }
                 let (i, process, session) = (k.server, k.process, k.session);
                 let local = self.local(i);
-                let Some(s) = self.servers[i]
-                    .as_mut()
-                    .filter(|s| s.incarnation == process)
-                else {
+                let Some(s) = self.process_mut(i, process) else {
                     return;
                 };
                 let frame = protocol::decode_client(bytes)
@@ -1296,10 +1293,7 @@ impl World {
             Ev::ConnectFailed(c, id) => self.connect_failed(c, id),
             Ev::Executed(i, process, job) => {
                 let local = self.local(i);
-                let Some(s) = self.servers[i]
-                    .as_mut()
-                    .filter(|s| s.incarnation == process)
-                else {
+                let Some(s) = self.process_mut(i, process) else {
                     return;
                 };
                 let Some(service) = s.group().rrpc().service().cloned() else {
@@ -1309,6 +1303,14 @@ impl World {
                 s.server.handle_executed(local, &job, result);
             }
         }
+    }
+
+    /// Server `i`, if it is still process `process` (not crashed or
+    /// restarted since).
+    fn process_mut(&mut self, i: usize, process: u64) -> Option<&mut Srv> {
+        self.servers[i]
+            .as_mut()
+            .filter(|s| s.incarnation == process)
     }
 
     /// Carries every server's frames onto links, its group's events to the
