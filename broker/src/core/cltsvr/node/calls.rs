@@ -92,19 +92,10 @@ impl Node {
     /// A client (or a relay, for one of its callers) asks again for the
     /// reply to a call acknowledged before.
     pub(super) fn on_ask(&mut self, session: SessionId, head: AskHead) {
-        let Some(hello) = self.sessions.get(&session).and_then(|s| s.hello.as_ref()) else {
+        let Some((publisher, forwarded)) = self.acting_for(session, head.publisher, "call's Ask")
+        else {
             return;
         };
-        let publisher = match head.publisher {
-            None => hello.publisher,
-            Some(p) if hello.role == Role::Relay => p,
-            Some(p) => {
-                let msg =
-                    format!("an Ask for publisher {p}: only a relay may ask for another publisher");
-                return self.close_with_error(session, ErrorCode::ForwardNotAllowed, msg);
-            }
-        };
-        let forwarded = publisher != hello.publisher;
         let id = CallId {
             publisher,
             pub_seq: head.pub_seq,

@@ -27,20 +27,10 @@ impl Node {
             pub_seq, payload, ..
         } = &publish;
         let (pub_seq, payload) = (*pub_seq, payload.clone());
-        let Some(hello) = self.sessions.get(&session).and_then(|s| s.hello.as_ref()) else {
+        let Some((publisher, forwarded)) = self.acting_for(session, publish.publisher, "publish")
+        else {
             return;
         };
-        let publisher = match publish.publisher {
-            None => hello.publisher,
-            Some(p) if hello.role == Role::Relay => p,
-            Some(p) => {
-                let msg = format!(
-                    "a publish for publisher {p}: only a relay may publish for another publisher"
-                );
-                return self.close_with_error(session, ErrorCode::ForwardNotAllowed, msg);
-            }
-        };
-        let forwarded = publisher != hello.publisher;
         if forwarded {
             let Some(s) = self.sessions.get_mut(&session) else {
                 return;
@@ -129,6 +119,31 @@ impl Node {
         // A relay learns that its forwards are ordered from the stream.
         if !forwarded {
             self.owe_ack(session, ack);
+        }
+    }
+
+    /// Whom a frame of `session` (a publish, an `Ask`) is for: the
+    /// session's own publisher, or the one a relay `named`; and whether it
+    /// is forwarded. `None` when the session has no Hello yet, or names
+    /// another publisher without being a relay (then it is closed).
+    pub(super) fn acting_for(
+        &mut self,
+        session: SessionId,
+        named: Option<PublisherId>,
+        what: &str,
+    ) -> Option<(PublisherId, bool)> {
+        let hello = self.sessions.get(&session)?.hello.as_ref()?;
+        let own = hello.publisher;
+        match named {
+            None => Some((own, false)),
+            Some(p) if hello.role == Role::Relay => Some((p, p != own)),
+            Some(p) => {
+                let msg = format!(
+                    "a {what} for publisher {p}: only a relay may act for another publisher"
+                );
+                self.close_with_error(session, ErrorCode::ForwardNotAllowed, msg);
+                None
+            }
         }
     }
 
