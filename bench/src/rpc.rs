@@ -40,6 +40,9 @@ pub struct RpcArgs {
     /// Skip nats-server.
     #[arg(long)]
     no_nats: bool,
+    /// Only these methods (all by default).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// Who answers.
@@ -80,6 +83,9 @@ pub fn main(args: &RpcArgs) -> anyhow::Result<()> {
         ("wait", "1"),
         ("hash", "h{i} 200000 text{i}"),
     ] {
+        if !args.only.is_empty() && !args.only.iter().any(|m| m == method) {
+            continue;
+        }
         configs.push(Config {
             target: Target::Canopy { replicas: 3 },
             method,
@@ -227,7 +233,7 @@ async fn canopy_callers(
 
 /// Runs `kv`'s handler for one request, as a replica would: execute, then
 /// apply to this responder's own store.
-fn handle(kv: &std::sync::Mutex<Kv>, method: &str, payload: &[u8]) -> bytes::Bytes {
+fn handle(kv: &Kv, method: &str, payload: &[u8]) -> bytes::Bytes {
     let call = Call {
         id: CallId {
             publisher: PublisherId(1),
@@ -237,16 +243,8 @@ fn handle(kv: &std::sync::Mutex<Kv>, method: &str, payload: &[u8]) -> bytes::Byt
         payload,
         share: (method == "primes").then_some(canopy_broker::core::rrpc::Share { rank: 0, of: 1 }),
     };
-    let effect = {
-        let guard = kv.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        guard.execute(&call)
-    };
-    match effect {
-        Ok(e) => kv
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .apply(&call, &e)
-            .unwrap_or_default(),
+    match kv.execute(&call) {
+        Ok(e) => kv.apply(&call, &e).unwrap_or_default(),
         Err(e) => e.into(),
     }
 }
@@ -261,7 +259,7 @@ async fn nats(args: &RpcArgs, config: &Config, secs: Duration) -> anyhow::Result
         let mut sub = client
             .queue_subscribe(subject.clone(), "replicas".into())
             .await?;
-        let kv = Arc::new(std::sync::Mutex::new(Kv::default()));
+        let kv = Arc::new(Kv::default());
         let slots = Arc::new(tokio::sync::Semaphore::new(args.executors));
         let method = config.method;
         responders.push(tokio::spawn(async move {

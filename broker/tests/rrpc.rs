@@ -55,7 +55,7 @@ fn primes_below(n: u64) -> u64 {
 /// Applies `done` to the model as the group would have: the effect is what
 /// the executor computed (the reply, for `stamp` and `primes`; the
 /// argument's own work otherwise). Returns the model's reply.
-fn model_apply(model: &mut Kv, d: &Done) -> Bytes {
+fn model_apply(model: &Kv, d: &Done) -> Bytes {
     let call = Call {
         id: CallId {
             publisher: PublisherId(1),
@@ -132,14 +132,14 @@ async fn run(mode: &'static str, victim: &str) {
     })
     .await;
     tree.kill(victim);
-    let mut model = Kv::default();
+    let model = Kv::default();
     for (name, task) in tasks {
         let done = within_for(TIME_MAX, "the callers", task)
             .await
             .expect("caller task");
         assert_eq!(done.len(), CALLS, "{name}: every call completed");
         for (i, d) in done.iter().enumerate() {
-            let want = model_apply(&mut model, d);
+            let want = model_apply(&model, d);
             assert_eq!(
                 d.reply, want,
                 "{mode}: {name}'s call {i} ({} {}) answered otherwise than a sequential execution",

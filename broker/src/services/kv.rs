@@ -26,6 +26,7 @@
 use crate::core::rrpc::{digest_of, Call, Method, Mode, Service};
 use bytes::Bytes;
 use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// The most rounds `hash` does.
@@ -35,21 +36,26 @@ const WAIT_MAX_MS: u64 = 10_000;
 /// The largest `primes` bound.
 const PRIMES_MAX: u64 = 1_000_000_000;
 
-/// The store: text keys and values.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// The store: text keys and values. The lock is held only while a call's
+/// effect is applied or the state copied, never while a handler works.
+#[derive(Debug, Default)]
 pub struct Kv {
-    map: BTreeMap<String, String>,
+    map: Mutex<BTreeMap<String, String>>,
 }
 
 impl Kv {
     /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.map.get(key).map(String::as_str)
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.map().get(key).cloned()
     }
 
     /// Every key and value, in key order.
-    pub fn entries(&self) -> &BTreeMap<String, String> {
-        &self.map
+    pub fn entries(&self) -> BTreeMap<String, String> {
+        self.map().clone()
+    }
+
+    fn map(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -160,33 +166,34 @@ impl Service for Kv {
         Ok(sum.to_string().into())
     }
 
-    fn apply(&mut self, call: &Call<'_>, effect: &[u8]) -> Result<Bytes, String> {
+    fn apply(&self, call: &Call<'_>, effect: &[u8]) -> Result<Bytes, String> {
         let arg = text(call.payload)?;
         let effect = text(effect)?;
+        let mut map = self.map();
         match call.method {
             "put" => {
                 let (key, value) = key_and_rest(arg)?;
-                let old = self.map.insert(key.to_owned(), value.to_owned());
+                let old = map.insert(key.to_owned(), value.to_owned());
                 Ok(old.unwrap_or_default().into())
             }
             "get" => {
                 let (key, _) = key_and_rest(arg)?;
-                match self.map.get(key) {
+                match map.get(key) {
                     Some(v) => Ok(v.clone().into()),
                     None => Err(format!("no key `{key}`")),
                 }
             }
             "del" => {
                 let (key, _) = key_and_rest(arg)?;
-                match self.map.remove(key) {
+                match map.remove(key) {
                     Some(v) => Ok(v.into()),
                     None => Err(format!("no key `{key}`")),
                 }
             }
-            "digest" => Ok(format!("{:016x}", self.digest()).into()),
+            "digest" => Ok(format!("{:016x}", digest_of(&encode(&map))).into()),
             "stamp" | "hash" => {
                 let (key, _) = key_and_rest(arg)?;
-                self.map.insert(key.to_owned(), effect.to_owned());
+                map.insert(key.to_owned(), effect.to_owned());
                 Ok(effect.to_owned().into())
             }
             "wait" => Ok(format!("waited {} ms", arg.trim()).into()),
@@ -196,17 +203,21 @@ impl Service for Kv {
     }
 
     fn snapshot(&self) -> Bytes {
-        let mut buf = Vec::new();
-        ciborium::into_writer(&self.map, &mut buf)
-            .expect("invariant: writing CBOR to a Vec cannot fail");
-        buf.into()
+        encode(&self.map())
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.map =
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+        *self.map() =
             ciborium::from_reader(snapshot).map_err(|e| format!("not a kv snapshot: {e}"))?;
         Ok(())
     }
+}
+
+/// The store as its snapshot (and digest) takes it.
+fn encode(map: &BTreeMap<String, String>) -> Bytes {
+    let mut buf = Vec::new();
+    ciborium::into_writer(map, &mut buf).expect("invariant: writing CBOR to a Vec cannot fail");
+    buf.into()
 }
 
 #[cfg(test)]
@@ -227,7 +238,7 @@ mod tests {
         }
     }
 
-    fn run(kv: &mut Kv, method: &str, arg: &str) -> Result<String, String> {
+    fn run(kv: &Kv, method: &str, arg: &str) -> Result<String, String> {
         let c = call(method, arg, None);
         let effect = kv.execute(&c)?;
         let reply = kv.apply(&c, &effect)?;
@@ -236,13 +247,13 @@ mod tests {
 
     #[test]
     fn put_get_del_answer_as_documented() {
-        let mut kv = Kv::default();
-        assert_eq!(run(&mut kv, "put", "a 1").as_deref(), Ok(""));
-        assert_eq!(run(&mut kv, "put", "a two words").as_deref(), Ok("1"));
-        assert_eq!(run(&mut kv, "get", "a").as_deref(), Ok("two words"));
-        assert_eq!(run(&mut kv, "del", "a").as_deref(), Ok("two words"));
-        assert!(run(&mut kv, "get", "a").is_err());
-        assert!(run(&mut kv, "put", "").is_err());
+        let kv = Kv::default();
+        assert_eq!(run(&kv, "put", "a 1").as_deref(), Ok(""));
+        assert_eq!(run(&kv, "put", "a two words").as_deref(), Ok("1"));
+        assert_eq!(run(&kv, "get", "a").as_deref(), Ok("two words"));
+        assert_eq!(run(&kv, "del", "a").as_deref(), Ok("two words"));
+        assert!(run(&kv, "get", "a").is_err());
+        assert!(run(&kv, "put", "").is_err());
         assert!(kv.execute(&call("put", "\u{0}", None)).is_ok());
         assert!(kv
             .execute(&Call {
@@ -269,12 +280,12 @@ mod tests {
 
     #[test]
     fn a_snapshot_restores_the_same_store() {
-        let mut kv = Kv::default();
-        run(&mut kv, "put", "x 1").expect("put");
-        run(&mut kv, "hash", "h 10 text").expect("hash");
-        let mut other = Kv::default();
+        let kv = Kv::default();
+        run(&kv, "put", "x 1").expect("put");
+        run(&kv, "hash", "h 10 text").expect("hash");
+        let other = Kv::default();
         other.restore(&kv.snapshot()).expect("restores");
-        assert_eq!(other, kv);
+        assert_eq!(other.entries(), kv.entries());
         assert_eq!(other.digest(), kv.digest());
         assert!(other.restore(b"\xff").is_err());
     }

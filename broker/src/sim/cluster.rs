@@ -1708,10 +1708,7 @@ impl World {
     fn service_state(&self, i: usize) -> Option<ServiceState> {
         let s = self.servers[i].as_ref()?;
         let service = s.group().rrpc().service()?;
-        let bytes = service
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .snapshot();
+        let bytes = service.snapshot();
         ciborium::from_reader(&bytes[..]).ok()
     }
 

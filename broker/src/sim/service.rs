@@ -15,6 +15,7 @@
 use crate::core::rrpc::{Call, CallId, Method, Mode, Service};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// The methods, by mode.
 pub(crate) const METHODS: [(&str, Mode); 4] = [
@@ -44,7 +45,7 @@ pub(crate) struct State {
 
 /// One replica of the simulated service.
 pub(crate) struct SimService {
-    pub state: State,
+    state: Mutex<State>,
     salt: u64,
     bugs: ServiceBugs,
 }
@@ -53,10 +54,14 @@ impl SimService {
     /// A replica whose non-deterministic choices are seeded by `salt`.
     pub fn new(salt: u64, bugs: ServiceBugs) -> Self {
         SimService {
-            state: State::default(),
+            state: Mutex::default(),
             salt,
             bugs,
         }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -99,29 +104,31 @@ impl Service for SimService {
         Ok(Bytes::copy_from_slice(&h.to_le_bytes()))
     }
 
-    fn apply(&mut self, call: &Call<'_>, effect: &[u8]) -> Result<Bytes, String> {
+    fn apply(&self, call: &Call<'_>, effect: &[u8]) -> Result<Bytes, String> {
         let mut effect = word(effect)?;
         if self.bugs.nondeterministic_apply {
             effect = mix(effect, self.salt);
         }
-        let before = self.state.hash;
-        self.state.hash = mix(before, effect);
+        let mut state = self.state();
+        let before = state.hash;
+        state.hash = mix(before, effect);
         let reply = match self.bugs.reply_before_apply {
             true => before,
-            false => self.state.hash,
+            false => state.hash,
         };
-        self.state.log.push((call.id, self.state.hash));
+        let after = state.hash;
+        state.log.push((call.id, after));
         Ok(Bytes::copy_from_slice(&reply.to_le_bytes()))
     }
 
     fn snapshot(&self) -> Bytes {
         let mut buf = Vec::new();
-        ciborium::into_writer(&self.state, &mut buf).expect("invariant: CBOR to a Vec");
+        ciborium::into_writer(&*self.state(), &mut buf).expect("invariant: CBOR to a Vec");
         buf.into()
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.state = ciborium::from_reader(snapshot).map_err(|e| e.to_string())?;
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+        *self.state() = ciborium::from_reader(snapshot).map_err(|e| e.to_string())?;
         Ok(())
     }
 }

@@ -27,11 +27,14 @@
 //!
 //! Who executes is decided by each replica from its view: the primary
 //! (the view's first member) for primary-backup, once every earlier call
-//! is applied; the member a hash of the call id picks for load-balanced;
-//! the member `rank % size` for each share of a parallel call. A view
-//! change reassigns what has no outcome yet; an executor that loses its
-//! turn may still order its outcome, and the first one ordered wins, so a
-//! call is applied once and its effect never comes from two executions.
+//! is applied; for load-balanced, the member with the fewest load-balanced
+//! calls without an outcome when the call is delivered (an assignment kept
+//! in the replicated state, made alike everywhere: the counts come from
+//! the stream); the member `rank % size` for each share of a parallel
+//! call. A view change reassigns what has no outcome yet (load-balanced:
+//! only what a departed member held); an executor that loses its turn may
+//! still order its outcome, and the first one ordered wins, so a call is
+//! applied once and its effect never comes from two executions.
 //!
 //! # Driving it
 //! The group hands it the stable stream ([`Rrpc::deliver`]), views
@@ -139,10 +142,8 @@ impl Job {
             payload: &self.payload,
             share: self.share,
         };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service::read(service).execute(&call)
-        }))
-        .unwrap_or_else(|_| Err("the handler panicked".into()))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.execute(&call)))
+            .unwrap_or_else(|_| Err("the handler panicked".into()))
     }
 }
 
@@ -231,6 +232,9 @@ pub struct Rrpc {
     done: HashMap<PublisherId, PubSeq>,
     /// Jobs handed out and not reported yet (call, share rank).
     running: BTreeSet<(CallId, u32)>,
+    /// Per member, the load-balanced calls assigned to it with no outcome
+    /// yet (counted from the queue).
+    load: BTreeMap<NodeId, usize>,
     /// The last pub_seq of this server's own outcomes.
     own_pub_seq: PubSeq,
     stream: u64,
@@ -244,8 +248,7 @@ impl Rrpc {
     /// The layer for server `me`, running `service` (or none).
     pub fn new(me: NodeId, service: Option<Shared>, config: RrpcConfig) -> Self {
         let (modes, initial) = match &service {
-            Some(service) => {
-                let s = service::read(service);
+            Some(s) => {
                 let modes = s.methods().into_iter().map(|m| (m.name, m.mode)).collect();
                 (modes, s.snapshot())
             }
@@ -268,6 +271,7 @@ impl Rrpc {
             replies_order: VecDeque::new(),
             done: HashMap::new(),
             running: BTreeSet::new(),
+            load: BTreeMap::new(),
             own_pub_seq: PubSeq(0),
             stream: 0,
             jobs: VecDeque::new(),
@@ -339,6 +343,9 @@ impl Rrpc {
             let old = std::mem::replace(&mut self.members, members);
             if !old.is_empty() {
                 self.count_reassigned(&old);
+            }
+            for i in 0..self.queue.len() {
+                self.assign(i);
             }
             self.dispatch_all();
         }
@@ -445,7 +452,7 @@ impl Rrpc {
             service: self
                 .service
                 .as_ref()
-                .map(|s| service::read(s).snapshot())
+                .map(|s| s.snapshot())
                 .unwrap_or_default(),
             queue: match self.bugs.drop_queue_in_snapshot {
                 true => Vec::new(),
@@ -454,6 +461,8 @@ impl Rrpc {
             replies,
             done,
             history: self.history,
+            members: self.members.clone(),
+            views: self.views.iter().cloned().collect(),
         })
     }
 
@@ -464,26 +473,45 @@ impl Rrpc {
     /// When the snapshot does not decode or the service refuses it; the
     /// state is then left as it was.
     pub fn restore(&mut self, state: Option<&[u8]>, stream: u64, head: Seq) -> Result<(), String> {
-        let state = match state {
-            Some(bytes) => wire::decode::<State>(bytes)?,
-            None => State {
-                service: self.initial.clone(),
-                ..State::default()
-            },
+        let (state, taken) = match state {
+            Some(bytes) => (wire::decode::<State>(bytes)?, true),
+            None => (
+                State {
+                    service: self.initial.clone(),
+                    ..State::default()
+                },
+                false,
+            ),
         };
         if let Some(service) = &self.service {
-            service::write(service).restore(&state.service)?;
+            service.restore(&state.service)?;
         }
         if stream != self.stream {
             self.set_stream(stream);
         }
         self.queue = state.queue.into();
+        if taken {
+            // The views as the replica that took the snapshot had them at
+            // `head` (a replica restarted, or back from a partition, may be
+            // delivered what follows before it is told of a view), then
+            // those this replica was told of that take effect later.
+            let last = state.views.last().map_or(head, |(at, _)| (*at).max(head));
+            let later: Vec<_> = self.views.drain(..).filter(|(at, _)| *at > last).collect();
+            self.members = state.members;
+            self.views = state.views.into_iter().chain(later).collect();
+        }
         self.replies_order = state.replies.iter().map(|(id, _)| *id).collect();
         self.replies = state.replies.into_iter().collect();
         self.done = state.done.into_iter().collect();
         self.history = state.history;
         self.running.clear();
         self.jobs.clear();
+        self.load.clear();
+        for p in &self.queue {
+            if let Some(e) = p.executor.filter(|_| p.outcome.is_none()) {
+                *self.load.entry(e).or_default() += 1;
+            }
+        }
         self.delivered = head;
         self.reach_views(head);
         self.advance();
@@ -494,6 +522,7 @@ impl Rrpc {
     /// Another stream: nothing of this server's outcomes is known there.
     fn set_stream(&mut self, stream: u64) {
         self.stream = stream;
+        self.members.clear();
         self.views.clear();
         self.own_pub_seq = PubSeq(0);
         self.submissions.clear();
@@ -537,9 +566,11 @@ impl Rrpc {
             mode,
             of: None,
             outcome: None,
+            executor: None,
             shares: BTreeMap::new(),
         });
         let i = self.queue.len() - 1;
+        self.assign(i);
         self.dispatch(i);
     }
 
@@ -568,7 +599,14 @@ impl Rrpc {
                 }
             }
             (Some(Mode::PrimaryBackup | Mode::LoadBalanced), None) => {
-                p.outcome.get_or_insert(outcome.result);
+                if p.outcome.is_none() {
+                    p.outcome = Some(outcome.result);
+                    if let Some(e) = p.executor {
+                        if let Some(n) = self.load.get_mut(&e) {
+                            *n = n.saturating_sub(1);
+                        }
+                    }
+                }
             }
             _ => {
                 tracing::warn!(call = %outcome.id, "an outcome that does not fit its call's mode; ignored")
@@ -587,9 +625,7 @@ impl Rrpc {
             };
             let answer = self.effect(&p).and_then(|effect| {
                 let service = self.service.as_ref().ok_or_else(no_service)?;
-                service::write(service)
-                    .apply(&p.call(None), &effect)
-                    .map_err(handler)
+                service.apply(&p.call(None), &effect).map_err(handler)
             });
             let stat = self.stat(&p.method);
             stat.mode = p.mode;
@@ -637,7 +673,7 @@ impl Rrpc {
                     .and_then(|shares| {
                         let call = p.call(None);
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            service::read(service).merge(&call, &shares)
+                            service.merge(&call, &shares)
                         }))
                         .unwrap_or_else(|_| Err("the merge panicked".into()))
                     })
@@ -672,10 +708,41 @@ impl Rrpc {
         let i = match p.mode? {
             Mode::Active => return None,
             Mode::PrimaryBackup => 0,
-            Mode::LoadBalanced => spread(p.id) % n,
+            Mode::LoadBalanced => return p.executor.filter(|e| members.contains(e)),
             Mode::Parallel => u64::from(rank) % n,
         };
         members.get(usize::try_from(i).ok()?).copied()
+    }
+
+    /// Assigns load-balanced call `i`, if it has no outcome and no member
+    /// of the view as its executor, to the member with the fewest such
+    /// calls (ties: from a hash of the call id on, so that they spread).
+    /// Every replica assigns the same way: the counts come from the
+    /// stream, and views take effect at the same positions.
+    fn assign(&mut self, i: usize) {
+        let Some(p) = self.queue.get(i) else {
+            return;
+        };
+        let unassigned = p.mode == Some(Mode::LoadBalanced)
+            && p.outcome.is_none()
+            && !p.executor.is_some_and(|e| self.members.contains(&e));
+        if !unassigned || self.members.is_empty() {
+            return;
+        }
+        let n = self.members.len();
+        let from = usize::try_from(spread(p.id) % n as u64).unwrap_or(0);
+        let load = |m: &NodeId| self.load.get(m).copied().unwrap_or(0);
+        let Some(&chosen) = (0..n)
+            .map(|k| &self.members[(from + k) % n])
+            .min_by_key(|m| load(m))
+        else {
+            return;
+        };
+        let old = self.queue[i].executor.replace(chosen);
+        if let Some(n) = old.and_then(|e| self.load.get_mut(&e)) {
+            *n = n.saturating_sub(1);
+        }
+        *self.load.entry(chosen).or_default() += 1;
     }
 
     /// How many shares parallel call `p` is split into: as the first share
@@ -780,7 +847,8 @@ pub fn forgotten(id: CallId) -> CallFailure {
     }
 }
 
-/// Spreads call ids evenly over the members (load-balanced mode).
+/// Spreads call ids evenly over the members (where load-balanced
+/// assignment starts looking, so that ties spread).
 fn spread(id: CallId) -> u64 {
     let mut z = id.publisher.0 ^ id.pub_seq.0.rotate_left(32);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 /// How the replicas of a group run a method's calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -124,6 +124,12 @@ pub struct Call<'a> {
 /// those of one sequential execution. Put what depends on the state in
 /// `apply` (a `put` that answers the old value) and what is slow or not
 /// deterministic in `execute` (a price lookup, a random id).
+///
+/// Every method takes `&self`: executors run `execute` on their threads
+/// while the server's loop applies other calls' effects, so the service
+/// guards its state itself (a `Mutex` or `RwLock` around it) and holds a
+/// lock only as long as it reads or changes the state, never across slow
+/// work: a lock held while a handler waits would stop the server's loop.
 pub trait Service: Send + Sync + 'static {
     /// The methods and their modes. Read once, when the server starts;
     /// every replica of a group must answer the same.
@@ -155,7 +161,7 @@ pub trait Service: Send + Sync + 'static {
     /// # Errors
     /// The handler's error, told to the caller (the state must be as if
     /// the call had not been applied).
-    fn apply(&mut self, call: &Call<'_>, effect: &[u8]) -> Result<Bytes, String>;
+    fn apply(&self, call: &Call<'_>, effect: &[u8]) -> Result<Bytes, String>;
 
     /// The whole state, for a replica that joins (docs/DESIGN.md,
     /// "Replicated RPC": state transfer rides the flush's snapshot).
@@ -166,7 +172,7 @@ pub trait Service: Send + Sync + 'static {
     /// # Errors
     /// When the snapshot does not decode; the server then keeps its state
     /// and says so.
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String>;
 
     /// A short digest of the state, for operators and tests comparing
     /// replicas. By default a hash of the snapshot.
@@ -183,20 +189,9 @@ pub fn digest_of(bytes: &[u8]) -> u64 {
 }
 
 /// A service as the server and the threads that execute calls share it.
-pub type Shared = Arc<RwLock<dyn Service>>;
+pub type Shared = Arc<dyn Service>;
 
 /// Shares `service`.
 pub fn share(service: impl Service) -> Shared {
-    Arc::new(RwLock::new(service))
-}
-
-/// The service to read (execute, snapshot). A handler that panicked while
-/// applying left no lock poisoned that matters: the server stops then.
-pub(crate) fn read(service: &Shared) -> RwLockReadGuard<'_, dyn Service> {
-    service.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The service to change (apply, restore).
-pub(crate) fn write(service: &Shared) -> RwLockWriteGuard<'_, dyn Service> {
-    service.write().unwrap_or_else(PoisonError::into_inner)
+    Arc::new(service)
 }

@@ -3,6 +3,7 @@
 
 use super::service::{Call, CallId, Mode, Share};
 use super::{Answer, Job};
+use crate::core::mbrship::NodeId;
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -35,6 +36,10 @@ pub(super) struct Pending {
     pub of: Option<u32>,
     /// The first outcome ordered (primary-backup, load-balanced).
     pub outcome: Option<Result<Bytes, String>>,
+    /// Load-balanced: the member assigned to execute it (replicated
+    /// state: every replica assigns the same way at the same position).
+    #[serde(default)]
+    pub executor: Option<NodeId>,
     /// The first share ordered per rank (parallel).
     pub shares: BTreeMap<u32, Result<Bytes, String>>,
 }
@@ -87,6 +92,16 @@ pub(super) struct State {
     /// The running hash of applies (`Rrpc::fingerprint`).
     #[serde(default)]
     pub history: u64,
+    /// The view in effect at this position (who executes: load-balanced
+    /// assignments made after it depend on it, and a replica that
+    /// installs this state may be delivered what follows before it is
+    /// told of a view)...
+    #[serde(default)]
+    pub members: Vec<NodeId>,
+    /// ...and the views installed that take effect further on: (the last
+    /// seq of the view before, members).
+    #[serde(default)]
+    pub views: Vec<(canopy_client::protocol::Seq, Vec<NodeId>)>,
 }
 
 /// CBOR of a record.
