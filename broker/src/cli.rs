@@ -58,6 +58,17 @@ pub async fn publish(servers: &str, topic: &str, message: Option<String>) -> any
     Ok(count)
 }
 
+/// Which replies `canopy call` waits for.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum RepliesArg {
+    /// The group's reply, from the server the client is attached to.
+    Own,
+    /// Every replica's (active methods).
+    All,
+    /// The one more than half the replicas gave (active methods).
+    Majority,
+}
+
 /// `canopy call`: calls `method` of the core's replicated service with
 /// `arg`, or once per line of stdin when it is `None`, printing each reply
 /// on a line of its own. Returns how many calls failed (each is reported
@@ -65,7 +76,12 @@ pub async fn publish(servers: &str, topic: &str, message: Option<String>) -> any
 ///
 /// # Errors
 /// When no server is reachable, or the client fails.
-pub async fn call(servers: &str, method: &str, arg: Option<String>) -> anyhow::Result<u64> {
+pub async fn call(
+    servers: &str,
+    method: &str,
+    arg: Option<String>,
+    replies: RepliesArg,
+) -> anyhow::Result<u64> {
     let client = connect(servers, "canopy-call", false).await?;
     let mut failed = 0;
     let mut out = std::io::stdout().lock();
@@ -81,7 +97,21 @@ pub async fn call(servers: &str, method: &str, arg: Option<String>) -> anyhow::R
         }
     };
     for arg in args {
-        match client.call(method, arg).await {
+        let reply = match replies {
+            RepliesArg::Own => client.call(method, arg).await,
+            RepliesArg::Majority => client.call_majority(method, arg).await,
+            RepliesArg::All => client.call_all(method, arg).await.map(|votes| {
+                let lines: Vec<String> = votes
+                    .iter()
+                    .map(|v| match &v.reply {
+                        Ok(r) => format!("server {}: {}", v.server, String::from_utf8_lossy(r)),
+                        Err(e) => format!("server {}: failed: {e}", v.server),
+                    })
+                    .collect();
+                bytes::Bytes::from(lines.join("\n"))
+            }),
+        };
+        match reply {
             Ok(reply) => {
                 out.write_all(&reply)?;
                 out.write_all(b"\n")?;

@@ -93,6 +93,10 @@ enum Command {
         /// Server addresses, comma-separated; the client fails over between them.
         #[arg(long, env = "CANOPY_SERVER", default_value = LISTEN_DEFAULT)]
         server: String,
+        /// Active methods: wait for every replica's reply (`all`: one
+        /// line `server N: REPLY` each) or a majority's (`majority`).
+        #[arg(long, value_enum, default_value = "own")]
+        replies: cli::RepliesArg,
         /// The method (`put`, `get`, ... for `kv`).
         method: String,
         /// The argument; without it, every line of stdin is one call.
@@ -186,11 +190,12 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Call {
             server,
+            replies,
             method,
             arg,
         } => {
             init_logs(cli.log_json, "warn");
-            match cli::call(&server, &method, arg).await {
+            match cli::call(&server, &method, arg, replies).await {
                 Ok(0) => Ok(()),
                 Ok(n) => Err(anyhow::anyhow!("{n} call(s) failed")),
                 Err(e) => Err(e),

@@ -15,7 +15,7 @@ mod common;
 use bytes::Bytes;
 use canopy_broker::core::rrpc::{Call, CallId, Service};
 use canopy_broker::services::kv::Kv;
-use canopy_client::protocol::{PubSeq, PublisherId};
+use canopy_client::protocol::{CallErrorCode, PubSeq, PublisherId};
 use canopy_client::{Client, ClientOptions};
 use common::{within_for, Tree};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +38,9 @@ struct Done {
 /// The `i`th call of caller `name` in `mode`.
 fn call_for(mode: &str, name: &str, i: usize) -> (&'static str, String) {
     match mode {
-        "active" => ("put", format!("{name}.k {i}")),
+        "active" | "active, every reply" | "active, a majority's reply" => {
+            ("put", format!("{name}.k {i}"))
+        }
         "primary-backup" => ("stamp", format!("{name}.t{i}")),
         "load-balanced" => ("hash", format!("{name}.h{i} 20000 text-{name}-{i}")),
         "parallel" => ("primes", format!("{}", 2_000 + 37 * i + name.len())),
@@ -87,10 +89,37 @@ async fn caller(
     let mut done = Vec::with_capacity(CALLS);
     for i in 0..CALLS {
         let (method, arg) = call_for(mode, &name, i);
-        let reply = client
-            .call(method, arg.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{name}: call {i} ({method} {arg}): {e}"));
+        let failed =
+            |e: &dyn std::fmt::Display| -> ! { panic!("{name}: call {i} ({method} {arg}): {e}") };
+        let reply = match mode {
+            "active, every reply" => {
+                let votes = client
+                    .call_all(method, arg.clone())
+                    .await
+                    .unwrap_or_else(|e| failed(&e));
+                // Every replica that stayed in the view, each once, all
+                // with the same reply (two at least: one may be killed).
+                let servers: std::collections::BTreeSet<u32> =
+                    votes.iter().map(|v| v.server).collect();
+                assert!(
+                    votes.len() >= 2 && servers.len() == votes.len(),
+                    "{name}: call {i}: votes {votes:?}"
+                );
+                assert!(
+                    votes.iter().all(|v| v.reply == votes[0].reply),
+                    "{name}: call {i}: replicas replied otherwise: {votes:?}"
+                );
+                votes[0].reply.clone().unwrap_or_else(|e| failed(&e))
+            }
+            "active, a majority's reply" => client
+                .call_majority(method, arg.clone())
+                .await
+                .unwrap_or_else(|e| failed(&e)),
+            _ => client
+                .call(method, arg.clone())
+                .await
+                .unwrap_or_else(|e| failed(&e)),
+        };
         done.push(Done { method, arg, reply });
         completed.fetch_add(1, Ordering::SeqCst);
         // Calls spread over the kill.
@@ -119,6 +148,16 @@ async fn run(mode: &'static str, victim: &str) {
         ("relay1", vec![r[0].clone(), r[1].clone()]),
         ("relay2", vec![r[1].clone(), r[0].clone()]),
     ];
+    if mode == "active, every reply" {
+        // Only active methods run at every replica.
+        let client = Client::connect(ClientOptions::new([c[0].clone()]))
+            .await
+            .expect("connects");
+        match client.call_all("hash", "k 10 t").await {
+            Err(canopy_client::Error::Call(f)) => assert_eq!(f.code, CallErrorCode::NotActive),
+            other => panic!("every reply of a load-balanced call: {other:?}"),
+        }
+    }
     let completed = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for (name, servers) in places {
@@ -169,6 +208,16 @@ async fn active_calls_survive_a_replica_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_calls_survive_their_servers_kill() {
     run("active", "core-1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replicas_reply_survives_a_replica_kill() {
+    run("active, every reply", "core-3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_majoritys_reply_survives_their_servers_kill() {
+    run("active, a majority's reply", "core-1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

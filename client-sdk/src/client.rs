@@ -21,7 +21,7 @@ use crate::core::{
     Action, ClientCore, Event as CoreEvent, FirstOrder, Joined, LinkConfig, LinkEvent,
 };
 use crate::error::Error;
-use crate::protocol::{self, Message, PubSeq, PublisherId, Seq, SlowPolicy};
+use crate::protocol::{self, Message, PubSeq, PublisherId, Replies, Seq, SlowPolicy, Vote};
 use crate::topic::{Pattern, Topic};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -188,6 +188,7 @@ enum Command {
     },
     Call {
         method: String,
+        replies: Replies,
         payload: Bytes,
         reply: oneshot::Sender<Result<Bytes, Error>>,
         sent: oneshot::Sender<PubSeq>,
@@ -300,8 +301,49 @@ impl Client {
     /// [`Error::CallTimeout`] when no reply came within `call_timeout`; an
     /// invalid method name or an oversized payload; a closed client.
     pub async fn call(&self, method: &str, payload: impl Into<Bytes>) -> Result<Bytes, Error> {
+        self.call_with(method, Replies::Own, payload.into()).await
+    }
+
+    /// Calls active method `method` and waits for every replica's own
+    /// reply: one [`Vote`] per replica that applied the call and stayed in
+    /// the view until its reply was ordered, in the view's order. Replies
+    /// that differ mean a handler that is not deterministic.
+    ///
+    /// # Errors
+    /// As [`Client::call`]; [`Error::Call`] with `not_active` for a method
+    /// that is not active.
+    pub async fn call_all(
+        &self,
+        method: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<Vec<Vote>, Error> {
+        let body = self.call_with(method, Replies::All, payload.into()).await?;
+        ciborium::from_reader(&body[..])
+            .map_err(|e| Error::Protocol(format!("the replicas' replies do not decode: {e}")))
+    }
+
+    /// Calls active method `method` and returns the reply more than half
+    /// the replicas gave.
+    ///
+    /// # Errors
+    /// As [`Client::call`]; [`Error::Call`] with `no_majority` when no
+    /// reply had a majority, `not_active` for a method that is not active.
+    pub async fn call_majority(
+        &self,
+        method: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<Bytes, Error> {
+        self.call_with(method, Replies::Majority, payload.into())
+            .await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        replies: Replies,
+        payload: Bytes,
+    ) -> Result<Bytes, Error> {
         Topic::new(method)?;
-        let payload = payload.into();
         if payload.len() > self.payload_max {
             return Err(Error::PayloadTooLarge {
                 len: payload.len(),
@@ -313,6 +355,7 @@ impl Client {
         self.commands
             .send(Command::Call {
                 method: method.to_owned(),
+                replies,
                 payload,
                 reply,
                 sent,
@@ -676,11 +719,12 @@ impl Driver {
             }
             Command::Call {
                 method,
+                replies,
                 payload,
                 reply,
                 sent,
             } => {
-                let pub_seq = self.core.call(&method, &payload);
+                let pub_seq = self.core.call_with(&method, replies, &payload);
                 self.calls.insert(pub_seq, reply);
                 let _ = sent.send(pub_seq);
             }

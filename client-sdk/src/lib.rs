@@ -45,4 +45,4 @@ pub mod topic;
 #[cfg(feature = "tokio")]
 pub use client::{Client, ClientOptions, Event, PendingAck, Subscription, View};
 pub use error::Error;
-pub use protocol::{Message, PubSeq, PublisherId, Reports, Seq, SlowPolicy};
+pub use protocol::{Message, PubSeq, PublisherId, Replies, Reports, Seq, SlowPolicy, Vote};

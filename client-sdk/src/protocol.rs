@@ -542,8 +542,60 @@ pub struct ReplyHead {
 }
 
 /// The topic prefix of calls: a call of method `m` is a publish on
-/// `$canopy.call.m`, and its pub_seq names it.
+/// `$canopy.call.m` (or, asking for more than one reply, see [`Replies`]),
+/// and its pub_seq names it.
 pub const CALL_PREFIX: &str = "$canopy.call.";
+
+/// Which replies the caller of a method waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Replies {
+    /// The group's reply, from the server the caller is attached to (a
+    /// publish on `$canopy.call.METHOD`).
+    #[default]
+    Own,
+    /// Active methods: every replica's own reply, as a CBOR list of
+    /// [`Vote`]s in the reply's body (`$canopy.call.$all.METHOD`).
+    All,
+    /// Active methods: the reply more than half the replicas gave, or
+    /// [`CallErrorCode::NoMajority`] (`$canopy.call.$majority.METHOD`).
+    Majority,
+}
+
+impl Replies {
+    /// The topic a call of `method` waiting for these replies is
+    /// published on.
+    pub fn topic(self, method: &str) -> String {
+        match self {
+            Replies::Own => format!("{CALL_PREFIX}{method}"),
+            Replies::All => format!("{CALL_PREFIX}$all.{method}"),
+            Replies::Majority => format!("{CALL_PREFIX}$majority.{method}"),
+        }
+    }
+
+    /// A call topic's method and the replies its caller waits for; `None`
+    /// for a topic that is not a call's.
+    pub fn parse(topic: &str) -> Option<(&str, Replies)> {
+        let rest = topic.strip_prefix(CALL_PREFIX)?;
+        Some(if let Some(m) = rest.strip_prefix("$all.") {
+            (m, Replies::All)
+        } else if let Some(m) = rest.strip_prefix("$majority.") {
+            (m, Replies::Majority)
+        } else {
+            (rest, Replies::Own)
+        })
+    }
+}
+
+/// One replica's own reply to a call that waited for every replica's
+/// ([`Replies::All`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    /// The replica's server id.
+    pub server: u32,
+    /// Its reply, or why its handler failed.
+    pub reply: Result<Bytes, CallFailure>,
+}
 
 /// Why a call failed, as the group agreed it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -577,6 +629,12 @@ pub enum CallErrorCode {
     /// server lost its state, the SDK's `StreamReset`) after the call was
     /// acknowledged; whether it was executed is not known.
     StreamReset,
+    /// Every replica's reply, or a majority's, was asked of a method that
+    /// is not active (only active methods run at every replica).
+    NotActive,
+    /// No reply was given by more than half the replicas that applied the
+    /// call (they disagree: a handler that is not deterministic).
+    NoMajority,
 }
 
 /// Server to client: every publish of this connection's publisher up to and

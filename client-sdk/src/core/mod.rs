@@ -42,8 +42,8 @@ pub use stream::{Commit, Joined, Position};
 
 use crate::error::Error;
 use crate::protocol::{
-    self, AskHead, CallFailure, ClientFrame, MembersHead, Message, PubAck, PubSeq, Seq,
-    ServerFrame, SubscribeHead, Welcome, CALL_PREFIX,
+    self, AskHead, CallFailure, ClientFrame, MembersHead, Message, PubAck, PubSeq, Replies, Seq,
+    ServerFrame, SubscribeHead, Welcome,
 };
 use bytes::Bytes;
 use std::collections::{BTreeSet, VecDeque};
@@ -198,7 +198,12 @@ impl ClientCore {
     /// reply comes ([`Event::Replied`]), and asked again on every new
     /// connection. Returns its pub_seq, which names the call.
     pub fn call(&mut self, method: &str, payload: &[u8]) -> PubSeq {
-        let pub_seq = self.publish(&format!("{CALL_PREFIX}{method}"), payload);
+        self.call_with(method, Replies::Own, payload)
+    }
+
+    /// [`ClientCore::call`], waiting for `replies`.
+    pub fn call_with(&mut self, method: &str, replies: Replies, payload: &[u8]) -> PubSeq {
+        let pub_seq = self.publish(&replies.topic(method), payload);
         self.calls.insert(pub_seq);
         pub_seq
     }

@@ -228,8 +228,7 @@ impl Group {
         match &event {
             Event::Deliver(msgs) => self.rrpc.deliver(msgs),
             Event::View { view, at } => {
-                let members = view.members.iter().map(|m| m.node).collect();
-                self.rrpc.view(members, view.stream, *at);
+                self.rrpc.view(view.members.clone(), view.stream, *at);
                 self.rrpc.set_primary(self.mbr.is_primary());
             }
             Event::NotPrimary => self.rrpc.set_primary(false),

@@ -59,14 +59,16 @@ mod wire;
 
 pub use service::{digest_of, share, Call, CallId, Method, Mode, Service, Share, Shared};
 
-use crate::core::mbrship::NodeId;
+use crate::core::mbrship::{Member, NodeId};
 use crate::core::stream::{Msg, Ordered};
 use crate::core::total::wire::Submitted;
 use bytes::Bytes;
-use canopy_client::protocol::{CallErrorCode, CallFailure, PubSeq, PublisherId, Seq, CALL_PREFIX};
+use canopy_client::protocol::{
+    CallErrorCode, CallFailure, PubSeq, PublisherId, Replies, Seq, Vote,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use wire::{Outcome, Pending, State};
+use wire::{Outcome, Pending, State, Voting};
 
 /// The most shares a parallel call is split into (a record that says more
 /// is not a replica's).
@@ -87,7 +89,7 @@ pub fn outcome_publisher(node: NodeId, incarnation: u64) -> PublisherId {
 
 /// The method a call topic names, if it is one.
 pub fn call_method(topic: &str) -> Option<&str> {
-    topic.strip_prefix(CALL_PREFIX)
+    Replies::parse(topic).map(|(method, _)| method)
 }
 
 /// A call's reply, or why it failed.
@@ -210,10 +212,10 @@ pub struct Rrpc {
     /// reached (a view installed after seq `at` counts from `at` on, and
     /// the old view's last messages may be delivered after it is
     /// installed).
-    members: Vec<NodeId>,
+    members: Vec<Member>,
     /// Views installed that the stream has not reached yet: (the last seq
     /// of the view before, members).
-    views: VecDeque<(Seq, Vec<NodeId>)>,
+    views: VecDeque<(Seq, Vec<Member>)>,
     /// The last seq delivered.
     delivered: Seq,
     /// A running hash of every call applied and its reply (replicated
@@ -235,6 +237,8 @@ pub struct Rrpc {
     /// Per member, the load-balanced calls assigned to it with no outcome
     /// yet (counted from the queue).
     load: BTreeMap<NodeId, usize>,
+    /// Calls applied that wait for their replicas' votes.
+    voting: BTreeMap<CallId, Voting>,
     /// The last pub_seq of this server's own outcomes.
     own_pub_seq: PubSeq,
     stream: u64,
@@ -272,6 +276,7 @@ impl Rrpc {
             done: HashMap::new(),
             running: BTreeSet::new(),
             load: BTreeMap::new(),
+            voting: BTreeMap::new(),
             own_pub_seq: PubSeq(0),
             stream: 0,
             jobs: VecDeque::new(),
@@ -325,7 +330,7 @@ impl Rrpc {
     /// installed after seq `at`: it takes effect once the stream reaches
     /// `at`, the same position at every replica. What has no outcome yet
     /// is reassigned by the new view then.
-    pub fn view(&mut self, members: Vec<NodeId>, stream: u64, at: Seq) {
+    pub fn view(&mut self, members: Vec<Member>, stream: u64, at: Seq) {
         if stream != self.stream {
             self.set_stream(stream);
             self.delivered = at;
@@ -347,6 +352,7 @@ impl Rrpc {
             for i in 0..self.queue.len() {
                 self.assign(i);
             }
+            self.count_votes_all();
             self.dispatch_all();
         }
     }
@@ -363,8 +369,8 @@ impl Rrpc {
             // The view a message was ordered in.
             self.reach_views(Seq(m.seq.0.saturating_sub(1)));
             self.delivered = m.seq;
-            if let Some(method) = call_method(&m.topic) {
-                self.on_call(m, method);
+            if let Some((method, replies)) = Replies::parse(&m.topic) {
+                self.on_call(m, method, replies);
             } else if &*m.topic == OUTCOME_TOPIC {
                 self.on_outcome(m);
             }
@@ -389,18 +395,22 @@ impl Rrpc {
             return;
         }
         self.stat(&job.method).executed += 1;
-        let outcome = Outcome {
+        self.submit(&Outcome {
             id: job.id,
             share: job.share,
             result,
-        };
+        });
+    }
+
+    /// Orders `outcome` under this server's own publisher id.
+    fn submit(&mut self, outcome: &Outcome) {
         let pub_seq = PubSeq(self.own_pub_seq.0 + 1);
         let after = std::mem::replace(&mut self.own_pub_seq, pub_seq);
         let msg = Msg(
             self.config.publisher,
             pub_seq,
             OUTCOME_TOPIC.into(),
-            wire::encode(&outcome),
+            wire::encode(outcome),
         );
         self.submissions.push(Submitted(after, msg));
     }
@@ -425,7 +435,7 @@ impl Rrpc {
         if let Some(a) = self.replies.get(&id) {
             return Lookup::Replied(a.clone());
         }
-        if self.queue.iter().any(|p| p.id == id) {
+        if self.queue.iter().any(|p| p.id == id) || self.voting.contains_key(&id) {
             return Lookup::Pending;
         }
         if self
@@ -463,6 +473,7 @@ impl Rrpc {
             history: self.history,
             members: self.members.clone(),
             views: self.views.iter().cloned().collect(),
+            voting: self.voting.values().cloned().collect(),
         })
     }
 
@@ -504,6 +515,7 @@ impl Rrpc {
         self.replies = state.replies.into_iter().collect();
         self.done = state.done.into_iter().collect();
         self.history = state.history;
+        self.voting = state.voting.into_iter().map(|v| (v.id, v)).collect();
         self.running.clear();
         self.jobs.clear();
         self.load.clear();
@@ -528,7 +540,7 @@ impl Rrpc {
         self.submissions.clear();
     }
 
-    fn on_call(&mut self, m: &Ordered, method: &str) {
+    fn on_call(&mut self, m: &Ordered, method: &str, replies: Replies) {
         let id = CallId {
             publisher: m.publisher,
             pub_seq: m.pub_seq,
@@ -538,7 +550,8 @@ impl Rrpc {
         // is answered when applied; applied, it is answered again, as the
         // caller that retried waits. (Calls may be applied out of their
         // caller's order, so a call below the last applied may be queued.)
-        if self.queue.iter().any(|p| p.id == id) && !self.bugs.no_dedup {
+        let waiting = self.queue.iter().any(|p| p.id == id) || self.voting.contains_key(&id);
+        if waiting && !self.bugs.no_dedup {
             return;
         }
         let applied = self
@@ -564,6 +577,7 @@ impl Rrpc {
             method: method.into(),
             payload: m.payload.clone(),
             mode,
+            replies,
             of: None,
             outcome: None,
             executor: None,
@@ -583,7 +597,7 @@ impl Rrpc {
             }
         };
         let Some(i) = self.queue.iter().position(|p| p.id == outcome.id) else {
-            return;
+            return self.on_vote(m.publisher, outcome);
         };
         let p = &mut self.queue[i];
         match (p.mode, outcome.share) {
@@ -633,7 +647,6 @@ impl Rrpc {
             // (An active call is executed here, by every replica.)
             stat.executed += u64::from(p.mode == Some(Mode::Active));
             stat.failed += u64::from(answer.is_err());
-            self.remember(p.id, answer.clone());
             let reply = match &answer {
                 Ok(b) => digest_of(b),
                 Err(e) => digest_of(e.message.as_bytes()) ^ 1,
@@ -643,13 +656,137 @@ impl Rrpc {
                     .map(u64::to_le_bytes)
                     .concat(),
             );
-            self.out.push_back(Reply {
-                id: p.id,
-                method: p.method,
-                answer,
-            });
+            if p.replies != Replies::Own && p.mode == Some(Mode::Active) {
+                self.vote(p, answer);
+            } else {
+                self.remember(p.id, answer.clone());
+                self.out.push_back(Reply {
+                    id: p.id,
+                    method: p.method,
+                    answer,
+                });
+            }
             // The next call may be the primary's to execute now.
             self.dispatch(0);
+        }
+    }
+
+    /// Active call `p`, just applied here with `answer`, waits for its
+    /// replicas' votes: this replica orders its own (its reply), and the
+    /// reply is given once the votes are in ([`Rrpc::count_votes`]).
+    fn vote(&mut self, p: Pending, answer: Answer) {
+        let d = self.done.entry(p.id.publisher).or_default();
+        *d = (*d).max(p.id.pub_seq);
+        self.submit(&Outcome {
+            id: p.id,
+            share: None,
+            result: answer.map_err(|e| e.message),
+        });
+        let voters = self
+            .members
+            .iter()
+            .map(|m| (m.node, outcome_publisher(m.node, m.incarnation.0)))
+            .collect();
+        self.voting.insert(
+            p.id,
+            Voting {
+                id: p.id,
+                method: p.method,
+                replies: p.replies,
+                voters,
+                votes: BTreeMap::new(),
+            },
+        );
+    }
+
+    /// A vote ordered by `from` (an outcome of a call no longer queued).
+    fn on_vote(&mut self, from: PublisherId, outcome: Outcome) {
+        let Some(v) = self.voting.get_mut(&outcome.id) else {
+            return;
+        };
+        if outcome.share.is_some() || !v.voters.iter().any(|(_, p)| *p == from) {
+            return;
+        }
+        v.votes
+            .entry(from)
+            .or_insert_with(|| outcome.result.map_err(handler));
+        self.count_votes(outcome.id);
+    }
+
+    /// Gives call `id`'s reply if its votes decide it: every replica's
+    /// once every voter still in the view voted; a majority's once more
+    /// than half the voters gave one reply (no majority once every voter
+    /// still in the view voted without one).
+    fn count_votes(&mut self, id: CallId) {
+        let Some(v) = self.voting.get(&id) else {
+            return;
+        };
+        let live: BTreeSet<PublisherId> = self
+            .members
+            .iter()
+            .map(|m| outcome_publisher(m.node, m.incarnation.0))
+            .collect();
+        let awaited = v
+            .voters
+            .iter()
+            .any(|(_, p)| live.contains(p) && !v.votes.contains_key(p));
+        let answer = match v.replies {
+            Replies::Own => None,
+            Replies::All => (!awaited).then(|| {
+                let votes: Vec<Vote> = v
+                    .voters
+                    .iter()
+                    .filter_map(|(node, p)| {
+                        Some(Vote {
+                            server: node.0,
+                            reply: v.votes.get(p)?.clone(),
+                        })
+                    })
+                    .collect();
+                Ok(wire::encode(&votes))
+            }),
+            Replies::Majority => {
+                let mut counts: Vec<(&Answer, usize)> = Vec::new();
+                for a in v.votes.values() {
+                    match counts.iter_mut().find(|(b, _)| *b == a) {
+                        Some((_, n)) => *n += 1,
+                        None => counts.push((a, 1)),
+                    }
+                }
+                match counts.iter().find(|(_, n)| *n > v.voters.len() / 2) {
+                    Some((a, _)) => Some((*a).clone()),
+                    None if !awaited => Some(Err(CallFailure {
+                        code: CallErrorCode::NoMajority,
+                        message: format!(
+                            "no reply was given by more than {} of the {} replicas",
+                            v.voters.len() / 2,
+                            v.voters.len()
+                        ),
+                    })),
+                    None => None,
+                }
+            }
+        };
+        let Some(answer) = answer else {
+            return;
+        };
+        let Some(v) = self.voting.remove(&id) else {
+            return;
+        };
+        self.remember(id, answer.clone());
+        self.out.push_back(Reply {
+            id,
+            method: v.method,
+            answer,
+        });
+    }
+
+    /// Every call waiting for votes, after a view change (a voter that
+    /// left is not waited for).
+    fn count_votes_all(&mut self) {
+        let ids: Vec<CallId> = self.voting.keys().copied().collect();
+        for id in ids {
+            self.count_votes(id);
         }
     }
 
@@ -660,6 +797,13 @@ impl Rrpc {
             None => Err(CallFailure {
                 code: CallErrorCode::UnknownMethod,
                 message: format!("the service has no method `{}`", p.method),
+            }),
+            Some(mode) if mode != Mode::Active && p.replies != Replies::Own => Err(CallFailure {
+                code: CallErrorCode::NotActive,
+                message: format!(
+                    "`{}` is {mode}: only active methods run at every replica, so only they have every replica's reply",
+                    p.method
+                ),
             }),
             // Every replica executes it here, in the one order.
             Some(Mode::Active) => p.job(None).run(service).map_err(handler),
@@ -700,7 +844,7 @@ impl Rrpc {
     }
 
     /// The member that executes `p` (or its share `rank`) in this view.
-    fn executor(&self, p: &Pending, rank: u32, members: &[NodeId]) -> Option<NodeId> {
+    fn executor(&self, p: &Pending, rank: u32, members: &[Member]) -> Option<NodeId> {
         if members.is_empty() {
             return None;
         }
@@ -708,10 +852,12 @@ impl Rrpc {
         let i = match p.mode? {
             Mode::Active => return None,
             Mode::PrimaryBackup => 0,
-            Mode::LoadBalanced => return p.executor.filter(|e| members.contains(e)),
+            Mode::LoadBalanced => {
+                return p.executor.filter(|e| members.iter().any(|m| m.node == *e))
+            }
             Mode::Parallel => u64::from(rank) % n,
         };
-        members.get(usize::try_from(i).ok()?).copied()
+        members.get(usize::try_from(i).ok()?).map(|m| m.node)
     }
 
     /// Assigns load-balanced call `i`, if it has no outcome and no member
@@ -725,7 +871,9 @@ impl Rrpc {
         };
         let unassigned = p.mode == Some(Mode::LoadBalanced)
             && p.outcome.is_none()
-            && !p.executor.is_some_and(|e| self.members.contains(&e));
+            && !p
+                .executor
+                .is_some_and(|e| self.members.iter().any(|m| m.node == e));
         if !unassigned || self.members.is_empty() {
             return;
         }
@@ -733,7 +881,7 @@ impl Rrpc {
         let from = usize::try_from(spread(p.id) % n as u64).unwrap_or(0);
         let load = |m: &NodeId| self.load.get(m).copied().unwrap_or(0);
         let Some(&chosen) = (0..n)
-            .map(|k| &self.members[(from + k) % n])
+            .map(|k| &self.members[(from + k) % n].node)
             .min_by_key(|m| load(m))
         else {
             return;
@@ -759,6 +907,9 @@ impl Rrpc {
         let Some(p) = self.queue.get(i) else {
             return;
         };
+        if p.replies != Replies::Own {
+            return;
+        }
         let missing: Vec<u32> = match p.mode {
             None | Some(Mode::Active) => return,
             // Once every earlier call is applied: its state is exact.
@@ -788,7 +939,7 @@ impl Rrpc {
     }
 
     /// Counts what a view change moved to another executor.
-    fn count_reassigned(&mut self, old: &[NodeId]) {
+    fn count_reassigned(&mut self, old: &[Member]) {
         let mut moved: Vec<Arc<str>> = Vec::new();
         for p in &self.queue {
             let ranks: Vec<u32> = match p.mode {

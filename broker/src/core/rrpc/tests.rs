@@ -3,6 +3,7 @@
 use super::*;
 use crate::core::stream::Ordered;
 use canopy_client::protocol::Seq;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 /// A counter with a method per mode; calls carry an `i64` (little endian).
@@ -80,14 +81,25 @@ struct Group {
 
 const CALLER: PublisherId = PublisherId(7);
 
+/// A view of servers `ids`, each in its first incarnation.
+fn view(ids: &[u32]) -> Vec<Member> {
+    ids.iter()
+        .map(|&id| Member {
+            node: NodeId(id),
+            incarnation: crate::core::mbrship::Incarnation(1),
+        })
+        .collect()
+}
+
 impl Group {
     fn new(n: u32) -> Self {
-        let members: Vec<NodeId> = (1..=n).map(NodeId).collect();
+        let members = view(&(1..=n).collect::<Vec<_>>());
         let n = n as usize;
         let replicas = members
             .iter()
-            .map(|&me| {
-                let config = RrpcConfig::new(PublisherId(1000 + u64::from(me.0)));
+            .map(|m| {
+                let me = m.node;
+                let config = RrpcConfig::new(outcome_publisher(me, 1));
                 let mut r = Rrpc::new(me, Some(share(Counter::default())), config);
                 r.view(members.clone(), 1, Seq(0));
                 r.set_primary(true);
@@ -114,7 +126,7 @@ impl Group {
     }
 
     fn call(&mut self, pub_seq: u64, method: &str, n: i64) {
-        self.append(CALLER, pub_seq, &format!("{CALL_PREFIX}{method}"), bytes(n));
+        self.append(CALLER, pub_seq, &Replies::Own.topic(method), bytes(n));
     }
 
     /// Delivers the stream to replica `i`.
@@ -225,7 +237,7 @@ fn a_view_change_reassigns_what_the_departed_replica_had_not_ordered() {
     g.execute(1);
     g.deliver_all();
     assert!(g.replicas[0].queued() > 0, "replica 3 had some of 30 calls");
-    let members = vec![NodeId(1), NodeId(2)];
+    let members = view(&[1, 2]);
     for i in 0..2 {
         let at = Seq(g.delivered[i] as u64);
         g.replicas[i].view(members.clone(), 1, at);
@@ -351,13 +363,17 @@ fn a_restored_replica_continues_where_its_snapshot_was_taken() {
     // A snapshot with calls still queued.
     let snap = g.replicas[0].snapshot();
     let service = Some(share(Counter::default()));
-    let mut fresh = Rrpc::new(NodeId(3), service, RrpcConfig::new(PublisherId(1003)));
+    let mut fresh = Rrpc::new(
+        NodeId(3),
+        service,
+        RrpcConfig::new(outcome_publisher(NodeId(3), 1)),
+    );
     let head = Seq(g.stream.len() as u64);
     fresh.restore(Some(&snap), 1, head).expect("restores");
     g.replicas.push(fresh);
     // It joins the view, at the snapshot's position.
     for r in &mut g.replicas {
-        r.view(vec![NodeId(1), NodeId(2), NodeId(3)], 1, head);
+        r.view(view(&[1, 2, 3]), 1, head);
     }
     g.delivered.push(g.stream.len());
     g.settle();
@@ -382,14 +398,18 @@ fn a_replica_told_of_a_view_late_assigns_as_the_others_did() {
     }
     g.deliver_all();
     let service = Some(share(Counter::default()));
-    let mut late = Rrpc::new(NodeId(3), service, RrpcConfig::new(PublisherId(1003)));
+    let mut late = Rrpc::new(
+        NodeId(3),
+        service,
+        RrpcConfig::new(outcome_publisher(NodeId(3), 1)),
+    );
     late.restore(Some(&snap), 1, head).expect("restores");
     g.replicas.push(late);
     g.delivered.push(head.0 as usize);
     g.deliver(2);
     let at = Seq(g.stream.len() as u64);
     for r in &mut g.replicas {
-        r.view(vec![NodeId(1), NodeId(2), NodeId(3)], 1, at);
+        r.view(view(&[1, 2, 3]), 1, at);
         r.set_primary(true);
     }
     let d = g.digests();
@@ -398,6 +418,116 @@ fn a_replica_told_of_a_view_late_assigns_as_the_others_did() {
     let replies = g.replies(2);
     assert_eq!(replies.len(), 9);
     assert_eq!(replies.last().map(|r| &r.1), Some(&ok(9)));
+}
+
+fn votes(answer: &Answer) -> Vec<(u32, Answer)> {
+    let body = answer.as_ref().expect("every replica's replies");
+    let votes: Vec<Vote> = wire::decode(body).expect("a list of votes");
+    votes.into_iter().map(|v| (v.server, v.reply)).collect()
+}
+
+#[test]
+fn a_caller_may_wait_for_every_replicas_reply_or_a_majoritys() {
+    let mut g = Group::new(3);
+    g.append(CALLER, 1, &Replies::All.topic("add"), bytes(5));
+    g.append(CALLER, 2, &Replies::Majority.topic("add"), bytes(2));
+    g.append(CALLER, 3, &Replies::All.topic("lb.add"), bytes(1));
+    g.settle();
+    for i in 0..3 {
+        let r: BTreeMap<u64, Answer> = g.replies(i).into_iter().collect();
+        assert_eq!(votes(&r[&1]), [(1, ok(5)), (2, ok(5)), (3, ok(5))]);
+        assert_eq!(r[&2], ok(7));
+        let code = r[&3].as_ref().map_err(|e| e.code);
+        assert_eq!(code, Err(CallErrorCode::NotActive));
+    }
+    let d = g.digests();
+    assert!(d.iter().all(|&x| x == d[0]), "digests differ: {d:?}");
+}
+
+#[test]
+fn a_majority_outvotes_a_replica_that_disagrees_and_none_is_an_error() {
+    // Replica 3's vote says otherwise (a handler that is not
+    // deterministic, or a faulty replica).
+    let forged = |g: &mut Group, pub_seq: u64, n: i64| {
+        let vote = Outcome {
+            id: CallId {
+                publisher: CALLER,
+                pub_seq: PubSeq(pub_seq),
+            },
+            share: None,
+            result: Ok(bytes(n)),
+        };
+        let from = outcome_publisher(NodeId(3), 1);
+        g.append(from, pub_seq, OUTCOME_TOPIC, wire::encode(&vote));
+    };
+    let mut g = Group::new(3);
+    g.append(CALLER, 1, &Replies::Majority.topic("add"), bytes(5));
+    g.deliver_all();
+    forged(&mut g, 1, 99);
+    g.replicas[2].take_submissions();
+    g.settle();
+    assert_eq!(g.replies(0), [(1, ok(5))]);
+    // With only two voters left and one of them forged, none has more
+    // than half of three.
+    let mut g = Group::new(3);
+    g.append(CALLER, 1, &Replies::Majority.topic("add"), bytes(5));
+    g.deliver_all();
+    forged(&mut g, 1, 99);
+    for i in 1..3 {
+        g.replicas[i].take_submissions();
+    }
+    g.execute(0);
+    g.deliver_all();
+    assert_eq!(g.replies(0), [], "replica 2 has not voted yet");
+    let members = view(&[1, 3]);
+    for i in [0, 2] {
+        let at = Seq(g.delivered[i] as u64);
+        g.replicas[i].view(members.clone(), 1, at);
+    }
+    let r = g.replies(0);
+    assert_eq!(r.len(), 1);
+    let code = r[0].1.as_ref().map_err(|e| e.code);
+    assert_eq!(code, Err(CallErrorCode::NoMajority));
+}
+
+#[test]
+fn every_replicas_reply_is_the_replies_of_those_still_in_the_view() {
+    let mut g = Group::new(3);
+    g.append(CALLER, 1, &Replies::All.topic("add"), bytes(4));
+    g.deliver_all();
+    // Replica 3 fails before its vote is ordered.
+    g.replicas[2].take_submissions();
+    g.execute(0);
+    g.execute(1);
+    g.deliver_all();
+    assert_eq!(
+        g.replies(0),
+        [],
+        "replica 3 is waited for while in the view"
+    );
+    assert_eq!(
+        g.replicas[0].lookup(CallId {
+            publisher: CALLER,
+            pub_seq: PubSeq(1)
+        }),
+        Lookup::Pending
+    );
+    let members = view(&[1, 2]);
+    for i in 0..2 {
+        let at = Seq(g.delivered[i] as u64);
+        g.replicas[i].view(members.clone(), 1, at);
+    }
+    for i in 0..2 {
+        let r = g.replies(i);
+        assert_eq!(r.len(), 1);
+        assert_eq!(votes(&r[0].1), [(1, ok(4)), (2, ok(4))]);
+    }
+    // Asked again, the call is answered from the reply table.
+    let id = CallId {
+        publisher: CALLER,
+        pub_seq: PubSeq(1),
+    };
+    assert!(matches!(g.replicas[0].lookup(id), Lookup::Replied(Ok(_))));
 }
 
 #[test]

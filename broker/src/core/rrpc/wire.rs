@@ -3,8 +3,9 @@
 
 use super::service::{Call, CallId, Mode, Share};
 use super::{Answer, Job};
-use crate::core::mbrship::NodeId;
+use crate::core::mbrship::{Member, NodeId};
 use bytes::Bytes;
+use canopy_client::protocol::{PublisherId, Replies};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +30,9 @@ pub(super) struct Pending {
     pub payload: Bytes,
     /// `None`: the service has no such method.
     pub mode: Option<Mode>,
+    /// The replies its caller waits for.
+    #[serde(default)]
+    pub replies: Replies,
     /// How many shares a parallel call has: set by the first share
     /// ordered (each executor splits by the view it has, and replicas that
     /// caught up by a snapshot may not know the view a call was ordered
@@ -47,6 +51,10 @@ pub(super) struct Pending {
 impl Pending {
     /// Whether its effect is known, so that it can be applied.
     pub fn ready(&self) -> bool {
+        if self.replies != Replies::Own {
+            // Active, or failed at once.
+            return true;
+        }
         match self.mode {
             None | Some(Mode::Active) => true,
             Some(Mode::PrimaryBackup | Mode::LoadBalanced) => self.outcome.is_some(),
@@ -97,11 +105,29 @@ pub(super) struct State {
     /// installs this state may be delivered what follows before it is
     /// told of a view)...
     #[serde(default)]
-    pub members: Vec<NodeId>,
+    pub members: Vec<Member>,
     /// ...and the views installed that take effect further on: (the last
     /// seq of the view before, members).
     #[serde(default)]
-    pub views: Vec<(canopy_client::protocol::Seq, Vec<NodeId>)>,
+    pub views: Vec<(canopy_client::protocol::Seq, Vec<Member>)>,
+    /// Calls applied that wait for their replicas' votes.
+    #[serde(default)]
+    pub voting: Vec<Voting>,
+}
+
+/// An active call applied whose caller waits for every replica's own
+/// reply, or a majority's: the votes ordered so far.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Voting {
+    pub id: CallId,
+    pub method: Arc<str>,
+    pub replies: Replies,
+    /// The members of the view it was applied in, with the publisher id
+    /// each orders its vote under (a member that restarts since has
+    /// another, and is not waited for: it did not apply the call).
+    pub voters: Vec<(NodeId, PublisherId)>,
+    /// The first vote ordered of each voter, by its publisher id.
+    pub votes: BTreeMap<PublisherId, Answer>,
 }
 
 /// CBOR of a record.
