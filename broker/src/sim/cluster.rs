@@ -65,7 +65,7 @@ use crate::core::rrpc::{share, CallId, Job};
 use crate::core::{Node, NodeConfig, Server, SessionId};
 use bytes::Bytes;
 use canopy_client::core::Action;
-use canopy_client::protocol::{self, CallErrorCode, PubSeq, PublisherId, Seq};
+use canopy_client::protocol::{self, CallErrorCode, PubSeq, PublisherId, Replies, Seq, Vote};
 use client::CoreClient;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -1765,6 +1765,7 @@ impl World {
                     pub_seq: *pub_seq,
                 };
                 let got = match answer {
+                    Ok(b) if cl.replies_of(*pub_seq) == Replies::All => every_reply(id, b)?,
                     Ok(b) => b.as_ref().try_into().ok().map(u64::from_le_bytes),
                     // Acknowledged in a stream that was lost (guarantee 5).
                     Err(e) if e.code == CallErrorCode::StreamReset => continue,
@@ -1853,6 +1854,30 @@ impl World {
             }
         }
         Ok(())
+    }
+}
+
+/// The one reply every replica gave to call `id` (`body`: the replicas'
+/// votes), or a violation: none, a replica twice, or replies that differ
+/// (the service is deterministic).
+fn every_reply(id: CallId, body: &Bytes) -> Result<Option<u64>, Violation> {
+    let votes: Vec<Vote> = ciborium::from_reader(&body[..])
+        .map_err(|e| Violation(format!("replies: call {id}'s votes do not decode: {e}")))?;
+    let servers: HashSet<u32> = votes.iter().map(|v| v.server).collect();
+    let first = votes.first().map(|v| v.reply.clone());
+    if servers.len() != votes.len() || votes.iter().any(|v| Some(&v.reply) != first.as_ref()) {
+        return Err(Violation(format!(
+            "replies: call {id}'s replicas voted twice or otherwise: {votes:?}"
+        )));
+    }
+    match first {
+        Some(Ok(b)) => Ok(b.as_ref().try_into().ok().map(u64::from_le_bytes)),
+        Some(Err(e)) => Err(Violation(format!(
+            "replies: call {id} failed at every replica: {e}"
+        ))),
+        None => Err(Violation(format!(
+            "replies: call {id} had no replica's reply"
+        ))),
     }
 }
 

@@ -474,6 +474,14 @@ fn pump_core(
                 // acknowledged after reconnecting.
                 node.reject_overloaded(now, &sub);
             } else {
+                if call_method(&sub.msg.2).is_some() && group.pub_delivered(publisher) >= pub_seq {
+                    // A call the group delivered, retried where the node's
+                    // table did not know it: the sequencer drops the retry
+                    // (and may not say so: this server's table knows it),
+                    // so its reply is looked up.
+                    let id = CallId { publisher, pub_seq };
+                    answer_asked(node, group, now, id);
+                }
                 room = room.saturating_sub(1);
                 msgs.push(Submitted(sub.after, sub.msg));
             }

@@ -228,6 +228,8 @@ impl Group {
         match &event {
             Event::Deliver(msgs) => self.rrpc.deliver(msgs),
             Event::View { view, at } => {
+                self.rrpc
+                    .set_publisher(rrpc_config(self.mbr.me()).publisher);
                 self.rrpc.view(view.members.clone(), view.stream, *at);
                 self.rrpc.set_primary(self.mbr.is_primary());
             }

@@ -357,6 +357,17 @@ impl Rrpc {
         }
     }
 
+    /// The publisher id this server orders its outcomes and votes under
+    /// from now on: a server that starts over as a new incarnation (a
+    /// rejoin) takes a new one, so that its votes count as the new
+    /// incarnation's.
+    pub fn set_publisher(&mut self, publisher: PublisherId) {
+        if publisher != self.config.publisher {
+            self.config.publisher = publisher;
+            self.own_pub_seq = PubSeq(0);
+        }
+    }
+
     /// In a primary view (executes and orders) or not.
     pub fn set_primary(&mut self, primary: bool) {
         self.primary = primary;
@@ -682,7 +693,7 @@ impl Rrpc {
             share: None,
             result: answer.map_err(|e| e.message),
         });
-        let voters = self
+        let voters: Vec<(NodeId, PublisherId)> = self
             .members
             .iter()
             .map(|m| (m.node, outcome_publisher(m.node, m.incarnation.0)))
@@ -714,9 +725,11 @@ impl Rrpc {
     }
 
     /// Gives call `id`'s reply if its votes decide it: every replica's
-    /// once every voter still in the view voted; a majority's once more
-    /// than half the voters gave one reply (no majority once every voter
-    /// still in the view voted without one).
+    /// once every voter still in the view voted; a majority's once one
+    /// reply has more than half the votes of the voters that voted or are
+    /// still in the view (a replica that failed has no say; a replica
+    /// that replied otherwise is outvoted), and no majority once every
+    /// voter still in the view voted without one.
     fn count_votes(&mut self, id: CallId) {
         let Some(v) = self.voting.get(&id) else {
             return;
@@ -730,6 +743,11 @@ impl Rrpc {
             .voters
             .iter()
             .any(|(_, p)| live.contains(p) && !v.votes.contains_key(p));
+        let counted = v
+            .voters
+            .iter()
+            .filter(|(_, p)| live.contains(p) || v.votes.contains_key(p))
+            .count();
         let answer = match v.replies {
             Replies::Own => None,
             Replies::All => (!awaited).then(|| {
@@ -753,14 +771,13 @@ impl Rrpc {
                         None => counts.push((a, 1)),
                     }
                 }
-                match counts.iter().find(|(_, n)| *n > v.voters.len() / 2) {
+                match counts.iter().find(|(_, n)| *n > counted / 2) {
                     Some((a, _)) => Some((*a).clone()),
                     None if !awaited => Some(Err(CallFailure {
                         code: CallErrorCode::NoMajority,
                         message: format!(
-                            "no reply was given by more than {} of the {} replicas",
-                            v.voters.len() / 2,
-                            v.voters.len()
+                            "no reply was given by more than {} of the {counted} replicas that replied",
+                            counted / 2
                         ),
                     })),
                     None => None,

@@ -16,14 +16,15 @@
 //!   stable position the server tells it, unless a `Diverged` notice took
 //!   them back first.
 
+use crate::core::rrpc::Mode;
 use crate::sim::checker::Violation;
 use crate::sim::client::link_config;
 use crate::sim::cluster_checker::ClusterChecker;
 use crate::sim::service::METHODS;
 use bytes::Bytes;
 use canopy_client::core::{Action, ClientCore, Event, Joined, LinkEvent};
-use canopy_client::protocol::{self, CallFailure, PubSeq, PublisherId, Seq, SlowPolicy};
-use std::collections::{BTreeMap, BTreeSet};
+use canopy_client::protocol::{self, CallFailure, PubSeq, PublisherId, Replies, Seq, SlowPolicy};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The topic every simulated publish goes to.
@@ -109,8 +110,8 @@ pub(super) struct CoreClient {
     pub armed: Option<Duration>,
     /// It calls the replicated service instead of publishing.
     pub caller: bool,
-    /// The pub_seqs of its calls.
-    calls: BTreeSet<PubSeq>,
+    /// Its calls, by pub_seq, and the replies each waits for.
+    calls: BTreeMap<PubSeq, Replies>,
     /// Replies, with the stream the connection that brought each was in.
     pub replies: BTreeMap<PubSeq, (u64, Result<Bytes, CallFailure>)>,
 }
@@ -142,7 +143,7 @@ impl CoreClient {
             conn: None,
             armed: None,
             caller: false,
-            calls: BTreeSet::new(),
+            calls: BTreeMap::new(),
             replies: BTreeMap::new(),
         }
     }
@@ -167,10 +168,17 @@ impl CoreClient {
         let payload = Bytes::from(format!("{}:{}", self.id.0, pub_seq.0));
         checker.published(self.id, pub_seq);
         if self.caller {
-            // Every mode in turn.
-            let (method, _) = METHODS[(pub_seq.0 % METHODS.len() as u64) as usize];
-            self.calls.insert(pub_seq);
-            self.core.call(method, &payload);
+            // Every mode in turn; active calls wait for their server's
+            // reply, every replica's or a majority's, in turn.
+            let n = METHODS.len() as u64;
+            let (method, mode) = METHODS[(pub_seq.0 % n) as usize];
+            let replies = match (mode, pub_seq.0 / n % 3) {
+                (Mode::Active, 1) => Replies::All,
+                (Mode::Active, 2) => Replies::Majority,
+                _ => Replies::Own,
+            };
+            self.calls.insert(pub_seq, replies);
+            self.core.call_with(method, replies, &payload);
         } else {
             self.core.publish(TOPIC, &payload);
         }
@@ -178,7 +186,12 @@ impl CoreClient {
 
     /// Whether `pub_seq` was a call.
     pub fn is_call(&self, pub_seq: PubSeq) -> bool {
-        self.calls.contains(&pub_seq)
+        self.calls.contains_key(&pub_seq)
+    }
+
+    /// The replies call `pub_seq` waits for.
+    pub fn replies_of(&self, pub_seq: PubSeq) -> Replies {
+        self.calls.get(&pub_seq).copied().unwrap_or_default()
     }
 
     /// The next action for the world.
