@@ -6,7 +6,8 @@ mod common;
 
 use bytes::{BufMut, BytesMut};
 use canopy_client::protocol::{
-    self, kind, ClientFrame, ErrorCode, PubSeq, ServerFrame, SlowPolicy, SubscribeHead,
+    self, kind, AskHead, ClientFrame, ErrorCode, PubSeq, PublisherId, ServerFrame, SlowPolicy,
+    SubscribeHead,
 };
 use common::{hello, publish, take_messages, Raw, Server};
 
@@ -169,6 +170,25 @@ async fn an_invalid_pattern_in_hello_is_rejected() {
         SlowPolicy::Disconnect,
     )));
     bad_input_case(Before::Nothing, &bad, ErrorCode::InvalidPattern).await;
+}
+
+#[tokio::test]
+async fn a_publish_for_another_publisher_from_a_client_is_rejected() {
+    let mut forged = publish("ok.forged", 2, b"x");
+    if let ClientFrame::Publish(p) = &mut forged {
+        p.publisher = Some(PublisherId(77));
+    }
+    let bad = protocol::encode_client(&forged);
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::ForwardNotAllowed).await;
+}
+
+#[tokio::test]
+async fn an_ask_for_another_publishers_call_from_a_client_is_rejected() {
+    let bad = protocol::encode_client(&ClientFrame::Ask(AskHead {
+        pub_seq: PubSeq(1),
+        publisher: Some(PublisherId(77)),
+    }));
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::ForwardNotAllowed).await;
 }
 
 #[tokio::test]

@@ -1224,6 +1224,55 @@ mod tests {
     }
 
     #[test]
+    fn replies_round_trip_and_a_failed_one_with_a_body_is_malformed() {
+        let ok = ServerFrame::Reply(
+            ReplyHead {
+                pub_seq: PubSeq(3),
+                publisher: Some(PublisherId(9)),
+                error: None,
+            },
+            Bytes::from_static(b"reply"),
+        );
+        let failed = ServerFrame::Reply(
+            ReplyHead {
+                pub_seq: PubSeq(4),
+                publisher: None,
+                error: Some(CallFailure {
+                    code: CallErrorCode::NoMajority,
+                    message: "no".into(),
+                }),
+            },
+            Bytes::new(),
+        );
+        for f in [ok, failed.clone()] {
+            assert_eq!(decode_server(content(encode_server(&f))), Ok(f));
+        }
+        let ServerFrame::Reply(head, _) = failed else {
+            unreachable!()
+        };
+        let bad = encode_server(&ServerFrame::Reply(head, Bytes::from_static(b"body")));
+        assert!(matches!(
+            decode_server(content(bad)),
+            Err(DecodeError::Malformed {
+                kind: kind::REPLY,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn call_topics_name_their_method_and_replies() {
+        for r in [Replies::Own, Replies::All, Replies::Majority] {
+            assert_eq!(Replies::parse(&r.topic("book.add")), Some(("book.add", r)));
+        }
+        assert_eq!(Replies::parse("$canopy.members"), None);
+        assert_eq!(
+            Replies::parse("$canopy.call.$all"),
+            Some(("$all", Replies::Own))
+        );
+    }
+
+    #[test]
     fn weak_delivery_frames_round_trip() {
         let mut b = DeliverBuilder::default();
         b.push(Seq(4), PublisherId(1), PubSeq(2), "a.b", b"x");

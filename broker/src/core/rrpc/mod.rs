@@ -229,9 +229,13 @@ pub struct Rrpc {
     replies: HashMap<CallId, Answer>,
     /// ...oldest first.
     replies_order: VecDeque<CallId>,
-    /// Per caller, the last call applied (calls apply in each caller's
-    /// order); forgotten with the caller's last reply.
+    /// Per caller, its highest call applied: a call at or below it is
+    /// applied or still queued (a caller's calls are delivered in its
+    /// order, though applied where their effects become known). Forgotten
+    /// with the caller's last reply held...
     done: HashMap<PublisherId, PubSeq>,
+    /// ...counted here (derived from `replies`).
+    held: HashMap<PublisherId, usize>,
     /// Jobs handed out and not reported yet (call, share rank).
     running: BTreeSet<(CallId, u32)>,
     /// Per member, the load-balanced calls assigned to it with no outcome
@@ -274,6 +278,7 @@ impl Rrpc {
             replies: HashMap::new(),
             replies_order: VecDeque::new(),
             done: HashMap::new(),
+            held: HashMap::new(),
             running: BTreeSet::new(),
             load: BTreeMap::new(),
             voting: BTreeMap::new(),
@@ -525,6 +530,10 @@ impl Rrpc {
         self.replies_order = state.replies.iter().map(|(id, _)| *id).collect();
         self.replies = state.replies.into_iter().collect();
         self.done = state.done.into_iter().collect();
+        self.held.clear();
+        for id in self.replies.keys() {
+            *self.held.entry(id.publisher).or_default() += 1;
+        }
         self.history = state.history;
         self.voting = state.voting.into_iter().map(|v| (v.id, v)).collect();
         self.running.clear();
@@ -844,8 +853,14 @@ impl Rrpc {
     }
 
     /// Keeps a reply, forgetting the oldest past the bound.
+    /// (A caller's last call applied is forgotten with its last reply,
+    /// not with the reply of that call: calls are applied out of their
+    /// callers' order, and the table may still hold a later-applied
+    /// earlier call's reply.)
     fn remember(&mut self, id: CallId, answer: Answer) {
-        self.replies.insert(id, answer);
+        if self.replies.insert(id, answer).is_none() {
+            *self.held.entry(id.publisher).or_default() += 1;
+        }
         self.replies_order.push_back(id);
         let d = self.done.entry(id.publisher).or_default();
         *d = (*d).max(id.pub_seq);
@@ -853,8 +868,15 @@ impl Rrpc {
             let Some(old) = self.replies_order.pop_front() else {
                 break;
             };
-            self.replies.remove(&old);
-            if self.done.get(&old.publisher) == Some(&old.pub_seq) {
+            if self.replies.remove(&old).is_none() {
+                continue;
+            }
+            let Some(n) = self.held.get_mut(&old.publisher) else {
+                continue;
+            };
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.held.remove(&old.publisher);
                 self.done.remove(&old.publisher);
             }
         }

@@ -531,6 +531,75 @@ fn every_replicas_reply_is_the_replies_of_those_still_in_the_view() {
 }
 
 #[test]
+fn a_caller_is_remembered_until_its_last_reply_is_forgotten() {
+    // Call 1 (load-balanced) is applied after call 2 (active); the table
+    // forgets call 2's reply first, while call 1's is held: a retry of
+    // call 2 must not be applied again.
+    let mut g = Group::new(1);
+    g.replicas[0].config.replies_max = 2;
+    g.call(1, "lb.add", 1);
+    g.call(2, "add", 10);
+    g.settle();
+    assert_eq!(g.replies(0), [(2, ok(10)), (1, ok(11))]);
+    g.append(PublisherId(8), 1, &Replies::Own.topic("add"), bytes(100));
+    g.settle();
+    g.replies(0);
+    g.call(2, "add", 10);
+    g.settle();
+    let r = g.replies(0);
+    assert_eq!(r.len(), 1);
+    let code = r[0].1.as_ref().map_err(|e| e.code);
+    assert_eq!(code, Err(CallErrorCode::Forgotten), "applied once: {r:?}");
+    assert_eq!(g.replicas[0].stats()["add"].applied, 2);
+}
+
+#[test]
+fn outcome_records_that_do_not_decode_or_fit_are_ignored_alike() {
+    let mut g = Group::new(2);
+    g.call(1, "lb.add", 3);
+    g.deliver_all();
+    let id = CallId {
+        publisher: CALLER,
+        pub_seq: PubSeq(1),
+    };
+    let forged = |share| Outcome {
+        id,
+        share,
+        result: Ok(bytes(1000)),
+    };
+    g.append(
+        PublisherId(66),
+        1,
+        OUTCOME_TOPIC,
+        Bytes::from_static(b"\xff\x00 not cbor"),
+    );
+    // A share for a call that is not parallel; a share past the bound.
+    let share = Share { rank: 0, of: 1 };
+    g.append(
+        PublisherId(66),
+        2,
+        OUTCOME_TOPIC,
+        wire::encode(&forged(Some(share))),
+    );
+    let share = Share {
+        rank: 5,
+        of: SHARES_MAX + 1,
+    };
+    g.append(
+        PublisherId(66),
+        3,
+        OUTCOME_TOPIC,
+        wire::encode(&forged(Some(share))),
+    );
+    g.settle();
+    for i in 0..2 {
+        assert_eq!(g.replies(i), [(1, ok(3))], "replica {i}");
+    }
+    let d = g.digests();
+    assert!(d.iter().all(|&x| x == d[0]), "digests differ: {d:?}");
+}
+
+#[test]
 fn replies_are_found_again_until_the_table_forgets_them() {
     let mut g = Group::new(1);
     g.replicas[0].config.replies_max = 2;
