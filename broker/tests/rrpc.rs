@@ -4,11 +4,15 @@
 //! call it while a replica is `kill -9`ed (`core-3`), and separately while
 //! their own server is (`core-1`: the view's primary and coordinator, the
 //! direct callers' server and the relays' first upstream). Every call must
-//! complete; every reply must be the one a sequential execution gives
-//! (a local `Kv` applies each caller's calls in order: callers use keys of
-//! their own, so every interleaving of callers gives the same replies and
-//! state); and every surviving replica must end with the state digest of
-//! that sequential execution.
+//! complete; every reply must be the one a sequential execution in the
+//! group's order gives, and every surviving replica must end with the
+//! state digest of that execution. Active calls (with the server's reply,
+//! every replica's, or a majority's) all `put` one key and are answered
+//! the value they replaced, so their replies spell out the order the group
+//! executed them in: it must be one order of all of them. The other modes'
+//! calls use keys of their own per caller (their effects commute, the
+//! order is not visible in replies): a local `Kv` applies each caller's
+//! calls in order.
 
 mod common;
 
@@ -18,6 +22,7 @@ use canopy_broker::services::kv::Kv;
 use canopy_client::protocol::{CallErrorCode, PubSeq, PublisherId};
 use canopy_client::{Client, ClientOptions};
 use common::{within_for, Tree};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,13 +44,44 @@ struct Done {
 fn call_for(mode: &str, name: &str, i: usize) -> (&'static str, String) {
     match mode {
         "active" | "active, every reply" | "active, a majority's reply" => {
-            ("put", format!("{name}.k {i}"))
+            ("put", format!("{SHARED} {name}.{i}"))
         }
         "primary-backup" => ("stamp", format!("{name}.t{i}")),
         "load-balanced" => ("hash", format!("{name}.h{i} 20000 text-{name}-{i}")),
         "parallel" => ("primes", format!("{}", 2_000 + 37 * i + name.len())),
         other => panic!("no mode {other}"),
     }
+}
+
+/// The key every active call puts to.
+const SHARED: &str = "shared";
+
+/// Active calls all `put` one key, and each answers the value it replaced:
+/// the replies must link every call into one sequence from the empty
+/// value (one order of execution, the group's: no put replaced a value
+/// another put also replaced, none is missing, none ran twice). Returns
+/// the last value, which the replicas must hold.
+fn one_order(mode: &str, puts: &[Done]) -> String {
+    let mut next: HashMap<String, String> = HashMap::new();
+    for d in puts {
+        let (_, value) = d.arg.split_once(' ').expect("KEY VALUE");
+        let before = String::from_utf8(d.reply.to_vec()).expect("text");
+        if let Some(other) = next.insert(before.clone(), value.to_owned()) {
+            panic!("{mode}: `{value}` and `{other}` both replaced `{before}`: no one order");
+        }
+    }
+    let (mut at, mut n) = (String::new(), 0);
+    while let Some(v) = next.get(&at).filter(|_| n <= puts.len()) {
+        at = v.clone();
+        n += 1;
+    }
+    assert_eq!(
+        n,
+        puts.len(),
+        "{mode}: one order links {n} of {} puts",
+        puts.len()
+    );
+    at
 }
 
 fn primes_below(n: u64) -> u64 {
@@ -172,11 +208,16 @@ async fn run(mode: &'static str, victim: &str) {
     .await;
     tree.kill(victim);
     let model = Kv::default();
+    let mut puts = Vec::new();
     for (name, task) in tasks {
         let done = within_for(TIME_MAX, "the callers", task)
             .await
             .expect("caller task");
         assert_eq!(done.len(), CALLS, "{name}: every call completed");
+        if mode.starts_with("active") {
+            puts.extend(done);
+            continue;
+        }
         for (i, d) in done.iter().enumerate() {
             let want = model_apply(&model, d);
             assert_eq!(
@@ -189,6 +230,17 @@ async fn run(mode: &'static str, victim: &str) {
                 assert_eq!(d.reply, Bytes::from(primes_below(n).to_string()));
             }
         }
+    }
+    if mode.starts_with("active") {
+        let last = one_order(mode, &puts);
+        model_apply(
+            &model,
+            &Done {
+                method: "put",
+                arg: format!("{SHARED} {last}"),
+                reply: Bytes::new(),
+            },
+        );
     }
     let want = format!("{:016x}", model.digest());
     for (i, addr) in c.iter().enumerate() {
