@@ -2,6 +2,7 @@
 //! and `status`.
 
 use anyhow::Context;
+use canopy_client::protocol::Credentials;
 use canopy_client::{Client, ClientOptions, Event};
 use futures::StreamExt;
 use std::io::Write;
@@ -20,8 +21,40 @@ pub fn server_list(servers: &str) -> Vec<String> {
 /// How long the CLI keeps trying when no server answers.
 const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The credentials the CLI's clients present (`--token`, or `--user` and
+/// `--password`).
+static CREDENTIALS: std::sync::OnceLock<Option<Credentials>> = std::sync::OnceLock::new();
+
+/// Sets the credentials the CLI's clients present, once.
+pub fn set_credentials(credentials: Option<Credentials>) {
+    let _ = CREDENTIALS.set(credentials);
+}
+
+/// `canopy passwd`: prints an argon2id hash of `password`, or of stdin's
+/// first line.
+///
+/// # Errors
+/// When stdin cannot be read or the password is empty.
+pub fn passwd(password: Option<String>) -> anyhow::Result<()> {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    anyhow::ensure!(!password.is_empty(), "an empty password");
+    let hash = crate::auth::hash_password(&password).map_err(anyhow::Error::msg)?;
+    println!("{hash}");
+    Ok(())
+}
+
 async fn connect(servers: &str, name: &str, weak: bool) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(server_list(servers));
+    options.credentials = CREDENTIALS.get().cloned().flatten();
     options.name = name.to_owned();
     options.weak = weak;
     options.reconnect_for = RECONNECT_FOR;

@@ -44,6 +44,17 @@ pub struct FileConfig {
     pub core: Option<FileCore>,
     /// A relay's place in the tree; absent for a core or standalone server.
     pub relay: Option<FileRelay>,
+    /// Who may connect; absent: anyone.
+    pub auth: Option<FileAuth>,
+}
+
+/// `[auth]`: clients must prove who they are.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    /// The accounts file (every server and relay of a tree reads the
+    /// same); relative paths start at the working directory.
+    pub accounts: PathBuf,
 }
 
 /// `[relay]`: a relay's tier above and its own tier.
@@ -56,6 +67,9 @@ pub struct FileRelay {
     /// fail over among them. Empty: the relay tells clients only itself.
     #[serde(default)]
     pub tier: Vec<String>,
+    /// The relay's token for the tier above, when that checks (its user
+    /// needs `relay = true`).
+    pub token: Option<String>,
 }
 
 /// A validated `[relay]` section.
@@ -63,6 +77,8 @@ pub struct FileRelay {
 pub struct RelayConfig {
     /// Client addresses of the tier above.
     pub upstream: Vec<String>,
+    /// How the relay proves who it is to the tier above.
+    pub credentials: Option<canopy_client::permissions::Credentials>,
 }
 
 /// `[core]`: this server's place in a core group.
@@ -191,6 +207,8 @@ pub struct ServerConfig {
     pub core: Option<CoreConfig>,
     /// The tier above, when this server is a relay.
     pub relay: Option<RelayConfig>,
+    /// Who may connect, when clients must prove who they are.
+    pub accounts: Option<std::sync::Arc<crate::auth::Accounts>>,
 }
 
 /// A configuration that cannot be used.
@@ -212,6 +230,9 @@ pub enum ConfigError {
         /// Why.
         source: toml::de::Error,
     },
+    /// The accounts file is wrong.
+    #[error(transparent)]
+    Accounts(#[from] crate::auth::AccountsError),
     /// A value is out of range.
     #[error("`{key}` = {value} is out of range: {why}")]
     Range {
@@ -358,6 +379,7 @@ impl FileConfig {
             Some(r) => {
                 let relay = RelayConfig {
                     upstream: r.upstream,
+                    credentials: r.token.map(canopy_client::permissions::Credentials::Token),
                 };
                 (Some(relay), advertised(r.tier))
             }
@@ -369,9 +391,16 @@ impl FileConfig {
                 (None, advertised(servers))
             }
         };
+        let accounts = match &self.auth {
+            Some(a) => Some(std::sync::Arc::new(crate::auth::Accounts::load(
+                &a.accounts,
+            )?)),
+            None => None,
+        };
         Ok(ServerConfig {
             core,
             relay,
+            accounts: accounts.clone(),
             listen,
             http,
             queue_frames_max,
@@ -393,6 +422,7 @@ impl FileConfig {
                 members_max: members,
                 // Set by the runtime per start.
                 id: canopy_client::protocol::PublisherId(0),
+                auth: accounts.is_some(),
             },
         })
     }

@@ -77,6 +77,13 @@ pub struct TreeConfig {
     pub failure_timeout_ms: Option<u64>,
     /// The replicated service the core runs (`kv`), if any.
     pub service: Option<String>,
+    /// The accounts file every server and relay reads (relative paths
+    /// start at the working directory); absent: anyone may connect.
+    pub accounts: Option<std::path::PathBuf>,
+    /// With `accounts`: the tree's own token, whose user has `relay =
+    /// true`. Relays prove themselves to the tier above with it, and
+    /// `canopy up` checks with it that each server serves.
+    pub token: Option<String>,
     /// The core servers; their ids are their positions, from 1.
     pub core: Vec<TreeCore>,
     /// Tiers of relays, top down: the first under the core, each next one
@@ -153,6 +160,8 @@ impl TreeConfig {
             heartbeat_interval_ms: Some(50),
             failure_timeout_ms: Some(500),
             service: None,
+            accounts: None,
+            token: None,
             core: c,
             tiers: t,
         })
@@ -169,6 +178,9 @@ impl TreeConfig {
         }
         if let Some(i) = tree.tiers.iter().position(|t| t.relays.is_empty()) {
             bail!("tier {} has no relays", i + 1);
+        }
+        if tree.accounts.is_some() && tree.token.is_none() {
+            bail!("a tree with `accounts` needs `token`: a token of a user with `relay = true`, for its relays and for checking that its servers serve");
         }
         Ok(tree)
     }
@@ -196,11 +208,22 @@ impl TreeConfig {
         if let Some(service) = &self.service {
             timing.push_str(&format!("service = {service:?}\n"));
         }
+        let auth = match &self.accounts {
+            Some(path) => {
+                let path = toml::Value::String(path.display().to_string());
+                format!("\n[auth]\naccounts = {path}\n")
+            }
+            None => String::new(),
+        };
+        let token = match &self.token {
+            Some(t) => format!("token = {:?}\n", t),
+            None => String::new(),
+        };
         for (i, c) in self.core.iter().enumerate() {
             let name = format!("core-{}", i + 1);
             let data = toml::Value::String(dir.join(format!("{name}-data")).display().to_string());
             let config = format!(
-                "name = {name:?}\nlisten = {:?}\nhttp = {:?}\ndata_dir = {data}\n\n[core]\nid = {}\n{timing}\n{servers}",
+                "name = {name:?}\nlisten = {:?}\nhttp = {:?}\ndata_dir = {data}\n\n[core]\nid = {}\n{timing}\n{servers}{auth}",
                 c.client,
                 c.http.as_deref().unwrap_or("off"),
                 i + 1,
@@ -213,7 +236,7 @@ impl TreeConfig {
             for (i, r) in tier.relays.iter().enumerate() {
                 let name = format!("relay-{}.{}", t + 1, i + 1);
                 let config = format!(
-                    "name = {name:?}\nlisten = {:?}\nhttp = {:?}\n\n[relay]\nupstream = {above:?}\ntier = {listens:?}\n",
+                    "name = {name:?}\nlisten = {:?}\nhttp = {:?}\n\n[relay]\nupstream = {above:?}\ntier = {listens:?}\n{token}{auth}",
                     r.listen,
                     r.http.as_deref().unwrap_or("off"),
                 );
@@ -261,7 +284,7 @@ impl Launched {
         // Ready means serving: a core server once in a view, a relay once
         // it has the stream from the tier above.
         for r in &launched.running {
-            tokio::time::timeout(START_TIME_MAX, serving(&r.addr))
+            tokio::time::timeout(START_TIME_MAX, serving(&r.addr, tree.token.as_deref()))
                 .await
                 .with_context(|| format!("{} did not start serving", r.name))?;
         }
@@ -379,7 +402,7 @@ async fn start(exe: &Path, dir: &Path, m: &Member) -> anyhow::Result<Running> {
 
 /// Returns once the server at `addr` completes a handshake (rather than
 /// refusing with `not_primary`); tries again every 20 ms.
-async fn serving(addr: &str) {
+async fn serving(addr: &str, token: Option<&str>) {
     use canopy_client::protocol::{self, ClientFrame, Hello, PublisherId, ServerFrame};
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
@@ -398,6 +421,7 @@ async fn serving(addr: &str) {
                 reports: protocol::Reports::None,
                 connection: 1,
                 weak: false,
+                auth: token.map(|t| protocol::Credentials::Token(t.to_owned())),
             };
             let frame = protocol::encode_client(&ClientFrame::Hello(hello));
             stream.write_all(&frame).await.ok()?;

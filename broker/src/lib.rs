@@ -2,6 +2,7 @@
 //! its configuration, and the command-line tools of the `canopy` binary.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod core;

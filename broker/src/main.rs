@@ -17,6 +17,16 @@ struct Cli {
     /// Log as JSON lines instead of text (logs go to stderr; filter with RUST_LOG).
     #[arg(long, global = true)]
     log_json: bool,
+    /// For servers that check who their clients are (`pub`, `sub`, `call`):
+    /// a token.
+    #[arg(long, global = true, env = "CANOPY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// ... or a user, with `--password`.
+    #[arg(long, global = true, env = "CANOPY_USER")]
+    user: Option<String>,
+    /// The user's password.
+    #[arg(long, global = true, env = "CANOPY_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,6 +112,15 @@ enum Command {
         /// The argument; without it, every line of stdin is one call.
         arg: Option<String>,
     },
+    /// Print an argon2id hash of PASSWORD (or of stdin's first line) for
+    /// an accounts file's `password`.
+    Passwd {
+        /// The password; read from stdin when omitted.
+        password: Option<String>,
+    },
+    /// Make a new random token: prints the token, then the `sha256:...`
+    /// line for an accounts file's `tokens`.
+    Token,
     /// Print messages matching PATTERN, one per line: `seq topic payload`.
     Sub {
         /// Server addresses, comma-separated; the client fails over between them.
@@ -139,7 +158,24 @@ fn init_logs(json: bool, default: &str) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    cli::set_credentials(match (cli.token, cli.user, cli.password) {
+        (Some(t), _, _) => Some(canopy_client::protocol::Credentials::Token(t)),
+        (None, Some(user), password) => Some(canopy_client::protocol::Credentials::Password {
+            user,
+            password: password.unwrap_or_default(),
+        }),
+        (None, None, _) => None,
+    });
     let result = match cli.command {
+        Command::Passwd { password } => {
+            init_logs(cli.log_json, "warn");
+            cli::passwd(password)
+        }
+        Command::Token => {
+            let (token, line) = canopy_broker::auth::new_token();
+            println!("{token}\n{line}");
+            Ok(())
+        }
         Command::Serve {
             config,
             listen,
@@ -163,7 +199,14 @@ async fn main() -> std::process::ExitCode {
             init_logs(cli.log_json, "info");
             match load(config.as_deref()) {
                 Ok(mut file) => {
-                    file.relay = Some(FileRelay { upstream, tier });
+                    // The config file's token, if any, proves the relay
+                    // to the tier above.
+                    let token = file.relay.take().and_then(|r| r.token);
+                    file.relay = Some(FileRelay {
+                        upstream,
+                        tier,
+                        token,
+                    });
                     let http = http.or_else(|| Some("off".to_owned()));
                     serve(file, listen, name.or_else(|| Some("relay".into())), http).await
                 }

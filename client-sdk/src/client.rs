@@ -79,6 +79,10 @@ pub struct ClientOptions {
     /// resumes from the last message it handed over, so that the driver
     /// never waits on the application (acknowledgements keep flowing).
     pub subscription_batches_max: usize,
+    /// Who the client is, for servers that check (a token, or a user and
+    /// password); the server answers with what the user may do, and the
+    /// client refuses the rest itself ([`Error::Denied`]).
+    pub credentials: Option<protocol::Credentials>,
 }
 
 impl ClientOptions {
@@ -101,6 +105,7 @@ impl ClientOptions {
             call_timeout: Duration::from_secs(10),
             reports: protocol::Reports::Servers,
             weak: false,
+            credentials: None,
         }
     }
 }
@@ -361,7 +366,10 @@ impl Client {
                 sent,
             })
             .map_err(|_| Error::Closed)?;
-        let pub_seq = sent_rx.await.map_err(|_| Error::Closed)?;
+        let Ok(pub_seq) = sent_rx.await else {
+            // Not sent: why, if the driver said.
+            return rx.await.unwrap_or(Err(Error::Closed));
+        };
         match tokio::time::timeout(self.call_timeout, rx).await {
             Ok(r) => r.map_err(|_| Error::Closed)?,
             Err(_) => {
@@ -537,6 +545,7 @@ impl Driver {
             connect_timeout: options.connect_timeout,
             reconnect_for: Some(options.reconnect_for),
             first_order: FirstOrder::Configured,
+            credentials: options.credentials.clone(),
         };
         let (commands, commands_rx) = flume::unbounded();
         let driver = Driver {
@@ -661,6 +670,14 @@ impl Driver {
                         let _ = reply.send(answer.map_err(Error::Call));
                     }
                 }
+                CoreEvent::Denied { pattern, message } => {
+                    self.subs.retain(|s| s.pattern.as_str() != pattern);
+                    while let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == pattern) {
+                        if let Some((_, done)) = self.pending_subs.remove(i) {
+                            let _ = done.send(Err(Error::Denied(message.clone())));
+                        }
+                    }
+                }
                 CoreEvent::Subscribed(pattern) => {
                     while let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == pattern) {
                         if let Some((_, done)) = self.pending_subs.remove(i) {
@@ -707,6 +724,18 @@ impl Driver {
         }
     }
 
+    /// Why the user may not do `what` `name`, when the server said what
+    /// it may do and this is not among it.
+    fn denied(
+        &self,
+        allowed: impl Fn(&protocol::Permissions) -> bool,
+        what: &str,
+        name: &str,
+    ) -> Option<Error> {
+        let p = self.core.permissions()?;
+        (!allowed(p)).then(|| Error::Denied(format!("user `{}` may not {what} `{name}`", p.user)))
+    }
+
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Publish {
@@ -714,6 +743,14 @@ impl Driver {
                 payload,
                 ack,
             } => {
+                if let Some(why) = self.denied(
+                    |p| p.may_publish(topic.as_str()),
+                    "publish to",
+                    topic.as_str(),
+                ) {
+                    let _ = ack.send(Err(why));
+                    return;
+                }
                 let pub_seq = self.core.publish(topic.as_str(), &payload);
                 self.acks.push_back((pub_seq, ack));
             }
@@ -724,6 +761,10 @@ impl Driver {
                 reply,
                 sent,
             } => {
+                if let Some(why) = self.denied(|p| p.may_call(&method), "call", &method) {
+                    let _ = reply.send(Err(why));
+                    return;
+                }
                 let pub_seq = self.core.call_with(&method, replies, &payload);
                 self.calls.insert(pub_seq, reply);
                 let _ = sent.send(pub_seq);
@@ -751,6 +792,11 @@ impl Driver {
                 done,
             } => {
                 let text = pattern.as_str().to_owned();
+                if let Some(why) = self.denied(|p| p.may_subscribe(&pattern), "subscribe to", &text)
+                {
+                    let _ = done.send(Err(why));
+                    return;
+                }
                 self.subs.push(Sub {
                     id,
                     pattern,

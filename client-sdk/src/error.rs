@@ -58,6 +58,11 @@ pub enum Error {
         /// How long the call waited.
         waited: std::time::Duration,
     },
+    /// The user may not publish this, call this, or subscribe to this
+    /// (its permissions, as the server said them): nothing was sent, and
+    /// the client goes on.
+    #[error("permission denied: {0}")]
+    Denied(String),
     /// The client was closed, or failed earlier with another error.
     #[error("client is closed")]
     Closed,

@@ -39,6 +39,7 @@ pub mod core;
 mod error;
 #[cfg(feature = "tokio")]
 pub mod io;
+pub mod permissions;
 pub mod protocol;
 pub mod topic;
 

@@ -19,6 +19,7 @@
 //! later protocol version can add fields (credentials in `Hello`, for example)
 //! without breaking older peers.
 
+pub use crate::permissions::{Credentials, Permissions};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -133,6 +134,13 @@ pub enum ErrorCode {
     Overloaded,
     /// A publish named another publisher, which only a relay may do.
     ForwardNotAllowed,
+    /// No credentials, or wrong ones, where the server checks who its
+    /// clients are.
+    AuthFailed,
+    /// The user may not do what it asked: a subscription outside its
+    /// permissions (the connection stays open), or a publish, call, relay
+    /// role or membership report it may not have.
+    PermissionDenied,
     /// `Hello.weak` with `full` membership reports, whose positions are
     /// stable ones (only a relay may ask for both: it takes the complete
     /// report and follows the stream's membership events itself).
@@ -239,6 +247,10 @@ pub struct Hello {
     /// [`DivergedHead`], never silently.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub weak: bool,
+    /// Who the client is, for a server that checks (docs/DESIGN.md,
+    /// "Security").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Credentials>,
 }
 
 /// What a client is told of membership (docs/DESIGN.md, "Membership reports").
@@ -491,6 +503,11 @@ pub struct Welcome {
     /// is stable; a weak client is then sent what is held after it.
     #[serde(default)]
     pub hash: u64,
+    /// From a server that checks who its clients are: what this one may
+    /// do there (and at every server of the tree: they read one accounts
+    /// file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Permissions>,
 }
 
 /// One message inside a [`ServerFrame::Deliver`] head. Its topic and payload follow, in
@@ -694,6 +711,10 @@ pub struct ErrorFrame {
     /// for this publisher, and the connection stays open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publisher: Option<PublisherId>,
+    /// The error concerns only this subscription (it is not in effect),
+    /// and the connection stays open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
 }
 
 /// A decoded client-to-server frame.
@@ -1200,6 +1221,7 @@ mod tests {
                 reports: Reports::Full,
                 connection: 2,
                 weak: true,
+                auth: None,
             }),
             ClientFrame::Subscribe(SubscribeHead {
                 pattern: "a.*".into(),

@@ -47,6 +47,7 @@ fn welcome(head: u64, hash: u64) -> ServerFrame {
         frame_len_max: 1 << 20,
         servers: Vec::new(),
         hash,
+        permissions: None,
     })
 }
 

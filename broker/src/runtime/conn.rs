@@ -1,12 +1,14 @@
 //! Connection tasks: accept, read and decode, write and coalesce.
 
 use super::{Inbound, SessionIo};
+use crate::auth::Accounts;
 use crate::config::ServerConfig;
 use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::io::write_frames as write_all;
-use canopy_client::protocol::{self, ErrorCode};
+use canopy_client::protocol::{self, ClientFrame, ErrorCode};
 use futures::{FutureExt, StreamExt};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -68,6 +70,7 @@ pub(super) async fn accept_loop(
             inbox.clone(),
             cancel,
             config.node.frame_len_max,
+            config.accounts.clone(),
         ));
     }
 }
@@ -78,6 +81,7 @@ async fn read_loop(
     inbox: flume::Sender<Inbound>,
     cancel: CancellationToken,
     frame_len_max: usize,
+    mut accounts: Option<Arc<Accounts>>,
 ) {
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(frame_len_max)
@@ -93,6 +97,33 @@ async fn read_loop(
         let end = loop {
             match next {
                 Some(Ok(content)) => match protocol::decode_client(content.freeze()) {
+                    Ok(ClientFrame::Hello(mut hello)) if accounts.is_some() => {
+                        // Checked here, off the node's loop (a password
+                        // takes tens of milliseconds), once per connection;
+                        // the credentials go no further.
+                        let credentials = hello.auth.take();
+                        let Some(accounts) = accounts.take() else {
+                            break None;
+                        };
+                        let check = tokio::task::spawn_blocking(move || {
+                            accounts.check(credentials.as_ref())
+                        });
+                        match check.await {
+                            Ok(Ok(permissions)) => {
+                                tracing::debug!(%session, user = %permissions.user, "authenticated");
+                                let who = Inbound::Authenticated(session, permissions);
+                                if inbox.send_async(who).await.is_err() {
+                                    return;
+                                }
+                                batch.push(ClientFrame::Hello(hello));
+                            }
+                            Ok(Err(why)) => {
+                                tracing::info!(%session, name = %hello.name, why, "credentials refused");
+                                break Some(Inbound::Bad(session, ErrorCode::AuthFailed, why));
+                            }
+                            Err(_) => break Some(Inbound::Closed(session)),
+                        }
+                    }
                     Ok(frame) => batch.push(frame),
                     Err(e) => break Some(Inbound::Bad(session, e.code(), e.to_string())),
                 },

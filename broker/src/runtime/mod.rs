@@ -65,6 +65,8 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
 enum Inbound {
     Open(SessionId, SessionIo),
     Frames(SessionId, Vec<ClientFrame>),
+    /// The session's credentials proved this user (before its `Hello`).
+    Authenticated(SessionId, canopy_client::protocol::Permissions),
     Bad(SessionId, ErrorCode, String),
     Closed(SessionId),
     /// Messages from a core server, read on incoming connection `conn`.
@@ -257,11 +259,12 @@ pub async fn start_with_service(
             uplink = Some(upstream::UpLink::new(inbox_tx.clone()));
             // The relay's one id: for its connection above, and for the
             // clients it attaches.
-            let up = crate::core::cltsvr::upstream::UpstreamConfig::new(
+            let mut up = crate::core::cltsvr::upstream::UpstreamConfig::new(
                 config.node.name.clone(),
                 node_config.id,
                 relay.unwrap_or_default(),
             );
+            up.credentials = config.relay.as_ref().and_then(|r| r.credentials.clone());
             Server::relay(
                 Node::new_grouped(Duration::ZERO, node_config),
                 crate::core::cltsvr::upstream::Upstream::new(Duration::ZERO, up),
@@ -519,6 +522,7 @@ async fn run_node(
             code: ErrorCode::ShuttingDown,
             message: "server shutting down".into(),
             publisher: None,
+            pattern: None,
         },
         &[],
     );
@@ -584,6 +588,7 @@ fn take(
                 node.handle_frame(now, id, f);
             }
         }
+        Inbound::Authenticated(id, permissions) => node.authenticated(id, permissions),
         Inbound::Bad(id, code, message) => node.handle_bad_input(now, id, code, message),
         Inbound::Closed(id) => {
             sessions.remove(&id);

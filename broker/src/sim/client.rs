@@ -35,6 +35,7 @@ pub(super) fn link_config(
         connect_timeout: Duration::from_secs(5),
         reconnect_for: None,
         first_order: FirstOrder::Configured,
+        credentials: None,
     }
 }
 
@@ -166,6 +167,13 @@ impl Client {
                 // A strong client told of divergence is refused by its core.
                 Event::Link(LinkEvent::Refused(e)) => {
                     return Err(Violation(format!("client {} was refused: {e}", self.id)));
+                }
+                // The simulated servers check nobody.
+                Event::Denied { pattern, .. } => {
+                    return Err(Violation(format!(
+                        "client {} was denied {pattern}",
+                        self.id
+                    )));
                 }
                 Event::Welcomed { .. }
                 | Event::Subscribed(_)

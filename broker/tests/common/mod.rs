@@ -429,6 +429,7 @@ impl Raw {
 pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello {
     Hello {
         weak: false,
+        auth: None,
         version: protocol::PROTOCOL_VERSION,
         name: "raw".into(),
         publisher: PublisherId(publisher),

@@ -35,7 +35,8 @@
 
 use crate::error::Error;
 use crate::protocol::{
-    self, ClientFrame, Hello, PingHead, PublisherId, Reports, Resume, Role, ServerFrame, SlowPolicy,
+    self, ClientFrame, Credentials, Hello, PingHead, PublisherId, Reports, Resume, Role,
+    ServerFrame, SlowPolicy,
 };
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -81,6 +82,8 @@ pub struct LinkConfig {
     pub reconnect_for: Option<Duration>,
     /// How the first connection picks its server.
     pub first_order: FirstOrder,
+    /// Who the client is, for servers that check.
+    pub credentials: Option<Credentials>,
 }
 
 /// What the shell does for the link.
@@ -333,6 +336,7 @@ impl Link {
             reports: self.config.reports,
             connection: self.connections,
             weak: self.config.weak,
+            auth: self.config.credentials.clone(),
         };
         let frame = protocol::encode_client(&ClientFrame::Hello(hello));
         self.actions.push_back(Action::Send(frame));
@@ -486,6 +490,10 @@ impl Link {
                     self.servers = s.servers;
                 }
                 None
+            }
+            // About one subscription only: the connection stays.
+            ServerFrame::Error(e) if e.pattern.is_some() && self.is_up() => {
+                Some(ServerFrame::Error(e))
             }
             ServerFrame::Error(e) if e.publisher.is_none() => {
                 if e.code.is_retryable() {

@@ -65,6 +65,14 @@ pub enum Event {
     Acked(PubSeq),
     /// The subscription to this pattern is in effect.
     Subscribed(String),
+    /// The subscription to this pattern is not in effect: the user may
+    /// not read everything it selects. It is not asked for again.
+    Denied {
+        /// The pattern.
+        pattern: String,
+        /// The server's words.
+        message: String,
+    },
     /// Matching messages in `from..=to` may have been missed.
     Gap {
         /// First possibly missed seq.
@@ -130,6 +138,8 @@ pub struct ClientCore {
     acked: PubSeq,
     next_pub_seq: u64,
     events: VecDeque<Event>,
+    /// From the last Welcome.
+    permissions: Option<protocol::Permissions>,
 }
 
 impl ClientCore {
@@ -146,6 +156,7 @@ impl ClientCore {
             acked: PubSeq(0),
             next_pub_seq: 1,
             events: VecDeque::new(),
+            permissions: None,
         }
     }
 
@@ -384,6 +395,15 @@ impl ClientCore {
                     });
                 }
             }
+            ServerFrame::Error(e) if e.pattern.is_some() => {
+                let pattern = e.pattern.unwrap_or_default();
+                self.patterns.retain(|p| *p != pattern);
+                self.pending.retain(|p| *p != pattern);
+                self.events.push_back(Event::Denied {
+                    pattern,
+                    message: e.message,
+                });
+            }
             ServerFrame::Error(e) => {
                 // A publisher's error is for relays only.
                 let e = Error::Protocol(format!("an error for publisher {:?}", e.publisher));
@@ -400,7 +420,14 @@ impl ClientCore {
         self.position.take(commit);
     }
 
+    /// What the user may do, as the last server that checked said (`None`:
+    /// the server does not check).
+    pub fn permissions(&self) -> Option<&protocol::Permissions> {
+        self.permissions.as_ref()
+    }
+
     fn welcomed(&mut self, w: Welcome) {
+        self.permissions = w.permissions.clone();
         let joined = self.position.welcome(&w);
         if joined == Joined::Reset {
             tracing::warn!(server = %w.server, "server has a different stream; sequence numbers restart");

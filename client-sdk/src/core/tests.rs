@@ -19,6 +19,7 @@ fn config(servers: &[&str]) -> LinkConfig {
         connect_timeout: Duration::from_secs(2),
         reconnect_for: Some(Duration::from_secs(10)),
         first_order: FirstOrder::Configured,
+        credentials: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn welcome(stream: u64, head: u64, pub_acked: u64) -> ServerFrame {
         frame_len_max: 1 << 20,
         servers: Vec::new(),
         hash: head * 100,
+        permissions: None,
     })
 }
 
@@ -317,6 +319,7 @@ fn refusals_end_the_connection_retryable_ones_try_elsewhere() {
         code: ErrorCode::NotPrimary,
         message: "minority".into(),
         publisher: None,
+        pattern: None,
     };
     core.handle_frame(MS, ServerFrame::Error(busy.clone()));
     assert!(matches!(
@@ -355,6 +358,7 @@ fn refusals_end_the_connection_retryable_ones_try_elsewhere() {
         code: ErrorCode::Malformed,
         message: "no".into(),
         publisher: None,
+        pattern: None,
     };
     core.handle_frame(MS, ServerFrame::Error(no));
     assert!(matches!(

@@ -222,6 +222,15 @@ impl Server {
         self.pump(now);
     }
 
+    /// See [`Node::authenticated`].
+    pub fn authenticated(
+        &mut self,
+        session: SessionId,
+        permissions: canopy_client::protocol::Permissions,
+    ) {
+        self.node.authenticated(session, permissions);
+    }
+
     /// See [`Node::handle_bad_input`].
     pub fn handle_bad_input(
         &mut self,
@@ -659,6 +668,7 @@ mod tests {
             reports: protocol::Reports::Servers,
             connection: 1,
             weak: false,
+            auth: None,
         };
         s.handle_frame(T0, session, ClientFrame::Hello(hello));
         for &p in pub_seqs {

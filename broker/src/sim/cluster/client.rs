@@ -289,6 +289,10 @@ impl CoreClient {
                 Event::Link(LinkEvent::Refused(e)) => {
                     return Err(Violation(format!("client {} was refused: {e}", id.0)));
                 }
+                // The simulated servers check nobody.
+                Event::Denied { pattern, .. } => {
+                    return Err(Violation(format!("client {} was denied {pattern}", id.0)));
+                }
                 Event::Replied { pub_seq, answer } => {
                     let stream = self.core.stream().unwrap_or_default();
                     if self.replies.insert(pub_seq, (stream, answer)).is_some() {

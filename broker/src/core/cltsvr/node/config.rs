@@ -44,6 +44,11 @@ pub struct NodeConfig {
     /// clients under (random per start; for core servers derived from the
     /// server id and incarnation, see [`core_server_id`](super::members::core_server_id)).
     pub id: PublisherId,
+    /// Whether clients must prove who they are: the shell checks their
+    /// credentials and hands the node each one's permissions
+    /// ([`Node::authenticated`](super::Node::authenticated)) before its
+    /// `Hello`; a `Hello` without them is refused.
+    pub auth: bool,
 }
 
 impl Default for NodeConfig {
@@ -65,6 +70,7 @@ impl Default for NodeConfig {
             servers: Vec::new(),
             members_max: 400_000,
             id: PublisherId(0),
+            auth: false,
         }
     }
 }

@@ -61,8 +61,9 @@ use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, kind, DeliverBuilder, DivergedHead, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry,
-    MembersHead, PingHead, PubAck, PubSeq, Publish, PublisherId, Reports, Role, Seq, ServerEntry,
-    ServersHead, SlowPolicy, StreamCheck, SubscribeHead, SubscribedHead, WatermarkHead, Welcome,
+    MembersHead, Permissions, PingHead, PubAck, PubSeq, Publish, PublisherId, Reports, Role, Seq,
+    ServerEntry, ServersHead, SlowPolicy, StreamCheck, SubscribeHead, SubscribedHead,
+    WatermarkHead, Welcome,
 };
 use canopy_client::topic::{is_system, Pattern, Topic};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -134,6 +135,9 @@ enum NodeTimer {
 struct Session {
     /// Set by a valid `Hello`; nothing but `Hello` is accepted before.
     hello: Option<SessionHello>,
+    /// What the client may do, when the node checks (`NodeConfig::auth`):
+    /// set before its `Hello` by [`Node::authenticated`].
+    permissions: Option<Arc<Permissions>>,
     patterns: Vec<Pattern>,
     /// A conflating session's missed range, reported before its next delivery.
     gap: Option<(Seq, Seq)>,
@@ -314,6 +318,11 @@ pub struct Stats {
     /// Clients that resumed here coming from another server (adopted:
     /// the membership listed them elsewhere, or no longer).
     pub adopted: u64,
+    /// Connections refused for missing or wrong credentials.
+    pub auth_failures: u64,
+    /// Subscriptions, publishes, calls, roles or reports refused for a
+    /// user's permissions.
+    pub denied: u64,
 }
 
 /// What the node knows of one session, for operators.
@@ -456,6 +465,7 @@ impl Node {
             session,
             Session {
                 hello: None,
+                permissions: None,
                 patterns: Vec::new(),
                 gap: None,
                 ack_due: None,
@@ -652,6 +662,25 @@ impl Node {
         }
     }
 
+    /// The shell checked session `session`'s credentials: it may do what
+    /// `permissions` say (docs/DESIGN.md, "Security"). Comes before the
+    /// session's `Hello`.
+    pub fn authenticated(&mut self, session: SessionId, permissions: Permissions) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.permissions = Some(Arc::new(permissions));
+        }
+    }
+
+    /// What session `session` may do, if the node checks and it is not a
+    /// relay (a relay acts for its own clients and checks them itself).
+    pub(super) fn limits_of(&self, session: SessionId) -> Option<Arc<Permissions>> {
+        self.sessions
+            .get(&session)?
+            .permissions
+            .clone()
+            .filter(|p| !p.relay)
+    }
+
     /// The shared text of `topic`, allocated once per distinct topic while
     /// fewer than `TOPICS_INTERNED_MAX` are known (then the set starts over).
     fn intern(&mut self, topic: &str) -> Arc<str> {
@@ -687,6 +716,8 @@ impl Node {
             ErrorCode::SlowConsumer | ErrorCode::NotPrimary | ErrorCode::Overloaded
         ) {
             self.stats.bad_input += 1;
+            self.stats.auth_failures += u64::from(code == ErrorCode::AuthFailed);
+            self.stats.denied += u64::from(code == ErrorCode::PermissionDenied);
             let detail = format!("session {session}: {code:?}: {message}");
             self.journal.record(self.now, EventKind::BadInput, detail);
         }
@@ -738,6 +769,7 @@ fn error_frame(code: ErrorCode, message: &str) -> Bytes {
             code,
             message: message.to_owned(),
             publisher: None,
+            pattern: None,
         },
         &[],
     )

@@ -15,6 +15,18 @@ impl Node {
             .get(&session)
             .and_then(|s| s.hello.as_ref())
             .is_some_and(|h| h.role == Role::Relay);
+        if let Some(limits) = self.limits_of(session) {
+            if !limits.may_publish(publish.topic()) {
+                // The SDK refuses it before it takes a pub_seq: this
+                // client went around it.
+                let msg = format!(
+                    "user `{}` may not publish or call `{}`",
+                    limits.user,
+                    publish.topic()
+                );
+                return self.close_with_error(session, ErrorCode::PermissionDenied, msg);
+            }
+        }
         // Relays carry their clients' membership events; anyone may call.
         if is_system(publish.topic()) && !relay && !Self::is_call(publish.topic()) {
             let msg = format!(
@@ -383,6 +395,7 @@ impl Node {
             code,
             message,
             publisher: Some(publisher),
+            pattern: None,
         };
         self.control(session, kind::ERROR, &frame);
     }
@@ -417,6 +430,7 @@ impl Node {
                 code,
                 message: message.clone(),
                 publisher: Some(publisher),
+                pattern: None,
             };
             self.control(session, kind::ERROR, &frame);
         }

@@ -17,6 +17,13 @@ impl Node {
             );
             return self.close_with_error(session, ErrorCode::UnsupportedVersion, msg);
         }
+        let permissions = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.permissions.clone());
+        if let Some(why) = self.refusal(permissions.as_deref(), &hello) {
+            return self.close_with_error(session, why.0, why.1);
+        }
         if hello.weak && hello.reports == Reports::Full && hello.role != Role::Relay {
             let msg = "weak delivery cannot be combined with full membership reports (their positions are stable ones)".to_owned();
             return self.close_with_error(session, ErrorCode::WeakNotAllowed, msg);
@@ -43,8 +50,11 @@ impl Node {
             return self.close_with_error(session, ErrorCode::TooManySubscriptions, msg);
         }
         let mut patterns = Vec::with_capacity(hello.subscriptions.len());
+        let mut denied = Vec::new();
+        let limits = self.limits_of(session);
         for text in &hello.subscriptions {
             match Pattern::new(text) {
+                Ok(p) if limits.as_ref().is_some_and(|l| !l.may_subscribe(&p)) => denied.push(p),
                 Ok(p) if !patterns.contains(&p) => patterns.push(p),
                 Ok(_) => {}
                 Err(e) => {
@@ -75,8 +85,12 @@ impl Node {
             frame_len_max: u32::try_from(self.config.frame_len_max).unwrap_or(u32::MAX),
             servers: self.config.servers.clone(),
             hash: self.hash,
+            permissions: permissions.as_deref().cloned(),
         };
         self.control(session, kind::WELCOME, &welcome);
+        for p in denied {
+            self.deny_subscription(session, &p);
+        }
         let resume = hello.resume.filter(|r| r.stream == self.config.stream);
         let resume_after = resume.map(|r| r.after);
         let listed_here = self
@@ -193,6 +207,52 @@ impl Node {
         }
     }
 
+    /// Why a `Hello` with `permissions` (when the node checks) is refused:
+    /// no credentials checked, or a role or reports the user may not have.
+    fn refusal(
+        &self,
+        permissions: Option<&Permissions>,
+        hello: &Hello,
+    ) -> Option<(ErrorCode, String)> {
+        if !self.config.auth {
+            return None;
+        }
+        let Some(p) = permissions else {
+            let msg = "this server requires credentials (a token, or a user and password)";
+            return Some((ErrorCode::AuthFailed, msg.into()));
+        };
+        let denied = |what: &str| {
+            let msg = format!("user `{}` may not {what}", p.user);
+            Some((ErrorCode::PermissionDenied, msg))
+        };
+        if hello.role == Role::Relay && !p.relay {
+            return denied("attach as a relay");
+        }
+        if hello.reports == Reports::Full && !p.relay && !p.members {
+            return denied("be told the tree's membership (`full` reports)");
+        }
+        None
+    }
+
+    /// Tells `session` its subscription `pattern` is not in effect: its
+    /// user may not read everything it selects. The connection stays.
+    fn deny_subscription(&mut self, session: SessionId, pattern: &Pattern) {
+        self.stats.denied += 1;
+        let user = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.permissions.as_ref())
+            .map(|p| p.user.clone())
+            .unwrap_or_default();
+        let frame = ErrorFrame {
+            code: ErrorCode::PermissionDenied,
+            message: format!("user `{user}` may not subscribe to all of `{pattern}`"),
+            publisher: None,
+            pattern: Some(pattern.as_str().to_owned()),
+        };
+        self.control(session, kind::ERROR, &frame);
+    }
+
     /// Starts `full` or `servers` reports for a session that is live now.
     pub(super) fn start_reports(&mut self, session: SessionId) {
         let Some(reports) = self
@@ -225,6 +285,12 @@ impl Node {
                 return self.close_with_error(session, ErrorCode::InvalidPattern, e.to_string())
             }
         };
+        if self
+            .limits_of(session)
+            .is_some_and(|l| !l.may_subscribe(&pattern))
+        {
+            return self.deny_subscription(session, &pattern);
+        }
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };

@@ -74,6 +74,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Forwarded publishes held until ordered, at most.
     pub forwards_max: usize,
+    /// How the relay proves who it is to the tier above, when that checks.
+    pub credentials: Option<protocol::Credentials>,
 }
 
 impl UpstreamConfig {
@@ -88,6 +90,7 @@ impl UpstreamConfig {
             // Below the shell's send queue, so that a reconnect's resend
             // of everything held always fits it.
             forwards_max: 8_192,
+            credentials: None,
         }
     }
 }
@@ -185,6 +188,7 @@ impl Upstream {
             reconnect_for: None,
             // Relays spread over the tier above by adoption order.
             first_order: FirstOrder::Spread,
+            credentials: config.credentials.clone(),
         };
         Upstream {
             link: Link::new(now, link),

@@ -24,6 +24,7 @@ fn welcome(stream: u64, head: u64) -> ServerFrame {
         frame_len_max: 1 << 20,
         servers: vec![],
         hash: 0,
+        permissions: None,
     })
 }
 

@@ -31,6 +31,7 @@ fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
         reports: protocol::Reports::Servers,
         connection: 1,
         weak: false,
+        auth: None,
     })
 }
 

@@ -1,0 +1,339 @@
+//! Accounts: who may connect and what each user may do (docs/DESIGN.md,
+//! "Security").
+//!
+//! Every server and relay of a tree reads the same accounts file (TOML):
+//!
+//! ```toml
+//! [[user]]
+//! name = "feed"
+//! password = "$argon2id$v=19$m=19456,t=2,p=1$..."   # `canopy passwd`
+//! publish = ["md.>"]
+//!
+//! [[user]]
+//! name = "reader"
+//! tokens = ["sha256:9f86d0..."]                    # `canopy token`
+//! subscribe = ["md.>"]
+//! call = ["get"]
+//! members = false
+//! relay = false
+//! ```
+//!
+//! Passwords are stored as argon2id hashes (they may be guessable, so the
+//! hash must be slow); tokens, random and long, as SHA-256 hashes (a token
+//! is found by its hash). Checking a password takes tens of milliseconds:
+//! it is done on the connection's task, never on the server's loop.
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Argon2, PasswordVerifier};
+use canopy_client::permissions::{Credentials, Permissions};
+use canopy_client::topic::Pattern;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The accounts file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    user: Vec<FileUser>,
+}
+
+/// One `[[user]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUser {
+    name: String,
+    /// An argon2 hash (PHC string).
+    password: Option<String>,
+    /// `sha256:HEX` hashes of the user's tokens.
+    #[serde(default)]
+    tokens: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    call: Vec<String>,
+    #[serde(default)]
+    members: bool,
+    #[serde(default)]
+    relay: bool,
+}
+
+/// Why an accounts file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountsError {
+    /// It could not be read.
+    #[error("cannot read accounts file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not valid TOML for the schema.
+    #[error("accounts file {path} is not valid: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// A user's entry is wrong.
+    #[error("accounts file {path}, user `{user}`: {why}")]
+    User {
+        /// The file.
+        path: String,
+        /// The user.
+        user: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The accounts of a tree, read once at start.
+#[derive(Debug, Default)]
+pub struct Accounts {
+    /// By name: the password hash, if any, and the permissions.
+    users: HashMap<String, (Option<String>, Permissions)>,
+    /// Token hash to user name.
+    tokens: HashMap<[u8; 32], String>,
+    /// A hash of a random password, checked against when a user is
+    /// unknown, so that it takes as long to refuse as a wrong password.
+    decoy: String,
+}
+
+impl Accounts {
+    /// Reads an accounts file.
+    ///
+    /// # Errors
+    /// When it cannot be read or parsed, a pattern or hash is invalid, or
+    /// a name or token is given twice.
+    pub fn load(path: &Path) -> Result<Self, AccountsError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| AccountsError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            AccountsError::Parse { source, .. } => AccountsError::Parse {
+                path: shown.clone(),
+                source,
+            },
+            AccountsError::User { user, why, .. } => AccountsError::User {
+                path: shown.clone(),
+                user,
+                why,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses an accounts file's text.
+    ///
+    /// # Errors
+    /// As [`Accounts::load`].
+    pub fn parse(text: &str) -> Result<Self, AccountsError> {
+        let file: File = toml::from_str(text).map_err(|source| AccountsError::Parse {
+            path: String::new(),
+            source,
+        })?;
+        let (decoy, _) = new_token();
+        let mut accounts = Accounts {
+            decoy: hash_password(&decoy).unwrap_or_default(),
+            ..Accounts::default()
+        };
+        for u in file.user {
+            let bad = |why: String| AccountsError::User {
+                path: String::new(),
+                user: u.name.clone(),
+                why,
+            };
+            let patterns = |what: &str, v: &[String]| -> Result<Vec<Pattern>, AccountsError> {
+                v.iter()
+                    .map(|p| Pattern::new(p).map_err(|e| bad(format!("{what}: {e}"))))
+                    .collect()
+            };
+            if let Some(hash) = &u.password {
+                PasswordHash::new(hash)
+                    .map_err(|e| bad(format!("password: not an argon2 hash: {e}")))?;
+            }
+            let permissions = Permissions {
+                user: u.name.clone(),
+                publish: patterns("publish", &u.publish)?,
+                subscribe: patterns("subscribe", &u.subscribe)?,
+                call: patterns("call", &u.call)?,
+                members: u.members,
+                relay: u.relay,
+            };
+            for t in &u.tokens {
+                let hash = parse_token_hash(t).ok_or_else(|| {
+                    bad(format!("token `{t}` is not `sha256:` and 64 hex digits"))
+                })?;
+                if accounts.tokens.insert(hash, u.name.clone()).is_some() {
+                    return Err(bad("a token given twice".into()));
+                }
+            }
+            if accounts
+                .users
+                .insert(u.name.clone(), (u.password.clone(), permissions))
+                .is_some()
+            {
+                return Err(bad("the name is given twice".into()));
+            }
+        }
+        Ok(accounts)
+    }
+
+    /// How many users there are.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// The user `credentials` prove, and what it may do; slow for a
+    /// password (argon2): call it off the server's loop.
+    ///
+    /// # Errors
+    /// Why they prove nothing, for the client (never which part was
+    /// wrong, so names cannot be guessed one at a time).
+    pub fn check(&self, credentials: Option<&Credentials>) -> Result<Permissions, String> {
+        const WRONG: &str = "wrong credentials";
+        match credentials {
+            None => {
+                Err("this server requires credentials (a token, or a user and password)".into())
+            }
+            Some(Credentials::Token(token)) => self
+                .tokens
+                .get(&sha256(token))
+                .and_then(|name| self.users.get(name))
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| WRONG.into()),
+            Some(Credentials::Password { user, password }) => {
+                let (hash, permissions) = match self.users.get(user) {
+                    Some((Some(hash), p)) => (hash.as_str(), Some(p)),
+                    _ => (self.decoy.as_str(), None),
+                };
+                let ok = PasswordHash::new(hash).is_ok_and(|h| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &h)
+                        .is_ok()
+                });
+                match (ok, permissions) {
+                    (true, Some(p)) => Ok(p.clone()),
+                    _ => Err(WRONG.into()),
+                }
+            }
+        }
+    }
+}
+
+fn sha256(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn parse_token_hash(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// An argon2id hash of `password` for an accounts file (`canopy passwd`).
+///
+/// # Errors
+/// When hashing fails (it does not with the default parameters).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A new random token and the line for an accounts file (`canopy token`).
+pub fn new_token() -> (String, String) {
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hash: String = sha256(&token).iter().map(|b| format!("{b:02x}")).collect();
+    (token.clone(), format!("sha256:{hash}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accounts() -> (Accounts, String) {
+        let (token, hash) = new_token();
+        let password = hash_password("hunter2").expect("hashes");
+        let text = format!(
+            r#"
+[[user]]
+name = "feed"
+password = "{password}"
+publish = ["md.>"]
+
+[[user]]
+name = "reader"
+tokens = ["{hash}"]
+subscribe = ["md.>"]
+members = true
+"#
+        );
+        (Accounts::parse(&text).expect("parses"), token)
+    }
+
+    #[test]
+    fn passwords_and_tokens_prove_their_user_and_nothing_else() {
+        let (a, token) = accounts();
+        let pw = |user: &str, password: &str| Credentials::Password {
+            user: user.into(),
+            password: password.into(),
+        };
+        let feed = a.check(Some(&pw("feed", "hunter2"))).expect("the password");
+        assert_eq!(feed.user, "feed");
+        assert!(feed.may_publish("md.x") && !feed.members);
+        let reader = a
+            .check(Some(&Credentials::Token(token)))
+            .expect("the token");
+        assert_eq!(reader.user, "reader");
+        assert!(reader.members && !reader.may_publish("md.x"));
+        for wrong in [
+            Some(pw("feed", "hunter3")),
+            Some(pw("nobody", "hunter2")),
+            Some(pw("reader", "")),
+            Some(Credentials::Token("0".repeat(48))),
+            None,
+        ] {
+            assert!(a.check(wrong.as_ref()).is_err(), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn bad_accounts_files_are_refused_with_the_reason() {
+        let bad = [
+            ("[[user]]\nname = \"a\"\npublish = [\"a..b\"]\n", "publish"),
+            ("[[user]]\nname = \"a\"\npassword = \"plain\"\n", "argon2"),
+            ("[[user]]\nname = \"a\"\ntokens = [\"abc\"]\n", "sha256"),
+            ("[[user]]\nname = \"a\"\n[[user]]\nname = \"a\"\n", "twice"),
+            ("[[user]]\nname = \"a\"\nwho = 1\n", "who"),
+        ];
+        for (text, why) in bad {
+            let e = Accounts::parse(text).expect_err(text).to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}
