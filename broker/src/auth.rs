@@ -323,6 +323,25 @@ members = true
     }
 
     #[test]
+    fn the_example_tree_and_its_demonstration_accounts_work_as_the_readme_says() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let tree = std::fs::read_to_string(dir.join("secure.toml")).expect("reads");
+        let tree = crate::launcher::TreeConfig::parse(&tree).expect("a tree");
+        assert_eq!(tree.token.as_deref(), Some("demo-tree-token"));
+        let a = Accounts::load(&dir.join("secure-accounts.toml")).expect("loads");
+        let token = |t: &str| a.check(Some(&Credentials::Token(t.into())));
+        assert!(token("demo-tree-token").expect("the tree's").relay);
+        let reader = token("demo-reader-token").expect("the reader's");
+        assert!(reader.may_subscribe(&Pattern::new("md.NASDAQ.>").expect("pattern")));
+        assert!(!reader.may_subscribe(&Pattern::new("md.>").expect("pattern")));
+        let feed = a.check(Some(&Credentials::Password {
+            user: "feed".into(),
+            password: "feed-demo".into(),
+        }));
+        assert!(feed.expect("the feed's").may_publish("md.NASDAQ.AAPL"));
+    }
+
+    #[test]
     fn bad_accounts_files_are_refused_with_the_reason() {
         let bad = [
             ("[[user]]\nname = \"a\"\npublish = [\"a..b\"]\n", "publish"),

@@ -58,8 +58,11 @@ async fn connect(servers: &str, name: &str, weak: bool) -> anyhow::Result<Client
     options.name = name.to_owned();
     options.weak = weak;
     options.reconnect_for = RECONNECT_FOR;
-    Client::connect(options).await.with_context(|| {
-        format!("is a Canopy server running at {servers}? (start one with `canopy serve`)")
+    Client::connect(options).await.map_err(|e| match e {
+        canopy_client::Error::Unreachable { .. } => anyhow::Error::new(e).context(format!(
+            "is a Canopy server running at {servers}? (start one with `canopy serve`)"
+        )),
+        e => e.into(),
     })
 }
 

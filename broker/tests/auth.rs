@@ -95,7 +95,7 @@ fn refused_for(r: Result<Client, Error>) -> ErrorCode {
 #[tokio::test]
 async fn credentials_are_checked_where_the_client_attaches() {
     let accounts = Accounts::write();
-    let server = Server::with_config(&accounts.config());
+    let server = Server::with_config_and_http(&accounts.config());
     let at = [server.addr.clone()];
     assert_eq!(refused_for(connect(&at, None).await), ErrorCode::AuthFailed);
     let wrong = Credentials::Password {
@@ -122,6 +122,19 @@ async fn credentials_are_checked_where_the_client_attaches() {
         .await;
     let e = raw.expect_error_and_close().await;
     assert_eq!(e.code, ErrorCode::AuthFailed, "{}", e.message);
+    // Counted: the three refused clients above and the raw one.
+    // (The metrics are a snapshot the server takes every so often.)
+    let http = server.http.clone().expect("HTTP on");
+    within("four failures counted", async {
+        loop {
+            let metrics = common::http_get(&http, "/metrics").await;
+            if metrics.lines().any(|l| l == "canopy_auth_failures_total 4") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -7,49 +7,19 @@
 mod common;
 
 use base64::Engine;
-use common::{within, Server};
+use common::{http_get, within, Server};
 use futures::{SinkExt, StreamExt};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 fn chromium() -> Option<&'static str> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
-}
-
-/// A minimal HTTP GET: reads the headers, then `Content-Length` bytes or,
-/// without one, to the end (Chromium's DevTools server keeps connections open).
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = s.read(&mut chunk).await.expect("read");
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head.lines().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse::<usize>().ok())?
-            });
-            match length {
-                Some(len) if body.len() >= len => return body[..len].to_owned(),
-                None if n == 0 => return body.to_owned(),
-                _ => {}
-            }
-        }
-        if n == 0 {
-            return String::new();
-        }
-    }
 }
 
 /// A page driven over the Chrome DevTools Protocol.

@@ -30,7 +30,7 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 pub fn render(s: &Snapshot) -> String {
     let c = &s.counters;
     let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 12] = [
+    let counters: [(&str, &str, u64); 14] = [
         (
             "canopy_messages_published_total",
             "Messages ordered.",
@@ -66,6 +66,16 @@ pub fn render(s: &Snapshot) -> String {
             "canopy_bad_input_total",
             "Connections closed for bad input.",
             c.bad_input,
+        ),
+        (
+            "canopy_auth_failures_total",
+            "Connections refused for missing or wrong credentials.",
+            c.auth_failures,
+        ),
+        (
+            "canopy_denied_total",
+            "Subscriptions, publishes, calls, roles or reports refused for a user's permissions.",
+            c.denied,
         ),
         (
             "canopy_view_changes_total",

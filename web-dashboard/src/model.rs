@@ -170,6 +170,11 @@ pub struct Counters {
     pub gaps: u64,
     /// Connections closed for bad input.
     pub bad_input: u64,
+    /// Connections refused for missing or wrong credentials.
+    pub auth_failures: u64,
+    /// Subscriptions, publishes, calls, roles or reports refused for a
+    /// user's permissions.
+    pub denied: u64,
     /// Views installed after the first.
     pub view_changes: u64,
     /// Clients that resumed here from another server (adopted orphans).

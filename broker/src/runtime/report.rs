@@ -178,6 +178,8 @@ impl Reporter {
             slow_consumers: stats.slow_consumers,
             gaps: stats.gaps,
             bad_input: stats.bad_input,
+            auth_failures: stats.auth_failures,
+            denied: stats.denied,
             view_changes: self.views.len().saturating_sub(1) as u64,
             adoptions: stats.adopted,
             diverged: stats.diverged,

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
@@ -90,6 +90,14 @@ impl Server {
     /// on a port the system picks.
     pub fn listening_in(toml: &str, listen: &str, data: &Path) -> Server {
         Self::spawn(toml, listen, "off", Some(data))
+    }
+
+    /// As [`Server::with_config`], with HTTP on a free port.
+    pub fn with_config_and_http(toml: &str) -> Server {
+        let data = data_dir();
+        let mut server = Self::spawn(toml, LISTEN_ANY, "127.0.0.1:0", Some(&data));
+        server.data = Some(data);
+        server
     }
 
     /// Starts a server with embedded defaults and HTTP on a free port.
@@ -708,5 +716,35 @@ impl Drop for Tree {
         let _ = self.launcher.wait();
         let _ = std::fs::remove_file(&self.file);
         let _ = std::fs::remove_dir_all(folder);
+    }
+}
+
+/// A minimal HTTP GET: reads the headers, then `Content-Length` bytes or,
+/// without one, to the end (Chromium's DevTools server keeps connections open).
+pub async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = s.read(&mut chunk).await.expect("read");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            match length {
+                Some(len) if body.len() >= len => return body[..len].to_owned(),
+                None if n == 0 => return body.to_owned(),
+                _ => {}
+            }
+        }
+        if n == 0 {
+            return String::new();
+        }
     }
 }
