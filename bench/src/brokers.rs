@@ -238,6 +238,7 @@ pub fn start_core_with(
                 .collect(),
             service: service.clone(),
             executors,
+            secret: None,
         };
         servers.push(start_in_process(FileConfig {
             name: Some(format!("s{}", i + 1)),

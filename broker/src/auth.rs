@@ -14,8 +14,9 @@
 //! tokens = ["sha256:9f86d0..."]                    # `canopy token`
 //! subscribe = ["md.>"]
 //! call = ["get"]
-//! members = false
-//! relay = false
+//! members = false        # may be told who is connected (`full` reports)
+//! relay = false          # may attach as a relay
+//! http = false           # its tokens open the dashboard, API and /metrics
 //! ```
 //!
 //! Passwords are stored as argon2id hashes (they may be guessable, so the
@@ -60,6 +61,8 @@ struct FileUser {
     members: bool,
     #[serde(default)]
     relay: bool,
+    #[serde(default)]
+    http: bool,
 }
 
 /// Why an accounts file was refused.
@@ -167,6 +170,7 @@ impl Accounts {
                 call: patterns("call", &u.call)?,
                 members: u.members,
                 relay: u.relay,
+                http: u.http,
             };
             for t in &u.tokens {
                 let hash = parse_token_hash(t).ok_or_else(|| {
@@ -185,6 +189,12 @@ impl Accounts {
             }
         }
         Ok(accounts)
+    }
+
+    /// Whether `token` opens the servers' HTTP side (its user has `http`).
+    pub fn opens_http(&self, token: &str) -> bool {
+        self.check(Some(&Credentials::Token(token.to_owned())))
+            .is_ok_and(|p| p.http)
     }
 
     /// How many users there are.

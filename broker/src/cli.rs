@@ -246,8 +246,14 @@ async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         // HTTP/1.0 keeps the answer simple: no chunking, closed at the end.
-        let request =
-            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+        // `--token` opens a node that checks who reads it.
+        let bearer = match CREDENTIALS.get().cloned().flatten() {
+            Some(Credentials::Token(t)) => format!("Authorization: Bearer {t}\r\n"),
+            _ => String::new(),
+        };
+        let request = format!(
+            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n{bearer}\r\n"
+        );
         stream.write_all(request.as_bytes()).await?;
         let mut answer = Vec::new();
         stream.take(64 << 20).read_to_end(&mut answer).await?;

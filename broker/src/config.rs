@@ -55,6 +55,10 @@ pub struct FileAuth {
     /// The accounts file (every server and relay of a tree reads the
     /// same); relative paths start at the working directory.
     pub accounts: PathBuf,
+    /// Whether HTTP readers on loopback need no token (off by default:
+    /// every reader shows a token of a user with `http = true`).
+    #[serde(default)]
+    pub http_loopback_open: bool,
 }
 
 /// `[relay]`: a relay's tier above and its own tier.
@@ -101,6 +105,11 @@ pub struct FileCore {
     /// Threads that execute the service's calls (its load-balanced,
     /// primary-backup and parallel work); by default one per CPU.
     pub executors: Option<usize>,
+    /// The core's shared secret: servers prove they know it to each other
+    /// (challenge and response, never sent) before a link carries
+    /// anything. Every server of a core names the same. None: any process
+    /// that reaches the peer port is taken for a server.
+    pub secret: Option<String>,
 }
 
 /// One `[[core.servers]]` entry.
@@ -137,6 +146,8 @@ pub struct CoreConfig {
     pub service: Option<String>,
     /// Threads that execute the service's calls.
     pub executors: usize,
+    /// The core's shared secret, if links prove it.
+    pub secret: Option<std::sync::Arc<str>>,
 }
 
 impl CoreConfig {
@@ -209,6 +220,8 @@ pub struct ServerConfig {
     pub relay: Option<RelayConfig>,
     /// Who may connect, when clients must prove who they are.
     pub accounts: Option<std::sync::Arc<crate::auth::Accounts>>,
+    /// With `accounts`: HTTP readers on loopback need no token.
+    pub http_loopback_open: bool,
 }
 
 /// A configuration that cannot be used.
@@ -401,6 +414,7 @@ impl FileConfig {
             core,
             relay,
             accounts: accounts.clone(),
+            http_loopback_open: self.auth.as_ref().is_some_and(|a| a.http_loopback_open),
             listen,
             http,
             queue_frames_max,
@@ -516,7 +530,15 @@ impl FileCore {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         });
         range("core.executors", executors, 1, 1024, "1 to 1024")?;
+        if self.secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::Range {
+                key: "core.secret",
+                value: "(hidden)".into(),
+                why: "at least 16 characters (`canopy token` makes one)",
+            });
+        }
         Ok(CoreConfig {
+            secret: self.secret.map(std::sync::Arc::from),
             service: self.service,
             executors,
             me: NodeId(self.id),

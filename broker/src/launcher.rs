@@ -77,6 +77,9 @@ pub struct TreeConfig {
     pub failure_timeout_ms: Option<u64>,
     /// The replicated service the core runs (`kv`), if any.
     pub service: Option<String>,
+    /// The core's shared secret, which its servers prove to each other
+    /// before a link carries anything; absent: none.
+    pub secret: Option<String>,
     /// The accounts file every server and relay reads (relative paths
     /// start at the working directory); absent: anyone may connect.
     pub accounts: Option<std::path::PathBuf>,
@@ -160,6 +163,7 @@ impl TreeConfig {
             heartbeat_interval_ms: Some(50),
             failure_timeout_ms: Some(500),
             service: None,
+            secret: None,
             accounts: None,
             token: None,
             core: c,
@@ -207,6 +211,9 @@ impl TreeConfig {
         }
         if let Some(service) = &self.service {
             timing.push_str(&format!("service = {service:?}\n"));
+        }
+        if let Some(secret) = &self.secret {
+            timing.push_str(&format!("secret = {secret:?}\n"));
         }
         let auth = match &self.accounts {
             Some(path) => {

@@ -21,6 +21,7 @@ struct Accounts {
     path: PathBuf,
     reader: String,
     relay: String,
+    monitor: String,
 }
 
 const FEED_PASSWORD: &str = "feed-secret";
@@ -31,6 +32,7 @@ impl Accounts {
     fn write() -> Accounts {
         let (reader, reader_hash) = new_token();
         let (relay, relay_hash) = new_token();
+        let (monitor, monitor_hash) = new_token();
         let password = hash_password(FEED_PASSWORD).expect("hashes");
         let text = format!(
             r#"
@@ -48,6 +50,11 @@ subscribe = ["md.NASDAQ.>"]
 name = "relay"
 tokens = ["{relay_hash}"]
 relay = true
+
+[[user]]
+name = "monitor"
+tokens = ["{monitor_hash}"]
+http = true
 "#
         );
         let path = common::data_dir().with_extension("accounts.toml");
@@ -56,6 +63,7 @@ relay = true
             path,
             reader,
             relay,
+            monitor,
         }
     }
 
@@ -123,11 +131,20 @@ async fn credentials_are_checked_where_the_client_attaches() {
     let e = raw.expect_error_and_close().await;
     assert_eq!(e.code, ErrorCode::AuthFailed, "{}", e.message);
     // Counted: the three refused clients above and the raw one.
-    // (The metrics are a snapshot the server takes every so often.)
+    // (The metrics are a snapshot the server takes every so often.) HTTP
+    // wants a token of a user with `http`, too.
     let http = server.http.clone().expect("HTTP on");
+    for path in [
+        "/metrics".to_owned(),
+        format!("/metrics?token={}", accounts.reader),
+    ] {
+        let refused = common::http_get(&http, &path).await;
+        assert!(refused.contains("wants a token"), "{path}: {refused}");
+    }
+    let path = format!("/metrics?token={}", accounts.monitor);
     within("four failures counted", async {
         loop {
-            let metrics = common::http_get(&http, "/metrics").await;
+            let metrics = common::http_get(&http, &path).await;
             if metrics.lines().any(|l| l == "canopy_auth_failures_total 4") {
                 return;
             }

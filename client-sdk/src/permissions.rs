@@ -61,6 +61,10 @@ pub struct Permissions {
     /// for its own clients and enforces their permissions itself.
     #[serde(default)]
     pub relay: bool,
+    /// Whether the user's tokens open the servers' dashboard, JSON API
+    /// and `/metrics`.
+    #[serde(default)]
+    pub http: bool,
 }
 
 impl Permissions {

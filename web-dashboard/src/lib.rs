@@ -22,7 +22,10 @@
 //! | `/api/stream` | server-sent events: a live summary every period |
 //! | `/metrics` | Prometheus metrics |
 //!
-//! Bad query parameters get a 400 with `{"error": "..."}`.
+//! Bad query parameters get a 400 with `{"error": "..."}`. A node that
+//! checks who reads it ([`guard`]) wants a token on every path, as
+//! `Authorization: Bearer TOKEN` or `?token=TOKEN` (the page passes its
+//! own on), and answers 401 without one it accepts.
 #![warn(missing_docs)]
 
 pub mod metrics;
@@ -30,7 +33,7 @@ pub mod model;
 
 pub use model::*;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -67,6 +70,67 @@ pub fn router(snapshots: Snapshots) -> Router {
         .route("/api/stream", get(stream))
         .route("/metrics", get(metrics_text))
         .with_state(snapshots)
+}
+
+/// Who may read: given the token offered (if any) and the reader's
+/// address, whether it may.
+pub type Access = Arc<dyn Fn(Option<&str>, std::net::SocketAddr) -> bool + Send + Sync>;
+
+/// `router` behind `access`: a request without a token it accepts gets a
+/// 401. The `token` query parameter is taken out before the route sees
+/// the query. Serve it with connection info
+/// (`into_make_service_with_connect_info::<SocketAddr>`).
+pub fn guard(router: Router, access: Access) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+              mut req: axum::extract::Request,
+              next: axum::middleware::Next| {
+            let access = access.clone();
+            async move {
+                let bearer = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::to_owned);
+                let (query_token, rest) = split_token(req.uri().query());
+                let token = bearer.or(query_token);
+                if !access(token.as_deref(), peer) {
+                    let msg =
+                        "this node wants a token: `Authorization: Bearer TOKEN` or `?token=TOKEN`";
+                    return ApiError(StatusCode::UNAUTHORIZED, msg.into()).into_response();
+                }
+                let path = req.uri().path().to_owned();
+                let uri = match rest {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                if let Ok(uri) = uri.parse() {
+                    *req.uri_mut() = uri;
+                }
+                next.run(req).await
+            }
+        },
+    ))
+}
+
+/// A query's `token` parameter, and the query without it.
+fn split_token(query: Option<&str>) -> (Option<String>, Option<String>) {
+    let Some(query) = query else {
+        return (None, None);
+    };
+    let mut token = None;
+    let mut rest = form_urlencoded::Serializer::new(String::new());
+    let mut kept = 0;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k == "token" {
+            token = Some(v.into_owned());
+        } else {
+            rest.append_pair(&k, &v);
+            kept += 1;
+        }
+    }
+    (token, (kept > 0).then(|| rest.finish()))
 }
 
 /// A 4xx answer with a JSON body.

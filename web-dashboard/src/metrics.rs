@@ -30,7 +30,7 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 pub fn render(s: &Snapshot) -> String {
     let c = &s.counters;
     let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 14] = [
+    let counters: [(&str, &str, u64); 15] = [
         (
             "canopy_messages_published_total",
             "Messages ordered.",
@@ -76,6 +76,11 @@ pub fn render(s: &Snapshot) -> String {
             "canopy_denied_total",
             "Subscriptions, publishes, calls, roles or reports refused for a user's permissions.",
             c.denied,
+        ),
+        (
+            "canopy_peer_links_refused_total",
+            "Connections to the core's peer port dropped before admission.",
+            c.peer_refused,
         ),
         (
             "canopy_view_changes_total",

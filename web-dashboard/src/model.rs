@@ -175,6 +175,9 @@ pub struct Counters {
     /// Subscriptions, publishes, calls, roles or reports refused for a
     /// user's permissions.
     pub denied: u64,
+    /// Connections to the core's peer port dropped before admission (no
+    /// hello, or no proof of the core's secret).
+    pub peer_refused: u64,
     /// Views installed after the first.
     pub view_changes: u64,
     /// Clients that resumed here from another server (adopted orphans).

@@ -242,3 +242,50 @@ fn histogram_quantiles_are_bucket_upper_bounds() {
     h.observe(9.0);
     assert_eq!(h.quantile_bound(1.0), None, "beyond the last bound");
 }
+
+/// `path` through the router behind a guard that takes token `t`, from
+/// `peer`, with `bearer` as the `Authorization` token if given.
+async fn guarded(path: &str, bearer: Option<&str>, peer: &str) -> (StatusCode, String) {
+    let (_tx, rx) = watch::channel(Arc::new(sample()));
+    let access: Access = Arc::new(|token, _peer| token == Some("t"));
+    let mut req = Request::get(path);
+    if let Some(b) = bearer {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {b}"));
+    }
+    let mut req = req.body(Body::empty()).expect("request");
+    let peer: std::net::SocketAddr = peer.parse().expect("address");
+    req.extensions_mut().insert(ConnectInfo(peer));
+    let response = guard(router(rx), access)
+        .oneshot(req)
+        .await
+        .expect("router answers");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_guarded_node_wants_its_token_in_a_header_or_the_query() {
+    let peer = "10.0.0.1:5000";
+    for (path, bearer) in [
+        ("/metrics", None),
+        ("/metrics?token=x", None),
+        ("/metrics", Some("x")),
+    ] {
+        let (status, body) = guarded(path, bearer, peer).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+        assert!(body.contains("token"), "{body}");
+    }
+    let (status, _) = guarded("/metrics", Some("t"), peer).await;
+    assert_eq!(status, StatusCode::OK);
+    // The token leaves the query before the route checks its parameters.
+    let (status, body) = guarded("/api/events?limit=2&token=t", None, peer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = guarded("/api/events?token=t&bogus=1", None, peer).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}

@@ -214,6 +214,8 @@ pub async fn start_with_service(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
+    // Links to the peer port dropped before admission (`peer.rs`).
+    let peer_refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut dashboard = None;
     let mut http_addr = None;
     let mut http_task = None;
@@ -223,9 +225,18 @@ pub async fn start_with_service(
         })?;
         http_addr = Some(http.local_addr()?);
         let (tx, rx) = watch::channel(std::sync::Arc::new(canopy_dashboard::Snapshot::default()));
-        let router = canopy_dashboard::router(rx);
+        let mut router = canopy_dashboard::router(rx);
+        if let Some(accounts) = config.accounts.clone() {
+            let loopback_open = config.http_loopback_open;
+            let access: canopy_dashboard::Access = std::sync::Arc::new(move |token, peer| {
+                (loopback_open && peer.ip().is_loopback())
+                    || token.is_some_and(|t| accounts.opens_http(t))
+            });
+            router = canopy_dashboard::guard(router, access);
+        }
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         http_task = Some(tokio::spawn(async move {
-            if let Err(e) = axum::serve(http, router).await {
+            if let Err(e) = axum::serve(http, service).await {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         }));
@@ -236,6 +247,7 @@ pub async fn start_with_service(
                 &config.node.name,
                 config.core.is_some(),
                 config.relay.is_some(),
+                peer_refused.clone(),
             ),
             latency: canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS),
             call_latency: std::collections::BTreeMap::new(),
@@ -316,8 +328,18 @@ pub async fn start_with_service(
                     format!("cannot listen for core servers on {}", core.peer_listen)
                 })?;
             tracing::info!(addr = %core.peer_listen, id = %core.me, peers = core.peers.len(), "core links");
-            peer_task = Some(tokio::spawn(peer::accept_loop(listener, inbox_tx.clone())));
-            links = Some(peer::Links::start(core.me, &core.peers, inbox_tx.clone()));
+            peer_task = Some(tokio::spawn(peer::accept_loop(
+                listener,
+                inbox_tx.clone(),
+                core.secret.clone(),
+                peer_refused.clone(),
+            )));
+            links = Some(peer::Links::start(
+                core.me,
+                &core.peers,
+                inbox_tx.clone(),
+                core.secret.clone(),
+            ));
             node_config.id = crate::core::cltsvr::members::core_server_id(core.me.0, incarnation);
             Server::grouped(
                 Node::new_grouped(Duration::ZERO, node_config),

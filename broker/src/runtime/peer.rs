@@ -10,6 +10,15 @@
 //! protocol never relies on more than that (see `core::total::wire`).
 //! Readers decode frames into [`PeerMsg`]s off the node task.
 //!
+//! Admission: with the core's secret configured, a link carries nothing
+//! until both ends proved they know it (docs/DESIGN.md, "Security"): the
+//! caller's hello carries a nonce; the server it calls answers with its
+//! own nonce and an HMAC of both (proving itself first, so a caller never
+//! talks to an impostor); the caller answers with an HMAC of both the
+//! other way. The secret never crosses the link, and a recorded exchange
+//! is useless with fresh nonces. A process that cannot answer is dropped
+//! before one protocol message is read from it.
+//!
 //! Bounds: each outgoing queue holds `LINK_QUEUE_MAX` frames. A peer that
 //! does not read that much is treated as a broken link: the queue is
 //! replaced and the connection dropped, and the protocol recovers.
@@ -21,6 +30,8 @@ use canopy_client::io::write_frames;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -41,8 +52,11 @@ const READ_BATCH_MAX: usize = 256;
 /// First and longest waits between connection attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_MAX: Duration = Duration::from_millis(500);
-/// A link's first frame must arrive within this.
+/// A link's first frame must arrive within this (and each frame of the
+/// admission handshake).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest frame before a link is admitted.
+const HANDSHAKE_FRAME_MAX: usize = 1024;
 
 /// The first frame on a link: who is calling.
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,7 +65,67 @@ struct LinkHello {
     version: u32,
     /// The caller.
     node: NodeId,
+    /// With a secret: the caller's challenge to the server it calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nonce: Option<Bytes>,
 }
+
+/// With a secret, from the server called: its own challenge, and its
+/// answer to the caller's.
+#[derive(Debug, Serialize, Deserialize)]
+struct LinkChallenge {
+    nonce: Bytes,
+    proof: Bytes,
+}
+
+/// With a secret, from the caller: its answer to the server's challenge.
+#[derive(Debug, Serialize, Deserialize)]
+struct LinkAnswer {
+    proof: Bytes,
+}
+
+/// The proof of knowing `secret`, for one side of one link's handshake
+/// (both nonces, in that side's order, and the caller).
+fn mac(
+    secret: &str,
+    side: &str,
+    first: &[u8],
+    second: &[u8],
+    caller: NodeId,
+) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .expect("invariant: HMAC takes a key of any length");
+    for part in [side.as_bytes(), first, second, &caller.0.to_be_bytes()] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac
+}
+
+fn proof(secret: &str, side: &str, first: &[u8], second: &[u8], caller: NodeId) -> Bytes {
+    use hmac::Mac;
+    let tag = mac(secret, side, first, second, caller).finalize();
+    Bytes::copy_from_slice(&tag.into_bytes())
+}
+
+/// Whether `got` is the proof expected (compared in constant time).
+fn proves(secret: &str, side: &str, nonces: (&[u8], &[u8]), caller: NodeId, got: &[u8]) -> bool {
+    use hmac::Mac;
+    mac(secret, side, nonces.0, nonces.1, caller)
+        .verify_slice(got)
+        .is_ok()
+}
+
+fn nonce() -> Bytes {
+    use rand::RngCore;
+    let mut n = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut n);
+    Bytes::copy_from_slice(&n)
+}
+
+const CALLED: &str = "canopy link: the server called";
+const CALLER: &str = "canopy link: the caller";
 
 /// The peer protocol's version: servers of another version refuse each
 /// other's links at the hello, rather than drop them later on a message one
@@ -64,6 +138,7 @@ static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// The node task's handles on its outgoing links.
 pub(super) struct Links {
     me: NodeId,
+    secret: Option<Arc<str>>,
     links: HashMap<NodeId, Link>,
     inbox: flume::Sender<Inbound>,
 }
@@ -80,9 +155,11 @@ impl Links {
         me: NodeId,
         peers: &[(NodeId, String)],
         inbox: flume::Sender<Inbound>,
+        secret: Option<Arc<str>>,
     ) -> Self {
         let mut links = Links {
             me,
+            secret,
             links: HashMap::new(),
             inbox,
         };
@@ -102,6 +179,7 @@ impl Links {
             rx,
             cancel.clone(),
             self.inbox.clone(),
+            self.secret.clone(),
         ));
         self.links.insert(
             peer,
@@ -147,6 +225,7 @@ async fn link_task(
     queue: flume::Receiver<Bytes>,
     cancel: CancellationToken,
     inbox: flume::Sender<Inbound>,
+    secret: Option<Arc<str>>,
 ) {
     let mut delay = RECONNECT_MIN;
     loop {
@@ -167,8 +246,26 @@ async fn link_task(
             }
         };
         let _ = stream.set_nodelay(true);
-        let hello = hello_frame(me);
-        if stream.write_all(&hello).await.is_err() {
+        let admitted = match &secret {
+            None => {
+                let hello = LinkHello {
+                    version: LINK_VERSION,
+                    node: me,
+                    nonce: None,
+                };
+                stream.write_all(&frame(&hello)).await.is_ok()
+            }
+            Some(secret) => tokio::select! {
+                _ = cancel.cancelled() => return,
+                ok = prove(&mut stream, me, peer, secret) => ok,
+            },
+        };
+        if !admitted {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RECONNECT_MAX);
             continue;
         }
         delay = RECONNECT_MIN;
@@ -201,20 +298,70 @@ async fn link_task(
     }
 }
 
-fn hello_frame(me: NodeId) -> Vec<u8> {
-    let mut buf = vec![0; 4];
+/// The caller's side of the admission handshake (module docs): true once
+/// both ends proved they know the secret.
+async fn prove(stream: &mut TcpStream, me: NodeId, peer: NodeId, secret: &str) -> bool {
+    let mine = nonce();
     let hello = LinkHello {
         version: LINK_VERSION,
         node: me,
+        nonce: Some(mine.clone()),
     };
-    ciborium::into_writer(&hello, &mut buf).expect("invariant: encoding into a Vec cannot fail");
+    if stream.write_all(&frame(&hello)).await.is_err() {
+        return false;
+    }
+    let (read, mut write) = stream.split();
+    let mut framed = FramedRead::new(read, handshake_codec());
+    let Some(c) = next_record::<LinkChallenge, _>(&mut framed).await else {
+        tracing::warn!(node = %peer, "the server called sent no challenge: is the core's secret set on both?");
+        return false;
+    };
+    if !proves(secret, CALLED, (&mine, &c.nonce), me, &c.proof) {
+        tracing::warn!(node = %peer, "the server called does not know the core's secret; not talking to it");
+        return false;
+    }
+    let answer = LinkAnswer {
+        proof: proof(secret, CALLER, &c.nonce, &mine, me),
+    };
+    write.write_all(&frame(&answer)).await.is_ok()
+}
+
+/// Frames of the handshake are small: a peer not yet admitted cannot make
+/// this server hold more.
+fn handshake_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(HANDSHAKE_FRAME_MAX)
+        .new_codec()
+}
+
+/// The next frame as a `T`, within [`HELLO_TIMEOUT`].
+async fn next_record<T, R>(framed: &mut FramedRead<R, LengthDelimitedCodec>) -> Option<T>
+where
+    T: serde::de::DeserializeOwned,
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(f))) => ciborium::from_reader(&f[..]).ok(),
+        _ => None,
+    }
+}
+
+/// A handshake record, length-prefixed.
+fn frame<T: Serialize>(record: &T) -> Vec<u8> {
+    let mut buf = vec![0; 4];
+    ciborium::into_writer(record, &mut buf).expect("invariant: encoding into a Vec cannot fail");
     let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
     buf[..4].copy_from_slice(&len.to_be_bytes());
     buf
 }
 
 /// Accepts links from other core servers.
-pub(super) async fn accept_loop(listener: TcpListener, inbox: flume::Sender<Inbound>) {
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    inbox: flume::Sender<Inbound>,
+    secret: Option<Arc<str>>,
+    refused: Arc<AtomicU64>,
+) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -226,40 +373,69 @@ pub(super) async fn accept_loop(listener: TcpListener, inbox: flume::Sender<Inbo
         };
         let _ = stream.set_nodelay(true);
         let conn = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::spawn(read_link(stream, addr, conn, inbox.clone()));
+        let (inbox, secret, refused) = (inbox.clone(), secret.clone(), refused.clone());
+        tokio::spawn(async move {
+            if !read_link(stream, addr, conn, inbox, secret).await {
+                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
     }
 }
 
-/// Reads one incoming link: its hello, then messages until it ends or
-/// sends something undecodable (then only this link is dropped).
+/// Reads one incoming link: its hello (and with a secret, the proof),
+/// then messages until it ends or sends something undecodable (then only
+/// this link is dropped). False when it was dropped before admission.
 async fn read_link(
     stream: TcpStream,
     addr: std::net::SocketAddr,
     conn: u64,
     inbox: flume::Sender<Inbound>,
-) {
-    let codec = LengthDelimitedCodec::builder()
-        .max_frame_length(PEER_FRAME_LEN_MAX)
-        .new_codec();
-    let mut framed = FramedRead::new(stream, codec);
+    secret: Option<Arc<str>>,
+) -> bool {
+    let (read, mut write) = stream.into_split();
+    let mut framed = FramedRead::new(read, handshake_codec());
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
         Ok(Some(Ok(f))) => ciborium::from_reader::<LinkHello, _>(&f[..]),
         _ => {
             tracing::debug!(%addr, "link closed before its hello");
-            return;
+            return false;
         }
     };
-    let peer = match hello {
-        Ok(h) if h.version == LINK_VERSION => h.node,
+    let hello = match hello {
+        Ok(h) if h.version == LINK_VERSION => h,
         Ok(h) => {
             tracing::warn!(%addr, version = h.version, "link speaks another version; dropped");
-            return;
+            return false;
         }
         Err(e) => {
             tracing::warn!(%addr, error = %e, "link hello not valid; dropped");
-            return;
+            return false;
         }
     };
+    let peer = hello.node;
+    if let Some(secret) = &secret {
+        let Some(theirs) = hello.nonce else {
+            tracing::warn!(%addr, node = %peer, "a link that does not offer to prove the core's secret; dropped");
+            return false;
+        };
+        let mine = nonce();
+        let challenge = LinkChallenge {
+            nonce: mine.clone(),
+            proof: proof(secret, CALLED, &theirs, &mine, peer),
+        };
+        if write.write_all(&frame(&challenge)).await.is_err() {
+            return false;
+        }
+        let answer = next_record::<LinkAnswer, _>(&mut framed).await;
+        if !answer.is_some_and(|a| proves(secret, CALLER, (&mine, &theirs), peer, &a.proof)) {
+            tracing::warn!(%addr, node = %peer, "a link that did not prove the core's secret; dropped");
+            return false;
+        }
+    }
+    // Admitted: full-sized frames from here on.
+    framed
+        .decoder_mut()
+        .set_max_frame_length(PEER_FRAME_LEN_MAX);
     loop {
         let Some(mut next) = framed.next().await else {
             break;
@@ -294,11 +470,12 @@ async fn read_link(
                 .await
                 .is_err()
         {
-            return;
+            return true;
         }
         if end {
             break;
         }
     }
     let _ = inbox.send_async(Inbound::IncomingDown(peer, conn)).await;
+    true
 }

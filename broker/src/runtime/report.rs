@@ -89,13 +89,22 @@ pub struct Reporter {
     listen: String,
     previous: Option<Previous>,
     views: Vec<dash::View>,
+    /// Links to the peer port dropped before admission.
+    peer_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Reporter {
     /// A reporter for a node listening for clients on `listen`; a relay's
     /// role reads `relay`, any other server's `core`.
-    pub fn new(listen: String, name: &str, grouped: bool, relay: bool) -> Self {
+    pub fn new(
+        listen: String,
+        name: &str,
+        grouped: bool,
+        relay: bool,
+        peer_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         Reporter {
+            peer_refused,
             role: if relay { "relay" } else { "core" },
             listen,
             previous: None,
@@ -180,6 +189,7 @@ impl Reporter {
             bad_input: stats.bad_input,
             auth_failures: stats.auth_failures,
             denied: stats.denied,
+            peer_refused: self.peer_refused.load(std::sync::atomic::Ordering::Relaxed),
             view_changes: self.views.len().saturating_sub(1) as u64,
             adoptions: stats.adopted,
             diverged: stats.diverged,

@@ -92,6 +92,11 @@ impl Server {
         Self::spawn(toml, listen, "off", Some(data))
     }
 
+    /// As [`Server::listening_in`], with HTTP on a free port.
+    pub fn listening_with_http_in(toml: &str, listen: &str, data: &Path) -> Server {
+        Self::spawn(toml, listen, "127.0.0.1:0", Some(data))
+    }
+
     /// As [`Server::with_config`], with HTTP on a free port.
     pub fn with_config_and_http(toml: &str) -> Server {
         let data = data_dir();
@@ -496,7 +501,12 @@ impl Cluster {
     /// Starts `n` servers with ids 1..=n; `extra` is appended to each
     /// server's `[core]` section.
     pub fn start(n: usize, extra: &str) -> Cluster {
-        Self::launch(n, extra, vec![LISTEN_ANY.to_owned(); n])
+        Self::launch(n, extra, vec![LISTEN_ANY.to_owned(); n], false)
+    }
+
+    /// As [`Cluster::start`], each server with HTTP on a free port.
+    pub fn start_with_http(n: usize, extra: &str) -> Cluster {
+        Self::launch(n, extra, vec![LISTEN_ANY.to_owned(); n], true)
     }
 
     /// As [`Cluster::start`], each server on a client port fixed for the
@@ -504,10 +514,10 @@ impl Cluster {
     /// servers tell clients the core's addresses (they are all known), so
     /// SDK clients find a server that was restarted, even once all were.
     pub fn start_on_fixed_ports(n: usize, extra: &str) -> Cluster {
-        Self::launch(n, extra, (0..n).map(|_| free_port()).collect())
+        Self::launch(n, extra, (0..n).map(|_| free_port()).collect(), false)
     }
 
-    fn launch(n: usize, extra: &str, listens: Vec<String>) -> Cluster {
+    fn launch(n: usize, extra: &str, listens: Vec<String>, http: bool) -> Cluster {
         // Free ports for the server-to-server links, reserved by binding
         // and released just before the servers bind them.
         let peers: Vec<String> = (0..n).map(|_| free_port()).collect();
@@ -529,7 +539,12 @@ impl Cluster {
             .collect();
         let data: Vec<PathBuf> = (0..n).map(|_| data_dir()).collect();
         let servers: Vec<Option<Server>> = (0..n)
-            .map(|i| Some(Server::listening_in(&configs[i], &listens[i], &data[i])))
+            .map(|i| {
+                Some(match http {
+                    true => Server::listening_with_http_in(&configs[i], &listens[i], &data[i]),
+                    false => Server::listening_in(&configs[i], &listens[i], &data[i]),
+                })
+            })
             .collect();
         let addrs = servers.iter().flatten().map(|s| s.addr.clone()).collect();
         Cluster {
