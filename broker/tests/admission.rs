@@ -160,16 +160,7 @@ async fn servers_that_share_the_secret_form_a_core_and_others_are_dropped_at_onc
             .and_then(|s| s.http.clone())
             .expect("HTTP on");
         let line = format!("canopy_peer_links_refused_total {want}");
-        within("the refusals counted", async {
-            loop {
-                let metrics = common::http_get(&http, "/metrics").await;
-                if metrics.lines().any(|l| l == line) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        common::metric_line(&http, "/metrics", &line).await;
     }
 }
 

@@ -142,16 +142,7 @@ async fn credentials_are_checked_where_the_client_attaches() {
         assert!(refused.contains("wants a token"), "{path}: {refused}");
     }
     let path = format!("/metrics?token={}", accounts.monitor);
-    within("four failures counted", async {
-        loop {
-            let metrics = common::http_get(&http, &path).await;
-            if metrics.lines().any(|l| l == "canopy_auth_failures_total 4") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    common::metric_line(&http, &path, "canopy_auth_failures_total 4").await;
 }
 
 #[tokio::test]

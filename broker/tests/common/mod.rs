@@ -763,3 +763,17 @@ pub async fn http_get(addr: &str, path: &str) -> String {
         }
     }
 }
+
+/// Waits until `GET path` on `http` has the line `line` (a node's metrics
+/// are a snapshot it takes every so often).
+pub async fn metric_line(http: &str, path: &str, line: &str) {
+    within(line, async {
+        loop {
+            if http_get(http, path).await.lines().any(|l| l == line) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
