@@ -188,6 +188,9 @@ pub struct FileLimits {
     pub idle_timeout_ms: Option<u64>,
     /// Client connections held at most.
     pub connections_max: Option<usize>,
+    /// Client connections held at most per client address (IP); none by
+    /// default.
+    pub connections_per_address_max: Option<usize>,
     /// Clients of the whole tree the membership state remembers; 0 turns
     /// ordered membership (attach/detach events, `full` reports) off.
     pub members_max: Option<usize>,
@@ -222,6 +225,8 @@ pub struct ServerConfig {
     pub accounts: Option<std::sync::Arc<crate::auth::Accounts>>,
     /// With `accounts`: HTTP readers on loopback need no token.
     pub http_loopback_open: bool,
+    /// Client connections held at most per client address.
+    pub connections_per_address_max: Option<usize>,
 }
 
 /// A configuration that cannot be used.
@@ -415,6 +420,7 @@ impl FileConfig {
             relay,
             accounts: accounts.clone(),
             http_loopback_open: self.auth.as_ref().is_some_and(|a| a.http_loopback_open),
+            connections_per_address_max: self.limits.connections_per_address_max,
             listen,
             http,
             queue_frames_max,

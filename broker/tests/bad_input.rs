@@ -238,6 +238,41 @@ async fn connections_over_the_limit_are_refused_and_the_rest_keep_working() {
 /// A peer that goes silent (no frames, no pings) is closed, while a peer
 /// that pings stays connected across many idle periods.
 #[tokio::test]
+async fn connections_over_the_per_address_limit_are_refused_until_one_closes() {
+    let server = Server::with_config("[limits]\nconnections_per_address_max = 2\n");
+    let mut first = Raw::connect(&server.addr).await;
+    first.hello(1, &[], SlowPolicy::Disconnect).await;
+    let mut second = Raw::connect(&server.addr).await;
+    second.hello(2, &[], SlowPolicy::Disconnect).await;
+    let mut third = Raw::connect(&server.addr).await;
+    let e = third.expect_error_and_close().await;
+    assert_eq!(e.code, ErrorCode::TooManyFromAddress, "{}", e.message);
+    // The others keep working; one closes, and its place is free again.
+    second
+        .send(ClientFrame::Ping(protocol::PingHead { nonce: 1 }))
+        .await;
+    assert!(matches!(second.next().await, Some(ServerFrame::Pong(_))));
+    drop(first);
+    common::within("a place frees up", async {
+        loop {
+            let mut again = Raw::connect(&server.addr).await;
+            again
+                .send(ClientFrame::Hello(common::hello(
+                    3,
+                    &[],
+                    SlowPolicy::Disconnect,
+                )))
+                .await;
+            match again.next().await {
+                Some(ServerFrame::Welcome(_)) => return,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn silent_connections_are_closed_and_pinging_ones_stay() {
     use canopy_client::protocol::PingHead;
     let server =

@@ -137,6 +137,9 @@ pub enum ErrorCode {
     /// No credentials, or wrong ones, where the server checks who its
     /// clients are.
     AuthFailed,
+    /// The client's address holds as many connections to this server as
+    /// it may.
+    TooManyFromAddress,
     /// The user may not do what it asked: a subscription outside its
     /// permissions (the connection stays open), or a publish, call, relay
     /// role or membership report it may not have.

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use canopy_client::io::write_frames as write_all;
 use canopy_client::protocol::{self, ClientFrame, ErrorCode};
 use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -28,12 +30,67 @@ pub(super) struct CloseOrder {
     pub drain: bool,
 }
 
+/// Connections held per client address, when limited: a [`Slot`] per
+/// connection, given back when its reader ends.
+#[derive(Clone, Default)]
+struct PerAddress(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>);
+
+/// One connection's place in its address's count.
+struct Slot(PerAddress, IpAddr);
+
+impl PerAddress {
+    fn take(&self, ip: IpAddr, max: usize) -> Option<Slot> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), ip))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = (self.0)
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Refuses a connection before the node hears of it: the error, then the
+/// close (a peer that does not read gets a moment, no more).
+async fn refuse(mut stream: tokio::net::TcpStream, code: ErrorCode, message: String) {
+    let frame = protocol::encode(
+        protocol::kind::ERROR,
+        &protocol::ErrorFrame {
+            code,
+            message,
+            publisher: None,
+            pattern: None,
+        },
+        &[],
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&frame)).await;
+}
+
 pub(super) async fn accept_loop(
     listener: TcpListener,
     inbox: flume::Sender<Inbound>,
     config: ServerConfig,
 ) {
     let mut next = 1u64;
+    let per_address = PerAddress::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -45,6 +102,18 @@ pub(super) async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let slot = match config.connections_per_address_max {
+            None => None,
+            Some(max) => match per_address.take(peer.ip(), max) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::info!(%peer, max, "connection refused: its address holds its maximum");
+                    let msg = format!("{} holds its maximum of {max} connections here", peer.ip());
+                    tokio::spawn(refuse(stream, ErrorCode::TooManyFromAddress, msg));
+                    continue;
+                }
+            },
+        };
         let session = SessionId(next);
         next += 1;
         tracing::debug!(%session, %peer, "accepted");
@@ -64,14 +133,19 @@ pub(super) async fn accept_loop(
             return;
         }
         tokio::spawn(write_loop(write, queue_rx, close_rx));
-        tokio::spawn(read_loop(
+        let reader = read_loop(
             read,
             session,
             inbox.clone(),
             cancel,
             config.node.frame_len_max,
             config.accounts.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            reader.await;
+            // The connection's place in its address's count goes with it.
+            drop(slot);
+        });
     }
 }
 
