@@ -179,6 +179,17 @@ impl Server {
         }
     }
 
+    /// The server's resident memory now, in KiB (Linux `VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the server's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Options for an SDK client of this server.
     pub fn options(&self) -> ClientOptions {
         ClientOptions::new([self.addr.clone()])
