@@ -110,7 +110,7 @@ async fn hostile_clients_cannot_hurt_the_server_or_a_well_behaved_stream() {
         let topic = format!("ok.{}", i % 7);
         let body = format!("{i} {payload}");
         let ack = publisher.send(&topic, body).await.expect("queued");
-        if i % 100 == 99 {
+        if (i + 1).is_multiple_of(100) {
             ack.await.expect("acknowledged");
         }
     }
@@ -129,7 +129,7 @@ async fn hostile_clients_cannot_hurt_the_server_or_a_well_behaved_stream() {
                         .expect("numbered");
                     assert_eq!(n, next, "in order, nothing missing");
                     next += 1;
-                    if next % 500 == 0 {
+                    if next.is_multiple_of(500) {
                         rss_peak = rss_peak.max(server.rss_kib());
                     }
                 }
