@@ -17,7 +17,13 @@
 //! members = false        # may be told who is connected (`full` reports)
 //! relay = false          # may attach as a relay
 //! http = false           # its tokens open the dashboard, API and /metrics
+//! publish_rate = 1000    # publishes and calls a second, per server
 //! ```
+//!
+//! A user past its publish rate is slowed, not refused: its connections
+//! are read no faster than the rate allows, so its client's window fills
+//! and its publishes wait (a refused publish would leave a hole in its
+//! publisher sequence).
 //!
 //! Passwords are stored as argon2id hashes (they may be guessable, so the
 //! hash must be slow); tokens, random and long, as SHA-256 hashes (a token
@@ -32,6 +38,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The accounts file.
 #[derive(Debug, Deserialize)]
@@ -63,6 +71,9 @@ struct FileUser {
     relay: bool,
     #[serde(default)]
     http: bool,
+    /// Publishes (and calls) per second, per server, at most: a bucket
+    /// of that many refilled every second; none by default.
+    publish_rate: Option<u32>,
 }
 
 /// Why an accounts file was refused.
@@ -106,6 +117,39 @@ pub struct Accounts {
     /// A hash of a random password, checked against when a user is
     /// unknown, so that it takes as long to refuse as a wrong password.
     decoy: String,
+    /// Per user with a publish rate: its bucket, shared by its
+    /// connections to this server.
+    rates: HashMap<String, Arc<Mutex<Bucket>>>,
+}
+
+/// A token bucket: `rate` tokens a second, at most `rate` held.
+#[derive(Debug)]
+pub struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Bucket {
+            rate,
+            tokens: rate,
+            at: None,
+        }
+    }
+
+    /// Takes one token at `now`; if there is none, how long until there is
+    /// (the token is taken then: the caller waits that long).
+    pub fn take(&mut self, now: Instant) -> Option<Duration> {
+        let since = self
+            .at
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        self.at = Some(now);
+        self.tokens = (self.tokens + since * self.rate).min(self.rate) - 1.0;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
 }
 
 impl Accounts {
@@ -172,6 +216,13 @@ impl Accounts {
                 relay: u.relay,
                 http: u.http,
             };
+            if let Some(rate) = u.publish_rate {
+                if rate == 0 {
+                    return Err(bad("publish_rate: at least 1 a second".into()));
+                }
+                let bucket = Arc::new(Mutex::new(Bucket::new(rate)));
+                accounts.rates.insert(u.name.clone(), bucket);
+            }
             for t in &u.tokens {
                 let hash = parse_token_hash(t).ok_or_else(|| {
                     bad(format!("token `{t}` is not `sha256:` and 64 hex digits"))
@@ -189,6 +240,11 @@ impl Accounts {
             }
         }
         Ok(accounts)
+    }
+
+    /// The bucket that paces `user`'s publishes here, if it has a rate.
+    pub fn rate_of(&self, user: &str) -> Option<Arc<Mutex<Bucket>>> {
+        self.rates.get(user).cloned()
     }
 
     /// Whether `token` opens the servers' HTTP side (its user has `http`).
@@ -349,6 +405,29 @@ members = true
             password: "feed-demo".into(),
         }));
         assert!(feed.expect("the feed's").may_publish("md.NASDAQ.AAPL"));
+    }
+
+    #[test]
+    fn a_bucket_allows_its_rate_and_says_how_long_to_wait_past_it() {
+        let mut b = Bucket::new(10);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(b.take(t0), None, "a second's worth at once");
+        }
+        let wait = b.take(t0).expect("the eleventh waits");
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9, "{wait:?}");
+        // After that wait, the next token is there again (and was taken
+        // by the one that waited): the one after waits another tenth.
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(b
+            .take(t1)
+            .is_some_and(|w| (w.as_secs_f64() - 0.1).abs() < 1e-9));
+        // A quiet second refills it, to the rate and no more.
+        let t2 = t1 + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert_eq!(b.take(t2), None);
+        }
+        assert!(b.take(t2).is_some());
     }
 
     #[test]

@@ -42,6 +42,12 @@ password = "{password}"
 publish = ["md.>"]
 
 [[user]]
+name = "slow"
+password = "{password}"
+publish = ["md.>"]
+publish_rate = 20
+
+[[user]]
 name = "reader"
 tokens = ["{reader_hash}"]
 subscribe = ["md.NASDAQ.>"]
@@ -242,6 +248,36 @@ async fn permissions_refuse_what_they_do_not_grant_and_the_connection_goes_on() 
         let e = raw.expect_error_and_close().await;
         assert_eq!(e.code, ErrorCode::PermissionDenied, "{}", e.message);
     }
+}
+
+/// A user past its publish rate is slowed (read no faster than its rate),
+/// not refused: every publish is acknowledged, none sooner than the rate
+/// allows. (A lower bound on time only: it cannot fail by being slow.)
+#[tokio::test]
+async fn a_users_publish_rate_slows_it_down() {
+    let accounts = Accounts::write();
+    let server = Server::with_config(&accounts.config());
+    let slow = Credentials::Password {
+        user: "slow".into(),
+        password: FEED_PASSWORD.into(),
+    };
+    let client = connect(&[server.addr.clone()], Some(slow))
+        .await
+        .expect("slow");
+    let start = std::time::Instant::now();
+    let mut acks = Vec::new();
+    for i in 0..50 {
+        acks.push(client.send("md.x", format!("{i}")).await.expect("queued"));
+    }
+    for ack in acks {
+        within("acknowledged", ack).await.expect("acknowledged");
+    }
+    // 20 at once, then 20 a second: 30 more take 1.5 s.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_400),
+        "50 publishes at 20/s in {took:?}"
+    );
 }
 
 /// Through relays: the relays prove themselves to the core with the

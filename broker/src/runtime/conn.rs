@@ -161,6 +161,8 @@ async fn read_loop(
         .max_frame_length(frame_len_max)
         .new_codec();
     let mut framed = FramedRead::new(read, codec);
+    // The user's publish rate, once it is known (`auth`).
+    let mut bucket: Option<Arc<std::sync::Mutex<crate::auth::Bucket>>> = None;
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -168,6 +170,8 @@ async fn read_loop(
         };
         let mut batch = Vec::new();
         let mut next = first;
+        // Past the user's rate: read no more until it allows.
+        let mut pause = None;
         let end = loop {
             match next {
                 Some(Ok(content)) => match protocol::decode_client(content.freeze()) {
@@ -179,12 +183,14 @@ async fn read_loop(
                         let Some(accounts) = accounts.take() else {
                             break None;
                         };
+                        let checker = accounts.clone();
                         let check = tokio::task::spawn_blocking(move || {
-                            accounts.check(credentials.as_ref())
+                            checker.check(credentials.as_ref())
                         });
                         match check.await {
                             Ok(Ok(permissions)) => {
                                 tracing::debug!(%session, user = %permissions.user, "authenticated");
+                                bucket = accounts.rate_of(&permissions.user);
                                 let who = Inbound::Authenticated(session, permissions);
                                 if inbox.send_async(who).await.is_err() {
                                     return;
@@ -196,6 +202,18 @@ async fn read_loop(
                                 break Some(Inbound::Bad(session, ErrorCode::AuthFailed, why));
                             }
                             Err(_) => break Some(Inbound::Closed(session)),
+                        }
+                    }
+                    Ok(frame @ ClientFrame::Publish(_)) if bucket.is_some() => {
+                        batch.push(frame);
+                        let wait = bucket.as_ref().and_then(|b| {
+                            b.lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .take(std::time::Instant::now())
+                        });
+                        if wait.is_some() {
+                            pause = wait;
+                            break None;
                         }
                     }
                     Ok(frame) => batch.push(frame),
@@ -224,6 +242,12 @@ async fn read_loop(
         if let Some(end) = end {
             let _ = inbox.send_async(end).await;
             return;
+        }
+        if let Some(wait) = pause {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
     }
 }
