@@ -261,7 +261,7 @@ async fn a_users_publish_rate_slows_it_down() {
         user: "slow".into(),
         password: FEED_PASSWORD.into(),
     };
-    let client = connect(&[server.addr.clone()], Some(slow))
+    let client = connect(std::slice::from_ref(&server.addr), Some(slow))
         .await
         .expect("slow");
     let start = std::time::Instant::now();
