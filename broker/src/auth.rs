@@ -115,8 +115,9 @@ pub struct Accounts {
     /// Token hash to user name.
     tokens: HashMap<[u8; 32], String>,
     /// A hash of a random password, checked against when a user is
-    /// unknown, so that it takes as long to refuse as a wrong password.
-    decoy: String,
+    /// unknown, so that it takes as long to refuse as a wrong password
+    /// (made when first needed).
+    decoy: std::sync::OnceLock<String>,
     /// Per user with a publish rate: its bucket, shared by its
     /// connections to this server.
     rates: HashMap<String, Arc<Mutex<Bucket>>>,
@@ -187,11 +188,7 @@ impl Accounts {
             path: String::new(),
             source,
         })?;
-        let (decoy, _) = new_token();
-        let mut accounts = Accounts {
-            decoy: hash_password(&decoy).unwrap_or_default(),
-            ..Accounts::default()
-        };
+        let mut accounts = Accounts::default();
         for u in file.user {
             let bad = |why: String| AccountsError::User {
                 path: String::new(),
@@ -242,6 +239,11 @@ impl Accounts {
         Ok(accounts)
     }
 
+    fn decoy(&self) -> &str {
+        self.decoy
+            .get_or_init(|| hash_password(&new_token().0).unwrap_or_default())
+    }
+
     /// The bucket that paces `user`'s publishes here, if it has a rate.
     pub fn rate_of(&self, user: &str) -> Option<Arc<Mutex<Bucket>>> {
         self.rates.get(user).cloned()
@@ -284,7 +286,7 @@ impl Accounts {
             Some(Credentials::Password { user, password }) => {
                 let (hash, permissions) = match self.users.get(user) {
                     Some((Some(hash), p)) => (hash.as_str(), Some(p)),
-                    _ => (self.decoy.as_str(), None),
+                    _ => (self.decoy(), None),
                 };
                 let ok = PasswordHash::new(hash).is_ok_and(|h| {
                     Argon2::default()

@@ -695,8 +695,7 @@ impl Rrpc {
     /// replicas' votes: this replica orders its own (its reply), and the
     /// reply is given once the votes are in ([`Rrpc::count_votes`]).
     fn vote(&mut self, p: Pending, answer: Answer) {
-        let d = self.done.entry(p.id.publisher).or_default();
-        *d = (*d).max(p.id.pub_seq);
+        self.applied(p.id);
         self.submit(&Outcome {
             id: p.id,
             share: None,
@@ -852,6 +851,13 @@ impl Rrpc {
         }
     }
 
+    /// Call `id` is applied: its caller's calls up to it are applied or
+    /// still queued.
+    fn applied(&mut self, id: CallId) {
+        let d = self.done.entry(id.publisher).or_default();
+        *d = (*d).max(id.pub_seq);
+    }
+
     /// Keeps a reply, forgetting the oldest past the bound.
     /// (A caller's last call applied is forgotten with its last reply,
     /// not with the reply of that call: calls are applied out of their
@@ -862,8 +868,7 @@ impl Rrpc {
             *self.held.entry(id.publisher).or_default() += 1;
         }
         self.replies_order.push_back(id);
-        let d = self.done.entry(id.publisher).or_default();
-        *d = (*d).max(id.pub_seq);
+        self.applied(id);
         while self.replies_order.len() > self.config.replies_max {
             let Some(old) = self.replies_order.pop_front() else {
                 break;
