@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 fn chromium() -> Option<&'static str> {
@@ -74,7 +74,8 @@ const READ_PAGE: &str = r#"JSON.stringify({
   clients: document.getElementById('clients-count').textContent,
   rateIn: document.getElementById('rate-in').textContent,
   head: +document.getElementById('head-seq').textContent,
-  topics: document.getElementById('topics').textContent
+  topics: document.getElementById('topics').textContent,
+  badInput: document.getElementById('bad-input').textContent
 })"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,6 +220,24 @@ async fn dashboard_shows_the_tree_counts_and_live_rates_in_a_browser() {
     })
     .await;
     assert_eq!(later["live"], "live");
+
+    // A client that sends garbage shows up among the refused.
+    let mut bad = tokio::net::TcpStream::connect(&server.addr)
+        .await
+        .expect("connects");
+    bad.write_all(&[0, 0, 0, 3, 0xee, 1, 2])
+        .await
+        .expect("writes");
+    within("the refusal on the page", async {
+        loop {
+            let v = read(page.eval(READ_PAGE).await);
+            if v["badInput"] == "1" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
 
     let shot = page
         .call(
