@@ -4,12 +4,11 @@
 
 mod common;
 
-use bytes::{BufMut, BytesMut};
 use canopy_client::protocol::{
     self, kind, AskHead, ClientFrame, ErrorCode, PubSeq, PublisherId, ServerFrame, SlowPolicy,
     SubscribeHead,
 };
-use common::{hello, publish, take_messages, Raw, Server};
+use common::{frame, hello, publish, take_messages, Raw, Server};
 
 /// What the bad client does before its bad bytes.
 #[derive(Clone, Copy, PartialEq)]
@@ -58,14 +57,6 @@ async fn bad_input_case(before: Before, bad: &[u8], expected: ErrorCode) {
     let got = take_messages(&mut stream, want.len()).await;
     let topics: Vec<&str> = got.iter().map(|m| m.topic()).collect();
     assert_eq!(topics, want);
-}
-
-fn frame(kind_byte: u8, content: &[u8]) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    b.put_u32(content.len() as u32 + 1);
-    b.put_u8(kind_byte);
-    b.extend_from_slice(content);
-    b.to_vec()
 }
 
 #[tokio::test]

@@ -8,10 +8,9 @@
 
 mod common;
 
-use bytes::{BufMut, BytesMut};
 use canopy_client::protocol::{kind, ClientFrame, SlowPolicy, SubscribeHead};
 use canopy_client::Event;
-use common::{hello, within_for, Raw, Server};
+use common::{frame, hello, within_for, Raw, Server};
 use futures::StreamExt;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -20,14 +19,6 @@ use tokio::net::TcpStream;
 const MESSAGES: usize = 2_000;
 /// Connections the server holds at most (the flood goes past it).
 const CONNECTIONS_MAX: usize = 150;
-
-fn frame(kind: u8, content: &[u8]) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    b.put_u32(content.len() as u32 + 1);
-    b.put_u8(kind);
-    b.extend_from_slice(content);
-    b.to_vec()
-}
 
 /// Bytes from a fixed seed (splitmix64), so every run attacks alike.
 fn random_bytes(seed: u64, n: usize) -> Vec<u8> {

@@ -959,6 +959,16 @@ pub fn decode_server(content: Bytes) -> Result<ServerFrame, DecodeError> {
     })
 }
 
+/// An `Error` frame about the whole connection (the one before a close).
+pub fn encode_error(code: ErrorCode, message: &str) -> Bytes {
+    encode_server(&ServerFrame::Error(ErrorFrame {
+        code,
+        message: message.to_owned(),
+        publisher: None,
+        pattern: None,
+    }))
+}
+
 /// Encodes a client frame (used by the SDK and by tests).
 pub fn encode_client(frame: &ClientFrame) -> Bytes {
     match frame {

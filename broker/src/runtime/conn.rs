@@ -71,16 +71,7 @@ impl Drop for Slot {
 /// Refuses a connection before the node hears of it: the error, then the
 /// close (a peer that does not read gets a moment, no more).
 async fn refuse(mut stream: tokio::net::TcpStream, code: ErrorCode, message: String) {
-    let frame = protocol::encode(
-        protocol::kind::ERROR,
-        &protocol::ErrorFrame {
-            code,
-            message,
-            publisher: None,
-            pattern: None,
-        },
-        &[],
-    );
+    let frame = protocol::encode_error(code, &message);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&frame)).await;
 }
 

@@ -538,16 +538,8 @@ async fn run_node(
         }
     }
     tracing::info!(sessions = sessions.len(), "shutting down");
-    let frame = canopy_client::protocol::encode(
-        canopy_client::protocol::kind::ERROR,
-        &canopy_client::protocol::ErrorFrame {
-            code: ErrorCode::ShuttingDown,
-            message: "server shutting down".into(),
-            publisher: None,
-            pattern: None,
-        },
-        &[],
-    );
+    let frame =
+        canopy_client::protocol::encode_error(ErrorCode::ShuttingDown, "server shutting down");
     for (_, io) in sessions.drain() {
         io.reader.cancel();
         let _ = io.close.send(conn::CloseOrder {

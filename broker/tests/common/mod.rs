@@ -788,3 +788,12 @@ pub async fn metric_line(http: &str, path: &str, line: &str) {
     })
     .await;
 }
+
+/// A raw frame: length prefix, kind byte, then `content` as given.
+pub fn frame(kind: u8, content: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(content.len() + 5);
+    b.extend_from_slice(&(content.len() as u32 + 1).to_be_bytes());
+    b.push(kind);
+    b.extend_from_slice(content);
+    b
+}

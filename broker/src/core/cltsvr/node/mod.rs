@@ -731,7 +731,7 @@ impl Node {
         self.fan_out();
         self.outputs.push_back(Output::Close {
             session,
-            frame: Some(error_frame(code, &message)),
+            frame: Some(protocol::encode_error(code, &message)),
             drain: true,
         });
     }
@@ -760,19 +760,6 @@ fn frame_name(f: &protocol::ClientFrame) -> &'static str {
         F::Pong(_) => "Pong",
         F::Ask(_) => "Ask",
     }
-}
-
-fn error_frame(code: ErrorCode, message: &str) -> Bytes {
-    protocol::encode(
-        kind::ERROR,
-        &ErrorFrame {
-            code,
-            message: message.to_owned(),
-            publisher: None,
-            pattern: None,
-        },
-        &[],
-    )
 }
 
 /// A delivery frame with the first and last seq it carries.

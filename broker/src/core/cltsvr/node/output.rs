@@ -207,7 +207,7 @@ impl Node {
                 let detail = format!("session {session} cut off: outbound queue full");
                 self.journal
                     .record(self.now, EventKind::SlowConsumer, detail);
-                let frame = error_frame(
+                let frame = protocol::encode_error(
                     ErrorCode::SlowConsumer,
                     "outbound queue full: the client did not keep up",
                 );
