@@ -12,6 +12,7 @@
 //! [[user]]
 //! name = "reader"
 //! tokens = ["sha256:9f86d0..."]                    # `canopy token`
+//! certificates = ["reader"]  # TLS client certificates (common or DNS name) that log in as it
 //! subscribe = ["md.>"]
 //! call = ["get"]
 //! members = false        # may be told who is connected (`full` reports)
@@ -59,6 +60,10 @@ struct FileUser {
     /// `sha256:HEX` hashes of the user's tokens.
     #[serde(default)]
     tokens: Vec<String>,
+    /// Names (common or DNS) of verified client certificates that log in
+    /// as this user when the client sends no other credentials.
+    #[serde(default)]
+    certificates: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
     #[serde(default)]
@@ -114,6 +119,8 @@ pub struct Accounts {
     users: HashMap<String, (Option<String>, Permissions)>,
     /// Token hash to user name.
     tokens: HashMap<[u8; 32], String>,
+    /// Client certificate name to user name.
+    certificates: HashMap<String, String>,
     /// A hash of a random password, checked against when a user is
     /// unknown, so that it takes as long to refuse as a wrong password
     /// (made when first needed).
@@ -228,6 +235,18 @@ impl Accounts {
                     return Err(bad("a token given twice".into()));
                 }
             }
+            for c in &u.certificates {
+                if c.is_empty() {
+                    return Err(bad("an empty certificate name".into()));
+                }
+                if accounts
+                    .certificates
+                    .insert(c.clone(), u.name.clone())
+                    .is_some()
+                {
+                    return Err(bad(format!("certificate name `{c}` given twice")));
+                }
+            }
             if accounts
                 .users
                 .insert(u.name.clone(), (u.password.clone(), permissions))
@@ -251,7 +270,7 @@ impl Accounts {
 
     /// Whether `token` opens the servers' HTTP side (its user has `http`).
     pub fn opens_http(&self, token: &str) -> bool {
-        self.check(Some(&Credentials::Token(token.to_owned())))
+        self.check(Some(&Credentials::Token(token.to_owned())), &[])
             .is_ok_and(|p| p.http)
     }
 
@@ -265,18 +284,29 @@ impl Accounts {
         self.users.is_empty()
     }
 
-    /// The user `credentials` prove, and what it may do; slow for a
+    /// The user `credentials` prove, or without any, the first user
+    /// mapped from the names of the client's verified TLS certificate
+    /// (`certificate`, empty without one); and what it may do. Slow for a
     /// password (argon2): call it off the server's loop.
     ///
     /// # Errors
     /// Why they prove nothing, for the client (never which part was
     /// wrong, so names cannot be guessed one at a time).
-    pub fn check(&self, credentials: Option<&Credentials>) -> Result<Permissions, String> {
+    pub fn check(
+        &self,
+        credentials: Option<&Credentials>,
+        certificate: &[String],
+    ) -> Result<Permissions, String> {
         const WRONG: &str = "wrong credentials";
         match credentials {
-            None => {
-                Err("this server requires credentials (a token, or a user and password)".into())
-            }
+            None => certificate
+                .iter()
+                .find_map(|name| self.certificates.get(name))
+                .and_then(|user| self.users.get(user))
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| {
+                    "this server requires credentials (a token, a user and password, or a client certificate it knows)".into()
+                }),
             Some(Credentials::Token(token)) => self
                 .tokens
                 .get(&sha256(token))
@@ -357,6 +387,7 @@ publish = ["md.>"]
 [[user]]
 name = "reader"
 tokens = ["{hash}"]
+certificates = ["reader.plant-a", "reader-backup"]
 subscribe = ["md.>"]
 members = true
 "#
@@ -371,11 +402,13 @@ members = true
             user: user.into(),
             password: password.into(),
         };
-        let feed = a.check(Some(&pw("feed", "hunter2"))).expect("the password");
+        let feed = a
+            .check(Some(&pw("feed", "hunter2")), &[])
+            .expect("the password");
         assert_eq!(feed.user, "feed");
         assert!(feed.may_publish("md.x") && !feed.members);
         let reader = a
-            .check(Some(&Credentials::Token(token)))
+            .check(Some(&Credentials::Token(token)), &[])
             .expect("the token");
         assert_eq!(reader.user, "reader");
         assert!(reader.members && !reader.may_publish("md.x"));
@@ -386,8 +419,26 @@ members = true
             Some(Credentials::Token("0".repeat(48))),
             None,
         ] {
-            assert!(a.check(wrong.as_ref()).is_err(), "{wrong:?}");
+            assert!(a.check(wrong.as_ref(), &[]).is_err(), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn a_certificate_name_proves_its_user_only_without_other_credentials() {
+        let (a, _) = accounts();
+        let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let by_cert = a.check(None, &names(&["canopy-x", "reader-backup"]));
+        assert_eq!(by_cert.expect("the second name maps").user, "reader");
+        assert!(
+            a.check(None, &names(&["feed", "reader"])).is_err(),
+            "user names are not certificate names"
+        );
+        // Credentials given decide, whatever the certificate says.
+        let wrong = Credentials::Token("0".repeat(48));
+        assert!(a.check(Some(&wrong), &names(&["reader.plant-a"])).is_err());
+        let twice = "[[user]]\nname = \"a\"\ncertificates = [\"x\"]\n[[user]]\nname = \"b\"\ncertificates = [\"x\"]\n";
+        let err = Accounts::parse(twice).expect_err("one name, two users");
+        assert!(err.to_string().contains("given twice"), "{err}");
     }
 
     #[test]
@@ -397,15 +448,18 @@ members = true
         let tree = crate::launcher::TreeConfig::parse(&tree).expect("a tree");
         assert_eq!(tree.token.as_deref(), Some("demo-tree-token"));
         let a = Accounts::load(&dir.join("secure-accounts.toml")).expect("loads");
-        let token = |t: &str| a.check(Some(&Credentials::Token(t.into())));
+        let token = |t: &str| a.check(Some(&Credentials::Token(t.into())), &[]);
         assert!(token("demo-tree-token").expect("the tree's").relay);
         let reader = token("demo-reader-token").expect("the reader's");
         assert!(reader.may_subscribe(&Pattern::new("md.NASDAQ.>").expect("pattern")));
         assert!(!reader.may_subscribe(&Pattern::new("md.>").expect("pattern")));
-        let feed = a.check(Some(&Credentials::Password {
-            user: "feed".into(),
-            password: "feed-demo".into(),
-        }));
+        let feed = a.check(
+            Some(&Credentials::Password {
+                user: "feed".into(),
+                password: "feed-demo".into(),
+            }),
+            &[],
+        );
         assert!(feed.expect("the feed's").may_publish("md.NASDAQ.AAPL"));
     }
 

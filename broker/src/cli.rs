@@ -30,6 +30,47 @@ pub fn set_credentials(credentials: Option<Credentials>) {
     let _ = CREDENTIALS.set(credentials);
 }
 
+/// TLS for the CLI's clients (`--ca`, and `--cert` with `--key`).
+static TLS: std::sync::OnceLock<Option<canopy_client::tls::TlsConnector>> =
+    std::sync::OnceLock::new();
+
+/// Sets TLS for the CLI's clients from the files given, once.
+///
+/// # Errors
+/// A file that cannot be used, or a certificate without a CA.
+pub fn set_tls(
+    ca: Option<&std::path::Path>,
+    identity: Option<canopy_client::tls::Identity>,
+) -> anyhow::Result<()> {
+    let tls = match (ca, identity) {
+        (None, None) => None,
+        (None, Some(_)) => anyhow::bail!(
+            "--cert needs --ca: the authority the server's certificate is checked against"
+        ),
+        (Some(ca), identity) => Some(canopy_client::tls::TlsConnector::from_files(
+            ca,
+            identity.as_ref(),
+        )?),
+    };
+    let _ = TLS.set(tls);
+    Ok(())
+}
+
+/// `canopy certs`: a development CA and certificates for a local tree.
+///
+/// # Errors
+/// As [`crate::tls::make_dev_certs`].
+pub fn certs(dir: &std::path::Path, users: &[String]) -> anyhow::Result<()> {
+    let made = crate::tls::make_dev_certs(dir, users)?;
+    for path in &made.written {
+        println!("wrote {}", path.display());
+    }
+    if made.written.is_empty() {
+        println!("{}: every file was already there", dir.display());
+    }
+    Ok(())
+}
+
 /// `canopy passwd`: prints an argon2id hash of `password`, or of stdin's
 /// first line.
 ///
@@ -55,6 +96,7 @@ pub fn passwd(password: Option<String>) -> anyhow::Result<()> {
 async fn connect(servers: &str, name: &str, weak: bool) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(server_list(servers));
     options.credentials = CREDENTIALS.get().cloned().flatten();
+    options.tls = TLS.get().cloned().flatten();
     options.name = name.to_owned();
     options.weak = weak;
     options.reconnect_for = RECONNECT_FOR;

@@ -46,6 +46,8 @@ pub struct FileConfig {
     pub relay: Option<FileRelay>,
     /// Who may connect; absent: anyone.
     pub auth: Option<FileAuth>,
+    /// TLS on every link of this server; absent: plain TCP.
+    pub tls: Option<crate::tls::FileTls>,
 }
 
 /// `[auth]`: clients must prove who they are.
@@ -223,6 +225,8 @@ pub struct ServerConfig {
     pub relay: Option<RelayConfig>,
     /// Who may connect, when clients must prove who they are.
     pub accounts: Option<std::sync::Arc<crate::auth::Accounts>>,
+    /// TLS on every link, if configured.
+    pub tls: Option<crate::tls::ServerTls>,
     /// With `accounts`: HTTP readers on loopback need no token.
     pub http_loopback_open: bool,
     /// Client connections held at most per client address.
@@ -251,6 +255,9 @@ pub enum ConfigError {
     /// The accounts file is wrong.
     #[error(transparent)]
     Accounts(#[from] crate::auth::AccountsError),
+    /// The TLS files cannot be used.
+    #[error("[tls]: {0}")]
+    Tls(#[from] canopy_client::tls::TlsError),
     /// A value is out of range.
     #[error("`{key}` = {value} is out of range: {why}")]
     Range {
@@ -409,6 +416,18 @@ impl FileConfig {
                 (None, advertised(servers))
             }
         };
+        let tls = self
+            .tls
+            .as_ref()
+            .map(crate::tls::FileTls::build)
+            .transpose()?;
+        if tls.as_ref().is_some_and(|t| t.links.is_none()) && (core.is_some() || relay.is_some()) {
+            return Err(ConfigError::Range {
+                key: "tls.ca",
+                value: "none".into(),
+                why: "a core server or a relay checks its peers or the tier above against the tree's CA",
+            });
+        }
         let accounts = match &self.auth {
             Some(a) => Some(std::sync::Arc::new(crate::auth::Accounts::load(
                 &a.accounts,
@@ -419,6 +438,7 @@ impl FileConfig {
             core,
             relay,
             accounts: accounts.clone(),
+            tls,
             http_loopback_open: self.auth.as_ref().is_some_and(|a| a.http_loopback_open),
             connections_per_address_max: self.limits.connections_per_address_max,
             listen,

@@ -87,12 +87,53 @@ pub struct TreeConfig {
     /// true`. Relays prove themselves to the tier above with it, and
     /// `canopy up` checks with it that each server serves.
     pub token: Option<String>,
+    /// TLS on every link, with development certificates; absent: plain
+    /// TCP.
+    pub tls: Option<TreeTls>,
     /// The core servers; their ids are their positions, from 1.
     pub core: Vec<TreeCore>,
     /// Tiers of relays, top down: the first under the core, each next one
     /// under the one before.
     #[serde(default)]
     pub tiers: Vec<TreeTier>,
+}
+
+/// `[tls]` of a tree file: every link of the tree is TLS, with the
+/// development CA and certificates in `dir` (made by `canopy up` when
+/// missing, as `canopy certs` makes them).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeTls {
+    /// Where the certificates are (relative paths start at the working
+    /// directory).
+    pub dir: PathBuf,
+    /// Users to make client certificates for.
+    #[serde(default)]
+    pub users: Vec<String>,
+}
+
+impl TreeTls {
+    /// The `[tls]` section of a server config with `DIR/NAME.pem`.
+    fn section(&self, name: &str) -> String {
+        let path = |f: String| toml::Value::String(self.dir.join(f).display().to_string());
+        format!(
+            "\n[tls]\ncert = {}\nkey = {}\nca = {}\n",
+            path(format!("{name}.pem")),
+            path(format!("{name}-key.pem")),
+            path("ca.pem".into()),
+        )
+    }
+
+    /// A client's TLS for this tree (trusts its CA).
+    ///
+    /// # Errors
+    /// When the CA's file cannot be read.
+    pub fn connector(&self) -> anyhow::Result<canopy_client::tls::TlsConnector> {
+        Ok(canopy_client::tls::TlsConnector::from_files(
+            &self.dir.join("ca.pem"),
+            None,
+        )?)
+    }
 }
 
 /// One `[[core]]` entry.
@@ -166,6 +207,7 @@ impl TreeConfig {
             secret: None,
             accounts: None,
             token: None,
+            tls: None,
             core: c,
             tiers: t,
         })
@@ -226,14 +268,21 @@ impl TreeConfig {
             Some(t) => format!("token = {:?}\n", t),
             None => String::new(),
         };
+        let tls = |name: &str| {
+            self.tls
+                .as_ref()
+                .map(|t| t.section(name))
+                .unwrap_or_default()
+        };
         for (i, c) in self.core.iter().enumerate() {
             let name = format!("core-{}", i + 1);
             let data = toml::Value::String(dir.join(format!("{name}-data")).display().to_string());
             let config = format!(
-                "name = {name:?}\nlisten = {:?}\nhttp = {:?}\ndata_dir = {data}\n\n[core]\nid = {}\n{timing}\n{servers}{auth}",
+                "name = {name:?}\nlisten = {:?}\nhttp = {:?}\ndata_dir = {data}\n\n[core]\nid = {}\n{timing}\n{servers}{auth}{}",
                 c.client,
                 c.http.as_deref().unwrap_or("off"),
                 i + 1,
+                tls("core"),
             );
             out.push(Member { name, config });
         }
@@ -243,9 +292,10 @@ impl TreeConfig {
             for (i, r) in tier.relays.iter().enumerate() {
                 let name = format!("relay-{}.{}", t + 1, i + 1);
                 let config = format!(
-                    "name = {name:?}\nlisten = {:?}\nhttp = {:?}\n\n[relay]\nupstream = {above:?}\ntier = {listens:?}\n{token}{auth}",
+                    "name = {name:?}\nlisten = {:?}\nhttp = {:?}\n\n[relay]\nupstream = {above:?}\ntier = {listens:?}\n{token}{auth}{}",
                     r.listen,
                     r.http.as_deref().unwrap_or("off"),
+                    tls("relay"),
                 );
                 out.push(Member { name, config });
             }
@@ -284,6 +334,19 @@ impl Launched {
             running: Vec::new(),
             dir,
         };
+        let tls = match &tree.tls {
+            Some(t) => {
+                let made = crate::tls::make_dev_certs(&t.dir, &t.users)?;
+                if !made.written.is_empty() {
+                    println!(
+                        "canopy up: made development certificates in {} (the CA: ca.pem)",
+                        t.dir.display()
+                    );
+                }
+                Some(t.connector()?)
+            }
+            None => None,
+        };
         for m in tree.members(&launched.dir) {
             let r = start(exe, &launched.dir, &m).await?;
             launched.running.push(r);
@@ -291,7 +354,8 @@ impl Launched {
         // Ready means serving: a core server once in a view, a relay once
         // it has the stream from the tier above.
         for r in &launched.running {
-            tokio::time::timeout(START_TIME_MAX, serving(&r.addr, tree.token.as_deref()))
+            let token = tree.token.as_deref();
+            tokio::time::timeout(START_TIME_MAX, serving(&r.addr, token, tls.as_ref()))
                 .await
                 .with_context(|| format!("{} did not start serving", r.name))?;
         }
@@ -409,14 +473,14 @@ async fn start(exe: &Path, dir: &Path, m: &Member) -> anyhow::Result<Running> {
 
 /// Returns once the server at `addr` completes a handshake (rather than
 /// refusing with `not_primary`); tries again every 20 ms.
-async fn serving(addr: &str, token: Option<&str>) {
+async fn serving(addr: &str, token: Option<&str>, tls: Option<&canopy_client::tls::TlsConnector>) {
     use canopy_client::protocol::{self, ClientFrame, Hello, PublisherId, ServerFrame};
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
     use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
     loop {
         let welcomed = async {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let mut stream = canopy_client::tls::connect(addr, tls).await.ok()?;
             let hello = Hello {
                 version: protocol::PROTOCOL_VERSION,
                 name: "canopy-up-probe".into(),
@@ -432,6 +496,7 @@ async fn serving(addr: &str, token: Option<&str>) {
             };
             let frame = protocol::encode_client(&ClientFrame::Hello(hello));
             stream.write_all(&frame).await.ok()?;
+            stream.flush().await.ok()?;
             let mut frames = FramedRead::new(stream, LengthDelimitedCodec::new());
             let content = frames.next().await?.ok()?;
             matches!(

@@ -11,3 +11,4 @@ pub mod runtime;
 pub mod services;
 #[cfg(test)]
 pub mod sim;
+pub mod tls;

@@ -27,6 +27,17 @@ struct Cli {
     /// The user's password.
     #[arg(long, global = true, env = "CANOPY_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Connect with TLS, trusting the certificate authority in this PEM
+    /// file (a tree's `ca.pem`, as `canopy certs` makes).
+    #[arg(long, global = true, env = "CANOPY_CA")]
+    ca: Option<PathBuf>,
+    /// A client certificate to show (PEM; with `--key`): servers that map
+    /// certificates to users know who you are by it.
+    #[arg(long, global = true, env = "CANOPY_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "CANOPY_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,6 +132,18 @@ enum Command {
     /// Make a new random token: prints the token, then the `sha256:...`
     /// line for an accounts file's `tokens`.
     Token,
+    /// Make a development certificate authority and certificates for a
+    /// local tree in DIR (kept if already there): ca.pem, core.pem (core
+    /// servers), relay.pem (relays), and USER.pem for each --client (a client
+    /// certificate named after the user), each with its -key.pem. Not for
+    /// production: the CA's key lies beside them.
+    Certs {
+        /// The directory.
+        dir: PathBuf,
+        /// A client certificate named after this user (repeat for more).
+        #[arg(long = "client", value_name = "USER")]
+        users: Vec<String>,
+    },
     /// Print messages matching PATTERN, one per line: `seq topic payload`.
     Sub {
         /// Server addresses, comma-separated; the client fails over between them.
@@ -166,7 +189,19 @@ async fn main() -> std::process::ExitCode {
         }),
         (None, None, _) => None,
     });
+    let identity = cli
+        .cert
+        .zip(cli.key)
+        .map(|(cert, key)| canopy_client::tls::Identity { cert, key });
+    if let Err(e) = cli::set_tls(cli.ca.as_deref(), identity) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
     let result = match cli.command {
+        Command::Certs { dir, users } => {
+            init_logs(cli.log_json, "warn");
+            cli::certs(&dir, &users)
+        }
         Command::Passwd { password } => {
             init_logs(cli.log_json, "warn");
             cli::passwd(password)
@@ -306,4 +341,14 @@ async fn serve(
     eprintln!("canopy: shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // Clap checks its definition only when a command is used: every
+        // subcommand's here (names that clash with a global option).
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{within, Cluster};
+use common::{heartbeat, record as frame, within, Cluster, LinkHello};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -16,15 +16,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 const SECRET: &str = "secret = \"a-core-secret-of-some-length\"";
-
-/// A link hello as a server writes it (the peer protocol's first frame).
-#[derive(Serialize, Deserialize, Debug)]
-struct LinkHello {
-    version: u32,
-    node: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    nonce: Option<Bytes>,
-}
 
 #[derive(Serialize, Deserialize, Debug)]
 struct LinkChallenge {
@@ -35,36 +26,6 @@ struct LinkChallenge {
 #[derive(Serialize, Deserialize, Debug)]
 struct LinkAnswer {
     proof: Bytes,
-}
-
-/// A well-formed protocol message: a heartbeat from "server 2".
-fn heartbeat() -> Vec<u8> {
-    use canopy_broker::core::group::{wire, Incarnation, Member, NodeId, PeerMsg};
-    use canopy_broker::core::mbrship::wire::Heartbeat;
-    let hb = PeerMsg::Heartbeat(Heartbeat {
-        from: Member {
-            node: NodeId(2),
-            incarnation: Incarnation(u64::MAX / 2),
-        },
-        joining: true,
-        view: None,
-        epoch: 0,
-        have: canopy_client::Seq(0),
-        stable: canopy_client::Seq(0),
-        hears: vec![NodeId(1), NodeId(2), NodeId(3)],
-    });
-    let body = wire::encode(&hb);
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&body);
-    out
-}
-
-fn frame<T: Serialize>(record: &T) -> Vec<u8> {
-    let mut body = Vec::new();
-    ciborium::into_writer(record, &mut body).expect("encodes");
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
-    out.extend(body);
-    out
 }
 
 /// Waits until the other end closes `stream`; fails if it sends anything

@@ -31,7 +31,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
@@ -83,6 +82,9 @@ pub struct ClientOptions {
     /// password); the server answers with what the user may do, and the
     /// client refuses the rest itself ([`Error::Denied`]).
     pub credentials: Option<protocol::Credentials>,
+    /// TLS for every connection (the servers' authorities, and a
+    /// certificate to show if the client has one); plain TCP when `None`.
+    pub tls: Option<crate::tls::TlsConnector>,
 }
 
 impl ClientOptions {
@@ -106,6 +108,7 @@ impl ClientOptions {
             reports: protocol::Reports::Servers,
             weak: false,
             credentials: None,
+            tls: None,
         }
     }
 }
@@ -486,11 +489,11 @@ struct Sub {
 
 /// One open connection: frames in, a queue to the writer task out.
 struct Conn {
-    frames: FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
+    frames: FramedRead<crate::tls::ReadHalf, LengthDelimitedCodec>,
     out: flume::Sender<Bytes>,
 }
 
-type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = std::io::Result<crate::tls::Stream>> + Send>>;
 
 /// Why the driver stops.
 enum Stop {
@@ -521,6 +524,8 @@ struct Driver {
     pending_subs: VecDeque<(String, oneshot::Sender<Result<(), Error>>)>,
     conn: Option<Conn>,
     connecting: Option<Connecting>,
+    /// TLS for every connection, if any.
+    tls: Option<crate::tls::TlsConnector>,
     /// The membership (`full` reports).
     view: Arc<View>,
     /// The first Welcome's frame limit, once it came.
@@ -561,6 +566,7 @@ impl Driver {
             pending_subs: VecDeque::new(),
             conn: None,
             connecting: None,
+            tls: options.tls.clone(),
             view: Arc::default(),
             frame_len_max: None,
         };
@@ -635,10 +641,9 @@ impl Driver {
             match action {
                 Action::Connect(addr) => {
                     self.conn = None;
+                    let tls = self.tls.clone();
                     self.connecting = Some(Box::pin(async move {
-                        let stream = TcpStream::connect(addr).await?;
-                        let _ = stream.set_nodelay(true);
-                        Ok(stream)
+                        crate::tls::connect(&addr, tls.as_ref()).await
                     }));
                 }
                 Action::Send(frame) => {
@@ -705,7 +710,17 @@ impl Driver {
         let now = self.now();
         let content = match frame {
             Some(Ok(content)) => content.freeze(),
-            Some(Err(e)) => return self.core.drop_connection(now, &e.to_string()),
+            Some(Err(e)) => {
+                // A TLS server's alert, read as a frame, is far too long.
+                let hint = match self.tls.is_none()
+                    && e.get_ref().is_some_and(|inner| {
+                        inner.is::<tokio_util::codec::LengthDelimitedCodecError>()
+                    }) {
+                    true => " (a TLS server? connect with its CA: ClientOptions::tls, canopy --ca)",
+                    false => "",
+                };
+                return self.core.drop_connection(now, &format!("{e}{hint}"));
+            }
             None => return self.core.handle_closed(now),
         };
         let frame = match protocol::decode_server(content) {
@@ -916,7 +931,7 @@ impl Driver {
 }
 
 /// Splits a connected socket into a frame reader and a writer task.
-fn open(stream: TcpStream) -> Conn {
+fn open(stream: crate::tls::Stream) -> Conn {
     let (read, write) = stream.into_split();
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(protocol::FRAME_LEN_MAX_LIMIT + protocol::FRAME_HEAD_ALLOWANCE)
@@ -929,7 +944,7 @@ fn open(stream: TcpStream) -> Conn {
     }
 }
 
-async fn wait_for(connecting: Option<&mut Connecting>) -> std::io::Result<TcpStream> {
+async fn wait_for(connecting: Option<&mut Connecting>) -> std::io::Result<crate::tls::Stream> {
     match connecting {
         Some(c) => c.await,
         None => std::future::pending().await,
@@ -950,7 +965,7 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn write_loop(mut write: tokio::net::tcp::OwnedWriteHalf, out: flume::Receiver<Bytes>) {
+async fn write_loop(mut write: crate::tls::WriteHalf, out: flume::Receiver<Bytes>) {
     let mut batch = Vec::with_capacity(64);
     while let Ok(frame) = out.recv_async().await {
         batch.push(frame);

@@ -8,7 +8,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 const SLICES_MAX: usize = 64;
 
 /// Writes every frame in `frames` with vectored writes (many frames per
-/// system call), then empties `frames`.
+/// system call) and flushes, then empties `frames`.
 ///
 /// # Errors
 /// The first write error; the connection is then unusable and `frames`
@@ -40,7 +40,8 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         }
     }
     frames.clear();
-    Ok(())
+    // TLS seals records in its session's buffer: out to the socket now.
+    w.flush().await
 }
 
 #[cfg(test)]

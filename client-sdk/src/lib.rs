@@ -41,6 +41,8 @@ mod error;
 pub mod io;
 pub mod permissions;
 pub mod protocol;
+#[cfg(feature = "tokio")]
+pub mod tls;
 pub mod topic;
 
 #[cfg(feature = "tokio")]

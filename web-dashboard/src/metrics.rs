@@ -30,7 +30,7 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 pub fn render(s: &Snapshot) -> String {
     let c = &s.counters;
     let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 15] = [
+    let counters: [(&str, &str, u64); 16] = [
         (
             "canopy_messages_published_total",
             "Messages ordered.",
@@ -81,6 +81,11 @@ pub fn render(s: &Snapshot) -> String {
             "canopy_peer_links_refused_total",
             "Connections to the core's peer port dropped before admission.",
             c.peer_refused,
+        ),
+        (
+            "canopy_tls_handshakes_failed_total",
+            "TLS handshakes that failed or timed out, on the client and peer ports.",
+            c.tls_failed,
         ),
         (
             "canopy_view_changes_total",

@@ -178,6 +178,9 @@ pub struct Counters {
     /// Connections to the core's peer port dropped before admission (no
     /// hello, or no proof of the core's secret).
     pub peer_refused: u64,
+    /// TLS handshakes that failed or timed out (an untrusted or missing
+    /// certificate, plain bytes on a TLS port).
+    pub tls_failed: u64,
     /// Views installed after the first.
     pub view_changes: u64,
     /// Clients that resumed here from another server (adopted orphans).

@@ -1,15 +1,17 @@
 //! Connection tasks: accept, read and decode, write and coalesce.
 
-use super::{Inbound, SessionIo};
+use super::{Inbound, Refusals, SessionIo};
 use crate::auth::Accounts;
 use crate::config::ServerConfig;
 use crate::core::SessionId;
 use bytes::Bytes;
 use canopy_client::io::write_frames as write_all;
 use canopy_client::protocol::{self, ClientFrame, ErrorCode};
+use canopy_client::tls::{ReadHalf, Stream, WriteHalf};
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -70,16 +72,43 @@ impl Drop for Slot {
 
 /// Refuses a connection before the node hears of it: the error, then the
 /// close (a peer that does not read gets a moment, no more).
-async fn refuse(mut stream: tokio::net::TcpStream, code: ErrorCode, message: String) {
+async fn refuse(mut stream: Stream, code: ErrorCode, message: String) {
     let frame = protocol::encode_error(code, &message);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&frame)).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        stream.write_all(&frame).await?;
+        stream.flush().await
+    })
+    .await;
+}
+
+/// With `[tls]`, the handshake (within the handshake timeout); failures
+/// are counted and logged, and end the connection.
+async fn secure(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    config: &ServerConfig,
+    refusals: &Refusals,
+) -> Option<Stream> {
+    let Some(tls) = &config.tls else {
+        return Some(Stream::Plain(stream));
+    };
+    match crate::tls::accept(&tls.clients, stream, config.node.handshake_timeout).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            refusals.tls_handshakes.fetch_add(1, Relaxed);
+            None
+        }
+    }
 }
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
     inbox: flume::Sender<Inbound>,
     config: ServerConfig,
+    refusals: Arc<Refusals>,
 ) {
+    let config = Arc::new(config);
     let mut next = 1u64;
     let per_address = PerAddress::default();
     loop {
@@ -100,7 +129,12 @@ pub(super) async fn accept_loop(
                 None => {
                     tracing::info!(%peer, max, "connection refused: its address holds its maximum");
                     let msg = format!("{} holds its maximum of {max} connections here", peer.ip());
-                    tokio::spawn(refuse(stream, ErrorCode::TooManyFromAddress, msg));
+                    let (config, refusals) = (config.clone(), refusals.clone());
+                    tokio::spawn(async move {
+                        if let Some(stream) = secure(stream, peer, &config, &refusals).await {
+                            refuse(stream, ErrorCode::TooManyFromAddress, msg).await;
+                        }
+                    });
                     continue;
                 }
             },
@@ -108,45 +142,66 @@ pub(super) async fn accept_loop(
         let session = SessionId(next);
         next += 1;
         tracing::debug!(%session, %peer, "accepted");
-        let (read, write) = stream.into_split();
-        let (queue_tx, queue_rx) = flume::bounded(config.queue_frames_max);
-        let (close_tx, close_rx) = oneshot::channel();
-        let cancel = CancellationToken::new();
-        let io = SessionIo {
-            queue: queue_tx,
-            close: close_tx,
-            reader: cancel.clone(),
-            peer,
-        };
-        // Open goes into the inbox before the reader can send anything, so
-        // the node always hears of a session before its frames.
-        if inbox.send_async(Inbound::Open(session, io)).await.is_err() {
-            return;
-        }
-        tokio::spawn(write_loop(write, queue_rx, close_rx));
-        let reader = read_loop(
-            read,
-            session,
-            inbox.clone(),
-            cancel,
-            config.node.frame_len_max,
-            config.accounts.clone(),
-        );
+        let (inbox, config, refusals) = (inbox.clone(), config.clone(), refusals.clone());
         tokio::spawn(async move {
-            reader.await;
+            let Some(stream) = secure(stream, peer, &config, &refusals).await else {
+                return;
+            };
+            serve(stream, peer, session, inbox, &config).await;
             // The connection's place in its address's count goes with it.
             drop(slot);
         });
     }
 }
 
+/// Runs one connection: tells the node of it, then reads it until it
+/// ends (its writer runs beside).
+async fn serve(
+    stream: Stream,
+    peer: std::net::SocketAddr,
+    session: SessionId,
+    inbox: flume::Sender<Inbound>,
+    config: &ServerConfig,
+) {
+    let certificate = crate::tls::peer_names(&stream);
+    let (read, write) = stream.into_split();
+    let (queue_tx, queue_rx) = flume::bounded(config.queue_frames_max);
+    let (close_tx, close_rx) = oneshot::channel();
+    let cancel = CancellationToken::new();
+    let io = SessionIo {
+        queue: queue_tx,
+        close: close_tx,
+        reader: cancel.clone(),
+        peer,
+    };
+    // Open goes into the inbox before the reader can send anything, so
+    // the node always hears of a session before its frames.
+    if inbox.send_async(Inbound::Open(session, io)).await.is_err() {
+        return;
+    }
+    tokio::spawn(write_loop(write, queue_rx, close_rx));
+    let accounts = config.accounts.clone().map(|a| (a, certificate));
+    read_loop(
+        read,
+        session,
+        inbox,
+        cancel,
+        config.node.frame_len_max,
+        accounts,
+    )
+    .await;
+}
+
+/// Reads a session's frames for the node. With `accounts`, the first
+/// `Hello`'s credentials (or, without any, the names of the client's
+/// certificate) are checked before it goes on.
 async fn read_loop(
-    read: tokio::net::tcp::OwnedReadHalf,
+    read: ReadHalf,
     session: SessionId,
     inbox: flume::Sender<Inbound>,
     cancel: CancellationToken,
     frame_len_max: usize,
-    mut accounts: Option<Arc<Accounts>>,
+    mut accounts: Option<(Arc<Accounts>, Vec<String>)>,
 ) {
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(frame_len_max)
@@ -171,12 +226,12 @@ async fn read_loop(
                         // takes tens of milliseconds), once per connection;
                         // the credentials go no further.
                         let credentials = hello.auth.take();
-                        let Some(accounts) = accounts.take() else {
+                        let Some((accounts, certificate)) = accounts.take() else {
                             break None;
                         };
                         let checker = accounts.clone();
                         let check = tokio::task::spawn_blocking(move || {
-                            checker.check(credentials.as_ref())
+                            checker.check(credentials.as_ref(), &certificate)
                         });
                         match check.await {
                             Ok(Ok(permissions)) => {
@@ -269,7 +324,7 @@ const CLOSE_WRITE_TIME_MAX: std::time::Duration = std::time::Duration::from_secs
 /// would corrupt the stream for the final error frame), then the final
 /// frames get the same, and then the connection is dropped regardless.
 async fn write_loop(
-    mut write: tokio::net::tcp::OwnedWriteHalf,
+    mut write: WriteHalf,
     queue: flume::Receiver<Bytes>,
     mut close: oneshot::Receiver<CloseOrder>,
 ) {

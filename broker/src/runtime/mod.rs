@@ -214,8 +214,7 @@ pub async fn start_with_service(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
-    // Links to the peer port dropped before admission (`peer.rs`).
-    let peer_refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let refusals = std::sync::Arc::new(Refusals::default());
     let mut dashboard = None;
     let mut http_addr = None;
     let mut http_task = None;
@@ -247,7 +246,7 @@ pub async fn start_with_service(
                 &config.node.name,
                 config.core.is_some(),
                 config.relay.is_some(),
-                peer_refused.clone(),
+                refusals.clone(),
             ),
             latency: canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS),
             call_latency: std::collections::BTreeMap::new(),
@@ -268,7 +267,11 @@ pub async fn start_with_service(
         None if config.relay.is_some() => {
             let relay = config.relay.as_ref().map(|r| r.upstream.clone());
             tracing::info!(upstream = ?relay, "relay");
-            uplink = Some(upstream::UpLink::new(inbox_tx.clone()));
+            let tls = config.tls.as_ref().and_then(|t| t.links.as_ref());
+            uplink = Some(upstream::UpLink::new(
+                inbox_tx.clone(),
+                tls.map(|(_, connector)| connector.clone()),
+            ));
             // The relay's one id: for its connection above, and for the
             // clients it attaches.
             let mut up = crate::core::cltsvr::upstream::UpstreamConfig::new(
@@ -328,17 +331,28 @@ pub async fn start_with_service(
                     format!("cannot listen for core servers on {}", core.peer_listen)
                 })?;
             tracing::info!(addr = %core.peer_listen, id = %core.me, peers = core.peers.len(), "core links");
+            let admission = peer::Admission {
+                secret: core.secret.clone(),
+                tls: config.tls.as_ref().and_then(|t| {
+                    let (acceptor, connector) = t.links.clone()?;
+                    Some(peer::LinkTls {
+                        acceptor,
+                        connector,
+                        core_name: t.core_name.clone(),
+                    })
+                }),
+            };
             peer_task = Some(tokio::spawn(peer::accept_loop(
                 listener,
                 inbox_tx.clone(),
-                core.secret.clone(),
-                peer_refused.clone(),
+                admission.clone(),
+                refusals.clone(),
             )));
             links = Some(peer::Links::start(
                 core.me,
                 &core.peers,
                 inbox_tx.clone(),
-                core.secret.clone(),
+                admission,
             ));
             node_config.id = crate::core::cltsvr::members::core_server_id(core.me.0, incarnation);
             Server::grouped(
@@ -382,7 +396,7 @@ pub async fn start_with_service(
         }
         ended
     });
-    let accept_task = tokio::spawn(conn::accept_loop(listener, inbox_tx, config));
+    let accept_task = tokio::spawn(conn::accept_loop(listener, inbox_tx, config, refusals));
     Ok(ServerHandle {
         local_addr,
         http_addr,
@@ -392,6 +406,16 @@ pub async fn start_with_service(
         accept_task,
         views,
     })
+}
+
+/// Connections refused before the node heard of them, counted by the
+/// tasks that refuse them.
+#[derive(Default)]
+pub(crate) struct Refusals {
+    /// Links to the peer port dropped before admission (`peer.rs`).
+    pub peer_links: std::sync::atomic::AtomicU64,
+    /// TLS handshakes that failed or timed out, on either port.
+    pub tls_handshakes: std::sync::atomic::AtomicU64,
 }
 
 /// The node task's side of the dashboard.

@@ -19,6 +19,11 @@
 //! is useless with fresh nonces. A process that cannot answer is dropped
 //! before one protocol message is read from it.
 //!
+//! With `[tls]`, every link is mutual TLS first: each end shows a
+//! certificate of the tree's CA carrying the core's name (`[tls]
+//! core_name`), or the link is dropped before its hello; the secret, if
+//! also set, is then proved inside it.
+//!
 //! Bounds: each outgoing queue holds `LINK_QUEUE_MAX` frames. A peer that
 //! does not read that much is treated as a broken link: the queue is
 //! replaced and the connection dropped, and the protocol recovers.
@@ -27,14 +32,16 @@ use super::Inbound;
 use crate::core::group::{wire, NodeId, PeerMsg};
 use bytes::Bytes;
 use canopy_client::io::write_frames;
+use canopy_client::tls::{Stream, TlsConnector};
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
@@ -138,7 +145,7 @@ static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// The node task's handles on its outgoing links.
 pub(super) struct Links {
     me: NodeId,
-    secret: Option<Arc<str>>,
+    admission: Admission,
     links: HashMap<NodeId, Link>,
     inbox: flume::Sender<Inbound>,
 }
@@ -155,11 +162,11 @@ impl Links {
         me: NodeId,
         peers: &[(NodeId, String)],
         inbox: flume::Sender<Inbound>,
-        secret: Option<Arc<str>>,
+        admission: Admission,
     ) -> Self {
         let mut links = Links {
             me,
-            secret,
+            admission,
             links: HashMap::new(),
             inbox,
         };
@@ -179,7 +186,7 @@ impl Links {
             rx,
             cancel.clone(),
             self.inbox.clone(),
-            self.secret.clone(),
+            self.admission.clone(),
         ));
         self.links.insert(
             peer,
@@ -225,49 +232,22 @@ async fn link_task(
     queue: flume::Receiver<Bytes>,
     cancel: CancellationToken,
     inbox: flume::Sender<Inbound>,
-    secret: Option<Arc<str>>,
+    admission: Admission,
 ) {
     let mut delay = RECONNECT_MIN;
     loop {
-        let connected = tokio::select! {
+        let dialled = tokio::select! {
             _ = cancel.cancelled() => return,
-            c = TcpStream::connect(&addr) => c,
+            s = dial(&addr, me, peer, &admission) => s,
         };
-        let mut stream = match connected {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::trace!(node = %peer, %addr, error = %e, "cannot reach peer");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(RECONNECT_MAX);
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let admitted = match &secret {
-            None => {
-                let hello = LinkHello {
-                    version: LINK_VERSION,
-                    node: me,
-                    nonce: None,
-                };
-                stream.write_all(&frame(&hello)).await.is_ok()
-            }
-            Some(secret) => tokio::select! {
-                _ = cancel.cancelled() => return,
-                ok = prove(&mut stream, me, peer, secret) => ok,
-            },
-        };
-        if !admitted {
+        let Some(mut stream) = dialled else {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(RECONNECT_MAX);
             continue;
-        }
+        };
         delay = RECONNECT_MIN;
         tracing::debug!(node = %peer, %addr, "link up");
         if inbox.send_async(Inbound::LinkUp(peer)).await.is_err() {
@@ -298,20 +278,91 @@ async fn link_task(
     }
 }
 
+/// How links are admitted (module docs): by mutual TLS, the core's
+/// secret, both, or neither.
+#[derive(Clone, Default)]
+pub(super) struct Admission {
+    /// The core's secret, proved both ways.
+    pub secret: Option<Arc<str>>,
+    /// Mutual TLS.
+    pub tls: Option<LinkTls>,
+}
+
+/// Mutual TLS on core links.
+#[derive(Clone)]
+pub(super) struct LinkTls {
+    /// The peer port's (a certificate of the CA required).
+    pub acceptor: TlsAcceptor,
+    /// The dialling side's (trusts the CA, shows this server's).
+    pub connector: TlsConnector,
+    /// The name both ends' certificates carry.
+    pub core_name: String,
+}
+
+impl LinkTls {
+    /// Whether the other end of `stream` showed a core server's
+    /// certificate.
+    fn is_core(&self, stream: &Stream) -> bool {
+        crate::tls::peer_names(stream).contains(&self.core_name)
+    }
+}
+
+/// Connects to `peer` at `addr` and runs the caller's side of admission;
+/// the link, ready for protocol messages, or `None` to try again later.
+async fn dial(addr: &str, me: NodeId, peer: NodeId, admission: &Admission) -> Option<Stream> {
+    let tcp = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::trace!(node = %peer, %addr, error = %e, "cannot reach peer");
+            return None;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match &admission.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let shaken = tokio::time::timeout(HELLO_TIMEOUT, tls.connector.connect(addr, tcp));
+            match shaken.await {
+                Ok(Ok(s)) if tls.is_core(&s) => s,
+                Ok(Ok(_)) => {
+                    tracing::warn!(node = %peer, %addr, "the server called shows no core server's certificate; not talking to it");
+                    return None;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(node = %peer, %addr, error = %e, "TLS to peer failed");
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    };
+    let admitted = match &admission.secret {
+        None => {
+            let hello = LinkHello {
+                version: LINK_VERSION,
+                node: me,
+                nonce: None,
+            };
+            send(&mut stream, &hello).await
+        }
+        Some(secret) => prove(&mut stream, me, peer, secret).await,
+    };
+    admitted.then_some(stream)
+}
+
 /// The caller's side of the admission handshake (module docs): true once
 /// both ends proved they know the secret.
-async fn prove(stream: &mut TcpStream, me: NodeId, peer: NodeId, secret: &str) -> bool {
+async fn prove(stream: &mut Stream, me: NodeId, peer: NodeId, secret: &str) -> bool {
     let mine = nonce();
     let hello = LinkHello {
         version: LINK_VERSION,
         node: me,
         nonce: Some(mine.clone()),
     };
-    if stream.write_all(&frame(&hello)).await.is_err() {
+    if !send(stream, &hello).await {
         return false;
     }
-    let (read, mut write) = stream.split();
-    let mut framed = FramedRead::new(read, handshake_codec());
+    let mut framed = FramedRead::new(&mut *stream, handshake_codec());
     let Some(c) = next_record::<LinkChallenge, _>(&mut framed).await else {
         tracing::warn!(node = %peer, "the server called sent no challenge: is the core's secret set on both?");
         return false;
@@ -323,7 +374,16 @@ async fn prove(stream: &mut TcpStream, me: NodeId, peer: NodeId, secret: &str) -
     let answer = LinkAnswer {
         proof: proof(secret, CALLER, &c.nonce, &mine, me),
     };
-    write.write_all(&frame(&answer)).await.is_ok()
+    send(stream, &answer).await
+}
+
+/// Writes a handshake record and flushes it (TLS holds what it sealed).
+async fn send<W, T>(w: &mut W, record: &T) -> bool
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    T: Serialize,
+{
+    w.write_all(&frame(record)).await.is_ok() && w.flush().await.is_ok()
 }
 
 /// Frames of the handshake are small: a peer not yet admitted cannot make
@@ -359,8 +419,8 @@ fn frame<T: Serialize>(record: &T) -> Vec<u8> {
 pub(super) async fn accept_loop(
     listener: TcpListener,
     inbox: flume::Sender<Inbound>,
-    secret: Option<Arc<str>>,
-    refused: Arc<AtomicU64>,
+    admission: Admission,
+    refusals: Arc<super::Refusals>,
 ) {
     loop {
         let (stream, addr) = match listener.accept().await {
@@ -373,10 +433,27 @@ pub(super) async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let conn = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (inbox, secret, refused) = (inbox.clone(), secret.clone(), refused.clone());
+        let (inbox, admission, refusals) = (inbox.clone(), admission.clone(), refusals.clone());
         tokio::spawn(async move {
-            if !read_link(stream, addr, conn, inbox, secret).await {
-                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let stream = match &admission.tls {
+                None => Stream::Plain(stream),
+                Some(tls) => match crate::tls::accept(&tls.acceptor, stream, HELLO_TIMEOUT).await {
+                    Ok(s) if tls.is_core(&s) => s,
+                    Ok(_) => {
+                        tracing::warn!(%addr, "a link with a certificate that is not a core server's; dropped");
+                        refusals.peer_links.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "TLS handshake on the peer port failed");
+                        refusals.tls_handshakes.fetch_add(1, Relaxed);
+                        refusals.peer_links.fetch_add(1, Relaxed);
+                        return;
+                    }
+                },
+            };
+            if !read_link(stream, addr, conn, inbox, admission.secret).await {
+                refusals.peer_links.fetch_add(1, Relaxed);
             }
         });
     }
@@ -386,7 +463,7 @@ pub(super) async fn accept_loop(
 /// then messages until it ends or sends something undecodable (then only
 /// this link is dropped). False when it was dropped before admission.
 async fn read_link(
-    stream: TcpStream,
+    stream: Stream,
     addr: std::net::SocketAddr,
     conn: u64,
     inbox: flume::Sender<Inbound>,
@@ -423,7 +500,7 @@ async fn read_link(
             nonce: mine.clone(),
             proof: proof(secret, CALLED, &theirs, &mine, peer),
         };
-        if write.write_all(&frame(&challenge)).await.is_err() {
+        if !send(&mut write, &challenge).await {
             return false;
         }
         let answer = next_record::<LinkAnswer, _>(&mut framed).await;

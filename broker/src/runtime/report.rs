@@ -6,6 +6,7 @@ use crate::core::{Server, SessionId};
 use canopy_client::protocol::SlowPolicy;
 use canopy_dashboard as dash;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 /// Upper bounds of the delivery latency buckets, in seconds.
@@ -89,8 +90,8 @@ pub struct Reporter {
     listen: String,
     previous: Option<Previous>,
     views: Vec<dash::View>,
-    /// Links to the peer port dropped before admission.
-    peer_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections refused before the node heard of them.
+    refusals: std::sync::Arc<super::Refusals>,
 }
 
 impl Reporter {
@@ -101,10 +102,10 @@ impl Reporter {
         name: &str,
         grouped: bool,
         relay: bool,
-        peer_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        refusals: std::sync::Arc<super::Refusals>,
     ) -> Self {
         Reporter {
-            peer_refused,
+            refusals,
             role: if relay { "relay" } else { "core" },
             listen,
             previous: None,
@@ -189,7 +190,8 @@ impl Reporter {
             bad_input: stats.bad_input,
             auth_failures: stats.auth_failures,
             denied: stats.denied,
-            peer_refused: self.peer_refused.load(std::sync::atomic::Ordering::Relaxed),
+            peer_refused: self.refusals.peer_links.load(Relaxed),
+            tls_failed: self.refusals.tls_handshakes.load(Relaxed),
             view_changes: self.views.len().saturating_sub(1) as u64,
             adoptions: stats.adopted,
             diverged: stats.diverged,

@@ -9,8 +9,8 @@ use super::Inbound;
 use bytes::Bytes;
 use canopy_client::io::write_frames;
 use canopy_client::protocol;
+use canopy_client::tls::TlsConnector;
 use futures::{FutureExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
@@ -29,15 +29,18 @@ pub(super) struct UpLink {
     conn: u64,
     out: Option<flume::Sender<Bytes>>,
     task: Option<JoinHandle<()>>,
+    /// TLS to the tier above (`[tls]`), or plain TCP.
+    tls: Option<TlsConnector>,
 }
 
 impl UpLink {
-    pub(super) fn new(inbox: flume::Sender<Inbound>) -> Self {
+    pub(super) fn new(inbox: flume::Sender<Inbound>, tls: Option<TlsConnector>) -> Self {
         UpLink {
             inbox,
             conn: 0,
             out: None,
             task: None,
+            tls,
         }
     }
 
@@ -57,6 +60,7 @@ impl UpLink {
             addr,
             self.inbox.clone(),
             out_rx,
+            self.tls.clone(),
         )));
     }
 
@@ -75,8 +79,14 @@ impl UpLink {
     }
 }
 
-async fn run(conn: u64, addr: String, inbox: flume::Sender<Inbound>, out: flume::Receiver<Bytes>) {
-    let stream = match TcpStream::connect(&addr).await {
+async fn run(
+    conn: u64,
+    addr: String,
+    inbox: flume::Sender<Inbound>,
+    out: flume::Receiver<Bytes>,
+    tls: Option<TlsConnector>,
+) {
+    let stream = match canopy_client::tls::connect(&addr, tls.as_ref()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(server = %addr, error = %e, "cannot connect to the tier above");
@@ -84,7 +94,6 @@ async fn run(conn: u64, addr: String, inbox: flume::Sender<Inbound>, out: flume:
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
     let (read, mut write) = stream.into_split();
     if inbox.send_async(Inbound::UpConnected(conn)).await.is_err() {
         return;

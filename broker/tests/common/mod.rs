@@ -797,3 +797,43 @@ pub fn frame(kind: u8, content: &[u8]) -> Vec<u8> {
     b.extend_from_slice(content);
     b
 }
+
+/// A link hello as a server writes it (the peer protocol's first frame).
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct LinkHello {
+    pub version: u32,
+    pub node: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<Bytes>,
+}
+
+/// A well-formed protocol message: a heartbeat from "server 2".
+pub fn heartbeat() -> Vec<u8> {
+    use canopy_broker::core::group::{wire, Incarnation, Member, NodeId, PeerMsg};
+    use canopy_broker::core::mbrship::wire::Heartbeat;
+    let hb = PeerMsg::Heartbeat(Heartbeat {
+        from: Member {
+            node: NodeId(2),
+            incarnation: Incarnation(u64::MAX / 2),
+        },
+        joining: true,
+        view: None,
+        epoch: 0,
+        have: canopy_client::Seq(0),
+        stable: canopy_client::Seq(0),
+        hears: vec![NodeId(1), NodeId(2), NodeId(3)],
+    });
+    let body = wire::encode(&hb);
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A CBOR record, length-prefixed (a peer link's handshake frame).
+pub fn record<T: serde::Serialize>(record: &T) -> Vec<u8> {
+    let mut body = Vec::new();
+    ciborium::into_writer(record, &mut body).expect("encodes");
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
