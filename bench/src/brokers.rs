@@ -15,6 +15,8 @@ pub enum Kind {
     Canopy,
     /// Canopy, a core of three servers.
     Core,
+    /// Canopy, one node, every connection TLS.
+    Tls,
     /// nats-server.
     Nats,
 }
@@ -25,6 +27,7 @@ impl Kind {
         match self {
             Kind::Canopy => "canopy",
             Kind::Core => "core3",
+            Kind::Tls => "canopy-tls",
             Kind::Nats => "nats",
         }
     }
@@ -55,6 +58,14 @@ impl Broker {
                 "off".into()
             })?)),
             (Kind::Core, _, _) => Ok(Broker::Core(start_core(3)?)),
+            (Kind::Tls, _, _) => Ok(Broker::Canopy(start_in_process(
+                canopy_broker::config::FileConfig {
+                    listen: Some("127.0.0.1:0".into()),
+                    http: Some("off".into()),
+                    tls: Some(dev_tls()?.0.clone()),
+                    ..Default::default()
+                },
+            )?)),
             (Kind::Nats, _, None) => start_nats(),
         }
     }
@@ -303,6 +314,47 @@ pub enum Publisher {
     Nats(async_nats::Client),
 }
 
+/// Development certificates for the TLS runs (made once per bench
+/// process, in a temporary folder): the server's `[tls]` and the clients'
+/// connector.
+fn dev_tls() -> anyhow::Result<&'static (
+    canopy_broker::tls::FileTls,
+    canopy_client::tls::TlsConnector,
+)> {
+    static TLS: std::sync::OnceLock<(
+        canopy_broker::tls::FileTls,
+        canopy_client::tls::TlsConnector,
+    )> = std::sync::OnceLock::new();
+    if let Some(t) = TLS.get() {
+        return Ok(t);
+    }
+    let dir = std::env::temp_dir().join(format!("canopy-bench-certs-{}", std::process::id()));
+    canopy_broker::tls::make_dev_certs(&dir, &[])?;
+    let file = canopy_broker::tls::FileTls {
+        cert: dir.join("core.pem"),
+        key: dir.join("core-key.pem"),
+        ca: Some(dir.join("ca.pem")),
+        client_certs: None,
+        core_name: None,
+    };
+    let connector = canopy_client::tls::TlsConnector::from_files(&dir.join("ca.pem"), None)?;
+    Ok(TLS.get_or_init(|| (file, connector)))
+}
+
+/// Canopy's client options for `kind` (TLS for [`Kind::Tls`]).
+fn canopy_options(
+    kind: Kind,
+    addrs: &[String],
+    name: &str,
+) -> anyhow::Result<canopy_client::ClientOptions> {
+    let mut o = canopy_client::ClientOptions::new(addrs.to_vec());
+    o.name = name.into();
+    if kind == Kind::Tls {
+        o.tls = Some(dev_tls()?.1.clone());
+    }
+    Ok(o)
+}
+
 /// The topic every bench message goes to.
 pub const TOPIC: &str = "bench.fanout";
 
@@ -311,9 +363,8 @@ impl Publisher {
     /// the others).
     pub async fn connect(kind: Kind, addrs: &[String]) -> anyhow::Result<Publisher> {
         Ok(match kind {
-            Kind::Canopy | Kind::Core => {
-                let mut o = canopy_client::ClientOptions::new(addrs.to_vec());
-                o.name = "bench-pub".into();
+            Kind::Canopy | Kind::Core | Kind::Tls => {
+                let o = canopy_options(kind, addrs, "bench-pub")?;
                 Publisher::Canopy(canopy_client::Client::connect(o).await?)
             }
             Kind::Nats => Publisher::Nats(async_nats::connect(addrs[0].as_str()).await?),
@@ -347,9 +398,8 @@ pub async fn subscribe(
     addrs: &[String],
 ) -> anyhow::Result<(BoxStream<'static, Bytes>, Box<dyn Send>)> {
     Ok(match kind {
-        Kind::Canopy | Kind::Core => {
-            let mut o = canopy_client::ClientOptions::new(addrs.to_vec());
-            o.name = "bench-sub".into();
+        Kind::Canopy | Kind::Core | Kind::Tls => {
+            let o = canopy_options(kind, addrs, "bench-sub")?;
             let client = canopy_client::Client::connect(o).await?;
             let sub = client.subscribe(TOPIC).await?;
             let stream = sub

@@ -71,6 +71,9 @@ pub enum Target {
     /// Canopy as one node and as a 3-server core (clients spread over its
     /// servers), interleaved.
     Core,
+    /// Canopy as one node over plain TCP and over TLS (development
+    /// certificates), interleaved: the cost of TLS.
+    Tls,
 }
 
 /// Whether Canopy runs with its dashboard open.
@@ -344,6 +347,10 @@ fn main() -> anyhow::Result<()> {
     if matches!(args.broker, Target::Core) {
         configs.push((brokers::Kind::Canopy, false));
         configs.push((brokers::Kind::Core, false));
+    }
+    if matches!(args.broker, Target::Tls) {
+        configs.push((brokers::Kind::Canopy, false));
+        configs.push((brokers::Kind::Tls, false));
     }
     if matches!(args.broker, Target::Nats | Target::Both) {
         configs.push((brokers::Kind::Nats, false));
