@@ -381,7 +381,7 @@ fn print_table(results: &[RunReport]) {
         println!("(runs marked + had the dashboard open)");
     }
     println!(
-        "{:<7} {:>6} {:>5} {:>9} {:>6} {:>12} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
+        "{:<10} {:>6} {:>5} {:>9} {:>6} {:>12} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
         "broker",
         "subs",
         "pubs",
@@ -398,7 +398,7 @@ fn print_table(results: &[RunReport]) {
     );
     for r in results {
         println!(
-            "{:<7} {:>6} {:>5} {:>9} {:>6} {:>12.0} {:>14.0} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
+            "{:<10} {:>6} {:>5} {:>9} {:>6} {:>12.0} {:>14.0} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
             format!("{}{}", r.broker, if r.dashboard { "+" } else { "" }),
             r.subs,
             r.pubs,
