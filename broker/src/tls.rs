@@ -8,10 +8,17 @@
 //! process without one is refused before it can send a protocol message),
 //! and a relay's link to the tier above (it checks the server against the
 //! CA and shows its own certificate).
+//!
+//! A core certificate is one the CA made for a *server* named the core's
+//! name: the peer's certificate must verify as a server's certificate for
+//! that DNS name (its `serverAuth` use and its subject alternative name),
+//! whichever side of the link showed it. A client certificate of the same
+//! CA, whatever its common name, cannot pass for one.
 
 use canopy_client::tls::{load_certs, load_key, load_roots, provider, Identity, TlsConnector};
 use canopy_client::tls::{Stream, TlsError};
-use rustls::pki_types::CertificateDer;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,15 +74,38 @@ pub struct ServerTls {
     /// the dialling side's (trusts the CA, shows this server's
     /// certificate), for core links and a relay's link above.
     pub links: Option<(TlsAcceptor, TlsConnector)>,
-    /// The name a core peer's certificate must carry.
-    pub core_name: String,
+    /// Checks that a certificate is the CA's for a server named
+    /// `core_name` (with a CA).
+    pub core_check: Option<CoreCheck>,
+}
+
+/// Whether a certificate is a core server's: the CA's, for a server, named
+/// the core's name.
+#[derive(Clone, Debug)]
+pub struct CoreCheck {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl CoreCheck {
+    /// Whether the other end of `stream` showed a core server's
+    /// certificate.
+    pub fn passes(&self, stream: &Stream) -> bool {
+        let Some((leaf, chain)) = stream.peer_certificates().and_then(<[_]>::split_first) else {
+            return false;
+        };
+        let now = rustls::pki_types::UnixTime::now();
+        self.verifier
+            .verify_server_cert(leaf, chain, &self.name, &[], now)
+            .is_ok()
+    }
 }
 
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
             .field("links", &self.links.is_some())
-            .field("core_name", &self.core_name)
+            .field("core_check", &self.core_check)
             .finish_non_exhaustive()
     }
 }
@@ -130,6 +160,26 @@ impl FileTls {
             ClientCerts::Optional => server(verifier(false)?)?,
             ClientCerts::Required => server(verifier(true)?)?,
         };
+        let core_name = self.core_name.clone().unwrap_or_else(|| CORE_NAME.into());
+        let core_check = match &roots {
+            None => None,
+            Some(roots) => Some(CoreCheck {
+                verifier: rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    roots.clone(),
+                    provider(),
+                )
+                .build()?,
+                name: match ServerName::try_from(core_name.clone()) {
+                    Ok(name @ ServerName::DnsName(_)) => name,
+                    _ => {
+                        return Err(TlsError::File {
+                            path: self.cert.clone(),
+                            why: format!("core_name `{core_name}` is not a DNS name"),
+                        })
+                    }
+                },
+            }),
+        };
         let links = match &self.ca {
             None => None,
             Some(ca) => {
@@ -146,7 +196,7 @@ impl FileTls {
         Ok(ServerTls {
             clients,
             links,
-            core_name: self.core_name.clone().unwrap_or_else(|| CORE_NAME.into()),
+            core_check,
         })
     }
 }
@@ -207,23 +257,38 @@ pub struct DevCerts {
 }
 
 /// Makes (or completes) a development CA and certificates for a local
-/// tree in `dir`: `ca.pem`, `core.pem` (name [`CORE_NAME`]), `relay.pem`
-/// ([`RELAY_NAME`]), and `USER.pem` for each of `users` (a client
-/// certificate named after the user), each with its `-key.pem`. Server
-/// certificates are valid for `localhost`, `127.0.0.1` and `::1`. Files
-/// already there are kept; a new certificate is signed by the CA there.
+/// tree in `dir`: `ca.pem`, `core.pem` (a server's, named [`CORE_NAME`]),
+/// `relay.pem` ([`RELAY_NAME`]), and `USER.pem` for each of `users` (a
+/// client certificate named after the user, for client use only), each
+/// with its `-key.pem`. Server certificates are also valid for
+/// `localhost`, `127.0.0.1` and `::1`. Files already there are kept; a
+/// new certificate is signed by the CA there.
 ///
 /// Not for production: the CA's key lies beside the certificates.
 ///
 /// # Errors
-/// A file that cannot be written or read back, or a name that cannot be
-/// a certificate's.
+/// A file that cannot be written or read back, or a user name that is not
+/// letters, digits, `.`, `_` and `-`, or that would be another file's
+/// (`ca`, `core`, `relay`, a name ending in `-key`) or a server's.
 pub fn make_dev_certs(dir: &Path, users: &[String]) -> anyhow::Result<DevCerts> {
     use anyhow::Context;
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         KeyUsagePurpose,
     };
+    for user in users {
+        let plain = !user.is_empty()
+            && !user.starts_with('.')
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        let taken = ["ca", "core", "relay", CORE_NAME, RELAY_NAME].contains(&user.as_str())
+            || user.ends_with("-key");
+        anyhow::ensure!(
+            plain && !taken,
+            "`{user}` cannot name a client certificate here: letters, digits, `.`, `_` and `-`, and not ca, core, relay, {CORE_NAME}, {RELAY_NAME} or a name ending in -key"
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = Vec::new();
     let mut write = |name: &str, text: &str| -> anyhow::Result<()> {
@@ -255,21 +320,42 @@ pub fn make_dev_certs(dir: &Path, users: &[String]) -> anyhow::Result<DevCerts> 
         write("ca-key.pem", &key.serialize_pem())?;
         (cert, key)
     };
-    let hosts = || vec!["localhost".to_owned(), "127.0.0.1".into(), "::1".into()];
-    let mut leaves: Vec<(String, Vec<String>, bool)> = vec![
-        ("core".into(), hosts(), true),
-        ("relay".into(), hosts(), true),
-    ];
-    let names = [CORE_NAME, RELAY_NAME];
-    for user in users {
-        leaves.push((user.clone(), Vec::new(), false));
+    /// One certificate to make.
+    struct Leaf {
+        file: String,
+        common_name: String,
+        sans: Vec<String>,
+        server: bool,
     }
-    for (i, (file, sans, server)) in leaves.into_iter().enumerate() {
+    let server = |file: &str, name: &str| Leaf {
+        file: file.into(),
+        common_name: name.into(),
+        sans: vec![
+            name.into(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ],
+        server: true,
+    };
+    let mut leaves = vec![server("core", CORE_NAME), server("relay", RELAY_NAME)];
+    leaves.extend(users.iter().map(|user| Leaf {
+        file: user.clone(),
+        common_name: user.clone(),
+        sans: Vec::new(),
+        server: false,
+    }));
+    for Leaf {
+        file,
+        common_name,
+        sans,
+        server,
+    } in leaves
+    {
         let (pem, key_pem) = (format!("{file}.pem"), format!("{file}-key.pem"));
         if dir.join(&pem).exists() && dir.join(&key_pem).exists() {
             continue;
         }
-        let common_name = names.get(i).map_or(file.as_str(), |n| n);
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(sans)
             .with_context(|| format!("`{file}` cannot name a certificate"))?;
@@ -306,7 +392,10 @@ mod tests {
         let first = make_dev_certs(&d, &["reader".into()]).expect("makes");
         assert_eq!(first.written.len(), 8, "{:?}", first.written);
         let read = |f: &str| load_certs(&d.join(f)).expect("reads")[0].clone();
-        assert_eq!(names(&read("core.pem")), [CORE_NAME, "localhost"]);
+        assert_eq!(
+            names(&read("core.pem")),
+            [CORE_NAME, CORE_NAME, "localhost"]
+        );
         assert_eq!(names(&read("relay.pem"))[0], RELAY_NAME);
         assert_eq!(names(&read("reader.pem")), ["reader"]);
         let ca = std::fs::read(d.join("ca.pem")).expect("reads");
@@ -329,6 +418,21 @@ mod tests {
         verifier
             .verify_client_cert(&read("writer.pem"), &[], now)
             .expect("the later certificate verifies under the first CA");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn user_names_that_would_be_another_file_or_a_server_are_refused() {
+        let d = dir("reserved");
+        for bad in [
+            "ca", "core", "relay", "ca-key", "x-key", CORE_NAME, RELAY_NAME, "../x", "a/b", ".x",
+            "",
+        ] {
+            let err = make_dev_certs(&d, &[bad.into()]).expect_err(bad);
+            assert!(err.to_string().contains("cannot name"), "{bad}: {err}");
+        }
+        assert!(!d.exists(), "nothing written");
+        make_dev_certs(&d, &["plant-a.reader_1".into()]).expect("a plain name");
         let _ = std::fs::remove_dir_all(&d);
     }
 

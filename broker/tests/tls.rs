@@ -36,6 +36,29 @@ fn certs(users: &[&str]) -> PathBuf {
     dir
 }
 
+/// A client certificate of `dir`'s CA that names itself a core server in
+/// every way a name can be written (common name and DNS name), as an
+/// operator's mistake (or a user who may ask the CA for names) makes one:
+/// `dir/impostor.pem`.
+fn impostor(dir: &Path) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("reads");
+    let ca_key = KeyPair::from_pem(&read("ca-key.pem")).expect("the CA's key");
+    let ca = CertificateParams::from_ca_cert_pem(&read("ca.pem"))
+        .expect("the CA")
+        .self_signed(&ca_key)
+        .expect("the issuer");
+    let key = KeyPair::generate().expect("a key");
+    let mut params = CertificateParams::new(vec!["canopy-core".to_owned()]).expect("params");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "canopy-core");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("signs");
+    std::fs::write(dir.join("impostor.pem"), cert.pem()).expect("writes");
+    std::fs::write(dir.join("impostor-key.pem"), key.serialize_pem()).expect("writes");
+}
+
 fn connector(ca: &Path, identity: Option<(&Path, &str)>) -> TlsConnector {
     let identity = identity.map(|(dir, name)| Identity {
         cert: dir.join(format!("{name}.pem")),
@@ -213,6 +236,7 @@ async fn closed_by_the_server<S: AsyncReadExt + Unpin>(stream: &mut S, allowed: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_links_are_mutual_tls_and_a_process_without_a_core_certificate_is_dropped() {
     let dir = certs(&["reader"]);
+    impostor(&dir);
     let foreign = certs(&[]);
     let accounts = accounts(None);
     // After `[core]`'s keys, before its servers' list.
@@ -254,16 +278,19 @@ async fn core_links_are_mutual_tls_and_a_process_without_a_core_certificate_is_d
         .expect("connects");
     let _ = rogue.write_all(&speech).await;
     closed_by_the_server(&mut rogue, 64).await;
-    // TLS with a certificate of the tree's CA that is not a core server's
-    // (a user's): admitted by TLS, dropped by name before its hello.
-    let user = connector(&dir, Some((&dir, "reader")));
-    let tcp = tokio::net::TcpStream::connect(peer)
-        .await
-        .expect("connects");
-    let mut rogue = user.connect(peer, tcp).await.expect("TLS itself succeeds");
-    let _ = rogue.write_all(&speech).await;
-    let _ = rogue.flush().await;
-    closed_by_the_server(&mut rogue, 64).await;
+    // TLS with certificates of the tree's CA that are not a core
+    // server's (a user's, and one for client use that names itself
+    // `canopy-core`): admitted by TLS, dropped before their hello.
+    for user in ["reader", "impostor"] {
+        let user = connector(&dir, Some((&dir, user)));
+        let tcp = tokio::net::TcpStream::connect(peer)
+            .await
+            .expect("connects");
+        let mut rogue = user.connect(peer, tcp).await.expect("TLS itself succeeds");
+        let _ = rogue.write_all(&speech).await;
+        let _ = rogue.flush().await;
+        closed_by_the_server(&mut rogue, 64).await;
+    }
     // TLS with a core certificate of another CA: the handshake fails.
     let other = connector(&dir, Some((&foreign, "core")));
     let tcp = tokio::net::TcpStream::connect(peer)
@@ -279,8 +306,8 @@ async fn core_links_are_mutual_tls_and_a_process_without_a_core_certificate_is_d
         Some(Event::Message(m)) => assert_eq!(&m.payload[..], b"2"),
         other => panic!("expected the message, got {other:?}"),
     }
-    // Three refused at server 1, none elsewhere; two of them in TLS.
-    for (i, links, tls) in [(0, 3, 2), (1, 0, 0), (2, 0, 0)] {
+    // Four refused at server 1, none elsewhere; two of them in TLS.
+    for (i, links, tls) in [(0, 4, 2), (1, 0, 0), (2, 0, 0)] {
         let http = cluster.servers[i]
             .as_ref()
             .and_then(|s| s.http.clone())

@@ -202,7 +202,7 @@ impl Stream {
         }
     }
 
-    /// The names in the certificate the other side showed and the chain
+    /// The certificate chain the other side showed and the handshake
     /// verified, if any (the leaf first, DER).
     pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
         match self {

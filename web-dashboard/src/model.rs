@@ -176,7 +176,8 @@ pub struct Counters {
     /// user's permissions.
     pub denied: u64,
     /// Connections to the core's peer port dropped before admission (no
-    /// hello, or no proof of the core's secret).
+    /// hello, no proof of the core's secret, a failed TLS handshake or a
+    /// certificate that is not a core server's).
     pub peer_refused: u64,
     /// TLS handshakes that failed or timed out (an untrusted or missing
     /// certificate, plain bytes on a TLS port).

@@ -111,6 +111,10 @@ pub(super) async fn accept_loop(
     let config = Arc::new(config);
     let mut next = 1u64;
     let per_address = PerAddress::default();
+    // TLS handshakes in progress hold a permit: at most as many as the
+    // connections the node takes (a handshake costs memory and CPU before
+    // anyone is known).
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(config.node.sessions_max));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -128,13 +132,28 @@ pub(super) async fn accept_loop(
                 Some(slot) => Some(slot),
                 None => {
                     tracing::info!(%peer, max, "connection refused: its address holds its maximum");
-                    let msg = format!("{} holds its maximum of {max} connections here", peer.ip());
-                    let (config, refusals) = (config.clone(), refusals.clone());
-                    tokio::spawn(async move {
-                        if let Some(stream) = secure(stream, peer, &config, &refusals).await {
-                            refuse(stream, ErrorCode::TooManyFromAddress, msg).await;
-                        }
-                    });
+                    // Over TLS, dropped without a handshake: a refusal
+                    // must cost less than a connection.
+                    if config.tls.is_none() {
+                        let msg =
+                            format!("{} holds its maximum of {max} connections here", peer.ip());
+                        tokio::spawn(refuse(
+                            Stream::Plain(stream),
+                            ErrorCode::TooManyFromAddress,
+                            msg,
+                        ));
+                    }
+                    continue;
+                }
+            },
+        };
+        let permit = match config.tls.is_some() {
+            false => None,
+            true => match handshakes.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tracing::warn!(%peer, "connection dropped: too many TLS handshakes in progress");
+                    refusals.tls_handshakes.fetch_add(1, Relaxed);
                     continue;
                 }
             },
@@ -147,6 +166,7 @@ pub(super) async fn accept_loop(
             let Some(stream) = secure(stream, peer, &config, &refusals).await else {
                 return;
             };
+            drop(permit);
             serve(stream, peer, session, inbox, &config).await;
             // The connection's place in its address's count goes with it.
             drop(slot);
@@ -347,7 +367,7 @@ async fn write_loop(
                     if let Ok(order) = close.try_recv() {
                         break order;
                     }
-                    let _ = write.shutdown().await;
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIME_MAX, write.shutdown()).await;
                     return;
                 };
                 batch.push(frame);

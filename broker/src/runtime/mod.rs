@@ -338,7 +338,7 @@ pub async fn start_with_service(
                     Some(peer::LinkTls {
                         acceptor,
                         connector,
-                        core_name: t.core_name.clone(),
+                        core: t.core_check.clone()?,
                     })
                 }),
             };

@@ -20,9 +20,9 @@
 //! before one protocol message is read from it.
 //!
 //! With `[tls]`, every link is mutual TLS first: each end shows a
-//! certificate of the tree's CA carrying the core's name (`[tls]
-//! core_name`), or the link is dropped before its hello; the secret, if
-//! also set, is then proved inside it.
+//! certificate the tree's CA made for a server named the core's name
+//! (`[tls] core_name`; `crate::tls::CoreCheck`), or the link is dropped
+//! before its hello; the secret, if also set, is then proved inside it.
 //!
 //! Bounds: each outgoing queue holds `LINK_QUEUE_MAX` frames. A peer that
 //! does not read that much is treated as a broken link: the queue is
@@ -295,15 +295,15 @@ pub(super) struct LinkTls {
     pub acceptor: TlsAcceptor,
     /// The dialling side's (trusts the CA, shows this server's).
     pub connector: TlsConnector,
-    /// The name both ends' certificates carry.
-    pub core_name: String,
+    /// Whether a certificate is a core server's (both ends check).
+    pub core: crate::tls::CoreCheck,
 }
 
 impl LinkTls {
     /// Whether the other end of `stream` showed a core server's
     /// certificate.
     fn is_core(&self, stream: &Stream) -> bool {
-        crate::tls::peer_names(stream).contains(&self.core_name)
+        self.core.passes(stream)
     }
 }
 
