@@ -20,6 +20,11 @@ pub const HTTP_DEFAULT: &str = "127.0.0.1:8080";
 /// without a `data_dir` keeps its data: `canopy-data/s<ID>`.
 pub const DATA_DIR_DEFAULT: &str = "canopy-data";
 
+/// Bytes queued for one client before it counts as slow, by default.
+pub const QUEUE_BYTES_MAX_DEFAULT: usize = 8 << 20;
+/// Bytes queued for all clients together at most, by default.
+pub const QUEUE_BYTES_TOTAL_MAX_DEFAULT: usize = 256 << 20;
+
 /// The configuration file as written (every key optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,6 +183,10 @@ pub struct FileLimits {
     pub frame_len_max: Option<usize>,
     /// Outbound queue per client, frames.
     pub queue_frames_max: Option<usize>,
+    /// Outbound queue per client, bytes.
+    pub queue_bytes_max: Option<usize>,
+    /// Outbound queues of all clients together, bytes.
+    pub queue_bytes_total_max: Option<usize>,
     /// Subscriptions per connection.
     pub subscriptions_per_session_max: Option<usize>,
     /// Publishers remembered for deduplication.
@@ -217,6 +226,10 @@ pub struct ServerConfig {
     pub http: Option<String>,
     /// Frames queued per client before it counts as slow.
     pub queue_frames_max: usize,
+    /// Bytes queued per client before it counts as slow.
+    pub queue_bytes_max: usize,
+    /// Bytes queued for all clients together at most (`runtime::outbound`).
+    pub queue_bytes_total_max: usize,
     /// The core's settings.
     pub node: NodeConfig,
     /// The core group, when this server is in one.
@@ -307,6 +320,28 @@ impl FileConfig {
             1,
             1 << 20,
             "1 to 1048576",
+        )?;
+        let queue_bytes_max = self
+            .limits
+            .queue_bytes_max
+            .unwrap_or(QUEUE_BYTES_MAX_DEFAULT);
+        range(
+            "limits.queue_bytes_max",
+            queue_bytes_max,
+            4096,
+            1 << 30,
+            "4 KiB to 1 GiB",
+        )?;
+        let queue_bytes_total_max = self
+            .limits
+            .queue_bytes_total_max
+            .unwrap_or(QUEUE_BYTES_TOTAL_MAX_DEFAULT);
+        range(
+            "limits.queue_bytes_total_max",
+            queue_bytes_total_max,
+            64 << 10,
+            64 << 30,
+            "64 KiB to 64 GiB",
         )?;
         let subs = self
             .limits
@@ -444,6 +479,8 @@ impl FileConfig {
             listen,
             http,
             queue_frames_max,
+            queue_bytes_max,
+            queue_bytes_total_max,
             node: NodeConfig {
                 name: self.name.unwrap_or_else(|| "canopy".to_owned()),
                 stream,

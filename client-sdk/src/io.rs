@@ -1,6 +1,6 @@
 //! Socket helpers shared by the SDK and the broker.
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use std::io::IoSlice;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -13,16 +13,21 @@ const SLICES_MAX: usize = 64;
 /// # Errors
 /// The first write error; the connection is then unusable and `frames`
 /// holds an unspecified remainder.
-pub async fn write_frames<W: AsyncWrite + Unpin>(
+pub async fn write_frames<W: AsyncWrite + Unpin, B: Buf>(
     w: &mut W,
-    frames: &mut Vec<Bytes>,
+    frames: &mut Vec<B>,
 ) -> std::io::Result<()> {
     let mut at = 0;
     while at < frames.len() {
         let mut slices = [IoSlice::new(&[]); SLICES_MAX];
         let n = frames.len().min(at + SLICES_MAX) - at;
         for (slot, frame) in slices.iter_mut().zip(&frames[at..at + n]) {
-            *slot = IoSlice::new(frame);
+            debug_assert_eq!(
+                frame.chunk().len(),
+                frame.remaining(),
+                "a frame is contiguous"
+            );
+            *slot = IoSlice::new(frame.chunk());
         }
         let mut written = w.write_vectored(&slices[..n]).await?;
         if written == 0 {
@@ -30,8 +35,8 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         }
         while written > 0 {
             let front = &mut frames[at];
-            if written >= front.len() {
-                written -= front.len();
+            if written >= front.remaining() {
+                written -= front.remaining();
                 at += 1;
             } else {
                 front.advance(written);
@@ -47,6 +52,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]

@@ -111,7 +111,7 @@ pub fn render(s: &Snapshot) -> String {
     for (name, help, value) in counters {
         metric(&mut out, name, "counter", help, value as f64);
     }
-    let gauges: [(&str, &str, f64); 6] = [
+    let gauges: [(&str, &str, f64); 8] = [
         (
             "canopy_clients",
             "Clients connected.",
@@ -136,6 +136,16 @@ pub fn render(s: &Snapshot) -> String {
             "canopy_client_queue_depth_max_frames",
             "Deepest client outbound queue, in frames.",
             c.queue_depth_max as f64,
+        ),
+        (
+            "canopy_client_queued_bytes_max",
+            "Largest client outbound queue, in bytes.",
+            c.queued_bytes_max as f64,
+        ),
+        (
+            "canopy_queued_bytes",
+            "Bytes queued for all clients together (bounded by queue_bytes_total_max).",
+            c.queued_bytes as f64,
         ),
         (
             "canopy_uptime_seconds",

@@ -108,6 +108,8 @@ pub struct ClientInfo {
     pub lag: u64,
     /// Frames waiting in its outbound queue.
     pub queue_depth: usize,
+    /// Bytes waiting in its outbound queue.
+    pub queued_bytes: usize,
     /// Seconds since it connected.
     pub connected_secs: f64,
 }
@@ -197,6 +199,10 @@ pub struct Counters {
     pub retained_bytes: u64,
     /// Deepest client outbound queue right now, frames.
     pub queue_depth_max: u64,
+    /// Largest client outbound queue right now, bytes.
+    pub queued_bytes_max: u64,
+    /// Bytes queued for all clients together right now.
+    pub queued_bytes: u64,
 }
 
 /// Per-second rates.

@@ -1,5 +1,6 @@
 //! Connection tasks: accept, read and decode, write and coalesce.
 
+use super::outbound::{Budget, Outbound, Queued};
 use super::{Inbound, Refusals, SessionIo};
 use crate::auth::Accounts;
 use crate::config::ServerConfig;
@@ -107,6 +108,7 @@ pub(super) async fn accept_loop(
     inbox: flume::Sender<Inbound>,
     config: ServerConfig,
     refusals: Arc<Refusals>,
+    budget: Arc<Budget>,
 ) {
     let config = Arc::new(config);
     let mut next = 1u64;
@@ -162,12 +164,13 @@ pub(super) async fn accept_loop(
         next += 1;
         tracing::debug!(%session, %peer, "accepted");
         let (inbox, config, refusals) = (inbox.clone(), config.clone(), refusals.clone());
+        let budget = budget.clone();
         tokio::spawn(async move {
             let Some(stream) = secure(stream, peer, &config, &refusals).await else {
                 return;
             };
             drop(permit);
-            serve(stream, peer, session, inbox, &config).await;
+            serve(stream, peer, session, inbox, &config, budget).await;
             // The connection's place in its address's count goes with it.
             drop(slot);
         });
@@ -182,10 +185,11 @@ async fn serve(
     session: SessionId,
     inbox: flume::Sender<Inbound>,
     config: &ServerConfig,
+    budget: Arc<Budget>,
 ) {
     let certificate = crate::tls::peer_names(&stream);
     let (read, write) = stream.into_split();
-    let (queue_tx, queue_rx) = flume::bounded(config.queue_frames_max);
+    let (queue_tx, queue_rx) = Outbound::new(budget, config.queue_frames_max);
     let (close_tx, close_rx) = oneshot::channel();
     let cancel = CancellationToken::new();
     let io = SessionIo {
@@ -345,10 +349,10 @@ const CLOSE_WRITE_TIME_MAX: std::time::Duration = std::time::Duration::from_secs
 /// frames get the same, and then the connection is dropped regardless.
 async fn write_loop(
     mut write: WriteHalf,
-    queue: flume::Receiver<Bytes>,
+    queue: flume::Receiver<Queued>,
     mut close: oneshot::Receiver<CloseOrder>,
 ) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH_MAX);
+    let mut batch: Vec<Queued> = Vec::with_capacity(WRITE_BATCH_MAX);
     let mut close_live = true;
     let order = loop {
         tokio::select! {
@@ -399,12 +403,16 @@ async fn write_loop(
             }
         }
     };
-    let mut last = Vec::new();
+    let mut queued: Vec<Queued> = Vec::new();
     if order.drain {
-        last.extend(queue.drain());
+        queued.extend(queue.drain());
     }
-    last.extend(order.frame);
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIME_MAX, write_all(&mut write, &mut last)).await;
+    let mut last: Vec<Bytes> = order.frame.into_iter().collect();
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIME_MAX, async {
+        write_all(&mut write, &mut queued).await?;
+        write_all(&mut write, &mut last).await
+    })
+    .await;
     let _ = tokio::time::timeout(CLOSE_WRITE_TIME_MAX, write.shutdown()).await;
 }
 

@@ -12,9 +12,10 @@
 //!
 //! Bounds: the node's inbox holds `INBOX_LEN_MAX` batches (client and peer
 //! alike), which pushes back on readers (and through TCP on publishers);
-//! each session's outbound queue holds `queue_frames_max` frames, and a full
-//! queue is reported to the node, which decides between cutting the session
-//! off and a gap notice; each peer link queues a bounded number of frames.
+//! each session's outbound queue is bounded in frames and bytes, and the
+//! node's queued bytes in total ([`outbound`]); a refused frame is reported
+//! to the node, which decides between cutting the session off and a gap
+//! notice; each peer link queues a bounded number of frames.
 //!
 //! When HTTP is on, the node task also publishes a dashboard snapshot once
 //! per `SNAPSHOT_INTERVAL` through a `watch` channel that the HTTP server
@@ -29,6 +30,7 @@
 pub mod disk;
 
 mod conn;
+mod outbound;
 mod peer;
 mod report;
 mod upstream;
@@ -90,7 +92,7 @@ enum Inbound {
 
 /// The node task's handles on one connection.
 struct SessionIo {
-    queue: flume::Sender<Bytes>,
+    queue: outbound::Outbound,
     close: oneshot::Sender<conn::CloseOrder>,
     reader: CancellationToken,
     peer: SocketAddr,
@@ -215,6 +217,7 @@ pub async fn start_with_service(
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
     let refusals = std::sync::Arc::new(Refusals::default());
+    let budget = outbound::Budget::new(config.queue_bytes_max, config.queue_bytes_total_max);
     let mut dashboard = None;
     let mut http_addr = None;
     let mut http_task = None;
@@ -396,7 +399,9 @@ pub async fn start_with_service(
         }
         ended
     });
-    let accept_task = tokio::spawn(conn::accept_loop(listener, inbox_tx, config, refusals));
+    let accept_task = tokio::spawn(conn::accept_loop(
+        listener, inbox_tx, config, refusals, budget,
+    ));
     Ok(ServerHandle {
         local_addr,
         http_addr,
@@ -731,7 +736,8 @@ fn drain(
                 let Some(io) = sessions.get(&session) else {
                     continue;
                 };
-                if let Err(flume::TrySendError::Full(_)) = io.queue.try_send(frame) {
+                if let Err(why) = io.queue.offer(frame, sessions.len()) {
+                    tracing::debug!(%session, ?why, "outbound queue refused a frame");
                     node.handle_queue_full(now, session, kind, seqs);
                 }
             }

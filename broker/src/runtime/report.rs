@@ -152,12 +152,17 @@ impl Reporter {
         let head = node.head();
         let (retained, retained_bytes) = node.retained();
         let mut queue_depth_max = 0;
+        let mut queued_bytes_max = 0;
+        let mut queued_total = 0;
         let clients: Vec<dash::ClientInfo> = node
             .sessions()
             .map(|s| {
                 let io = sessions.get(&s.id);
-                let queue_depth = io.map_or(0, |io| io.queue.len());
+                let queue_depth = io.map_or(0, |io| io.queue.frames());
+                let queued_bytes = io.map_or(0, |io| io.queue.bytes());
                 queue_depth_max = queue_depth_max.max(queue_depth);
+                queued_bytes_max = queued_bytes_max.max(queued_bytes);
+                queued_total += queued_bytes;
                 dash::ClientInfo {
                     session: s.id.0,
                     name: s.name.to_owned(),
@@ -175,6 +180,7 @@ impl Reporter {
                         head.0.saturating_sub(s.sent_through.0)
                     },
                     queue_depth,
+                    queued_bytes,
                     connected_secs: now.saturating_sub(s.opened_at).as_secs_f64(),
                 }
             })
@@ -199,6 +205,8 @@ impl Reporter {
             retained: retained as u64,
             retained_bytes: retained_bytes as u64,
             queue_depth_max: queue_depth_max as u64,
+            queued_bytes_max: queued_bytes_max as u64,
+            queued_bytes: queued_total as u64,
         };
         let topic_totals: TopicTotals = node
             .topics()

@@ -1,0 +1,140 @@
+//! Outbound queues bounded in bytes, over real processes (docs/DESIGN.md,
+//! "Bounds"): a subscriber past its byte bound is handled by its slow
+//! policy (cut, or gap notices) and no one else is; with many slow
+//! subscribers the node's queued bytes stay under the total bound, the
+//! slow ones are handled and the fast one keeps its whole stream.
+
+mod common;
+
+use canopy_client::protocol::{ErrorCode, ServerFrame, SlowPolicy};
+use common::{take_messages, within, Raw, Server};
+use std::time::Duration;
+
+/// Frame counts never bind here: only bytes do.
+const FRAMES: &str = "queue_frames_max = 1048576\nmembers_max = 0\n";
+/// Messages of 64 KiB: 400 of them are 25 MiB, far past the kernel's
+/// buffers of a subscriber that does not read.
+const N: usize = 400;
+const PAYLOAD: usize = 64 << 10;
+
+async fn publish_all(server: &Server) {
+    let publisher = server.client().await;
+    let payload = vec![7u8; PAYLOAD];
+    for _ in 0..N {
+        publisher
+            .publish("s.x", payload.clone())
+            .await
+            .expect("publish");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_past_its_byte_bound_is_cut_and_no_one_else() {
+    let server = Server::with_config(&format!("[limits]\nqueue_bytes_max = 262144\n{FRAMES}"));
+    let mut slow = Raw::connect_small(&server.addr).await;
+    slow.hello(1, &["s.>"], SlowPolicy::Disconnect).await;
+    let fast_client = server.client().await;
+    let mut fast = fast_client.subscribe("s.>").await.expect("subscribe");
+    let reader = tokio::spawn(async move { take_messages(&mut fast, N).await });
+    publish_all(&server).await;
+    let got = within("fast subscriber", reader).await.expect("reader");
+    assert!(
+        got.windows(2).all(|w| w[1].seq == w[0].seq.next()) && got.len() == N,
+        "the fast stream is complete and ordered"
+    );
+    let err = slow.expect_error_and_close().await;
+    assert_eq!(err.code, ErrorCode::SlowConsumer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflating_subscriber_past_its_byte_bound_is_told_of_gaps_and_stays() {
+    let server = Server::with_config(&format!(
+        "[limits]\nqueue_bytes_max = 262144\nwatermark_interval_ms = 50\n{FRAMES}"
+    ));
+    let mut slow = Raw::connect_small(&server.addr).await;
+    slow.hello(1, &["s.>"], SlowPolicy::Conflate).await;
+    publish_all(&server).await;
+    let (mut covered, mut gaps) = (0u64, 0);
+    while covered < N as u64 {
+        match slow.next().await {
+            Some(ServerFrame::Deliver(head, _)) => {
+                for e in head.msgs {
+                    assert_eq!(
+                        e.0 .0,
+                        covered + 1,
+                        "deliveries go on after what was covered"
+                    );
+                    covered = e.0 .0;
+                }
+            }
+            Some(ServerFrame::Gap(g)) => {
+                assert_eq!(g.from.0, covered + 1, "a gap starts after what was covered");
+                covered = g.to.0;
+                gaps += 1;
+            }
+            Some(ServerFrame::Watermark(_)) => {}
+            other => panic!("unexpected {other:?} at {covered}"),
+        }
+    }
+    assert!(gaps > 0, "the stalled subscriber was told of a gap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_many_slow_subscribers_the_total_bound_holds_and_the_fast_one_keeps_its_stream() {
+    const SLOW: usize = 8;
+    const TOTAL: u64 = 8 << 20;
+    // Each session may hold 64 MiB, the node 8 MiB in all: only the total
+    // bound can stop 8 slow subscribers. (Past 4 MiB in all, a session's
+    // share is 4 MiB over 11 sessions, about 6 messages: a fast reader
+    // holds less.)
+    let server = Server::with_config_and_http(&format!(
+        "[limits]\nqueue_bytes_max = 67108864\nqueue_bytes_total_max = {TOTAL}\n{FRAMES}"
+    ));
+    let http = server.http.clone().expect("HTTP on");
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let mut raw = Raw::connect_small(&server.addr).await;
+        raw.hello(100 + i as u64, &["s.>"], SlowPolicy::Disconnect)
+            .await;
+        slow.push(raw);
+    }
+    let fast_client = server.client().await;
+    let mut fast = fast_client.subscribe("s.>").await.expect("subscribe");
+    let reader = tokio::spawn(async move { take_messages(&mut fast, N).await });
+    // Samples of the node's queued bytes while it runs.
+    let watcher = {
+        let http = http.clone();
+        tokio::spawn(async move {
+            let mut highest = 0u64;
+            for _ in 0..400 {
+                let body = common::http_get(&http, "/metrics").await;
+                let now = body
+                    .lines()
+                    .find_map(|l| l.strip_prefix("canopy_queued_bytes ")?.parse::<f64>().ok())
+                    .expect("canopy_queued_bytes");
+                highest = highest.max(now as u64);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            highest
+        })
+    };
+    publish_all(&server).await;
+    let got = within("fast subscriber", reader).await.expect("reader");
+    assert!(
+        got.windows(2).all(|w| w[1].seq == w[0].seq.next()) && got.len() == N,
+        "the fast stream is complete and ordered"
+    );
+    for raw in &mut slow {
+        let err = raw.expect_error_and_close().await;
+        assert_eq!(err.code, ErrorCode::SlowConsumer);
+    }
+    let line = format!("canopy_slow_consumers_total {SLOW}");
+    common::metric_line(&http, "/metrics", &line).await;
+    // Under the bound, plus at most one frame per session.
+    let slack = (SLOW as u64 + 2) * (PAYLOAD as u64 + 1024);
+    let highest = within("the samples", watcher).await.expect("watcher");
+    assert!(
+        highest <= TOTAL + slack,
+        "queued {highest} bytes at the most"
+    );
+}
