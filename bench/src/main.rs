@@ -26,6 +26,7 @@ mod failover;
 mod harness;
 mod rpc;
 mod scale;
+mod slow;
 mod weak;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -57,6 +58,9 @@ enum Cmd {
     /// nats-server request-reply with a queue group of 3, and load-balanced
     /// with 3 replicas against 1.
     Rpc(rpc::RpcArgs),
+    /// Slow readers beside fast subscribers: the fast ones' latency, the
+    /// node's memory and queued bytes, and what became of the slow ones.
+    Slow(slow::SlowArgs),
 }
 
 /// Which brokers to run.
@@ -317,6 +321,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Scale(args) => return scale::main(&args),
         Cmd::Weak(args) => return weak::main(&args),
         Cmd::Rpc(args) => return rpc::main(&args),
+        Cmd::Slow(args) => return slow::main(&args),
     };
     anyhow::ensure!(
         args.size >= 16,

@@ -403,6 +403,58 @@ async fn a_restarted_publisher_with_a_fixed_id_is_not_mistaken_for_a_retry() {
     assert_eq!(got, ["0:0", "0:1", "0:2", "1:0", "1:1", "1:2"]);
 }
 
+/// An application that reads its subscription slower than the messages
+/// come is not reconnected in a loop: its client holds off until the
+/// application has read half of what is buffered, then resumes where it
+/// left off; it gets every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_resumes_once_it_has_caught_up_not_in_a_loop() {
+    const N: usize = 1000;
+    let server = Server::with_http();
+    let http = server.http.clone().expect("HTTP on");
+    let mut options = server.options();
+    options.subscription_batches_max = 4;
+    let reader = within("connect", Client::connect(options))
+        .await
+        .expect("connect");
+    let mut sub = reader.subscribe("r.>").await.expect("subscribe");
+    let publisher = server.client().await;
+    // One message a millisecond: batches of about one, twice as fast as
+    // the reader reads.
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            drop(publisher.send("r.x", format!("{i}")).await.expect("send"));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        publisher.flush().await.expect("flush");
+    });
+    let mut got = Vec::with_capacity(N);
+    within("the slow reader", async {
+        while got.len() < N {
+            match sub.next().await {
+                Some(Event::Message(m)) => {
+                    got.push(
+                        String::from_utf8_lossy(&m.payload)
+                            .parse::<usize>()
+                            .expect("number"),
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    publishing.await.expect("the publisher");
+    let body = common::http_get(&http, "/metrics").await;
+    let connections: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("canopy_connections_total ")?.parse().ok())
+        .expect("canopy_connections_total");
+    assert!(connections < 40, "{connections} connections for 2 clients");
+}
+
 /// An application that publishes (awaiting each acknowledgement) while not
 /// reading its own subscription does not deadlock: the client drops and
 /// resumes its connection instead of blocking on the full subscription,

@@ -74,9 +74,11 @@ pub struct ClientOptions {
     /// How long [`Client::call`] waits for a reply, across reconnects.
     pub call_timeout: Duration,
     /// Delivery batches buffered per subscription. When the application
-    /// lets a subscription fill up, the client drops its connection and
-    /// resumes from the last message it handed over, so that the driver
-    /// never waits on the application (acknowledgements keep flowing).
+    /// lets a subscription fill up, the client drops its connection (the
+    /// driver never waits on the application, nor makes its server hold
+    /// what it cannot read), and once the application has read half of
+    /// what is buffered, reconnects and resumes after the last message it
+    /// handed over. Publishes and calls wait meanwhile.
     pub subscription_batches_max: usize,
     /// Who the client is, for servers that check (a token, or a user and
     /// password); the server answers with what the user may do, and the
@@ -493,6 +495,9 @@ struct Conn {
     out: flume::Sender<Bytes>,
 }
 
+/// How often a held driver looks whether the application caught up.
+const HELD_CHECK: Duration = Duration::from_millis(10);
+
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<crate::tls::Stream>> + Send>>;
 
 /// Why the driver stops.
@@ -605,8 +610,19 @@ impl Driver {
     /// Waits for one thing to happen (a command, a frame, a connection, the
     /// core's timer), feeds it to the core, and carries out what follows.
     async fn turn(&mut self) -> Option<Stop> {
+        // Held while the application catches up on a subscription (see
+        // `subscription_batches_max`): resume once it has, or at once if
+        // it waits on the connection itself (a publish, a call, a flush:
+        // holding would leave it waiting on itself).
+        if self.core.link().is_held() && (self.app_waits() || self.caught_up()) {
+            let now = self.now();
+            self.core.release(now);
+            self.carry_out();
+        }
+        let held = self.core.link().is_held();
         let deadline = self.core.poll_timeout().map(|t| self.origin + t);
         tokio::select! {
+            () = tokio::time::sleep(HELD_CHECK), if held => {}
             cmd = self.commands.recv_async() => {
                 let Ok(cmd) = cmd else { return Some(Stop::Done) };
                 self.command(cmd);
@@ -731,9 +747,9 @@ impl Driver {
             if self.hand_over(&mut delivery.messages) {
                 self.core.take(delivery.commit);
             } else {
-                self.core.drop_connection(
+                self.core.hold(
                     now,
-                    "a subscription's buffer is full (the application is not keeping up); resuming later",
+                    "a subscription's buffer is full (the application is not keeping up); resuming once it has read half",
                 );
             }
         }
@@ -840,6 +856,20 @@ impl Driver {
     /// connection is dropped, to resume from the unchanged position): the
     /// driver never waits on the application, and nothing is handed over
     /// twice.
+    /// Whether the application waits on the connection: publishes, calls
+    /// or flushes not yet answered.
+    fn app_waits(&self) -> bool {
+        !self.acks.is_empty() || !self.calls.is_empty() || !self.flushes.is_empty()
+    }
+
+    /// Whether every subscription's buffer is down to half (after a
+    /// hold: time to resume).
+    fn caught_up(&mut self) -> bool {
+        self.subs.retain(|s| !s.events.is_disconnected());
+        let half = self.subscription_batches_max / 2;
+        self.subs.iter().all(|s| s.events.len() <= half)
+    }
+
     fn hand_over(&mut self, msgs: &mut Vec<Message>) -> bool {
         let cap = self.subscription_batches_max;
         self.subs.retain(|s| !s.events.is_disconnected());

@@ -129,6 +129,9 @@ enum State {
         heard: Duration,
         ping_at: Duration,
     },
+    /// Nothing open, and nothing tried until the owner releases it
+    /// ([`Link::hold`]).
+    Held,
     /// Gave up (`reconnect_for` ran out).
     Stopped,
 }
@@ -244,7 +247,7 @@ impl Link {
             State::Down { retry_at } => Some(*retry_at),
             State::Opening { since, .. } => Some(*since + self.config.connect_timeout),
             State::Up { heard, ping_at, .. } => Some((*ping_at).min(*heard + self.silence_max())),
-            State::Stopped => None,
+            State::Held | State::Stopped => None,
         }
     }
 
@@ -424,6 +427,32 @@ impl Link {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
+    /// Drops the connection because the owner cannot take more now (its
+    /// application is behind on a subscription), and tries nothing until
+    /// [`Link::release`]: a reader that cannot keep up would otherwise
+    /// resume at once, be behind again at once, and make its server replay
+    /// to it in a loop. Giving up (`reconnect_for`) does not run meanwhile.
+    pub fn hold(&mut self, now: Duration, why: &str) {
+        if matches!(self.state, State::Stopped | State::Held) {
+            return;
+        }
+        self.drop_connection(now, why);
+        self.state = State::Held;
+    }
+
+    /// Ends a [`Link::hold`]: the next round starts now.
+    pub fn release(&mut self, now: Duration) {
+        if matches!(self.state, State::Held) {
+            self.state = State::Down { retry_at: now };
+            self.down_since = Some(now);
+        }
+    }
+
+    /// Whether the link is held ([`Link::hold`]).
+    pub fn is_held(&self) -> bool {
+        matches!(self.state, State::Held)
+    }
+
     /// Tries again now instead of at the end of the pause, with the pause
     /// back at its shortest: for a shell that knows the network changed
     /// (gRPC's `resetConnectBackoff`).
@@ -449,7 +478,7 @@ impl Link {
         match &mut self.state {
             State::Up { heard, .. } => *heard = now,
             State::Opening { .. } => {}
-            State::Down { .. } | State::Stopped => return None,
+            State::Down { .. } | State::Held | State::Stopped => return None,
         }
         match frame {
             ServerFrame::Welcome(w) => {

@@ -313,6 +313,18 @@ impl ClientCore {
         self.link.drop_connection(now, why);
     }
 
+    /// Drops the connection until [`ClientCore::release`]: the
+    /// application is behind on a subscription ([`Link::hold`]).
+    pub fn hold(&mut self, now: Duration, why: &str) {
+        self.link.hold(now, why);
+    }
+
+    /// Ends a [`ClientCore::hold`]: reconnects and resumes after the last
+    /// message taken.
+    pub fn release(&mut self, now: Duration) {
+        self.link.release(now);
+    }
+
     /// The server broke the protocol (say, a frame that does not decode):
     /// the connection is dropped and [`LinkEvent::Refused`] follows.
     pub fn refuse(&mut self, now: Duration, e: Error) {

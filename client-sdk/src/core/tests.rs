@@ -444,3 +444,31 @@ fn the_tiers_server_list_replaces_the_configured_one() {
     core.handle_frame(MS, ServerFrame::Servers(list));
     assert_eq!(core.link().servers(), ["x", "y"]);
 }
+
+#[test]
+fn a_held_link_tries_nothing_and_never_gives_up_until_released() {
+    let mut core = serving(&["a", "b"], false);
+    core.hold(MS, "the application is behind");
+    assert!(core.link().is_held());
+    let mut disconnected = false;
+    while let Some(a) = core.poll_action() {
+        disconnected |= matches!(a, Action::Disconnect);
+    }
+    assert!(disconnected, "the connection is dropped");
+    assert_eq!(core.poll_timeout(), None, "no retry, no deadline");
+    // Far past `reconnect_for`: still held, nothing tried, not stopped.
+    let later = Duration::from_secs(3600);
+    core.handle_timeout(later);
+    assert!(connects(&mut core).is_empty());
+    assert!(!events(&mut core)
+        .iter()
+        .any(|e| matches!(e, Event::Link(LinkEvent::Unreachable(_)))));
+    core.release(later);
+    assert_eq!(
+        core.poll_timeout(),
+        Some(later),
+        "the next round starts now"
+    );
+    core.handle_timeout(later);
+    assert_eq!(connects(&mut core).len(), 1);
+}
