@@ -25,7 +25,10 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2: a `Deliver` frame's head is a fixed-width binary index
+/// ([`encode_deliver`]) instead of CBOR.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The default maximum frame content length, in bytes.
 pub const FRAME_LEN_MAX_DEFAULT: usize = 1 << 20;
@@ -919,18 +922,7 @@ pub fn decode_server(content: Bytes) -> Result<ServerFrame, DecodeError> {
     Ok(match k {
         kind::WELCOME => ServerFrame::Welcome(no_body(k, split(k, &content)?)?),
         kind::DELIVER => {
-            let (head, body): (DeliverHead, Bytes) = split(k, &content)?;
-            let need: usize = head
-                .msgs
-                .iter()
-                .map(|e| usize::from(e.3) + e.4 as usize)
-                .sum();
-            if need != body.len() {
-                return Err(DecodeError::Malformed {
-                    kind: k,
-                    reason: format!("entries need {need} body bytes, body has {}", body.len()),
-                });
-            }
+            let (head, body) = decode_deliver(&content)?;
             ServerFrame::Deliver(head, body)
         }
         kind::PUB_ACK => ServerFrame::PubAck(no_body(k, split(k, &content)?)?),
@@ -987,7 +979,7 @@ pub fn encode_client(frame: &ClientFrame) -> Bytes {
 pub fn encode_server(frame: &ServerFrame) -> Bytes {
     match frame {
         ServerFrame::Welcome(h) => encode(kind::WELCOME, h, &[]),
-        ServerFrame::Deliver(h, body) => encode(kind::DELIVER, h, body),
+        ServerFrame::Deliver(h, body) => encode_deliver(h, body),
         ServerFrame::PubAck(h) => encode(kind::PUB_ACK, h, &[]),
         ServerFrame::Subscribed(h) => encode(kind::SUBSCRIBED, h, &[]),
         ServerFrame::Unsubscribed(h) => encode(kind::UNSUBSCRIBED, h, &[]),
@@ -1001,6 +993,120 @@ pub fn encode_server(frame: &ServerFrame) -> Bytes {
         ServerFrame::Diverged(h) => encode(kind::DIVERGED, h, &[]),
         ServerFrame::Reply(h, body) => encode(kind::REPLY, h, body),
     }
+}
+
+/// Bytes of one entry of a `Deliver` frame's index: seq, publisher and
+/// pub_seq (u64 each), topic and payload lengths (u16, u32).
+pub const DELIVER_ENTRY_LEN: usize = 30;
+/// Bytes before a `Deliver` frame's index: kind, flags, count (u32).
+const DELIVER_FIXED_LEN: usize = 6;
+/// `Deliver` flags: a running hash follows the count.
+const DELIVER_HASH: u8 = 1;
+/// `Deliver` flags: a stable seq follows (the hash, if any, then it).
+const DELIVER_STABLE: u8 = 2;
+
+/// Encodes a `Deliver` frame, length prefix included (PROTOCOL.md,
+/// "Deliver"): `0x82`, flags, the entry count (u32), the hash and stable
+/// seq if flagged (u64 each), one fixed-width entry per message, then the
+/// topics and payloads. Integers little-endian.
+pub fn encode_deliver(head: &DeliverHead, body: &[u8]) -> Bytes {
+    let index = DELIVER_FIXED_LEN + 16 + head.msgs.len() * DELIVER_ENTRY_LEN;
+    let mut buf = BytesMut::with_capacity(4 + index + body.len());
+    buf.put_u32(0);
+    buf.put_u8(kind::DELIVER);
+    let flags = u8::from(head.hash.is_some()) * DELIVER_HASH
+        + u8::from(head.stable.is_some()) * DELIVER_STABLE;
+    buf.put_u8(flags);
+    buf.put_u32_le(
+        u32::try_from(head.msgs.len()).expect("invariant: a frame holds far fewer messages"),
+    );
+    if let Some(hash) = head.hash {
+        buf.put_u64_le(hash);
+    }
+    if let Some(stable) = head.stable {
+        buf.put_u64_le(stable.0);
+    }
+    for e in &head.msgs {
+        buf.put_u64_le(e.0 .0);
+        buf.put_u64_le(e.1 .0);
+        buf.put_u64_le(e.2 .0);
+        buf.put_u16_le(e.3);
+        buf.put_u32_le(e.4);
+    }
+    buf.extend_from_slice(body);
+    let len = u32::try_from(buf.len() - 4)
+        .expect("invariant: frames are bounded far below 4 GiB by frame_len_max");
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+/// Reads a `Deliver` frame's content by slicing (no general decoder):
+/// the index, then the body, which must hold exactly what the entries say.
+fn decode_deliver(content: &Bytes) -> Result<(DeliverHead, Bytes), DecodeError> {
+    let bad = |reason: String| DecodeError::Malformed {
+        kind: kind::DELIVER,
+        reason,
+    };
+    let fixed = content.get(..DELIVER_FIXED_LEN).ok_or_else(|| {
+        bad(format!(
+            "{} bytes, shorter than the index head",
+            content.len()
+        ))
+    })?;
+    let flags = fixed[1];
+    if flags & !(DELIVER_HASH | DELIVER_STABLE) != 0 {
+        return Err(bad(format!("unknown flags {flags:#04x}")));
+    }
+    let count = u32::from_le_bytes([fixed[2], fixed[3], fixed[4], fixed[5]]) as usize;
+    let mut at = DELIVER_FIXED_LEN;
+    let mut word = |what: &str| -> Result<u64, DecodeError> {
+        let bytes = content
+            .get(at..at + 8)
+            .ok_or_else(|| bad(format!("cut short before its {what}")))?;
+        at += 8;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("eight bytes")))
+    };
+    let hash = match flags & DELIVER_HASH {
+        0 => None,
+        _ => Some(word("hash")?),
+    };
+    let stable = match flags & DELIVER_STABLE {
+        0 => None,
+        _ => Some(Seq(word("stable seq")?)),
+    };
+    let index_len = count
+        .checked_mul(DELIVER_ENTRY_LEN)
+        .filter(|n| at + n <= content.len())
+        .ok_or_else(|| {
+            bad(format!(
+                "an index of {count} entries does not fit in {} bytes",
+                content.len()
+            ))
+        })?;
+    let index = &content[at..at + index_len];
+    let mut msgs = Vec::with_capacity(count);
+    let mut need = 0u64;
+    for e in index.chunks_exact(DELIVER_ENTRY_LEN) {
+        let u64_at = |i: usize| u64::from_le_bytes(e[i..i + 8].try_into().expect("eight bytes"));
+        let topic_len = u16::from_le_bytes([e[24], e[25]]);
+        let payload_len = u32::from_le_bytes([e[26], e[27], e[28], e[29]]);
+        need += u64::from(topic_len) + u64::from(payload_len);
+        msgs.push(DeliverEntry(
+            Seq(u64_at(0)),
+            PublisherId(u64_at(8)),
+            PubSeq(u64_at(16)),
+            topic_len,
+            payload_len,
+        ));
+    }
+    let body = content.slice(at + index_len..);
+    if need != body.len() as u64 {
+        return Err(bad(format!(
+            "entries need {need} body bytes, body has {}",
+            body.len()
+        )));
+    }
+    Ok((DeliverHead { msgs, hash, stable }, body))
 }
 
 /// Builds one `Deliver` frame from many messages, reusing its buffers.
@@ -1064,7 +1170,7 @@ impl DeliverBuilder {
     pub fn finish_with(&mut self, hash: Option<u64>, stable: Option<Seq>) -> Bytes {
         self.head.hash = hash;
         self.head.stable = stable;
-        let frame = encode(kind::DELIVER, &self.head, &self.body);
+        let frame = encode_deliver(&self.head, &self.body);
         self.head.msgs.clear();
         self.body.clear();
         frame
@@ -1207,6 +1313,74 @@ pub fn messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Deliver frame's content as the wire carries it (no prefix).
+    fn deliver_content(head: &DeliverHead, body: &[u8]) -> Bytes {
+        encode_deliver(head, body).slice(4..)
+    }
+
+    #[test]
+    fn the_delivery_index_round_trips_with_and_without_hash_and_stable() {
+        for (hash, stable) in [
+            (None, None),
+            (Some(7), None),
+            (None, Some(Seq(3))),
+            (Some(u64::MAX), Some(Seq(u64::MAX))),
+        ] {
+            let head = DeliverHead {
+                msgs: vec![
+                    DeliverEntry(Seq(1), PublisherId(u64::MAX), PubSeq(9), 3, 2),
+                    DeliverEntry(Seq(2), PublisherId(1), PubSeq(10), 1, 0),
+                ],
+                hash,
+                stable,
+            };
+            let content = deliver_content(&head, b"a.bxyc");
+            match decode_server(content) {
+                Ok(ServerFrame::Deliver(got, body)) => {
+                    assert_eq!(got, head);
+                    assert_eq!(&body[..], b"a.bxyc");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_delivery_indexes_are_refused_with_their_reason() {
+        let head = DeliverHead {
+            msgs: vec![DeliverEntry(Seq(1), PublisherId(1), PubSeq(1), 1, 2)],
+            hash: Some(5),
+            stable: None,
+        };
+        let good = deliver_content(&head, b"txy");
+        let reason = |content: Bytes| match decode_server(content) {
+            Err(DecodeError::Malformed {
+                kind: kind::DELIVER,
+                reason,
+            }) => reason,
+            other => panic!("expected a malformed Deliver, got {other:?}"),
+        };
+        // Short: before the count, before the hash, inside the index.
+        assert!(reason(good.slice(..4)).contains("shorter than the index head"));
+        assert!(reason(good.slice(..10)).contains("before its hash"));
+        assert!(reason(good.slice(..20)).contains("does not fit"));
+        // A count whose index would run past the end (or overflow).
+        let mut huge = good.to_vec();
+        huge[2..6].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(reason(Bytes::from(huge)).contains("does not fit"));
+        // Lengths past the end of the body, and short of it: lengths are
+        // cumulative, so entries cannot overlap, and every byte is one
+        // entry's.
+        assert!(reason(good.slice(..good.len() - 1)).contains("need 3 body bytes, body has 2"));
+        let mut long = good.to_vec();
+        long.push(0);
+        assert!(reason(Bytes::from(long)).contains("need 3 body bytes, body has 4"));
+        // Flags this version does not know.
+        let mut flags = good.to_vec();
+        flags[1] |= 0x80;
+        assert!(reason(Bytes::from(flags)).contains("unknown flags"));
+    }
 
     fn content(frame: Bytes) -> Bytes {
         frame.slice(4..)
