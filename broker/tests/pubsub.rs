@@ -485,3 +485,42 @@ async fn publishing_while_not_reading_a_full_subscription_does_not_deadlock() {
         .collect();
     assert_eq!(got, (0..N).collect::<Vec<_>>());
 }
+
+/// The batch API hands over whole delivery frames: every message once, in
+/// order, the stream and the batches mixed, many messages a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_carry_every_message_once_in_order() {
+    const N: usize = 2000;
+    let server = Server::start();
+    let reader = server.client().await;
+    let mut sub = reader.subscribe("b.>").await.expect("subscribe");
+    let publisher = server.client().await;
+    for i in 0..N {
+        drop(publisher.send("b.x", format!("{i}")).await.expect("send"));
+    }
+    publisher.flush().await.expect("flush");
+    let number = |m: &canopy_client::Message| -> usize {
+        String::from_utf8_lossy(&m.payload).parse().expect("number")
+    };
+    let mut got = Vec::with_capacity(N);
+    match within("the first", sub.next()).await {
+        Some(Event::Message(m)) => got.push(number(&m)),
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut largest = 0;
+    within("every batch", async {
+        while got.len() < N {
+            let batch = sub.next_batch().await.expect("a batch");
+            largest = largest.max(batch.len());
+            for e in batch {
+                match e {
+                    Event::Message(m) => got.push(number(&m)),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    assert!(largest > 1, "messages come many a batch");
+}

@@ -477,6 +477,30 @@ impl Stream for Subscription {
     }
 }
 
+impl Subscription {
+    /// The next events as they arrived: a delivery frame's messages (and
+    /// the notices among them) at once, for consumers that want to handle
+    /// many at a time. Events the [`Stream`] side left of a batch come
+    /// first. `None` once the client is closed.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut prices: canopy_client::Subscription) {
+    /// while let Some(batch) = prices.next_batch().await {
+    ///     for event in batch {
+    ///         // ...
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn next_batch(&mut self) -> Option<Vec<Event>> {
+        let rest: Vec<Event> = std::mem::take(&mut self.current).collect();
+        if !rest.is_empty() {
+            return Some(rest);
+        }
+        self.events.next().await
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Unsubscribe { id: self.id });
