@@ -343,7 +343,7 @@ pub enum Role {
     Client,
     /// A relay of a lower tier: subscribes to the whole stream and forwards
     /// its own clients' publishes, each under that client's publisher id
-    /// ([`PublishHead::publisher`]).
+    /// ([`Publish::publisher`]).
     Relay,
 }
 
@@ -393,21 +393,6 @@ pub fn chain(prev: u64, seq: Seq, publisher: PublisherId, pub_seq: PubSeq) -> u6
 pub struct SubscribeHead {
     /// The pattern.
     pub pattern: String,
-}
-
-/// The head of a publish frame; the body holds `topic_len` bytes of topic
-/// (UTF-8), then the payload. The topic travels in the body, like a
-/// delivery's, so that neither side allocates a string per message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PublishHead {
-    /// This publisher's sequence number for the message.
-    pub pub_seq: PubSeq,
-    /// Bytes of topic at the start of the body.
-    pub topic_len: u16,
-    /// From a relay only: the publisher the relay forwards this publish
-    /// for. Absent, the publish is the connection's own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub publisher: Option<PublisherId>,
 }
 
 /// Client to server: a decoded publish.
@@ -461,15 +446,74 @@ pub fn encode_forward(
     pub_seq: PubSeq,
     payload: &[u8],
 ) -> Bytes {
-    let head = PublishHead {
-        pub_seq,
-        topic_len: u16::try_from(topic.len())
-            .expect("invariant: topics are validated to TOPIC_LEN_MAX"),
-        publisher,
-    };
-    let mut buf = BytesMut::with_capacity(32 + topic.len() + payload.len());
-    encode_parts(&mut buf, kind::PUBLISH, &head, &[topic.as_bytes(), payload]);
+    let topic_len =
+        u16::try_from(topic.len()).expect("invariant: topics are validated to TOPIC_LEN_MAX");
+    let mut buf = BytesMut::with_capacity(4 + PUBLISH_FIXED_LEN + 8 + topic.len() + payload.len());
+    buf.put_u32(0);
+    buf.put_u8(kind::PUBLISH);
+    buf.put_u8(u8::from(publisher.is_some()) * PUBLISH_FOR);
+    buf.put_u64_le(pub_seq.0);
+    buf.put_u16_le(topic_len);
+    if let Some(p) = publisher {
+        buf.put_u64_le(p.0);
+    }
+    buf.extend_from_slice(topic.as_bytes());
+    buf.extend_from_slice(payload);
+    let len = u32::try_from(buf.len() - 4)
+        .expect("invariant: frames are bounded far below 4 GiB by frame_len_max");
+    buf[..4].copy_from_slice(&len.to_be_bytes());
     buf.freeze()
+}
+
+/// Bytes of a `Publish` frame before its optional publisher: kind, flags,
+/// pub_seq (u64), topic length (u16).
+const PUBLISH_FIXED_LEN: usize = 12;
+/// `Publish` flags: the publisher a relay forwards for follows (u64).
+const PUBLISH_FOR: u8 = 1;
+
+/// Reads a `Publish` frame's content by slicing (PROTOCOL.md, "Publish").
+fn decode_publish(content: &Bytes) -> Result<Publish, DecodeError> {
+    let bad = |reason: String| DecodeError::Malformed {
+        kind: kind::PUBLISH,
+        reason,
+    };
+    let fixed = content
+        .get(..PUBLISH_FIXED_LEN)
+        .ok_or_else(|| bad(format!("{} bytes, shorter than the head", content.len())))?;
+    let flags = fixed[1];
+    if flags & !PUBLISH_FOR != 0 {
+        return Err(bad(format!("unknown flags {flags:#04x}")));
+    }
+    let pub_seq = PubSeq(u64::from_le_bytes(
+        fixed[2..10].try_into().expect("eight bytes"),
+    ));
+    let n = usize::from(u16::from_le_bytes([fixed[10], fixed[11]]));
+    let mut at = PUBLISH_FIXED_LEN;
+    let publisher = match flags & PUBLISH_FOR {
+        0 => None,
+        _ => {
+            let bytes = content
+                .get(at..at + 8)
+                .ok_or_else(|| bad("cut short before its publisher".into()))?;
+            at += 8;
+            Some(PublisherId(u64::from_le_bytes(
+                bytes.try_into().expect("eight bytes"),
+            )))
+        }
+    };
+    let body = content.slice(at..);
+    if n > body.len() {
+        return Err(bad("topic_len runs past the body".into()));
+    }
+    if std::str::from_utf8(&body[..n]).is_err() {
+        return Err(bad("topic is not UTF-8".into()));
+    }
+    Ok(Publish {
+        pub_seq,
+        publisher,
+        topic: body.slice(..n),
+        payload: body.slice(n..),
+    })
 }
 
 /// Either way: ping or pong.
@@ -885,26 +929,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         kind::HELLO => ClientFrame::Hello(no_body(k, split(k, &content)?)?),
         kind::SUBSCRIBE => ClientFrame::Subscribe(no_body(k, split(k, &content)?)?),
         kind::UNSUBSCRIBE => ClientFrame::Unsubscribe(no_body(k, split(k, &content)?)?),
-        kind::PUBLISH => {
-            let (head, body): (PublishHead, Bytes) = split(k, &content)?;
-            let n = usize::from(head.topic_len);
-            let bad = |reason: &str| DecodeError::Malformed {
-                kind: k,
-                reason: reason.to_owned(),
-            };
-            if n > body.len() {
-                return Err(bad("topic_len runs past the body"));
-            }
-            if std::str::from_utf8(&body[..n]).is_err() {
-                return Err(bad("topic is not UTF-8"));
-            }
-            ClientFrame::Publish(Publish {
-                pub_seq: head.pub_seq,
-                publisher: head.publisher,
-                topic: body.slice(..n),
-                payload: body.slice(n..),
-            })
-        }
+        kind::PUBLISH => ClientFrame::Publish(decode_publish(&content)?),
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
         kind::ASK => ClientFrame::Ask(no_body(k, split(k, &content)?)?),
@@ -1344,6 +1369,38 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_publish_round_trips_and_malformed_heads_are_refused_with_their_reason() {
+        for publisher in [None, Some(PublisherId(u64::MAX))] {
+            let frame = encode_forward(publisher, "md.x", PubSeq(42), b"payload");
+            match decode_client(frame.slice(4..)) {
+                Ok(ClientFrame::Publish(p)) => {
+                    assert_eq!((p.pub_seq, p.publisher), (PubSeq(42), publisher));
+                    assert_eq!((p.topic(), &p.payload[..]), ("md.x", &b"payload"[..]));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let good = encode_forward(Some(PublisherId(1)), "t", PubSeq(1), b"").slice(4..);
+        let reason = |content: Bytes| match decode_client(content) {
+            Err(DecodeError::Malformed {
+                kind: kind::PUBLISH,
+                reason,
+            }) => reason,
+            other => panic!("expected a malformed Publish, got {other:?}"),
+        };
+        assert!(reason(good.slice(..11)).contains("shorter than the head"));
+        assert!(reason(good.slice(..15)).contains("before its publisher"));
+        assert!(reason(good.slice(..20)).contains("topic_len runs past the body"));
+        let mut flags = good.to_vec();
+        flags[1] = 0x02;
+        assert!(reason(Bytes::from(flags)).contains("unknown flags"));
+        let mut not_utf8 = good.to_vec();
+        let last = not_utf8.len() - 1;
+        not_utf8[last] = 0xff;
+        assert!(reason(Bytes::from(not_utf8)).contains("not UTF-8"));
     }
 
     #[test]
