@@ -7,11 +7,11 @@
 mod common;
 
 use bytes::Bytes;
-use common::{heartbeat, record as frame, within, Cluster, LinkHello};
+use common::{closed_by_the_server, heartbeat, record as frame, within, Cluster, LinkHello};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
@@ -26,25 +26,6 @@ struct LinkChallenge {
 #[derive(Serialize, Deserialize, Debug)]
 struct LinkAnswer {
     proof: Bytes,
-}
-
-/// Waits until the other end closes `stream`; fails if it sends anything
-/// more than `allowed` bytes first.
-async fn closed_by_the_server(stream: &mut TcpStream, allowed: usize) {
-    let mut seen = 0;
-    let mut buf = [0u8; 4096];
-    within("the server closes the connection", async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    seen += n;
-                    assert!(seen <= allowed, "the server sent {seen} bytes to a rogue");
-                }
-            }
-        }
-    })
-    .await;
 }
 
 /// The core still orders and delivers.

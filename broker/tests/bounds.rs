@@ -6,7 +6,7 @@
 
 mod common;
 
-use canopy_client::protocol::{ErrorCode, ServerFrame, SlowPolicy};
+use canopy_client::protocol::{ErrorCode, SlowPolicy};
 use common::{take_messages, within, Raw, Server};
 use std::time::Duration;
 
@@ -54,28 +54,7 @@ async fn a_conflating_subscriber_past_its_byte_bound_is_told_of_gaps_and_stays()
     let mut slow = Raw::connect_small(&server.addr).await;
     slow.hello(1, &["s.>"], SlowPolicy::Conflate).await;
     publish_all(&server).await;
-    let (mut covered, mut gaps) = (0u64, 0);
-    while covered < N as u64 {
-        match slow.next().await {
-            Some(ServerFrame::Deliver(head, _)) => {
-                for e in head.msgs {
-                    assert_eq!(
-                        e.0 .0,
-                        covered + 1,
-                        "deliveries go on after what was covered"
-                    );
-                    covered = e.0 .0;
-                }
-            }
-            Some(ServerFrame::Gap(g)) => {
-                assert_eq!(g.from.0, covered + 1, "a gap starts after what was covered");
-                covered = g.to.0;
-                gaps += 1;
-            }
-            Some(ServerFrame::Watermark(_)) => {}
-            other => panic!("unexpected {other:?} at {covered}"),
-        }
-    }
+    let gaps = slow.covered_through(N as u64).await;
     assert!(gaps > 0, "the stalled subscriber was told of a gap");
 }
 

@@ -332,33 +332,7 @@ async fn conflating_subscriber_gets_gap_notices_instead_of_a_cut() {
             .expect("publish");
     }
     // Everything up to N is accounted for by deliveries or gap notices.
-    let mut covered = 0u64;
-    let mut gaps = 0;
-    while covered < N {
-        match slow.next().await {
-            Some(ServerFrame::Deliver(head, _)) => {
-                for e in head.msgs {
-                    assert_eq!(
-                        e.0 .0,
-                        covered + 1,
-                        "deliveries continue right after what was covered"
-                    );
-                    covered = e.0 .0;
-                }
-            }
-            Some(ServerFrame::Gap(g)) => {
-                assert_eq!(
-                    g.from.0,
-                    covered + 1,
-                    "a gap starts right after what was covered"
-                );
-                covered = g.to.0;
-                gaps += 1;
-            }
-            Some(ServerFrame::Watermark(_)) => {}
-            other => panic!("unexpected {other:?} at {covered}"),
-        }
-    }
+    let gaps = slow.covered_through(N).await;
     assert!(gaps > 0, "the stalled subscriber was told of a gap");
     // The session is still alive and keeps receiving.
     slow.send(ClientFrame::Ping(canopy_client::protocol::PingHead {

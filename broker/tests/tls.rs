@@ -11,12 +11,12 @@ mod common;
 
 use canopy_client::tls::{Identity, TlsConnector};
 use canopy_client::{Client, ClientOptions, Error, Event};
-use common::{within, Cluster, LinkHello, Server, Tree};
+use common::{closed_by_the_server, within, Cluster, LinkHello, Server, Tree};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// A fresh folder of development certificates made by `canopy certs`,
 /// with client certificates for `users`.
@@ -212,25 +212,6 @@ async fn a_client_with_the_trees_ca_and_certificate_is_served_and_every_other_is
         }
         other => panic!("an unmapped certificate: {:?}", other.map(|_| ())),
     }
-}
-
-/// Waits until the other end closes `stream`, reading at most `allowed`
-/// bytes (a TLS alert) first.
-async fn closed_by_the_server<S: AsyncReadExt + Unpin>(stream: &mut S, allowed: usize) {
-    let mut seen = 0;
-    let mut buf = [0u8; 4096];
-    within("the server closes the connection", async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    seen += n;
-                    assert!(seen <= allowed, "the server sent {seen} bytes to a rogue");
-                }
-            }
-        }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

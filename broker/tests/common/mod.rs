@@ -837,3 +837,53 @@ pub fn record<T: serde::Serialize>(record: &T) -> Vec<u8> {
     out.extend(body);
     out
 }
+
+/// Waits until the other end closes `stream`; fails if it sends more than
+/// `allowed` bytes first (a TLS alert, say).
+pub async fn closed_by_the_server<S: AsyncReadExt + Unpin>(stream: &mut S, allowed: usize) {
+    let mut seen = 0;
+    let mut buf = [0u8; 4096];
+    within("the server closes the connection", async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    seen += n;
+                    assert!(seen <= allowed, "the server sent {seen} bytes to a rogue");
+                }
+            }
+        }
+    })
+    .await;
+}
+
+impl Raw {
+    /// Reads until every seq through `n` is accounted for by a delivery
+    /// or a gap notice, each right after what came before (a conflating
+    /// session's stream); returns the number of gap notices.
+    pub async fn covered_through(&mut self, n: u64) -> usize {
+        let (mut covered, mut gaps) = (0u64, 0);
+        while covered < n {
+            match self.next().await {
+                Some(ServerFrame::Deliver(head, _)) => {
+                    for e in head.msgs {
+                        assert_eq!(
+                            e.0 .0,
+                            covered + 1,
+                            "deliveries go on after what was covered"
+                        );
+                        covered = e.0 .0;
+                    }
+                }
+                Some(ServerFrame::Gap(g)) => {
+                    assert_eq!(g.from.0, covered + 1, "a gap starts after what was covered");
+                    covered = g.to.0;
+                    gaps += 1;
+                }
+                Some(ServerFrame::Watermark(_)) => {}
+                other => panic!("unexpected {other:?} at {covered}"),
+            }
+        }
+        gaps
+    }
+}
