@@ -14,7 +14,7 @@
 //! The runs are meant to be compared with each other: the fast
 //! subscribers' p99 with slow readers beside them over the run without.
 
-use crate::scale::{canopy_exe, publish_paced, tree_runtime};
+use crate::scale::{canopy_exe, memory, publish_paced, tree_runtime};
 use crate::Checker;
 use canopy_client::{Client, ClientOptions, Event, SlowPolicy};
 use clap::Parser;
@@ -184,19 +184,6 @@ fn start_node(exe: &std::path::Path, args: &SlowArgs) -> anyhow::Result<Node> {
         .map(str::to_owned)
         .ok_or_else(|| anyhow::anyhow!("unexpected second line from canopy serve"))?;
     Ok(Node { child, addr, http })
-}
-
-/// A process's resident memory now and at its peak, bytes.
-fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// The value of `name` in the node's `/metrics`.
