@@ -19,6 +19,8 @@ pub enum Kind {
     Tls,
     /// nats-server.
     Nats,
+    /// The bare fan-out server (the ceiling).
+    Bare,
 }
 
 impl Kind {
@@ -29,6 +31,7 @@ impl Kind {
             Kind::Core => "core3",
             Kind::Tls => "canopy-tls",
             Kind::Nats => "nats",
+            Kind::Bare => "bare",
         }
     }
 }
@@ -43,6 +46,8 @@ pub enum Broker {
     Core(Vec<InProcess>),
     /// A `nats-server` child process.
     Nats { addr: String, child: Child },
+    /// The bare fan-out server.
+    Bare(crate::bare::BareServer),
 }
 
 impl Broker {
@@ -67,6 +72,7 @@ impl Broker {
                 },
             )?)),
             (Kind::Nats, _, None) => start_nats(),
+            (Kind::Bare, _, _) => Ok(Broker::Bare(crate::bare::BareServer::start()?)),
         }
     }
 
@@ -83,6 +89,7 @@ impl Broker {
     pub fn addrs(&self, i: usize) -> Vec<String> {
         match self {
             Broker::External(a) | Broker::Nats { addr: a, .. } => vec![a.clone()],
+            Broker::Bare(b) => vec![b.addr.clone()],
             Broker::Canopy(c) => vec![c.addr.clone()],
             Broker::Core(servers) => {
                 let n = servers.len();
@@ -95,7 +102,7 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         match self {
-            Broker::External(_) | Broker::Canopy(_) | Broker::Core(_) => {}
+            Broker::External(_) | Broker::Canopy(_) | Broker::Core(_) | Broker::Bare(_) => {}
             Broker::Nats { child, .. } => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -312,6 +319,8 @@ pub enum Publisher {
     Canopy(canopy_client::Client),
     /// async-nats.
     Nats(async_nats::Client),
+    /// The bare fan-out server's client.
+    Bare(crate::bare::BarePublisher),
 }
 
 /// Development certificates for the TLS runs (made once per bench
@@ -368,6 +377,7 @@ impl Publisher {
                 Publisher::Canopy(canopy_client::Client::connect(o).await?)
             }
             Kind::Nats => Publisher::Nats(async_nats::connect(addrs[0].as_str()).await?),
+            Kind::Bare => Publisher::Bare(crate::bare::BarePublisher::connect(&addrs[0]).await?),
         })
     }
 
@@ -376,6 +386,7 @@ impl Publisher {
         match self {
             Publisher::Canopy(c) => drop(c.send(TOPIC, payload).await?),
             Publisher::Nats(c) => c.publish(TOPIC, Bytes::from(payload)).await?,
+            Publisher::Bare(c) => c.send(&payload).await?,
         }
         Ok(())
     }
@@ -386,6 +397,7 @@ impl Publisher {
         match self {
             Publisher::Canopy(c) => c.flush().await?,
             Publisher::Nats(c) => c.flush().await?,
+            Publisher::Bare(c) => c.flush().await?,
         }
         Ok(())
     }
@@ -422,6 +434,7 @@ pub async fn subscribe(
             client.flush().await?;
             (sub.map(|m| m.payload).boxed(), Box::new(client))
         }
+        Kind::Bare => (crate::bare::subscribe(&addrs[0]).await?, Box::new(())),
     })
 }
 

@@ -21,6 +21,7 @@
 //! running server with `--addr`) and against `nats-server` (started from
 //! PATH, or a running one with `--nats-addr`), in the same process and run.
 
+mod bare;
 mod brokers;
 mod failover;
 mod harness;
@@ -78,6 +79,9 @@ pub enum Target {
     /// Canopy as one node over plain TCP and over TLS (development
     /// certificates), interleaved: the cost of TLS.
     Tls,
+    /// Canopy as one node and as a 3-server core, nats-server, and the
+    /// bare fan-out server (the machine's ceiling), interleaved.
+    All,
 }
 
 /// Whether Canopy runs with its dashboard open.
@@ -349,7 +353,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if matches!(args.broker, Target::Core) {
+    if matches!(args.broker, Target::Core | Target::All) {
         configs.push((brokers::Kind::Canopy, false));
         configs.push((brokers::Kind::Core, false));
     }
@@ -357,8 +361,11 @@ fn main() -> anyhow::Result<()> {
         configs.push((brokers::Kind::Canopy, false));
         configs.push((brokers::Kind::Tls, false));
     }
-    if matches!(args.broker, Target::Nats | Target::Both) {
+    if matches!(args.broker, Target::Nats | Target::Both | Target::All) {
         configs.push((brokers::Kind::Nats, false));
+    }
+    if matches!(args.broker, Target::All) {
+        configs.push((brokers::Kind::Bare, false));
     }
     let mut results = Vec::new();
     for &subs in &args.subs {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod launcher;
+pub mod maps;
 pub mod runtime;
 pub mod services;
 #[cfg(test)]

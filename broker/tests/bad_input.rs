@@ -146,6 +146,18 @@ async fn an_invalid_topic_is_rejected() {
 }
 
 #[tokio::test]
+async fn a_topic_that_is_not_utf8_is_rejected() {
+    // The frame decodes; the node checks the topic's text (once per
+    // distinct topic) and refuses it.
+    let mut bad = protocol::encode_client(&publish("ok.xx", 2, b"x")).to_vec();
+    // Length prefix, kind, flags, pub_seq and topic_len come first.
+    let topic_at = 4 + 1 + 1 + 8 + 2;
+    assert_eq!(&bad[topic_at..topic_at + 5], b"ok.xx");
+    bad[topic_at + 3] = 0xff;
+    bad_input_case(Before::HelloAndPublish, &bad, ErrorCode::InvalidTopic).await;
+}
+
+#[tokio::test]
 async fn an_invalid_pattern_is_rejected() {
     let bad = protocol::encode_client(&ClientFrame::Subscribe(SubscribeHead {
         pattern: "ok.>.x".into(),

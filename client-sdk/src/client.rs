@@ -17,6 +17,7 @@
 //! decoded once, its payloads are slices of the received buffer, and the
 //! batch travels to the [`Subscription`] in one channel send.
 
+use crate::acks::Acks;
 use crate::core::{
     Action, ClientCore, Event as CoreEvent, FirstOrder, Joined, LinkConfig, LinkEvent,
 };
@@ -182,7 +183,8 @@ enum Command {
     Publish {
         topic: Topic,
         payload: Bytes,
-        ack: oneshot::Sender<Result<PubSeq, Error>>,
+        /// Its slot in [`Acks`].
+        ack: usize,
     },
     Subscribe {
         pattern: Pattern,
@@ -217,6 +219,10 @@ enum Command {
 pub struct Client {
     commands: flume::Sender<Command>,
     window: Arc<Semaphore>,
+    acks: Arc<Acks>,
+    /// The topic of the last publish, validated once for a run of
+    /// publishes to it.
+    last_topic: Arc<std::sync::Mutex<Option<Topic>>>,
     next_sub: Arc<std::sync::atomic::AtomicU64>,
     payload_max: usize,
     publisher: PublisherId,
@@ -240,13 +246,16 @@ impl Client {
             .publisher
             .unwrap_or_else(|| PublisherId(rand::random()));
         let window = Arc::new(Semaphore::new(options.window.max(1)));
-        let (mut driver, commands) = Driver::new(&options, publisher, window.clone());
+        let acks = Arc::new(Acks::default());
+        let (mut driver, commands) = Driver::new(&options, publisher, window.clone(), acks.clone());
         let frame_len_max = driver.connect().await?;
         let payload_max = (frame_len_max as usize).saturating_sub(512);
         tokio::spawn(driver.run());
         Ok(Client {
             commands,
             window,
+            acks,
+            last_topic: Arc::default(),
             next_sub: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             payload_max,
             publisher,
@@ -277,7 +286,7 @@ impl Client {
     /// # Errors
     /// As [`Client::publish`].
     pub async fn send(&self, topic: &str, payload: impl Into<Bytes>) -> Result<PendingAck, Error> {
-        let topic = Topic::new(topic)?;
+        let topic = self.topic(topic)?;
         let payload = payload.into();
         if payload.len() > self.payload_max {
             return Err(Error::PayloadTooLarge {
@@ -288,7 +297,11 @@ impl Client {
         let permit = self.window.acquire().await.map_err(|_| Error::Closed)?;
         // The driver returns the permit when the publish is acknowledged.
         permit.forget();
-        let (ack, rx) = oneshot::channel();
+        let ack = self.acks.take()?;
+        let pending = PendingAck {
+            slot: Some(ack),
+            acks: self.acks.clone(),
+        };
         self.commands
             .send(Command::Publish {
                 topic,
@@ -296,7 +309,23 @@ impl Client {
                 ack,
             })
             .map_err(|_| Error::Closed)?;
-        Ok(PendingAck(rx))
+        Ok(pending)
+    }
+
+    /// `topic` validated, or the last one published to when it is the same.
+    fn topic(&self, topic: &str) -> Result<Topic, Error> {
+        let mut last = self
+            .last_topic
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*last {
+            Some(t) if t.as_str() == topic => Ok(t.clone()),
+            _ => {
+                let t = Topic::new(topic)?;
+                *last = Some(t.clone());
+                Ok(t)
+            }
+        }
     }
 
     /// Calls `method` of the core's replicated service and waits for its
@@ -440,15 +469,33 @@ impl Client {
 }
 
 /// The acknowledgement of one publish; resolves to its publisher sequence number.
-pub struct PendingAck(oneshot::Receiver<Result<PubSeq, Error>>);
+/// Awaiting it is optional: dropped, it costs nothing more.
+pub struct PendingAck {
+    /// Its slot in `acks`, until the outcome was read.
+    slot: Option<usize>,
+    acks: Arc<Acks>,
+}
 
 impl Future for PendingAck {
     type Output = Result<PubSeq, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(Error::Closed)))
+        let Some(slot) = self.slot else {
+            return Poll::Ready(Err(Error::Closed));
+        };
+        let outcome = self.acks.poll(slot, cx);
+        if outcome.is_ready() {
+            self.slot = None;
+        }
+        outcome
+    }
+}
+
+impl Drop for PendingAck {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            self.acks.release(slot);
+        }
     }
 }
 
@@ -543,8 +590,10 @@ struct Driver {
     commands: flume::Receiver<Command>,
     window: Arc<Semaphore>,
     subscription_batches_max: usize,
-    /// Acknowledgements awaited, in pub_seq order.
-    acks: VecDeque<(PubSeq, oneshot::Sender<Result<PubSeq, Error>>)>,
+    /// Publishes not acknowledged, in pub_seq order, with their slots in
+    /// `ack_slots`.
+    acks: VecDeque<(PubSeq, usize)>,
+    ack_slots: Arc<Acks>,
     flushes: Vec<(PubSeq, oneshot::Sender<Result<(), Error>>)>,
     /// Replies awaited, by the call's pub_seq.
     calls: std::collections::HashMap<PubSeq, oneshot::Sender<Result<Bytes, Error>>>,
@@ -566,6 +615,7 @@ impl Driver {
         options: &ClientOptions,
         publisher: PublisherId,
         window: Arc<Semaphore>,
+        ack_slots: Arc<Acks>,
     ) -> (Self, flume::Sender<Command>) {
         let config = LinkConfig {
             name: options.name.clone(),
@@ -589,6 +639,7 @@ impl Driver {
             window,
             subscription_batches_max: options.subscription_batches_max.max(1),
             acks: VecDeque::new(),
+            ack_slots,
             flushes: Vec::new(),
             calls: std::collections::HashMap::new(),
             subs: Vec::new(),
@@ -803,7 +854,7 @@ impl Driver {
                     "publish to",
                     topic.as_str(),
                 ) {
-                    let _ = ack.send(Err(why));
+                    self.ack_slots.settle(ack, Err(why));
                     return;
                 }
                 let pub_seq = self.core.publish(topic.as_str(), &payload);
@@ -945,14 +996,13 @@ impl Driver {
 
     /// Everything up to `through` is acknowledged.
     fn acknowledge(&mut self, through: PubSeq) {
-        let mut released = 0;
-        while self.acks.front().is_some_and(|(p, _)| *p <= through) {
-            if let Some((pub_seq, ack)) = self.acks.pop_front() {
-                let _ = ack.send(Ok(pub_seq));
-                released += 1;
-            }
-        }
-        self.window.add_permits(released);
+        let done = self.acks.partition_point(|(p, _)| *p <= through);
+        self.ack_slots.settle_all(
+            self.acks
+                .drain(..done)
+                .map(|(pub_seq, slot)| (slot, pub_seq)),
+        );
+        self.window.add_permits(done);
         // A flush is done when nothing at or before its target is unacknowledged.
         let oldest = self.acks.front().map(|(p, _)| *p);
         let mut i = 0;
@@ -968,9 +1018,8 @@ impl Driver {
 
     fn fail(mut self, e: Error) {
         tracing::warn!(error = %e, "client stopped");
-        for (_, ack) in self.acks.drain(..) {
-            let _ = ack.send(Err(e.clone()));
-        }
+        self.acks.clear();
+        self.ack_slots.close(&e);
         for (_, done) in self.flushes.drain(..) {
             let _ = done.send(Err(e.clone()));
         }
@@ -981,6 +1030,14 @@ impl Driver {
             let _ = reply.send(Err(e.clone()));
         }
         self.window.close();
+    }
+}
+
+impl Drop for Driver {
+    /// However the driver ends (failed, every handle gone, its runtime shut
+    /// down), no publish waits for it any more.
+    fn drop(&mut self) {
+        self.ack_slots.close(&Error::Closed);
     }
 }
 

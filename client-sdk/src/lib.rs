@@ -34,6 +34,8 @@
 #![warn(missing_docs)]
 
 #[cfg(feature = "tokio")]
+mod acks;
+#[cfg(feature = "tokio")]
 mod client;
 pub mod core;
 mod error;

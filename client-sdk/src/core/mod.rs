@@ -132,6 +132,8 @@ pub struct ClientCore {
     /// The patterns of the open connection's Hello.
     in_hello: Vec<String>,
     unacked: VecDeque<Unacked>,
+    /// Publish frames are cut from here (one allocation for many).
+    arena: bytes::BytesMut,
     /// Calls not replied yet, by pub_seq.
     calls: BTreeSet<PubSeq>,
     /// Every publish through this one is acknowledged.
@@ -152,6 +154,7 @@ impl ClientCore {
             pending: Vec::new(),
             in_hello: Vec::new(),
             unacked: VecDeque::new(),
+            arena: bytes::BytesMut::new(),
             calls: BTreeSet::new(),
             acked: PubSeq(0),
             next_pub_seq: 1,
@@ -198,7 +201,7 @@ impl ClientCore {
     pub fn publish(&mut self, topic: &str, payload: &[u8]) -> PubSeq {
         let pub_seq = PubSeq(self.next_pub_seq);
         self.next_pub_seq = self.next_pub_seq.saturating_add(1);
-        let frame = protocol::encode_publish(topic, pub_seq, payload);
+        let frame = protocol::encode_forward_into(&mut self.arena, None, topic, pub_seq, payload);
         self.link.send(frame.clone());
         self.unacked.push_back(Unacked { pub_seq, frame });
         pub_seq

@@ -8,14 +8,13 @@
 //! messages). The cache is bounded by `cache_len_max` entries.
 
 use canopy_client::topic::{Pattern, Token};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::core::SessionId;
 
 #[derive(Default)]
 struct TrieNode {
-    literal: HashMap<Box<str>, TrieNode>,
+    literal: crate::maps::FastMap<Box<str>, TrieNode>,
     one: Option<Box<TrieNode>>,
     /// Sessions whose pattern ends here.
     here: Vec<SessionId>,
@@ -89,7 +88,7 @@ fn remove_from(v: &mut Vec<SessionId>, session: SessionId) -> bool {
 /// Maps patterns to sessions and topics to matching sessions.
 pub struct Index {
     root: TrieNode,
-    cache: HashMap<Arc<str>, Arc<[SessionId]>>,
+    cache: crate::maps::FastMap<Arc<str>, Arc<[SessionId]>>,
     cache_len_max: usize,
 }
 
@@ -98,7 +97,7 @@ impl Index {
     pub fn new(cache_len_max: usize) -> Self {
         Index {
             root: TrieNode::default(),
-            cache: HashMap::new(),
+            cache: crate::maps::FastMap::default(),
             cache_len_max,
         }
     }

@@ -2,7 +2,7 @@
 //! and bounded per-topic counters. Read by the runtime's snapshot for the
 //! dashboard; nothing here feeds back into protocol decisions.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,7 +80,7 @@ impl Journal {
 /// Messages and payload bytes published per topic.
 #[derive(Default)]
 pub struct TopicCounts {
-    counts: HashMap<Arc<str>, (u64, u64)>,
+    counts: crate::maps::FastMap<Arc<str>, (u64, u64)>,
     other: (u64, u64),
 }
 

@@ -12,6 +12,7 @@
 //! (docs/DESIGN.md, "Bounds").
 
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
+#[cfg(test)]
 use std::collections::HashMap;
 
 /// What the table knows of one publisher.
@@ -48,7 +49,7 @@ pub enum Next {
 /// Publishers' deduplication state, bounded.
 #[derive(Debug)]
 pub struct PublisherTable {
-    entries: HashMap<PublisherId, PubState>,
+    entries: crate::maps::FastMap<PublisherId, PubState>,
     /// Publishers kept at most (more while their messages are in flight).
     max: usize,
     /// Whether the table ever forgot a publisher (then an unknown
@@ -65,7 +66,7 @@ impl PublisherTable {
     /// An empty table of at most `max` publishers.
     pub fn new(max: usize) -> Self {
         PublisherTable {
-            entries: HashMap::new(),
+            entries: crate::maps::FastMap::default(),
             max,
             evicted_any: false,
             #[cfg(test)]

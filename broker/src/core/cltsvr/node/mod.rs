@@ -58,6 +58,7 @@ use crate::core::stream::{Msg, Ordered, Snapshot};
 use crate::core::timers::Timers;
 use crate::core::total::{Next, PubState, PublisherTable};
 use crate::core::SessionId;
+use crate::maps::{FastMap, FastSet};
 use bytes::Bytes;
 use canopy_client::protocol::{
     self, kind, DeliverBuilder, DivergedHead, ErrorCode, ErrorFrame, GapHead, Hello, MemberEntry,
@@ -66,7 +67,7 @@ use canopy_client::protocol::{
     WatermarkHead, Welcome,
 };
 use canopy_client::topic::{is_system, Pattern, Topic};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +91,23 @@ const REPLAY_RETRY: Duration = Duration::from_millis(10);
 
 /// Distinct topic texts kept for sharing at most.
 const TOPICS_INTERNED_MAX: usize = 65_536;
+
+/// An interned topic, found by its bytes: it hashes as `[u8]` does, so a
+/// publish's topic is looked up before its text is checked.
+#[derive(PartialEq, Eq)]
+struct Interned(Arc<str>);
+
+impl std::hash::Hash for Interned {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_bytes().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Interned {
+    fn borrow(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
 
 /// A publish accepted from a session, for the group to order.
 #[derive(Clone, Debug)]
@@ -215,7 +233,7 @@ struct SessionHello {
 /// The single-node state machine. See the module docs for how to drive it.
 pub struct Node {
     config: NodeConfig,
-    sessions: HashMap<SessionId, Session>,
+    sessions: FastMap<SessionId, Session>,
     /// Subscriptions of strong and of weak sessions.
     indexes: Indexes,
     /// What was delivered of each publisher (`core::total`'s table type).
@@ -239,8 +257,9 @@ pub struct Node {
     stats: Stats,
     journal: Journal,
     topics: TopicCounts,
-    /// Topic texts shared by every message on the topic.
-    topic_names: HashSet<Arc<str>>,
+    /// Topic texts shared by every message on the topic; a publish's topic
+    /// found here was checked already.
+    topic_names: FastSet<Interned>,
     /// Deliberate protocol bugs, off unless a test proving a checker turns
     /// one on.
     pub(crate) bugs: Bugs,
@@ -255,7 +274,7 @@ pub struct Node {
     submissions: Vec<Submission>,
     /// In a group: the session of each local publisher, to acknowledge its
     /// publishes when they come back ordered.
-    publisher_sessions: HashMap<PublisherId, SessionId>,
+    publisher_sessions: FastMap<PublisherId, SessionId>,
     /// The time of the latest input, for journal entries.
     now: Duration,
     /// The tree's membership, from the ordered stream.
@@ -351,7 +370,7 @@ impl Node {
                 weak: Index::new(4096),
             },
             retention: Retention::new(config.retention_count_max, config.retention_bytes_max),
-            sessions: HashMap::new(),
+            sessions: FastMap::default(),
             publishers: PublisherTable::new(config.publishers_max),
             head: Seq(0),
             pending: Vec::new(),
@@ -369,12 +388,12 @@ impl Node {
             stats: Stats::default(),
             journal: Journal::default(),
             topics: TopicCounts::default(),
-            topic_names: HashSet::new(),
+            topic_names: FastSet::default(),
             bugs: Bugs::default(),
             grouped: false,
             primary: true,
             submissions: Vec::new(),
-            publisher_sessions: HashMap::new(),
+            publisher_sessions: FastMap::default(),
             now,
             members: Members::new(config.members_max),
             own_pub_seq: PubSeq(0),
@@ -684,15 +703,30 @@ impl Node {
     /// The shared text of `topic`, allocated once per distinct topic while
     /// fewer than `TOPICS_INTERNED_MAX` are known (then the set starts over).
     fn intern(&mut self, topic: &str) -> Arc<str> {
-        if let Some(t) = self.topic_names.get(topic) {
-            return t.clone();
+        if let Some(t) = self.topic_names.get(topic.as_bytes()) {
+            return t.0.clone();
         }
+        self.insert_topic(Arc::from(topic))
+    }
+
+    fn insert_topic(&mut self, t: Arc<str>) -> Arc<str> {
         if self.topic_names.len() >= TOPICS_INTERNED_MAX {
             self.topic_names.clear();
         }
-        let t: Arc<str> = Arc::from(topic);
-        self.topic_names.insert(t.clone());
+        self.topic_names.insert(Interned(t.clone()));
         t
+    }
+
+    /// A publish's topic as shared text, or why it is not a topic a client
+    /// may send. Checked once per distinct topic (PROTOCOL.md, "Publish"):
+    /// a topic known here passed before.
+    fn checked_topic(&mut self, bytes: &[u8]) -> Result<Arc<str>, String> {
+        if let Some(t) = self.topic_names.get(bytes) {
+            return Ok(t.0.clone());
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| "the topic is not UTF-8".to_owned())?;
+        Topic::validate(text).map_err(|e| e.to_string())?;
+        Ok(self.insert_topic(Arc::from(text)))
     }
 
     fn control<H: serde::Serialize>(&mut self, session: SessionId, k: u8, head: &H) {

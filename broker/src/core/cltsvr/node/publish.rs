@@ -7,32 +7,26 @@ use crate::core::rrpc::CallId;
 
 impl Node {
     pub(super) fn on_publish(&mut self, session: SessionId, publish: Publish) {
-        if let Err(e) = Topic::validate(publish.topic()) {
-            return self.close_with_error(session, ErrorCode::InvalidTopic, e.to_string());
-        }
+        let topic = match self.checked_topic(publish.topic_bytes()) {
+            Ok(t) => t,
+            Err(why) => return self.close_with_error(session, ErrorCode::InvalidTopic, why),
+        };
         let relay = self
             .sessions
             .get(&session)
             .and_then(|s| s.hello.as_ref())
             .is_some_and(|h| h.role == Role::Relay);
         if let Some(limits) = self.limits_of(session) {
-            if !limits.may_publish(publish.topic()) {
+            if !limits.may_publish(&topic) {
                 // The SDK refuses it before it takes a pub_seq: this
                 // client went around it.
-                let msg = format!(
-                    "user `{}` may not publish or call `{}`",
-                    limits.user,
-                    publish.topic()
-                );
+                let msg = format!("user `{}` may not publish or call `{}`", limits.user, topic);
                 return self.close_with_error(session, ErrorCode::PermissionDenied, msg);
             }
         }
         // Relays carry their clients' membership events; anyone may call.
-        if is_system(publish.topic()) && !relay && !Self::is_call(publish.topic()) {
-            let msg = format!(
-                "`{}`: topics starting with `$` are the broker's own",
-                publish.topic()
-            );
+        if is_system(&topic) && !relay && !Self::is_call(&topic) {
+            let msg = format!("`{topic}`: topics starting with `$` are the broker's own");
             return self.close_with_error(session, ErrorCode::InvalidTopic, msg);
         }
         let Publish {
@@ -66,7 +60,7 @@ impl Node {
         }
         let state = self.publishers.get(publisher).copied();
         if self.grouped {
-            return self.submit(session, publisher, forwarded, state, publish);
+            return self.submit(session, publisher, forwarded, state, topic, publish);
         }
         let ack = match self.publishers.next(publisher, pub_seq) {
             Next::Retry(p) if !self.bugs.order_retries => {
@@ -78,7 +72,7 @@ impl Node {
                     seq: p.seq,
                     publisher: None,
                 };
-                if Self::is_call(publish.topic()) {
+                if Self::is_call(&topic) {
                     self.no_service(CallId { publisher, pub_seq });
                 }
                 if forwarded {
@@ -108,7 +102,6 @@ impl Node {
                 self.stats.published += 1;
                 self.stats.bytes_in += payload.len() as u64;
                 self.remember_publisher(publisher, pub_seq, self.head);
-                let topic = self.intern(publish.topic());
                 let call = Self::is_call(&topic);
                 self.push_ordered(Ordered {
                     seq: self.head,
@@ -166,6 +159,7 @@ impl Node {
         publisher: PublisherId,
         forwarded: bool,
         state: Option<PubState>,
+        topic: Arc<str>,
         publish: Publish,
     ) {
         let ordered = state.map_or(PubSeq(0), |p| p.delivered);
@@ -190,17 +184,12 @@ impl Node {
                 return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
             }
         }
-        let call = Self::is_call(publish.topic());
+        let call = Self::is_call(&topic);
         if pub_seq <= ordered && !self.bugs.order_retries {
             // Ordered and delivered already: acknowledge again (guarantee 2);
             // a call's reply is asked of the layer below.
             if call {
-                let msg = Msg(
-                    publisher,
-                    pub_seq,
-                    self.intern(publish.topic()),
-                    publish.payload.clone(),
-                );
+                let msg = Msg(publisher, pub_seq, topic, publish.payload.clone());
                 self.call_arrived(session, forwarded, &msg, true);
             }
             self.stats.duplicates += 1;
@@ -236,12 +225,7 @@ impl Node {
                 // and a call replied when it is applied.
                 self.stats.duplicates += 1;
                 if call {
-                    let msg = Msg(
-                        publisher,
-                        pub_seq,
-                        self.intern(publish.topic()),
-                        publish.payload,
-                    );
+                    let msg = Msg(publisher, pub_seq, topic, publish.payload);
                     self.call_arrived(session, forwarded, &msg, false);
                 }
                 return;
@@ -254,7 +238,6 @@ impl Node {
             false => vouched.max(*submitted),
         };
         *submitted = pub_seq.max(*submitted);
-        let topic = self.intern(publish.topic());
         self.stats.bytes_in += publish.payload.len() as u64;
         let sub = Submission {
             session,
