@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::protocol::{self, Message, PubSeq, PublisherId, Replies, Seq, SlowPolicy, Vote};
 use crate::topic::{Pattern, Topic};
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -568,6 +568,8 @@ struct Conn {
 
 /// How often a held driver looks whether the application caught up.
 const HELD_CHECK: Duration = Duration::from_millis(10);
+/// Commands, or frames, taken in one turn at most after the first.
+const TURN_MAX: usize = 255;
 
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<crate::tls::Stream>> + Send>>;
 
@@ -608,6 +610,10 @@ struct Driver {
     view: Arc<View>,
     /// The first Welcome's frame limit, once it came.
     frame_len_max: Option<u32>,
+    /// The core's timer, armed for `timer_at` (kept across turns: a timer
+    /// made per turn costs a timer-wheel entry per frame).
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timer_at: Option<Instant>,
 }
 
 impl Driver {
@@ -649,6 +655,8 @@ impl Driver {
             tls: options.tls.clone(),
             view: Arc::default(),
             frame_len_max: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer_at: None,
         };
         (driver, commands)
     }
@@ -696,11 +704,25 @@ impl Driver {
         }
         let held = self.core.link().is_held();
         let deadline = self.core.poll_timeout().map(|t| self.origin + t);
+        // Re-armed only when the core's deadline comes earlier than the
+        // armed one: firing early costs the core a look at its timers.
+        if let Some(d) = deadline {
+            if self.timer_at.is_none_or(|at| d < at) {
+                self.timer.as_mut().reset(d);
+                self.timer_at = Some(d);
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(HELD_CHECK), if held => {}
             cmd = self.commands.recv_async() => {
                 let Ok(cmd) = cmd else { return Some(Stop::Done) };
                 self.command(cmd);
+                // What else is queued goes in the same turn: one pass of
+                // the core's actions for a burst of publishes.
+                for _ in 0..TURN_MAX {
+                    let Ok(cmd) = self.commands.try_recv() else { break };
+                    self.command(cmd);
+                }
             }
             opened = wait_for(self.connecting.as_mut()) => {
                 self.connecting = None;
@@ -716,8 +738,30 @@ impl Driver {
                     }
                 }
             }
-            frame = next_frame(self.conn.as_mut()) => self.frame(frame),
-            () = sleep_until(deadline) => {
+            frame = next_frame(self.conn.as_mut()) => {
+                let mut more = matches!(frame, Some(Ok(_)));
+                self.frame(frame);
+                // And the frames already read, each after what the one
+                // before it told the application (deliveries go out as a
+                // frame is read, notices as events: keep them in order).
+                for _ in 0..TURN_MAX {
+                    if !more || self.core.link().is_held() {
+                        break;
+                    }
+                    self.carry_out();
+                    if let Some(stop) = self.events() {
+                        return Some(stop);
+                    }
+                    let Some(frame) = self.conn.as_mut().and_then(|c| c.frames.next().now_or_never())
+                    else {
+                        break;
+                    };
+                    more = matches!(frame, Some(Ok(_)));
+                    self.frame(frame);
+                }
+            }
+            () = self.timer.as_mut(), if self.timer_at.is_some() => {
+                self.timer_at = None;
                 let now = self.now();
                 self.core.handle_timeout(now);
             }
@@ -1065,13 +1109,6 @@ async fn wait_for(connecting: Option<&mut Connecting>) -> std::io::Result<crate:
 async fn next_frame(conn: Option<&mut Conn>) -> Option<Result<bytes::BytesMut, std::io::Error>> {
     match conn {
         Some(c) => c.frames.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }

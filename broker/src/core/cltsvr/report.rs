@@ -85,15 +85,19 @@ pub struct TopicCounts {
 }
 
 impl TopicCounts {
-    /// Counts one message of `bytes` payload on `topic`.
-    pub fn count(&mut self, topic: &Arc<str>, bytes: usize) {
-        let tracked = self.counts.contains_key(topic) || self.counts.len() < TOPICS_TRACKED_MAX;
-        let slot = if tracked {
-            self.counts.entry(topic.clone()).or_default()
-        } else {
-            &mut self.other
+    /// Counts `messages` messages of `bytes` payload in all on `topic`.
+    pub fn count(&mut self, topic: &Arc<str>, messages: u64, bytes: usize) {
+        // One lookup for a topic counted before (every message but the first).
+        if let Some(slot) = self.counts.get_mut(&**topic) {
+            slot.0 += messages;
+            slot.1 += bytes as u64;
+            return;
+        }
+        let slot = match self.counts.len() < TOPICS_TRACKED_MAX {
+            true => self.counts.entry(topic.clone()).or_default(),
+            false => &mut self.other,
         };
-        slot.0 += 1;
+        slot.0 += messages;
         slot.1 += bytes as u64;
     }
 
@@ -131,9 +135,9 @@ mod tests {
     fn topics_beyond_the_bound_are_summed_as_other() {
         let mut t = TopicCounts::default();
         for i in 0..(TOPICS_TRACKED_MAX + 2) {
-            t.count(&Arc::from(format!("t{i}")), 10);
+            t.count(&Arc::from(format!("t{i}")), 1, 10);
         }
-        t.count(&Arc::from("t0"), 5);
+        t.count(&Arc::from("t0"), 1, 5);
         let all: Vec<(&str, u64, u64)> = t.iter().collect();
         assert_eq!(all.len(), TOPICS_TRACKED_MAX + 1);
         assert!(all.contains(&("(other)", 2, 20)));

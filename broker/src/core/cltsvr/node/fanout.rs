@@ -20,8 +20,12 @@ impl Node {
             );
             self.stats.deliver_frames += frames;
             self.stats.delivered += delivered;
+            // Counted per run of one topic (interned: one pointer).
+            for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.topic, &b.topic)) {
+                let bytes = run.iter().map(|m| m.payload.len()).sum();
+                self.topics.count(&run[0].topic, run.len() as u64, bytes);
+            }
             for m in batch {
-                self.topics.count(&m.topic, m.payload.len());
                 self.retention.push(m);
             }
         }
