@@ -452,6 +452,17 @@ pub fn encode_forward(
     pub_seq: PubSeq,
     payload: &[u8],
 ) -> Bytes {
+    encode_forward_raw(publisher, topic.as_bytes(), pub_seq, payload)
+}
+
+/// [`encode_forward`] of a topic's bytes as they are (a decoded publish
+/// whose topic the node has not checked encodes back to itself).
+fn encode_forward_raw(
+    publisher: Option<PublisherId>,
+    topic: &[u8],
+    pub_seq: PubSeq,
+    payload: &[u8],
+) -> Bytes {
     let mut buf = BytesMut::with_capacity(forward_len(topic, payload));
     write_forward(&mut buf, publisher, topic, pub_seq, payload);
     buf.freeze()
@@ -471,16 +482,16 @@ pub fn encode_forward_into(
     payload: &[u8],
 ) -> Bytes {
     arena.clear();
-    let len = forward_len(topic, payload);
+    let len = forward_len(topic.as_bytes(), payload);
     if arena.capacity() < len {
         arena.reserve(len.max(ARENA_BLOCK));
     }
-    write_forward(arena, publisher, topic, pub_seq, payload);
+    write_forward(arena, publisher, topic.as_bytes(), pub_seq, payload);
     arena.split().freeze()
 }
 
 /// The most bytes a publish frame of `topic` and `payload` takes.
-fn forward_len(topic: &str, payload: &[u8]) -> usize {
+fn forward_len(topic: &[u8], payload: &[u8]) -> usize {
     4 + PUBLISH_FIXED_LEN + 8 + topic.len() + payload.len()
 }
 
@@ -488,7 +499,7 @@ fn forward_len(topic: &str, payload: &[u8]) -> usize {
 fn write_forward(
     buf: &mut BytesMut,
     publisher: Option<PublisherId>,
-    topic: &str,
+    topic: &[u8],
     pub_seq: PubSeq,
     payload: &[u8],
 ) {
@@ -502,7 +513,7 @@ fn write_forward(
     if let Some(p) = publisher {
         buf.put_u64_le(p.0);
     }
-    buf.extend_from_slice(topic.as_bytes());
+    buf.extend_from_slice(topic);
     buf.extend_from_slice(payload);
     let len = u32::try_from(buf.len() - 4)
         .expect("invariant: frames are bounded far below 4 GiB by frame_len_max");
@@ -1035,7 +1046,9 @@ pub fn encode_client(frame: &ClientFrame) -> Bytes {
         ClientFrame::Hello(h) => encode(kind::HELLO, h, &[]),
         ClientFrame::Subscribe(h) => encode(kind::SUBSCRIBE, h, &[]),
         ClientFrame::Unsubscribe(h) => encode(kind::UNSUBSCRIBE, h, &[]),
-        ClientFrame::Publish(p) => encode_forward(p.publisher, p.topic(), p.pub_seq, &p.payload),
+        ClientFrame::Publish(p) => {
+            encode_forward_raw(p.publisher, p.topic_bytes(), p.pub_seq, &p.payload)
+        }
         ClientFrame::Ping(h) => encode(kind::PING, h, &[]),
         ClientFrame::Pong(h) => encode(kind::PONG, h, &[]),
         ClientFrame::Ask(h) => encode(kind::ASK, h, &[]),
@@ -1451,10 +1464,15 @@ mod tests {
         let mut not_utf8 = good.to_vec();
         let last = not_utf8.len() - 1;
         not_utf8[last] = 0xff;
-        match decode_client(Bytes::from(not_utf8)) {
+        let decoded = decode_client(Bytes::from(not_utf8));
+        match &decoded {
             Ok(ClientFrame::Publish(p)) => assert_eq!(p.topic_bytes().last(), Some(&0xff)),
             other => panic!("expected a publish, got {other:?}"),
         }
+        // And encodes back to itself, bytes as they came (found by the
+        // `client_frame` fuzz target).
+        let frame = decoded.expect("decoded above");
+        assert_eq!(decode_client(encode_client(&frame).slice(4..)), Ok(frame));
     }
 
     #[test]
