@@ -18,9 +18,26 @@ use std::process::Command;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
+/// A folder removed when the test is done with it, passed or not.
+#[derive(Debug)]
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh folder of development certificates made by `canopy certs`,
 /// with client certificates for `users`.
-fn certs(users: &[&str]) -> PathBuf {
+fn certs(users: &[&str]) -> Scratch {
     let dir = common::data_dir();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
     cmd.arg("certs").arg(&dir);
@@ -33,7 +50,7 @@ fn certs(users: &[&str]) -> PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    dir
+    Scratch(dir)
 }
 
 /// A client certificate of `dir`'s CA that names itself a core server in
@@ -77,8 +94,9 @@ fn tls_section(dir: &Path, name: &str, extra: &str) -> String {
     )
 }
 
-fn accounts(feed_password_hash: Option<&str>) -> PathBuf {
-    let path = common::data_dir().join("accounts.toml");
+/// An accounts file in `dir`.
+fn accounts(dir: &Path, feed_password_hash: Option<&str>) -> PathBuf {
+    let path = dir.join("accounts.toml");
     let feed = match feed_password_hash {
         Some(h) => format!("[[user]]\nname = \"feed\"\npassword = {h:?}\npublish = [\"md.>\"]\n\n"),
         None => String::new(),
@@ -86,7 +104,6 @@ fn accounts(feed_password_hash: Option<&str>) -> PathBuf {
     let text = format!(
         "{feed}[[user]]\nname = \"reader\"\ncertificates = [\"reader\"]\nsubscribe = [\"md.NASDAQ.>\"]\npublish = [\"md.NASDAQ.>\"]\n\n[[user]]\nname = \"tree\"\ntokens = [\"sha256:a36d5638b5c35fabda41bf57838987899e0c1e2c3a85d7d332a960c3b05df273\"]\nrelay = true\n\n[[user]]\nname = \"ops\"\ntokens = [\"sha256:4db91eab0281403a94ae3ed61e1e1baf7528d2dc264eb786f64c43d7697d3177\"]\nhttp = true\n"
     );
-    std::fs::create_dir_all(path.parent().expect("a folder")).expect("folder");
     std::fs::write(&path, text).expect("writes accounts");
     path
 }
@@ -126,7 +143,7 @@ async fn counter_above(http: &str, name: &str, before: u64) -> u64 {
 async fn a_client_with_the_trees_ca_and_certificate_is_served_and_every_other_is_refused() {
     let dir = certs(&["reader"]);
     let foreign = certs(&["reader"]);
-    let accounts = accounts(None);
+    let accounts = accounts(&dir, None);
     let config = format!(
         "[auth]\naccounts = {:?}\n\n{}",
         accounts,
@@ -219,7 +236,7 @@ async fn core_links_are_mutual_tls_and_a_process_without_a_core_certificate_is_d
     let dir = certs(&["reader"]);
     impostor(&dir);
     let foreign = certs(&[]);
-    let accounts = accounts(None);
+    let accounts = accounts(&dir, None);
     // After `[core]`'s keys, before its servers' list.
     let extra = format!(
         "\n[auth]\naccounts = {:?}\nhttp_loopback_open = true\n\n{}",
@@ -303,10 +320,10 @@ async fn core_links_are_mutual_tls_and_a_process_without_a_core_certificate_is_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_a_checking_subscriber_keeps_its_stream_through_a_relays_death() {
     let dir = certs(&["reader"]);
-    let accounts = accounts(None);
+    let accounts = accounts(&dir, None);
     let head = format!(
         "accounts = {:?}\ntoken = \"demo-tree-token\"\n[tls]\ndir = {:?}\nusers = [\"reader\"]\n",
-        accounts, dir
+        accounts, &*dir
     );
     let tree = Tree::start_with(3, &[2], &head);
     let tier = tree.tiers[0].clone();
