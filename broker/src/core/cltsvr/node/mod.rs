@@ -88,6 +88,13 @@ use fanout::*;
 
 /// How long a catch-up that filled its session's queue waits to retry.
 const REPLAY_RETRY: Duration = Duration::from_millis(10);
+/// Catch-up bytes built in one turn (one input or timeout) at most: a
+/// replay from retention shares the node with live traffic instead of
+/// holding it up while it encodes megabytes.
+const CATCH_UP_TURN_BYTES: usize = 256 << 10;
+/// When catch-up used up a turn's share and nothing else comes, it goes on
+/// this much later.
+const CATCH_UP_TURN: Duration = Duration::from_millis(1);
 
 /// Distinct topic texts kept for sharing at most.
 const TOPICS_INTERNED_MAX: usize = 65_536;
@@ -146,6 +153,8 @@ enum NodeTimer {
     Watermark,
     /// Stalled catch-ups are retried.
     ReplayRetry,
+    /// Catch-up goes on after a turn that used up its share.
+    CatchUpTurn,
     /// The oldest session awaiting its Hello is due.
     Handshake,
 }
@@ -250,6 +259,8 @@ pub struct Node {
     hello_due: VecDeque<(Duration, SessionId)>,
     /// Sessions with a catch-up in progress.
     catching_up: Vec<SessionId>,
+    /// The turn (its `now`) and the catch-up bytes built in it.
+    catch_up_turn: (Duration, usize),
     timers: Timers<NodeTimer>,
     outputs: VecDeque<Output>,
     watermark_sent: Seq,
@@ -377,6 +388,7 @@ impl Node {
             acks_due: Vec::new(),
             hello_due: VecDeque::new(),
             catching_up: Vec::new(),
+            catch_up_turn: (Duration::ZERO, 0),
             outputs: VecDeque::new(),
             timers: {
                 let mut t = Timers::new();
@@ -557,6 +569,8 @@ impl Node {
     /// sends watermarks when they are due.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.now = now;
+        // A new turn (a new `now`) is all catch-up waited for.
+        self.timers.fire(NodeTimer::CatchUpTurn, now);
         if self.timers.fire(NodeTimer::ReplayRetry, now) {
             for id in &self.catching_up {
                 if let Some(s) = self.sessions.get_mut(id) {

@@ -80,6 +80,20 @@ impl Node {
         Some(out)
     }
 
+    /// Whether this turn's catch-up share is used up; if so, catch-up
+    /// goes on at the next turn, or after `CATCH_UP_TURN` if none comes.
+    fn catch_up_spent(&mut self) -> bool {
+        if self.catch_up_turn.0 != self.now {
+            self.catch_up_turn = (self.now, 0);
+        }
+        if self.catch_up_turn.1 < CATCH_UP_TURN_BYTES || self.catching_up.is_empty() {
+            return false;
+        }
+        self.timers
+            .set_unless_set(NodeTimer::CatchUpTurn, self.now + CATCH_UP_TURN);
+        true
+    }
+
     pub(super) fn next_output(&mut self) -> Option<Output> {
         loop {
             if self.outputs.is_empty() {
@@ -87,8 +101,15 @@ impl Node {
             }
             if self.outputs.is_empty() {
                 // Catch-up frames only when nothing else waits, one at a
-                // time, so a full queue is known before the next is built.
+                // time, so a full queue is known before the next is built,
+                // and a turn's share at most.
+                if self.catch_up_spent() {
+                    return None;
+                }
                 let out = self.next_catch_up();
+                if let Some(Output::Transmit { frame, .. }) = &out {
+                    self.catch_up_turn.1 += frame.len();
+                }
                 if out.is_some() || self.outputs.is_empty() {
                     return out;
                 }

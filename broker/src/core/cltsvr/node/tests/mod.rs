@@ -633,4 +633,62 @@ fn a_catch_up_larger_than_the_queue_is_paced_not_cut_off() {
     assert_eq!(got, (1..=260).collect::<Vec<u64>>());
 }
 
+#[test]
+fn a_catch_up_builds_a_turns_share_at_a_time() {
+    let mut n = Node::new(
+        T0,
+        NodeConfig {
+            frame_len_max: 64 << 10,
+            stream: 5,
+            ..config()
+        },
+    );
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    let count = 300u64;
+    for i in 1..=count {
+        let payload = Bytes::from(vec![7u8; 4096]);
+        n.handle_frame(
+            T0,
+            p,
+            ClientFrame::Publish(Publish::new("t", PubSeq(i), payload)),
+        );
+    }
+    drain(&mut n);
+    let r = resume(&mut n, 2, &["t"], 5, Seq(0));
+    let mut got: Vec<u64> = Vec::new();
+    let mut now = T0;
+    let mut turns = 0;
+    while got.len() < count as usize && turns < 100 {
+        let mut bytes = 0;
+        let mut largest = 0;
+        while let Some(o) = n.poll_output() {
+            if let Output::Transmit { session, frame, .. } = o {
+                if session != r {
+                    continue;
+                }
+                bytes += frame.len();
+                largest = largest.max(frame.len());
+                if let ServerFrame::Deliver(head, _) = decode(frame) {
+                    got.extend(head.msgs.iter().map(|e| e.0 .0));
+                }
+            }
+        }
+        assert!(
+            bytes < CATCH_UP_TURN_BYTES + largest,
+            "one turn built {bytes} bytes of catch-up"
+        );
+        turns += 1;
+        if got.len() == count as usize {
+            break;
+        }
+        // Nothing else happens: the node asks to go on a little later.
+        let due = n.poll_timeout().expect("a timer");
+        assert!(due <= now + CATCH_UP_TURN, "due at {due:?}, now {now:?}");
+        now = due.max(now + Duration::from_micros(1));
+        n.handle_timeout(now);
+    }
+    assert_eq!(got, (1..=count).collect::<Vec<u64>>());
+    assert!(turns >= 4, "{turns} turns for 1.2 MB of catch-up");
+}
+
 mod grouped;
