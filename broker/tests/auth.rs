@@ -170,6 +170,25 @@ async fn permissions_refuse_what_they_do_not_grant_and_the_connection_goes_on() 
         feed.publish("news.x", "n").await,
         Err(Error::Denied(_))
     ));
+    // Refusals give their room in the publish window back: with a window
+    // of two, the publish after five refusals goes through.
+    let mut o = ClientOptions::new(at.to_vec());
+    o.credentials = Some(Credentials::Password {
+        user: "feed".into(),
+        password: FEED_PASSWORD.into(),
+    });
+    o.window = 2;
+    let narrow = within("connect", Client::connect(o)).await.expect("feed");
+    for _ in 0..5 {
+        let refused = within("a refusal", narrow.publish("news.x", "n")).await;
+        assert!(matches!(refused, Err(Error::Denied(_))), "{refused:?}");
+    }
+    within(
+        "a publish after refusals",
+        narrow.publish("md.NASDAQ.X", "x"),
+    )
+    .await
+    .expect("publishes");
     assert!(matches!(
         reader.call("get", "k").await,
         Err(Error::Denied(_))

@@ -899,6 +899,8 @@ impl Driver {
                     topic.as_str(),
                 ) {
                     self.ack_slots.settle(ack, Err(why));
+                    // `send` took a permit for it: nothing will acknowledge it.
+                    self.window.add_permits(1);
                     return;
                 }
                 let pub_seq = self.core.publish(topic.as_str(), &payload);
@@ -1082,6 +1084,8 @@ impl Drop for Driver {
     /// down), no publish waits for it any more.
     fn drop(&mut self) {
         self.ack_slots.close(&Error::Closed);
+        // A `send` waiting for room in the window wakes to `Closed`.
+        self.window.close();
     }
 }
 

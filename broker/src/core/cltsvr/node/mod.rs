@@ -733,7 +733,11 @@ impl Node {
 
     /// A publish's topic as shared text, or why it is not a topic a client
     /// may send. Checked once per distinct topic (PROTOCOL.md, "Publish"):
-    /// a topic known here passed before.
+    /// a topic known here passed before, here or at the node a client
+    /// published it to (`intern` takes the topics of ordered messages from
+    /// the group or the tier above, which their first node checked; and
+    /// `$canopy.members`, a system topic, is still refused to clients by
+    /// the `is_system` check that follows).
     fn checked_topic(&mut self, bytes: &[u8]) -> Result<Arc<str>, String> {
         if let Some(t) = self.topic_names.get(bytes) {
             return Ok(t.0.clone());
