@@ -23,6 +23,9 @@ struct Table {
     free: Vec<usize>,
     /// Set once the driver stopped: no slot is taken after that.
     closed: Option<Error>,
+    /// Wakers to wake once the lock is let go (a waker may run code that
+    /// takes it again).
+    wake: Vec<Waker>,
 }
 
 struct Slot {
@@ -70,6 +73,7 @@ impl Acks {
     pub(crate) fn settle(&self, i: usize, result: Result<PubSeq, Error>) {
         let mut t = self.table();
         t.settle(i, result);
+        wake(t);
     }
 
     /// Every publish in `settled` is acknowledged (one lock for a batch).
@@ -78,6 +82,7 @@ impl Acks {
         for (i, pub_seq) in settled {
             t.settle(i, Ok(pub_seq));
         }
+        wake(t);
     }
 
     /// The driver stopped with `e`: every waiting publish fails with it and
@@ -92,6 +97,7 @@ impl Acks {
                 t.settle(i, Err(e.clone()));
             }
         }
+        wake(t);
     }
 
     /// Polls slot `i` for its outcome; a ready outcome frees the slot.
@@ -102,10 +108,12 @@ impl Acks {
         };
         match &mut slot.state {
             State::Waiting(waker) => {
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
+                let old = match waker {
+                    Some(w) if w.will_wake(cx.waker()) => None,
+                    _ => waker.replace(cx.waker().clone()),
+                };
+                drop(t);
+                drop(old);
                 Poll::Pending
             }
             State::Done(_) => {
@@ -145,6 +153,15 @@ impl Acks {
     }
 }
 
+/// Lets go of the table, then wakes whoever its last change concerns.
+fn wake(mut t: MutexGuard<'_, Table>) {
+    let wakers = std::mem::take(&mut t.wake);
+    drop(t);
+    for w in wakers {
+        w.wake();
+    }
+}
+
 impl Table {
     fn settle(&mut self, i: usize, result: Result<PubSeq, Error>) {
         let Some(slot) = self.slots.get_mut(i) else {
@@ -156,9 +173,7 @@ impl Table {
         };
         if slot.held {
             slot.state = State::Done(result);
-            if let Some(w) = waker {
-                w.wake();
-            }
+            self.wake.extend(waker);
         } else {
             self.free.push(i);
         }
@@ -195,6 +210,26 @@ mod tests {
         acks.settle(c, Ok(PubSeq(3)));
         assert_eq!(acks.in_use(), 0);
         assert_eq!(acks.table().slots.len(), 2, "no slot was added for c");
+    }
+
+    #[test]
+    fn wakers_are_woken_with_the_table_unlocked() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        struct Probe(Arc<Acks>, AtomicBool);
+        impl std::task::Wake for Probe {
+            fn wake(self: Arc<Self>) {
+                self.1
+                    .store((self.0).0.try_lock().is_ok(), Ordering::SeqCst);
+            }
+        }
+        let acks = Arc::new(Acks::default());
+        let probe = Arc::new(Probe(acks.clone(), AtomicBool::new(false)));
+        let waker = Waker::from(probe.clone());
+        let a = acks.take().expect("open");
+        assert!(acks.poll(a, &mut Context::from_waker(&waker)).is_pending());
+        acks.settle_all([(a, PubSeq(1))]);
+        assert!(probe.1.load(Ordering::SeqCst), "woken under the lock");
     }
 
     #[test]
