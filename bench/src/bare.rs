@@ -143,8 +143,13 @@ async fn write_queue(mut socket: TcpStream, rx: flume::Receiver<Bytes>) -> std::
             }
         }
         while !pending.is_empty() {
-            let slices: Vec<IoSlice<'_>> = pending.iter().map(|b| IoSlice::new(b)).collect();
-            let mut n = socket.write_vectored(&slices).await?;
+            // (No allocation per write: the ceiling must not pay for one.)
+            let mut slices = [IoSlice::new(&[]); 64];
+            let count = pending.len().min(slices.len());
+            for (slot, b) in slices.iter_mut().zip(&pending) {
+                *slot = IoSlice::new(b);
+            }
+            let mut n = socket.write_vectored(&slices[..count]).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }

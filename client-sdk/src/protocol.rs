@@ -1402,6 +1402,14 @@ pub fn messages(
 mod tests {
     use super::*;
 
+    /// The reason a frame of kind `expected` was refused as malformed.
+    fn malformed<T: fmt::Debug>(expected: u8, decoded: Result<T, DecodeError>) -> String {
+        match decoded {
+            Err(DecodeError::Malformed { kind, reason }) if kind == expected => reason,
+            other => panic!("expected a malformed frame of kind {expected:#04x}, got {other:?}"),
+        }
+    }
+
     /// A Deliver frame's content as the wire carries it (no prefix).
     fn deliver_content(head: &DeliverHead, body: &[u8]) -> Bytes {
         encode_deliver(head, body).slice(4..)
@@ -1447,13 +1455,7 @@ mod tests {
             }
         }
         let good = encode_forward(Some(PublisherId(1)), "t", PubSeq(1), b"").slice(4..);
-        let reason = |content: Bytes| match decode_client(content) {
-            Err(DecodeError::Malformed {
-                kind: kind::PUBLISH,
-                reason,
-            }) => reason,
-            other => panic!("expected a malformed Publish, got {other:?}"),
-        };
+        let reason = |content: Bytes| malformed(kind::PUBLISH, decode_client(content));
         assert!(reason(good.slice(..11)).contains("shorter than the head"));
         assert!(reason(good.slice(..15)).contains("before its publisher"));
         assert!(reason(good.slice(..20)).contains("topic_len runs past the body"));
@@ -1483,13 +1485,7 @@ mod tests {
             stable: None,
         };
         let good = deliver_content(&head, b"txy");
-        let reason = |content: Bytes| match decode_server(content) {
-            Err(DecodeError::Malformed {
-                kind: kind::DELIVER,
-                reason,
-            }) => reason,
-            other => panic!("expected a malformed Deliver, got {other:?}"),
-        };
+        let reason = |content: Bytes| malformed(kind::DELIVER, decode_server(content));
         // Short: before the count, before the hash, inside the index.
         assert!(reason(good.slice(..4)).contains("shorter than the index head"));
         assert!(reason(good.slice(..10)).contains("before its hash"));
