@@ -28,6 +28,7 @@ fn main() {
         connection: 1,
         weak: false,
         auth: None,
+        window: None,
     });
     let frames = [
         ("hello", hello),

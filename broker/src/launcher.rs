@@ -493,6 +493,7 @@ async fn serving(addr: &str, token: Option<&str>, tls: Option<&canopy_client::tl
                 connection: 1,
                 weak: false,
                 auth: token.map(|t| protocol::Credentials::Token(t.to_owned())),
+                window: None,
             };
             let frame = protocol::encode_client(&ClientFrame::Hello(hello));
             stream.write_all(&frame).await.ok()?;

@@ -429,6 +429,109 @@ async fn a_slow_reader_resumes_once_it_has_caught_up_not_in_a_loop() {
     assert!(connections < 40, "{connections} connections for 2 clients");
 }
 
+/// Flow control (docs/DESIGN.md, "Flow control"): a reader slower than
+/// the messages come is sent no more than its receive window, so its
+/// subscription never reaches the batch bound behind it (which would drop
+/// the connection): one connection throughout, every message once, in
+/// order, caught up from retention as it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_paced_by_its_window_on_one_connection() {
+    const N: usize = 1000;
+    let server = Server::with_http();
+    let http = server.http.clone().expect("HTTP on");
+    let mut options = server.options();
+    options.receive_window = 64;
+    // Without the window the backlog (about 500 batches) passes this.
+    options.subscription_batches_max = 128;
+    let reader = within("connect", Client::connect(options))
+        .await
+        .expect("connect");
+    let mut sub = reader.subscribe("w.>").await.expect("subscribe");
+    let publisher = server.client().await;
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            drop(publisher.send("w.x", format!("{i}")).await.expect("send"));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        publisher.flush().await.expect("flush");
+    });
+    let mut got = Vec::with_capacity(N);
+    within("the slow reader", async {
+        while got.len() < N {
+            match sub.next().await {
+                Some(Event::Message(m)) => {
+                    got.push(
+                        String::from_utf8_lossy(&m.payload)
+                            .parse::<usize>()
+                            .expect("number"),
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    publishing.await.expect("the publisher");
+    let connections = connections_at_least(&http, 2).await;
+    assert_eq!(connections, 2, "the reader and the publisher, once each");
+}
+
+/// A client that publishes (awaiting each acknowledgement) without reading
+/// its own subscription is stopped by its window, not by a full buffer:
+/// acknowledgements still come on the same connection, and the
+/// subscription later yields every message once, in order.
+#[tokio::test]
+async fn publishing_past_the_window_of_an_unread_subscription_goes_on() {
+    const N: usize = 500;
+    let server = Server::with_http();
+    let http = server.http.clone().expect("HTTP on");
+    let mut options = server.options();
+    options.receive_window = 16;
+    options.subscription_batches_max = 32;
+    let client = within("connect", Client::connect(options))
+        .await
+        .expect("connect");
+    let mut sub = client.subscribe("u.>").await.expect("subscribe");
+    within("publishes with an unread subscription", async {
+        for i in 0..N {
+            client
+                .publish("u.x", format!("{i}"))
+                .await
+                .expect("publish");
+        }
+    })
+    .await;
+    let got: Vec<usize> = take_messages(&mut sub, N)
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).parse().expect("number"))
+        .collect();
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    let connections = connections_at_least(&http, 1).await;
+    assert_eq!(connections, 1, "no reconnect");
+}
+
+/// The node's count of client connections once its metrics (a snapshot
+/// taken every so often) show at least `n`.
+async fn connections_at_least(http: &str, n: u64) -> u64 {
+    within("the connection count", async {
+        loop {
+            let body = common::http_get(http, "/metrics").await;
+            let connections: u64 = body
+                .lines()
+                .find_map(|l| l.strip_prefix("canopy_connections_total ")?.parse().ok())
+                .expect("canopy_connections_total");
+            if connections >= n {
+                return connections;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
 /// An application that publishes (awaiting each acknowledgement) while not
 /// reading its own subscription does not deadlock: the client drops and
 /// resumes its connection instead of blocking on the full subscription,

@@ -74,13 +74,21 @@ pub struct ClientOptions {
     pub weak: bool,
     /// How long [`Client::call`] waits for a reply, across reconnects.
     pub call_timeout: Duration,
-    /// Delivery batches buffered per subscription. When the application
-    /// lets a subscription fill up, the client drops its connection (the
-    /// driver never waits on the application, nor makes its server hold
-    /// what it cannot read), and once the application has read half of
-    /// what is buffered, reconnects and resumes after the last message it
-    /// handed over. Publishes and calls wait meanwhile.
+    /// A safety net behind `receive_window`: delivery batches buffered per
+    /// subscription (a server that honours the window never sends this
+    /// many). Past it, the client drops its connection (the driver never
+    /// waits on the application), and once the application has read half
+    /// of what is buffered, reconnects and resumes after the last message
+    /// it handed over. Publishes and calls wait meanwhile.
     pub subscription_batches_max: usize,
+    /// Flow control (docs/DESIGN.md, "Flow control"): at most this many
+    /// messages are handed to subscriptions and not read yet, or on their
+    /// way from the server. A subscription the application reads slower
+    /// than messages come is sent no more than that; its server keeps its
+    /// place in the stream and catches it up from retention as it reads
+    /// (if retention no longer holds the place, the subscription is told
+    /// of a gap). The connection stays up and publishes go on meanwhile.
+    pub receive_window: u64,
     /// Who the client is, for servers that check (a token, or a user and
     /// password); the server answers with what the user may do, and the
     /// client refuses the rest itself ([`Error::Denied`]).
@@ -106,7 +114,8 @@ impl ClientOptions {
             reconnect_for: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
-            subscription_batches_max: 256,
+            subscription_batches_max: 1 << 17,
+            receive_window: 65_536,
             call_timeout: Duration::from_secs(10),
             reports: protocol::Reports::Servers,
             weak: false,
@@ -190,6 +199,7 @@ enum Command {
         pattern: Pattern,
         id: u64,
         events: flume::Sender<Vec<Event>>,
+        taken: Arc<std::sync::atomic::AtomicU64>,
         done: oneshot::Sender<Result<(), Error>>,
     },
     Unsubscribe {
@@ -227,6 +237,16 @@ pub struct Client {
     payload_max: usize,
     publisher: PublisherId,
     call_timeout: Duration,
+    flow: Arc<Flow>,
+}
+
+/// Flow control between the subscriptions and the driver
+/// ([`ClientOptions::receive_window`]): a subscription that has taken a
+/// quarter of the window since it last did wakes the driver, which grants
+/// the server what the subscriptions have room for.
+struct Flow {
+    wake: tokio::sync::Notify,
+    quarter: u64,
 }
 
 impl Client {
@@ -247,7 +267,17 @@ impl Client {
             .unwrap_or_else(|| PublisherId(rand::random()));
         let window = Arc::new(Semaphore::new(options.window.max(1)));
         let acks = Arc::new(Acks::default());
-        let (mut driver, commands) = Driver::new(&options, publisher, window.clone(), acks.clone());
+        let flow = Arc::new(Flow {
+            wake: tokio::sync::Notify::new(),
+            quarter: (options.receive_window / 4).max(1),
+        });
+        let (mut driver, commands) = Driver::new(
+            &options,
+            publisher,
+            window.clone(),
+            acks.clone(),
+            flow.clone(),
+        );
         let frame_len_max = driver.connect().await?;
         let payload_max = (frame_len_max as usize).saturating_sub(512);
         tokio::spawn(driver.run());
@@ -260,6 +290,7 @@ impl Client {
             payload_max,
             publisher,
             call_timeout: options.call_timeout,
+            flow,
         })
     }
 
@@ -449,12 +480,14 @@ impl Client {
         // delivery batch only while fewer than `subscription_batches_max`
         // wait, and only rare notices (gaps, resets) go past that bound.
         let (events, rx) = flume::unbounded();
+        let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (done, done_rx) = oneshot::channel();
         self.commands
             .send(Command::Subscribe {
                 pattern,
                 id,
                 events,
+                taken: taken.clone(),
                 done,
             })
             .map_err(|_| Error::Closed)?;
@@ -464,6 +497,9 @@ impl Client {
             events: rx.into_stream(),
             current: Vec::new().into_iter(),
             commands: self.commands.clone(),
+            taken,
+            untold: 0,
+            flow: self.flow.clone(),
         })
     }
 }
@@ -505,6 +541,11 @@ pub struct Subscription {
     events: flume::r#async::RecvStream<'static, Vec<Event>>,
     current: std::vec::IntoIter<Event>,
     commands: flume::Sender<Command>,
+    /// Events taken from the driver, counted as batches are.
+    taken: Arc<std::sync::atomic::AtomicU64>,
+    /// Taken since the driver was last woken.
+    untold: u64,
+    flow: Arc<Flow>,
 }
 
 impl Stream for Subscription {
@@ -516,7 +557,10 @@ impl Stream for Subscription {
                 return Poll::Ready(Some(e));
             }
             match self.events.poll_next_unpin(cx) {
-                Poll::Ready(Some(batch)) => self.current = batch.into_iter(),
+                Poll::Ready(Some(batch)) => {
+                    self.took(batch.len());
+                    self.current = batch.into_iter();
+                }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
@@ -544,7 +588,21 @@ impl Subscription {
         if !rest.is_empty() {
             return Some(rest);
         }
-        self.events.next().await
+        let batch = self.events.next().await?;
+        self.took(batch.len());
+        Some(batch)
+    }
+
+    /// Counts `n` events taken, and wakes the driver every quarter window
+    /// so that it grants the server room for more.
+    fn took(&mut self, n: usize) {
+        self.taken
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.untold += n as u64;
+        if self.untold >= self.flow.quarter {
+            self.untold = 0;
+            self.flow.wake.notify_one();
+        }
     }
 }
 
@@ -558,6 +616,23 @@ struct Sub {
     id: u64,
     pattern: Pattern,
     events: flume::Sender<Vec<Event>>,
+    /// Events handed over, and (counted by the subscription) taken.
+    handed: u64,
+    taken: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sub {
+    /// Hands `events` over, counted.
+    fn send(&mut self, events: Vec<Event>) {
+        self.handed += events.len() as u64;
+        let _ = self.events.send(events);
+    }
+
+    /// Events handed over and not taken yet.
+    fn outstanding(&self) -> u64 {
+        let taken = self.taken.load(std::sync::atomic::Ordering::Relaxed);
+        self.handed.saturating_sub(taken)
+    }
 }
 
 /// One open connection: frames in, a queue to the writer task out.
@@ -614,6 +689,7 @@ struct Driver {
     /// made per turn costs a timer-wheel entry per frame).
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
+    flow: Arc<Flow>,
 }
 
 impl Driver {
@@ -622,6 +698,7 @@ impl Driver {
         publisher: PublisherId,
         window: Arc<Semaphore>,
         ack_slots: Arc<Acks>,
+        flow: Arc<Flow>,
     ) -> (Self, flume::Sender<Command>) {
         let config = LinkConfig {
             name: options.name.clone(),
@@ -636,6 +713,7 @@ impl Driver {
             reconnect_for: Some(options.reconnect_for),
             first_order: FirstOrder::Configured,
             credentials: options.credentials.clone(),
+            receive_window: Some(options.receive_window),
         };
         let (commands, commands_rx) = flume::unbounded();
         let driver = Driver {
@@ -657,6 +735,7 @@ impl Driver {
             frame_len_max: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             timer_at: None,
+            flow,
         };
         (driver, commands)
     }
@@ -759,6 +838,10 @@ impl Driver {
                     more = matches!(frame, Some(Ok(_)));
                     self.frame(frame);
                 }
+            }
+            () = self.flow.wake.notified() => {
+                // The application took a quarter window on a subscription.
+                self.core.set_outstanding(self.outstanding());
             }
             () = self.timer.as_mut(), if self.timer_at.is_some() => {
                 self.timer_at = None;
@@ -865,6 +948,7 @@ impl Driver {
         if let Some(mut delivery) = self.core.handle_frame(now, frame) {
             if self.hand_over(&mut delivery.messages) {
                 self.core.take(delivery.commit);
+                self.core.set_outstanding(self.outstanding());
             } else {
                 self.core.hold(
                     now,
@@ -941,6 +1025,7 @@ impl Driver {
                 pattern,
                 id,
                 events,
+                taken,
                 done,
             } => {
                 let text = pattern.as_str().to_owned();
@@ -953,6 +1038,8 @@ impl Driver {
                     id,
                     pattern,
                     events,
+                    handed: 0,
+                    taken,
                 });
                 if self.core.subscribe(&text) {
                     self.pending_subs.push_back((text, done));
@@ -997,16 +1084,14 @@ impl Driver {
         if msgs.is_empty() {
             return true;
         }
-        if let [sub] = &self.subs[..] {
+        if let [sub] = &mut self.subs[..] {
             // The common case, one subscription that wants the whole batch:
             // move the messages instead of cloning them.
             if msgs.iter().all(|m| sub.pattern.matches(m.topic())) {
                 if sub.events.len() >= cap {
                     return false;
                 }
-                let _ = sub
-                    .events
-                    .send(msgs.drain(..).map(Event::Message).collect());
+                sub.send(msgs.drain(..).map(Event::Message).collect());
                 return true;
             }
         }
@@ -1027,17 +1112,23 @@ impl Driver {
             parts.push((i, part));
         }
         for (i, part) in parts {
-            let _ = self.subs[i].events.send(part);
+            self.subs[i].send(part);
         }
         true
     }
 
     /// Tells every subscription of a rare event (a gap, a reset); these go
     /// past the batch bound so they are never lost.
-    fn notify(&self, event: Event) {
-        for sub in &self.subs {
-            let _ = sub.events.send(vec![event.clone()]);
+    fn notify(&mut self, event: Event) {
+        for sub in &mut self.subs {
+            sub.send(vec![event.clone()]);
         }
+    }
+
+    /// Flow control: the most events any subscription was handed and has
+    /// not taken (the slowest subscription sets the pace).
+    fn outstanding(&self) -> u64 {
+        self.subs.iter().map(Sub::outstanding).max().unwrap_or(0)
     }
 
     /// Everything up to `through` is acknowledged.

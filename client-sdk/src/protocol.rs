@@ -28,7 +28,7 @@ use std::fmt;
 ///
 /// Version 2: a `Deliver` frame's head is a fixed-width binary index
 /// ([`encode_deliver`]) instead of CBOR.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The default maximum frame content length, in bytes.
 pub const FRAME_LEN_MAX_DEFAULT: usize = 1 << 20;
@@ -188,6 +188,9 @@ pub mod kind {
     /// Client to server: asks again for the reply to a call already
     /// acknowledged (after a reconnect).
     pub const ASK: u8 = 0x07;
+    /// Client to server: the client can take this many more messages
+    /// (flow control, for a client whose `Hello` gave a `window`).
+    pub const CREDIT: u8 = 0x08;
     /// Server to client: handshake answer.
     pub const WELCOME: u8 = 0x81;
     /// Server to client: a batch of ordered messages (topics and payloads in the body).
@@ -257,6 +260,11 @@ pub struct Hello {
     /// "Security").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<Credentials>,
+    /// Flow control (docs/DESIGN.md, "Flow control"): the messages the
+    /// server may send on this connection before the client grants more
+    /// with `Credit`. `None`: no limit (relays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
 }
 
 /// What a client is told of membership (docs/DESIGN.md, "Membership reports").
@@ -838,6 +846,16 @@ pub enum ClientFrame {
     Pong(PingHead),
     /// Asks again for a call's reply.
     Ask(AskHead),
+    /// Grants the server more messages (flow control).
+    Credit(CreditHead),
+}
+
+/// Client to server: the server may send `msgs` more messages (counted as
+/// `Deliver` entries) than it could before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditHead {
+    /// Messages granted.
+    pub msgs: u64,
 }
 
 /// Client to server: the reply to call `pub_seq`, acknowledged before on
@@ -987,6 +1005,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
         kind::ASK => ClientFrame::Ask(no_body(k, split(k, &content)?)?),
+        kind::CREDIT => ClientFrame::Credit(no_body(k, split(k, &content)?)?),
         k if (0x80..=kind::REPLY).contains(&k) => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
     })
@@ -1052,6 +1071,7 @@ pub fn encode_client(frame: &ClientFrame) -> Bytes {
         ClientFrame::Ping(h) => encode(kind::PING, h, &[]),
         ClientFrame::Pong(h) => encode(kind::PONG, h, &[]),
         ClientFrame::Ask(h) => encode(kind::ASK, h, &[]),
+        ClientFrame::Credit(h) => encode(kind::CREDIT, h, &[]),
     }
 }
 
@@ -1188,6 +1208,17 @@ fn decode_deliver(content: &Bytes) -> Result<(DeliverHead, Bytes), DecodeError> 
         )));
     }
     Ok((DeliverHead { msgs, hash, stable }, body))
+}
+
+/// The number of messages a `Deliver` frame (length prefix included, as
+/// [`encode_deliver`] makes it) carries; 0 for any other frame.
+pub fn deliver_count(frame: &[u8]) -> u64 {
+    match frame {
+        [_, _, _, _, kind::DELIVER, _, a, b, c, d, ..] => {
+            u64::from(u32::from_le_bytes([*a, *b, *c, *d]))
+        }
+        _ => 0,
+    }
 }
 
 /// Builds one `Deliver` frame from many messages, reusing its buffers.
@@ -1534,6 +1565,7 @@ mod tests {
                 connection: 2,
                 weak: true,
                 auth: None,
+                window: None,
             }),
             ClientFrame::Subscribe(SubscribeHead {
                 pattern: "a.*".into(),

@@ -36,6 +36,7 @@ pub(super) fn link_config(
         reconnect_for: None,
         first_order: FirstOrder::Configured,
         credentials: None,
+        receive_window: None,
     }
 }
 

@@ -454,6 +454,7 @@ pub fn hello(publisher: u64, subscriptions: &[&str], slow: SlowPolicy) -> Hello 
     Hello {
         weak: false,
         auth: None,
+        window: None,
         version: protocol::PROTOCOL_VERSION,
         name: "raw".into(),
         publisher: PublisherId(publisher),

@@ -84,6 +84,12 @@ pub struct LinkConfig {
     pub first_order: FirstOrder,
     /// Who the client is, for servers that check.
     pub credentials: Option<Credentials>,
+    /// Flow control: the most messages handed to the application and not
+    /// taken yet plus those the server may still send ([`ClientCore`]
+    /// grants more as the application takes them). `None`: no limit.
+    ///
+    /// [`ClientCore`]: super::ClientCore
+    pub receive_window: Option<u64>,
 }
 
 /// What the shell does for the link.
@@ -322,6 +328,7 @@ impl Link {
         now: Duration,
         subscriptions: Vec<String>,
         resume: Option<Resume>,
+        window: Option<u64>,
     ) {
         let State::Opening { since, .. } = &mut self.state else {
             return;
@@ -340,6 +347,7 @@ impl Link {
             connection: self.connections,
             weak: self.config.weak,
             auth: self.config.credentials.clone(),
+            window,
         };
         let frame = protocol::encode_client(&ClientFrame::Hello(hello));
         self.actions.push_back(Action::Send(frame));

@@ -42,8 +42,8 @@ pub use stream::{Commit, Joined, Position};
 
 use crate::error::Error;
 use crate::protocol::{
-    self, AskHead, CallFailure, ClientFrame, MembersHead, Message, PubAck, PubSeq, Replies, Seq,
-    ServerFrame, SubscribeHead, Welcome,
+    self, AskHead, CallFailure, ClientFrame, CreditHead, MembersHead, Message, PubAck, PubSeq,
+    Replies, Seq, ServerFrame, SubscribeHead, Welcome,
 };
 use bytes::Bytes;
 use std::collections::{BTreeSet, VecDeque};
@@ -142,6 +142,12 @@ pub struct ClientCore {
     events: VecDeque<Event>,
     /// From the last Welcome.
     permissions: Option<protocol::Permissions>,
+    /// Flow control (docs/DESIGN.md, "Flow control"): messages handed to
+    /// the application and not taken yet, as the shell last said.
+    outstanding: u64,
+    /// Messages the server may still send on this connection: granted
+    /// (the Hello's window and every `Credit`) less `Deliver` entries come.
+    credit: u64,
 }
 
 impl ClientCore {
@@ -160,6 +166,8 @@ impl ClientCore {
             next_pub_seq: 1,
             events: VecDeque::new(),
             permissions: None,
+            outstanding: 0,
+            credit: 0,
         }
     }
 
@@ -301,8 +309,36 @@ impl ClientCore {
             self.position.resume()
         };
         self.in_hello.clone_from(&self.patterns);
+        let window = self.room();
+        self.credit = window.unwrap_or(0);
         self.link
-            .handle_connected(now, self.patterns.clone(), resume);
+            .handle_connected(now, self.patterns.clone(), resume, window);
+    }
+
+    /// Flow control: the application holds `outstanding` messages handed
+    /// to it and not taken yet (the shell says so after handing some over
+    /// and as the application takes them). Grants the server more once a
+    /// quarter of the window is free, so that a client that keeps up
+    /// sends a `Credit` every quarter window and one that does not is
+    /// sent nothing past its window: its server holds its place in the
+    /// stream instead, and catches it up from retention as it grants more.
+    pub fn set_outstanding(&mut self, outstanding: u64) {
+        self.outstanding = outstanding;
+        let (Some(room), Some(window)) = (self.room(), self.link.config().receive_window) else {
+            return;
+        };
+        let grant = room.saturating_sub(self.credit);
+        if grant >= (window / 4).max(1) && self.link.is_up() {
+            self.credit += grant;
+            let frame = protocol::encode_client(&ClientFrame::Credit(CreditHead { msgs: grant }));
+            self.link.send(frame);
+        }
+    }
+
+    /// What the window leaves for the server to send, if there is a window.
+    fn room(&self) -> Option<u64> {
+        let window = self.link.config().receive_window?;
+        Some(window.saturating_sub(self.outstanding))
     }
 
     /// The connection (or the attempt) ended.
@@ -350,6 +386,7 @@ impl ClientCore {
         match self.link.handle_frame(now, frame)? {
             ServerFrame::Welcome(w) => self.welcomed(w),
             ServerFrame::Deliver(head, body) => {
+                self.credit = self.credit.saturating_sub(head.msgs.len() as u64);
                 let mut messages = Vec::with_capacity(head.msgs.len());
                 if let Err(e) = protocol::messages(&head, &body, &mut messages) {
                     self.link
@@ -487,6 +524,8 @@ impl ClientCore {
                 });
             }
         }
+        // What the application took while the Hello was out.
+        self.set_outstanding(self.outstanding);
         let pub_acked = w.pub_acked;
         self.events.push_back(Event::Welcomed {
             welcome: Box::new(w),

@@ -20,6 +20,7 @@ fn config(servers: &[&str]) -> LinkConfig {
         reconnect_for: Some(Duration::from_secs(10)),
         first_order: FirstOrder::Configured,
         credentials: None,
+        receive_window: None,
     }
 }
 
@@ -471,4 +472,64 @@ fn a_held_link_tries_nothing_and_never_gives_up_until_released() {
     );
     core.handle_timeout(later);
     assert_eq!(connects(&mut core).len(), 1);
+}
+
+/// The credit a Hello or Credit frame among `frames` grants.
+fn grants(frames: &[ClientFrame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ClientFrame::Hello(h) => h.window,
+            ClientFrame::Credit(c) => Some(c.msgs),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_window_is_granted_as_the_application_takes_and_never_past_it() {
+    let mut c = config(&["a"]);
+    c.receive_window = Some(8);
+    let mut core = ClientCore::new(Duration::ZERO, c);
+    core.subscribe(">");
+    core.handle_timeout(Duration::ZERO);
+    connects(&mut core);
+    core.handle_connected(Duration::ZERO);
+    assert_eq!(
+        grants(&sent(&mut core)),
+        vec![8],
+        "the Hello offers the window"
+    );
+    core.handle_frame(Duration::ZERO, welcome(1, 0, 0));
+    assert_eq!(grants(&sent(&mut core)), Vec::<u64>::new());
+    // Eight delivered and handed over, none taken: nothing to grant.
+    let d = core.handle_frame(MS, deliver(1..=8, None)).expect("new");
+    core.take(d.commit);
+    core.set_outstanding(8);
+    assert_eq!(grants(&sent(&mut core)), Vec::<u64>::new());
+    // One taken: less than a quarter of the window is free.
+    core.set_outstanding(7);
+    assert_eq!(grants(&sent(&mut core)), Vec::<u64>::new());
+    // Two taken: a quarter, granted; taking the rest grants the rest.
+    core.set_outstanding(6);
+    assert_eq!(grants(&sent(&mut core)), vec![2]);
+    core.set_outstanding(0);
+    assert_eq!(grants(&sent(&mut core)), vec![6]);
+    // Messages the application still holds on a new connection are not
+    // offered again in its Hello.
+    let d = core.handle_frame(MS, deliver(9..=13, None)).expect("new");
+    core.take(d.commit);
+    core.set_outstanding(5);
+    core.drop_connection(MS, "test");
+    reconnect(&mut core);
+    assert_eq!(grants(&sent(&mut core)), vec![3]);
+}
+
+#[test]
+fn a_core_without_a_window_grants_nothing() {
+    let mut core = serving(&["a"], false);
+    let d = core.handle_frame(MS, deliver(11..=12, None)).expect("new");
+    core.take(d.commit);
+    core.set_outstanding(0);
+    assert_eq!(grants(&sent(&mut core)), Vec::<u64>::new());
 }

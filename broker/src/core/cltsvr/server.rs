@@ -669,6 +669,7 @@ mod tests {
             connection: 1,
             weak: false,
             auth: None,
+            window: None,
         };
         s.handle_frame(T0, session, ClientFrame::Hello(hello));
         for &p in pub_seqs {

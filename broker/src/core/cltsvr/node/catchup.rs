@@ -27,8 +27,9 @@ impl Node {
                 self.catching_up.swap_remove(i);
                 continue;
             };
-            if s.replay_stalled || s.claim.is_some() {
-                // (A catch-up past a claim waits for its check.)
+            if s.replay_stalled || s.claim.is_some() || s.credit == Some(0) {
+                // (A catch-up past a claim waits for its check; one without
+                // credit for the client to grant more.)
                 i += 1;
                 continue;
             }
@@ -74,6 +75,7 @@ impl Node {
             let mut first = None;
             let mut last = (after, 0);
             let mut through = limit;
+            let mut room = s.credit.unwrap_or(u64::MAX);
             let stream = self
                 .retention
                 .after(after)
@@ -82,10 +84,11 @@ impl Node {
                 if !s.patterns.iter().any(|p| p.matches(&m.topic)) {
                     continue;
                 }
-                if limits.full(&self.fanout.builder, m) {
+                if limits.full(&self.fanout.builder, m) || room == 0 {
                     through = Seq(m.seq.0 - 1);
                     break;
                 }
+                room -= 1;
                 first.get_or_insert(m.seq);
                 last = (m.seq, m.hash);
                 self.fanout

@@ -212,6 +212,13 @@ struct Session {
     /// A point of the stream the client holds that this server has not
     /// reached yet: checked when it does.
     claim: Option<Claim>,
+    /// Flow control (docs/DESIGN.md, "Flow control"): the messages it may
+    /// still be sent, if its Hello gave a window. At 0 its live deliveries
+    /// stop and it is caught up from retention as it grants more.
+    credit: Option<u64>,
+    /// The messages of the last delivery or catch-up frame handed to the
+    /// shell, taken from `credit` (given back if its queue refuses it).
+    charged: u64,
 }
 
 /// A point of a session's stream to check against this server's once it
@@ -515,6 +522,8 @@ impl Node {
                 weak: false,
                 weak_sent: Seq(0),
                 claim: None,
+                credit: None,
+                charged: 0,
             },
         );
         self.now = now;
@@ -692,6 +701,16 @@ impl Node {
             (F::Ping(p), true) => self.control(session, kind::PONG, &p),
             (F::Pong(PingHead { .. }), true) => {}
             (F::Ask(head), true) => self.on_ask(session, head),
+            (F::Credit(head), true) => {
+                if let Some(Session {
+                    credit: Some(credit),
+                    ..
+                }) = self.sessions.get_mut(&session)
+                {
+                    // (A catch-up waiting for it goes on at this turn.)
+                    *credit = credit.saturating_add(head.msgs);
+                }
+            }
         }
     }
 
@@ -811,6 +830,7 @@ fn frame_name(f: &protocol::ClientFrame) -> &'static str {
         F::Ping(_) => "Ping",
         F::Pong(_) => "Pong",
         F::Ask(_) => "Ask",
+        F::Credit(_) => "Credit",
     }
 }
 

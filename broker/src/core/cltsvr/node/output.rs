@@ -60,6 +60,14 @@ impl Node {
         } = &out
         {
             self.stats.bytes_out += frame.len() as u64;
+            if matches!(kind, TransmitKind::Deliver | TransmitKind::Replay) {
+                if let Some(s) = self.sessions.get_mut(session) {
+                    if let Some(credit) = &mut s.credit {
+                        s.charged = protocol::deliver_count(frame);
+                        *credit = credit.saturating_sub(s.charged);
+                    }
+                }
+            }
             match kind {
                 // Deliveries record `sent_through` in `next_output`, where
                 // the session is at hand already.
@@ -145,6 +153,22 @@ impl Node {
                         // what is not checked yet.
                         continue;
                     }
+                    if s.credit == Some(0) {
+                        // Flow control: the client has no room. Its place is
+                        // kept (a gap it was to be told of is sent instead,
+                        // if retention still holds it), and a catch-up sends
+                        // from retention as it grants more.
+                        let from = s.gap.take().map_or(seqs.0, |(from, _)| from.min(seqs.0));
+                        let after = Seq(from.0.saturating_sub(1));
+                        s.catch_up = Some(after);
+                        if s.weak {
+                            s.weak_sent = s.weak_sent.min(after);
+                        }
+                        if !self.catching_up.contains(&session) {
+                            self.catching_up.push(session);
+                        }
+                        continue;
+                    }
                     s.sent_through = seqs.1;
                     if let Some((from, _)) = s.gap.take() {
                         // A conflating session missed something: this batch
@@ -203,6 +227,10 @@ impl Node {
         };
         if s.closing {
             return;
+        }
+        if let Some(credit) = &mut s.credit {
+            // Not sent after all.
+            *credit = credit.saturating_add(std::mem::take(&mut s.charged));
         }
         if kind == TransmitKind::Replay {
             s.catch_up = Some(Seq(seqs.0 .0.saturating_sub(1)));

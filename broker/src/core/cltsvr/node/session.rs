@@ -165,6 +165,7 @@ impl Node {
             s.patterns = patterns;
             s.sent_through = head;
             s.weak = hello.weak;
+            s.credit = hello.window;
             // Where the client stands, as far as this server holds.
             s.weak_sent = resume_after.map_or(head, |a| a.min(weak_head).max(head));
             s.claim = claim;

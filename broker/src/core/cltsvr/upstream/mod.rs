@@ -189,6 +189,8 @@ impl Upstream {
             // Relays spread over the tier above by adoption order.
             first_order: FirstOrder::Spread,
             credentials: config.credentials.clone(),
+            // A relay takes what comes (its own clients have windows).
+            receive_window: None,
         };
         Upstream {
             link: Link::new(now, link),
@@ -290,7 +292,7 @@ impl Upstream {
         });
         // Every application topic, and the membership events.
         let subscriptions = vec![">".to_owned(), SYSTEM_PATTERN.to_owned()];
-        self.link.handle_connected(now, subscriptions, resume);
+        self.link.handle_connected(now, subscriptions, resume, None);
     }
 
     /// The connection (or the attempt) ended.

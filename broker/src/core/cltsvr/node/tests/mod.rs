@@ -32,6 +32,7 @@ fn hello(publisher: u64, subs: &[&str], slow: SlowPolicy) -> ClientFrame {
         connection: 1,
         weak: false,
         auth: None,
+        window: None,
     })
 }
 
@@ -69,6 +70,31 @@ fn resume(n: &mut Node, id: u64, subs: &[&str], stream: u64, after: Seq) -> Sess
             check: None,
             agreed: None,
         });
+    }
+    n.handle_frame(T0, s, h);
+    s
+}
+
+/// [`resume`] with a receive window of `window` messages.
+fn resume_with_window(
+    n: &mut Node,
+    id: u64,
+    subs: &[&str],
+    stream: u64,
+    after: Seq,
+    window: u64,
+) -> SessionId {
+    let s = SessionId(id);
+    n.handle_open(T0, s);
+    let mut h = hello(id, subs, SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.resume = Some(Resume {
+            stream,
+            after,
+            check: None,
+            agreed: None,
+        });
+        h.window = Some(window);
     }
     n.handle_frame(T0, s, h);
     s
@@ -692,3 +718,108 @@ fn a_catch_up_builds_a_turns_share_at_a_time() {
 }
 
 mod grouped;
+
+/// Opens session `id` with a receive window of `window` messages.
+fn join_with_window(n: &mut Node, id: u64, subs: &[&str], window: u64) -> SessionId {
+    let s = SessionId(id);
+    n.handle_open(T0, s);
+    let mut h = hello(id, subs, SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.window = Some(window);
+    }
+    n.handle_frame(T0, s, h);
+    drain(n);
+    s
+}
+
+fn credit(msgs: u64) -> ClientFrame {
+    ClientFrame::Credit(protocol::CreditHead { msgs })
+}
+
+#[test]
+fn a_session_is_sent_no_more_than_its_credit_and_caught_up_as_it_grants_more() {
+    let mut n = node();
+    let windowed = join_with_window(&mut n, 1, &["a.>"], 3);
+    let other = join(&mut n, 2, &["a.>"], SlowPolicy::Disconnect);
+    let p = join(&mut n, 3, &[], SlowPolicy::Disconnect);
+    // One message a turn, each its own frame: credit 3 takes three.
+    let mut sent = Vec::new();
+    let mut others = Vec::new();
+    for i in 1..=6 {
+        n.handle_frame(T0, p, publish("a.x", i));
+        let out = drain(&mut n);
+        sent.extend(seqs(&out, windowed));
+        others.extend(seqs(&out, other));
+    }
+    assert_eq!(sent, vec![1, 2, 3], "no further than the window");
+    assert_eq!(
+        others,
+        (1..=6).collect::<Vec<_>>(),
+        "the others are not held up"
+    );
+    // Two more granted: the next two, from retention, nothing past them.
+    n.handle_frame(T0, windowed, credit(2));
+    assert_eq!(seqs(&drain(&mut n), windowed), vec![4, 5]);
+    n.handle_frame(T0, p, publish("a.x", 7));
+    let out = drain(&mut n);
+    assert_eq!(seqs(&out, windowed), Vec::<u64>::new());
+    assert_eq!(seqs(&out, other), vec![7]);
+    // Enough for everything: caught up, then live again.
+    n.handle_frame(T0, windowed, credit(100));
+    assert_eq!(seqs(&drain(&mut n), windowed), vec![6, 7]);
+    n.handle_frame(T0, p, publish("a.x", 8));
+    assert_eq!(seqs(&drain(&mut n), windowed), vec![8]);
+    // A session without a window is not limited, and a Credit from it
+    // changes nothing.
+    n.handle_frame(T0, other, credit(1));
+    n.handle_frame(T0, p, publish("a.x", 9));
+    assert_eq!(seqs(&drain(&mut n), other), vec![9]);
+    assert_eq!(n.stats().slow_consumers, 0);
+}
+
+#[test]
+fn credit_charged_for_a_frame_its_queue_refused_is_given_back() {
+    let mut n = Node::new(
+        T0,
+        NodeConfig {
+            stream: 9,
+            ..config()
+        },
+    );
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("a.x", 1));
+    n.handle_frame(T0, p, publish("a.x", 2));
+    drain(&mut n);
+    // A resume with a window of two: its catch-up frame (both messages)
+    // does not fit its queue at first.
+    let r = resume_with_window(&mut n, 2, &["a.>"], 9, Seq(0), 2);
+    let mut refused = false;
+    let mut got = Vec::new();
+    while let Some(o) = n.poll_output() {
+        if let Output::Transmit {
+            session,
+            kind,
+            seqs,
+            frame,
+        } = o
+        {
+            if session != r || kind != TransmitKind::Replay {
+                continue;
+            }
+            if !refused {
+                refused = true;
+                n.handle_queue_full(T0, session, kind, seqs);
+                continue;
+            }
+            if let ServerFrame::Deliver(head, _) = decode(frame) {
+                got.extend(head.msgs.iter().map(|e| e.0 .0));
+            }
+        }
+    }
+    assert!(refused);
+    // The retry resends what was refused: the credit it was charged came
+    // back, so both messages still fit the window of two.
+    n.handle_timeout(T0 + Duration::from_secs(1));
+    got.extend(seqs(&drain(&mut n), r));
+    assert_eq!(got, vec![1, 2]);
+}
