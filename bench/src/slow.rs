@@ -49,6 +49,9 @@ pub struct SlowArgs {
     /// Slow readers conflate (told of gaps) instead of being cut off.
     #[arg(long)]
     pub conflate: bool,
+    /// The slow readers' receive window, messages [default: the SDK's].
+    #[arg(long)]
+    pub receive_window: Option<u64>,
     /// The node's `[limits] queue_bytes_max` (per client) [default: the node's].
     #[arg(long)]
     pub queue_bytes_max: Option<usize>,
@@ -241,6 +244,9 @@ async fn run(args: &SlowArgs, exe: &std::path::Path, slow: usize) -> anyhow::Res
         } else {
             SlowPolicy::Disconnect
         };
+        if let Some(w) = args.receive_window {
+            o.receive_window = w;
+        }
         let client = Client::connect(o).await?;
         let mut sub = client.subscribe(TOPIC).await?;
         let delay = Duration::from_millis(args.delay_ms);

@@ -15,13 +15,16 @@ use std::time::Duration;
 pub(super) const PING_NEVER: Duration = Duration::from_secs(3600);
 
 /// The settings of a simulated client's core: an SDK client's, but for its
-/// ping period, `ping` (and so how soon it finds a silent connection).
+/// ping period, `ping` (and so how soon it finds a silent connection), and
+/// its receive window, `window` (the simulators' are small, so that flow
+/// control pauses and resumes sessions all the time).
 pub(super) fn link_config(
     publisher: PublisherId,
     servers: Vec<String>,
     slow: SlowPolicy,
     weak: bool,
     ping: Duration,
+    window: Option<u64>,
 ) -> LinkConfig {
     LinkConfig {
         name: format!("sim-{}", publisher.0),
@@ -36,7 +39,7 @@ pub(super) fn link_config(
         reconnect_for: None,
         first_order: FirstOrder::Configured,
         credentials: None,
-        receive_window: None,
+        receive_window: window,
     }
 }
 
@@ -58,20 +61,26 @@ pub struct Client {
     /// The world holds the client's core back until then (a connection
     /// takes a while to open; the tree's clients wait for the relays).
     pub held_until: Option<Duration>,
+    /// Messages handed to the application and not read yet: it reads half
+    /// of them at every tick (a reader slower than a burst), and flow
+    /// control grants the server room as it does.
+    unread: u64,
 }
 
 impl Client {
     /// A client of `servers` (tried in this order first) that pings every
-    /// `ping` when it hears nothing else.
+    /// `ping` when it hears nothing else, with a receive window of `window`
+    /// messages if any.
     pub fn new(
         id: usize,
         patterns: Vec<String>,
         slow: SlowPolicy,
         servers: Vec<String>,
         ping: Duration,
+        window: Option<u64>,
     ) -> Self {
         let publisher = PublisherId(1000 + id as u64);
-        let config = link_config(publisher, servers, slow, false, ping);
+        let config = link_config(publisher, servers, slow, false, ping, window);
         let mut core = ClientCore::new(Duration::ZERO, config);
         for p in &patterns {
             core.subscribe(p);
@@ -86,6 +95,7 @@ impl Client {
             acked_tail: VecDeque::new(),
             resend_acked: false,
             held_until: None,
+            unread: 0,
         }
     }
 
@@ -104,6 +114,10 @@ impl Client {
         self.held_until = None;
         if self.core.poll_timeout().is_some_and(|t| t <= now) {
             self.core.handle_timeout(now);
+        }
+        if self.unread > 0 {
+            self.unread /= 2;
+            self.core.set_outstanding(self.unread);
         }
         true
     }
@@ -154,6 +168,8 @@ impl Client {
                 )?;
             }
             self.core.take(delivery.commit);
+            self.unread += delivery.messages.len() as u64;
+            self.core.set_outstanding(self.unread);
         }
         while let Some(event) = self.core.poll_event() {
             match event {

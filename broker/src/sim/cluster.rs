@@ -497,8 +497,17 @@ impl World {
             };
             let id = PublisherId(1 << 40 | k);
             let link = (w.servers_of(w.clients.len()), w.plan.client_ping);
-            w.clients
-                .push(CoreClient::new(Duration::ZERO, id, 1, Some(weak), link));
+            // Windows of a few messages in two of three runs: flow control
+            // pauses and catches the subscribers up under every fault.
+            let window = (seed / 4 % 3 != 0).then_some(1 + seed % 8);
+            w.clients.push(CoreClient::new(
+                Duration::ZERO,
+                id,
+                1,
+                Some(weak),
+                link,
+                window,
+            ));
         }
         for i in 0..n {
             let s = w.boot(i);
@@ -529,7 +538,7 @@ impl World {
             _ => u64::MAX - 60 + self.rng.below(30),
         };
         let link = (self.servers_of(c), self.plan.client_ping);
-        let mut client = CoreClient::new(self.now, PublisherId(id), first, None, link);
+        let mut client = CoreClient::new(self.now, PublisherId(id), first, None, link, None);
         client.caller = self.service && id.is_multiple_of(2);
         client
     }

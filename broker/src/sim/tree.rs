@@ -179,7 +179,10 @@ pub(crate) fn run_with(seed: u64, bugs: TreeBugs) -> Result<TreeOutcome, Violati
             let patterns = vec![PATTERNS[rng.below(PATTERNS.len() as u64) as usize].to_owned()];
             let mut home = leaves.clone();
             home.rotate_left(id % leaves.len());
-            Client::new(id, patterns, SlowPolicy::Disconnect, home, PING)
+            // Half the clients with a window of a few messages, at the
+            // relay (or root) they attach to.
+            let window = rng.percent(50).then(|| 1 + rng.below(16));
+            Client::new(id, patterns, SlowPolicy::Disconnect, home, PING, window)
         })
         .collect();
     // The observer, at the root, subscribed to everything and never broken,
@@ -190,6 +193,7 @@ pub(crate) fn run_with(seed: u64, bugs: TreeBugs) -> Result<TreeOutcome, Violati
         SlowPolicy::Disconnect,
         vec![addr(0)],
         PING,
+        None,
     ));
     // Clients start once the relays have their stream.
     for c in &mut clients {

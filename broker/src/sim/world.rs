@@ -113,7 +113,16 @@ pub(crate) fn run_with(
             } else {
                 SlowPolicy::Disconnect
             };
-            Client::new(id, patterns, slow, vec![NODE_ADDR.into()], PING_NEVER)
+            // Half the clients with a window of a few messages.
+            let window = rng.percent(50).then(|| 1 + rng.below(16));
+            Client::new(
+                id,
+                patterns,
+                slow,
+                vec![NODE_ADDR.into()],
+                PING_NEVER,
+                window,
+            )
         })
         .collect();
     clients.push(Client::new(
@@ -122,6 +131,7 @@ pub(crate) fn run_with(
         SlowPolicy::Disconnect,
         vec![NODE_ADDR.into()],
         PING_NEVER,
+        None,
     ));
     let mut w = World {
         seed,

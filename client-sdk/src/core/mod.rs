@@ -335,6 +335,12 @@ impl ClientCore {
         }
     }
 
+    /// Flow control: the messages the server may still send on this
+    /// connection, as this client reckons (granted less delivered).
+    pub fn credit(&self) -> u64 {
+        self.credit
+    }
+
     /// What the window leaves for the server to send, if there is a window.
     fn room(&self) -> Option<u64> {
         let window = self.link.config().receive_window?;

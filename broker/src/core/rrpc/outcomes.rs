@@ -98,7 +98,7 @@ impl Rrpc {
         self.submit(&Outcome {
             id: p.id,
             share: None,
-            result: answer.map_err(|e| e.message),
+            result: answer.clone().map_err(|e| e.message),
         });
         let voters: Vec<(NodeId, PublisherId)> = self
             .members
@@ -113,6 +113,7 @@ impl Rrpc {
                 replies: p.replies,
                 voters,
                 votes: BTreeMap::new(),
+                answer: Some(answer),
             },
         );
     }
@@ -136,7 +137,9 @@ impl Rrpc {
     /// reply has more than half the votes of the voters that voted or are
     /// still in the view (a replica that failed has no say; a replica
     /// that replied otherwise is outvoted), and no majority once every
-    /// voter still in the view voted without one.
+    /// voter still in the view voted without one; when every voter left
+    /// without a vote ordered, the reply applying gave (every live
+    /// replica's state gives it too).
     pub(super) fn count_votes(&mut self, id: CallId) {
         let Some(v) = self.voting.get(&id) else {
             return;
@@ -180,6 +183,10 @@ impl Rrpc {
                 }
                 match counts.iter().find(|(_, n)| *n > counted / 2) {
                     Some((a, _)) => Some((*a).clone()),
+                    // Every voter left before its vote was ordered (all
+                    // restarted, say): the live replicas hold the state
+                    // the call left, whose reply is the one applying gave.
+                    None if counted == 0 => v.answer.clone(),
                     None if !awaited => Some(Err(CallFailure {
                         code: CallErrorCode::NoMajority,
                         message: format!(

@@ -622,3 +622,31 @@ fn replies_are_found_again_until_the_table_forgets_them() {
     ));
     assert_eq!(g.replicas[0].lookup(id(4)), Lookup::Unknown);
 }
+
+#[test]
+fn a_majority_call_whose_voters_all_left_unheard_gets_the_reply_applying_gave() {
+    let mut g = Group::new(3);
+    g.append(CALLER, 1, &Replies::Majority.topic("add"), bytes(4));
+    g.deliver_all();
+    // Every replica restarts before its vote is ordered: the view that
+    // follows has each member in a new incarnation, none of them a voter.
+    for i in 0..3 {
+        g.replicas[i].take_submissions();
+    }
+    let members: Vec<Member> = view(&[1, 2, 3])
+        .into_iter()
+        .map(|m| Member {
+            incarnation: crate::core::mbrship::Incarnation(2),
+            ..m
+        })
+        .collect();
+    for i in 0..3 {
+        let at = Seq(g.delivered[i] as u64);
+        g.replicas[i].view(members.clone(), 1, at);
+    }
+    // (Was `NoMajority`, "more than 0 of the 0 replicas that replied":
+    // cluster simulator seed 60.)
+    for i in 0..3 {
+        assert_eq!(g.replies(i), [(1, ok(4))]);
+    }
+}

@@ -128,6 +128,11 @@ pub(super) struct Voting {
     pub voters: Vec<(NodeId, PublisherId)>,
     /// The first vote ordered of each voter, by its publisher id.
     pub votes: BTreeMap<PublisherId, Answer>,
+    /// The reply applying it gave (the same at every replica: an active
+    /// call is executed deterministically by each), for when every voter
+    /// left before its vote was ordered.
+    #[serde(default)]
+    pub answer: Option<Answer>,
 }
 
 /// CBOR of a record.

@@ -125,9 +125,10 @@ impl CoreClient {
         first: u64,
         sub: Option<bool>,
         (servers, ping): (Vec<String>, Duration),
+        window: Option<u64>,
     ) -> Self {
         let weak = sub == Some(true);
-        let config = link_config(id, servers, SlowPolicy::Disconnect, weak, ping);
+        let config = link_config(id, servers, SlowPolicy::Disconnect, weak, ping, window);
         let mut core = ClientCore::new(now, config);
         core.start_pub_seq_at(first);
         if sub.is_some() {
@@ -253,6 +254,8 @@ impl CoreClient {
                 s.log.insert(m.seq, content);
             }
             self.core.take(delivery.commit);
+            // Read at once: flow control grants the room back.
+            self.core.set_outstanding(0);
         }
         let mut acked = 0;
         while let Some(event) = self.core.poll_event() {
@@ -335,8 +338,10 @@ impl CoreClient {
         };
         if at_stream != stream || at != head {
             return Err(Violation(format!(
-                "liveness: subscriber {} stands at {at} of stream {at_stream:x}, the core at {head} of {stream:x}",
-                id.0
+                "liveness: subscriber {} stands at {at} of stream {at_stream:x}, the core at {head} of {stream:x} (connected: {}, credit it reckons its server has: {})",
+                id.0,
+                self.core.link().is_up(),
+                self.core.credit()
             )));
         }
         if s.weak {

@@ -27,9 +27,8 @@ impl Node {
                 self.catching_up.swap_remove(i);
                 continue;
             };
-            if s.replay_stalled || s.claim.is_some() || s.credit == Some(0) {
-                // (A catch-up past a claim waits for its check; one without
-                // credit for the client to grant more.)
+            if s.replay_stalled || s.claim.is_some() {
+                // (A catch-up past a claim waits for its check.)
                 i += 1;
                 continue;
             }
@@ -41,13 +40,21 @@ impl Node {
             if after >= limit {
                 s.catch_up = None;
                 self.catching_up.swap_remove(i);
-                if self.stable_marks.contains(&session) {
-                    // Marks are not sent during a catch-up: one now.
-                    let mark =
-                        protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
-                    self.outputs
-                        .push_back(stable_mark(session, mark, self.head));
-                }
+                // Marks and watermarks are not sent during a catch-up, and
+                // what it passed at the end may not be the session's (its
+                // client would stand there until the head moves): one now.
+                let mark =
+                    protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
+                self.outputs
+                    .push_back(match self.stable_marks.contains(&session) {
+                        true => stable_mark(session, mark, self.head),
+                        false => Output::Transmit {
+                            session,
+                            frame: mark,
+                            kind: TransmitKind::Watermark,
+                            seqs: (self.head, self.head),
+                        },
+                    });
                 self.start_reports(session);
                 continue;
             }
@@ -84,6 +91,10 @@ impl Node {
                 if !s.patterns.iter().any(|p| p.matches(&m.topic)) {
                     continue;
                 }
+                // Out of credit (flow control), the scan still runs to the
+                // next message to send: what it passes needs no credit, and
+                // a session with nothing more to be sent goes live (and
+                // hears of the head by watermarks).
                 if limits.full(&self.fanout.builder, m) || room == 0 {
                     through = Seq(m.seq.0 - 1);
                     break;
@@ -96,6 +107,12 @@ impl Node {
                     .push(m.seq, m.publisher, m.pub_seq, &m.topic, &m.payload);
             }
             s.catch_up = Some(through);
+            if first.is_none() && through < limit {
+                // Out of credit (flow control) before the next message it
+                // matches: it waits for the client to grant more.
+                i += 1;
+                continue;
+            }
             if let Some(first) = first {
                 if s.weak {
                     s.weak_sent = last.0;

@@ -167,6 +167,10 @@ impl Node {
                         if !self.catching_up.contains(&session) {
                             self.catching_up.push(session);
                         }
+                        // A membership report must not overtake what
+                        // precedes it: a complete one follows the catch-up,
+                        // as after a resume.
+                        self.reporting_full.remove(&session);
                         continue;
                     }
                     s.sent_through = seqs.1;
