@@ -499,7 +499,7 @@ impl World {
             let link = (w.servers_of(w.clients.len()), w.plan.client_ping);
             // Windows of a few messages in two of three runs: flow control
             // pauses and catches the subscribers up under every fault.
-            let window = (seed / 4 % 3 != 0).then_some(1 + seed % 8);
+            let window = (!(seed / 4).is_multiple_of(3)).then_some(1 + seed % 8);
             w.clients.push(CoreClient::new(
                 Duration::ZERO,
                 id,
