@@ -137,9 +137,11 @@ impl Rrpc {
     /// reply has more than half the votes of the voters that voted or are
     /// still in the view (a replica that failed has no say; a replica
     /// that replied otherwise is outvoted), and no majority once every
-    /// voter still in the view voted without one; when every voter left
-    /// without a vote ordered, the reply applying gave (every live
-    /// replica's state gives it too).
+    /// voter still in the view voted without one. When every voter left
+    /// before a vote of its was ordered (every replica restarted, say),
+    /// the replicas of the view answer for them with the reply applying
+    /// gave: each holds the state the call left, and an active call's
+    /// reply is the same at every replica.
     pub(super) fn count_votes(&mut self, id: CallId) {
         let Some(v) = self.voting.get(&id) else {
             return;
@@ -161,16 +163,26 @@ impl Rrpc {
         let answer = match v.replies {
             Replies::Own => None,
             Replies::All => (!awaited).then(|| {
-                let votes: Vec<Vote> = v
-                    .voters
-                    .iter()
-                    .filter_map(|(node, p)| {
-                        Some(Vote {
-                            server: node.0,
-                            reply: v.votes.get(p)?.clone(),
+                let votes: Vec<Vote> = match (counted, &v.answer) {
+                    (0, Some(answer)) => self
+                        .members
+                        .iter()
+                        .map(|m| Vote {
+                            server: m.node.0,
+                            reply: answer.clone(),
                         })
-                    })
-                    .collect();
+                        .collect(),
+                    _ => v
+                        .voters
+                        .iter()
+                        .filter_map(|(node, p)| {
+                            Some(Vote {
+                                server: node.0,
+                                reply: v.votes.get(p)?.clone(),
+                            })
+                        })
+                        .collect(),
+                };
                 Ok(wire::encode(&votes))
             }),
             Replies::Majority => {
@@ -183,9 +195,7 @@ impl Rrpc {
                 }
                 match counts.iter().find(|(_, n)| *n > counted / 2) {
                     Some((a, _)) => Some((*a).clone()),
-                    // Every voter left before its vote was ordered (all
-                    // restarted, say): the live replicas hold the state
-                    // the call left, whose reply is the one applying gave.
+                    // Every voter left unheard: see above.
                     None if counted == 0 => v.answer.clone(),
                     None if !awaited => Some(Err(CallFailure {
                         code: CallErrorCode::NoMajority,
