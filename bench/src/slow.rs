@@ -9,7 +9,8 @@
 //! (at the end and its peak) and its queued bytes (the highest sample of
 //! `canopy_queued_bytes`, every 100 ms) against the configured bound; and
 //! what became of the slow readers: messages they read, gap notices, and
-//! how many times the node cut one off (`canopy_slow_consumers_total`).
+//! how many times the node cut one off (`canopy_slow_consumers_total`)
+//! or paused one out of credit (`canopy_flow_pauses_total`).
 //!
 //! The runs are meant to be compared with each other: the fast
 //! subscribers' p99 with slow readers beside them over the run without.
@@ -87,13 +88,13 @@ pub fn main(args: &SlowArgs) -> anyhow::Result<()> {
         total
     );
     println!(
-        "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>6} {:>5} {:>8}  slow readers' messages / gaps",
-        "slow", "complete", "p50 us", "p99 us", "p99.9 us", "rss MiB", "peak MiB", "queued max", "cuts", "gaps", "resumes"
+        "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>6} {:>5} {:>8} {:>7}  slow readers' messages / gaps",
+        "slow", "complete", "p50 us", "p99 us", "p99.9 us", "rss MiB", "peak MiB", "queued max", "cuts", "gaps", "resumes", "pauses"
     );
     for &slow in &args.slow {
         let r = runtime.block_on(run(args, &exe, slow))?;
         println!(
-            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9.1} {:>9.1} {:>11} {:>6} {:>5} {:>8}  {}",
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9.1} {:>9.1} {:>11} {:>6} {:>5} {:>8} {:>7}  {}",
             slow,
             format!("{}/{}", r.complete, args.fast),
             r.latency.value_at_quantile(0.5),
@@ -105,6 +106,7 @@ pub fn main(args: &SlowArgs) -> anyhow::Result<()> {
             r.cuts,
             r.gaps,
             r.resumes,
+            r.pauses,
             r.slow_readers
                 .iter()
                 .map(|(m, g)| format!("{m}/{g}"))
@@ -126,6 +128,8 @@ struct Run {
     gaps: u64,
     /// Connections opened beyond the first of each client: resumes.
     resumes: u64,
+    /// Times the node paused a slow reader out of credit (flow control).
+    pauses: u64,
     /// Per slow reader: messages read, gap notices.
     slow_readers: Vec<(u64, u64)>,
 }
@@ -307,6 +311,7 @@ async fn run(args: &SlowArgs, exe: &std::path::Path, slow: usize) -> anyhow::Res
         peak,
         queued_max: queued_max.load(Relaxed),
         cuts: metric(&node.http, "canopy_slow_consumers_total").await?,
+        pauses: metric(&node.http, "canopy_flow_pauses_total").await?,
         gaps: metric(&node.http, "canopy_gaps_total").await?,
         resumes: metric(&node.http, "canopy_connections_total")
             .await?

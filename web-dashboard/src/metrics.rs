@@ -30,7 +30,7 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 pub fn render(s: &Snapshot) -> String {
     let c = &s.counters;
     let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 16] = [
+    let counters: [(&str, &str, u64); 17] = [
         (
             "canopy_messages_published_total",
             "Messages ordered.",
@@ -60,6 +60,11 @@ pub fn render(s: &Snapshot) -> String {
             "canopy_slow_consumers_total",
             "Clients cut off for not keeping up.",
             c.slow_consumers,
+        ),
+        (
+            "canopy_flow_pauses_total",
+            "Times a client that granted no more room was paused (flow control; it is caught up from retention as it reads).",
+            c.flow_pauses,
         ),
         ("canopy_gaps_total", "Gap notices sent to clients.", c.gaps),
         (

@@ -168,6 +168,8 @@ pub struct Counters {
     pub bytes_out: u64,
     /// Clients cut off for not keeping up.
     pub slow_consumers: u64,
+    /// Times a client out of credit was paused (flow control).
+    pub flow_pauses: u64,
     /// Gap notices sent.
     pub gaps: u64,
     /// Connections closed for bad input.

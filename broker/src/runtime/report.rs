@@ -192,6 +192,7 @@ impl Reporter {
             bytes_in: stats.bytes_in,
             bytes_out: stats.bytes_out,
             slow_consumers: stats.slow_consumers,
+            flow_pauses: stats.flow_pauses,
             gaps: stats.gaps,
             bad_input: stats.bad_input,
             auth_failures: stats.auth_failures,

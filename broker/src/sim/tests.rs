@@ -27,6 +27,10 @@ fn random_runs_with_broken_connections_and_stalls_keep_every_guarantee() {
         "the node closed slow sessions: {totals:?}"
     );
     assert!(totals.gaps > 10, "gaps were reported: {totals:?}");
+    assert!(
+        totals.pauses > 100,
+        "flow control paused sessions: {totals:?}"
+    );
 }
 
 #[test]

@@ -35,6 +35,8 @@ pub struct Outcome {
     pub gaps: u64,
     /// Deliveries clients made.
     pub delivered: u64,
+    /// Times the node paused a session out of credit (flow control).
+    pub pauses: u64,
     /// A hash of every client's deliveries and gaps, for determinism.
     pub fingerprint: u64,
 }
@@ -47,6 +49,7 @@ impl Outcome {
         self.closes += o.closes;
         self.gaps += o.gaps;
         self.delivered += o.delivered;
+        self.pauses += o.pauses;
     }
 }
 
@@ -158,6 +161,7 @@ pub(crate) fn run_with(
         ))
     })?;
     w.out.fingerprint = super::fingerprint(&w.checker, w.clients.len(), &mut w.out.delivered);
+    w.out.pauses = w.node.stats().flow_pauses;
     Ok(w.out)
 }
 

@@ -338,6 +338,9 @@ pub struct Stats {
     pub deliver_frames: u64,
     /// Sessions cut off as slow consumers.
     pub slow_consumers: u64,
+    /// Times a session out of credit had its deliveries paused (flow
+    /// control: it is caught up from retention as it grants more).
+    pub flow_pauses: u64,
     /// Gap notices sent.
     pub gaps: u64,
     /// Sessions closed for bad input.

@@ -171,6 +171,7 @@ impl Node {
                         // precedes it: a complete one follows the catch-up,
                         // as after a resume.
                         self.reporting_full.remove(&session);
+                        self.stats.flow_pauses += 1;
                         continue;
                     }
                     s.sent_through = seqs.1;
