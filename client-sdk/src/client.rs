@@ -895,6 +895,8 @@ impl Driver {
                 }
                 CoreEvent::Denied { pattern, message } => {
                     self.subs.retain(|s| s.pattern.as_str() != pattern);
+                    // What it held unread no longer holds the window.
+                    self.core.set_outstanding(self.outstanding());
                     while let Some(i) = self.pending_subs.iter().position(|(p, _)| *p == pattern) {
                         if let Some((_, done)) = self.pending_subs.remove(i) {
                             let _ = done.send(Err(Error::Denied(message.clone())));
@@ -1055,6 +1057,8 @@ impl Driver {
                 if !self.subs.iter().any(|s| s.pattern == sub.pattern) {
                     self.core.unsubscribe(sub.pattern.as_str());
                 }
+                // What it held unread no longer holds the window.
+                self.core.set_outstanding(self.outstanding());
             }
         }
     }

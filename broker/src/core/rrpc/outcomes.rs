@@ -196,7 +196,7 @@ impl Rrpc {
                 match counts.iter().find(|(_, n)| *n > counted / 2) {
                     Some((a, _)) => Some((*a).clone()),
                     // Every voter left unheard: see above.
-                    None if counted == 0 => v.answer.clone(),
+                    None if counted == 0 && v.answer.is_some() => v.answer.clone(),
                     None if !awaited => Some(Err(CallFailure {
                         code: CallErrorCode::NoMajority,
                         message: format!(

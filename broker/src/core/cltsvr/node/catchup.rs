@@ -40,22 +40,31 @@ impl Node {
             if after >= limit {
                 s.catch_up = None;
                 self.catching_up.swap_remove(i);
-                // Marks and watermarks are not sent during a catch-up, and
-                // what it passed at the end may not be the session's (its
-                // client would stand there until the head moves): one now.
+                let answers = std::mem::take(&mut s.answers_held);
+                // Marks and watermarks are not sent during a catch-up: one
+                // now for a relay; and for a session flow control paused,
+                // whose catch-up may end past messages it does not match
+                // (its client would stand there until the head moves).
+                let windowed = s.credit.is_some();
                 let mark =
                     protocol::encode(kind::WATERMARK, &WatermarkHead { seq: self.head }, &[]);
-                self.outputs
-                    .push_back(match self.stable_marks.contains(&session) {
-                        true => stable_mark(session, mark, self.head),
-                        false => Output::Transmit {
-                            session,
-                            frame: mark,
-                            kind: TransmitKind::Watermark,
-                            seqs: (self.head, self.head),
-                        },
+                if self.stable_marks.contains(&session) {
+                    self.outputs
+                        .push_back(stable_mark(session, mark, self.head));
+                } else if windowed {
+                    self.outputs.push_back(Output::Transmit {
+                        session,
+                        frame: mark,
+                        kind: TransmitKind::Watermark,
+                        seqs: (self.head, self.head),
                     });
+                }
                 self.start_reports(session);
+                // Subscription answers held back at a pause, at the head.
+                for (answer_kind, pattern) in answers {
+                    let answer = self.subscription_answer(session, &pattern);
+                    self.control(session, answer_kind, &answer);
+                }
                 continue;
             }
             let first_held = self.retention.first().unwrap_or(self.head.next());

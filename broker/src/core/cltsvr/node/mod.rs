@@ -216,9 +216,13 @@ struct Session {
     /// still be sent, if its Hello gave a window. At 0 its live deliveries
     /// stop and it is caught up from retention as it grants more.
     credit: Option<u64>,
-    /// The messages of the last delivery or catch-up frame handed to the
-    /// shell, taken from `credit` (given back if its queue refuses it).
+    /// The credit the last delivery or catch-up frame handed to the shell
+    /// took (given back if its queue refuses it).
     charged: u64,
+    /// Subscription answers queued when flow control paused it, which
+    /// claimed positions past what it was sent: given again, at the head,
+    /// when its catch-up ends (kind, pattern).
+    answers_held: Vec<(u8, String)>,
 }
 
 /// A point of a session's stream to check against this server's once it
@@ -527,6 +531,7 @@ impl Node {
                 claim: None,
                 credit: None,
                 charged: 0,
+                answers_held: Vec::new(),
             },
         );
         self.now = now;

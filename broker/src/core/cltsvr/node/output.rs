@@ -63,8 +63,9 @@ impl Node {
             if matches!(kind, TransmitKind::Deliver | TransmitKind::Replay) {
                 if let Some(s) = self.sessions.get_mut(session) {
                     if let Some(credit) = &mut s.credit {
-                        s.charged = protocol::deliver_count(frame);
-                        *credit = credit.saturating_sub(s.charged);
+                        // (A frame past the credit takes what is left.)
+                        s.charged = protocol::deliver_count(frame).min(*credit);
+                        *credit -= s.charged;
                     }
                 }
             }
@@ -167,10 +168,7 @@ impl Node {
                         if !self.catching_up.contains(&session) {
                             self.catching_up.push(session);
                         }
-                        // A membership report must not overtake what
-                        // precedes it: a complete one follows the catch-up,
-                        // as after a resume.
-                        self.reporting_full.remove(&session);
+                        self.hold_answers(session);
                         self.stats.flow_pauses += 1;
                         continue;
                     }
@@ -217,6 +215,47 @@ impl Node {
         }
     }
 
+    /// Flow control just paused `session`: what is queued for it behind the
+    /// delivery it was not sent must not claim positions past what it was
+    /// sent. Its membership reports go (it leaves `reporting_full`, and a
+    /// complete report follows its catch-up, as after a resume); its
+    /// subscription answers are given again when its catch-up ends.
+    fn hold_answers(&mut self, session: SessionId) {
+        self.reporting_full.remove(&session);
+        let mut held = Vec::new();
+        self.outputs.retain(|o| {
+            let Output::Transmit {
+                session: to,
+                kind: TransmitKind::Control,
+                frame,
+                ..
+            } = o
+            else {
+                return true;
+            };
+            if *to != session {
+                return true;
+            }
+            match frame.get(4).copied() {
+                Some(kind::MEMBERS) => false,
+                Some(k @ (kind::SUBSCRIBED | kind::UNSUBSCRIBED)) => {
+                    if let Ok(
+                        protocol::ServerFrame::Subscribed(h)
+                        | protocol::ServerFrame::Unsubscribed(h),
+                    ) = protocol::decode_server(frame.slice(4..))
+                    {
+                        held.push((k, h.pattern));
+                    }
+                    false
+                }
+                _ => true,
+            }
+        });
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.answers_held.extend(held);
+        }
+    }
+
     /// A transmit of kind `kind` covering `seqs` did not fit `session`'s
     /// outbound queue. Call at once, before the next `poll_output`.
     pub fn handle_queue_full(
@@ -233,8 +272,9 @@ impl Node {
         if s.closing {
             return;
         }
-        if let Some(credit) = &mut s.credit {
-            // Not sent after all.
+        if let (Some(credit), TransmitKind::Deliver | TransmitKind::Replay) = (&mut s.credit, kind)
+        {
+            // Not sent after all: what it took back.
             *credit = credit.saturating_add(std::mem::take(&mut s.charged));
         }
         if kind == TransmitKind::Replay {

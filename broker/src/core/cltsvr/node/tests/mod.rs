@@ -823,3 +823,41 @@ fn credit_charged_for_a_frame_its_queue_refused_is_given_back() {
     got.extend(seqs(&drain(&mut n), r));
     assert_eq!(got, vec![1, 2]);
 }
+
+#[test]
+fn a_subscription_answer_queued_behind_a_paused_delivery_waits_for_the_catch_up() {
+    let mut n = node();
+    let w = join_with_window(&mut n, 1, &["a.>"], 1);
+    let p = join(&mut n, 2, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("a.x", 1));
+    assert_eq!(seqs(&drain(&mut n), w), vec![1], "its window of one");
+    // In one turn: a publish, then a subscription change, whose answer
+    // (at the head, 2) is queued behind the delivery of 2, which the
+    // session has no credit for.
+    n.handle_frame(T0, p, publish("a.x", 2));
+    n.handle_frame(
+        T0,
+        w,
+        ClientFrame::Subscribe(SubscribeHead {
+            pattern: "b.>".into(),
+        }),
+    );
+    let out = drain(&mut n);
+    assert!(
+        !out.iter()
+            .any(|(s, f)| *s == w && matches!(f, ServerFrame::Subscribed(_))),
+        "an answer at 2 would move the client past 2 before it has it: {out:?}"
+    );
+    n.handle_frame(T0, w, credit(10));
+    let out: Vec<_> = drain(&mut n).into_iter().filter(|(s, _)| *s == w).collect();
+    let delivered = out
+        .iter()
+        .position(|(_, f)| matches!(f, ServerFrame::Deliver(..)))
+        .expect("the catch-up delivers 2");
+    let answered = out
+        .iter()
+        .position(|(_, f)| matches!(f, ServerFrame::Subscribed(h) if h.head == Seq(2)))
+        .expect("then the answer, at the head");
+    assert!(delivered < answered, "{out:?}");
+    assert_eq!(seqs(&out, w), vec![2]);
+}
