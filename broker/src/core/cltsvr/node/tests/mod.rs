@@ -861,3 +861,46 @@ fn a_subscription_answer_queued_behind_a_paused_delivery_waits_for_the_catch_up(
     assert!(delivered < answered, "{out:?}");
     assert_eq!(seqs(&out, w), vec![2]);
 }
+
+#[test]
+fn a_membership_report_queued_behind_a_paused_delivery_waits_for_the_catch_up() {
+    // Membership on: attaches are ordered in the stream.
+    let mut n = Node::new(T0, NodeConfig::default());
+    let w = SessionId(1);
+    n.handle_open(T0, w);
+    let mut h = hello(1, &["a.>"], SlowPolicy::Disconnect);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.window = Some(1);
+        h.reports = protocol::Reports::Full;
+    }
+    n.handle_frame(T0, w, h);
+    drain(&mut n);
+    let p = SessionId(2);
+    n.handle_open(T0, p);
+    n.handle_frame(T0, p, hello(2, &[], SlowPolicy::Disconnect));
+    drain(&mut n);
+    n.handle_frame(T0, p, publish("a.x", 1));
+    assert_eq!(seqs(&drain(&mut n), w).len(), 1, "its window of one");
+    // In one turn: a publish, then an attach, whose report is queued
+    // behind the delivery the session has no credit for.
+    n.handle_frame(T0, p, publish("a.x", 2));
+    n.handle_open(T0, SessionId(3));
+    n.handle_frame(T0, SessionId(3), hello(3, &[], SlowPolicy::Disconnect));
+    let out = drain(&mut n);
+    assert!(
+        !out.iter()
+            .any(|(s, f)| *s == w && matches!(f, ServerFrame::Members(_))),
+        "a report would overtake the message before it: {out:?}"
+    );
+    n.handle_frame(T0, w, credit(10));
+    let out: Vec<_> = drain(&mut n).into_iter().filter(|(s, _)| *s == w).collect();
+    let delivered = out
+        .iter()
+        .position(|(_, f)| matches!(f, ServerFrame::Deliver(..)))
+        .expect("the catch-up delivers the message");
+    let reported = out
+        .iter()
+        .position(|(_, f)| matches!(f, ServerFrame::Members(m) if m.complete))
+        .expect("then a complete report");
+    assert!(delivered < reported, "{out:?}");
+}
