@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use canopy_client::protocol::{
-    encode_client, encode_server, AskHead, ClientFrame, DeliverBuilder, Hello, PingHead, PubSeq,
+    encode_client, encode_server, AskHead, ClientFrame, CreditHead, DeliverBuilder, Hello, PingHead, PubSeq,
     Publish, PublisherId, Reports, Role, Seq, ServerFrame, SlowPolicy, SubscribeHead,
     PROTOCOL_VERSION,
 };
@@ -28,7 +28,8 @@ fn main() {
         connection: 1,
         weak: false,
         auth: None,
-        window: None,
+        // Flow control: a window of two, so the session is paused.
+        window: Some(2),
     });
     let frames = [
         ("hello", hello),
@@ -39,27 +40,36 @@ fn main() {
             }),
         ),
         (
+            "publish",
+            ClientFrame::Publish(Publish::new("md.x", PubSeq(1), Bytes::from_static(b"p"))),
+        ),
+        (
+            "publish2",
+            ClientFrame::Publish(Publish::new("md.y", PubSeq(2), Bytes::from_static(b"q"))),
+        ),
+        (
+            "publish3",
+            ClientFrame::Publish(Publish::new("md.x", PubSeq(3), Bytes::from_static(b"r"))),
+        ),
+        ("credit", ClientFrame::Credit(CreditHead { msgs: 1 })),
+        (
             "unsubscribe",
             ClientFrame::Unsubscribe(SubscribeHead {
                 pattern: "md.>".into(),
             }),
         ),
         (
-            "publish",
-            ClientFrame::Publish(Publish::new("md.x", PubSeq(1), Bytes::from_static(b"p"))),
-        ),
-        (
             "call",
             ClientFrame::Publish(Publish::new(
                 "$canopy.call.get",
-                PubSeq(2),
+                PubSeq(4),
                 Bytes::from_static(b"k"),
             )),
         ),
         (
             "ask",
             ClientFrame::Ask(AskHead {
-                pub_seq: PubSeq(2),
+                pub_seq: PubSeq(4),
                 publisher: None,
             }),
         ),
