@@ -3,7 +3,7 @@
 mod common;
 
 use canopy_client::protocol::{ClientFrame, PubSeq, ServerFrame, SlowPolicy};
-use canopy_client::{Client, Event, Seq};
+use canopy_client::{Client, ClientOptions, Event, Seq};
 use common::{publish, take_messages, within, Proxy, Raw, Server};
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -383,49 +383,12 @@ async fn a_restarted_publisher_with_a_fixed_id_is_not_mistaken_for_a_retry() {
 /// left off; it gets every message once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_resumes_once_it_has_caught_up_not_in_a_loop() {
-    const N: usize = 1000;
     let server = Server::with_http();
     let http = server.http.clone().expect("HTTP on");
     let mut options = server.options();
     options.subscription_batches_max = 4;
-    let reader = within("connect", Client::connect(options))
-        .await
-        .expect("connect");
-    let mut sub = reader.subscribe("r.>").await.expect("subscribe");
-    let publisher = server.client().await;
-    // One message a millisecond: batches of about one, twice as fast as
-    // the reader reads.
-    let publishing = tokio::spawn(async move {
-        for i in 0..N {
-            drop(publisher.send("r.x", format!("{i}")).await.expect("send"));
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        publisher.flush().await.expect("flush");
-    });
-    let mut got = Vec::with_capacity(N);
-    within("the slow reader", async {
-        while got.len() < N {
-            match sub.next().await {
-                Some(Event::Message(m)) => {
-                    got.push(
-                        String::from_utf8_lossy(&m.payload)
-                            .parse::<usize>()
-                            .expect("number"),
-                    );
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    })
-    .await;
-    assert_eq!(got, (0..N).collect::<Vec<_>>());
-    publishing.await.expect("the publisher");
-    let body = common::http_get(&http, "/metrics").await;
-    let connections: u64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("canopy_connections_total ")?.parse().ok())
-        .expect("canopy_connections_total");
+    read_slowly(&server, options, "r").await;
+    let connections = connections_at_least(&http, 2).await;
     assert!(connections < 40, "{connections} connections for 2 clients");
 }
 
@@ -436,21 +399,34 @@ async fn a_slow_reader_resumes_once_it_has_caught_up_not_in_a_loop() {
 /// order, caught up from retention as it reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_paced_by_its_window_on_one_connection() {
-    const N: usize = 1000;
     let server = Server::with_http();
     let http = server.http.clone().expect("HTTP on");
     let mut options = server.options();
     options.receive_window = 64;
     // Without the window the backlog (about 500 batches) passes this.
     options.subscription_batches_max = 128;
+    read_slowly(&server, options, "w").await;
+    let connections = connections_at_least(&http, 2).await;
+    assert_eq!(connections, 2, "the reader and the publisher, once each");
+}
+
+/// A reader with `options` takes 1,000 messages published on `prefix.x`
+/// one a millisecond (batches of about one), at 2 ms each: twice as slow
+/// as they come. It must get every one once, in order.
+async fn read_slowly(server: &Server, options: ClientOptions, prefix: &str) {
+    const N: usize = 1000;
     let reader = within("connect", Client::connect(options))
         .await
         .expect("connect");
-    let mut sub = reader.subscribe("w.>").await.expect("subscribe");
+    let mut sub = reader
+        .subscribe(&format!("{prefix}.>"))
+        .await
+        .expect("subscribe");
     let publisher = server.client().await;
+    let topic = format!("{prefix}.x");
     let publishing = tokio::spawn(async move {
         for i in 0..N {
-            drop(publisher.send("w.x", format!("{i}")).await.expect("send"));
+            drop(publisher.send(&topic, format!("{i}")).await.expect("send"));
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         publisher.flush().await.expect("flush");
@@ -474,8 +450,6 @@ async fn a_slow_reader_is_paced_by_its_window_on_one_connection() {
     .await;
     assert_eq!(got, (0..N).collect::<Vec<_>>());
     publishing.await.expect("the publisher");
-    let connections = connections_at_least(&http, 2).await;
-    assert_eq!(connections, 2, "the reader and the publisher, once each");
 }
 
 /// A client that publishes (awaiting each acknowledgement) without reading
