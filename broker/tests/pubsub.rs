@@ -458,20 +458,33 @@ async fn read_slowly(server: &Server, options: ClientOptions, prefix: &str) {
 /// subscription later yields every message once, in order.
 #[tokio::test]
 async fn publishing_past_the_window_of_an_unread_subscription_goes_on() {
-    const N: usize = 500;
     let server = Server::with_http();
     let http = server.http.clone().expect("HTTP on");
     let mut options = server.options();
     options.receive_window = 16;
     options.subscription_batches_max = 32;
+    publish_then_read(options, "u").await;
+    let connections = connections_at_least(&http, 1).await;
+    assert_eq!(connections, 1, "no reconnect");
+}
+
+/// A client with `options` publishes 500 messages on `prefix.x`, awaiting
+/// each acknowledgement, without reading its own subscription to them;
+/// then reads them: every one once, in order.
+async fn publish_then_read(options: ClientOptions, prefix: &str) {
+    const N: usize = 500;
     let client = within("connect", Client::connect(options))
         .await
         .expect("connect");
-    let mut sub = client.subscribe("u.>").await.expect("subscribe");
+    let mut sub = client
+        .subscribe(&format!("{prefix}.>"))
+        .await
+        .expect("subscribe");
+    let topic = format!("{prefix}.x");
     within("publishes with an unread subscription", async {
         for i in 0..N {
             client
-                .publish("u.x", format!("{i}"))
+                .publish(&topic, format!("{i}"))
                 .await
                 .expect("publish");
         }
@@ -483,8 +496,6 @@ async fn publishing_past_the_window_of_an_unread_subscription_goes_on() {
         .map(|m| String::from_utf8_lossy(&m.payload).parse().expect("number"))
         .collect();
     assert_eq!(got, (0..N).collect::<Vec<_>>());
-    let connections = connections_at_least(&http, 1).await;
-    assert_eq!(connections, 1, "no reconnect");
 }
 
 /// The node's count of client connections once its metrics (a snapshot
@@ -512,29 +523,10 @@ async fn connections_at_least(http: &str, n: u64) -> u64 {
 /// and the subscription later yields every message once, in order.
 #[tokio::test]
 async fn publishing_while_not_reading_a_full_subscription_does_not_deadlock() {
-    const N: usize = 500;
     let server = Server::start();
     let mut options = server.options();
     options.subscription_batches_max = 2;
-    let client = within("connect", Client::connect(options))
-        .await
-        .expect("connect");
-    let mut sub = client.subscribe("d.>").await.expect("subscribe");
-    within("publishes with an undrained subscription", async {
-        for i in 0..N {
-            client
-                .publish("d.x", format!("{i}"))
-                .await
-                .expect("publish");
-        }
-    })
-    .await;
-    let got: Vec<usize> = take_messages(&mut sub, N)
-        .await
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.payload).parse().expect("number"))
-        .collect();
-    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    publish_then_read(options, "d").await;
 }
 
 /// The batch API hands over whole delivery frames: every message once, in

@@ -60,19 +60,7 @@ fn join(n: &mut Node, id: u64, subs: &[&str], slow: SlowPolicy) -> SessionId {
 /// Opens session `id` resuming `after` on `stream` with `subs`; the
 /// outputs stay queued for the caller to drain.
 fn resume(n: &mut Node, id: u64, subs: &[&str], stream: u64, after: Seq) -> SessionId {
-    let s = SessionId(id);
-    n.handle_open(T0, s);
-    let mut h = hello(id, subs, SlowPolicy::Disconnect);
-    if let ClientFrame::Hello(h) = &mut h {
-        h.resume = Some(Resume {
-            stream,
-            after,
-            check: None,
-            agreed: None,
-        });
-    }
-    n.handle_frame(T0, s, h);
-    s
+    resume_with(n, id, subs, stream, after, None)
 }
 
 /// [`resume`] with a receive window of `window` messages.
@@ -84,6 +72,17 @@ fn resume_with_window(
     after: Seq,
     window: u64,
 ) -> SessionId {
+    resume_with(n, id, subs, stream, after, Some(window))
+}
+
+fn resume_with(
+    n: &mut Node,
+    id: u64,
+    subs: &[&str],
+    stream: u64,
+    after: Seq,
+    window: Option<u64>,
+) -> SessionId {
     let s = SessionId(id);
     n.handle_open(T0, s);
     let mut h = hello(id, subs, SlowPolicy::Disconnect);
@@ -94,7 +93,7 @@ fn resume_with_window(
             check: None,
             agreed: None,
         });
-        h.window = Some(window);
+        h.window = window;
     }
     n.handle_frame(T0, s, h);
     s
@@ -842,24 +841,40 @@ fn a_subscription_answer_queued_behind_a_paused_delivery_waits_for_the_catch_up(
             pattern: "b.>".into(),
         }),
     );
-    let out = drain(&mut n);
+    // (An answer at 2 would move the client past 2 before it has it.)
+    let out = held_until_caught_up(
+        &mut n,
+        w,
+        |f| matches!(f, ServerFrame::Subscribed(h) if h.head == Seq(2)),
+    );
+    assert_eq!(seqs(&out, w), vec![2]);
+}
+
+/// What was queued for `w` behind a delivery it had no credit for (the
+/// frames `held` picks) is not sent while it is paused, and follows the
+/// catch-up's delivery once it grants more. Returns `w`'s frames then.
+fn held_until_caught_up(
+    n: &mut Node,
+    w: SessionId,
+    held: impl Fn(&ServerFrame) -> bool,
+) -> Vec<(SessionId, ServerFrame)> {
+    let out = drain(n);
     assert!(
-        !out.iter()
-            .any(|(s, f)| *s == w && matches!(f, ServerFrame::Subscribed(_))),
-        "an answer at 2 would move the client past 2 before it has it: {out:?}"
+        !out.iter().any(|(s, f)| *s == w && held(f)),
+        "sent while paused, ahead of what it follows: {out:?}"
     );
     n.handle_frame(T0, w, credit(10));
-    let out: Vec<_> = drain(&mut n).into_iter().filter(|(s, _)| *s == w).collect();
+    let out: Vec<_> = drain(n).into_iter().filter(|(s, _)| *s == w).collect();
     let delivered = out
         .iter()
         .position(|(_, f)| matches!(f, ServerFrame::Deliver(..)))
-        .expect("the catch-up delivers 2");
-    let answered = out
+        .expect("the catch-up delivers");
+    let after = out
         .iter()
-        .position(|(_, f)| matches!(f, ServerFrame::Subscribed(h) if h.head == Seq(2)))
-        .expect("then the answer, at the head");
-    assert!(delivered < answered, "{out:?}");
-    assert_eq!(seqs(&out, w), vec![2]);
+        .position(|(_, f)| held(f))
+        .expect("then what was held");
+    assert!(delivered < after, "{out:?}");
+    out
 }
 
 #[test]
@@ -886,21 +901,11 @@ fn a_membership_report_queued_behind_a_paused_delivery_waits_for_the_catch_up() 
     n.handle_frame(T0, p, publish("a.x", 2));
     n.handle_open(T0, SessionId(3));
     n.handle_frame(T0, SessionId(3), hello(3, &[], SlowPolicy::Disconnect));
-    let out = drain(&mut n);
+    // (A report would overtake the message before it.)
+    let out = held_until_caught_up(&mut n, w, |f| matches!(f, ServerFrame::Members(_)));
     assert!(
-        !out.iter()
-            .any(|(s, f)| *s == w && matches!(f, ServerFrame::Members(_))),
-        "a report would overtake the message before it: {out:?}"
+        out.iter()
+            .any(|(_, f)| matches!(f, ServerFrame::Members(m) if m.complete)),
+        "a complete report follows the catch-up: {out:?}"
     );
-    n.handle_frame(T0, w, credit(10));
-    let out: Vec<_> = drain(&mut n).into_iter().filter(|(s, _)| *s == w).collect();
-    let delivered = out
-        .iter()
-        .position(|(_, f)| matches!(f, ServerFrame::Deliver(..)))
-        .expect("the catch-up delivers the message");
-    let reported = out
-        .iter()
-        .position(|(_, f)| matches!(f, ServerFrame::Members(m) if m.complete))
-        .expect("then a complete report");
-    assert!(delivered < reported, "{out:?}");
 }
