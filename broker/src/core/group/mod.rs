@@ -230,7 +230,7 @@ impl Group {
             Event::View { view, at } => {
                 self.rrpc
                     .set_publisher(rrpc_config(self.mbr.me()).publisher);
-                self.rrpc.view(view.members.clone(), view.stream, *at);
+                self.rrpc.view(view, *at);
                 self.rrpc.set_primary(self.mbr.is_primary());
             }
             Event::NotPrimary => self.rrpc.set_primary(false),

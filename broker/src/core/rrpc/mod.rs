@@ -25,20 +25,30 @@
 //! there) and handed up, so that the server the caller is attached to
 //! sends it.
 //!
-//! Who executes is decided by each replica from its view: the primary
-//! (the view's first member) for primary-backup, once every earlier call
-//! is applied; for load-balanced, the member with the fewest load-balanced
-//! calls without an outcome when the call is delivered (an assignment kept
-//! in the replicated state, made alike everywhere: the counts come from
-//! the stream); the member `rank % size` for each share of a parallel
-//! call. A view change reassigns what has no outcome yet (load-balanced:
-//! only what a departed member held); an executor that loses its turn may
+//! Who executes is decided by each replica from the members the stream
+//! says: the coordinator of every view orders a **view record** (the
+//! view's id and members, on [`VIEW_TOPIC`]) as it begins, and a replica
+//! takes the members of the newest record delivered (an older view's
+//! record ordered late changes nothing). So every replica changes members
+//! at the same position, even one that never installed a view (cut off
+//! between accepting it and its commit, it is delivered the view's
+//! messages by the next view's flush), and a view in which nothing was
+//! ordered changes nothing anywhere. The executor is the primary (the
+//! first member) for primary-backup, once every earlier call is applied;
+//! for load-balanced, the member with the fewest load-balanced calls
+//! without an outcome when the call is delivered (an assignment kept in
+//! the replicated state, made alike everywhere: the counts come from the
+//! stream); the member `rank % size` for each share of a parallel call.
+//! A new record reassigns what has no outcome yet (load-balanced: only
+//! what a departed member held); an executor that loses its turn may
 //! still order its outcome, and the first one ordered wins, so a call is
-//! applied once and its effect never comes from two executions.
+//! applied once and its effect never comes from two executions. Before a
+//! stream's first record nothing is executed and no vote is decided.
 //!
 //! # Driving it
-//! The group hands it the stable stream ([`Rrpc::deliver`]), views
-//! ([`Rrpc::view`]), primary or not ([`Rrpc::set_primary`]), and snapshots
+//! The group hands it the stable stream ([`Rrpc::deliver`]), the views it
+//! installs ([`Rrpc::view`]: a new stream, and the record to order if it
+//! coordinates the view), primary or not ([`Rrpc::set_primary`]), and snapshots
 //! to take and install ([`Rrpc::snapshot`], [`Rrpc::restore`]). The shell
 //! runs the [`Job`]s of [`Rrpc::poll_job`] off the server's loop and
 //! reports with [`Rrpc::executed`]; outcomes to order come from
@@ -61,7 +71,7 @@ mod wire;
 
 pub use service::{digest_of, share, Call, CallId, Method, Mode, Service, Share, Shared};
 
-use crate::core::mbrship::{Member, NodeId};
+use crate::core::mbrship::{Member, NodeId, View, ViewId};
 use crate::core::stream::{Msg, Ordered};
 use crate::core::total::wire::Submitted;
 use bytes::Bytes;
@@ -70,7 +80,7 @@ use canopy_client::protocol::{
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use wire::{Outcome, Pending, State, Voting};
+use wire::{Outcome, Pending, State, ViewRecord, Voting};
 
 /// The most shares a parallel call is split into (a record that says more
 /// is not a replica's).
@@ -78,6 +88,9 @@ const SHARES_MAX: u32 = 1024;
 
 /// The topic replicas order their outcomes on.
 pub const OUTCOME_TOPIC: &str = "$canopy.rrpc";
+
+/// The topic each view's coordinator orders the view's members on.
+pub const VIEW_TOPIC: &str = "$canopy.rrpc.view";
 
 /// The publisher id member `node` in incarnation `incarnation` orders its
 /// outcomes under (not the id it attaches clients under: the two number
@@ -210,14 +223,11 @@ pub struct Rrpc {
     initial: Bytes,
     config: RrpcConfig,
     me: NodeId,
-    /// The view's members, in the view's order: the view the stream has
-    /// reached (a view installed after seq `at` counts from `at` on, and
-    /// the old view's last messages may be delivered after it is
-    /// installed).
+    /// The members of the newest view record delivered, in the view's
+    /// order (empty before a stream's first)...
     members: Vec<Member>,
-    /// Views installed that the stream has not reached yet: (the last seq
-    /// of the view before, members).
-    views: VecDeque<(Seq, Vec<Member>)>,
+    /// ...and that view.
+    view: Option<ViewId>,
     /// The last seq delivered.
     delivered: Seq,
     /// A running hash of every call applied and its reply (replicated
@@ -272,7 +282,7 @@ impl Rrpc {
             config,
             me,
             members: Vec::new(),
-            views: VecDeque::new(),
+            view: None,
             delivered: Seq(0),
             history: 0,
             primary: false,
@@ -333,35 +343,57 @@ impl Rrpc {
         digest_of(&self.snapshot())
     }
 
-    /// A new view (members in the view's order) of stream `stream`,
-    /// installed after seq `at`: it takes effect once the stream reaches
-    /// `at`, the same position at every replica. What has no outcome yet
-    /// is reassigned by the new view then.
-    pub fn view(&mut self, members: Vec<Member>, stream: u64, at: Seq) {
-        if stream != self.stream {
-            self.set_stream(stream);
+    /// This server installed `view` after seq `at` (the last seq of the
+    /// view before). Its members take effect where the view's record is
+    /// delivered, the same position at every replica: the coordinator
+    /// orders the record now (a core that runs no service has no use for
+    /// members, and orders none).
+    pub fn view(&mut self, view: &View, at: Seq) {
+        if view.stream != self.stream {
+            self.set_stream(view.stream);
             self.delivered = at;
         }
-        self.views.push_back((at, members));
-        self.reach_views(self.delivered);
+        if view.id.coordinator == self.me && self.service.is_some() {
+            let record = ViewRecord {
+                id: view.id,
+                members: view.members.clone(),
+            };
+            self.submit(VIEW_TOPIC, wire::encode(&record));
+        }
     }
 
-    /// Views installed at or before `seq` take effect.
-    fn reach_views(&mut self, seq: Seq) {
-        while self.views.front().is_some_and(|(at, _)| *at <= seq) {
-            let Some((_, members)) = self.views.pop_front() else {
-                break;
-            };
-            let old = std::mem::replace(&mut self.members, members);
-            if !old.is_empty() {
-                self.count_reassigned(&old);
+    /// A view record delivered: the newest view's members take effect
+    /// here, and what has no outcome yet is reassigned by them.
+    fn on_view_record(&mut self, m: &Ordered) {
+        let record: ViewRecord = match wire::decode(&m.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(publisher = %m.publisher, seq = %m.seq, error = %e, "a view record that does not decode; ignored");
+                return;
             }
-            for i in 0..self.queue.len() {
-                self.assign(i);
-            }
-            self.count_votes_all();
-            self.dispatch_all();
+        };
+        let by_coordinator = record.members.iter().any(|c| {
+            c.node == record.id.coordinator
+                && outcome_publisher(c.node, c.incarnation.0) == m.publisher
+        });
+        if !by_coordinator {
+            tracing::warn!(publisher = %m.publisher, seq = %m.seq, view = %record.id, "a view record not ordered by its view's coordinator; ignored");
+            return;
         }
+        if self.view.is_some_and(|v| record.id <= v) {
+            // An older view's record, ordered after a newer one's.
+            return;
+        }
+        self.view = Some(record.id);
+        let old = std::mem::replace(&mut self.members, record.members);
+        if !old.is_empty() {
+            self.count_reassigned(&old);
+        }
+        for i in 0..self.queue.len() {
+            self.assign(i);
+        }
+        self.count_votes_all();
+        self.dispatch_all();
     }
 
     /// The publisher id this server orders its outcomes and votes under
@@ -384,18 +416,17 @@ impl Rrpc {
     /// Stable messages, in stream order.
     pub fn deliver(&mut self, msgs: &[Ordered]) {
         for m in msgs {
-            // The view a message was ordered in.
-            self.reach_views(Seq(m.seq.0.saturating_sub(1)));
             self.delivered = m.seq;
             if let Some((method, replies)) = Replies::parse(&m.topic) {
                 self.on_call(m, method, replies);
             } else if &*m.topic == OUTCOME_TOPIC {
                 self.on_outcome(m);
+            } else if &*m.topic == VIEW_TOPIC {
+                self.on_view_record(m);
             }
             // What this message made known is applied at its position.
             self.advance();
         }
-        self.reach_views(self.delivered);
     }
 
     /// A job's result.
@@ -413,23 +444,19 @@ impl Rrpc {
             return;
         }
         self.stat(&job.method).executed += 1;
-        self.submit(&Outcome {
+        let outcome = Outcome {
             id: job.id,
             share: job.share,
             result,
-        });
+        };
+        self.submit(OUTCOME_TOPIC, wire::encode(&outcome));
     }
 
-    /// Orders `outcome` under this server's own publisher id.
-    fn submit(&mut self, outcome: &Outcome) {
+    /// Orders a record on `topic` under this server's own publisher id.
+    fn submit(&mut self, topic: &str, record: Bytes) {
         let pub_seq = PubSeq(self.own_pub_seq.0 + 1);
         let after = std::mem::replace(&mut self.own_pub_seq, pub_seq);
-        let msg = Msg(
-            self.config.publisher,
-            pub_seq,
-            OUTCOME_TOPIC.into(),
-            wire::encode(outcome),
-        );
+        let msg = Msg(self.config.publisher, pub_seq, topic.into(), record);
         self.submissions.push(Submitted(after, msg));
     }
 
@@ -490,7 +517,7 @@ impl Rrpc {
             done,
             history: self.history,
             members: self.members.clone(),
-            views: self.views.iter().cloned().collect(),
+            view: self.view,
             voting: self.voting.values().cloned().collect(),
         })
     }
@@ -502,15 +529,12 @@ impl Rrpc {
     /// When the snapshot does not decode or the service refuses it; the
     /// state is then left as it was.
     pub fn restore(&mut self, state: Option<&[u8]>, stream: u64, head: Seq) -> Result<(), String> {
-        let (state, taken) = match state {
-            Some(bytes) => (wire::decode::<State>(bytes)?, true),
-            None => (
-                State {
-                    service: self.initial.clone(),
-                    ..State::default()
-                },
-                false,
-            ),
+        let state = match state {
+            Some(bytes) => wire::decode::<State>(bytes)?,
+            None => State {
+                service: self.initial.clone(),
+                ..State::default()
+            },
         };
         if let Some(service) = &self.service {
             service.restore(&state.service)?;
@@ -519,16 +543,8 @@ impl Rrpc {
             self.set_stream(stream);
         }
         self.queue = state.queue.into();
-        if taken {
-            // The views as the replica that took the snapshot had them at
-            // `head` (a replica restarted, or back from a partition, may be
-            // delivered what follows before it is told of a view), then
-            // those this replica was told of that take effect later.
-            let last = state.views.last().map_or(head, |(at, _)| (*at).max(head));
-            let later: Vec<_> = self.views.drain(..).filter(|(at, _)| *at > last).collect();
-            self.members = state.members;
-            self.views = state.views.into_iter().chain(later).collect();
-        }
+        self.members = state.members;
+        self.view = state.view;
         self.replies_order = state.replies.iter().map(|(id, _)| *id).collect();
         self.replies = state.replies.into_iter().collect();
         self.done = state.done.into_iter().collect();
@@ -547,7 +563,6 @@ impl Rrpc {
             }
         }
         self.delivered = head;
-        self.reach_views(head);
         self.advance();
         self.dispatch_all();
         Ok(())
@@ -557,7 +572,7 @@ impl Rrpc {
     fn set_stream(&mut self, stream: u64) {
         self.stream = stream;
         self.members.clear();
-        self.views.clear();
+        self.view = None;
         self.own_pub_seq = PubSeq(0);
         self.submissions.clear();
     }

@@ -95,11 +95,12 @@ impl Rrpc {
     /// reply is given once the votes are in ([`Rrpc::count_votes`]).
     pub(super) fn vote(&mut self, p: Pending, answer: Answer) {
         self.applied(p.id);
-        self.submit(&Outcome {
+        let own = Outcome {
             id: p.id,
             share: None,
             result: answer.clone().map_err(|e| e.message),
-        });
+        };
+        self.submit(OUTCOME_TOPIC, wire::encode(&own));
         let voters: Vec<(NodeId, PublisherId)> = self
             .members
             .iter()
@@ -146,6 +147,10 @@ impl Rrpc {
         let Some(v) = self.voting.get(&id) else {
             return;
         };
+        if self.members.is_empty() {
+            // No view record yet on this stream: who votes is not known.
+            return;
+        }
         let live: BTreeSet<PublisherId> = self
             .members
             .iter()

@@ -77,6 +77,8 @@ struct Group {
     stream: Vec<Ordered>,
     /// How far each replica has been delivered.
     delivered: Vec<usize>,
+    /// The last view's epoch.
+    epoch: u64,
 }
 
 const CALLER: PublisherId = PublisherId(7);
@@ -101,15 +103,39 @@ impl Group {
                 let me = m.node;
                 let config = RrpcConfig::new(outcome_publisher(me, 1));
                 let mut r = Rrpc::new(me, Some(share(Counter::default())), config);
-                r.view(members.clone(), 1, Seq(0));
                 r.set_primary(true);
                 r
             })
             .collect();
-        Group {
+        let mut g = Group {
             replicas,
             stream: Vec::new(),
             delivered: vec![0; n],
+            epoch: 0,
+        };
+        g.install(&members, &(0..n).collect::<Vec<_>>());
+        g
+    }
+
+    /// Replicas `at` install a view of `members` (its coordinator the
+    /// first, among them), each where it was delivered to; the coordinator
+    /// orders the view's record (what it submitted before goes first).
+    fn install(&mut self, members: &[Member], at: &[usize]) {
+        self.epoch += 1;
+        let view = View {
+            id: ViewId {
+                epoch: self.epoch,
+                coordinator: members[0].node,
+            },
+            members: members.to_vec(),
+            stream: 1,
+        };
+        for &i in at {
+            let seq = Seq(self.delivered[i] as u64);
+            self.replicas[i].view(&view, seq);
+            for Submitted(_, m) in self.replicas[i].take_submissions() {
+                self.append(m.0, m.1 .0, &m.2, m.3);
+            }
         }
     }
 
@@ -237,11 +263,7 @@ fn a_view_change_reassigns_what_the_departed_replica_had_not_ordered() {
     g.execute(1);
     g.deliver_all();
     assert!(g.replicas[0].queued() > 0, "replica 3 had some of 30 calls");
-    let members = view(&[1, 2]);
-    for i in 0..2 {
-        let at = Seq(g.delivered[i] as u64);
-        g.replicas[i].view(members.clone(), 1, at);
-    }
+    g.install(&view(&[1, 2]), &[0, 1]);
     let survivors = |g: &mut Group| loop {
         for i in 0..2 {
             g.deliver(i);
@@ -371,15 +393,98 @@ fn a_restored_replica_continues_where_its_snapshot_was_taken() {
     let head = Seq(g.stream.len() as u64);
     fresh.restore(Some(&snap), 1, head).expect("restores");
     g.replicas.push(fresh);
-    // It joins the view, at the snapshot's position.
-    for r in &mut g.replicas {
-        r.view(view(&[1, 2, 3]), 1, head);
-    }
     g.delivered.push(g.stream.len());
+    // It joins the view, at the snapshot's position.
+    g.install(&view(&[1, 2, 3]), &[0, 1, 2]);
     g.settle();
     let d = g.digests();
     assert!(d.iter().all(|&x| x == d[0]), "digests differ: {d:?}");
     assert_eq!(g.replies(2).last(), Some(&(3, ok(3 + 4 + 4))));
+}
+
+#[test]
+fn a_replica_that_never_installed_a_view_assigns_as_the_others_did() {
+    // Cluster simulator seed 2467: replica 3, cut off between accepting
+    // the view of 1, 2 and 3 and its commit, is delivered what was ordered
+    // in that view by the next view's flush, never having installed it.
+    let mut g = Group::new(4);
+    for s in 1..=20 {
+        g.call(s, "lb.add", 1);
+    }
+    g.deliver_all();
+    // Replica 4 fails with its jobs; only 1 and 2 install the next view.
+    while g.replicas[3].poll_job().is_some() {}
+    g.install(&view(&[1, 2, 3]), &[0, 1]);
+    for s in 21..=30 {
+        g.call(s, "lb.add", 1);
+    }
+    for i in 0..3 {
+        g.deliver(i);
+    }
+    let d = &g.digests()[..3];
+    assert!(d.iter().all(|&x| x == d[0]), "assignments differ: {d:?}");
+    loop {
+        let ran: usize = (0..3).map(|i| g.execute(i)).sum();
+        for i in 0..3 {
+            g.deliver(i);
+        }
+        if ran == 0 {
+            break;
+        }
+    }
+    let replies = g.replies(2);
+    assert_eq!(replies.len(), 30);
+    assert_eq!(replies.last().map(|r| &r.1), Some(&ok(30)));
+    let d = &g.digests()[..3];
+    assert!(d.iter().all(|&x| x == d[0]), "states differ: {d:?}");
+}
+
+#[test]
+fn only_the_newest_view_record_by_its_coordinator_counts() {
+    let mut g = Group::new(3);
+    g.install(&view(&[2, 3]), &[1, 2]);
+    // The first view's record again, ordered late (its coordinator
+    // resubmitted it in the new view), and a record naming a newer view
+    // that its coordinator did not order: neither changes the members.
+    let record = |epoch: u64, coordinator: u32, ids: &[u32]| {
+        let id = ViewId {
+            epoch,
+            coordinator: NodeId(coordinator),
+        };
+        wire::encode(&ViewRecord {
+            id,
+            members: view(ids),
+        })
+    };
+    g.append(
+        outcome_publisher(NodeId(1), 1),
+        9,
+        VIEW_TOPIC,
+        record(1, 1, &[1, 2, 3]),
+    );
+    g.append(
+        outcome_publisher(NodeId(3), 1),
+        9,
+        VIEW_TOPIC,
+        record(9, 2, &[1, 3]),
+    );
+    g.append(
+        outcome_publisher(NodeId(3), 1),
+        10,
+        VIEW_TOPIC,
+        b"\xff".as_slice().into(),
+    );
+    g.call(1, "pb.add", 5);
+    g.deliver_all();
+    // The primary is the first member of the view of 2 and 3.
+    let jobs: Vec<bool> = g
+        .replicas
+        .iter_mut()
+        .map(|r| r.poll_job().is_some())
+        .collect();
+    assert_eq!(jobs, [false, true, false]);
+    let d = g.digests();
+    assert!(d.iter().all(|&x| x == d[0]), "states differ: {d:?}");
 }
 
 #[test]
@@ -407,11 +512,9 @@ fn a_replica_told_of_a_view_late_assigns_as_the_others_did() {
     g.replicas.push(late);
     g.delivered.push(head.0 as usize);
     g.deliver(2);
-    let at = Seq(g.stream.len() as u64);
-    for r in &mut g.replicas {
-        r.view(view(&[1, 2, 3]), 1, at);
-        r.set_primary(true);
-    }
+    g.replicas[2].set_primary(true);
+    g.install(&view(&[1, 2, 3]), &[0, 1, 2]);
+    g.deliver_all();
     let d = g.digests();
     assert!(d.iter().all(|&x| x == d[0]), "assignments differ: {d:?}");
     g.settle();
@@ -479,11 +582,8 @@ fn a_majority_outvotes_a_replica_that_disagrees_and_none_is_an_error() {
     g.execute(0);
     g.deliver_all();
     assert_eq!(g.replies(0), [], "replica 2 has not voted yet");
-    let members = view(&[1, 3]);
-    for i in [0, 2] {
-        let at = Seq(g.delivered[i] as u64);
-        g.replicas[i].view(members.clone(), 1, at);
-    }
+    g.install(&view(&[1, 3]), &[0, 2]);
+    g.deliver(0);
     let r = g.replies(0);
     assert_eq!(r.len(), 1);
     let code = r[0].1.as_ref().map_err(|e| e.code);
@@ -512,12 +612,9 @@ fn every_replicas_reply_is_the_replies_of_those_still_in_the_view() {
         }),
         Lookup::Pending
     );
-    let members = view(&[1, 2]);
+    g.install(&view(&[1, 2]), &[0, 1]);
     for i in 0..2 {
-        let at = Seq(g.delivered[i] as u64);
-        g.replicas[i].view(members.clone(), 1, at);
-    }
-    for i in 0..2 {
+        g.deliver(i);
         let r = g.replies(i);
         assert_eq!(r.len(), 1);
         assert_eq!(votes(&r[0].1), [(1, ok(4)), (2, ok(4))]);
@@ -633,6 +730,7 @@ fn calls_whose_voters_all_left_unheard_get_the_reply_applying_gave() {
     // follows has each member in a new incarnation, none of them a voter.
     for i in 0..3 {
         g.replicas[i].take_submissions();
+        g.replicas[i].set_publisher(outcome_publisher(NodeId(i as u32 + 1), 2));
     }
     let members: Vec<Member> = view(&[1, 2, 3])
         .into_iter()
@@ -641,10 +739,8 @@ fn calls_whose_voters_all_left_unheard_get_the_reply_applying_gave() {
             ..m
         })
         .collect();
-    for i in 0..3 {
-        let at = Seq(g.delivered[i] as u64);
-        g.replicas[i].view(members.clone(), 1, at);
-    }
+    g.install(&members, &[0, 1, 2]);
+    g.deliver_all();
     // (Were `NoMajority`, "more than 0 of the 0 replicas that replied",
     // and an empty list: cluster simulator seeds 60 and 1224.)
     for i in 0..3 {

@@ -3,7 +3,7 @@
 
 use super::service::{Call, CallId, Mode, Share};
 use super::{Answer, Job};
-use crate::core::mbrship::{Member, NodeId};
+use crate::core::mbrship::{Member, NodeId, ViewId};
 use bytes::Bytes;
 use canopy_client::protocol::{PublisherId, Replies};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -20,6 +20,15 @@ pub(super) struct Outcome {
     pub share: Option<Share>,
     /// The effect, or the handler's error.
     pub result: Result<Bytes, String>,
+}
+
+/// A view's members, ordered by its coordinator as the view begins: who
+/// executes from this position of the stream on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct ViewRecord {
+    pub id: ViewId,
+    /// In the view's order.
+    pub members: Vec<Member>,
 }
 
 /// A call delivered and not applied yet, with what is known of its effect.
@@ -100,16 +109,13 @@ pub(super) struct State {
     /// The running hash of applies (`Rrpc::fingerprint`).
     #[serde(default)]
     pub history: u64,
-    /// The view in effect at this position (who executes: load-balanced
-    /// assignments made after it depend on it, and a replica that
-    /// installs this state may be delivered what follows before it is
-    /// told of a view)...
+    /// The members of the newest view record at this position (who
+    /// executes: load-balanced assignments made after it depend on it)...
     #[serde(default)]
     pub members: Vec<Member>,
-    /// ...and the views installed that take effect further on: (the last
-    /// seq of the view before, members).
+    /// ...and its view.
     #[serde(default)]
-    pub views: Vec<(canopy_client::protocol::Seq, Vec<Member>)>,
+    pub view: Option<ViewId>,
     /// Calls applied that wait for their replicas' votes.
     #[serde(default)]
     pub voting: Vec<Voting>,
