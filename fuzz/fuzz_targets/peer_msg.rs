@@ -6,5 +6,5 @@ use canopy_broker::core::group::wire;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = wire::decode(data);
+    let _ = wire::decode(bytes::Bytes::copy_from_slice(data));
 });

@@ -136,8 +136,9 @@ const CALLER: &str = "canopy link: the caller";
 
 /// The peer protocol's version: servers of another version refuse each
 /// other's links at the hello, rather than drop them later on a message one
-/// of them cannot decode. 2: the sequencer's `Retried`.
-const LINK_VERSION: u32 = 2;
+/// of them cannot decode. 2: the sequencer's `Retried`; 3: binary `Order`
+/// and `Submit` (`core::total::wire`).
+const LINK_VERSION: u32 = 3;
 
 /// Numbers incoming connections in the order they were accepted.
 static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -520,7 +521,7 @@ async fn read_link(
         let mut batch: Vec<PeerMsg> = Vec::new();
         let end = loop {
             match next {
-                Ok(content) => match wire::decode(&content) {
+                Ok(content) => match wire::decode(content.freeze()) {
                     Ok(msg) => batch.push(msg),
                     Err(e) => {
                         tracing::warn!(node = %peer, error = %e, "undecodable frame; link dropped");

@@ -1269,7 +1269,8 @@ impl World {
                 let Some(s) = &mut self.servers[f.to] else {
                     return;
                 };
-                let msg = wire::decode(&f.bytes[4..]).expect("frames the groups encoded decode");
+                let msg =
+                    wire::decode(f.bytes.slice(4..)).expect("frames the groups encoded decode");
                 s.server.handle_peer(local, NodeId(f.from as u32 + 1), msg);
             }
             Ev::LinkUp { at, peer } => {

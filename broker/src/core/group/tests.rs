@@ -81,7 +81,7 @@ impl Net {
                 for (to, frame) in frames {
                     moved = true;
                     if let Some(dst) = self.groups[to.0 as usize - 1].as_mut() {
-                        let msg = wire::decode(&frame[4..]).expect("valid frame");
+                        let msg = wire::decode(frame.slice(4..)).expect("valid frame");
                         dst.handle_msg(self.now, from, msg);
                     }
                 }
