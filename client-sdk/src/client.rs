@@ -52,8 +52,12 @@ pub struct ClientOptions {
     /// program with the same id continues after the highest publisher
     /// sequence number the server has ordered for it.
     pub publisher: Option<PublisherId>,
-    /// Publishes in flight (sent, not acknowledged) at most.
+    /// Publishes in flight (sent, not acknowledged) at most...
     pub window: usize,
+    /// ...and their bytes at most (payload and topic; a single publish
+    /// larger than this goes alone). The client keeps what is in flight to
+    /// send again after a failover, so this bounds its memory.
+    pub window_bytes: usize,
     /// What the server does when this client does not keep up.
     pub slow: SlowPolicy,
     /// Give up when no server could be reached for this long.
@@ -109,7 +113,8 @@ impl ClientOptions {
             servers: servers.into_iter().map(Into::into).collect(),
             name: "canopy-client".into(),
             publisher: None,
-            window: 1024,
+            window: 16_384,
+            window_bytes: 16 << 20,
             slow: SlowPolicy::Disconnect,
             reconnect_for: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
@@ -194,6 +199,8 @@ enum Command {
         payload: Bytes,
         /// Its slot in [`Acks`].
         ack: usize,
+        /// Its share of the window's bytes.
+        cost: u32,
     },
     Subscribe {
         pattern: Pattern,
@@ -228,7 +235,7 @@ enum Command {
 #[derive(Clone)]
 pub struct Client {
     commands: flume::Sender<Command>,
-    window: Arc<Semaphore>,
+    window: Window,
     acks: Arc<Acks>,
     /// The topic of the last publish, validated once for a run of
     /// publishes to it.
@@ -238,6 +245,66 @@ pub struct Client {
     publisher: PublisherId,
     call_timeout: Duration,
     flow: Arc<Flow>,
+}
+
+/// The publish window ([`ClientOptions::window`] and
+/// [`ClientOptions::window_bytes`]): `send` takes a publish's share of both
+/// and the driver gives it back when the publish is acknowledged.
+#[derive(Clone)]
+struct Window {
+    msgs: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    /// A publish's byte share at most, so that one larger than the window
+    /// still goes (alone).
+    bytes_max: u32,
+}
+
+impl Window {
+    fn new(options: &ClientOptions) -> Self {
+        let bytes_max = u32::try_from(options.window_bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS as u32);
+        Window {
+            msgs: Arc::new(Semaphore::new(
+                options.window.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            bytes: Arc::new(Semaphore::new(bytes_max as usize)),
+            bytes_max,
+        }
+    }
+
+    /// A publish's byte share.
+    fn cost(&self, topic: &Topic, payload: &Bytes) -> u32 {
+        u32::try_from(topic.as_str().len() + payload.len())
+            .unwrap_or(u32::MAX)
+            .min(self.bytes_max)
+    }
+
+    /// Waits until the window has room for a publish of `cost` bytes, and
+    /// takes it.
+    async fn take(&self, cost: u32) -> Result<(), Error> {
+        let msgs = self.msgs.acquire().await.map_err(|_| Error::Closed)?;
+        let bytes = self
+            .bytes
+            .acquire_many(cost)
+            .await
+            .map_err(|_| Error::Closed)?;
+        msgs.forget();
+        bytes.forget();
+        Ok(())
+    }
+
+    /// `n` publishes of `bytes` in all are done with.
+    fn give_back(&self, n: usize, bytes: usize) {
+        self.msgs.add_permits(n);
+        self.bytes.add_permits(bytes);
+    }
+
+    /// A `send` waiting for room wakes to `Closed`.
+    fn close(&self) {
+        self.msgs.close();
+        self.bytes.close();
+    }
 }
 
 /// Flow control between the subscriptions and the driver
@@ -265,7 +332,7 @@ impl Client {
         let publisher = options
             .publisher
             .unwrap_or_else(|| PublisherId(rand::random()));
-        let window = Arc::new(Semaphore::new(options.window.max(1)));
+        let window = Window::new(&options);
         let acks = Arc::new(Acks::default());
         let flow = Arc::new(Flow {
             wake: tokio::sync::Notify::new(),
@@ -325,9 +392,9 @@ impl Client {
                 max: self.payload_max,
             });
         }
-        let permit = self.window.acquire().await.map_err(|_| Error::Closed)?;
-        // The driver returns the permit when the publish is acknowledged.
-        permit.forget();
+        // The driver gives the window back when the publish is acknowledged.
+        let cost = self.window.cost(&topic, &payload);
+        self.window.take(cost).await?;
         let ack = self.acks.take()?;
         let pending = PendingAck {
             slot: Some(ack),
@@ -338,6 +405,7 @@ impl Client {
                 topic,
                 payload,
                 ack,
+                cost,
             })
             .map_err(|_| Error::Closed)?;
         Ok(pending)
@@ -665,11 +733,11 @@ struct Driver {
     /// The core's time is measured from here.
     origin: Instant,
     commands: flume::Receiver<Command>,
-    window: Arc<Semaphore>,
+    window: Window,
     subscription_batches_max: usize,
     /// Publishes not acknowledged, in pub_seq order, with their slots in
-    /// `ack_slots`.
-    acks: VecDeque<(PubSeq, usize)>,
+    /// `ack_slots` and their shares of the window's bytes.
+    acks: VecDeque<(PubSeq, usize, u32)>,
     ack_slots: Arc<Acks>,
     flushes: Vec<(PubSeq, oneshot::Sender<Result<(), Error>>)>,
     /// Replies awaited, by the call's pub_seq.
@@ -696,7 +764,7 @@ impl Driver {
     fn new(
         options: &ClientOptions,
         publisher: PublisherId,
-        window: Arc<Semaphore>,
+        window: Window,
         ack_slots: Arc<Acks>,
         flow: Arc<Flow>,
     ) -> (Self, flume::Sender<Command>) {
@@ -978,6 +1046,7 @@ impl Driver {
                 topic,
                 payload,
                 ack,
+                cost,
             } => {
                 if let Some(why) = self.denied(
                     |p| p.may_publish(topic.as_str()),
@@ -985,12 +1054,12 @@ impl Driver {
                     topic.as_str(),
                 ) {
                     self.ack_slots.settle(ack, Err(why));
-                    // `send` took a permit for it: nothing will acknowledge it.
-                    self.window.add_permits(1);
+                    // `send` took its share: nothing will acknowledge it.
+                    self.window.give_back(1, cost as usize);
                     return;
                 }
                 let pub_seq = self.core.publish(topic.as_str(), &payload);
-                self.acks.push_back((pub_seq, ack));
+                self.acks.push_back((pub_seq, ack, cost));
             }
             Command::Call {
                 method,
@@ -1021,7 +1090,7 @@ impl Driver {
                 None => {
                     let _ = done.send(Ok(()));
                 }
-                Some((pub_seq, _)) => self.flushes.push((*pub_seq, done)),
+                Some((pub_seq, ..)) => self.flushes.push((*pub_seq, done)),
             },
             Command::Subscribe {
                 pattern,
@@ -1137,15 +1206,16 @@ impl Driver {
 
     /// Everything up to `through` is acknowledged.
     fn acknowledge(&mut self, through: PubSeq) {
-        let done = self.acks.partition_point(|(p, _)| *p <= through);
-        self.ack_slots.settle_all(
-            self.acks
-                .drain(..done)
-                .map(|(pub_seq, slot)| (slot, pub_seq)),
-        );
-        self.window.add_permits(done);
+        let done = self.acks.partition_point(|(p, ..)| *p <= through);
+        let mut bytes = 0;
+        self.ack_slots
+            .settle_all(self.acks.drain(..done).map(|(pub_seq, slot, cost)| {
+                bytes += cost as usize;
+                (slot, pub_seq)
+            }));
+        self.window.give_back(done, bytes);
         // A flush is done when nothing at or before its target is unacknowledged.
-        let oldest = self.acks.front().map(|(p, _)| *p);
+        let oldest = self.acks.front().map(|(p, ..)| *p);
         let mut i = 0;
         while i < self.flushes.len() {
             if oldest.is_none_or(|o| o > self.flushes[i].0) {
