@@ -54,9 +54,10 @@ pub struct ClientOptions {
     pub publisher: Option<PublisherId>,
     /// Publishes in flight (sent, not acknowledged) at most...
     pub window: usize,
-    /// ...and their bytes at most (payload and topic; a single publish
-    /// larger than this goes alone). The client keeps what is in flight to
-    /// send again after a failover, so this bounds its memory.
+    /// ...and their bytes at most (payload and topic, each publish counted
+    /// as at least `window_bytes / window`; a single publish larger than
+    /// this goes alone). The client keeps what is in flight to send again
+    /// after a failover, so this bounds its memory.
     pub window_bytes: usize,
     /// What the server does when this client does not keep up.
     pub slow: SlowPolicy,
@@ -248,61 +249,61 @@ pub struct Client {
 }
 
 /// The publish window ([`ClientOptions::window`] and
-/// [`ClientOptions::window_bytes`]): `send` takes a publish's share of both
-/// and the driver gives it back when the publish is acknowledged.
+/// [`ClientOptions::window_bytes`]) as one semaphore of bytes: a publish
+/// takes its topic and payload's length, but at least `window_bytes /
+/// window` (so at most `window` are in flight) and at most `window_bytes`
+/// (so one larger than the window goes, alone). `send` takes its share; the
+/// driver gives it back when the publish is acknowledged.
 #[derive(Clone)]
 struct Window {
-    msgs: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
-    /// A publish's byte share at most, so that one larger than the window
-    /// still goes (alone).
-    bytes_max: u32,
+    /// A publish's share at least...
+    least: u32,
+    /// ...and at most.
+    most: u32,
 }
 
 impl Window {
     fn new(options: &ClientOptions) -> Self {
-        let bytes_max = u32::try_from(options.window_bytes)
+        let most = u32::try_from(options.window_bytes)
             .unwrap_or(u32::MAX)
-            .clamp(1, Semaphore::MAX_PERMITS as u32);
+            .clamp(
+                1,
+                (Semaphore::MAX_PERMITS as u64).min(u64::from(u32::MAX)) as u32,
+            );
+        let msgs = u32::try_from(options.window.max(1)).unwrap_or(u32::MAX);
         Window {
-            msgs: Arc::new(Semaphore::new(
-                options.window.clamp(1, Semaphore::MAX_PERMITS),
-            )),
-            bytes: Arc::new(Semaphore::new(bytes_max as usize)),
-            bytes_max,
+            bytes: Arc::new(Semaphore::new(most as usize)),
+            least: most.div_ceil(msgs),
+            most,
         }
     }
 
-    /// A publish's byte share.
+    /// A publish's share.
     fn cost(&self, topic: &Topic, payload: &Bytes) -> u32 {
         u32::try_from(topic.as_str().len() + payload.len())
             .unwrap_or(u32::MAX)
-            .min(self.bytes_max)
+            .clamp(self.least, self.most)
     }
 
-    /// Waits until the window has room for a publish of `cost` bytes, and
-    /// takes it.
+    /// Waits until the window has room for a share of `cost`, and takes it.
     async fn take(&self, cost: u32) -> Result<(), Error> {
-        let msgs = self.msgs.acquire().await.map_err(|_| Error::Closed)?;
-        let bytes = self
+        let permit = self
             .bytes
             .acquire_many(cost)
             .await
             .map_err(|_| Error::Closed)?;
-        msgs.forget();
-        bytes.forget();
+        permit.forget();
         Ok(())
     }
 
-    /// `n` publishes of `bytes` in all are done with.
-    fn give_back(&self, n: usize, bytes: usize) {
-        self.msgs.add_permits(n);
+    /// Shares of `bytes` in all are done with.
+    fn give_back(&self, bytes: usize) {
         self.bytes.add_permits(bytes);
     }
 
     /// A `send` waiting for room wakes to `Closed`.
     fn close(&self) {
-        self.msgs.close();
         self.bytes.close();
     }
 }
@@ -1055,7 +1056,7 @@ impl Driver {
                 ) {
                     self.ack_slots.settle(ack, Err(why));
                     // `send` took its share: nothing will acknowledge it.
-                    self.window.give_back(1, cost as usize);
+                    self.window.give_back(cost as usize);
                     return;
                 }
                 let pub_seq = self.core.publish(topic.as_str(), &payload);
@@ -1213,7 +1214,7 @@ impl Driver {
                 bytes += cost as usize;
                 (slot, pub_seq)
             }));
-        self.window.give_back(done, bytes);
+        self.window.give_back(bytes);
         // A flush is done when nothing at or before its target is unacknowledged.
         let oldest = self.acks.front().map(|(p, ..)| *p);
         let mut i = 0;

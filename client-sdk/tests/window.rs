@@ -67,32 +67,65 @@ async fn serve(
     }
 }
 
-#[tokio::test]
-async fn publishes_in_flight_are_bounded_in_bytes() {
+/// A client of a scripted server, with the window given; the server's
+/// publishes seen, and a way to have it acknowledge.
+async fn connect(
+    window: usize,
+    window_bytes: usize,
+) -> (Client, mpsc::Receiver<(u64, usize)>, mpsc::Sender<u64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address").to_string();
-    let (seen_tx, mut seen) = mpsc::channel(16);
+    let (seen_tx, seen) = mpsc::channel(16);
     let (ack, acks) = mpsc::channel(16);
     tokio::spawn(serve(listener, seen_tx, acks));
     let mut options = ClientOptions::new([addr]);
     options.reports = protocol::Reports::None;
-    options.window_bytes = 1000;
+    options.window = window;
+    options.window_bytes = window_bytes;
     let client = tokio::time::timeout(TIME_MAX, Client::connect(options))
         .await
         .expect("in time")
         .expect("connects");
-    // Each takes 3 + 400 bytes of the window: two fit, the third waits.
-    let payload = vec![7u8; 400];
+    (client, seen, ack)
+}
+
+/// Sends two publishes of `payload` bytes on `t.x`, which the server gets.
+async fn two_in_flight(client: &Client, seen: &mut mpsc::Receiver<(u64, usize)>, payload: usize) {
     for _ in 0..2 {
-        let sent = tokio::time::timeout(TIME_MAX, client.send("t.x", payload.clone())).await;
+        let sent = tokio::time::timeout(TIME_MAX, client.send("t.x", vec![7u8; payload])).await;
         drop(sent.expect("in time").expect("queued"));
     }
     for pub_seq in 1..=2 {
         let got = tokio::time::timeout(TIME_MAX, seen.recv())
             .await
             .expect("in time");
-        assert_eq!(got, Some((pub_seq, 400)));
+        assert_eq!(got, Some((pub_seq, payload)));
     }
+}
+
+#[tokio::test]
+async fn publishes_in_flight_are_bounded_in_count() {
+    let (client, mut seen, ack) = connect(2, 1 << 20).await;
+    two_in_flight(&client, &mut seen, 10).await;
+    let third = tokio::spawn({
+        let client = client.clone();
+        async move { client.send("t.x", vec![7u8; 10]).await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!third.is_finished(), "a third publish went past the window");
+    ack.send(1).await.expect("the server runs");
+    let got = tokio::time::timeout(TIME_MAX, seen.recv())
+        .await
+        .expect("in time");
+    assert_eq!(got, Some((3, 10)));
+}
+
+#[tokio::test]
+async fn publishes_in_flight_are_bounded_in_bytes() {
+    let (client, mut seen, ack) = connect(16_384, 1000).await;
+    // Each takes 3 + 400 bytes of the window: two fit, the third waits.
+    let payload = vec![7u8; 400];
+    two_in_flight(&client, &mut seen, 400).await;
     let third = tokio::spawn({
         let client = client.clone();
         let payload = payload.clone();
