@@ -92,6 +92,7 @@ fn main() {
     write("server_frame", "deliver", &deliver[4..]);
     let ping = encode_server(&ServerFrame::Ping(PingHead { nonce: 3 }));
     write("server_frame", "ping", &ping[4..]);
+    peer_seeds();
     write("text_inputs", "patterns", b"md.>\nmd.NASDAQ.*");
     write(
         "text_inputs",
@@ -103,4 +104,35 @@ fn main() {
         "config",
         b"name = \"n\"\n[limits]\nframe_len_max = 65536\n[core]\nid = 1\n[[core.servers]]\nid = 1\npeer = \"127.0.0.1:1\"\nclient = \"127.0.0.1:2\"\n",
     );
+}
+
+/// A binary `Order` and `Submit` (two topics, one repeated) and a CBOR
+/// `Ack`, as core servers send them.
+fn peer_seeds() {
+    use canopy_broker::core::group::{wire, Msg, NodeId, PeerMsg, Submitted, ViewId};
+    let view = ViewId {
+        epoch: 2,
+        coordinator: NodeId(1),
+    };
+    let msgs = vec![
+        Msg(PublisherId(1), PubSeq(1), "md.x".into(), Bytes::from_static(b"one")),
+        Msg(PublisherId(1), PubSeq(2), "md.x".into(), Bytes::from_static(b"two")),
+        Msg(PublisherId(2), PubSeq(1), "md.y".into(), Bytes::new()),
+    ];
+    let order = PeerMsg::Order {
+        view,
+        first: Seq(5),
+        msgs: msgs.clone(),
+        stable: Seq(4),
+    };
+    let submit = PeerMsg::Submit {
+        view,
+        front: 1,
+        first: 1,
+        msgs: msgs.into_iter().map(|m| Submitted(PubSeq(0), m)).collect(),
+    };
+    let ack = PeerMsg::Ack { view, have: Seq(7) };
+    for (name, m) in [("order", order), ("submit", submit), ("ack", ack)] {
+        write("peer_msg", name, &wire::encode(&m)[4..]);
+    }
 }
