@@ -53,7 +53,7 @@ async fn servers_that_share_the_secret_form_a_core_and_others_are_dropped_at_onc
     // No offer to prove the secret: dropped without an answer.
     let mut rogue = TcpStream::connect(&peer).await.expect("connects");
     let hello = LinkHello {
-        version: 2,
+        version: canopy_broker::runtime::LINK_VERSION,
         node: 2,
         nonce: None,
     };
@@ -65,7 +65,7 @@ async fn servers_that_share_the_secret_form_a_core_and_others_are_dropped_at_onc
     // An offer, then a wrong answer to the challenge: dropped.
     let mut rogue = TcpStream::connect(&peer).await.expect("connects");
     let hello = LinkHello {
-        version: 2,
+        version: canopy_broker::runtime::LINK_VERSION,
         node: 2,
         nonce: Some(Bytes::from_static(&[7; 32])),
     };

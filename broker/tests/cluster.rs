@@ -280,10 +280,14 @@ async fn bad_input_on_a_core_link_drops_only_that_link() {
     .await
     .expect("connects");
     let mut sub = client.subscribe("t.>").await.expect("subscribe");
-    // A well-formed link hello from "server 2", as CBOR {version: 2, node: 2}.
+    // A well-formed link hello from "server 2", as CBOR {version, node: 2}.
     let mut hello = Vec::new();
-    ciborium::into_writer(&serde_json::json!({"version": 2, "node": 2}), &mut hello)
-        .expect("encode");
+    let version = canopy_broker::runtime::LINK_VERSION;
+    ciborium::into_writer(
+        &serde_json::json!({"version": version, "node": 2}),
+        &mut hello,
+    )
+    .expect("encode");
     let framed = |content: &[u8]| {
         let mut f = (content.len() as u32).to_be_bytes().to_vec();
         f.extend_from_slice(content);

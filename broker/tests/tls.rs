@@ -265,7 +265,7 @@ async fn core_links_are_mutual_tls_and_a_process_without_a_core_certificate_is_d
     // A well-formed link hello and protocol message (a server that read
     // them would keep the link: no secret is set here).
     let mut speech = common::record(&LinkHello {
-        version: 2,
+        version: canopy_broker::runtime::LINK_VERSION,
         node: 2,
         nonce: None,
     });

@@ -5,50 +5,21 @@
 //! handed the agreed stream from there, messages at positions it had
 //! already passed included.
 
+mod common;
+
 use canopy_client::protocol::{
     self, chain, ClientFrame, DeliverBuilder, DivergedHead, PubSeq, PublisherId, Seq, ServerFrame,
-    StreamCheck, SubscribedHead, Welcome,
+    StreamCheck, SubscribedHead,
 };
 use canopy_client::{Client, ClientOptions, Event};
-use futures::{SinkExt, StreamExt};
-use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use common::{accept, read, send, TIME_MAX};
+use futures::StreamExt;
+use tokio::net::TcpListener;
 
 const STREAM: u64 = 5;
-const TIME_MAX: Duration = Duration::from_secs(10);
-
-type Conn = Framed<TcpStream, LengthDelimitedCodec>;
-
-async fn accept(listener: &TcpListener) -> Conn {
-    let (socket, _) = listener.accept().await.expect("accept");
-    Framed::new(socket, LengthDelimitedCodec::new())
-}
-
-async fn read(conn: &mut Conn) -> ClientFrame {
-    let content = conn.next().await.expect("a frame").expect("readable");
-    protocol::decode_client(content.freeze()).expect("a valid client frame")
-}
-
-async fn send(conn: &mut Conn, frame: &ServerFrame) {
-    // `encode_server` includes the length prefix the codec adds again.
-    let bytes = protocol::encode_server(frame).slice(4..);
-    conn.send(bytes).await.expect("send");
-}
 
 fn welcome(head: u64, hash: u64) -> ServerFrame {
-    ServerFrame::Welcome(Welcome {
-        version: protocol::PROTOCOL_VERSION,
-        server: "scripted".into(),
-        session: 1,
-        stream: STREAM,
-        head: Seq(head),
-        pub_acked: PubSeq(0),
-        frame_len_max: 1 << 20,
-        servers: Vec::new(),
-        hash,
-        permissions: None,
-    })
+    common::welcome(STREAM, head, hash)
 }
 
 /// A delivery of `(seq, publisher, pub_seq)` on `t.x`, with the running

@@ -3,28 +3,15 @@
 //! acknowledged); an acknowledgement gives room back, and a publish larger
 //! than the whole window goes alone.
 
-use canopy_client::protocol::{self, ClientFrame, PubAck, PubSeq, Seq, ServerFrame, Welcome};
+mod common;
+
+use canopy_client::protocol::{self, ClientFrame, PubAck, PubSeq, Seq, ServerFrame};
 use canopy_client::{Client, ClientOptions};
-use futures::{SinkExt, StreamExt};
+use common::{accept, read, send, welcome, TIME_MAX};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
-
-const TIME_MAX: Duration = Duration::from_secs(10);
-
-type Conn = Framed<TcpStream, LengthDelimitedCodec>;
-
-async fn read(conn: &mut Conn) -> ClientFrame {
-    let content = conn.next().await.expect("a frame").expect("readable");
-    protocol::decode_client(content.freeze()).expect("a valid client frame")
-}
-
-async fn send(conn: &mut Conn, frame: &ServerFrame) {
-    // `encode_server` includes the length prefix the codec adds again.
-    let bytes = protocol::encode_server(frame).slice(4..);
-    conn.send(bytes).await.expect("send");
-}
+use tokio::task::JoinHandle;
 
 /// A server that welcomes one client, reports each publish's pub_seq and
 /// size, and acknowledges through the pub_seqs it is told to.
@@ -33,24 +20,11 @@ async fn serve(
     seen: mpsc::Sender<(u64, usize)>,
     mut acks: mpsc::Receiver<u64>,
 ) {
-    let (socket, _) = listener.accept().await.expect("accept");
-    let mut conn = Framed::new(socket, LengthDelimitedCodec::new());
+    let mut conn = accept(&listener).await;
     let ClientFrame::Hello(_) = read(&mut conn).await else {
         panic!("expected Hello")
     };
-    let welcome = Welcome {
-        version: protocol::PROTOCOL_VERSION,
-        server: "scripted".into(),
-        session: 1,
-        stream: 5,
-        head: Seq(0),
-        pub_acked: PubSeq(0),
-        frame_len_max: 1 << 20,
-        servers: Vec::new(),
-        hash: 0,
-        permissions: None,
-    };
-    send(&mut conn, &ServerFrame::Welcome(welcome)).await;
+    send(&mut conn, &welcome(5, 0, 0)).await;
     loop {
         tokio::select! {
             frame = read(&mut conn) => {
@@ -103,72 +77,74 @@ async fn two_in_flight(client: &Client, seen: &mut mpsc::Receiver<(u64, usize)>,
     }
 }
 
+/// A publish of `payload` bytes that must wait for room in the window:
+/// not sent, nor seen by the server, for a while (a correct client never
+/// sends it; a wrong one is caught at once or, if slow, by `room_given`).
+async fn waits(
+    client: &Client,
+    seen: &mut mpsc::Receiver<(u64, usize)>,
+    payload: usize,
+    why: &str,
+) -> JoinHandle<()> {
+    let task = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let sent = client.send("t.x", vec![7u8; payload]).await;
+            drop(sent.expect("queued"));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!task.is_finished(), "{why}");
+    assert!(seen.try_recv().is_err(), "{why}: the server got it");
+    task
+}
+
+/// The server acknowledges through `through`: the waiting publish `task`
+/// goes, as `pub_seq` of `payload` bytes.
+async fn room_given(
+    ack: &mpsc::Sender<u64>,
+    seen: &mut mpsc::Receiver<(u64, usize)>,
+    through: u64,
+    task: JoinHandle<()>,
+    (pub_seq, payload): (u64, usize),
+) {
+    ack.send(through).await.expect("the server runs");
+    let got = tokio::time::timeout(TIME_MAX, seen.recv())
+        .await
+        .expect("in time");
+    assert_eq!(got, Some((pub_seq, payload)));
+    tokio::time::timeout(TIME_MAX, task)
+        .await
+        .expect("in time")
+        .expect("sent");
+}
+
 #[tokio::test]
 async fn publishes_in_flight_are_bounded_in_count() {
     let (client, mut seen, ack) = connect(2, 1 << 20).await;
     two_in_flight(&client, &mut seen, 10).await;
-    let third = tokio::spawn({
-        let client = client.clone();
-        async move { client.send("t.x", vec![7u8; 10]).await.map(drop) }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!third.is_finished(), "a third publish went past the window");
-    ack.send(1).await.expect("the server runs");
-    let got = tokio::time::timeout(TIME_MAX, seen.recv())
-        .await
-        .expect("in time");
-    assert_eq!(got, Some((3, 10)));
+    let third = waits(
+        &client,
+        &mut seen,
+        10,
+        "a third publish went past the window",
+    )
+    .await;
+    room_given(&ack, &mut seen, 1, third, (3, 10)).await;
 }
 
 #[tokio::test]
 async fn publishes_in_flight_are_bounded_in_bytes() {
     let (client, mut seen, ack) = connect(16_384, 1000).await;
-    // Each takes 3 + 400 bytes of the window: two fit, the third waits.
-    let payload = vec![7u8; 400];
+    // Each takes 3 + 400 bytes of the window: two fit, the third waits
+    // until the first is acknowledged.
     two_in_flight(&client, &mut seen, 400).await;
-    let third = tokio::spawn({
-        let client = client.clone();
-        let payload = payload.clone();
-        async move { client.send("t.x", payload).await.map(drop) }
-    });
-    // (A correct client never sends it here; a wrong one is caught at once
-    // or, if slow, by the next check.)
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !third.is_finished(),
-        "a third publish went past the window's bytes"
-    );
-    assert!(seen.try_recv().is_err(), "the server got a third publish");
-    // The first acknowledged: its room goes to the third.
-    ack.send(1).await.expect("the server runs");
-    let got = tokio::time::timeout(TIME_MAX, seen.recv())
-        .await
-        .expect("in time");
-    assert_eq!(got, Some((3, 400)));
-    tokio::time::timeout(TIME_MAX, third)
-        .await
-        .expect("in time")
-        .expect("runs")
-        .expect("queued");
+    let why = "a third publish went past the window's bytes";
+    let third = waits(&client, &mut seen, 400, why).await;
+    room_given(&ack, &mut seen, 1, third, (3, 400)).await;
     // A publish larger than the whole window goes once nothing else is in
     // flight, alone.
-    let large = tokio::spawn({
-        let client = client.clone();
-        async move { client.send("t.x", vec![1u8; 5000]).await.map(drop) }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        seen.try_recv().is_err(),
-        "the large publish waits for the two in flight"
-    );
-    ack.send(3).await.expect("the server runs");
-    let got = tokio::time::timeout(TIME_MAX, seen.recv())
-        .await
-        .expect("in time");
-    assert_eq!(got, Some((4, 5000)));
-    tokio::time::timeout(TIME_MAX, large)
-        .await
-        .expect("in time")
-        .expect("runs")
-        .expect("queued");
+    let why = "the large publish went beside two in flight";
+    let large = waits(&client, &mut seen, 5000, why).await;
+    room_given(&ack, &mut seen, 3, large, (4, 5000)).await;
 }

@@ -32,6 +32,8 @@ pub mod disk;
 mod conn;
 mod outbound;
 mod peer;
+
+pub use peer::LINK_VERSION;
 mod report;
 mod upstream;
 

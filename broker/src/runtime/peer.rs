@@ -138,7 +138,7 @@ const CALLER: &str = "canopy link: the caller";
 /// other's links at the hello, rather than drop them later on a message one
 /// of them cannot decode. 2: the sequencer's `Retried`; 3: binary `Order`
 /// and `Submit` (`core::total::wire`).
-const LINK_VERSION: u32 = 3;
+pub const LINK_VERSION: u32 = 3;
 
 /// Numbers incoming connections in the order they were accepted.
 static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
