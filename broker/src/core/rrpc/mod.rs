@@ -43,7 +43,8 @@
 //! what a departed member held); an executor that loses its turn may
 //! still order its outcome, and the first one ordered wins, so a call is
 //! applied once and its effect never comes from two executions. Before a
-//! stream's first record nothing is executed and no vote is decided.
+//! stream's first record nothing is executed and no vote is decided (an
+//! active call applied before it takes that record's members as voters).
 //!
 //! # Driving it
 //! The group hands it the stable stream ([`Rrpc::deliver`]), the views it
@@ -386,8 +387,9 @@ impl Rrpc {
         }
         self.view = Some(record.id);
         let old = std::mem::replace(&mut self.members, record.members);
-        if !old.is_empty() {
-            self.count_reassigned(&old);
+        match old.is_empty() {
+            true => self.name_voters(),
+            false => self.count_reassigned(&old),
         }
         for i in 0..self.queue.len() {
             self.assign(i);

@@ -101,11 +101,7 @@ impl Rrpc {
             result: answer.clone().map_err(|e| e.message),
         };
         self.submit(OUTCOME_TOPIC, wire::encode(&own));
-        let voters: Vec<(NodeId, PublisherId)> = self
-            .members
-            .iter()
-            .map(|m| (m.node, outcome_publisher(m.node, m.incarnation.0)))
-            .collect();
+        let voters = self.voters();
         self.voting.insert(
             p.id,
             Voting {
@@ -119,12 +115,35 @@ impl Rrpc {
         );
     }
 
+    /// The members as voters: each with the publisher id it orders its
+    /// votes under. Empty before a stream's first view record.
+    pub(super) fn voters(&self) -> Vec<(NodeId, PublisherId)> {
+        self.members
+            .iter()
+            .map(|m| (m.node, outcome_publisher(m.node, m.incarnation.0)))
+            .collect()
+    }
+
+    /// The stream's first view record: the calls applied before it learn
+    /// their voters (its members), and keep the votes of those that came
+    /// already.
+    pub(super) fn name_voters(&mut self) {
+        let voters = self.voters();
+        for v in self.voting.values_mut().filter(|v| v.voters.is_empty()) {
+            v.voters = voters.clone();
+            v.votes.retain(|p, _| voters.iter().any(|(_, q)| q == p));
+        }
+    }
+
     /// A vote ordered by `from` (an outcome of a call no longer queued).
+    /// Before the stream's first view record any vote is kept, the voters
+    /// not being known yet ([`Rrpc::name_voters`]).
     pub(super) fn on_vote(&mut self, from: PublisherId, outcome: Outcome) {
         let Some(v) = self.voting.get_mut(&outcome.id) else {
             return;
         };
-        if outcome.share.is_some() || !v.voters.iter().any(|(_, p)| *p == from) {
+        let stranger = !v.voters.is_empty() && !v.voters.iter().any(|(_, p)| *p == from);
+        if outcome.share.is_some() || stranger {
             return;
         }
         v.votes

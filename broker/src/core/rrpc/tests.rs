@@ -94,7 +94,17 @@ fn view(ids: &[u32]) -> Vec<Member> {
 }
 
 impl Group {
+    /// Replicas 1..=n in a view of all of them.
     fn new(n: u32) -> Self {
+        let mut g = Group::unviewed(n);
+        let members = view(&(1..=n).collect::<Vec<_>>());
+        g.install(&members, &(0..n as usize).collect::<Vec<_>>());
+        g
+    }
+
+    /// Replicas 1..=n on a new stream whose first view record is not
+    /// ordered yet.
+    fn unviewed(n: u32) -> Self {
         let members = view(&(1..=n).collect::<Vec<_>>());
         let n = n as usize;
         let replicas = members
@@ -107,14 +117,12 @@ impl Group {
                 r
             })
             .collect();
-        let mut g = Group {
+        Group {
             replicas,
             stream: Vec::new(),
             delivered: vec![0; n],
             epoch: 0,
-        };
-        g.install(&members, &(0..n).collect::<Vec<_>>());
-        g
+        }
     }
 
     /// Replicas `at` install a view of `members` (its coordinator the
@@ -718,6 +726,42 @@ fn replies_are_found_again_until_the_table_forgets_them() {
         }))
     ));
     assert_eq!(g.replicas[0].lookup(id(4)), Lookup::Unknown);
+}
+
+#[test]
+fn a_call_applied_before_the_streams_first_view_record_waits_for_that_views_votes() {
+    let mut g = Group::unviewed(3);
+    g.append(CALLER, 1, &Replies::All.topic("add"), bytes(4));
+    g.deliver_all();
+    // Replica 3's vote says otherwise; 1 and 2 vote as they applied.
+    g.replicas[2].take_submissions();
+    let forged = Outcome {
+        id: CallId {
+            publisher: CALLER,
+            pub_seq: PubSeq(1),
+        },
+        share: None,
+        result: Ok(bytes(99)),
+    };
+    g.append(
+        outcome_publisher(NodeId(3), 1),
+        1,
+        OUTCOME_TOPIC,
+        wire::encode(&forged),
+    );
+    g.execute(0);
+    g.execute(1);
+    g.deliver_all();
+    assert_eq!(g.replies(0), [], "who votes is not known yet");
+    g.install(&view(&[1, 2, 3]), &[0, 1, 2]);
+    g.deliver_all();
+    // (Was every member's vote made up from this replica's own reply,
+    // with the votes ordered before the record dropped.)
+    for i in 0..3 {
+        let r = g.replies(i);
+        assert_eq!(r.len(), 1);
+        assert_eq!(votes(&r[0].1), [(1, ok(4)), (2, ok(4)), (3, ok(99))]);
+    }
 }
 
 #[test]

@@ -140,9 +140,14 @@ const ENTRY_LEN: usize = 8 + 8 + 2 + 4;
 const SAME_TOPIC: u16 = u16::MAX;
 
 /// Encodes a message for a link, with the 4-byte big-endian length prefix
-/// that frames it on the link.
+/// that frames it on the link. (An `Order` or `Submit` with a topic too
+/// long for the binary layout, which only a peer's CBOR could have brought
+/// in, goes as CBOR.)
 pub fn encode(msg: &PeerMsg) -> Bytes {
+    let fits = |m: &Msg| m.2.len() < usize::from(SAME_TOPIC);
     match msg {
+        PeerMsg::Order { msgs, .. } if !msgs.iter().all(fits) => encode_cbor(msg),
+        PeerMsg::Submit { msgs, .. } if !msgs.iter().all(|s| fits(&s.1)) => encode_cbor(msg),
         PeerMsg::Order {
             view,
             first,
@@ -165,16 +170,19 @@ pub fn encode(msg: &PeerMsg) -> Bytes {
             [*front, *first],
             msgs.iter().map(|Submitted(after, m)| (Some(*after), m)),
         ),
-        _ => {
-            let mut buf = Vec::with_capacity(128);
-            buf.extend_from_slice(&[0; 4]);
-            ciborium::into_writer(msg, &mut buf)
-                .expect("invariant: encoding a PeerMsg into a Vec cannot fail");
-            let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
-            buf[..4].copy_from_slice(&len.to_be_bytes());
-            Bytes::from(buf)
-        }
+        _ => encode_cbor(msg),
     }
+}
+
+/// CBOR, length prefix included.
+fn encode_cbor(msg: &PeerMsg) -> Bytes {
+    let mut buf = Vec::with_capacity(128);
+    buf.extend_from_slice(&[0; 4]);
+    ciborium::into_writer(msg, &mut buf)
+        .expect("invariant: encoding a PeerMsg into a Vec cannot fail");
+    let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    Bytes::from(buf)
 }
 
 /// A binary `Order` or `Submit` (module docs), length prefix included.
@@ -210,7 +218,7 @@ fn encode_batch<'a>(
             false => u16::try_from(topic.len())
                 .ok()
                 .filter(|&n| n != SAME_TOPIC)
-                .expect("invariant: topics are validated to TOPIC_LEN_MAX"),
+                .expect("invariant: `encode` sends longer topics as CBOR"),
         };
         buf.extend_from_slice(&topic_len.to_le_bytes());
         let payload_len = u32::try_from(payload.len())
@@ -485,6 +493,29 @@ mod tests {
         assert!(Arc::ptr_eq(&msgs[0].2, &msgs[1].2));
         let end = frame.as_ptr_range().end;
         assert_eq!(msgs[1].3.as_ptr(), end.wrapping_sub(1));
+    }
+
+    #[test]
+    fn a_topic_too_long_for_the_binary_layout_goes_as_cbor() {
+        let long = "t".repeat(usize::from(SAME_TOPIC));
+        let order = PeerMsg::Order {
+            view: view(),
+            first: Seq(1),
+            msgs: vec![msg(1, "md.x", b"a"), msg(2, &long, b"b")],
+            stable: Seq(0),
+        };
+        let frame = encode(&order);
+        assert_ne!(frame[4], ORDER_TAG);
+        assert_eq!(decode(frame.slice(4..)), Ok(order));
+        let submit = PeerMsg::Submit {
+            view: view(),
+            front: 1,
+            first: 1,
+            msgs: vec![Submitted(PubSeq(0), msg(1, &long, b"a"))],
+        };
+        let frame = encode(&submit);
+        assert_ne!(frame[4], SUBMIT_TAG);
+        assert_eq!(decode(frame.slice(4..)), Ok(submit));
     }
 
     #[test]
