@@ -556,6 +556,7 @@ impl Rrpc {
         }
         self.history = state.history;
         self.voting = state.voting.into_iter().map(|v| (v.id, v)).collect();
+        self.vote_restored();
         self.running.clear();
         self.jobs.clear();
         self.load.clear();
@@ -568,6 +569,32 @@ impl Rrpc {
         self.advance();
         self.dispatch_all();
         Ok(())
+    }
+
+    /// After a snapshot: calls waiting for votes that count this replica
+    /// as a voter, without its vote ordered (it took the call's effect
+    /// from the snapshot, or its vote was lost with a view change), get
+    /// its vote now: the reply applying gave, which is its state's (an
+    /// active call's reply is the same at every replica). Otherwise they
+    /// would wait for it for good. A vote of its already on its way counts
+    /// first; this one is then dropped.
+    fn vote_restored(&mut self) {
+        let me = self.config.publisher;
+        let owed: Vec<Outcome> = self
+            .voting
+            .values()
+            .filter(|v| v.voters.iter().any(|(_, p)| *p == me) && !v.votes.contains_key(&me))
+            .filter_map(|v| {
+                Some(Outcome {
+                    id: v.id,
+                    share: None,
+                    result: v.answer.clone()?.map_err(|e| e.message),
+                })
+            })
+            .collect();
+        for own in owed {
+            self.submit(OUTCOME_TOPIC, wire::encode(&own));
+        }
     }
 
     /// Another stream: nothing of this server's outcomes is known there.

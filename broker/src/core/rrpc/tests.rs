@@ -765,6 +765,39 @@ fn a_call_applied_before_the_streams_first_view_record_waits_for_that_views_vote
 }
 
 #[test]
+fn a_voter_that_takes_a_snapshot_instead_of_applying_the_call_still_votes() {
+    // Cluster simulator seed 9614 of 12,000: replica 3 is a voter of an
+    // `all` call, but lags and takes the call's effect from a snapshot;
+    // nothing of its own would ever vote, and the call would wait for good.
+    let mut g = Group::new(3);
+    g.append(CALLER, 1, &Replies::All.topic("add"), bytes(4));
+    for i in 0..2 {
+        g.deliver(i);
+        g.execute(i);
+    }
+    let snap = g.replicas[0].snapshot();
+    let head = Seq(g.delivered[0] as u64);
+    let mut restored = Rrpc::new(
+        NodeId(3),
+        Some(share(Counter::default())),
+        RrpcConfig::new(outcome_publisher(NodeId(3), 1)),
+    );
+    restored.set_primary(true);
+    restored.restore(Some(&snap), 1, head).expect("restores");
+    g.replicas[2] = restored;
+    g.delivered[2] = head.0 as usize;
+    g.settle();
+    for i in 0..3 {
+        let r = g.replies(i);
+        let r = r
+            .iter()
+            .find(|(s, _)| *s == 1)
+            .expect("the call is replied");
+        assert_eq!(votes(&r.1), [(1, ok(4)), (2, ok(4)), (3, ok(4))]);
+    }
+}
+
+#[test]
 fn calls_whose_voters_all_left_unheard_get_the_reply_applying_gave() {
     let mut g = Group::new(3);
     g.append(CALLER, 1, &Replies::Majority.topic("add"), bytes(4));
