@@ -265,12 +265,12 @@ struct Window {
 
 impl Window {
     fn new(options: &ClientOptions) -> Self {
+        // (A semaphore holds at most `MAX_PERMITS`, less than u32::MAX on
+        // 32-bit targets.)
+        let cap = u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX);
         let most = u32::try_from(options.window_bytes)
             .unwrap_or(u32::MAX)
-            .clamp(
-                1,
-                (Semaphore::MAX_PERMITS as u64).min(u64::from(u32::MAX)) as u32,
-            );
+            .clamp(1, cap);
         let msgs = u32::try_from(options.window.max(1)).unwrap_or(u32::MAX);
         Window {
             bytes: Arc::new(Semaphore::new(most as usize)),

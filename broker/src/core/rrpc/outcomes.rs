@@ -170,11 +170,7 @@ impl Rrpc {
             // No view record yet on this stream: who votes is not known.
             return;
         }
-        let live: BTreeSet<PublisherId> = self
-            .members
-            .iter()
-            .map(|m| outcome_publisher(m.node, m.incarnation.0))
-            .collect();
+        let live: BTreeSet<PublisherId> = self.voters().into_iter().map(|(_, p)| p).collect();
         let awaited = v
             .voters
             .iter()
