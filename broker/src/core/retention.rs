@@ -10,9 +10,22 @@ use crate::core::stream::Ordered;
 use canopy_client::protocol::Seq;
 use std::collections::VecDeque;
 
+/// Messages per chunk of storage.
+///
+/// The buffer grows a chunk at a time, never by reallocating what it holds:
+/// one `VecDeque` of a million messages would copy tens of megabytes on the
+/// node task at each doubling (a stall every subscriber sees) and fault in
+/// twice the memory it needs. A chunk emptied at the front is kept for the
+/// next one needed at the back, so a full buffer allocates nothing.
+const CHUNK: usize = 4096;
+
 /// Recent ordered messages, contiguous in sequence number.
 pub struct Retention {
-    msgs: VecDeque<Ordered>,
+    /// Oldest first; every chunk but the first and the last is full.
+    chunks: VecDeque<VecDeque<Ordered>>,
+    /// A chunk emptied at the front, kept for reuse.
+    spare: Option<VecDeque<Ordered>>,
+    len: usize,
     bytes: usize,
     count_max: usize,
     bytes_max: usize,
@@ -26,7 +39,9 @@ impl Retention {
     /// `bytes_max` bytes (topic, payload and a fixed overhead per message).
     pub fn new(count_max: usize, bytes_max: usize) -> Self {
         Retention {
-            msgs: VecDeque::new(),
+            chunks: VecDeque::new(),
+            spare: None,
+            len: 0,
             bytes: 0,
             count_max,
             bytes_max,
@@ -51,7 +66,7 @@ impl Retention {
             return Some(hash);
         }
         let i = usize::try_from(seq.0.checked_sub(base.0 + 1)?).ok()?;
-        self.msgs.get(i).map(|m| m.hash)
+        self.get(i).map(|m| m.hash)
     }
 
     /// The seq before the first message held and the hash through it.
@@ -65,46 +80,98 @@ impl Retention {
     /// If `msg.seq` does not follow the newest retained message: the caller
     /// orders messages, and a hole would make resume silently lossy.
     pub fn push(&mut self, msg: Ordered) {
-        let last = self.msgs.back().map_or(self.base.0, |m| m.seq);
+        let last = self.last().map_or(self.base.0, |m| m.seq);
         assert_eq!(
             msg.seq,
             last.next(),
             "invariant: retained sequence numbers are contiguous"
         );
         self.bytes += msg.cost();
-        self.msgs.push_back(msg);
-        while self.msgs.len() > self.count_max
-            || (self.bytes > self.bytes_max && self.msgs.len() > 1)
-        {
-            if let Some(old) = self.msgs.pop_front() {
-                self.bytes -= old.cost();
-                self.base = (old.seq, old.hash);
+        match self.chunks.back_mut() {
+            Some(chunk) if chunk.len() < CHUNK => chunk.push_back(msg),
+            _ => {
+                let mut chunk = self
+                    .spare
+                    .take()
+                    .unwrap_or_else(|| VecDeque::with_capacity(CHUNK));
+                chunk.push_back(msg);
+                self.chunks.push_back(chunk);
             }
         }
+        self.len += 1;
+        while self.len > self.count_max || (self.bytes > self.bytes_max && self.len > 1) {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        let Some(front) = self.chunks.front_mut() else {
+            return;
+        };
+        if let Some(old) = front.pop_front() {
+            self.len -= 1;
+            self.bytes -= old.cost();
+            self.base = (old.seq, old.hash);
+        }
+        if front.is_empty() {
+            self.spare = self.chunks.pop_front();
+        }
+    }
+
+    /// The `i`th message held, oldest first.
+    fn get(&self, i: usize) -> Option<&Ordered> {
+        let (chunk, at) = self.locate(i)?;
+        self.chunks[chunk].get(at)
+    }
+
+    /// The chunk and the place in it of the `i`th message held, if held.
+    fn locate(&self, i: usize) -> Option<(usize, usize)> {
+        if i >= self.len {
+            return None;
+        }
+        let first = self.chunks.front()?.len();
+        if i < first {
+            return Some((0, i));
+        }
+        // Every chunk after the first is full but perhaps the last.
+        let i = i - first;
+        Some((1 + i / CHUNK, i % CHUNK))
+    }
+
+    fn last(&self) -> Option<&Ordered> {
+        self.chunks.back().and_then(|c| c.back())
     }
 
     /// The oldest retained sequence number, if any.
     pub fn first(&self) -> Option<Seq> {
-        self.msgs.front().map(|m| m.seq)
+        self.chunks.front().and_then(|c| c.front()).map(|m| m.seq)
     }
 
     /// The retained messages with sequence numbers greater than `after`.
     pub fn after(&self, after: Seq) -> impl Iterator<Item = &Ordered> {
-        let skip = match self.msgs.front() {
-            Some(first) if after >= first.seq => (after.0 - first.seq.0 + 1) as usize,
-            _ => 0,
+        let skip = match self.first() {
+            Some(first) if after >= first => usize::try_from(after.0 - first.0 + 1).ok(),
+            _ => Some(0),
         };
-        self.msgs.iter().skip(skip)
+        // Found by index, not by walking what is skipped: catch-up asks
+        // for the tail of a million messages a batch at a time.
+        let (chunk, at) = skip
+            .and_then(|i| self.locate(i))
+            .unwrap_or((self.chunks.len(), 0));
+        self.chunks
+            .range(chunk..)
+            .enumerate()
+            .flat_map(move |(k, c)| c.range(if k == 0 { at } else { 0 }..))
     }
 
     /// The number of retained messages.
     pub fn len(&self) -> usize {
-        self.msgs.len()
+        self.len
     }
 
     /// Whether nothing is retained.
     pub fn is_empty(&self) -> bool {
-        self.msgs.is_empty()
+        self.len == 0
     }
 
     /// The retained bytes as counted against the bound.
@@ -173,6 +240,39 @@ mod tests {
             found,
             [None, None, Some(1100), Some(1200), Some(1300), None]
         );
+    }
+
+    #[test]
+    fn lookups_cross_chunk_boundaries_and_emptied_chunks_are_reused() {
+        let total = 3 * CHUNK as u64 + 7;
+        let mut r = Retention::new(2 * CHUNK + 5, usize::MAX);
+        for s in 1..=total {
+            r.push(Ordered {
+                hash: s * 10,
+                ..msg(s, 1)
+            });
+        }
+        let first = total - (2 * CHUNK as u64 + 5) + 1;
+        assert_eq!(r.len(), 2 * CHUNK + 5);
+        assert_eq!(r.first(), Some(Seq(first)));
+        assert_eq!(r.base(), (Seq(first - 1), (first - 1) * 10));
+        for s in [
+            first,
+            first + 1,
+            2 * CHUNK as u64,
+            2 * CHUNK as u64 + 1,
+            total,
+        ] {
+            assert_eq!(r.hash_at(Seq(s)), Some(s * 10), "seq {s}");
+            let from: Vec<u64> = r.after(Seq(s - 1)).map(|m| m.seq.0).collect();
+            assert_eq!(from, (s..=total).collect::<Vec<_>>(), "after {}", s - 1);
+        }
+        assert_eq!(r.hash_at(Seq(total + 1)), None);
+        assert_eq!(r.after(Seq(total)).count(), 0);
+        assert_eq!(r.after(Seq(0)).count(), r.len());
+        // At most one chunk more than the bound needs, and one spare.
+        assert!(r.chunks.len() <= 2 + (2 * CHUNK + 5) / CHUNK);
+        assert!(r.spare.is_some());
     }
 
     #[test]
