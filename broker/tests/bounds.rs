@@ -6,7 +6,7 @@
 
 mod common;
 
-use canopy_client::protocol::{ErrorCode, SlowPolicy};
+use canopy_client::protocol::{ErrorCode, ServerFrame, SlowPolicy};
 use common::{take_messages, within, Raw, Server};
 use std::time::Duration;
 
@@ -56,6 +56,41 @@ async fn a_conflating_subscriber_past_its_byte_bound_is_told_of_gaps_and_stays()
     publish_all(&server).await;
     let gaps = slow.covered_through(N as u64).await;
     assert!(gaps > 0, "the stalled subscriber was told of a gap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_every_subscriber_shares_counts_once_against_the_total_bound() {
+    const SUBS: usize = 10;
+    const TOTAL: u64 = 64 << 20;
+    // 400 messages of 64 KiB are 25 MiB: under half the total bound held
+    // once, 250 MiB counted per queue, far past what the kernel's buffers
+    // take (past half, each session's share is 32 MiB over 11 sessions).
+    // No one reads until all are published; then every subscriber gets
+    // every message.
+    let server = Server::with_config_and_http(&format!(
+        "[limits]\nqueue_bytes_max = 67108864\nqueue_bytes_total_max = {TOTAL}\n{FRAMES}"
+    ));
+    let http = server.http.clone().expect("HTTP on");
+    let mut subs = Vec::new();
+    for i in 0..SUBS {
+        let mut raw = Raw::connect_small(&server.addr).await;
+        raw.hello(100 + i as u64, &["s.>"], SlowPolicy::Disconnect)
+            .await;
+        subs.push(raw);
+    }
+    publish_all(&server).await;
+    for raw in &mut subs {
+        let mut got = 0;
+        while got < N {
+            match raw.next().await {
+                Some(ServerFrame::Deliver(head, _)) => got += head.msgs.len(),
+                Some(ServerFrame::Error(e)) => panic!("a subscriber was refused: {e:?}"),
+                Some(_) => {}
+                None => panic!("a subscriber was closed: {:?}", raw.ended),
+            }
+        }
+    }
+    common::metric_line(&http, "/metrics", "canopy_slow_consumers_total 0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,7 +149,7 @@ pub fn render(s: &Snapshot) -> String {
         ),
         (
             "canopy_queued_bytes",
-            "Bytes queued for all clients together (bounded by queue_bytes_total_max).",
+            "Bytes the client outbound queues hold together, a frame shared by several counted once (bounded by queue_bytes_total_max).",
             c.queued_bytes as f64,
         ),
         (

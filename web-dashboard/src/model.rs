@@ -203,7 +203,8 @@ pub struct Counters {
     pub queue_depth_max: u64,
     /// Largest client outbound queue right now, bytes.
     pub queued_bytes_max: u64,
-    /// Bytes queued for all clients together right now.
+    /// Bytes the client queues hold together right now, a frame shared by
+    /// several (a fan-out batch) counted once: the node's memory for them.
     pub queued_bytes: u64,
 }
 

@@ -252,6 +252,7 @@ pub async fn start_with_service(
                 config.core.is_some(),
                 config.relay.is_some(),
                 refusals.clone(),
+                budget.clone(),
             ),
             latency: canopy_dashboard::Histogram::new(&report::LATENCY_BOUNDS),
             call_latency: std::collections::BTreeMap::new(),
@@ -727,6 +728,7 @@ fn drain(
         };
         let _ = jobs.send(job);
     }
+    let mut recent = outbound::Recent::default();
     while let Some(out) = node.poll_output() {
         match out {
             Output::Transmit {
@@ -738,7 +740,7 @@ fn drain(
                 let Some(io) = sessions.get(&session) else {
                     continue;
                 };
-                if let Err(why) = io.queue.offer(frame, sessions.len()) {
+                if let Err(why) = io.queue.offer(frame, sessions.len(), &mut recent) {
                     tracing::debug!(%session, ?why, "outbound queue refused a frame");
                     node.handle_queue_full(now, session, kind, seqs);
                 }

@@ -1,6 +1,11 @@
 //! A session's outbound queue, bounded in frames and in bytes, and the
 //! node's total of queued bytes (docs/DESIGN.md, "Bounds").
 //!
+//! A session's bytes are what its queue holds; the node's total is the
+//! memory all queues hold, so a frame shared by many sessions (a fan-out
+//! batch is one `Bytes` for every subscriber) counts once in it, from the
+//! first queue that takes it until the last lets it go.
+//!
 //! A frame offered to a session's queue is refused when the queue holds
 //! `queue_frames_max` frames, when it would take the session past
 //! `queue_bytes_max`, or when the node's queued bytes are past half of
@@ -12,13 +17,15 @@
 //!
 //! Why half: bytes queued while the total is under half the bound are at
 //! most half of it; past that only sessions under their share take more,
-//! together at most the other half. So the node's queued bytes stay under
+//! together at most the other half (a shared frame adds to the total at
+//! most what it adds to the session). So the node's queued bytes stay under
 //! the bound (plus one frame per session), and the sessions that hold the
 //! most are the ones refused, never a fast one with an empty queue.
 //!
-//! Each queued frame carries its account: the bytes are counted from the
-//! moment a frame is queued until it is written or dropped, however that
-//! happens (written, discarded with a closed session's queue).
+//! Each queued frame carries its account and its frame's charge to the
+//! total: the bytes are counted from the moment a frame is queued until it
+//! is written or dropped, however that happens (written, discarded with a
+//! closed session's queue).
 
 use bytes::{Buf, Bytes};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -41,10 +48,58 @@ impl Budget {
         })
     }
 
-    /// Bytes queued for every session now.
-    #[cfg(test)]
+    /// Bytes the queues hold now, a frame shared by several counted once.
     pub(super) fn total(&self) -> usize {
         self.total.load(Relaxed)
+    }
+}
+
+/// A frame's bytes in the node's total, however many queues hold it: taken
+/// off when the last of them lets the frame go.
+#[derive(Debug)]
+struct Charge {
+    len: usize,
+    budget: Arc<Budget>,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.total.fetch_sub(self.len, Relaxed);
+    }
+}
+
+/// Frames recently offered, so that one offered again to another session
+/// is charged to the total once: the node hands a fan-out batch's frames to
+/// every subscriber one after the other. Kept for one drain of the node's
+/// outputs; it holds each frame, so no other frame can take its address
+/// meanwhile. A shared frame it has forgotten is charged again: counted
+/// twice, the bound only errs on the safe side.
+#[derive(Default)]
+pub(super) struct Recent {
+    frames: [Option<(Bytes, Arc<Charge>)>; RECENT],
+    next: usize,
+}
+
+/// Frames `Recent` remembers: a batch of up to that many frames is charged
+/// once however many sessions it goes to.
+const RECENT: usize = 8;
+
+impl Recent {
+    fn find(&self, frame: &Bytes) -> Option<Arc<Charge>> {
+        self.frames.iter().flatten().find_map(|(f, charge)| {
+            (f.as_ptr() == frame.as_ptr() && f.len() == frame.len()).then(|| charge.clone())
+        })
+    }
+
+    fn charge(&mut self, frame: &Bytes, budget: &Arc<Budget>) -> Arc<Charge> {
+        budget.total.fetch_add(frame.len(), Relaxed);
+        let charge = Arc::new(Charge {
+            len: frame.len(),
+            budget: budget.clone(),
+        });
+        self.frames[self.next] = Some((frame.clone(), charge.clone()));
+        self.next = (self.next + 1) % RECENT;
+        charge
     }
 }
 
@@ -61,12 +116,13 @@ pub(super) struct Queued {
     frame: Bytes,
     len: usize,
     account: Arc<Account>,
+    /// Dropped with the frame: the last holder takes it off the total.
+    _charge: Arc<Charge>,
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
         self.account.bytes.fetch_sub(self.len, Relaxed);
-        self.account.budget.total.fetch_sub(self.len, Relaxed);
     }
 }
 
@@ -116,27 +172,36 @@ impl Outbound {
     }
 
     /// Queues `frame` unless a bound refuses it (module docs); `sessions`
-    /// is how many sessions share the total.
-    pub(super) fn offer(&self, frame: Bytes, sessions: usize) -> Result<(), Refused> {
+    /// is how many sessions share the total, `recent` the frames offered
+    /// before it in this drain of the node's outputs.
+    pub(super) fn offer(
+        &self,
+        frame: Bytes,
+        sessions: usize,
+        recent: &mut Recent,
+    ) -> Result<(), Refused> {
         let len = frame.len();
         let budget = &self.account.budget;
         let mine = self.account.bytes.load(Relaxed);
+        let charged = recent.find(&frame);
         if mine > 0 {
             if mine + len > budget.session_max {
                 return Err(Refused::Bytes);
             }
             let half = budget.total_max / 2;
             let share = half / sessions.max(1);
-            if budget.total.load(Relaxed) + len > half && mine + len > share {
+            let adds = if charged.is_some() { 0 } else { len };
+            if budget.total.load(Relaxed) + adds > half && mine + len > share {
                 return Err(Refused::Total);
             }
         }
+        let charge = charged.unwrap_or_else(|| recent.charge(&frame, budget));
         self.account.bytes.fetch_add(len, Relaxed);
-        budget.total.fetch_add(len, Relaxed);
         let queued = Queued {
             frame,
             len,
             account: self.account.clone(),
+            _charge: charge,
         };
         match self.tx.try_send(queued) {
             // Dropped here, the frame gives its bytes back.
@@ -169,14 +234,24 @@ mod tests {
     fn a_session_is_refused_past_its_bytes_and_frames_but_an_empty_queue_takes_one() {
         let budget = Budget::new(1000, 1 << 30);
         let (q, rx) = Outbound::new(budget.clone(), 3);
-        assert_eq!(q.offer(frame(5000), 1), Ok(()), "an empty queue takes one");
-        assert_eq!(q.offer(frame(1), 1), Err(Refused::Bytes));
+        assert_eq!(
+            q.offer(frame(5000), 1, &mut Recent::default()),
+            Ok(()),
+            "an empty queue takes one"
+        );
+        assert_eq!(
+            q.offer(frame(1), 1, &mut Recent::default()),
+            Err(Refused::Bytes)
+        );
         drop(rx.recv().expect("queued"));
         assert_eq!((q.bytes(), budget.total()), (0, 0), "written: given back");
         for _ in 0..3 {
-            assert_eq!(q.offer(frame(10), 1), Ok(()));
+            assert_eq!(q.offer(frame(10), 1, &mut Recent::default()), Ok(()));
         }
-        assert_eq!(q.offer(frame(10), 1), Err(Refused::Frames));
+        assert_eq!(
+            q.offer(frame(10), 1, &mut Recent::default()),
+            Err(Refused::Frames)
+        );
         assert_eq!(q.bytes(), 30, "the refused frame is not counted");
         drop(rx);
         drop(q);
@@ -195,7 +270,7 @@ mod tests {
         // Sessions 0..9 never read; session 9 reads everything.
         for _round in 0..1000 {
             for (i, (q, rx)) in queues.iter().enumerate() {
-                if q.offer(frame(100), 10).is_err() {
+                if q.offer(frame(100), 10, &mut Recent::default()).is_err() {
                     refused[i] += 1;
                 }
                 if i == 9 {
@@ -207,5 +282,48 @@ mod tests {
         assert!(refused[..9].iter().all(|&r| r > 0), "{refused:?}");
         assert_eq!(refused[9], 0, "the reader was never refused");
         assert!(budget.total() <= 10_000);
+    }
+
+    #[test]
+    fn a_frame_shared_by_many_sessions_counts_once_in_the_total_until_the_last_lets_it_go() {
+        // 100 sessions, a total bound of 10,000: one 1,000-byte frame to
+        // each is 100,000 bytes of queues but 1,000 of memory.
+        let budget = Budget::new(1 << 20, 10_000);
+        let queues: Vec<_> = (0..100)
+            .map(|_| Outbound::new(budget.clone(), 1 << 20))
+            .collect();
+        let mut recent = Recent::default();
+        let shared = frame(1000);
+        for _round in 0..3 {
+            for (q, _) in &queues {
+                assert_eq!(q.offer(shared.clone(), 100, &mut recent), Ok(()));
+            }
+        }
+        drop(recent);
+        assert_eq!(budget.total(), 1000);
+        assert!(queues.iter().all(|(q, _)| q.bytes() == 3000));
+        // Written by all but one: still held, still counted.
+        for (_, rx) in &queues[1..] {
+            rx.drain().for_each(drop);
+        }
+        assert_eq!(budget.total(), 1000);
+        queues[0].1.drain().for_each(drop);
+        assert_eq!(budget.total(), 0);
+
+        // Frames the node's outputs do not share are counted apart, and
+        // past half the bound a session over its share is refused.
+        let mut recent = Recent::default();
+        let (a, b) = (&queues[0].0, &queues[1].0);
+        let mut took = 0;
+        while a.offer(frame(1000), 100, &mut recent).is_ok() {
+            took += 1;
+            assert!(took <= 10, "the total bound never refused");
+        }
+        assert_eq!(budget.total(), 1000 * took);
+        assert_eq!(
+            b.offer(frame(1000), 100, &mut recent),
+            Ok(()),
+            "an empty queue takes one"
+        );
     }
 }

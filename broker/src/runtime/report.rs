@@ -92,6 +92,8 @@ pub struct Reporter {
     views: Vec<dash::View>,
     /// Connections refused before the node heard of them.
     refusals: std::sync::Arc<super::Refusals>,
+    /// The node's queued bytes in all.
+    budget: std::sync::Arc<super::outbound::Budget>,
 }
 
 impl Reporter {
@@ -103,9 +105,11 @@ impl Reporter {
         grouped: bool,
         relay: bool,
         refusals: std::sync::Arc<super::Refusals>,
+        budget: std::sync::Arc<super::outbound::Budget>,
     ) -> Self {
         Reporter {
             refusals,
+            budget,
             role: if relay { "relay" } else { "core" },
             listen,
             previous: None,
@@ -153,7 +157,6 @@ impl Reporter {
         let (retained, retained_bytes) = node.retained();
         let mut queue_depth_max = 0;
         let mut queued_bytes_max = 0;
-        let mut queued_total = 0;
         let clients: Vec<dash::ClientInfo> = node
             .sessions()
             .map(|s| {
@@ -162,7 +165,6 @@ impl Reporter {
                 let queued_bytes = io.map_or(0, |io| io.queue.bytes());
                 queue_depth_max = queue_depth_max.max(queue_depth);
                 queued_bytes_max = queued_bytes_max.max(queued_bytes);
-                queued_total += queued_bytes;
                 dash::ClientInfo {
                     session: s.id.0,
                     name: s.name.to_owned(),
@@ -207,7 +209,7 @@ impl Reporter {
             retained_bytes: retained_bytes as u64,
             queue_depth_max: queue_depth_max as u64,
             queued_bytes_max: queued_bytes_max as u64,
-            queued_bytes: queued_total as u64,
+            queued_bytes: self.budget.total() as u64,
         };
         let topic_totals: TopicTotals = node
             .topics()
