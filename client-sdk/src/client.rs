@@ -114,7 +114,7 @@ impl ClientOptions {
             servers: servers.into_iter().map(Into::into).collect(),
             name: "canopy-client".into(),
             publisher: None,
-            window: 1024,
+            window: 16_384,
             window_bytes: 16 << 20,
             slow: SlowPolicy::Disconnect,
             reconnect_for: Duration::from_secs(30),
