@@ -35,6 +35,11 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
+/// The allocator the `canopy` binary uses, for the servers this process
+/// runs and for every broker's clients alike.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(about = "Canopy load generator and broker comparisons")]
 struct Cli {
