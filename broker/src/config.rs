@@ -185,7 +185,8 @@ pub struct FileLimits {
     pub queue_frames_max: Option<usize>,
     /// Outbound queue per client, bytes.
     pub queue_bytes_max: Option<usize>,
-    /// Outbound queues of all clients together, bytes.
+    /// Outbound queues of all clients together, bytes (a frame queued for
+    /// many counted once).
     pub queue_bytes_total_max: Option<usize>,
     /// Subscriptions per connection.
     pub subscriptions_per_session_max: Option<usize>,
@@ -228,7 +229,8 @@ pub struct ServerConfig {
     pub queue_frames_max: usize,
     /// Bytes queued per client before it counts as slow.
     pub queue_bytes_max: usize,
-    /// Bytes queued for all clients together at most (`runtime::outbound`).
+    /// Bytes the client queues hold together at most, a frame queued for
+    /// many counted once (`runtime::outbound`).
     pub queue_bytes_total_max: usize,
     /// The core's settings.
     pub node: NodeConfig,

@@ -121,7 +121,7 @@ impl Retention {
     /// The `i`th message held, oldest first.
     fn get(&self, i: usize) -> Option<&Ordered> {
         let (chunk, at) = self.locate(i)?;
-        self.chunks[chunk].get(at)
+        self.chunks.get(chunk)?.get(at)
     }
 
     /// The chunk and the place in it of the `i`th message held, if held.

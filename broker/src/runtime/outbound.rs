@@ -27,6 +27,7 @@
 //! is written or dropped, however that happens (written, discarded with a
 //! closed session's queue).
 
+use crate::maps::FastMap;
 use bytes::{Buf, Bytes};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -68,27 +69,21 @@ impl Drop for Charge {
     }
 }
 
-/// Frames recently offered, so that one offered again to another session
-/// is charged to the total once: the node hands a fan-out batch's frames to
-/// every subscriber one after the other. Kept for one drain of the node's
-/// outputs; it holds each frame, so no other frame can take its address
-/// meanwhile. A shared frame it has forgotten is charged again: counted
-/// twice, the bound only errs on the safe side.
+/// The frames offered in one drain of the node's outputs, by address and
+/// length, so that one offered to many sessions is charged to the total
+/// once: the node hands a fan-out batch's frames to each subscriber in
+/// turn, all of one session's before the next one's. It holds each frame,
+/// so no other frame can take its address meanwhile; a frame every queue
+/// refused stays charged until the drain ends.
 #[derive(Default)]
 pub(super) struct Recent {
-    frames: [Option<(Bytes, Arc<Charge>)>; RECENT],
-    next: usize,
+    frames: FastMap<(usize, usize), (Bytes, Arc<Charge>)>,
 }
-
-/// Frames `Recent` remembers: a batch of up to that many frames is charged
-/// once however many sessions it goes to.
-const RECENT: usize = 8;
 
 impl Recent {
     fn find(&self, frame: &Bytes) -> Option<Arc<Charge>> {
-        self.frames.iter().flatten().find_map(|(f, charge)| {
-            (f.as_ptr() == frame.as_ptr() && f.len() == frame.len()).then(|| charge.clone())
-        })
+        let key = (frame.as_ptr() as usize, frame.len());
+        self.frames.get(&key).map(|(_, charge)| charge.clone())
     }
 
     fn charge(&mut self, frame: &Bytes, budget: &Arc<Budget>) -> Arc<Charge> {
@@ -97,8 +92,8 @@ impl Recent {
             len: frame.len(),
             budget: budget.clone(),
         });
-        self.frames[self.next] = Some((frame.clone(), charge.clone()));
-        self.next = (self.next + 1) % RECENT;
+        let key = (frame.as_ptr() as usize, frame.len());
+        self.frames.insert(key, (frame.clone(), charge.clone()));
         charge
     }
 }
@@ -325,5 +320,39 @@ mod tests {
             Ok(()),
             "an empty queue takes one"
         );
+    }
+
+    #[test]
+    fn a_batch_of_many_frames_is_charged_once_in_fan_out_order() {
+        // The node hands each session all of a batch's frames in turn:
+        // 20 frames of 100 bytes to 50 sessions are 2,000 bytes of memory.
+        let budget = Budget::new(1 << 20, 1 << 20);
+        let queues: Vec<_> = (0..50)
+            .map(|_| Outbound::new(budget.clone(), 1 << 20))
+            .collect();
+        let frames: Vec<Bytes> = (0..20).map(|_| frame(100)).collect();
+        let mut recent = Recent::default();
+        for (q, _) in &queues {
+            for f in &frames {
+                assert_eq!(q.offer(f.clone(), 50, &mut recent), Ok(()));
+            }
+        }
+        drop(recent);
+        assert_eq!(budget.total(), 2000);
+        // At half the bound (two sessions, a share of 750 each), a frame
+        // already charged adds nothing: a session past its share still
+        // takes it, and a new frame is refused.
+        let budget = Budget::new(1 << 20, 3000);
+        let (a, _ra) = Outbound::new(budget.clone(), 1 << 20);
+        let (b, _rb) = Outbound::new(budget.clone(), 1 << 20);
+        let mut recent = Recent::default();
+        let (first, second) = (frame(800), frame(700));
+        assert_eq!(a.offer(first.clone(), 2, &mut recent), Ok(()));
+        assert_eq!(a.offer(second.clone(), 2, &mut recent), Ok(()));
+        assert_eq!(budget.total(), 1500, "half of 3,000");
+        assert_eq!(b.offer(first, 2, &mut recent), Ok(()));
+        assert_eq!(b.offer(second, 2, &mut recent), Ok(()), "charged already");
+        assert_eq!(budget.total(), 1500);
+        assert_eq!(b.offer(frame(10), 2, &mut recent), Err(Refused::Total));
     }
 }

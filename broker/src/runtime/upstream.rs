@@ -16,7 +16,7 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 /// Frames queued for the tier above; a full queue drops the connection
 /// (the relay reconnects and resends what was not ordered).
-const QUEUE_FRAMES_MAX: usize = 16_384;
+const QUEUE_FRAMES_MAX: usize = 131_072;
 /// Frames a reader decodes before it hands them to the node in one message.
 const READ_BATCH_MAX: usize = 256;
 /// Frames the writer takes from its queue per turn.

@@ -88,8 +88,10 @@ impl UpstreamConfig {
             ping_interval: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
             // Below the shell's send queue, so that a reconnect's resend
-            // of everything held always fits it.
-            forwards_max: 8_192,
+            // of everything held always fits it; four clients' full
+            // publish windows (the SDK's default is 16,384), since past it
+            // the relay refuses publishers with `overloaded`.
+            forwards_max: 65_536,
             credentials: None,
         }
     }
