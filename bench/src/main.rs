@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 /// The allocator the `canopy` binary uses, for the servers this process
 /// runs and for every broker's clients alike.
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
