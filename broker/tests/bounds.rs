@@ -28,6 +28,29 @@ async fn publish_all(server: &Server) {
     }
 }
 
+/// A server whose sessions may each hold 64 MiB and all together `total`
+/// bytes, with its HTTP address.
+fn server_with_total(total: u64) -> (Server, String) {
+    let server = Server::with_config_and_http(&format!(
+        "[limits]\nqueue_bytes_max = 67108864\nqueue_bytes_total_max = {total}\n{FRAMES}"
+    ));
+    let http = server.http.clone().expect("HTTP on");
+    (server, http)
+}
+
+/// `n` subscribers to everything that do not read until told to, with
+/// small receive buffers (so that the node's queues hold what they lag).
+async fn stalled_subscribers(server: &Server, n: usize) -> Vec<Raw> {
+    let mut subs = Vec::new();
+    for i in 0..n {
+        let mut raw = Raw::connect_small(&server.addr).await;
+        raw.hello(100 + i as u64, &["s.>"], SlowPolicy::Disconnect)
+            .await;
+        subs.push(raw);
+    }
+    subs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_past_its_byte_bound_is_cut_and_no_one_else() {
     let server = Server::with_config(&format!("[limits]\nqueue_bytes_max = 262144\n{FRAMES}"));
@@ -67,17 +90,8 @@ async fn a_frame_every_subscriber_shares_counts_once_against_the_total_bound() {
     // take (past half, each session's share is 32 MiB over 11 sessions).
     // No one reads until all are published; then every subscriber gets
     // every message.
-    let server = Server::with_config_and_http(&format!(
-        "[limits]\nqueue_bytes_max = 67108864\nqueue_bytes_total_max = {TOTAL}\n{FRAMES}"
-    ));
-    let http = server.http.clone().expect("HTTP on");
-    let mut subs = Vec::new();
-    for i in 0..SUBS {
-        let mut raw = Raw::connect_small(&server.addr).await;
-        raw.hello(100 + i as u64, &["s.>"], SlowPolicy::Disconnect)
-            .await;
-        subs.push(raw);
-    }
+    let (server, http) = server_with_total(TOTAL);
+    let mut subs = stalled_subscribers(&server, SUBS).await;
     publish_all(&server).await;
     for raw in &mut subs {
         let mut got = 0;
@@ -101,17 +115,8 @@ async fn with_many_slow_subscribers_the_total_bound_holds_and_the_fast_one_keeps
     // bound can stop 8 slow subscribers. (Past 4 MiB in all, a session's
     // share is 4 MiB over 11 sessions, about 6 messages: a fast reader
     // holds less.)
-    let server = Server::with_config_and_http(&format!(
-        "[limits]\nqueue_bytes_max = 67108864\nqueue_bytes_total_max = {TOTAL}\n{FRAMES}"
-    ));
-    let http = server.http.clone().expect("HTTP on");
-    let mut slow = Vec::new();
-    for i in 0..SLOW {
-        let mut raw = Raw::connect_small(&server.addr).await;
-        raw.hello(100 + i as u64, &["s.>"], SlowPolicy::Disconnect)
-            .await;
-        slow.push(raw);
-    }
+    let (server, http) = server_with_total(TOTAL);
+    let mut slow = stalled_subscribers(&server, SLOW).await;
     let fast_client = server.client().await;
     let mut fast = fast_client.subscribe("s.>").await.expect("subscribe");
     let reader = tokio::spawn(async move { take_messages(&mut fast, N).await });
