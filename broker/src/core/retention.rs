@@ -14,9 +14,9 @@ use std::collections::VecDeque;
 ///
 /// The buffer grows a chunk at a time, never by reallocating what it holds:
 /// one `VecDeque` of a million messages would copy tens of megabytes on the
-/// node task at each doubling (a stall every subscriber sees) and fault in
-/// twice the memory it needs. A chunk emptied at the front is kept for the
-/// next one needed at the back, so a full buffer allocates nothing.
+/// node task at each doubling (a stall every subscriber sees), holding the
+/// old copy and the new at once. A chunk emptied at the front is kept for
+/// the next one needed at the back, so a full buffer allocates nothing.
 const CHUNK: usize = 4096;
 
 /// Recent ordered messages, contiguous in sequence number.
