@@ -17,7 +17,10 @@ use std::collections::VecDeque;
 /// node task at each doubling (a stall every subscriber sees), holding the
 /// old copy and the new at once. A chunk emptied at the front is kept for
 /// the next one needed at the back, so a full buffer allocates nothing.
-const CHUNK: usize = 4096;
+/// Test builds use small chunks, so that the simulators' retention (a few
+/// hundred messages) crosses chunk boundaries through crashes, restarts
+/// and resumes.
+const CHUNK: usize = if cfg!(test) { 16 } else { 4096 };
 
 /// Recent ordered messages, contiguous in sequence number.
 pub struct Retention {

@@ -728,7 +728,7 @@ fn drain(
         };
         let _ = jobs.send(job);
     }
-    let mut recent = outbound::Recent::default();
+    let mut offered = outbound::Offered::default();
     while let Some(out) = node.poll_output() {
         match out {
             Output::Transmit {
@@ -740,7 +740,7 @@ fn drain(
                 let Some(io) = sessions.get(&session) else {
                     continue;
                 };
-                if let Err(why) = io.queue.offer(frame, sessions.len(), &mut recent) {
+                if let Err(why) = io.queue.offer(frame, sessions.len(), &mut offered) {
                     tracing::debug!(%session, ?why, "outbound queue refused a frame");
                     node.handle_queue_full(now, session, kind, seqs);
                 }

@@ -76,14 +76,19 @@ impl Drop for Charge {
 /// so no other frame can take its address meanwhile; a frame every queue
 /// refused stays charged until the drain ends.
 #[derive(Default)]
-pub(super) struct Recent {
+pub(super) struct Offered {
     frames: FastMap<(usize, usize), (Bytes, Arc<Charge>)>,
 }
 
-impl Recent {
+impl Offered {
+    fn key(frame: &Bytes) -> (usize, usize) {
+        (frame.as_ptr() as usize, frame.len())
+    }
+
     fn find(&self, frame: &Bytes) -> Option<Arc<Charge>> {
-        let key = (frame.as_ptr() as usize, frame.len());
-        self.frames.get(&key).map(|(_, charge)| charge.clone())
+        self.frames
+            .get(&Self::key(frame))
+            .map(|(_, charge)| charge.clone())
     }
 
     fn charge(&mut self, frame: &Bytes, budget: &Arc<Budget>) -> Arc<Charge> {
@@ -92,8 +97,8 @@ impl Recent {
             len: frame.len(),
             budget: budget.clone(),
         });
-        let key = (frame.as_ptr() as usize, frame.len());
-        self.frames.insert(key, (frame.clone(), charge.clone()));
+        self.frames
+            .insert(Self::key(frame), (frame.clone(), charge.clone()));
         charge
     }
 }
@@ -167,18 +172,18 @@ impl Outbound {
     }
 
     /// Queues `frame` unless a bound refuses it (module docs); `sessions`
-    /// is how many sessions share the total, `recent` the frames offered
+    /// is how many sessions share the total, `offered` the frames offered
     /// before it in this drain of the node's outputs.
     pub(super) fn offer(
         &self,
         frame: Bytes,
         sessions: usize,
-        recent: &mut Recent,
+        offered: &mut Offered,
     ) -> Result<(), Refused> {
         let len = frame.len();
         let budget = &self.account.budget;
         let mine = self.account.bytes.load(Relaxed);
-        let charged = recent.find(&frame);
+        let charged = offered.find(&frame);
         if mine > 0 {
             if mine + len > budget.session_max {
                 return Err(Refused::Bytes);
@@ -190,7 +195,7 @@ impl Outbound {
                 return Err(Refused::Total);
             }
         }
-        let charge = charged.unwrap_or_else(|| recent.charge(&frame, budget));
+        let charge = charged.unwrap_or_else(|| offered.charge(&frame, budget));
         self.account.bytes.fetch_add(len, Relaxed);
         let queued = Queued {
             frame,
@@ -230,21 +235,21 @@ mod tests {
         let budget = Budget::new(1000, 1 << 30);
         let (q, rx) = Outbound::new(budget.clone(), 3);
         assert_eq!(
-            q.offer(frame(5000), 1, &mut Recent::default()),
+            q.offer(frame(5000), 1, &mut Offered::default()),
             Ok(()),
             "an empty queue takes one"
         );
         assert_eq!(
-            q.offer(frame(1), 1, &mut Recent::default()),
+            q.offer(frame(1), 1, &mut Offered::default()),
             Err(Refused::Bytes)
         );
         drop(rx.recv().expect("queued"));
         assert_eq!((q.bytes(), budget.total()), (0, 0), "written: given back");
         for _ in 0..3 {
-            assert_eq!(q.offer(frame(10), 1, &mut Recent::default()), Ok(()));
+            assert_eq!(q.offer(frame(10), 1, &mut Offered::default()), Ok(()));
         }
         assert_eq!(
-            q.offer(frame(10), 1, &mut Recent::default()),
+            q.offer(frame(10), 1, &mut Offered::default()),
             Err(Refused::Frames)
         );
         assert_eq!(q.bytes(), 30, "the refused frame is not counted");
@@ -265,7 +270,7 @@ mod tests {
         // Sessions 0..9 never read; session 9 reads everything.
         for _round in 0..1000 {
             for (i, (q, rx)) in queues.iter().enumerate() {
-                if q.offer(frame(100), 10, &mut Recent::default()).is_err() {
+                if q.offer(frame(100), 10, &mut Offered::default()).is_err() {
                     refused[i] += 1;
                 }
                 if i == 9 {
@@ -287,14 +292,14 @@ mod tests {
         let queues: Vec<_> = (0..100)
             .map(|_| Outbound::new(budget.clone(), 1 << 20))
             .collect();
-        let mut recent = Recent::default();
+        let mut offered = Offered::default();
         let shared = frame(1000);
         for _round in 0..3 {
             for (q, _) in &queues {
-                assert_eq!(q.offer(shared.clone(), 100, &mut recent), Ok(()));
+                assert_eq!(q.offer(shared.clone(), 100, &mut offered), Ok(()));
             }
         }
-        drop(recent);
+        drop(offered);
         assert_eq!(budget.total(), 1000);
         assert!(queues.iter().all(|(q, _)| q.bytes() == 3000));
         // Written by all but one: still held, still counted.
@@ -307,16 +312,16 @@ mod tests {
 
         // Frames the node's outputs do not share are counted apart, and
         // past half the bound a session over its share is refused.
-        let mut recent = Recent::default();
+        let mut offered = Offered::default();
         let (a, b) = (&queues[0].0, &queues[1].0);
         let mut took = 0;
-        while a.offer(frame(1000), 100, &mut recent).is_ok() {
+        while a.offer(frame(1000), 100, &mut offered).is_ok() {
             took += 1;
             assert!(took <= 10, "the total bound never refused");
         }
         assert_eq!(budget.total(), 1000 * took);
         assert_eq!(
-            b.offer(frame(1000), 100, &mut recent),
+            b.offer(frame(1000), 100, &mut offered),
             Ok(()),
             "an empty queue takes one"
         );
@@ -331,13 +336,13 @@ mod tests {
             .map(|_| Outbound::new(budget.clone(), 1 << 20))
             .collect();
         let frames: Vec<Bytes> = (0..20).map(|_| frame(100)).collect();
-        let mut recent = Recent::default();
+        let mut offered = Offered::default();
         for (q, _) in &queues {
             for f in &frames {
-                assert_eq!(q.offer(f.clone(), 50, &mut recent), Ok(()));
+                assert_eq!(q.offer(f.clone(), 50, &mut offered), Ok(()));
             }
         }
-        drop(recent);
+        drop(offered);
         assert_eq!(budget.total(), 2000);
         // At half the bound (two sessions, a share of 750 each), a frame
         // already charged adds nothing: a session past its share still
@@ -345,14 +350,14 @@ mod tests {
         let budget = Budget::new(1 << 20, 3000);
         let (a, _ra) = Outbound::new(budget.clone(), 1 << 20);
         let (b, _rb) = Outbound::new(budget.clone(), 1 << 20);
-        let mut recent = Recent::default();
+        let mut offered = Offered::default();
         let (first, second) = (frame(800), frame(700));
-        assert_eq!(a.offer(first.clone(), 2, &mut recent), Ok(()));
-        assert_eq!(a.offer(second.clone(), 2, &mut recent), Ok(()));
+        assert_eq!(a.offer(first.clone(), 2, &mut offered), Ok(()));
+        assert_eq!(a.offer(second.clone(), 2, &mut offered), Ok(()));
         assert_eq!(budget.total(), 1500, "half of 3,000");
-        assert_eq!(b.offer(first, 2, &mut recent), Ok(()));
-        assert_eq!(b.offer(second, 2, &mut recent), Ok(()), "charged already");
+        assert_eq!(b.offer(first, 2, &mut offered), Ok(()));
+        assert_eq!(b.offer(second, 2, &mut offered), Ok(()), "charged already");
         assert_eq!(budget.total(), 1500);
-        assert_eq!(b.offer(frame(10), 2, &mut recent), Err(Refused::Total));
+        assert_eq!(b.offer(frame(10), 2, &mut offered), Err(Refused::Total));
     }
 }
