@@ -483,7 +483,11 @@ impl Total {
     /// Sends one encoding of `msg` to every member of `mbr`'s view but
     /// this one.
     fn send_members(&mut self, mbr: &Membership, msg: &PeerMsg) {
-        let frame = wire::encode(msg);
+        self.send_frame_members(mbr, wire::encode(msg));
+    }
+
+    /// Sends an encoded frame to every member of `mbr`'s view but this one.
+    fn send_frame_members(&mut self, mbr: &Membership, frame: Bytes) {
         for n in mbr.others() {
             self.transmits.push_back((n, frame.clone()));
         }
@@ -582,8 +586,9 @@ fn frames<T>(msgs: &[T], cost: impl Fn(&T) -> usize) -> Vec<&[T]> {
     out
 }
 
-fn msg_cost(m: &Msg) -> usize {
-    m.2.len() + m.3.len() + 32
+fn msg_cost(m: &impl wire::Carried) -> usize {
+    let (_, _, topic, payload) = m.parts();
+    topic.len() + payload.len() + 32
 }
 
 #[cfg(test)]

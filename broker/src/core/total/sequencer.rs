@@ -200,7 +200,7 @@ impl Total {
             return (0, retried);
         };
         let first = self.held().next();
-        let mut ordered = Vec::with_capacity(msgs.len());
+        let mut ordered = 0;
         let mut taken = 0;
         for Submitted(after, m) in msgs {
             if self.log.len() >= self.config.log_len_max
@@ -228,17 +228,23 @@ impl Total {
                 Next::Unknown | Next::Follows => {}
             }
             let seq = self.held().next();
-            self.hold(m.clone().ordered(seq));
-            ordered.push(m);
+            self.hold(m.ordered(seq));
+            ordered += 1;
         }
-        if ordered.is_empty() {
+        if ordered == 0 {
             return (taken, retried);
         }
-        self.stats.ordered += ordered.len() as u64;
+        self.stats.ordered += ordered as u64;
         let held = self.held();
         self.acks.insert(mbr.config().me, held);
-        for msg in self.orders(view, first, &ordered) {
-            self.send_members(mbr, &msg);
+        if mbr.others().next().is_some() {
+            // Encoded from the log's tail, which holds them now. (A server
+            // alone in its view has no one to tell.)
+            let tail: Vec<&Ordered> = self.log.range(self.log.len() - ordered..).collect();
+            let frames = self.orders(view, first, &tail);
+            for frame in frames {
+                self.send_frame_members(mbr, frame);
+            }
         }
         self.advance_stable(mbr);
         (taken, retried)

@@ -118,26 +118,26 @@ impl Total {
             return;
         }
         let skip = (after.0 - self.delivered.0) as usize;
-        let msgs: Vec<Msg> = self.log.iter().skip(skip).map(Msg::of).collect();
-        for msg in self.orders(view, after.next(), &msgs) {
-            self.send(from, &msg);
+        let msgs: Vec<&Ordered> = self.log.iter().skip(skip).collect();
+        for frame in self.orders(view, after.next(), &msgs) {
+            self.transmits.push_back((from, frame));
         }
     }
 
     /// `Order` frames for `msgs`, the first of which has seq `first`.
-    pub(super) fn orders(&self, view: ViewId, first: Seq, msgs: &[Msg]) -> Vec<PeerMsg> {
+    pub(super) fn orders<T: wire::Carried>(
+        &self,
+        view: ViewId,
+        first: Seq,
+        msgs: &[T],
+    ) -> Vec<Bytes> {
         let mut at = first;
         frames(msgs, msg_cost)
             .into_iter()
             .map(|chunk| {
-                let msg = PeerMsg::Order {
-                    view,
-                    first: at,
-                    msgs: chunk.to_vec(),
-                    stable: self.stable,
-                };
+                let frame = wire::encode_order(view, at, self.stable, chunk);
                 at = Seq(at.0 + chunk.len() as u64);
-                msg
+                frame
             })
             .collect()
     }

@@ -25,7 +25,7 @@ use crate::core::mbrship::wire::{
     AcceptOk, FlushOk, FlushReq, Heartbeat, MbrMsg, NewView, Stable, StateTransfer,
 };
 use crate::core::mbrship::{NodeId, ViewId};
-use crate::core::stream::Msg;
+use crate::core::stream::{Msg, Ordered};
 use bytes::Bytes;
 use canopy_client::protocol::{PubSeq, PublisherId, Seq};
 use serde::{Deserialize, Serialize};
@@ -144,21 +144,14 @@ const SAME_TOPIC: u16 = u16::MAX;
 /// long for the binary layout, which only a peer's CBOR could have brought
 /// in, goes as CBOR.)
 pub fn encode(msg: &PeerMsg) -> Bytes {
-    let fits = |m: &Msg| m.2.len() < usize::from(SAME_TOPIC);
     match msg {
-        PeerMsg::Order { msgs, .. } if !msgs.iter().all(fits) => encode_cbor(msg),
-        PeerMsg::Submit { msgs, .. } if !msgs.iter().all(|s| fits(&s.1)) => encode_cbor(msg),
         PeerMsg::Order {
             view,
             first,
             msgs,
             stable,
-        } => encode_batch(
-            ORDER_TAG,
-            *view,
-            [first.0, stable.0],
-            msgs.iter().map(|m| (None, m)),
-        ),
+        } => encode_order(*view, *first, *stable, msgs),
+        PeerMsg::Submit { msgs, .. } if !msgs.iter().all(|s| fits(&s.1)) => encode_cbor(msg),
         PeerMsg::Submit {
             view,
             front,
@@ -174,6 +167,63 @@ pub fn encode(msg: &PeerMsg) -> Bytes {
     }
 }
 
+/// A published message as an `Order` carries it: a [`Msg`], or an ordered
+/// message straight from the log (the sequencer encodes its orders from
+/// what it holds, without copying them into `Msg`s first).
+pub trait Carried {
+    /// Publisher, pub_seq, topic, payload.
+    fn parts(&self) -> (PublisherId, PubSeq, &Arc<str>, &Bytes);
+}
+
+impl Carried for Msg {
+    fn parts(&self) -> (PublisherId, PubSeq, &Arc<str>, &Bytes) {
+        (self.0, self.1, &self.2, &self.3)
+    }
+}
+
+impl Carried for Ordered {
+    fn parts(&self) -> (PublisherId, PubSeq, &Arc<str>, &Bytes) {
+        (self.publisher, self.pub_seq, &self.topic, &self.payload)
+    }
+}
+
+impl<T: Carried> Carried for &T {
+    fn parts(&self) -> (PublisherId, PubSeq, &Arc<str>, &Bytes) {
+        (**self).parts()
+    }
+}
+
+/// Whether the binary layout can carry the message's topic.
+fn fits(m: &impl Carried) -> bool {
+    m.parts().2.len() < usize::from(SAME_TOPIC)
+}
+
+/// An `Order` of `msgs`, the first with seq `first`, announcing `stable`:
+/// what [`encode`] makes of the same `PeerMsg::Order`.
+pub fn encode_order<T: Carried>(view: ViewId, first: Seq, stable: Seq, msgs: &[T]) -> Bytes {
+    if !msgs.iter().all(fits) {
+        let msgs = msgs
+            .iter()
+            .map(|m| {
+                let (publisher, pub_seq, topic, payload) = m.parts();
+                Msg(publisher, pub_seq, topic.clone(), payload.clone())
+            })
+            .collect();
+        return encode_cbor(&PeerMsg::Order {
+            view,
+            first,
+            msgs,
+            stable,
+        });
+    }
+    encode_batch(
+        ORDER_TAG,
+        view,
+        [first.0, stable.0],
+        msgs.iter().map(|m| (None, m)),
+    )
+}
+
 /// CBOR, length prefix included.
 fn encode_cbor(msg: &PeerMsg) -> Bytes {
     let mut buf = Vec::with_capacity(128);
@@ -186,15 +236,18 @@ fn encode_cbor(msg: &PeerMsg) -> Bytes {
 }
 
 /// A binary `Order` or `Submit` (module docs), length prefix included.
-fn encode_batch<'a>(
+fn encode_batch<'a, T: Carried + 'a>(
     tag: u8,
     view: ViewId,
     head: [u64; 2],
-    msgs: impl Iterator<Item = (Option<PubSeq>, &'a Msg)> + Clone,
+    msgs: impl Iterator<Item = (Option<PubSeq>, &'a T)> + Clone,
 ) -> Bytes {
     let size: usize = msgs
         .clone()
-        .map(|(after, m)| 8 * usize::from(after.is_some()) + ENTRY_LEN + m.2.len() + m.3.len())
+        .map(|(after, m)| {
+            let (_, _, topic, payload) = m.parts();
+            8 * usize::from(after.is_some()) + ENTRY_LEN + topic.len() + payload.len()
+        })
         .sum();
     let mut buf = Vec::with_capacity(4 + BATCH_HEAD_LEN + size);
     buf.extend_from_slice(&[0; 4]);
@@ -206,7 +259,8 @@ fn encode_batch<'a>(
     let count_at = buf.len();
     buf.extend_from_slice(&[0; 4]);
     let (mut count, mut previous): (u32, Option<&str>) = (0, None);
-    for (after, Msg(publisher, pub_seq, topic, payload)) in msgs {
+    for (after, m) in msgs {
+        let (publisher, pub_seq, topic, payload) = m.parts();
         if let Some(after) = after {
             buf.extend_from_slice(&after.0.to_le_bytes());
         }
@@ -427,6 +481,14 @@ mod tests {
         )
     }
 
+    /// `msgs` as the log holds them once ordered.
+    fn held(msgs: &[Msg]) -> Vec<Ordered> {
+        (1..)
+            .zip(msgs)
+            .map(|(i, m)| m.clone().ordered(Seq(i)))
+            .collect()
+    }
+
     fn view() -> ViewId {
         ViewId {
             epoch: u64::MAX - 1,
@@ -453,6 +515,11 @@ mod tests {
         assert_eq!(
             u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize,
             frame.len() - 4
+        );
+        // The sequencer encodes the same frame from its log.
+        assert_eq!(
+            encode_order(view(), Seq(u64::MAX - 4), Seq(7), &held(&msgs)),
+            frame
         );
         assert_eq!(decode(frame.slice(4..)), Ok(order));
         let submit = PeerMsg::Submit {
@@ -506,6 +573,10 @@ mod tests {
         };
         let frame = encode(&order);
         assert_ne!(frame[4], ORDER_TAG);
+        let PeerMsg::Order { msgs, .. } = &order else {
+            unreachable!()
+        };
+        assert_eq!(encode_order(view(), Seq(1), Seq(0), &held(msgs)), frame);
         assert_eq!(decode(frame.slice(4..)), Ok(order));
         let submit = PeerMsg::Submit {
             view: view(),
