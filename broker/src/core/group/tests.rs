@@ -210,3 +210,26 @@ fn a_lone_server_never_forms_a_view() {
     assert_eq!(g.status(), Status::Joining);
     assert!(!g.is_primary());
 }
+
+/// A member asks the sequencer to resend after the last seq there is
+/// (`u64::MAX`): nothing is sent, and nothing overflows naming the seq
+/// after it. (Found in review: debug builds panicked.)
+#[test]
+fn a_resend_asked_after_the_last_seq_there_is_sends_nothing() {
+    let mut net = Net::new(3);
+    net.run_for(Duration::from_millis(500));
+    net.submit(0, 10, 1);
+    let g = net.groups[0].as_mut().expect("running");
+    let view = g.view().map(|v| v.id).expect("a view");
+    while g.poll_transmit().is_some() {}
+    let now = net.now;
+    g.handle_msg(
+        now,
+        NodeId(2),
+        PeerMsg::Resend {
+            view,
+            after: Seq(u64::MAX),
+        },
+    );
+    assert!(g.poll_transmit().is_none());
+}

@@ -117,6 +117,10 @@ impl Total {
             tracing::warn!(node = %from, after = after.0, "resend asked below the stable seq");
             return;
         }
+        if after >= self.held() {
+            // Nothing held past it (and no seq after `u64::MAX` to name).
+            return;
+        }
         let skip = (after.0 - self.delivered.0) as usize;
         let msgs: Vec<&Ordered> = self.log.iter().skip(skip).collect();
         for frame in self.orders(view, after.next(), &msgs) {

@@ -145,6 +145,7 @@ const SAME_TOPIC: u16 = u16::MAX;
 /// in, goes as CBOR.)
 pub fn encode(msg: &PeerMsg) -> Bytes {
     match msg {
+        PeerMsg::Order { msgs, .. } if !msgs.iter().all(fits) => encode_cbor(msg),
         PeerMsg::Order {
             view,
             first,
@@ -272,7 +273,7 @@ fn encode_batch<'a, T: Carried + 'a>(
             false => u16::try_from(topic.len())
                 .ok()
                 .filter(|&n| n != SAME_TOPIC)
-                .expect("invariant: `encode` sends longer topics as CBOR"),
+                .expect("invariant: longer topics go as CBOR (`encode`, `encode_order`)"),
         };
         buf.extend_from_slice(&topic_len.to_le_bytes());
         let payload_len = u32::try_from(payload.len())
