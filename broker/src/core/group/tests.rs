@@ -233,3 +233,46 @@ fn a_resend_asked_after_the_last_seq_there_is_sends_nothing() {
     );
     assert!(g.poll_transmit().is_none());
 }
+
+/// A peer names the last epoch there is; when the coordinator then fails,
+/// the server that heard it has no epoch left to propose with. It proposes
+/// nothing (and logs it) rather than overflow or wrap to epoch 0 and take
+/// back its promises. (Found by an audit of peer-controlled counts.)
+#[test]
+fn a_peer_naming_the_last_epoch_stops_proposals_without_a_panic() {
+    let mut net = Net::new(3);
+    net.run_for(Duration::from_millis(500));
+    let g = net.groups[2].as_mut().expect("running");
+    let hb = std::iter::from_fn(|| g.poll_transmit())
+        .find_map(|(_, frame)| match wire::decode(frame.slice(4..)) {
+            Ok(PeerMsg::Heartbeat(hb)) => Some(hb),
+            _ => None,
+        })
+        .or_else(|| {
+            g.handle_timeout(net.now + Duration::from_millis(100));
+            std::iter::from_fn(|| g.poll_transmit()).find_map(|(_, frame)| {
+                match wire::decode(frame.slice(4..)) {
+                    Ok(PeerMsg::Heartbeat(hb)) => Some(hb),
+                    _ => None,
+                }
+            })
+        })
+        .expect("a heartbeat");
+    let now = net.now;
+    let forged = crate::core::mbrship::wire::Heartbeat {
+        epoch: u64::MAX,
+        ..hb
+    };
+    net.groups[1]
+        .as_mut()
+        .expect("running")
+        .handle_msg(now, NodeId(3), PeerMsg::Heartbeat(forged));
+    net.groups[0] = None;
+    net.run_for(Duration::from_secs(3));
+    // Server 2, the next coordinator, proposes nothing; server 3 waits
+    // for it: the old view stays (the price of a peer outside the fault
+    // model), and no view of a wrapped epoch appears.
+    for i in [1, 2] {
+        assert_eq!(net.member(i).view().map(|v| v.id.epoch), Some(1));
+    }
+}

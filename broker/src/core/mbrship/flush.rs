@@ -18,8 +18,15 @@ impl Membership {
     pub(super) fn propose(&mut self, now: Duration, mut members: Vec<Member>, up: &mut impl Above) {
         members.sort();
         members.dedup_by_key(|m| m.node);
+        let Some(epoch) = self.epoch_seen.max(self.promised.epoch).checked_add(1) else {
+            // Only a peer naming an epoch no view reaches gets here: this
+            // server proposes nothing rather than wrap to epoch 0 and take
+            // back its promises.
+            tracing::error!(me = %self.config.me, "no epoch left to propose a view with");
+            return;
+        };
         let id = ViewId {
-            epoch: self.epoch_seen.max(self.promised.epoch) + 1,
+            epoch,
             coordinator: self.config.me,
         };
         self.epoch_seen = id.epoch;

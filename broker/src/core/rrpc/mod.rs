@@ -538,6 +538,18 @@ impl Rrpc {
                 ..State::default()
             },
         };
+        // The bound a live share is held to (`outcomes.rs`): executors
+        // are chosen for each of a call's shares.
+        if let Some(p) = state
+            .queue
+            .iter()
+            .find(|p| p.of.is_some_and(|of| of == 0 || of > SHARES_MAX))
+        {
+            return Err(format!(
+                "call {:?} has {:?} shares (1 to {SHARES_MAX})",
+                p.id, p.of
+            ));
+        }
         if let Some(service) = &self.service {
             service.restore(&state.service)?;
         }

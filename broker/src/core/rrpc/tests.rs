@@ -827,3 +827,36 @@ fn calls_whose_voters_all_left_unheard_get_the_reply_applying_gave() {
         assert_eq!(votes(&r[1].1), [(1, ok(5)), (2, ok(5)), (3, ok(5))]);
     }
 }
+
+/// A snapshot whose queued call claims more shares than a live share may
+/// (or none) is refused whole: its executors would be chosen for each of
+/// `u32::MAX` shares. (Found by an audit of peer-controlled counts.)
+#[test]
+fn a_snapshot_with_a_call_of_too_many_shares_is_refused() {
+    let mut g = Group::new(2);
+    g.call(1, "par.add", 4);
+    g.deliver_all();
+    let snap = g.replicas[0].snapshot();
+    let head = Seq(g.stream.len() as u64);
+    for of in [0, SHARES_MAX + 1, u32::MAX] {
+        let mut state: wire::State = wire::decode(&snap).expect("decodes");
+        assert!(!state.queue.is_empty(), "the call is still queued");
+        state.queue[0].of = Some(of);
+        let forged = wire::encode(&state);
+        let mut fresh = Rrpc::new(
+            NodeId(3),
+            Some(share(Counter::default())),
+            RrpcConfig::new(outcome_publisher(NodeId(3), 1)),
+        );
+        let refused = fresh.restore(Some(&forged), 1, head);
+        assert!(refused.is_err_and(|e| e.contains("shares")), "of = {of}");
+    }
+    let mut fresh = Rrpc::new(
+        NodeId(3),
+        Some(share(Counter::default())),
+        RrpcConfig::new(outcome_publisher(NodeId(3), 1)),
+    );
+    fresh
+        .restore(Some(&snap), 1, head)
+        .expect("the real one restores");
+}
