@@ -503,6 +503,13 @@ impl Link {
                     self.refuse(now, e);
                     return None;
                 }
+                if w.head == protocol::Seq(u64::MAX) {
+                    // No seq follows it: a client or relay would overflow
+                    // naming the next one.
+                    let e = Error::Protocol("server's head is the last seq there is".into());
+                    self.refuse(now, e);
+                    return None;
+                }
                 self.state = State::Up {
                     addr: addr.clone(),
                     since: now,

@@ -34,7 +34,7 @@ fn welcome(stream: u64, head: u64, pub_acked: u64) -> ServerFrame {
         pub_acked: PubSeq(pub_acked),
         frame_len_max: 1 << 20,
         servers: Vec::new(),
-        hash: head * 100,
+        hash: head.wrapping_mul(100),
         permissions: None,
     })
 }
@@ -388,6 +388,17 @@ fn the_handshake_is_checked() {
     assert!(matches!(
         events(&mut core)[..],
         [Event::Link(LinkEvent::Refused(Error::Protocol(_)))]
+    ));
+    // A head no seq can follow (a relay's tier above would have made it
+    // overflow; found by an audit of peer-controlled counts).
+    let mut last = ClientCore::new(Duration::ZERO, config(&["a"]));
+    last.handle_timeout(Duration::ZERO);
+    connects(&mut last);
+    last.handle_connected(Duration::ZERO);
+    last.handle_frame(MS, welcome(1, u64::MAX, 0));
+    assert!(matches!(
+        &events(&mut last)[..],
+        [Event::Link(LinkEvent::Refused(Error::Protocol(why)))] if why.contains("last seq")
     ));
     // No answer in time: the next server.
     core.handle_timeout(MS);
