@@ -91,3 +91,28 @@ pub struct Snapshot {
     #[serde(default)]
     pub service: Option<Bytes>,
 }
+
+impl Snapshot {
+    /// Whether a snapshot another server sent can be what it says: a seq
+    /// follows `head`, and the messages fit below it, running to it from
+    /// `first`.
+    ///
+    /// # Errors
+    /// What does not hold, for the log.
+    pub fn check(&self) -> Result<(), String> {
+        let len = self.msgs.len() as u64;
+        if self.head.0 == u64::MAX {
+            return Err("head is the last seq there is".into());
+        }
+        if len > self.head.0 {
+            return Err(format!("{len} messages through seq {}", self.head.0));
+        }
+        if len > 0 && self.first.0 != self.head.0 + 1 - len {
+            return Err(format!(
+                "{len} messages from seq {} do not run to seq {}",
+                self.first.0, self.head.0
+            ));
+        }
+        Ok(())
+    }
+}

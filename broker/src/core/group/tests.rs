@@ -7,6 +7,8 @@ use std::sync::Arc;
 /// Groups wired to each other with no delay; delivered streams recorded.
 struct Net {
     groups: Vec<Option<Group>>,
+    /// Changes every snapshot sent (a peer outside the fault model).
+    tamper: fn(&mut Snapshot),
     delivered: Vec<Vec<(Seq, PublisherId, PubSeq)>>,
     views: Vec<Vec<(ViewId, Seq)>>,
     now: Duration,
@@ -30,6 +32,7 @@ impl Net {
             .collect();
         Net {
             groups,
+            tamper: |_| {},
             delivered: vec![Vec::new(); n as usize],
             views: vec![Vec::new(); n as usize],
             now: Duration::ZERO,
@@ -65,14 +68,13 @@ impl Net {
                 }
                 for to in snaps {
                     let head = g.delivered();
-                    g.send_snapshot(
-                        to,
-                        Snapshot {
-                            stream: g.view().map_or(0, |v| v.stream),
-                            head,
-                            ..Snapshot::default()
-                        },
-                    );
+                    let mut snapshot = Snapshot {
+                        stream: g.view().map_or(0, |v| v.stream),
+                        head,
+                        ..Snapshot::default()
+                    };
+                    (self.tamper)(&mut snapshot);
+                    g.send_snapshot(to, snapshot);
                     while let Some(t) = g.poll_transmit() {
                         frames.push(t);
                     }
@@ -274,5 +276,54 @@ fn a_peer_naming_the_last_epoch_stops_proposals_without_a_panic() {
     // model), and no view of a wrapped epoch appears.
     for i in [1, 2] {
         assert_eq!(net.member(i).view().map(|v| v.id.epoch), Some(1));
+    }
+}
+
+/// A server that restarted without its disk takes the coordinator's
+/// snapshot and joins; a snapshot that cannot be right (its head the last
+/// seq there is, or more messages than seqs) is refused, not installed,
+/// and the server keeps waiting. (Found by an audit of peer-controlled
+/// counts: installed, it overflowed counting past the head.)
+#[test]
+fn a_snapshot_that_cannot_be_right_is_refused() {
+    let tampers: [fn(&mut Snapshot); 3] = [
+        |_| {},
+        |s| s.head = Seq(u64::MAX),
+        |s| {
+            s.msgs = vec![
+                Msg(
+                    PublisherId(9),
+                    PubSeq(1),
+                    Arc::from("t"),
+                    Bytes::from_static(b"x"),
+                );
+                s.head.0 as usize + 1
+            ];
+            s.first = Seq(0);
+        },
+    ];
+    for (i, tamper) in tampers.into_iter().enumerate() {
+        let mut net = Net::new(3);
+        net.run_for(Duration::from_millis(500));
+        for k in 1..=3 {
+            net.submit(0, 10, k);
+        }
+        net.tamper = tamper;
+        let servers: Vec<NodeId> = (1..=3).map(NodeId).collect();
+        let config = GroupConfig::new(NodeId(3), Incarnation(2), servers);
+        net.groups[2] = Some(Group::new(net.now, config));
+        net.delivered[2].clear();
+        net.run_for(Duration::from_secs(3));
+        let restarted = net.member(2);
+        match i {
+            0 => {
+                assert!(restarted.is_primary(), "the real snapshot is taken");
+                assert_eq!(restarted.delivered(), Seq(3));
+            }
+            _ => {
+                assert!(!restarted.is_primary(), "tamper {i}: refused");
+                assert!(restarted.delivered() < Seq(4), "tamper {i}: not installed");
+            }
+        }
     }
 }

@@ -474,6 +474,12 @@ impl Membership {
             // A late snapshot for a proposal that lost: keep waiting.
             return;
         }
+        if let Err(why) = state.check() {
+            // Installed, it would overflow counting past its head or put
+            // messages where its seqs are not.
+            tracing::error!(me = %self.config.me, view = %view, why, "a snapshot that cannot be right refused; waiting for another");
+            return;
+        }
         let Some(stash) = self.stash.take() else {
             return;
         };
