@@ -9,6 +9,8 @@ struct Net {
     groups: Vec<Option<Group>>,
     /// Changes every snapshot sent (a peer outside the fault model).
     tamper: fn(&mut Snapshot),
+    /// ...and every flush answer.
+    tamper_flush: fn(&mut crate::core::mbrship::wire::FlushOk),
     delivered: Vec<Vec<(Seq, PublisherId, PubSeq)>>,
     views: Vec<Vec<(ViewId, Seq)>>,
     now: Duration,
@@ -33,6 +35,7 @@ impl Net {
         Net {
             groups,
             tamper: |_| {},
+            tamper_flush: |_| {},
             delivered: vec![Vec::new(); n as usize],
             views: vec![Vec::new(); n as usize],
             now: Duration::ZERO,
@@ -83,7 +86,10 @@ impl Net {
                 for (to, frame) in frames {
                     moved = true;
                     if let Some(dst) = self.groups[to.0 as usize - 1].as_mut() {
-                        let msg = wire::decode(frame.slice(4..)).expect("valid frame");
+                        let mut msg = wire::decode(frame.slice(4..)).expect("valid frame");
+                        if let PeerMsg::FlushOk(ok) = &mut msg {
+                            (self.tamper_flush)(ok);
+                        }
                         dst.handle_msg(self.now, from, msg);
                     }
                 }
@@ -323,6 +329,41 @@ fn a_snapshot_that_cannot_be_right_is_refused() {
             _ => {
                 assert!(!restarted.is_primary(), "tamper {i}: refused");
                 assert!(restarted.delivered() < Seq(4), "tamper {i}: not installed");
+            }
+        }
+    }
+}
+
+/// A flush answer that claims more than was ever ordered (delivered past
+/// what the proposer holds, or up to the last seq there is) is refused:
+/// its messages would not follow the proposer's, or no seq could follow
+/// them. (Found by an audit of peer-controlled counts.)
+#[test]
+fn a_flush_answer_claiming_more_than_was_ordered_is_refused() {
+    let tampers: [fn(&mut crate::core::mbrship::wire::FlushOk); 3] = [
+        |_| {},
+        |ok| ok.delivered = Seq(ok.delivered.0 + 1000),
+        |ok| ok.delivered = Seq(u64::MAX),
+    ];
+    for (i, tamper) in tampers.into_iter().enumerate() {
+        let mut net = Net::new(3);
+        net.run_for(Duration::from_millis(500));
+        for k in 1..=3 {
+            net.submit(1, 20, k);
+        }
+        net.run_for(Duration::from_millis(100));
+        net.tamper_flush = tamper;
+        net.groups[0] = None;
+        net.run_for(Duration::from_secs(3));
+        let epochs: Vec<_> = [1, 2]
+            .iter()
+            .map(|&m| net.member(m).view().map(|v| v.members.len()))
+            .collect();
+        match i {
+            0 => assert_eq!(epochs, [Some(2), Some(2)], "the honest flush installs"),
+            _ => {
+                assert_eq!(epochs, [Some(3), Some(3)], "tamper {i}: no view installed");
+                assert_eq!(net.member(1).delivered(), Seq(3), "tamper {i}");
             }
         }
     }

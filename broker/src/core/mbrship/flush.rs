@@ -116,6 +116,12 @@ impl Membership {
         if p.id != ok.proposal || !p.members.contains(&ok.from) {
             return;
         }
+        let ends = ok.delivered.0.checked_add(ok.msgs.len() as u64);
+        if ends.is_none_or(|held| held == u64::MAX) {
+            // No seq could follow what it claims to hold.
+            tracing::error!(me = %self.config.me, node = %ok.from.node, delivered = ok.delivered.0, "a flush answer past the last seq refused");
+            return;
+        }
         if ok.view > self.state_view && self.status != Status::Joining {
             // Someone holds a newer view's state than ours: we are stale.
             return self.rejoin(now, up);
@@ -142,6 +148,25 @@ impl Membership {
                 return;
             }
         };
+        // A member of the state this server holds delivered nothing past
+        // what this server holds (it holds every seq any member saw
+        // stable): an answer that says otherwise cannot be right, and its
+        // messages would not follow ours. The proposal waits (and times
+        // out) without it.
+        let impossible: Vec<NodeId> = p
+            .oks
+            .values()
+            .filter(|o| basis.is_some() && basis == self.state_view && o.view == basis)
+            .filter(|o| o.delivered > up.held())
+            .map(|o| o.from.node)
+            .collect();
+        if !impossible.is_empty() {
+            tracing::error!(me = %self.config.me, proposal = %p.id, nodes = ?impossible, held = up.held().0, "flush answers claiming more than was ever ordered refused");
+            let mut p = p;
+            p.oks.retain(|n, _| !impossible.contains(n));
+            self.proposal = Some(p);
+            return;
+        }
         // The proposal is decided, whichever way what follows goes.
         self.timers.cancel(MbrTimer::Proposal);
         if basis.is_some() && basis != self.state_view {
