@@ -25,7 +25,9 @@ impl Node {
             }
         }
         // Relays carry their clients' membership events; anyone may call.
-        if is_system(&topic) && !relay && !Self::is_call(&topic) {
+        // No one else publishes the broker's own topics: an RRPC outcome
+        // or view record from a session would be taken as a replica's.
+        if is_system(&topic) && !Self::is_call(&topic) && !(relay && &*topic == MEMBERS_TOPIC) {
             let msg = format!("`{topic}`: topics starting with `$` are the broker's own");
             return self.close_with_error(session, ErrorCode::InvalidTopic, msg);
         }

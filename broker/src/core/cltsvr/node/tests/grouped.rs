@@ -158,6 +158,34 @@ fn only_a_relay_may_publish_for_others_or_on_system_topics() {
         &drain(&mut n)[..],
         [(_, ServerFrame::Error(e))] if e.code == ErrorCode::InvalidTopic
     ));
+    // A relay publishes membership events, but not the replicas' own
+    // records: a forged RRPC outcome would be taken as a replica's.
+    // (Found by an audit of peer-controlled input.)
+    for (id, topic) in [(3, "$canopy.rrpc"), (4, "$canopy.rrpc.view")] {
+        let relay = SessionId(id);
+        n.handle_open(T0, relay);
+        let ClientFrame::Hello(mut h) = hello(id, &[], SlowPolicy::Disconnect) else {
+            unreachable!("hello() makes a Hello")
+        };
+        h.role = Role::Relay;
+        n.handle_frame(T0, relay, ClientFrame::Hello(h));
+        drain(&mut n);
+        n.handle_frame(T0, relay, publish("$canopy.members", 1));
+        assert!(
+            !drain(&mut n)
+                .iter()
+                .any(|(_, f)| matches!(f, ServerFrame::Error(_))),
+            "membership events pass"
+        );
+        n.handle_frame(T0, relay, publish(topic, 2));
+        assert!(
+            matches!(
+                &drain(&mut n)[..],
+                [(_, ServerFrame::Error(e))] if e.code == ErrorCode::InvalidTopic
+            ),
+            "{topic}"
+        );
+    }
 }
 
 #[test]
