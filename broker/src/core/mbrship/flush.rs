@@ -153,13 +153,15 @@ impl Membership {
         // stable): an answer that says otherwise cannot be right, and its
         // messages would not follow ours. The proposal waits (and times
         // out) without it.
-        let impossible: Vec<NodeId> = p
-            .oks
-            .values()
-            .filter(|o| basis.is_some() && basis == self.state_view && o.view == basis)
-            .filter(|o| o.delivered > up.held())
-            .map(|o| o.from.node)
-            .collect();
+        let impossible: Vec<NodeId> = match basis.is_some() && basis == self.state_view {
+            true => p
+                .oks
+                .values()
+                .filter(|o| o.view == basis && o.delivered > up.held())
+                .map(|o| o.from.node)
+                .collect(),
+            false => Vec::new(),
+        };
         if !impossible.is_empty() {
             tracing::error!(me = %self.config.me, proposal = %p.id, nodes = ?impossible, held = up.held().0, "flush answers claiming more than was ever ordered refused");
             let mut p = p;
