@@ -107,7 +107,7 @@ impl PublisherTable {
     /// `publisher`'s entry, made (at `seq`) if it has none, after making
     /// room at the bound.
     pub fn entry(&mut self, publisher: PublisherId, seq: Seq) -> &mut PubState {
-        if !self.entries.contains_key(&publisher) && self.entries.len() >= self.max {
+        if self.entries.len() >= self.max && !self.entries.contains_key(&publisher) {
             self.evict();
         }
         let revived = self.evicted_any;

@@ -33,8 +33,15 @@ impl Node {
                 };
                 self.owe_ack(session, ack);
             }
-            m.topic = self.intern(&m.topic);
-            self.push_ordered(m);
+            // What was held comes back stable: the held copy is already
+            // chained and interned (docs/DESIGN.md, "Hot path").
+            match self.take_held(&m) {
+                Some(held) => self.push_stable(held),
+                None => {
+                    m.topic = self.intern(&m.topic);
+                    self.push_ordered(m);
+                }
+            }
         }
         self.fan_out();
     }
@@ -45,8 +52,14 @@ impl Node {
     /// clients: one change, one position, everywhere).
     pub(super) fn push_ordered(&mut self, mut m: Ordered) {
         m.hash = protocol::chain(self.hash, m.seq, m.publisher, m.pub_seq);
-        self.hash = m.hash;
         self.stabilize(&m);
+        self.push_stable(m);
+    }
+
+    /// Takes one stable message, chained, for fan-out and retention (see
+    /// `push_ordered`).
+    fn push_stable(&mut self, m: Ordered) {
+        self.hash = m.hash;
         if &*m.topic != MEMBERS_TOPIC {
             self.pending.push(m);
             if self.pending.len() >= self.config.batch_len_max {

@@ -147,8 +147,8 @@ impl FrameLimits {
 /// group's frame is encoded once and handed to all its sessions as the same
 /// `Bytes`. A session in several groups gets its own merged frame, cached by
 /// its group list so that sessions with the same list still share one.
-/// The work per batch is one index lookup per message plus one entry per
-/// (session, group) pair; nothing is done per session per message.
+/// The work per batch is one index lookup per run of one topic plus one
+/// entry per (session, group) pair; nothing is done per session per message.
 #[derive(Default)]
 pub(super) struct Fanout {
     pub(super) groups: Vec<(Arc<[SessionId]>, Vec<u32>)>,
@@ -173,16 +173,28 @@ impl Fanout {
     ) -> (u64, u64) {
         self.groups.clear();
         self.group_of_set.clear();
+        // Looked up once per run of one (interned) topic: the run's group,
+        // or `None` when nobody matches it.
+        let mut run: Option<(&Arc<str>, Option<usize>)> = None;
         for (i, m) in batch.iter().enumerate() {
-            let set = index.lookup(&m.topic);
-            if set.is_empty() {
+            let group = match run {
+                Some((topic, group)) if Arc::ptr_eq(topic, &m.topic) => group,
+                _ => {
+                    let set = index.lookup(&m.topic);
+                    let group = (!set.is_empty()).then(|| {
+                        let key = Arc::as_ptr(&set) as *const () as usize;
+                        *self.group_of_set.entry(key).or_insert_with(|| {
+                            self.groups.push((set, Vec::new()));
+                            self.groups.len() - 1
+                        })
+                    });
+                    run = Some((&m.topic, group));
+                    group
+                }
+            };
+            let Some(g) = group else {
                 continue;
-            }
-            let key = Arc::as_ptr(&set) as *const () as usize;
-            let g = *self.group_of_set.entry(key).or_insert_with(|| {
-                self.groups.push((set, Vec::new()));
-                self.groups.len() - 1
-            });
+            };
             self.groups[g].1.push(
                 u32::try_from(i).expect("invariant: batches hold far fewer than 2^32 messages"),
             );

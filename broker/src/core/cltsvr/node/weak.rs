@@ -85,6 +85,18 @@ impl Node {
         }
     }
 
+    /// The held copy of `m`, which became stable, if this node held it:
+    /// the same seq, publisher and pub_seq after the same stream, hence the
+    /// same running hash `stabilize` compares. Weak sessions were sent it
+    /// when it was held.
+    pub(super) fn take_held(&mut self, m: &Ordered) -> Option<Ordered> {
+        let u = self.unstable.front()?;
+        if (u.seq, u.publisher, u.pub_seq) != (m.seq, m.publisher, m.pub_seq) {
+            return None;
+        }
+        self.unstable.pop_front()
+    }
+
     /// `m` became stable. Weak sessions were sent it when it was held, or
     /// are sent it now (nothing was held: a relay, a node alone).
     pub(super) fn stabilize(&mut self, m: &Ordered) {
