@@ -233,12 +233,16 @@ async fn read_loop(
     let mut framed = FramedRead::new(read, codec);
     // The user's publish rate, once it is known (`auth`).
     let mut bucket: Option<Arc<std::sync::Mutex<crate::auth::Bucket>>> = None;
+    // Room for as many frames as the last batch had (a busy publisher's
+    // batches are hundreds of frames: grown one push at a time, each
+    // batch was reallocated several times).
+    let mut room = 1;
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
             next = framed.next() => next,
         };
-        let mut batch = Vec::new();
+        let mut batch = Vec::with_capacity(room);
         let mut next = first;
         // Past the user's rate: read no more until it allows.
         let mut pause = None;
@@ -301,6 +305,7 @@ async fn read_loop(
                 None => break None,
             }
         };
+        room = batch.len().max(1);
         if !batch.is_empty()
             && inbox
                 .send_async(Inbound::Frames(session, batch))

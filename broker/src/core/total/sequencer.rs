@@ -252,10 +252,43 @@ impl Total {
 
     /// Appends an ordered message to the log and the publisher table.
     pub(super) fn hold(&mut self, m: Ordered) {
-        debug_assert_eq!(m.seq, self.held().next());
         let e = self.publishers.entry(m.publisher, m.seq);
         e.held = e.held.max(m.pub_seq);
         e.seq = m.seq;
+        self.append(m);
+    }
+
+    /// Appends ordered messages to the log and the publisher table, which
+    /// is updated once per run of one publisher: as `hold` one at a time
+    /// would (a run's later messages do not change other publishers' state,
+    /// so the table forgets the same publishers).
+    pub(super) fn hold_all(&mut self, msgs: impl IntoIterator<Item = Ordered>) {
+        let from = self.log.len();
+        for m in msgs {
+            self.append(m);
+        }
+        let mut run: Option<(PublisherId, PubSeq, Seq)> = None;
+        for m in self.log.range(from..) {
+            match &mut run {
+                Some((publisher, top, last)) if *publisher == m.publisher => {
+                    *top = (*top).max(m.pub_seq);
+                    *last = m.seq;
+                }
+                _ => {
+                    if let Some(done) = run.replace((m.publisher, m.pub_seq, m.seq)) {
+                        note_held(&mut self.publishers, done);
+                    }
+                }
+            }
+        }
+        if let Some(done) = run {
+            note_held(&mut self.publishers, done);
+        }
+    }
+
+    /// Appends an ordered message to the log, and to the `Held` event.
+    fn append(&mut self, m: Ordered) {
+        debug_assert_eq!(m.seq, self.held().next());
         self.log_bytes += m.cost();
         match self.events.back_mut() {
             Some(Event::Held(held)) => held.push(m.clone()),
@@ -263,4 +296,12 @@ impl Total {
         }
         self.log.push_back(m);
     }
+}
+
+/// A run of `publisher`'s messages was held: `top` its highest pub_seq,
+/// `last` the seq of its last message.
+fn note_held(table: &mut PublisherTable, (publisher, top, last): (PublisherId, PubSeq, Seq)) {
+    let e = table.entry(publisher, last);
+    e.held = e.held.max(top);
+    e.seq = last;
 }

@@ -66,9 +66,12 @@ impl Total {
             return;
         }
         let skip = (held.0 + 1 - first.0) as usize;
-        for (i, m) in msgs.into_iter().enumerate().skip(skip) {
-            self.hold(m.ordered(Seq(first.0 + i as u64)));
-        }
+        self.hold_all(
+            msgs.into_iter()
+                .enumerate()
+                .skip(skip)
+                .map(|(i, m)| m.ordered(Seq(first.0 + i as u64))),
+        );
         if self.held() > held {
             self.resend_asked = None;
             let have = self.held();

@@ -13,6 +13,9 @@ impl Node {
     /// If the seqs do not continue the head: the group broke its contract.
     pub fn handle_ordered(&mut self, now: Duration, batch: Vec<Ordered>) {
         self.now = now;
+        // The publisher table and the acknowledgements once per run of one
+        // publisher, after its messages.
+        let mut run: Option<PublisherRun> = None;
         for mut m in batch {
             assert_eq!(
                 m.seq,
@@ -24,14 +27,13 @@ impl Node {
             if &*m.topic != MEMBERS_TOPIC {
                 self.stats.published += 1;
             }
-            self.remember_publisher(m.publisher, m.pub_seq, m.seq);
-            if let Some(&session) = self.publisher_sessions.get(&m.publisher) {
-                let ack = PubAck {
-                    pub_seq: m.pub_seq,
-                    seq: m.seq,
-                    publisher: None,
-                };
-                self.owe_ack(session, ack);
+            match &mut run {
+                Some(r) if r.publisher == m.publisher => r.extend(&m),
+                _ => {
+                    if let Some(done) = run.replace(PublisherRun::of(&m)) {
+                        self.publisher_run(done);
+                    }
+                }
             }
             // What was held comes back stable: the held copy is already
             // chained and interned (docs/DESIGN.md, "Hot path").
@@ -43,7 +45,20 @@ impl Node {
                 }
             }
         }
+        if let Some(done) = run {
+            self.publisher_run(done);
+        }
         self.fan_out();
+    }
+
+    /// A run of one publisher's delivered messages: the table keeps the
+    /// highest pub_seq and the last seq, and its session is owed the last
+    /// acknowledgement, as one message at a time would leave them.
+    fn publisher_run(&mut self, run: PublisherRun) {
+        self.remember_publisher(run.publisher, run.top, run.last.seq);
+        if let Some(&session) = self.publisher_sessions.get(&run.publisher) {
+            self.owe_ack(session, run.last);
+        }
     }
 
     /// Takes one ordered message for fan-out and retention. A membership
@@ -301,5 +316,38 @@ impl Node {
             server: self.config.id,
             session: session.0,
         });
+    }
+}
+
+/// Consecutive delivered messages of one publisher.
+struct PublisherRun {
+    publisher: PublisherId,
+    /// The highest pub_seq among them (an old retry ordered again may
+    /// follow a later one).
+    top: PubSeq,
+    /// The last one's acknowledgement.
+    last: PubAck,
+}
+
+impl PublisherRun {
+    fn of(m: &Ordered) -> Self {
+        PublisherRun {
+            publisher: m.publisher,
+            top: m.pub_seq,
+            last: PubAck {
+                pub_seq: m.pub_seq,
+                seq: m.seq,
+                publisher: None,
+            },
+        }
+    }
+
+    fn extend(&mut self, m: &Ordered) {
+        self.top = self.top.max(m.pub_seq);
+        self.last = PubAck {
+            pub_seq: m.pub_seq,
+            seq: m.seq,
+            publisher: None,
+        };
     }
 }

@@ -15,6 +15,9 @@ impl Node {
     pub fn handle_held(&mut self, now: Duration, msgs: Vec<Ordered>) {
         self.now = now;
         let from = self.unstable.len();
+        // Interned once per run of one topic (a frame decodes a run's
+        // topic once): the last topic as it came, and as interned.
+        let mut run: Option<(Arc<str>, Arc<str>)> = None;
         for mut m in msgs {
             let (last, prev) = self
                 .unstable
@@ -26,7 +29,14 @@ impl Node {
                 "invariant: the group holds contiguous seqs"
             );
             m.hash = protocol::chain(prev, m.seq, m.publisher, m.pub_seq);
-            m.topic = self.intern(&m.topic);
+            m.topic = match &run {
+                Some((came, interned)) if Arc::ptr_eq(came, &m.topic) => interned.clone(),
+                _ => {
+                    let interned = self.intern(&m.topic);
+                    run = Some((m.topic.clone(), interned.clone()));
+                    interned
+                }
+            };
             self.unstable.push_back(m);
         }
         if self.weak_live == 0 {
