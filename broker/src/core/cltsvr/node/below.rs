@@ -256,6 +256,7 @@ impl Node {
                 session: SessionId::NODE,
                 after,
                 forwarded: false,
+                retry: false,
                 msg: Msg(id, pub_seq, topic, payload),
             });
             return;

@@ -128,6 +128,9 @@ pub struct Submission {
     /// Whether a relay forwarded it for one of its clients (the session is
     /// the relay's, not the publisher's).
     pub forwarded: bool,
+    /// A relay's retry of a publish this node had submitted or seen
+    /// ordered: refusing it leaves no hole for what follows to wait on.
+    pub retry: bool,
     /// The message.
     pub msg: Msg,
 }
@@ -198,8 +201,13 @@ struct Session {
     forwarded: HashMap<PublisherId, PubSeq>,
     /// From a relay: publishers refused here, with the first pub_seq
     /// refused. Their later publishes already on the way are dropped (they
-    /// would skip) until the publisher's retry starts again at or below it.
+    /// would skip) until the publisher's retry starts again at or below it,
+    /// or the relay is told that it was ordered (then no retry comes).
     refused: HashMap<PublisherId, PubSeq>,
+    /// From a relay: per publisher, the pub_seq it was last told is
+    /// acknowledged (bounded as `forwarded` is; the table may have
+    /// forgotten the publisher since).
+    acked_forwards: HashMap<PublisherId, PubSeq>,
     /// The highest pub_seq this session published, if it published since
     /// it connected: after its first publish, a client's new pub_seqs
     /// follow on.
@@ -525,6 +533,7 @@ impl Node {
                 submitted: PubSeq(0),
                 forwarded: HashMap::new(),
                 refused: HashMap::new(),
+                acked_forwards: HashMap::new(),
                 last_pub_seq: None,
                 weak: false,
                 weak_sent: Seq(0),

@@ -92,7 +92,7 @@ impl Node {
                     return self.refuse_forwarded(
                         session,
                         publisher,
-                        pub_seq,
+                        Some(pub_seq),
                         ErrorCode::PubSeqGap,
                         msg,
                     );
@@ -245,6 +245,7 @@ impl Node {
             session,
             after,
             forwarded,
+            retry: pub_seq <= known,
             msg: Msg(publisher, pub_seq, topic, publish.payload),
         };
         if call && !self.call_arrived(session, forwarded, &sub.msg, false) {
@@ -262,6 +263,18 @@ impl Node {
         publisher: PublisherId,
         ack: PubAck,
     ) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if s.acked_forwards.len() >= self.config.publishers_max {
+                s.acked_forwards.clear();
+            }
+            let told = s.acked_forwards.entry(publisher).or_default();
+            *told = (*told).max(ack.pub_seq);
+            // A refused publish the relay is told is ordered is not
+            // retried: what follows it waits no more.
+            if s.refused.get(&publisher).is_some_and(|first| first <= told) {
+                s.refused.remove(&publisher);
+            }
+        }
         let ack = PubAck {
             publisher: Some(publisher),
             ..ack
@@ -357,16 +370,23 @@ impl Node {
         if !sub.forwarded {
             return self.close_with_error(sub.session, code, message);
         }
-        self.refuse_forwarded(sub.session, publisher, sub.msg.1, code, message);
+        // A refused retry leaves no hole: the first one is ordered or on
+        // its way, and what follows waits for nothing. (Waiting for the
+        // retry's retry waited for good when the relay below had been
+        // acknowledged past it by its own stream, and this node's table had
+        // forgotten the publisher.)
+        let hole = (!sub.retry).then_some(sub.msg.1);
+        self.refuse_forwarded(sub.session, publisher, hole, code, message);
     }
 
-    /// Tells relay `session` that `publisher`'s publish `pub_seq` (and what
-    /// follows it on the way) is refused; the relay's session stays open.
+    /// Tells relay `session` that a publish of `publisher` is refused; the
+    /// relay's session stays open. A refused publish that leaves a `hole`
+    /// (a new pub_seq) holds back what follows it on the way.
     pub(super) fn refuse_forwarded(
         &mut self,
         session: SessionId,
         publisher: PublisherId,
-        pub_seq: PubSeq,
+        hole: Option<PubSeq>,
         code: ErrorCode,
         message: String,
     ) {
@@ -374,8 +394,13 @@ impl Node {
             return;
         };
         s.forwarded.remove(&publisher);
-        let first = s.refused.entry(publisher).or_insert(pub_seq);
-        *first = (*first).min(pub_seq);
+        // Nor does one the relay was told is ordered: its publisher
+        // resends from past it.
+        let told = s.acked_forwards.get(&publisher).copied();
+        if let Some(pub_seq) = hole.filter(|&p| told.is_none_or(|t| t < p)) {
+            let first = s.refused.entry(publisher).or_insert(pub_seq);
+            *first = (*first).min(pub_seq);
+        }
         let frame = ErrorFrame {
             code,
             message,

@@ -243,6 +243,98 @@ fn forwards_after_a_refusal_pass_once_the_refused_publish_is_ordered() {
     assert_eq!(n.take_submissions().len(), 1, "7 follows what is ordered");
 }
 
+/// A relay told that a publisher is acknowledged through 5 gets no more
+/// retries of 5 from it: when this node, its table having forgotten the
+/// publisher, takes such a retry for a new publish and refuses it at the
+/// bound, what follows must not wait for the retry's retry. Before, the
+/// relay's later forwards for it were dropped for good (tree simulator,
+/// seed 1080 of 10,000).
+#[test]
+fn a_refused_publish_the_relay_was_told_is_ordered_holds_nothing_back() {
+    let mut n = Node::new_grouped(
+        T0,
+        NodeConfig {
+            publishers_max: 2,
+            ..config()
+        },
+    );
+    n.set_primary(T0, true);
+    let relay = SessionId(1);
+    n.handle_open(T0, relay);
+    let mut h = match hello(1, &[], SlowPolicy::Disconnect) {
+        ClientFrame::Hello(h) => h,
+        _ => unreachable!("hello() makes a Hello"),
+    };
+    h.role = Role::Relay;
+    n.handle_frame(T0, relay, ClientFrame::Hello(h));
+    drain(&mut n);
+    let forward = |publisher, pub_seq| {
+        let mut p = Publish::new("t.x", PubSeq(pub_seq), Bytes::from_static(b"m"));
+        p.publisher = Some(PublisherId(publisher));
+        ClientFrame::Publish(p)
+    };
+    n.handle_frame(T0, relay, forward(7, 5));
+    assert_eq!(n.take_submissions().len(), 1);
+    n.handle_ordered(T0, vec![held(1, 7, 5)]);
+    drain(&mut n);
+    // A retry of what is ordered is acknowledged to the relay at once.
+    n.handle_frame(T0, relay, forward(7, 5));
+    assert!(n.take_submissions().is_empty());
+    assert!(
+        drain(&mut n)
+            .iter()
+            .any(|(_, f)| matches!(f, ServerFrame::PubAck(a) if a.pub_seq == PubSeq(5))),
+        "the retry is acknowledged"
+    );
+    // Two more publishers: the table, at its bound, forgets 7.
+    n.handle_frame(T0, relay, forward(8, 1));
+    n.handle_frame(T0, relay, forward(9, 1));
+    assert_eq!(n.take_submissions().len(), 2);
+    n.handle_ordered(T0, vec![held(2, 8, 1), held(3, 9, 1)]);
+    drain(&mut n);
+    // A late retry of 5 is now new to this node; refused at the bound.
+    n.handle_frame(T0, relay, forward(7, 5));
+    let subs = n.take_submissions();
+    assert_eq!(subs.len(), 1);
+    n.reject_overloaded(T0, &subs[0]);
+    drain(&mut n);
+    // 6 follows 5, which the relay knows is ordered: it passes.
+    n.handle_frame(T0, relay, forward(7, 6));
+    assert_eq!(n.take_submissions().len(), 1, "6 waits for nothing");
+}
+
+/// A relay's retry of a publish still on its way up, refused at the bound,
+/// leaves no hole: the first one is ordered in time, and the publisher's
+/// next publish follows it without waiting for another retry.
+#[test]
+fn a_refused_retry_of_a_publish_on_its_way_holds_nothing_back() {
+    let mut n = Node::new_grouped(T0, config());
+    n.set_primary(T0, true);
+    let relay = SessionId(1);
+    n.handle_open(T0, relay);
+    let mut h = match hello(1, &[], SlowPolicy::Disconnect) {
+        ClientFrame::Hello(h) => h,
+        _ => unreachable!("hello() makes a Hello"),
+    };
+    h.role = Role::Relay;
+    n.handle_frame(T0, relay, ClientFrame::Hello(h));
+    drain(&mut n);
+    let forward = |pub_seq| {
+        let mut p = Publish::new("t.x", PubSeq(pub_seq), Bytes::from_static(b"m"));
+        p.publisher = Some(PublisherId(7));
+        ClientFrame::Publish(p)
+    };
+    n.handle_frame(T0, relay, forward(5));
+    assert_eq!(n.take_submissions().len(), 1);
+    n.handle_frame(T0, relay, forward(5));
+    let retries = n.take_submissions();
+    assert_eq!(retries.len(), 1, "a relay's retry goes up again");
+    n.reject_overloaded(T0, &retries[0]);
+    drain(&mut n);
+    n.handle_frame(T0, relay, forward(6));
+    assert_eq!(n.take_submissions().len(), 1, "6 waits for nothing");
+}
+
 /// Opens a weak session subscribed to `subs` on a grouped node; returns it
 /// with its Welcome.
 fn join_weak(n: &mut Node, id: u64, subs: &[&str]) -> (SessionId, Welcome) {
