@@ -21,8 +21,12 @@ const NODE_ADDR: &str = "node";
 const FAULT_STEPS: u64 = 3000;
 /// Steps allowed for convergence after faults stop.
 const SETTLE_STEPS: u64 = 200_000;
-/// Steps of 10 ms allowed after convergence for slow readers to catch up.
-const CATCH_UP_STEPS: u64 = 20_000;
+/// Steps of 10 ms without a client reading anything after which the
+/// clients are taken to have caught up...
+const STALL_STEPS: u64 = 500;
+/// ...and at most this many in all (a client cut and back again and
+/// again reads forever).
+const CATCH_UP_STEPS_MAX: u64 = 20_000;
 
 /// What a run did, and a fingerprint of everything the clients saw.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -202,23 +206,35 @@ impl World {
                     .collect()
             })
             .collect();
-        // A few watermark periods more, and as long as a client is still
-        // reading what it is owed (one with a window of a message or two
-        // reads a long backlog from retention a grant at a time, far
-        // slower than the faults left it behind), up to a bound; then
-        // nothing may be missing.
+        // A few watermark periods more, and as long as clients are still
+        // reading what they are owed (one with a window of a message or
+        // two reads a long backlog from retention a grant at a time, far
+        // slower than the faults left it behind); then nothing may be
+        // missing. Reading has stopped when no client has taken a message
+        // or a gap notice for `STALL_STEPS`.
         let until = self.now + Duration::from_secs(1);
-        for step in 0..CATCH_UP_STEPS {
-            if self.now >= until
-                && step % 100 == 0
-                && self.checker.check_complete(&patterns).is_ok()
-            {
+        let (mut read, mut still) = (self.read_so_far(), 0);
+        for _ in 0..CATCH_UP_STEPS_MAX {
+            if self.now >= until && still >= STALL_STEPS {
+                break;
+            }
+            if self.now >= until && self.checker.check_complete(&patterns).is_ok() {
                 break;
             }
             self.tick(Duration::from_millis(10))?;
             self.deliver_due()?;
+            let now_read = self.read_so_far();
+            still = if now_read > read { 0 } else { still + 1 };
+            read = now_read;
         }
         self.checker.check_complete(&patterns)
+    }
+
+    /// Messages and gap notices every client has taken so far.
+    fn read_so_far(&self) -> usize {
+        (0..self.clients.len())
+            .map(|c| self.checker.seen(c).delivered.len() + self.checker.seen(c).gaps.len())
+            .sum()
     }
 
     fn fault_step(&mut self) -> Result<(), Violation> {

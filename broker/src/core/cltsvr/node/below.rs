@@ -52,12 +52,13 @@ impl Node {
     }
 
     /// A run of one publisher's delivered messages: the table keeps the
-    /// highest pub_seq and the last seq, and its session is owed the last
-    /// acknowledgement, as one message at a time would leave them.
+    /// highest pub_seq and the last seq, as one message at a time would
+    /// leave it, and its session is owed the acknowledgement of the highest
+    /// pub_seq (an old retry ordered again after it acknowledges less).
     fn publisher_run(&mut self, run: PublisherRun) {
-        self.remember_publisher(run.publisher, run.top, run.last.seq);
+        self.remember_publisher(run.publisher, run.top.pub_seq, run.last);
         if let Some(&session) = self.publisher_sessions.get(&run.publisher) {
-            self.owe_ack(session, run.last);
+            self.owe_ack(session, run.top);
         }
     }
 
@@ -323,32 +324,34 @@ impl Node {
 /// Consecutive delivered messages of one publisher.
 struct PublisherRun {
     publisher: PublisherId,
-    /// The highest pub_seq among them (an old retry ordered again may
-    /// follow a later one).
-    top: PubSeq,
-    /// The last one's acknowledgement.
-    last: PubAck,
+    /// The acknowledgement of the highest pub_seq among them (an old
+    /// retry ordered again may follow a later one).
+    top: PubAck,
+    /// The seq of the last one.
+    last: Seq,
 }
 
 impl PublisherRun {
     fn of(m: &Ordered) -> Self {
         PublisherRun {
             publisher: m.publisher,
-            top: m.pub_seq,
-            last: PubAck {
+            top: PubAck {
                 pub_seq: m.pub_seq,
                 seq: m.seq,
                 publisher: None,
             },
+            last: m.seq,
         }
     }
 
     fn extend(&mut self, m: &Ordered) {
-        self.top = self.top.max(m.pub_seq);
-        self.last = PubAck {
-            pub_seq: m.pub_seq,
-            seq: m.seq,
-            publisher: None,
-        };
+        if m.pub_seq >= self.top.pub_seq {
+            self.top = PubAck {
+                pub_seq: m.pub_seq,
+                seq: m.seq,
+                publisher: None,
+            };
+        }
+        self.last = m.seq;
     }
 }

@@ -201,12 +201,12 @@ struct Session {
     forwarded: HashMap<PublisherId, PubSeq>,
     /// From a relay: publishers refused here, with the first pub_seq
     /// refused. Their later publishes already on the way are dropped (they
-    /// would skip) until the publisher's retry starts again at or below it,
-    /// or the relay is told that it was ordered (then no retry comes).
+    /// would skip) until the publisher's retry starts again at or below it.
     refused: HashMap<PublisherId, PubSeq>,
-    /// From a relay: per publisher, the pub_seq it was last told is
+    /// From a relay: per publisher, the last pub_seq this node told it is
     /// acknowledged (bounded as `forwarded` is; the table may have
-    /// forgotten the publisher since).
+    /// forgotten the publisher since). A refusal at or below it sets no
+    /// gate: that publisher resends from past it.
     acked_forwards: HashMap<PublisherId, PubSeq>,
     /// The highest pub_seq this session published, if it published since
     /// it connected: after its first publish, a client's new pub_seqs

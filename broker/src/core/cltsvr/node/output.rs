@@ -289,7 +289,9 @@ impl Node {
             .as_ref()
             .is_some_and(|h| h.slow == SlowPolicy::Conflate);
         match kind {
-            TransmitKind::Watermark => {}
+            // Sent again at the next period: the stream may stay quiet, and
+            // the client's position would stay behind it until it moved.
+            TransmitKind::Watermark => self.watermark_sent = Seq(0),
             TransmitKind::Deliver | TransmitKind::Gap if conflate => {
                 s.gap = Some(match s.gap {
                     Some((from, to)) => (from.min(seqs.0), to.max(seqs.1)),

@@ -269,11 +269,6 @@ impl Node {
             }
             let told = s.acked_forwards.entry(publisher).or_default();
             *told = (*told).max(ack.pub_seq);
-            // A refused publish the relay is told is ordered is not
-            // retried: what follows it waits no more.
-            if s.refused.get(&publisher).is_some_and(|first| first <= told) {
-                s.refused.remove(&publisher);
-            }
         }
         let ack = PubAck {
             publisher: Some(publisher),
