@@ -214,20 +214,8 @@ fn a_relays_client_that_skips_within_one_connection_is_refused() {
 fn forwards_after_a_refusal_pass_once_the_refused_publish_is_ordered() {
     let mut n = Node::new_grouped(T0, config());
     n.set_primary(T0, true);
-    let relay = SessionId(1);
-    n.handle_open(T0, relay);
-    let mut h = match hello(1, &[], SlowPolicy::Disconnect) {
-        ClientFrame::Hello(h) => h,
-        _ => unreachable!("hello() makes a Hello"),
-    };
-    h.role = Role::Relay;
-    n.handle_frame(T0, relay, ClientFrame::Hello(h));
-    drain(&mut n);
-    let forward = |pub_seq| {
-        let mut p = Publish::new("t.x", PubSeq(pub_seq), Bytes::from_static(b"m"));
-        p.publisher = Some(PublisherId(7));
-        ClientFrame::Publish(p)
-    };
+    let relay = join_relay(&mut n, 1);
+    let forward = |pub_seq| forward(7, pub_seq);
     n.handle_frame(T0, relay, forward(5));
     let subs = n.take_submissions();
     assert_eq!(subs.len(), 1);
@@ -260,20 +248,7 @@ fn a_refused_publish_the_relay_was_told_is_ordered_holds_nothing_back() {
         },
     );
     n.set_primary(T0, true);
-    let relay = SessionId(1);
-    n.handle_open(T0, relay);
-    let mut h = match hello(1, &[], SlowPolicy::Disconnect) {
-        ClientFrame::Hello(h) => h,
-        _ => unreachable!("hello() makes a Hello"),
-    };
-    h.role = Role::Relay;
-    n.handle_frame(T0, relay, ClientFrame::Hello(h));
-    drain(&mut n);
-    let forward = |publisher, pub_seq| {
-        let mut p = Publish::new("t.x", PubSeq(pub_seq), Bytes::from_static(b"m"));
-        p.publisher = Some(PublisherId(publisher));
-        ClientFrame::Publish(p)
-    };
+    let relay = join_relay(&mut n, 1);
     n.handle_frame(T0, relay, forward(7, 5));
     assert_eq!(n.take_submissions().len(), 1);
     n.handle_ordered(T0, vec![held(1, 7, 5)]);
@@ -317,20 +292,8 @@ fn a_refused_publish_the_relay_was_told_is_ordered_holds_nothing_back() {
 fn a_refused_retry_of_a_publish_on_its_way_holds_nothing_back() {
     let mut n = Node::new_grouped(T0, config());
     n.set_primary(T0, true);
-    let relay = SessionId(1);
-    n.handle_open(T0, relay);
-    let mut h = match hello(1, &[], SlowPolicy::Disconnect) {
-        ClientFrame::Hello(h) => h,
-        _ => unreachable!("hello() makes a Hello"),
-    };
-    h.role = Role::Relay;
-    n.handle_frame(T0, relay, ClientFrame::Hello(h));
-    drain(&mut n);
-    let forward = |pub_seq| {
-        let mut p = Publish::new("t.x", PubSeq(pub_seq), Bytes::from_static(b"m"));
-        p.publisher = Some(PublisherId(7));
-        ClientFrame::Publish(p)
-    };
+    let relay = join_relay(&mut n, 1);
+    let forward = |pub_seq| forward(7, pub_seq);
     n.handle_frame(T0, relay, forward(5));
     assert_eq!(n.take_submissions().len(), 1);
     n.handle_frame(T0, relay, forward(5));
@@ -340,6 +303,27 @@ fn a_refused_retry_of_a_publish_on_its_way_holds_nothing_back() {
     drain(&mut n);
     n.handle_frame(T0, relay, forward(6));
     assert_eq!(n.take_submissions().len(), 1, "6 waits for nothing");
+}
+
+/// Opens a relay's session on a grouped node.
+fn join_relay(n: &mut Node, id: u64) -> SessionId {
+    let relay = SessionId(id);
+    n.handle_open(T0, relay);
+    let mut h = match hello(id, &[], SlowPolicy::Disconnect) {
+        ClientFrame::Hello(h) => h,
+        _ => unreachable!("hello() makes a Hello"),
+    };
+    h.role = Role::Relay;
+    n.handle_frame(T0, relay, ClientFrame::Hello(h));
+    drain(n);
+    relay
+}
+
+/// A relay's forward of `publisher`'s `pub_seq` on `t.x`.
+fn forward(publisher: u64, pub_seq: u64) -> ClientFrame {
+    let mut p = Publish::new("t.x", PubSeq(pub_seq), Bytes::from_static(b"m"));
+    p.publisher = Some(PublisherId(publisher));
+    ClientFrame::Publish(p)
 }
 
 /// Opens a weak session subscribed to `subs` on a grouped node; returns it
