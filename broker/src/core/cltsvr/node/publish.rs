@@ -389,7 +389,7 @@ impl Node {
             return;
         };
         s.forwarded.remove(&publisher);
-        // Nor does one the relay was told is ordered: its publisher
+        // Nor does a publish the relay was told is ordered: its publisher
         // resends from past it.
         let told = s.acked_forwards.get(&publisher).copied();
         if let Some(pub_seq) = hole.filter(|&p| told.is_none_or(|t| t < p)) {
