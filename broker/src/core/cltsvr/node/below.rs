@@ -335,23 +335,23 @@ impl PublisherRun {
     fn of(m: &Ordered) -> Self {
         PublisherRun {
             publisher: m.publisher,
-            top: PubAck {
-                pub_seq: m.pub_seq,
-                seq: m.seq,
-                publisher: None,
-            },
+            top: Self::ack(m),
             last: m.seq,
         }
     }
 
     fn extend(&mut self, m: &Ordered) {
         if m.pub_seq >= self.top.pub_seq {
-            self.top = PubAck {
-                pub_seq: m.pub_seq,
-                seq: m.seq,
-                publisher: None,
-            };
+            self.top = Self::ack(m);
         }
         self.last = m.seq;
+    }
+
+    fn ack(m: &Ordered) -> PubAck {
+        PubAck {
+            pub_seq: m.pub_seq,
+            seq: m.seq,
+            publisher: None,
+        }
     }
 }
