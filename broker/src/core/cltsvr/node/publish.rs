@@ -441,11 +441,19 @@ impl Node {
         }
     }
 
-    /// Notes that `session` is owed `ack` (cumulative: a later one replaces
-    /// an earlier); it goes out after the current batch is fanned out.
+    /// Notes that `session` is owed `ack`; it goes out after the current
+    /// batch is fanned out. Acknowledgements are cumulative, so the highest
+    /// owed is kept: an old retry ordered again after newer publishes (the
+    /// table forgot its publisher) acknowledges no less than they did.
     pub(super) fn owe_ack(&mut self, session: SessionId, ack: PubAck) {
-        if let Some(s) = self.sessions.get_mut(&session) {
-            if s.ack_due.replace(ack).is_none() {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        match &mut s.ack_due {
+            Some(due) if due.pub_seq >= ack.pub_seq => {}
+            Some(due) => *due = ack,
+            None => {
+                s.ack_due = Some(ack);
                 self.acks_due.push(session);
             }
         }

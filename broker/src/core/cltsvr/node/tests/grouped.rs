@@ -77,6 +77,31 @@ fn grouped_node_submits_and_acknowledges_on_delivery() {
     assert_eq!(closed.len(), 2, "{out:?}");
 }
 
+/// Acknowledgements are cumulative: one batch in which an old retry of a
+/// publisher is ordered again after its newer publishes (the sequencer's
+/// table forgot it) still acknowledges the newest, or the publisher would
+/// wait for it.
+#[test]
+fn an_old_retry_ordered_again_later_in_a_batch_acknowledges_no_less() {
+    let mut n = grouped();
+    let p = join(&mut n, 1, &[], SlowPolicy::Disconnect);
+    n.handle_frame(T0, p, publish("t.x", 1));
+    n.handle_frame(T0, p, publish("t.x", 2));
+    drop(n.take_submissions());
+    n.handle_ordered(
+        T0,
+        vec![held(1, 1, 1), held(2, 1, 2), held(3, 9, 1), held(4, 1, 1)],
+    );
+    let acks: Vec<u64> = drain(&mut n)
+        .into_iter()
+        .filter_map(|(x, f)| match f {
+            ServerFrame::PubAck(a) if x == p => Some(a.pub_seq.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![2]);
+}
+
 /// Opens a session with `reports` on a node with ordered membership.
 fn join_reporting(n: &mut Node, id: u64, reports: protocol::Reports) -> SessionId {
     let s = SessionId(id);
