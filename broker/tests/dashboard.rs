@@ -17,25 +17,28 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-/// The bound on Chromium's start and its first page. A first start after
-/// a fresh install, on a loaded 2-core machine, has taken longer than the
-/// tests' usual [`common::WAIT`] in CI; a browser's start is not what this
-/// test measures.
+/// The bound on each of Chromium's first steps: its start, and its first
+/// page. A first start after a fresh install, on a loaded 2-core machine,
+/// has taken longer than the tests' usual [`common::WAIT`] in CI; a
+/// browser's start is not what this test measures.
 const BROWSER_START: Duration = Duration::from_secs(120);
 
 /// The lines of Chromium's stderr kept for a failure message.
 const BROWSER_LINES_KEPT: usize = 40;
 
-/// Reads Chromium's stderr until it closes: sends the DevTools `host:port`
-/// once it is announced and keeps the last [`BROWSER_LINES_KEPT`] lines.
+/// Reads Chromium's stderr until it closes (lines that are not UTF-8
+/// included): sends the DevTools `host:port` once it is announced and
+/// keeps the last [`BROWSER_LINES_KEPT`] lines.
 async fn read_browser_stderr(
-    stderr: BufReader<tokio::process::ChildStderr>,
+    mut stderr: BufReader<tokio::process::ChildStderr>,
     said: Arc<Mutex<VecDeque<String>>>,
     address: tokio::sync::oneshot::Sender<String>,
 ) {
     let mut address = Some(address);
-    let mut lines = stderr.lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut raw = Vec::new();
+    while let Ok(n @ 1..) = stderr.read_until(b'\n', &mut raw).await {
+        let line = String::from_utf8_lossy(&raw[..n]).trim_end().to_owned();
+        raw.clear();
         if let Some(rest) = line.strip_prefix("DevTools listening on ws://") {
             if let (Some(tx), Some(host_port)) = (address.take(), rest.split('/').next()) {
                 let _ = tx.send(host_port.to_owned());

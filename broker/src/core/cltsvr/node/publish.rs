@@ -450,7 +450,7 @@ impl Node {
             return;
         };
         match &mut s.ack_due {
-            Some(due) if due.pub_seq >= ack.pub_seq => {}
+            Some(due) if due.pub_seq > ack.pub_seq => {}
             Some(due) => *due = ack,
             None => {
                 s.ack_due = Some(ack);
