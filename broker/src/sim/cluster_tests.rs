@@ -13,20 +13,22 @@ use crate::sim::checker::Violation;
 use crate::sim::service::ServiceBugs;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
-fn seed_count() -> u64 {
-    super::seed_count(500)
+fn seeds() -> std::ops::Range<u64> {
+    super::seeds(500)
 }
 
 #[test]
 fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
     // Two workers: seeds are independent, and CI has two cores.
-    let seeds = seed_count();
+    let seeds = seeds();
+    let count = seeds.end - seeds.start;
     let outcomes: Vec<ClusterOutcome> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..2u64)
             .map(|w| {
+                let seeds = seeds.clone();
                 scope.spawn(move || {
                     let mut t = ClusterOutcome::default();
-                    for seed in (w..seeds).step_by(2) {
+                    for seed in seeds.skip(w as usize).step_by(2) {
                         t.add(&run(seed).unwrap_or_else(|v| panic!("{}", v.0)));
                     }
                     t
@@ -43,20 +45,20 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
         t.add(o);
     }
     // The runs must exercise the faults they claim to survive.
-    assert!(t.published > 100 * seeds, "{t:?}");
-    assert!(t.crashes > seeds / 2, "servers crashed: {t:?}");
-    assert!(t.restarts > seeds / 2, "servers restarted: {t:?}");
-    assert!(t.partitions > seeds / 4, "partitions: {t:?}");
-    assert!(t.breaks > seeds, "links broke: {t:?}");
+    assert!(t.published > 100 * count, "{t:?}");
+    assert!(t.crashes > count / 2, "servers crashed: {t:?}");
+    assert!(t.restarts > count / 2, "servers restarted: {t:?}");
+    assert!(t.partitions > count / 4, "partitions: {t:?}");
+    assert!(t.breaks > count, "links broke: {t:?}");
     assert!(
-        t.client_silences > seeds / 4,
+        t.client_silences > count / 4,
         "client connections went silent: {t:?}"
     );
     // Held messages taken back (`unheld`) are rare here: every new primary
     // view orders its core list, so a lagging server mostly takes a
     // snapshot instead; `held_messages_are_taken_back` scripts it.
     assert!(
-        t.disks_lost > seeds / 10,
+        t.disks_lost > count / 10,
         "restarts without the disk: {t:?}"
     );
     assert!(t.total_crashes > 0, "every server crashed at once: {t:?}");
@@ -64,13 +66,13 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
         t.stream_resets > 0,
         "new streams after all lost their messages: {t:?}"
     );
-    assert!(t.duplicates > seeds, "duplicated frames: {t:?}");
+    assert!(t.duplicates > count, "duplicated frames: {t:?}");
     // Half the seeds run the replicated service, with callers in every mode.
-    assert!(t.replies > 20 * seeds, "replies checked: {t:?}");
-    assert!(t.reassigned > seeds / 4, "calls reassigned by views: {t:?}");
+    assert!(t.replies > 20 * count, "replies checked: {t:?}");
+    assert!(t.reassigned > count / 4, "calls reassigned by views: {t:?}");
     // The figure for bench/RESULTS.md: `--nocapture` prints it.
     println!(
-        "{seeds} seeds: availability {:.4} over {} s connected; {t:?}",
+        "{count} seeds: availability {:.4} over {} s connected; {t:?}",
         t.availability(),
         t.connected_us / 1_000_000
     );
@@ -389,7 +391,7 @@ fn replay() {
 #[test]
 #[ignore = "a tool: surveys availability over seeds"]
 fn availability_survey() {
-    let mut all: Vec<(f64, u64, ClusterOutcome)> = (0..seed_count())
+    let mut all: Vec<(f64, u64, ClusterOutcome)> = seeds()
         .map(|seed| {
             let o = run(seed).unwrap_or_else(|v| panic!("{}", v.0));
             (o.availability(), seed, o)

@@ -12,14 +12,14 @@ use super::{cluster, tree, world};
 #[test]
 #[ignore = "a tool: prints every simulator's outcome per seed"]
 fn fingerprints() {
-    let seeds = super::seed_count(1000);
-    for seed in 0..seeds {
+    let seeds = super::seeds(1000);
+    for seed in seeds.clone() {
         println!("node {seed} {:?}", world::run(seed));
     }
-    for seed in 0..seeds {
+    for seed in seeds.clone() {
         println!("tree {seed} {:?}", tree::run(seed));
     }
-    for seed in 0..seeds {
+    for seed in seeds.clone() {
         println!("cluster {seed} {:?}", cluster::run(seed));
     }
 }

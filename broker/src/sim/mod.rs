@@ -165,14 +165,14 @@ fn fingerprint(checker: &checker::Checker, clients: usize, delivered: &mut u64) 
     h.finish()
 }
 
-/// How many seeds a random-run test covers: `CANOPY_SIM_SEEDS` if set (the
-/// long-run mode), else `default`.
+/// The seeds a random-run test covers: `CANOPY_SIM_SEEDS` of them if set
+/// (the long-run mode), else `default`, from `CANOPY_SIM_FIRST_SEED` if set
+/// (to go past the seeds earlier long runs covered), else from 0.
 #[cfg(test)]
-fn seed_count(default: u64) -> u64 {
-    std::env::var("CANOPY_SIM_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+fn seeds(default: u64) -> std::ops::Range<u64> {
+    let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let first = var("CANOPY_SIM_FIRST_SEED").unwrap_or(0);
+    first..first.saturating_add(var("CANOPY_SIM_SEEDS").unwrap_or(default))
 }
 
 /// The seed a replay tool replays: `CANOPY_SIM_SEED`.

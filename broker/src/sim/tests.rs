@@ -6,14 +6,14 @@ use canopy_client::protocol::{PubSeq, PublisherId, Seq};
 use canopy_client::topic::Pattern;
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
-fn seed_count() -> u64 {
-    super::seed_count(300)
+fn seeds() -> std::ops::Range<u64> {
+    super::seeds(300)
 }
 
 #[test]
 fn random_runs_with_broken_connections_and_stalls_keep_every_guarantee() {
     let mut totals = Outcome::default();
-    for seed in 0..seed_count() {
+    for seed in seeds() {
         totals.add(&run(seed).unwrap_or_else(|v| panic!("{}", v.0)));
     }
     // The runs must actually exercise the faults they claim to survive.

@@ -4,14 +4,14 @@
 use super::tree::{run, run_with, TreeBugs, TreeOutcome};
 
 /// Seeds CI runs; `CANOPY_SIM_SEEDS=N` asks for more (the long-run mode).
-fn seed_count() -> u64 {
-    super::seed_count(100)
+fn seeds() -> std::ops::Range<u64> {
+    super::seeds(100)
 }
 
 #[test]
 fn relays_under_faults_keep_every_guarantee_at_the_clients() {
     let mut t = TreeOutcome::default();
-    for seed in 0..seed_count() {
+    for seed in seeds() {
         t.add(&run(seed).unwrap_or_else(|v| panic!("{}", v.0)));
     }
     // The runs must exercise the faults they claim to survive.
