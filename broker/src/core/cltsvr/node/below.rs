@@ -92,6 +92,36 @@ impl Node {
         let Some(change) = self.members.apply(seq, event) else {
             return;
         };
+        let again = self.live_entries(&change.left);
+        self.report_members(seq, change);
+        // After the change's reports: a node that orders alone orders
+        // these at once.
+        for entry in again {
+            self.publish_member_event(MemberEvent::Attach(entry));
+        }
+    }
+
+    /// The entries of this node's live sessions among `left`, which a
+    /// membership event just removed: each is announced again. A relay's
+    /// detach that its old tier above held and resent can be ordered after
+    /// the attach of the relay's newer connection, and take with it the
+    /// clients the relay announced again on that connection (the tree
+    /// simulator, seed 17146). A program restarted with the same publisher
+    /// id counts its connections from 1 again, so its attach is ignored
+    /// while its old connection is listed, and the old one's detach
+    /// removes it.
+    fn live_entries(&self, left: &[PublisherId]) -> Vec<MemberEntry> {
+        left.iter()
+            .filter_map(|id| {
+                let s = self.sessions.get(self.publisher_sessions.get(id)?)?;
+                let entry = &s.hello.as_ref()?.entry;
+                (!s.closing).then(|| entry.clone())
+            })
+            .collect()
+    }
+
+    /// Tells the sessions that take reports of `change` at `seq`.
+    fn report_members(&mut self, seq: Seq, change: MembersHead) {
         let servers_told = change.core.is_some() && !self.reporting_servers.is_empty();
         if self.reporting_full.is_empty() && !servers_told {
             // Nobody is told: the batch goes on (a flush here would split

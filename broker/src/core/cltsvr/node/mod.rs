@@ -302,8 +302,9 @@ pub struct Node {
     primary: bool,
     /// In a group: publishes waiting to be handed to the group.
     submissions: Vec<Submission>,
-    /// In a group: the session of each local publisher, to acknowledge its
-    /// publishes when they come back ordered.
+    /// The session of each local publisher: in a group, to acknowledge its
+    /// publishes when they come back ordered; anywhere, to announce it
+    /// again when the membership loses it (`Node::live_entries`).
     publisher_sessions: FastMap<PublisherId, SessionId>,
     /// The time of the latest input, for journal entries.
     now: Duration,

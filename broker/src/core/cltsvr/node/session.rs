@@ -152,9 +152,7 @@ impl Node {
                 self.stable_marks.insert(session);
             }
         }
-        if self.grouped {
-            self.publisher_sessions.insert(hello.publisher, session);
-        }
+        self.publisher_sessions.insert(hello.publisher, session);
         // What the table vouches for (docs/DESIGN.md, "Bounds") counts as
         // handed to the group already.
         let vouched = self.publishers.vouched(hello.publisher).unwrap_or_default();

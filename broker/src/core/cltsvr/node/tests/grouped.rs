@@ -102,6 +102,105 @@ fn an_old_retry_ordered_again_later_in_a_batch_acknowledges_no_less() {
     assert_eq!(acks, vec![2]);
 }
 
+/// A relay's own detach, held by its old tier above and ordered late,
+/// removes the clients it had announced again on its newer connection:
+/// the relay announces each one still connected once more.
+#[test]
+fn a_live_client_removed_by_a_late_detach_of_its_relay_is_announced_again() {
+    let mut n = Node::new_grouped(T0, NodeConfig::default());
+    n.set_primary(T0, true);
+    let me = n.config().id;
+    join(&mut n, 5, &[], SlowPolicy::Disconnect);
+    let announced = n.take_submissions();
+    assert_eq!(announced.len(), 1, "the join is announced");
+    let member = |seq: u64, by: u64, pub_seq: u64, event: MemberEvent| {
+        Msg(
+            PublisherId(by),
+            PubSeq(pub_seq),
+            Arc::from(MEMBERS_TOPIC),
+            event.encode(),
+        )
+        .ordered(Seq(seq))
+    };
+    let old_parent = PublisherId(900);
+    let at_old_parent = MemberEntry {
+        id: me,
+        name: "relay".into(),
+        server: old_parent,
+        relay: true,
+        session: 1,
+        connection: 1,
+    };
+    let mut stream = vec![member(1, 900, 1, MemberEvent::Attach(at_old_parent))];
+    stream.extend(
+        announced
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.msg.ordered(Seq(2 + i as u64))),
+    );
+    stream.push(member(
+        3,
+        900,
+        2,
+        MemberEvent::Detach {
+            client: me,
+            server: old_parent,
+            session: 1,
+        },
+    ));
+    n.handle_ordered(T0, stream);
+    assert!(
+        n.members()
+            .report(Seq(0))
+            .joined
+            .iter()
+            .all(|e| e.id != PublisherId(5)),
+        "the detach took the relay's client with it"
+    );
+    let again: Vec<MemberEvent> = n
+        .take_submissions()
+        .into_iter()
+        .filter_map(|s| MemberEvent::decode(&s.msg.3))
+        .collect();
+    assert!(
+        matches!(&again[..], [MemberEvent::Attach(e)] if e.id == PublisherId(5) && e.server == me),
+        "{again:?}"
+    );
+}
+
+/// A program restarted with the same publisher id counts its connections
+/// from 1 again: its attach is ignored while its old connection (half
+/// open, say) is listed, and when the old one goes it is listed again.
+#[test]
+fn a_restarted_program_with_the_same_id_is_listed_once_its_old_connection_goes() {
+    let mut n = Node::new(T0, NodeConfig::default());
+    let connect = |n: &mut Node, session: u64, connection: u64| {
+        let mut frame = hello(7, &[], SlowPolicy::Disconnect);
+        if let ClientFrame::Hello(h) = &mut frame {
+            h.connection = connection;
+        }
+        let s = SessionId(session);
+        n.handle_open(T0, s);
+        n.handle_frame(T0, s, frame);
+        drain(n);
+        s
+    };
+    let listed = |n: &Node| -> Vec<u64> {
+        n.members()
+            .report(Seq(0))
+            .joined
+            .iter()
+            .filter(|e| e.id == PublisherId(7))
+            .map(|e| e.session)
+            .collect()
+    };
+    let old = connect(&mut n, 1, 5);
+    let new = connect(&mut n, 2, 1);
+    assert_eq!(listed(&n), vec![old.0], "the newer count stands");
+    n.handle_closed(T0, old);
+    assert_eq!(listed(&n), vec![new.0]);
+}
+
 /// Opens a session with `reports` on a node with ordered membership.
 fn join_reporting(n: &mut Node, id: u64, reports: protocol::Reports) -> SessionId {
     let s = SessionId(id);
