@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use canopy_client::protocol::{
-    encode_client, encode_server, AskHead, ClientFrame, CreditHead, DeliverBuilder, Hello, PingHead, PubSeq,
+    encode_client, encode_server, AskHead, ClientFrame, CreditHead, ReleasedHead, DeliverBuilder, Hello, PingHead, PubSeq,
     Publish, PublisherId, Reports, Role, Seq, ServerFrame, SlowPolicy, SubscribeHead,
     PROTOCOL_VERSION,
 };
@@ -52,6 +52,12 @@ fn main() {
             ClientFrame::Publish(Publish::new("md.x", PubSeq(3), Bytes::from_static(b"r"))),
         ),
         ("credit", ClientFrame::Credit(CreditHead { msgs: 1 })),
+        (
+            "released",
+            ClientFrame::Released(ReleasedHead {
+                publisher: PublisherId(7),
+            }),
+        ),
         (
             "unsubscribe",
             ClientFrame::Unsubscribe(SubscribeHead {

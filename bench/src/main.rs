@@ -82,6 +82,8 @@ pub enum Target {
     /// Canopy as one node and as a 3-server core (clients spread over its
     /// servers), interleaved.
     Core,
+    /// The 3-server core only (for profiling it alone).
+    Core3,
     /// Canopy as one node over plain TCP and over TLS (development
     /// certificates), interleaved: the cost of TLS.
     Tls,
@@ -361,6 +363,9 @@ fn main() -> anyhow::Result<()> {
     }
     if matches!(args.broker, Target::Core | Target::All) {
         configs.push((brokers::Kind::Canopy, false));
+        configs.push((brokers::Kind::Core, false));
+    }
+    if matches!(args.broker, Target::Core3) {
         configs.push((brokers::Kind::Core, false));
     }
     if matches!(args.broker, Target::Tls) {

@@ -27,8 +27,10 @@ use std::fmt;
 /// The protocol version this crate speaks.
 ///
 /// Version 2: a `Deliver` frame's head is a fixed-width binary index
-/// ([`encode_deliver`]) instead of CBOR.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// ([`encode_deliver`]) instead of CBOR. Version 3: flow control
+/// (`Credit`). Version 4: a relay answers each refusal of one publisher's
+/// forwards with `Released`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The default maximum frame content length, in bytes.
 pub const FRAME_LEN_MAX_DEFAULT: usize = 1 << 20;
@@ -191,6 +193,10 @@ pub mod kind {
     /// Client to server: the client can take this many more messages
     /// (flow control, for a client whose `Hello` gave a `window`).
     pub const CREDIT: u8 = 0x08;
+    /// Relay to server: it has handled a refusal of one publisher's
+    /// forwards; what it forwards for that publisher from here on comes
+    /// from the publisher's resend.
+    pub const RELEASED: u8 = 0x09;
     /// Server to client: handshake answer.
     pub const WELCOME: u8 = 0x81;
     /// Server to client: a batch of ordered messages (topics and payloads in the body).
@@ -848,6 +854,21 @@ pub enum ClientFrame {
     Ask(AskHead),
     /// Grants the server more messages (flow control).
     Credit(CreditHead),
+    /// From a relay: a refusal of one publisher's forwards is handled.
+    Released(ReleasedHead),
+}
+
+/// Relay to server: the answer to an `Error` that refused `publisher`'s
+/// forwards. The relay closed that publisher's session (or had each relay
+/// below it do the same, and waited for their `Released`), so everything it
+/// forwards for the publisher after this frame comes from the publisher's
+/// resend, in the publisher's order. The server drops the relay's forwards
+/// for the publisher from the refusal up to this frame: they may overtake
+/// the refused publish, and the publisher sends them again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedHead {
+    /// The publisher whose refusal is handled.
+    pub publisher: PublisherId,
 }
 
 /// Client to server: the server may send `msgs` more messages (counted as
@@ -1005,6 +1026,7 @@ pub fn decode_client(content: Bytes) -> Result<ClientFrame, DecodeError> {
         kind::PING => ClientFrame::Ping(no_body(k, split(k, &content)?)?),
         kind::PONG => ClientFrame::Pong(no_body(k, split(k, &content)?)?),
         kind::ASK => ClientFrame::Ask(no_body(k, split(k, &content)?)?),
+        kind::RELEASED => ClientFrame::Released(no_body(k, split(k, &content)?)?),
         kind::CREDIT => ClientFrame::Credit(no_body(k, split(k, &content)?)?),
         k if (0x80..=kind::REPLY).contains(&k) => return Err(DecodeError::WrongDirection(k)),
         k => return Err(DecodeError::UnknownKind(k)),
@@ -1071,6 +1093,7 @@ pub fn encode_client(frame: &ClientFrame) -> Bytes {
         ClientFrame::Ping(h) => encode(kind::PING, h, &[]),
         ClientFrame::Pong(h) => encode(kind::PONG, h, &[]),
         ClientFrame::Ask(h) => encode(kind::ASK, h, &[]),
+        ClientFrame::Released(h) => encode(kind::RELEASED, h, &[]),
         ClientFrame::Credit(h) => encode(kind::CREDIT, h, &[]),
     }
 }
@@ -1580,6 +1603,10 @@ mod tests {
             )),
             ClientFrame::Ping(PingHead { nonce: 1 }),
             ClientFrame::Pong(PingHead { nonce: 2 }),
+            ClientFrame::Credit(CreditHead { msgs: 9 }),
+            ClientFrame::Released(ReleasedHead {
+                publisher: PublisherId(u64::MAX),
+            }),
         ];
         for f in frames {
             let bytes = encode_client(&f);

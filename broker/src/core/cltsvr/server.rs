@@ -342,6 +342,7 @@ impl Server {
 /// A relay's pump: forwards go up, the stream comes down.
 fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
     loop {
+        let released = node.take_releases();
         let subs = node.take_submissions();
         let mut msgs = Vec::with_capacity(subs.len());
         let mut waiting = Vec::new();
@@ -366,8 +367,11 @@ fn pump_relay(node: &mut Node, upstream: &mut Upstream, now: Duration) {
         // Calls whose replies the relay's clients wait for are asked of the
         // tier above.
         let asked = node.take_asked_calls();
-        let mut moved = !msgs.is_empty() || !asked.is_empty();
+        let mut moved = !msgs.is_empty() || !asked.is_empty() || !released.is_empty();
         node.defer_submissions(waiting);
+        for publisher in released {
+            upstream.release(publisher);
+        }
         upstream.submit(msgs);
         for id in asked {
             upstream.ask(id.publisher, id.pub_seq);

@@ -287,7 +287,6 @@ impl Node {
                 session: SessionId::NODE,
                 after,
                 forwarded: false,
-                retry: false,
                 msg: Msg(id, pub_seq, topic, payload),
             });
             return;
@@ -337,6 +336,9 @@ impl Node {
         self.reporting_full.remove(&session);
         self.reporting_servers.remove(&session);
         self.calls_gone(session);
+        for &publisher in &s.held_back {
+            self.release_if_due(publisher);
+        }
         let Some(h) = &s.hello else {
             return;
         };

@@ -128,9 +128,6 @@ pub struct Submission {
     /// Whether a relay forwarded it for one of its clients (the session is
     /// the relay's, not the publisher's).
     pub forwarded: bool,
-    /// A relay's retry of a publish this node had submitted or seen
-    /// ordered: refusing it leaves no hole for what follows to wait on.
-    pub retry: bool,
     /// The message.
     pub msg: Msg,
 }
@@ -199,15 +196,13 @@ struct Session {
     submitted: PubSeq,
     /// From a relay, in a group: the same per publisher it forwards for.
     forwarded: HashMap<PublisherId, PubSeq>,
-    /// From a relay: publishers refused here, with the first pub_seq
-    /// refused. Their later publishes already on the way are dropped (they
-    /// would skip) until the publisher's retry starts again at or below it.
-    refused: HashMap<PublisherId, PubSeq>,
-    /// From a relay: per publisher, the last pub_seq this node told it is
-    /// acknowledged (bounded as `forwarded` is; the table may have
-    /// forgotten the publisher since). A refusal at or below it sets no
-    /// gate: that publisher resends from past it.
-    acked_forwards: HashMap<PublisherId, PubSeq>,
+    /// Whether `forwarded` was cleared at its bound: a refusal from above
+    /// then goes to this relay whatever it forwarded.
+    forwarded_forgot: bool,
+    /// From a relay: publishers whose forwards were refused here and whose
+    /// `Released` has not come yet. Their forwards are dropped until it
+    /// does (docs/DESIGN.md, "Relays").
+    held_back: FastSet<PublisherId>,
     /// The highest pub_seq this session published, if it published since
     /// it connected: after its first publish, a client's new pub_seqs
     /// follow on.
@@ -306,6 +301,12 @@ pub struct Node {
     /// publishes when they come back ordered; anywhere, to announce it
     /// again when the membership loses it (`Node::live_entries`).
     publisher_sessions: FastMap<PublisherId, SessionId>,
+    /// In a relay: publishers whose forwards the tier above refused, whose
+    /// `Released` goes up once no relay session here holds them back.
+    releases_owed: FastSet<PublisherId>,
+    /// `Released` frames due to the tier above, before any submission taken
+    /// with them.
+    releases: Vec<PublisherId>,
     /// The time of the latest input, for journal entries.
     now: Duration,
     /// The tree's membership, from the ordered stream.
@@ -429,6 +430,8 @@ impl Node {
             primary: true,
             submissions: Vec::new(),
             publisher_sessions: FastMap::default(),
+            releases_owed: FastSet::default(),
+            releases: Vec::new(),
             now,
             members: Members::new(config.members_max),
             own_pub_seq: PubSeq(0),
@@ -533,8 +536,8 @@ impl Node {
                 last_heard: now,
                 submitted: PubSeq(0),
                 forwarded: HashMap::new(),
-                refused: HashMap::new(),
-                acked_forwards: HashMap::new(),
+                forwarded_forgot: false,
+                held_back: FastSet::default(),
                 last_pub_seq: None,
                 weak: false,
                 weak_sent: Seq(0),
@@ -719,6 +722,7 @@ impl Node {
             (F::Ping(p), true) => self.control(session, kind::PONG, &p),
             (F::Pong(PingHead { .. }), true) => {}
             (F::Ask(head), true) => self.on_ask(session, head),
+            (F::Released(head), true) => self.on_released(session, head.publisher),
             (F::Credit(head), true) => {
                 if let Some(Session {
                     credit: Some(credit),
@@ -849,6 +853,7 @@ fn frame_name(f: &protocol::ClientFrame) -> &'static str {
         F::Pong(_) => "Pong",
         F::Ask(_) => "Ask",
         F::Credit(_) => "Credit",
+        F::Released(_) => "Released",
     }
 }
 

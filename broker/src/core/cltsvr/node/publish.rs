@@ -39,26 +39,27 @@ impl Node {
         else {
             return;
         };
-        if forwarded {
-            let Some(s) = self.sessions.get_mut(&session) else {
-                return;
-            };
-            // What follows a refused publish waits for the publisher's retry
-            // of it, unless that publish was ordered since (the publisher
-            // went another way: adopted by another relay, and back); then
-            // its retry never comes.
-            let ordered = |first: PubSeq| {
-                self.publishers
-                    .get(publisher)
-                    .is_some_and(|p| p.delivered >= first)
-            };
-            match s.refused.get(&publisher) {
-                Some(&first) if pub_seq > first && !ordered(first) => return,
-                Some(_) => {
-                    s.refused.remove(&publisher);
-                }
-                None => {}
+        if forwarded
+            && self
+                .sessions
+                .get(&session)
+                .is_none_or(|s| s.held_back.contains(&publisher))
+        {
+            // Refused here, not released yet: it may overtake the refused
+            // publish, and its publisher sends it again (docs/DESIGN.md,
+            // "Relays").
+            return;
+        }
+        if self.releases_owed.contains(&publisher) {
+            // The tier above drops this publisher's forwards until this
+            // relay's `Released`, which waits for the relays below: what
+            // comes meanwhile, from a new session or a relay not told, is
+            // refused here, so that it is sent again after.
+            let msg = "publisher refused by the tier above; retry".to_owned();
+            if forwarded {
+                return self.refuse_forwarded(session, publisher, ErrorCode::Overloaded, msg);
             }
+            return self.close_with_error(session, ErrorCode::Overloaded, msg);
         }
         let state = self.publishers.get(publisher).copied();
         if self.grouped {
@@ -89,13 +90,7 @@ impl Node {
                 );
                 if forwarded {
                     // Only that publisher is refused; the relay stays.
-                    return self.refuse_forwarded(
-                        session,
-                        publisher,
-                        Some(pub_seq),
-                        ErrorCode::PubSeqGap,
-                        msg,
-                    );
+                    return self.refuse_forwarded(session, publisher, ErrorCode::PubSeqGap, msg);
                 }
                 return self.close_with_error(session, ErrorCode::PubSeqGap, msg);
             }
@@ -208,8 +203,10 @@ impl Node {
         }
         if forwarded && s.forwarded.len() >= self.config.publishers_max {
             // Forgetting what is in flight only costs resubmissions, which
-            // the sequencer deduplicates.
+            // the sequencer deduplicates; a refusal from above is then
+            // passed to this relay whatever it forwarded.
             s.forwarded.clear();
+            s.forwarded_forgot = true;
         }
         let submitted = match forwarded {
             true => s.forwarded.entry(publisher).or_default(),
@@ -245,7 +242,6 @@ impl Node {
             session,
             after,
             forwarded,
-            retry: pub_seq <= known,
             msg: Msg(publisher, pub_seq, topic, publish.payload),
         };
         if call && !self.call_arrived(session, forwarded, &sub.msg, false) {
@@ -263,13 +259,6 @@ impl Node {
         publisher: PublisherId,
         ack: PubAck,
     ) {
-        if let Some(s) = self.sessions.get_mut(&session) {
-            if s.acked_forwards.len() >= self.config.publishers_max {
-                s.acked_forwards.clear();
-            }
-            let told = s.acked_forwards.entry(publisher).or_default();
-            *told = (*told).max(ack.pub_seq);
-        }
         let ack = PubAck {
             publisher: Some(publisher),
             ..ack
@@ -351,8 +340,8 @@ impl Node {
 
     /// Refuses a submission: a publisher's own session is closed with the
     /// error. A relay's session stays open: the relay is told which
-    /// publisher the error concerns, and that publisher's later publishes
-    /// are judged afresh.
+    /// publisher the error concerns, and its forwards for that publisher
+    /// are dropped until it answers with `Released`.
     pub(super) fn reject(
         &mut self,
         now: Duration,
@@ -361,27 +350,21 @@ impl Node {
         message: String,
     ) {
         self.now = now;
-        let publisher = sub.msg.0;
         if !sub.forwarded {
             return self.close_with_error(sub.session, code, message);
         }
-        // A refused retry leaves no hole: the first one is ordered or on
-        // its way, and what follows waits for nothing. (Waiting for the
-        // retry's retry waited for good when the relay below had been
-        // acknowledged past it by its own stream, and this node's table had
-        // forgotten the publisher.)
-        let hole = (!sub.retry).then_some(sub.msg.1);
-        self.refuse_forwarded(sub.session, publisher, hole, code, message);
+        self.refuse_forwarded(sub.session, sub.msg.0, code, message);
     }
 
     /// Tells relay `session` that a publish of `publisher` is refused; the
-    /// relay's session stays open. A refused publish that leaves a `hole`
-    /// (a new pub_seq) holds back what follows it on the way.
+    /// relay's session stays open, and its forwards for `publisher` are
+    /// dropped until its `Released` (docs/DESIGN.md, "Relays"). A relay
+    /// already held back for it is not told again: what was refused came
+    /// before that `Released`, so its publisher sends it again.
     pub(super) fn refuse_forwarded(
         &mut self,
         session: SessionId,
         publisher: PublisherId,
-        hole: Option<PubSeq>,
         code: ErrorCode,
         message: String,
     ) {
@@ -389,13 +372,17 @@ impl Node {
             return;
         };
         s.forwarded.remove(&publisher);
-        // Nor does a publish the relay was told is ordered: its publisher
-        // resends from past it.
-        let told = s.acked_forwards.get(&publisher).copied();
-        if let Some(pub_seq) = hole.filter(|&p| told.is_none_or(|t| t < p)) {
-            let first = s.refused.entry(publisher).or_insert(pub_seq);
-            *first = (*first).min(pub_seq);
+        if s.held_back.contains(&publisher) {
+            return;
         }
+        if s.held_back.len() >= self.config.publishers_max {
+            let msg = format!(
+                "{} refusals not answered with Released: a relay answers each",
+                s.held_back.len()
+            );
+            return self.close_with_error(session, ErrorCode::Overloaded, msg);
+        }
+        s.held_back.insert(publisher);
         let frame = ErrorFrame {
             code,
             message,
@@ -406,9 +393,12 @@ impl Node {
     }
 
     /// In a relay: the tier above refused `publisher`'s forwarded publishes
-    /// with `code`; the publisher's session here is closed with it (its
-    /// client retries what was not acknowledged), or the relays below that
-    /// forwarded for it are told.
+    /// with `code`, and drops the rest of them until this relay answers
+    /// with `Released`. The publisher's session here is closed (its client
+    /// sends again what was not acknowledged), its publishes not yet taken
+    /// up are dropped, and each relay below that may have forwarded for it
+    /// is refused in turn; `Released` goes up once they have all answered
+    /// (docs/DESIGN.md, "Relays").
     pub fn reject_publisher(
         &mut self,
         now: Duration,
@@ -417,28 +407,70 @@ impl Node {
         message: String,
     ) {
         self.now = now;
-        if let Some(&session) = self.publisher_sessions.get(&publisher) {
+        self.submissions
+            .retain(|s| s.msg.0 != publisher || s.session == SessionId::NODE);
+        // Its own sessions here (an old one not yet found dead included)
+        // and the relays below that may have forwarded for it.
+        let (mut own, mut below) = (Vec::new(), Vec::new());
+        for (&id, s) in &self.sessions {
+            match s.hello.as_ref() {
+                Some(h) if h.role != Role::Relay && h.publisher == publisher => own.push(id),
+                Some(h)
+                    if h.role == Role::Relay
+                        && (s.forwarded_forgot || s.forwarded.contains_key(&publisher)) =>
+                {
+                    below.push(id)
+                }
+                _ => {}
+            }
+        }
+        own.sort_unstable();
+        below.sort_unstable();
+        for session in own {
             // Its client did not skip: a relay forwards in order, and judged
             // this session's own sequence (`published`). The tier above
             // refused it because of where its earlier publishes went (an
             // earlier connection's, still on the way): it retries.
             let message = format!("refused by the tier above ({code:?}: {message}); retry");
-            return self.close_with_error(session, ErrorCode::Overloaded, message);
+            self.close_with_error(session, ErrorCode::Overloaded, message);
         }
-        // Further down: each relay that forwarded for it is told, and
-        // forgets what it had in flight for it, so that retries pass.
-        for session in self.forwarders_of(publisher) {
-            if let Some(s) = self.sessions.get_mut(&session) {
-                s.forwarded.remove(&publisher);
-            }
-            let frame = ErrorFrame {
-                code,
-                message: message.clone(),
-                publisher: Some(publisher),
-                pattern: None,
-            };
-            self.control(session, kind::ERROR, &frame);
+        for session in below {
+            self.refuse_forwarded(session, publisher, code, message.clone());
         }
+        self.releases_owed.insert(publisher);
+        self.release_if_due(publisher);
+    }
+
+    /// A relay below answered a refusal of `publisher`'s forwards.
+    pub(super) fn on_released(&mut self, session: SessionId, publisher: PublisherId) {
+        let Some((publisher, _)) = self.acting_for(session, Some(publisher), "Released") else {
+            return;
+        };
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.held_back.remove(&publisher);
+        }
+        self.release_if_due(publisher);
+    }
+
+    /// In a relay: `Released` goes up for `publisher` if one is owed and no
+    /// relay below is still held back for it.
+    pub(super) fn release_if_due(&mut self, publisher: PublisherId) {
+        if self.releases_owed.contains(&publisher)
+            && !self
+                .sessions
+                .values()
+                .any(|s| s.held_back.contains(&publisher))
+        {
+            self.releases_owed.remove(&publisher);
+            self.releases.push(publisher);
+        }
+    }
+
+    /// In a relay: the `Released` frames due to the tier above. They go up
+    /// before the submissions taken with them (none of their publishers'
+    /// is among those).
+    pub fn take_releases(&mut self) -> Vec<PublisherId> {
+        std::mem::take(&mut self.releases)
     }
 
     /// Notes that `session` is owed `ack`; it goes out after the current

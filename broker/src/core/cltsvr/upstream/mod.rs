@@ -316,6 +316,20 @@ impl Upstream {
             .send(protocol::encode_client(&protocol::ClientFrame::Ask(ask)));
     }
 
+    /// Answers the tier above's refusal of `publisher`'s forwards: what
+    /// follows for it comes from its resend. A connection opened since has
+    /// no refusal to answer.
+    pub fn release(&mut self, publisher: PublisherId) {
+        if !self.link.is_up() {
+            return;
+        }
+        let head = protocol::ReleasedHead { publisher };
+        self.link
+            .send(protocol::encode_client(&protocol::ClientFrame::Released(
+                head,
+            )));
+    }
+
     /// A frame arrived on the open connection.
     pub fn handle_frame(&mut self, now: Duration, frame: ServerFrame) {
         // The link takes its own frames, and hands back only a checked
