@@ -50,7 +50,10 @@ pub struct ClientOptions {
     /// The publisher id; random when `None`. A fixed id lets the server
     /// deduplicate retries across reconnects under any name; a restarted
     /// program with the same id continues after the highest publisher
-    /// sequence number the server has ordered for it.
+    /// sequence number the server has ordered for it, at a new incarnation
+    /// of its sequence numbers, past its predecessor's publishes still on
+    /// their way (docs/DESIGN.md, "Identity and resume"). Two programs
+    /// must not publish under one id at once.
     pub publisher: Option<PublisherId>,
     /// Publishes in flight (sent, not acknowledged) at most...
     pub window: usize,

@@ -29,7 +29,8 @@ use std::fmt;
 /// Version 2: a `Deliver` frame's head is a fixed-width binary index
 /// ([`encode_deliver`]) instead of CBOR. Version 3: flow control
 /// (`Credit`). Version 4: a relay answers each refusal of one publisher's
-/// forwards with `Released`.
+/// forwards with `Released`; a pub_seq that begins an incarnation may
+/// follow any lower one ([`PubSeq::begins_incarnation`]).
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The default maximum frame content length, in bytes.
@@ -83,6 +84,37 @@ impl fmt::Display for PublisherId {
 )]
 #[serde(transparent)]
 pub struct PubSeq(pub u64);
+
+impl PubSeq {
+    /// Publish sequence numbers come in incarnations of 2^32: a program
+    /// restarted with a fixed publisher id begins a new one, so that none
+    /// of its pub_seqs is taken for one of its predecessor's still on its
+    /// way (docs/DESIGN.md, "Identity and resume").
+    pub const INCARNATION_BITS: u32 = 32;
+
+    /// Whether this pub_seq begins an incarnation: it may follow any lower
+    /// pub_seq of its publisher, as a first contact may.
+    pub fn begins_incarnation(self) -> bool {
+        self.0 != 0 && self.0.trailing_zeros() >= Self::INCARNATION_BITS
+    }
+
+    /// Where a program restarted with a fixed publisher id starts, the
+    /// server having ordered its id's publishes through `self`: the first
+    /// incarnation at least half an incarnation past it (its
+    /// predecessor's publishes on their way, at most a publish window past
+    /// what any server acknowledged, stay below), or the next pub_seq when
+    /// no incarnation is left.
+    pub fn next_incarnation(self) -> PubSeq {
+        let half = 1u64 << (Self::INCARNATION_BITS - 1);
+        let next = self
+            .0
+            .checked_add(half)
+            .map(|x| (x >> Self::INCARNATION_BITS) + 1)
+            .filter(|&e| e < 1 << (64 - Self::INCARNATION_BITS))
+            .map(|e| e << Self::INCARNATION_BITS);
+        PubSeq(next.unwrap_or(self.0.saturating_add(1)))
+    }
+}
 
 /// What the broker does when a client's outbound queue is full.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1563,6 +1595,26 @@ mod tests {
 
     fn content(frame: Bytes) -> Bytes {
         frame.slice(4..)
+    }
+
+    #[test]
+    fn incarnations_begin_at_multiples_of_2_32_half_an_incarnation_past() {
+        let i = 1u64 << 32;
+        assert!(!PubSeq(0).begins_incarnation());
+        assert!(!PubSeq(1).begins_incarnation());
+        assert!(!PubSeq(i - 1).begins_incarnation());
+        assert!(PubSeq(i).begins_incarnation());
+        assert!(PubSeq(3 * i).begins_incarnation());
+        assert!(!PubSeq(3 * i + 1).begins_incarnation());
+        assert_eq!(PubSeq(1).next_incarnation(), PubSeq(i));
+        assert_eq!(PubSeq(i / 2 - 1).next_incarnation(), PubSeq(i));
+        assert_eq!(PubSeq(i / 2).next_incarnation(), PubSeq(2 * i));
+        assert_eq!(PubSeq(i).next_incarnation(), PubSeq(2 * i));
+        // Near the end of the space: the last incarnation, then none.
+        let last = u64::MAX - (i - 1);
+        assert_eq!(PubSeq(last - i).next_incarnation(), PubSeq(last));
+        assert_eq!(PubSeq(last).next_incarnation(), PubSeq(last + 1));
+        assert_eq!(PubSeq(u64::MAX).next_incarnation(), PubSeq(u64::MAX));
     }
 
     #[test]

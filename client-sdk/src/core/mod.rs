@@ -139,6 +139,10 @@ pub struct ClientCore {
     /// Every publish through this one is acknowledged.
     acked: PubSeq,
     next_pub_seq: u64,
+    /// Nothing published yet and no start given: a Welcome that shows the
+    /// publisher id's earlier publishes places the first pub_seq at a new
+    /// incarnation ([`PubSeq::next_incarnation`]).
+    fresh: bool,
     events: VecDeque<Event>,
     /// From the last Welcome.
     permissions: Option<protocol::Permissions>,
@@ -164,6 +168,7 @@ impl ClientCore {
             calls: BTreeSet::new(),
             acked: PubSeq(0),
             next_pub_seq: 1,
+            fresh: true,
             events: VecDeque::new(),
             permissions: None,
             outstanding: 0,
@@ -201,12 +206,14 @@ impl ClientCore {
     /// Starts publish sequence numbers at `first` (a program that knows
     /// where its fixed publisher id stands); before any publish.
     pub fn start_pub_seq_at(&mut self, first: u64) {
+        self.fresh = false;
         self.next_pub_seq = self.next_pub_seq.max(first);
     }
 
     /// Publishes: sent now when a connection serves, and on every new
     /// connection until acknowledged. Returns its pub_seq.
     pub fn publish(&mut self, topic: &str, payload: &[u8]) -> PubSeq {
+        self.fresh = false;
         let pub_seq = PubSeq(self.next_pub_seq);
         self.next_pub_seq = self.next_pub_seq.saturating_add(1);
         let frame = protocol::encode_forward_into(&mut self.arena, None, topic, pub_seq, payload);
@@ -493,8 +500,13 @@ impl ClientCore {
         tracing::debug!(server = %w.server, head = %w.head, session = w.session, "connected");
         // A fixed publisher id may have published before this process
         // started: continue after what the server has, or the server would
-        // take new messages for retries of old ones.
-        self.next_pub_seq = self.next_pub_seq.max(w.pub_acked.0.saturating_add(1));
+        // take new messages for retries of old ones; and past what is still
+        // on its way from the program before (docs/DESIGN.md, "Identity
+        // and resume"), unless this one has published already.
+        self.next_pub_seq = match self.fresh && w.pub_acked > PubSeq(0) {
+            true => w.pub_acked.next_incarnation().0,
+            false => self.next_pub_seq.max(w.pub_acked.0.saturating_add(1)),
+        };
         // Subscriptions in the Hello are now in effect; those made since it
         // went out follow it, as do unsubscriptions.
         let in_hello = std::mem::take(&mut self.in_hello);

@@ -453,9 +453,10 @@ fn pump_core(
             // acknowledged to this publisher; this node may lag it.
             let known = sub.after.max(group.pub_held(publisher).unwrap_or_default());
             // A publisher on first contact may start anywhere (as with
-            // a single node); after that it must not skip. (Within one
-            // connection the node judged that; past what the group knows,
-            // this server is the one behind.)
+            // a single node), and a restarted one at a new incarnation;
+            // otherwise it must not skip. (Within one connection the node
+            // judged that; past what the group knows, this server is the
+            // one behind.)
             let acked = group.pub_acknowledged(publisher).filter(|a| pub_seq <= a.0);
             if let Some((pub_seq, seq)) = acked {
                 // A retry the group delivered, which the node's table
@@ -475,7 +476,10 @@ fn pump_core(
                     };
                     answer_asked(node, group, now, id);
                 }
-            } else if known > PubSeq(0) && pub_seq.0 > known.0.saturating_add(1) {
+            } else if known > PubSeq(0)
+                && pub_seq.0 > known.0.saturating_add(1)
+                && !pub_seq.begins_incarnation()
+            {
                 node.reject_behind(now, &sub, known);
             } else if call_method(&sub.msg.2).is_some() && group.rrpc().is_full() {
                 // The replicated service is behind: its callers retry.
@@ -651,6 +655,24 @@ mod tests {
         v
     }
 
+    /// A Hello of `publisher` in `role`, subscribing to nothing.
+    fn hello(publisher: u64, role: Role) -> Hello {
+        Hello {
+            version: protocol::PROTOCOL_VERSION,
+            name: "t".into(),
+            publisher: PublisherId(publisher),
+            subscriptions: Vec::new(),
+            resume: None,
+            slow: SlowPolicy::Disconnect,
+            role,
+            reports: protocol::Reports::Servers,
+            connection: 1,
+            weak: false,
+            auth: None,
+            window: None,
+        }
+    }
+
     /// Session `id` of publisher `publisher` sends its Hello, then
     /// `pub_seqs`; returns what the server answered.
     fn connect_and_publish(
@@ -661,20 +683,7 @@ mod tests {
     ) -> Vec<(SessionId, ServerFrame)> {
         let session = SessionId(id);
         s.handle_open(T0, session);
-        let hello = Hello {
-            version: protocol::PROTOCOL_VERSION,
-            name: "t".into(),
-            publisher: PublisherId(publisher),
-            subscriptions: Vec::new(),
-            resume: None,
-            slow: SlowPolicy::Disconnect,
-            role: Role::Client,
-            reports: protocol::Reports::Servers,
-            connection: 1,
-            weak: false,
-            auth: None,
-            window: None,
-        };
+        let hello = hello(publisher, Role::Client);
         s.handle_frame(T0, session, ClientFrame::Hello(hello));
         for &p in pub_seqs {
             let publish = Publish::new("t.x", PubSeq(p), Bytes::from_static(b"m"));
@@ -744,6 +753,50 @@ mod tests {
     /// client never skips what was acknowledged to it): `not_primary`, so
     /// the client moves on, rather than the fatal `pub_seq_gap` it got
     /// before.
+    /// A program restarted with publisher id 7 while its predecessor's
+    /// pub_seq 3 is still on its way through a relay: it is told that 7
+    /// is ordered through 2, and the old 3 is ordered after that. The new
+    /// program begins a new incarnation (as the SDK does) instead of
+    /// numbering on from 3: its first publish is ordered as its own, not
+    /// acknowledged as a retry of the old 3 and never delivered, and the
+    /// old publishes still to come are dropped as retries.
+    #[test]
+    fn a_restarted_publisher_begins_an_incarnation_past_its_predecessors_publishes() {
+        let mut s = core(100);
+        let out = connect_and_publish(&mut s, 1, 7, &[1, 2]);
+        assert_eq!(acked(&out, 1), Some(PubSeq(2)), "{out:?}");
+        s.handle_closed(T0, SessionId(1));
+        let out = connect_and_publish(&mut s, 2, 7, &[]);
+        let welcomed = out.iter().find_map(|(x, f)| match f {
+            ServerFrame::Welcome(w) if *x == SessionId(2) => Some(w.pub_acked),
+            _ => None,
+        });
+        assert_eq!(welcomed, Some(PubSeq(2)));
+        // The relay's resend of the old 3.
+        let relay = SessionId(3);
+        s.handle_open(T0, relay);
+        s.handle_frame(T0, relay, ClientFrame::Hello(hello(3, Role::Relay)));
+        let mut old = Publish::new("t.x", PubSeq(3), Bytes::from_static(b"old"));
+        old.publisher = Some(PublisherId(7));
+        s.handle_frame(T0, relay, ClientFrame::Publish(old.clone()));
+        s.end_batch(T0);
+        frames(&mut s);
+        let first = PubSeq(2).next_incarnation();
+        let new = Publish::new("t.x", first, Bytes::from_static(b"new"));
+        s.handle_frame(T0, SessionId(2), ClientFrame::Publish(new));
+        s.end_batch(T0);
+        let out = frames(&mut s);
+        assert_eq!(acked(&out, 2), Some(first), "{out:?}");
+        let delivered = |s: &Server| s.group().map(|g| g.pub_delivered(PublisherId(7)));
+        assert_eq!(delivered(&s), Some(first), "ordered as a new publish");
+        // The old 4, late: a retry now.
+        old.pub_seq = PubSeq(4);
+        s.handle_frame(T0, relay, ClientFrame::Publish(old));
+        s.end_batch(T0);
+        frames(&mut s);
+        assert_eq!(delivered(&s), Some(first));
+    }
+
     #[test]
     fn a_first_publish_past_what_the_group_knows_is_sent_elsewhere() {
         let mut s = core(100);

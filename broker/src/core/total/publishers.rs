@@ -39,8 +39,9 @@ pub enum Next {
     /// The publisher's next pub_seq, or one past an entry that cannot
     /// vouch for what came before (a revived one).
     Follows,
-    /// Past the next pub_seq of an entry that vouches for it: a
-    /// predecessor is missing. What the table holds.
+    /// Past the next pub_seq of an entry that vouches for it, and not the
+    /// start of an incarnation: a predecessor is missing. What the table
+    /// holds.
     Skips(PubSeq),
     /// The table does not know the publisher.
     Unknown,
@@ -89,7 +90,13 @@ impl PublisherTable {
         match self.entries.get(&publisher) {
             None => Next::Unknown,
             Some(p) if pub_seq <= p.held => Next::Retry(*p),
-            Some(p) if pub_seq.0 > p.held.0.saturating_add(1) && !p.revived => Next::Skips(p.held),
+            Some(p)
+                if pub_seq.0 > p.held.0.saturating_add(1)
+                    && !p.revived
+                    && !pub_seq.begins_incarnation() =>
+            {
+                Next::Skips(p.held)
+            }
             Some(_) => Next::Follows,
         }
     }

@@ -223,8 +223,15 @@ impl Total {
                 // lost with a link and is being resubmitted): wait for it,
                 // so that the publisher's order holds (guarantee 3).
                 Next::Skips(_) => continue,
-                // Nor order a publisher's later publish on first sight.
-                Next::Unknown if after > PubSeq(0) && !self.publishers.evicted_any() => continue,
+                // Nor order a publisher's later publish on first sight
+                // (an incarnation's first follows nothing).
+                Next::Unknown
+                    if after > PubSeq(0)
+                        && !self.publishers.evicted_any()
+                        && !m.1.begins_incarnation() =>
+                {
+                    continue
+                }
                 Next::Unknown | Next::Follows => {}
             }
             let seq = self.held().next();
