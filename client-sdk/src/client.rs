@@ -50,10 +50,11 @@ pub struct ClientOptions {
     /// The publisher id; random when `None`. A fixed id lets the server
     /// deduplicate retries across reconnects under any name; a restarted
     /// program with the same id continues after the highest publisher
-    /// sequence number the server has ordered for it, at a new incarnation
-    /// of its sequence numbers, past its predecessor's publishes still on
-    /// their way (docs/DESIGN.md, "Identity and resume"). Two programs
-    /// must not publish under one id at once.
+    /// sequence number the server has ordered for it and past its
+    /// predecessor's publishes still on their way, at a new incarnation of
+    /// its sequence numbers taken from the wall clock (docs/DESIGN.md,
+    /// "Identity and resume"). Two programs must not publish under one id
+    /// at once.
     pub publisher: Option<PublisherId>,
     /// Publishes in flight (sent, not acknowledged) at most...
     pub window: usize,
@@ -788,8 +789,18 @@ impl Driver {
             receive_window: Some(options.receive_window),
         };
         let (commands, commands_rx) = flume::unbounded();
+        let mut core = ClientCore::new(Duration::ZERO, config);
+        if options.publisher.is_some() {
+            // A fixed id may have been used by programs before this one: its
+            // pub_seqs begin past theirs (docs/DESIGN.md, "Identity and
+            // resume").
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            core.begin_incarnation(secs);
+        }
         let driver = Driver {
-            core: ClientCore::new(Duration::ZERO, config),
+            core,
             origin: Instant::now(),
             commands: commands_rx,
             window,

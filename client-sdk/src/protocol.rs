@@ -98,6 +98,12 @@ impl PubSeq {
         self.0 != 0 && self.0.trailing_zeros() >= Self::INCARNATION_BITS
     }
 
+    /// The first pub_seq of incarnation `epoch`, if there is one.
+    pub fn incarnation(epoch: u64) -> Option<PubSeq> {
+        (epoch > 0 && epoch < 1 << (64 - Self::INCARNATION_BITS))
+            .then_some(PubSeq(epoch << Self::INCARNATION_BITS))
+    }
+
     /// Where a program restarted with a fixed publisher id starts, the
     /// server having ordered its id's publishes through `self`: the first
     /// incarnation at least half an incarnation past it (its
@@ -1615,6 +1621,10 @@ mod tests {
         assert_eq!(PubSeq(last - i).next_incarnation(), PubSeq(last));
         assert_eq!(PubSeq(last).next_incarnation(), PubSeq(last + 1));
         assert_eq!(PubSeq(u64::MAX).next_incarnation(), PubSeq(u64::MAX));
+        assert_eq!(PubSeq::incarnation(0), None);
+        assert_eq!(PubSeq::incarnation(3), Some(PubSeq(3 * i)));
+        assert_eq!(PubSeq::incarnation(u64::MAX >> 32), Some(PubSeq(last)));
+        assert_eq!(PubSeq::incarnation(1 << 32), None);
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub struct Seen {
     pub gaps: Vec<(Seq, Seq)>,
     per_publisher: HashMap<PublisherId, PubSeq>,
     ids: HashSet<(PublisherId, PubSeq)>,
+    /// A program started after the run began (a restart): what is at or
+    /// before the head of its first Welcome is not expected of it (`None`
+    /// until that Welcome: nothing is).
+    joined: Option<Option<Seq>>,
+    /// A program that restarted: its deliveries were checked as they came,
+    /// but it is not expected to have everything (it stopped).
+    retired: bool,
 }
 
 /// The checker's memory of the run.
@@ -47,6 +54,31 @@ impl Checker {
     /// What client `c` saw.
     pub fn seen(&self, c: usize) -> &Seen {
         &self.clients[c]
+    }
+
+    /// Client `c`'s program restarted: it is retired, and the new program
+    /// is checked as a new client, from the head of its first Welcome
+    /// ([`Checker::joined`]). Returns the new client's index.
+    pub fn restarted(&mut self, c: usize) -> usize {
+        self.clients[c].retired = true;
+        self.clients.push(Seen {
+            joined: Some(None),
+            ..Seen::default()
+        });
+        self.clients.len() - 1
+    }
+
+    /// Client `c` was welcomed at `head`: if it started late, that is where
+    /// what it must receive begins.
+    pub fn joined(&mut self, c: usize, head: Seq) {
+        if let Some(at @ None) = &mut self.clients[c].joined {
+            *at = Some(head);
+        }
+    }
+
+    /// Clients so far, restarted programs included.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
     }
 
     /// A client published (before it reached any server).
@@ -147,9 +179,20 @@ impl Checker {
         let mut acked: Vec<&(PublisherId, PubSeq)> = self.acked.iter().collect();
         acked.sort();
         for (c, seen) in self.clients.iter().enumerate() {
+            if seen.retired {
+                continue;
+            }
             for id in &acked {
                 let (topic, _) = &self.published[*id];
                 if !patterns[c].iter().any(|p| p.matches(topic)) || seen.ids.contains(*id) {
+                    continue;
+                }
+                let before_it = match seen.joined {
+                    None => false,
+                    Some(None) => true,
+                    Some(Some(head)) => seq_of.get(*id).is_some_and(|s| *s <= head),
+                };
+                if before_it {
                     continue;
                 }
                 let covered = seq_of

@@ -45,6 +45,15 @@ pub(super) fn link_config(
 
 pub struct Client {
     pub id: usize,
+    /// Its index in the checker: a restarted program is a new client there.
+    checker_id: usize,
+    /// Restarts of its program so far (its payloads name it).
+    incarnation: u64,
+    /// Its core's settings, for a restart.
+    config: LinkConfig,
+    /// Its program has had a Welcome: as the SDK's `connect`, it publishes
+    /// only then (a restarted one learns there where its id stands).
+    pub started: bool,
     pub publisher: PublisherId,
     pub patterns: Vec<String>,
     /// The client protocol core the SDK runs.
@@ -81,12 +90,16 @@ impl Client {
     ) -> Self {
         let publisher = PublisherId(1000 + id as u64);
         let config = link_config(publisher, servers, slow, false, ping, window);
-        let mut core = ClientCore::new(Duration::ZERO, config);
+        let mut core = ClientCore::new(Duration::ZERO, config.clone());
         for p in &patterns {
             core.subscribe(p);
         }
         Client {
             id,
+            checker_id: id,
+            incarnation: 0,
+            config,
+            started: false,
             publisher,
             patterns,
             core,
@@ -97,6 +110,33 @@ impl Client {
             held_until: None,
             unread: 0,
         }
+    }
+
+    /// Its program restarts under the same publisher id at `now`: a new
+    /// core (its connections counted from 1 again), what it had not
+    /// acknowledged abandoned, and a new client for the checker. The world
+    /// has dealt with its connection.
+    pub fn restart(&mut self, now: Duration, checker: &mut Checker) {
+        self.core = ClientCore::new(now, self.config.clone());
+        for p in &self.patterns {
+            self.core.subscribe(p);
+        }
+        self.checker_id = checker.restarted(self.checker_id);
+        self.incarnation += 1;
+        // As the SDK does for a fixed id, with the restart count for the
+        // wall clock's seconds.
+        self.core.begin_incarnation(self.incarnation);
+        self.started = false;
+        self.conn = None;
+        self.sent.clear();
+        self.acked_tail.clear();
+        self.resend_acked = false;
+        self.unread = 0;
+    }
+
+    /// Its index in the checker.
+    pub fn checker_id(&self) -> usize {
+        self.checker_id
     }
 
     /// Whether a connection serves (its Welcome arrived).
@@ -130,7 +170,8 @@ impl Client {
     /// A new publish (the core sends it once welcomed).
     pub fn publish(&mut self, topic: &str, checker: &mut Checker) {
         let pub_seq = self.core.next_pub_seq();
-        let payload = Bytes::from(format!("{}:{}", self.publisher.0, pub_seq.0));
+        let payload = format!("{}:{}:{}", self.publisher.0, pub_seq.0, self.incarnation);
+        let payload = Bytes::from(payload);
         checker.published(self.publisher, pub_seq, topic, &payload);
         self.core.publish(topic, &payload);
         let frame = protocol::encode_publish(topic, pub_seq, &payload);
@@ -159,7 +200,7 @@ impl Client {
         if let Some(delivery) = self.core.handle_frame(now, frame) {
             for m in &delivery.messages {
                 checker.delivered(
-                    self.id,
+                    self.checker_id,
                     m.seq,
                     m.publisher,
                     m.pub_seq,
@@ -180,7 +221,11 @@ impl Client {
                     return Err(Violation(format!("client {}: the stream changed", self.id)));
                 }
                 Event::Acked(through) => self.acknowledge(through, checker),
-                Event::Gap { from, to } => checker.gap(self.id, from, to),
+                Event::Welcomed { welcome, .. } => {
+                    self.started = true;
+                    checker.joined(self.checker_id, welcome.head);
+                }
+                Event::Gap { from, to } => checker.gap(self.checker_id, from, to),
                 // A strong client told of divergence is refused by its core.
                 Event::Link(LinkEvent::Refused(e)) => {
                     return Err(Violation(format!("client {} was refused: {e}", self.id)));
@@ -192,8 +237,7 @@ impl Client {
                         self.id
                     )));
                 }
-                Event::Welcomed { .. }
-                | Event::Subscribed(_)
+                Event::Subscribed(_)
                 | Event::Diverged { .. }
                 | Event::Members(_)
                 | Event::Replied { .. }

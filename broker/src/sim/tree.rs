@@ -64,6 +64,8 @@ pub struct TreeOutcome {
     pub upstream_silences: u64,
     /// Relays crashed.
     pub crashes: u64,
+    /// Client programs restarted under their own publisher ids.
+    pub client_restarts: u64,
     /// Gap notices clients received.
     pub gaps: u64,
     /// Deliveries clients made.
@@ -81,6 +83,7 @@ impl TreeOutcome {
         self.client_silences += o.client_silences;
         self.upstream_silences += o.upstream_silences;
         self.crashes += o.crashes;
+        self.client_restarts += o.client_restarts;
         self.gaps += o.gaps;
         self.delivered += o.delivered;
     }
@@ -222,7 +225,7 @@ pub(crate) fn run_with(seed: u64, bugs: TreeBugs) -> Result<TreeOutcome, Violati
             "seed {seed}: {v}\n  replay: CANOPY_SIM_SEED={seed} cargo test -p canopy-broker --lib sim::tree_tests::replay -- --ignored --nocapture"
         ))
     })?;
-    w.out.fingerprint = super::fingerprint(&w.checker, w.clients.len(), &mut w.out.delivered);
+    w.out.fingerprint = super::fingerprint(&w.checker, w.checker.clients(), &mut w.out.delivered);
     Ok(w.out)
 }
 
@@ -320,16 +323,15 @@ impl World {
             self.tick(Duration::from_millis(10))?;
             self.deliver_due()?;
         }
-        let patterns: Vec<Vec<Pattern>> = self
-            .clients
-            .iter()
-            .map(|c| {
-                c.patterns
-                    .iter()
-                    .filter_map(|p| Pattern::new(p).ok())
-                    .collect()
-            })
-            .collect();
+        // By the checker's clients: a restarted program is a new one.
+        let mut patterns: Vec<Vec<Pattern>> = vec![Vec::new(); self.checker.clients()];
+        for c in &self.clients {
+            patterns[c.checker_id()] = c
+                .patterns
+                .iter()
+                .filter_map(|p| Pattern::new(p).ok())
+                .collect();
+        }
         self.checker.check_complete(&patterns)?;
         self.check_membership()
     }
@@ -385,7 +387,7 @@ impl World {
         let c = self.rng.below(self.clients.len() as u64 - 1) as usize;
         match r {
             0..=29 => {
-                if self.clients[c].unacked_len() < WINDOW {
+                if self.clients[c].started && self.clients[c].unacked_len() < WINDOW {
                     let topic = TOPICS[self.rng.below(TOPICS.len() as u64) as usize];
                     self.clients[c].publish(topic, &mut self.checker);
                     self.out.published += 1;
@@ -424,13 +426,35 @@ impl World {
                 }
             }
             34 => self.crash_one(),
-            35..=69 => self.deliver_due()?,
+            35 => self.restart_client(c),
+            36..=69 => self.deliver_due()?,
             _ => {
                 let ms = 1 + self.rng.below(15);
                 self.tick(Duration::from_millis(ms))?;
             }
         }
         Ok(())
+    }
+
+    /// Client `c`'s program is killed and started again under its own
+    /// publisher id (docs/DESIGN.md, "Identity and resume"): its old
+    /// connection closes, or goes silent toward it (what the old program
+    /// sent still arrives, and only the relay's idle timeout ends the
+    /// session); the new program connects a while later, its connections
+    /// counted from 1 again.
+    fn restart_client(&mut self, c: usize) {
+        self.out.client_restarts += 1;
+        if let Some(conn) = self.clients[c].conn {
+            // (A session the server closed already is gone from it.)
+            if self.rng.percent(50) || self.conns[conn].link.closed_by_server {
+                self.break_conn(conn, false);
+            } else {
+                self.conns[conn].link.silence(false, true);
+            }
+        }
+        self.clients[c].restart(self.now, &mut self.checker);
+        let ms = 1 + self.rng.below(100);
+        self.clients[c].held_until = Some(self.now + Duration::from_millis(ms));
     }
 
     /// Crashes a relay, if every tier keeps one running.
@@ -578,6 +602,8 @@ impl World {
         }
         self.drain(server);
         match peer {
+            // Its program restarted since.
+            Peer::Client(c) if self.clients[c].conn != Some(conn) => {}
             Peer::Client(c) => {
                 self.clients[c].conn = None;
                 if tell {
@@ -692,6 +718,12 @@ impl World {
                     return;
                 };
                 self.conns[conn].link.close(self.now, frame, drain);
+                if matches!(self.conns[conn].peer, Peer::Client(c) if self.clients[c].conn != Some(conn))
+                {
+                    // Its program restarted: nobody is left to hear it (the
+                    // server forgot the session as it closed it).
+                    self.conns[conn].link.kill();
+                }
             }
         }
     }
@@ -711,8 +743,11 @@ impl World {
             }
             while let Some(content) = self.conns[conn].link.pop_due(self.now, true) {
                 match self.conns[conn].peer {
+                    // To a program that restarted: lost with it.
+                    Peer::Client(client) if self.clients[client].conn != Some(conn) => {}
                     Peer::Client(client) => {
-                        let before = self.checker.seen(client).gaps.len();
+                        let id = self.clients[client].checker_id();
+                        let before = self.checker.seen(id).gaps.len();
                         let mut replies = Vec::new();
                         self.clients[client].on_frame(
                             self.now,
@@ -720,7 +755,7 @@ impl World {
                             &mut self.checker,
                             &mut replies,
                         )?;
-                        self.out.gaps += (self.checker.seen(client).gaps.len() - before) as u64;
+                        self.out.gaps += (self.checker.seen(id).gaps.len() - before) as u64;
                         for r in replies {
                             self.send_to_server(conn, r);
                         }

@@ -162,7 +162,8 @@ pub struct Link {
     down_since: Option<Duration>,
     /// The last failed attempt, for [`LinkEvent::Unreachable`].
     last_failure: String,
-    /// Connections that sent a Hello so far ([`Hello::connection`]).
+    /// Connections that sent a Hello so far ([`Hello::connection`]),
+    /// counted from a program's incarnation on.
     connections: u64,
     nonce: u64,
     actions: VecDeque<Action>,
@@ -192,6 +193,14 @@ impl Link {
     /// The link's settings.
     pub fn config(&self) -> &LinkConfig {
         &self.config
+    }
+
+    /// Counts connections from `first` on (a program's incarnation): its
+    /// connections then outrank every earlier program's of the same
+    /// publisher id in the membership, as a program's later connections
+    /// outrank its earlier ones.
+    pub fn count_connections_from(&mut self, first: u64) {
+        self.connections = self.connections.max(first);
     }
 
     /// Whether a connection is serving (its Welcome arrived).

@@ -139,10 +139,10 @@ pub struct ClientCore {
     /// Every publish through this one is acknowledged.
     acked: PubSeq,
     next_pub_seq: u64,
-    /// Nothing published yet and no start given: a Welcome that shows the
-    /// publisher id's earlier publishes places the first pub_seq at a new
-    /// incarnation ([`PubSeq::next_incarnation`]).
-    fresh: bool,
+    /// The program began an incarnation ([`ClientCore::begin_incarnation`])
+    /// and has not published yet: a Welcome that shows the id's earlier
+    /// publishes moves its first pub_seq past them.
+    incarnation: bool,
     events: VecDeque<Event>,
     /// From the last Welcome.
     permissions: Option<protocol::Permissions>,
@@ -168,7 +168,7 @@ impl ClientCore {
             calls: BTreeSet::new(),
             acked: PubSeq(0),
             next_pub_seq: 1,
-            fresh: true,
+            incarnation: false,
             events: VecDeque::new(),
             permissions: None,
             outstanding: 0,
@@ -206,14 +206,33 @@ impl ClientCore {
     /// Starts publish sequence numbers at `first` (a program that knows
     /// where its fixed publisher id stands); before any publish.
     pub fn start_pub_seq_at(&mut self, first: u64) {
-        self.fresh = false;
         self.next_pub_seq = self.next_pub_seq.max(first);
     }
 
+    /// A program with a fixed publisher id begins a new incarnation of its
+    /// pub_seqs (docs/DESIGN.md, "Identity and resume"), before it
+    /// publishes: at incarnation `epoch` (the SDK takes the wall clock's
+    /// seconds, so each program started later begins past those before
+    /// it), or past what its first Welcome shows the id has ordered
+    /// ([`PubSeq::next_incarnation`]), whichever is later. Its
+    /// predecessors' publishes still on their way are then never taken for
+    /// its own. Its connections are counted from the incarnation on, so
+    /// that the membership takes its attach over theirs, however late
+    /// theirs is ordered.
+    pub fn begin_incarnation(&mut self, epoch: u64) {
+        self.incarnation = true;
+        if let Some(first) = PubSeq::incarnation(epoch) {
+            self.next_pub_seq = self.next_pub_seq.max(first.0);
+            self.link.count_connections_from(first.0);
+        }
+    }
+
     /// Publishes: sent now when a connection serves, and on every new
-    /// connection until acknowledged. Returns its pub_seq.
+    /// connection until acknowledged. Returns its pub_seq. A program with a
+    /// fixed publisher id begins an incarnation and publishes after its
+    /// first Welcome (the SDK's `connect` returns after it).
     pub fn publish(&mut self, topic: &str, payload: &[u8]) -> PubSeq {
-        self.fresh = false;
+        self.incarnation = false;
         let pub_seq = PubSeq(self.next_pub_seq);
         self.next_pub_seq = self.next_pub_seq.saturating_add(1);
         let frame = protocol::encode_forward_into(&mut self.arena, None, topic, pub_seq, payload);
@@ -500,13 +519,15 @@ impl ClientCore {
         tracing::debug!(server = %w.server, head = %w.head, session = w.session, "connected");
         // A fixed publisher id may have published before this process
         // started: continue after what the server has, or the server would
-        // take new messages for retries of old ones; and past what is still
-        // on its way from the program before (docs/DESIGN.md, "Identity
-        // and resume"), unless this one has published already.
-        self.next_pub_seq = match self.fresh && w.pub_acked > PubSeq(0) {
-            true => w.pub_acked.next_incarnation().0,
-            false => self.next_pub_seq.max(w.pub_acked.0.saturating_add(1)),
+        // take new messages for retries of old ones; a program that began
+        // an incarnation and has not published yet, past what is still on
+        // its way from the program before (docs/DESIGN.md, "Identity and
+        // resume").
+        let after = match self.incarnation && w.pub_acked > PubSeq(0) {
+            true => w.pub_acked.next_incarnation(),
+            false => PubSeq(w.pub_acked.0.saturating_add(1)),
         };
+        self.next_pub_seq = self.next_pub_seq.max(after.0);
         // Subscriptions in the Hello are now in effect; those made since it
         // went out follow it, as do unsubscriptions.
         let in_hello = std::mem::take(&mut self.in_hello);

@@ -225,34 +225,45 @@ fn unacknowledged_publishes_go_again_in_order_after_the_welcome() {
     assert_eq!(core.unacked_len(), 2);
 }
 
-/// A program restarted with a fixed publisher id begins a new incarnation
-/// past what the server ordered for the id: its predecessor's publishes
-/// still on their way would otherwise take its first pub_seqs
-/// (docs/DESIGN.md, "Identity and resume"). Once it has published, a
-/// later Welcome only moves it past what the server ordered.
+/// A program that begins an incarnation (as the SDK does for a fixed
+/// publisher id) starts at that incarnation, or past what its first Welcome
+/// shows the id has ordered when that is later: its predecessors'
+/// publishes still on their way would otherwise take its first pub_seqs
+/// (docs/DESIGN.md, "Identity and resume"). Once it has published, a later
+/// Welcome only moves it past what the server ordered.
 #[test]
-fn a_restarted_fixed_publisher_begins_an_incarnation_past_what_the_server_ordered() {
-    let mut core = ClientCore::new(Duration::ZERO, config(&["a"]));
-    core.handle_timeout(Duration::ZERO);
-    connects(&mut core);
-    core.handle_connected(Duration::ZERO);
-    core.handle_frame(Duration::ZERO, welcome(1, 0, 41));
-    let first = PubSeq(41).next_incarnation();
-    assert_eq!(first, PubSeq(1 << 32));
-    assert_eq!(core.publish("t", b"p"), first);
+fn a_program_that_begins_an_incarnation_starts_past_its_predecessors() {
+    let i = 1u64 << 32;
+    let welcomed = |epoch: u64, pub_acked: u64| {
+        let mut core = ClientCore::new(Duration::ZERO, config(&["a"]));
+        core.begin_incarnation(epoch);
+        core.handle_timeout(Duration::ZERO);
+        connects(&mut core);
+        core.handle_connected(Duration::ZERO);
+        core.handle_frame(Duration::ZERO, welcome(1, 0, pub_acked));
+        let first = core.publish("t", b"p");
+        (core, first)
+    };
+    // The server knows nothing of the id (a relay that never saw it): the
+    // incarnation asked for.
+    assert_eq!(welcomed(5, 0).1, PubSeq(5 * i));
+    assert_eq!(welcomed(5, 41).1, PubSeq(5 * i));
+    // It knows a later one (the clock went back): past it.
+    assert_eq!(welcomed(5, 7 * i + 3).1, PubSeq(8 * i));
+    let (mut core, first) = welcomed(1, 41);
+    assert_eq!(first, PubSeq(i));
     core.drop_connection(MS, "gone");
     core.handle_timeout(MS);
     connects(&mut core);
     core.handle_connected(MS);
-    core.handle_frame(MS, welcome(1, 0, first.0 + 5));
-    assert_eq!(core.publish("t", b"p"), PubSeq(first.0 + 6));
+    core.handle_frame(MS, welcome(1, 0, i + 5));
+    assert_eq!(core.publish("t", b"p"), PubSeq(i + 6));
 }
 
-/// A new publisher id (the server knows nothing of it), or one whose
-/// program set where it starts, or that published before its Welcome,
-/// numbers on as before.
+/// Without an incarnation (a new random id, or a program that places its
+/// own start), a program numbers on after what the Welcome shows.
 #[test]
-fn a_new_or_placed_publisher_begins_no_incarnation() {
+fn without_an_incarnation_a_program_continues_after_the_welcome() {
     let welcomed = |pub_acked: u64, setup: &dyn Fn(&mut ClientCore)| {
         let mut core = ClientCore::new(Duration::ZERO, config(&["a"]));
         setup(&mut core);
@@ -263,12 +274,9 @@ fn a_new_or_placed_publisher_begins_no_incarnation() {
         core.publish("t", b"p")
     };
     assert_eq!(welcomed(0, &|_| {}), PubSeq(1));
+    assert_eq!(welcomed(41, &|_| {}), PubSeq(42));
     assert_eq!(welcomed(41, &|c| c.start_pub_seq_at(7)), PubSeq(42));
     assert_eq!(welcomed(41, &|c| c.start_pub_seq_at(50)), PubSeq(50));
-    let published_first = |c: &mut ClientCore| {
-        c.publish("t", b"early");
-    };
-    assert_eq!(welcomed(41, &published_first), PubSeq(42));
 }
 
 #[test]

@@ -409,12 +409,14 @@ impl Node {
         self.now = now;
         self.submissions
             .retain(|s| s.msg.0 != publisher || s.session == SessionId::NODE);
-        // Its own sessions here (an old one not yet found dead included)
-        // and the relays below that may have forwarded for it.
+        // Its own sessions here (an old one not yet found dead included; a
+        // relay below's, for the relay's own membership events: it sends
+        // them again on its next connection) and the relays below that may
+        // have forwarded for it.
         let (mut own, mut below) = (Vec::new(), Vec::new());
         for (&id, s) in &self.sessions {
             match s.hello.as_ref() {
-                Some(h) if h.role != Role::Relay && h.publisher == publisher => own.push(id),
+                Some(h) if h.publisher == publisher => own.push(id),
                 Some(h)
                     if h.role == Role::Relay
                         && (s.forwarded_forgot || s.forwarded.contains_key(&publisher)) =>

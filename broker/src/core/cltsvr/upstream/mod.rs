@@ -374,12 +374,19 @@ impl Upstream {
                 );
                 self.start_over(now, "a gap in the stream");
             }
-            ServerFrame::PubAck(ack) => {
-                if let Some(p) = ack.publisher {
+            ServerFrame::PubAck(ack) => match ack.publisher {
+                Some(p) => {
                     self.ordered(p, ack.pub_seq);
                     self.events.push_back(UpEvent::Acked(p, ack));
                 }
-            }
+                // The relay's own publishes (its membership events): the
+                // stream shows them ordered too, unless a gap took the
+                // relay past them, and then only this says so (the tree
+                // simulator, seed 3151: a relay's own events held for good
+                // filled its bound of forwards, and its later ones waited
+                // behind them).
+                None => self.ordered(self.config.publisher, ack.pub_seq),
+            },
             ServerFrame::Reply(head, body) => {
                 if let Some(p) = head.publisher {
                     self.events.push_back(UpEvent::Replied(p, head, body));
@@ -427,7 +434,8 @@ impl Upstream {
     /// A Welcome, checked by the link.
     fn on_welcome(&mut self, w: protocol::Welcome) {
         tracing::info!(server = %w.server, head = w.head.0, stream = w.stream, "connected to the tier above");
-        if self.stream != Some(w.stream) {
+        let same_stream = self.stream == Some(w.stream);
+        if !same_stream {
             // The first stream, or a new one: start at its head, and serve
             // again once the membership report for it has come.
             self.stream = Some(w.stream);
@@ -438,6 +446,11 @@ impl Upstream {
             // The stream goes on from this relay's head: its membership is
             // current, and it serves again (if it had stopped).
             self.set_serving(true);
+        }
+        if same_stream {
+            // Its own publishes the tier above has ordered: no acknowledgement
+            // of them follows on this connection.
+            self.ordered(self.config.publisher, w.pub_acked);
         }
         self.events.push_back(UpEvent::Reattach);
         if self.bug_no_resend {

@@ -176,6 +176,50 @@ fn forwards_are_resent_on_reconnect_until_the_stream_shows_them() {
     );
 }
 
+/// The relay's own publishes (its membership events, publisher 9) that a
+/// gap took it past are released by what the tier above says of them: a
+/// `PubAck` naming no publisher, or a Welcome's `pub_acked` on the same
+/// stream. Before, they were held for good and filled the relay's bound
+/// of forwards (tree simulator, seed 3151, once clients restarted).
+#[test]
+fn the_relays_own_publishes_are_released_by_its_acknowledgements() {
+    let mut u = upstream();
+    connect(&mut u, Duration::ZERO, 7, 0);
+    u.submit(vec![msg(9, 1), msg(9, 2), msg(9, 3), msg(1, 1)]);
+    assert_eq!(u.forwards_held(), 4);
+    let ack = |pub_seq| {
+        ServerFrame::PubAck(protocol::PubAck {
+            pub_seq: PubSeq(pub_seq),
+            seq: Seq(0),
+            publisher: None,
+        })
+    };
+    u.handle_frame(MS, ack(1));
+    assert_eq!(u.forwards_held(), 3);
+    u.handle_closed(MS);
+    u.handle_timeout(MS);
+    actions(&mut u);
+    u.handle_connected(MS);
+    let ServerFrame::Welcome(mut w) = welcome(7, 0) else {
+        unreachable!("welcome() makes a Welcome")
+    };
+    w.pub_acked = PubSeq(3);
+    u.handle_frame(MS, ServerFrame::Welcome(w));
+    assert_eq!(u.forwards_held(), 1, "publisher 1's forward is still held");
+    // A Welcome of another stream says nothing of this one's publishes.
+    u.submit(vec![msg(9, 4)]);
+    u.handle_closed(MS);
+    u.handle_timeout(2 * MS);
+    actions(&mut u);
+    u.handle_connected(2 * MS);
+    let ServerFrame::Welcome(mut w) = welcome(8, 0) else {
+        unreachable!("welcome() makes a Welcome")
+    };
+    w.pub_acked = PubSeq(4);
+    u.handle_frame(2 * MS, ServerFrame::Welcome(w));
+    assert_eq!(u.forwards_held(), 2);
+}
+
 #[test]
 fn held_messages_become_stable_by_mark_and_only_then_release_forwards() {
     let mut u = upstream();
