@@ -113,9 +113,9 @@ impl Client {
     }
 
     /// Its program restarts under the same publisher id at `now`: a new
-    /// core (its connections counted from 1 again), what it had not
-    /// acknowledged abandoned, and a new client for the checker. The world
-    /// has dealt with its connection.
+    /// core that begins an incarnation, what it had not acknowledged
+    /// abandoned, and a new client for the checker. The world has dealt
+    /// with its connection.
     pub fn restart(&mut self, now: Duration, checker: &mut Checker) {
         self.core = ClientCore::new(now, self.config.clone());
         for p in &self.patterns {
