@@ -107,9 +107,9 @@ impl Node {
     /// the attach of the relay's newer connection, and take with it the
     /// clients the relay announced again on that connection (the tree
     /// simulator, seed 17146). A program restarted with the same publisher
-    /// id counts its connections from 1 again, so its attach is ignored
-    /// while its old connection is listed, and the old one's detach
-    /// removes it.
+    /// id that does not begin an incarnation (the SDK's does) counts its
+    /// connections from 1 again, so its attach is ignored while its old
+    /// connection is listed, and the old one's detach removes it.
     fn live_entries(&self, left: &[PublisherId]) -> Vec<MemberEntry> {
         left.iter()
             .filter_map(|id| {
