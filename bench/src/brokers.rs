@@ -15,6 +15,9 @@ pub enum Kind {
     Canopy,
     /// Canopy, a core of three servers.
     Core,
+    /// Canopy, a core of one server: the group's machinery (ordering,
+    /// stability, the flush) with no one to replicate to.
+    CoreOfOne,
     /// Canopy, one node, every connection TLS.
     Tls,
     /// nats-server.
@@ -29,6 +32,7 @@ impl Kind {
         match self {
             Kind::Canopy => "canopy",
             Kind::Core => "core3",
+            Kind::CoreOfOne => "core1",
             Kind::Tls => "canopy-tls",
             Kind::Nats => "nats",
             Kind::Bare => "bare",
@@ -63,6 +67,7 @@ impl Broker {
                 "off".into()
             })?)),
             (Kind::Core, _, _) => Ok(Broker::Core(start_core(3)?)),
+            (Kind::CoreOfOne, _, _) => Ok(Broker::Core(start_core(1)?)),
             (Kind::Tls, _, _) => Ok(Broker::Canopy(start_in_process(
                 canopy_broker::config::FileConfig {
                     listen: Some("127.0.0.1:0".into()),
@@ -372,7 +377,7 @@ impl Publisher {
     /// the others).
     pub async fn connect(kind: Kind, addrs: &[String]) -> anyhow::Result<Publisher> {
         Ok(match kind {
-            Kind::Canopy | Kind::Core | Kind::Tls => {
+            Kind::Canopy | Kind::Core | Kind::CoreOfOne | Kind::Tls => {
                 let o = canopy_options(kind, addrs, "bench-pub")?;
                 Publisher::Canopy(canopy_client::Client::connect(o).await?)
             }
@@ -410,7 +415,7 @@ pub async fn subscribe(
     addrs: &[String],
 ) -> anyhow::Result<(BoxStream<'static, Bytes>, Box<dyn Send>)> {
     Ok(match kind {
-        Kind::Canopy | Kind::Core | Kind::Tls => {
+        Kind::Canopy | Kind::Core | Kind::CoreOfOne | Kind::Tls => {
             let o = canopy_options(kind, addrs, "bench-sub")?;
             let client = canopy_client::Client::connect(o).await?;
             let sub = client.subscribe(TOPIC).await?;

@@ -84,6 +84,10 @@ pub enum Target {
     Core,
     /// The 3-server core only (for profiling it alone).
     Core3,
+    /// One node, a core of one server, the 3-server core, nats-server and
+    /// the bare fan-out server, interleaved: what the group's machinery
+    /// costs and what replicating to two more servers costs, apart.
+    Cores,
     /// Canopy as one node over plain TCP and over TLS (development
     /// certificates), interleaved: the cost of TLS.
     Tls,
@@ -368,14 +372,22 @@ fn main() -> anyhow::Result<()> {
     if matches!(args.broker, Target::Core3) {
         configs.push((brokers::Kind::Core, false));
     }
+    if matches!(args.broker, Target::Cores) {
+        configs.push((brokers::Kind::Canopy, false));
+        configs.push((brokers::Kind::CoreOfOne, false));
+        configs.push((brokers::Kind::Core, false));
+    }
     if matches!(args.broker, Target::Tls) {
         configs.push((brokers::Kind::Canopy, false));
         configs.push((brokers::Kind::Tls, false));
     }
-    if matches!(args.broker, Target::Nats | Target::Both | Target::All) {
+    if matches!(
+        args.broker,
+        Target::Nats | Target::Both | Target::Cores | Target::All
+    ) {
         configs.push((brokers::Kind::Nats, false));
     }
-    if matches!(args.broker, Target::All) {
+    if matches!(args.broker, Target::Cores | Target::All) {
         configs.push((brokers::Kind::Bare, false));
     }
     let mut results = Vec::new();
