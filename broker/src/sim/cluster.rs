@@ -107,6 +107,11 @@ pub struct ClusterOutcome {
     pub client_breaks: u64,
     /// Client connections gone silent one way or both, without a close.
     pub client_silences: u64,
+    /// Client programs restarted under their own publisher id.
+    pub program_restarts: u64,
+    /// Runs whose stream had to move on after the faults for a weak
+    /// subscriber's claim past its head to be checked.
+    pub stream_moved_on: u64,
     /// Replies to calls of the replicated service checked against the
     /// replicas' state...
     pub replies: u64,
@@ -138,6 +143,8 @@ impl ClusterOutcome {
         self.duplicates += o.duplicates;
         self.client_breaks += o.client_breaks;
         self.client_silences += o.client_silences;
+        self.program_restarts += o.program_restarts;
+        self.stream_moved_on += o.stream_moved_on;
         self.replies += o.replies;
         self.reassigned += o.reassigned;
         self.connected_us += o.connected_us;
@@ -172,6 +179,9 @@ pub struct ClusterPlan {
     /// Whether the servers run the simulated replicated service and half
     /// the publishers call it, instead of the seed's choice.
     pub calls: Option<bool>,
+    /// Whether a restarted client program begins an incarnation, as the SDK
+    /// does (a broken build's count on from its first Welcome).
+    pub incarnations: bool,
     /// Deliberate bugs in the simulated service.
     pub(crate) service_bugs: ServiceBugs,
 }
@@ -186,6 +196,7 @@ impl Default for ClusterPlan {
             publishers_max: None,
             client_ping: CLIENT_PING,
             calls: None,
+            incarnations: true,
             service_bugs: ServiceBugs::default(),
         }
     }
@@ -214,8 +225,9 @@ enum Ev {
     Closed(usize),
     /// Client `c`'s core timer armed for this time.
     ClientTimer(usize, Duration),
-    /// Client (index, id)'s connection attempt found no server there.
-    ConnectFailed(usize, PublisherId),
+    /// Client (index, id, program)'s connection attempt found no server
+    /// there.
+    ConnectFailed(usize, PublisherId, u64),
     /// A call's execution (a job) at server (index, process) is done.
     Executed(usize, u64, Job),
 }
@@ -618,8 +630,45 @@ impl World {
             let end = self.now + self.plan.settle;
             self.run_until(end, false)?;
         }
+        self.past_weak_claims()?;
         self.converged()?;
         self.available()
+    }
+
+    /// A weak subscriber may stand past the stream's head: it was sent
+    /// held messages a view change took back (their server crashed), and
+    /// its server checks its claim on them when the stream reaches it
+    /// (docs/DESIGN.md, "Weak delivery"); on a quiet stream it waits ("What
+    /// is not there yet"). So the stream moves on: publishers publish until
+    /// it passes every such claim (a bounded number of rounds).
+    fn past_weak_claims(&mut self) -> Result<(), Violation> {
+        for _ in 0..8 {
+            let head = (0..self.n)
+                .filter_map(|i| {
+                    Some(
+                        self.checker
+                            .position(i, self.servers[i].as_ref()?.incarnation)
+                            .1,
+                    )
+                })
+                .max()
+                .unwrap_or_default();
+            let ahead = self.clients.iter().any(|c| {
+                c.sub.as_ref().is_some_and(|s| s.weak)
+                    && c.core.position().at().is_some_and(|(_, at)| at > head)
+            });
+            if !ahead {
+                return Ok(());
+            }
+            self.out.stream_moved_on += 1;
+            for c in 0..self.clients.len() {
+                for _ in 0..8 {
+                    self.publish(c);
+                }
+            }
+            self.run_for(self.plan.settle)?;
+        }
+        Ok(())
     }
 
     /// Availability: over the time a majority that can carry the stream on
@@ -810,6 +859,10 @@ impl World {
             if faults && roll < 58 {
                 return self.retire(p);
             }
+            if faults && roll < 62 {
+                let c = self.rng.below(self.clients.len() as u64) as usize;
+                return self.restart_program(c);
+            }
             if faults || self.load {
                 let k = 1 + self.rng.below(4);
                 for _ in 0..k {
@@ -892,11 +945,43 @@ impl World {
         self.arm(p);
     }
 
+    /// Client `c`'s program is killed and started again under its own
+    /// publisher id (docs/DESIGN.md, "Identity and resume"): its connection
+    /// closes, or goes silent toward it while what it sent still arrives
+    /// (only the server's idle timeout ends that session); the new program
+    /// begins an incarnation and connects at once. What the old one had
+    /// not acknowledged is abandoned; what it had is still checked. (Not a
+    /// publisher near the end of its pub_seqs: no incarnation is left
+    /// there, and a restart counts on from the Welcome, as documented.)
+    fn restart_program(&mut self, c: usize) {
+        if self.pinned.is_some() || self.clients[c].first > u64::MAX / 2 {
+            return;
+        }
+        self.out.program_restarts += 1;
+        if std::env::var_os("CANOPY_SIM_TRACE").is_some() {
+            eprintln!(
+                "{:?} client {}: program restarted (connection {:?})",
+                self.now, self.clients[c].id.0, self.clients[c].conn
+            );
+        }
+        if let Some(conn) = self.clients[c].conn {
+            match self.rng.percent(50) {
+                true => self.end_conn(conn, false),
+                false => self.conns[conn].silent_down = true,
+            }
+        }
+        let fresh = self.clients[c].restarted(self.now, self.plan.incarnations);
+        let old = std::mem::replace(&mut self.clients[c], fresh);
+        self.retired.push(old);
+        self.run_client(c);
+    }
+
     /// Client `c` publishes one message, if its window has room (its core
-    /// sends it once it has a Welcome).
+    /// sends it once it has a Welcome; a restarted program publishes from
+    /// its first Welcome on).
     fn publish(&mut self, c: usize) {
         let cl = &mut self.clients[c];
-        if cl.core.unacked_len() >= 32 || cl.core.next_pub_seq().0 == u64::MAX {
+        if cl.gated || cl.core.unacked_len() >= 32 || cl.core.next_pub_seq().0 == u64::MAX {
             return;
         }
         self.out.published += 1;
@@ -964,9 +1049,9 @@ impl World {
         };
         let Some((target, s)) = target.and_then(|i| self.servers[i].as_mut().map(|s| (i, s)))
         else {
-            let id = self.clients[c].id;
+            let (id, program) = (self.clients[c].id, self.clients[c].program);
             let at = self.now + Duration::from_micros(100);
-            return self.schedule(at, Ev::ConnectFailed(c, id));
+            return self.schedule(at, Ev::ConnectFailed(c, id, program));
         };
         let session = SessionId(self.next_session);
         self.next_session += 1;
@@ -992,9 +1077,9 @@ impl World {
 
     /// Client `c`'s attempt found no server (if it is still that client,
     /// still without a connection).
-    fn connect_failed(&mut self, c: usize, id: PublisherId) {
+    fn connect_failed(&mut self, c: usize, id: PublisherId, program: u64) {
         let cl = &mut self.clients[c];
-        if cl.id != id || cl.conn.is_some() {
+        if cl.id != id || cl.program != program || cl.conn.is_some() {
             return;
         }
         cl.core.handle_closed(self.now);
@@ -1083,10 +1168,11 @@ impl World {
 
     /// A server's frame reached client connection `conn`.
     fn deliver_down(&mut self, conn: usize, frame: Bytes) {
-        if !self.conns[conn].live {
+        let c = self.conns[conn].client;
+        // (Not to a program restarted since: its connection is another.)
+        if !self.conns[conn].live || self.clients[c].conn != Some(conn) {
             return;
         }
-        let c = self.conns[conn].client;
         let was_up = self.clients[c].welcomed();
         match self.clients[c].on_frame(self.now, frame, &self.checker) {
             Ok(acked) => self.out.acked += acked,
@@ -1098,12 +1184,13 @@ impl World {
         if std::env::var_os("CANOPY_SIM_TRACE").is_some() && !was_up && self.clients[c].welcomed() {
             let cl = &self.clients[c];
             eprintln!(
-                "{:?} client {}: welcomed at server {} (acked {}, next {})",
+                "{:?} client {}: welcomed at server {} (acked {}, next {}, at {:?})",
                 self.now,
                 cl.id.0,
                 self.conns[conn].server,
                 cl.acked.0,
-                cl.core.next_pub_seq().0
+                cl.core.next_pub_seq().0,
+                cl.core.position().at()
             );
         }
         self.run_client(c);
@@ -1300,7 +1387,7 @@ impl World {
             Ev::Down(conn, bytes) => self.deliver_down(conn, bytes),
             Ev::Closed(conn) => self.end_conn(conn, true),
             Ev::ClientTimer(c, at) => self.client_timer(c, at),
-            Ev::ConnectFailed(c, id) => self.connect_failed(c, id),
+            Ev::ConnectFailed(c, id, program) => self.connect_failed(c, id, program),
             Ev::Executed(i, process, job) => {
                 let local = self.local(i);
                 let Some(s) = self.process_mut(i, process) else {
@@ -1635,11 +1722,13 @@ impl World {
         for pb in self.clients.iter().chain(&self.retired) {
             for k in pb.first..=pb.acked.0 {
                 if pb.acked_stream(PubSeq(k)) == Some(stream)
-                    && self.checker.seq_of(stream, (pb.id, PubSeq(k))).is_none()
+                    && self.checker.program_of(stream, (pb.id, PubSeq(k))) != Some(pb.program)
                 {
                     return Err(Violation(format!(
-                        "durability: publisher {} pub_seq {k} was acknowledged but is not in the stream {stream:x} (elsewhere: {:?})",
+                        "durability: publisher {} pub_seq {k} (program {}) was acknowledged but is not in the stream {stream:x} as its publish (as program {:?}'s; elsewhere: {:?})",
                         pb.id.0,
+                        pb.program,
+                        self.checker.program_of(stream, (pb.id, PubSeq(k))),
                         self.checker.find(pb.id, PubSeq(k))
                     )));
                 }

@@ -4,7 +4,9 @@
 //! - Agreement (guarantee 1): one content per seq in a stream, each
 //!   server's deliveries contiguous, a catch-up never moves a server back.
 //! - No creation, no duplication (2): only published content, and one seq
-//!   per `(publisher, pub_seq)`.
+//!   per `(publisher, pub_seq)`. A payload names the program that published
+//!   it (a publisher id outlives a program restarted under it), and an
+//!   acknowledgement must be for that program's publish.
 //! - Publisher FIFO (3): a publisher's pub_seqs ascend with seq.
 //! - Virtual synchrony and view agreement (4): a view id names one
 //!   membership and one stream position everywhere; each server installs
@@ -59,12 +61,15 @@ pub struct ClusterChecker {
     /// core whose every data directory was lost reuses view ids, and then
     /// in a new stream.)
     views: HashMap<(u64, ViewId), (Vec<u32>, Seq)>,
-    /// The highest pub_seq each publisher has published.
-    published: HashMap<PublisherId, PubSeq>,
+    /// What each program published: publisher, pub_seq, program.
+    published: HashSet<(PublisherId, PubSeq, u64)>,
+    /// Per stream and content: the program whose publish it is.
+    program_of: HashMap<(u64, PublisherId, PubSeq), u64>,
     /// Publishers some server's table forgot, with the last pub_seq they
     /// had then: an old retry of theirs (at or below it) may be ordered
-    /// again (the documented price of the table's bound), so such a
-    /// duplicate is not a violation.
+    /// again, and a restarted program's predecessor's publish after the
+    /// program's own (the documented price of the table's bound), so such
+    /// a duplicate or late publish is not a violation.
     pub forgotten: HashMap<PublisherId, PubSeq>,
 }
 
@@ -77,10 +82,9 @@ impl ClusterChecker {
         }
     }
 
-    /// `publisher` published `pub_seq` (and everything before it).
-    pub fn published(&mut self, publisher: PublisherId, pub_seq: PubSeq) {
-        let e = self.published.entry(publisher).or_default();
-        *e = (*e).max(pub_seq);
+    /// Program `program` published `pub_seq` under `publisher`.
+    pub fn published(&mut self, publisher: PublisherId, pub_seq: PubSeq, program: u64) {
+        self.published.insert((publisher, pub_seq, program));
     }
 
     /// The delivered content at `seq` in `stream`, if any server delivered it.
@@ -162,22 +166,14 @@ impl ClusterChecker {
             if system {
                 self.system.insert((stream, m.seq));
             }
-            let expected = format!("{}:{}", m.publisher.0, m.pub_seq.0);
-            if !system && m.payload.as_ref() != expected.as_bytes() {
+            let program = program_in(&m.payload, content);
+            let by_someone =
+                program.is_some_and(|k| self.published.contains(&(m.publisher, m.pub_seq, k)));
+            if !system && !by_someone {
                 return Err(Violation(format!(
-                    "no creation: seq {} carries a payload nobody published with {content:?}",
-                    m.seq
-                )));
-            }
-            if !system
-                && self
-                    .published
-                    .get(&m.publisher)
-                    .is_none_or(|&p| m.pub_seq > p)
-            {
-                return Err(Violation(format!(
-                    "no creation: seq {} is {content:?}, never published",
-                    m.seq
+                    "no creation: seq {} carries {:?} as {content:?}, which no program published",
+                    m.seq,
+                    String::from_utf8_lossy(&m.payload)
                 )));
             }
             let seqs = self.seq_of.entry(stream).or_default();
@@ -196,18 +192,36 @@ impl ClusterChecker {
                 Some(_) => {}
                 None => {
                     seqs.insert(content, m.seq);
+                    if let Some(k) = program {
+                        self.program_of.insert((stream, m.publisher, m.pub_seq), k);
+                    }
                 }
             }
             let fifo = self.fifo.entry((stream, m.publisher)).or_default();
+            let before = fifo.range(..m.seq).next_back().map(|(s, p)| (*s, *p));
+            let after = fifo.range(m.seq.next()..).next().map(|(s, p)| (*s, *p));
+            // A program's publish still on its way when it was restarted is
+            // dropped as a retry once its successor's are ordered, unless a
+            // table forgot the publisher meanwhile: then it is ordered, late
+            // (the same price of the bound as an old retry ordered again).
+            let late = excused
+                && before.is_some_and(|(_, p)| {
+                    let later = self.program_of.get(&(stream, m.publisher, p));
+                    program.zip(later.copied()).is_some_and(|(k, l)| k < l)
+                });
+            if late {
+                continue;
+            }
             fifo.insert(m.seq, m.pub_seq);
-            let before = fifo.range(..m.seq).next_back();
-            let after = fifo.range(m.seq.next()..).next();
-            if before.is_some_and(|(_, p)| *p >= m.pub_seq)
-                || after.is_some_and(|(_, p)| *p <= m.pub_seq)
+            if before.is_some_and(|(_, p)| p >= m.pub_seq)
+                || after.is_some_and(|(_, p)| p <= m.pub_seq)
             {
                 return Err(Violation(format!(
-                    "publisher FIFO: publisher {} pub_seq {} at seq {} is out of its order",
-                    m.publisher.0, m.pub_seq.0, m.seq
+                    "publisher FIFO: publisher {} pub_seq {} at seq {} is out of its order (before: {before:?}, after: {after:?}; forgotten by a table at {:?})",
+                    m.publisher.0,
+                    m.pub_seq.0,
+                    m.seq,
+                    self.forgotten.get(&m.publisher)
                 )));
             }
         }
@@ -345,6 +359,14 @@ impl ClusterChecker {
         found
     }
 
+    /// The program whose publish `content` is in `stream`, if delivered
+    /// anywhere.
+    pub fn program_of(&self, stream: u64, content: (PublisherId, PubSeq)) -> Option<u64> {
+        self.program_of
+            .get(&(stream, content.0, content.1))
+            .copied()
+    }
+
     /// The seq of `content` in `stream`, if delivered anywhere.
     pub fn seq_of(&self, stream: u64, content: (PublisherId, PubSeq)) -> Option<Seq> {
         self.seq_of
@@ -352,4 +374,17 @@ impl ClusterChecker {
             .and_then(|m| m.get(&content))
             .copied()
     }
+}
+
+/// A simulated publish's payload, `publisher:pub_seq:program`
+/// ([`payload`]): the program, if it names `content`.
+fn program_in(payload: &[u8], content: (PublisherId, PubSeq)) -> Option<u64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = text.strip_prefix(&format!("{}:{}:", content.0 .0, content.1 .0))?;
+    rest.parse().ok()
+}
+
+/// The payload program `program` publishes as `pub_seq` of `publisher`.
+pub fn payload(publisher: PublisherId, pub_seq: PubSeq, program: u64) -> String {
+    format!("{}:{}:{program}", publisher.0, pub_seq.0)
 }

@@ -54,6 +54,10 @@ fn random_runs_with_crashes_partitions_and_restarts_keep_every_guarantee() {
         t.client_silences > count / 4,
         "client connections went silent: {t:?}"
     );
+    assert!(
+        t.program_restarts > count / 4,
+        "client programs restarted under their own id: {t:?}"
+    );
     // Held messages taken back (`unheld`) are rare here: every new primary
     // view orders its core list, so a lagging server mostly takes a
     // snapshot instead; `held_messages_are_taken_back` scripts it.
@@ -259,6 +263,26 @@ fn clients_that_never_find_a_silent_connection_are_caught() {
         .find_map(|seed| run_with(seed, plan.clone()).err())
         .expect("clients that never ping passed 200 seeds: the checkers miss silent connections");
     assert!(v.0.contains("liveness"), "{}", v.0);
+}
+
+/// Client programs restarted under their own id without beginning an
+/// incarnation count on from their first Welcome: a predecessor's publish
+/// ordered after it is taken for theirs (docs/DESIGN.md, "Identity and
+/// resume").
+#[test]
+fn programs_restarted_without_an_incarnation_are_caught() {
+    let plan = ClusterPlan {
+        incarnations: false,
+        ..ClusterPlan::default()
+    };
+    let v = (0..200)
+        .find_map(|seed| run_with(seed, plan.clone()).err())
+        .expect("restarts without incarnations passed 200 seeds: the checkers miss a program's acknowledgement taken for another's");
+    assert!(
+        v.0.contains("acknowledgement") || v.0.contains("durability"),
+        "{}",
+        v.0
+    );
 }
 
 #[test]

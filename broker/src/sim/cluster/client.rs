@@ -19,7 +19,7 @@
 use crate::core::rrpc::Mode;
 use crate::sim::checker::Violation;
 use crate::sim::client::link_config;
-use crate::sim::cluster_checker::ClusterChecker;
+use crate::sim::cluster_checker::{payload, ClusterChecker};
 use crate::sim::service::METHODS;
 use bytes::Bytes;
 use canopy_client::core::{Action, ClientCore, Event, Joined, LinkEvent};
@@ -34,7 +34,7 @@ pub(super) const TOPIC: &str = "t";
 /// check against the stream. Its position is the core's.
 #[derive(Debug)]
 pub(super) struct Subscriber {
-    weak: bool,
+    pub weak: bool,
     /// In the current stream: where the client joined it, what it was
     /// handed (seq → content), and the gaps it was told of.
     since: Seq,
@@ -95,7 +95,15 @@ impl Subscriber {
 #[derive(Debug)]
 pub(super) struct CoreClient {
     pub id: PublisherId,
-    /// Its first pub_seq (first contact may start anywhere).
+    /// Its program: 0, and one more at each restart under the same id
+    /// (payloads name it).
+    pub program: u64,
+    /// A restarted program publishes only from its first Welcome on, as
+    /// the SDK's `connect` returns only then: its core learns there where
+    /// the id stands.
+    pub gated: bool,
+    /// Its first pub_seq (first contact may start anywhere; a restarted
+    /// program's is known at its first Welcome).
     pub first: u64,
     /// The client protocol core the SDK runs.
     pub core: ClientCore,
@@ -136,6 +144,8 @@ impl CoreClient {
         }
         CoreClient {
             id,
+            program: 0,
+            gated: false,
             first,
             core,
             acked: PubSeq(0),
@@ -144,6 +154,44 @@ impl CoreClient {
             conn: None,
             armed: None,
             caller: false,
+            calls: BTreeMap::new(),
+            replies: BTreeMap::new(),
+        }
+    }
+
+    /// Its program restarted under the same publisher id at `now`, with the
+    /// same settings: a new core that begins an incarnation as the SDK does
+    /// for a fixed id, and publishes from its first Welcome on. The SDK
+    /// takes the wall clock's seconds; here the clock has moved on to the
+    /// incarnation after everything the old program published, as it has
+    /// when a program restarts a second or more after its predecessor
+    /// began. (Within that second, or with the clock stepped back, at a
+    /// server whose table forgot the id, an acknowledgement can be taken
+    /// for the wrong program's: the hole docs/DESIGN.md "What is not there
+    /// yet" names. A clock behind the old program's pub_seqs shows it here.)
+    /// A broken build's program begins no `incarnation`.
+    pub fn restarted(&self, now: Duration, incarnation: bool) -> CoreClient {
+        let program = self.program + 1;
+        let mut core = ClientCore::new(now, self.core.link().config().clone());
+        let clock = (self.core.next_pub_seq().0 >> PubSeq::INCARNATION_BITS) + 1;
+        if incarnation {
+            core.begin_incarnation(clock);
+        }
+        if self.sub.is_some() {
+            core.subscribe(">");
+        }
+        CoreClient {
+            id: self.id,
+            program,
+            gated: true,
+            first: core.next_pub_seq().0,
+            core,
+            acked: PubSeq(0),
+            acked_in: Vec::new(),
+            sub: self.sub.as_ref().map(|s| Subscriber::new(s.weak)),
+            conn: None,
+            armed: None,
+            caller: self.caller,
             calls: BTreeMap::new(),
             replies: BTreeMap::new(),
         }
@@ -166,8 +214,8 @@ impl CoreClient {
     /// can; its payload names it, as the checker expects).
     pub fn publish(&mut self, checker: &mut ClusterChecker) {
         let pub_seq = self.core.next_pub_seq();
-        let payload = Bytes::from(format!("{}:{}", self.id.0, pub_seq.0));
-        checker.published(self.id, pub_seq);
+        let payload = Bytes::from(payload(self.id, pub_seq, self.program));
+        checker.published(self.id, pub_seq, self.program);
         if self.caller {
             // Every mode in turn; active calls wait for their server's
             // reply, every replica's or a majority's, in turn.
@@ -201,18 +249,23 @@ impl CoreClient {
     }
 
     /// Marks everything through `pub_seq` acknowledged in the current
-    /// connection's stream, which must hold it.
+    /// connection's stream, which must hold it as this program's publish.
+    /// (A restarted program's first Welcome acknowledges its
+    /// predecessors' publishes, below its own.)
     fn acknowledge(&mut self, pub_seq: PubSeq, checker: &ClusterChecker) -> Result<u64, Violation> {
-        if pub_seq <= self.acked {
+        if pub_seq <= self.acked || pub_seq.0 < self.first {
             return Ok(0);
         }
         let stream = self.core.stream().unwrap_or_default();
-        if checker.seq_of(stream, (self.id, pub_seq)).is_none() {
+        let program = checker.program_of(stream, (self.id, pub_seq));
+        if program != Some(self.program) {
             return Err(Violation(format!(
-                "acknowledgement: publisher {} was told pub_seq {} is ordered in stream {stream:x}, but it is not there (found at {:?})",
+                "acknowledgement: publisher {} (program {}) was told pub_seq {} is ordered in stream {stream:x}, but it is not there as its publish (there as program {program:?}'s; found at {:?}; forgotten by a table at {:?})",
                 self.id.0,
+                self.program,
                 pub_seq.0,
-                checker.find(self.id, pub_seq)
+                checker.find(self.id, pub_seq),
+                checker.forgotten.get(&self.id)
             )));
         }
         let newly = pub_seq.0 - self.acked.0.max(self.first.saturating_sub(1));
@@ -261,6 +314,11 @@ impl CoreClient {
         while let Some(event) = self.core.poll_event() {
             match event {
                 Event::Welcomed { welcome, joined } => {
+                    if self.gated {
+                        // Its incarnation stands past the id's publishes now.
+                        self.gated = false;
+                        self.first = self.core.next_pub_seq().0;
+                    }
                     if let Some(s) = self.sub.as_mut().filter(|_| joined != Joined::Resumed) {
                         s.resets += u64::from(joined == Joined::Reset);
                         s.since = welcome.head;
