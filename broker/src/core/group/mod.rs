@@ -225,11 +225,10 @@ impl Group {
     /// its way up.
     pub fn poll_event(&mut self) -> Option<Event> {
         let event = self.total.poll_event()?;
+        self.rrpc_as_me();
         match &event {
             Event::Deliver(msgs) => self.rrpc.deliver(msgs),
             Event::View { view, at } => {
-                self.rrpc
-                    .set_publisher(rrpc_config(self.mbr.me()).publisher);
                 self.rrpc.view(view, *at);
                 self.rrpc.set_primary(self.mbr.is_primary());
             }
@@ -257,8 +256,23 @@ impl Group {
 
     /// RRPC: a job's result; its outcome is ordered.
     pub fn executed(&mut self, job: &Job, result: Result<Bytes, String>) {
+        self.rrpc_as_me();
         self.rrpc.executed(job, result);
         self.submit_outcomes();
+    }
+
+    /// RRPC orders its outcomes and votes as the incarnation this server
+    /// runs as now. From a rejoin on, not from the next install: a server
+    /// that rejoined, was made a member of a view and was cut off before
+    /// its commit is delivered that view's messages by the next view's
+    /// flush, and that view's record names it as its new incarnation; a
+    /// vote it ordered under the old one counted for no voter, and a call
+    /// waiting for a majority or for every replica waited for good
+    /// (cluster simulator, seed 38827).
+    fn rrpc_as_me(&mut self) {
+        let me = self.mbr.me();
+        self.rrpc
+            .set_publisher(rrpc::outcome_publisher(me.node, me.incarnation.0));
     }
 
     /// RRPC: the next reply, for the server the caller is attached to.

@@ -278,6 +278,48 @@ fn a_peer_naming_the_last_epoch_stops_proposals_without_a_panic() {
     }
 }
 
+/// A server that rejoins orders its RRPC outcomes and votes as its new
+/// incarnation at once, not from its next install: it may be made a member
+/// of a view under that incarnation and be delivered that view's messages
+/// (calls it votes on) by the next view's flush before it installs any
+/// (cluster simulator seed 38827: its vote counted for no voter, and the
+/// call waited for good).
+#[test]
+fn a_rejoining_server_votes_as_its_new_incarnation() {
+    let mut net = Net::new(3);
+    net.run_for(Duration::from_millis(500));
+    let g = net.groups[2].as_mut().expect("running");
+    let mine = g.view().expect("a view").id;
+    let before = g.me();
+    g.handle_timeout(net.now + Duration::from_millis(100));
+    let hb = std::iter::from_fn(|| g.poll_transmit())
+        .find_map(|(_, frame)| match wire::decode(frame.slice(4..)) {
+            Ok(PeerMsg::Heartbeat(hb)) => Some(hb),
+            _ => None,
+        })
+        .expect("a heartbeat");
+    // A peer holds a newer view than any this server promised: it was
+    // installed without this server, which rejoins.
+    let newer = crate::core::mbrship::wire::Heartbeat {
+        from: net.member(0).me(),
+        view: Some(ViewId {
+            epoch: mine.epoch + 10,
+            ..mine
+        }),
+        ..hb
+    };
+    let now = net.now;
+    let g = net.groups[2].as_mut().expect("running");
+    g.handle_msg(now, NodeId(1), PeerMsg::Heartbeat(newer));
+    assert!(g.me().incarnation > before.incarnation, "it rejoined");
+    while g.poll_event().is_some() {}
+    let me = g.me();
+    assert_eq!(
+        g.rrpc().publisher(),
+        rrpc::outcome_publisher(me.node, me.incarnation.0)
+    );
+}
+
 /// A server that restarted without its disk takes the coordinator's
 /// snapshot and joins; a snapshot that cannot be right (its head the last
 /// seq there is, or more messages than seqs) is refused, not installed,

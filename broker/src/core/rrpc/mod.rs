@@ -409,6 +409,11 @@ impl Rrpc {
         }
     }
 
+    /// The publisher id this server orders its outcomes and votes under.
+    pub fn publisher(&self) -> PublisherId {
+        self.config.publisher
+    }
+
     /// In a primary view (executes and orders) or not.
     pub fn set_primary(&mut self, primary: bool) {
         self.primary = primary;
