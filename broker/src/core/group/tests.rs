@@ -117,6 +117,19 @@ impl Net {
         }
     }
 
+    /// Server `i`'s next heartbeat, taken off the wire (`settle` sent
+    /// what was queued: the next one is a tick away).
+    fn next_heartbeat(&mut self, i: usize) -> crate::core::mbrship::wire::Heartbeat {
+        let g = self.groups[i].as_mut().expect("running");
+        g.handle_timeout(self.now + Duration::from_millis(100));
+        std::iter::from_fn(|| g.poll_transmit())
+            .find_map(|(_, frame)| match wire::decode(frame.slice(4..)) {
+                Ok(PeerMsg::Heartbeat(hb)) => Some(hb),
+                _ => None,
+            })
+            .expect("a heartbeat")
+    }
+
     fn member(&self, i: usize) -> &Group {
         self.groups[i].as_ref().expect("running")
     }
@@ -250,15 +263,7 @@ fn a_resend_asked_after_the_last_seq_there_is_sends_nothing() {
 fn a_peer_naming_the_last_epoch_stops_proposals_without_a_panic() {
     let mut net = Net::new(3);
     net.run_for(Duration::from_millis(500));
-    let g = net.groups[2].as_mut().expect("running");
-    // (`settle` sent what was queued: the next heartbeat is a tick away.)
-    g.handle_timeout(net.now + Duration::from_millis(100));
-    let hb = std::iter::from_fn(|| g.poll_transmit())
-        .find_map(|(_, frame)| match wire::decode(frame.slice(4..)) {
-            Ok(PeerMsg::Heartbeat(hb)) => Some(hb),
-            _ => None,
-        })
-        .expect("a heartbeat");
+    let hb = net.next_heartbeat(2);
     let now = net.now;
     let forged = crate::core::mbrship::wire::Heartbeat {
         epoch: u64::MAX,
@@ -288,16 +293,9 @@ fn a_peer_naming_the_last_epoch_stops_proposals_without_a_panic() {
 fn a_rejoining_server_votes_as_its_new_incarnation() {
     let mut net = Net::new(3);
     net.run_for(Duration::from_millis(500));
-    let g = net.groups[2].as_mut().expect("running");
-    let mine = g.view().expect("a view").id;
-    let before = g.me();
-    g.handle_timeout(net.now + Duration::from_millis(100));
-    let hb = std::iter::from_fn(|| g.poll_transmit())
-        .find_map(|(_, frame)| match wire::decode(frame.slice(4..)) {
-            Ok(PeerMsg::Heartbeat(hb)) => Some(hb),
-            _ => None,
-        })
-        .expect("a heartbeat");
+    let mine = net.member(2).view().expect("a view").id;
+    let before = net.member(2).me();
+    let hb = net.next_heartbeat(2);
     // A peer holds a newer view than any this server promised: it was
     // installed without this server, which rejoins.
     let newer = crate::core::mbrship::wire::Heartbeat {
