@@ -103,7 +103,7 @@ pub(super) struct CoreClient {
     /// the id stands.
     pub gated: bool,
     /// Its first pub_seq (first contact may start anywhere; a restarted
-    /// program's is known at its first Welcome).
+    /// program's is known at its last Welcome before it publishes).
     pub first: u64,
     /// The client protocol core the SDK runs.
     pub core: ClientCore,
@@ -314,8 +314,10 @@ impl CoreClient {
         while let Some(event) = self.core.poll_event() {
             match event {
                 Event::Welcomed { welcome, joined } => {
-                    if self.gated {
-                        // Its incarnation stands past the id's publishes now.
+                    // Its incarnation stands past the id's publishes now;
+                    // until it publishes, each Welcome may move it further
+                    // (one that knows more of its predecessors').
+                    if self.gated || (self.acked == PubSeq(0) && self.core.unacked_len() == 0) {
                         self.gated = false;
                         self.first = self.core.next_pub_seq().0;
                     }
