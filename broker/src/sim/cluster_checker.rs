@@ -42,6 +42,10 @@ struct ServerTrack {
     held: VecDeque<(Seq, PublisherId, PubSeq)>,
 }
 
+/// Where a content is in a stream: its seq, and the program whose publish
+/// it is (none for a server's own).
+type Placed = (Seq, Option<u64>);
+
 /// The checker of one simulated core.
 #[derive(Debug, Default)]
 pub struct ClusterChecker {
@@ -53,8 +57,9 @@ pub struct ClusterChecker {
     /// Per stream: the seqs of system messages (the servers' own
     /// membership events, not a simulated publisher's).
     system: HashSet<(u64, Seq)>,
-    /// Per stream: content → seq.
-    seq_of: HashMap<u64, HashMap<(PublisherId, PubSeq), Seq>>,
+    /// Per stream: content → its seq, and the program whose publish it is
+    /// (none for a server's own).
+    seq_of: HashMap<u64, HashMap<(PublisherId, PubSeq), Placed>>,
     /// Per stream and publisher: seq → pub_seq.
     fifo: HashMap<(u64, PublisherId), BTreeMap<Seq, PubSeq>>,
     /// Per stream and view id: its members and the seq it follows. (Only a
@@ -63,8 +68,6 @@ pub struct ClusterChecker {
     views: HashMap<(u64, ViewId), (Vec<u32>, Seq)>,
     /// What each program published: publisher, pub_seq, program.
     published: HashSet<(PublisherId, PubSeq, u64)>,
-    /// Per stream and content: the program whose publish it is.
-    program_of: HashMap<(u64, PublisherId, PubSeq), u64>,
     /// Publishers some server's table forgot, with the last pub_seq they
     /// had then: an old retry of theirs (at or below it) may be ordered
     /// again, and a restarted program's predecessor's publish after the
@@ -183,7 +186,7 @@ impl ClusterChecker {
                 .is_some_and(|&p| m.pub_seq <= p);
             match seqs.get(&content) {
                 Some(_) if excused => continue,
-                Some(s) if *s != m.seq => {
+                Some((s, _)) if *s != m.seq => {
                     return Err(Violation(format!(
                         "no duplication: {content:?} ordered at seq {s} and again at seq {}",
                         m.seq
@@ -191,28 +194,28 @@ impl ClusterChecker {
                 }
                 Some(_) => {}
                 None => {
-                    seqs.insert(content, m.seq);
-                    if let Some(k) = program {
-                        self.program_of.insert((stream, m.publisher, m.pub_seq), k);
-                    }
+                    seqs.insert(content, (m.seq, program));
                 }
             }
-            let fifo = self.fifo.entry((stream, m.publisher)).or_default();
-            let before = fifo.range(..m.seq).next_back().map(|(s, p)| (*s, *p));
-            let after = fifo.range(m.seq.next()..).next().map(|(s, p)| (*s, *p));
+            let fifo = self.fifo.get(&(stream, m.publisher));
+            let before = fifo.and_then(|f| f.range(..m.seq).next_back().map(|(s, p)| (*s, *p)));
+            let after = fifo.and_then(|f| f.range(m.seq.next()..).next().map(|(s, p)| (*s, *p)));
             // A program's publish still on its way when it was restarted is
             // dropped as a retry once its successor's are ordered, unless a
             // table forgot the publisher meanwhile: then it is ordered, late
             // (the same price of the bound as an old retry ordered again).
             let late = excused
                 && before.is_some_and(|(_, p)| {
-                    let later = self.program_of.get(&(stream, m.publisher, p));
-                    program.zip(later.copied()).is_some_and(|(k, l)| k < l)
+                    let later = self.program_of(stream, (m.publisher, p));
+                    program.zip(later).is_some_and(|(k, l)| k < l)
                 });
             if late {
                 continue;
             }
-            fifo.insert(m.seq, m.pub_seq);
+            self.fifo
+                .entry((stream, m.publisher))
+                .or_default()
+                .insert(m.seq, m.pub_seq);
             if before.is_some_and(|(_, p)| p >= m.pub_seq)
                 || after.is_some_and(|(_, p)| p <= m.pub_seq)
             {
@@ -353,7 +356,7 @@ impl ClusterChecker {
         let mut found: Vec<(u64, Seq)> = self
             .seq_of
             .iter()
-            .filter_map(|(stream, m)| m.get(&(publisher, pub_seq)).map(|s| (*stream, *s)))
+            .filter_map(|(stream, m)| m.get(&(publisher, pub_seq)).map(|(s, _)| (*stream, *s)))
             .collect();
         found.sort_unstable();
         found
@@ -362,17 +365,7 @@ impl ClusterChecker {
     /// The program whose publish `content` is in `stream`, if delivered
     /// anywhere.
     pub fn program_of(&self, stream: u64, content: (PublisherId, PubSeq)) -> Option<u64> {
-        self.program_of
-            .get(&(stream, content.0, content.1))
-            .copied()
-    }
-
-    /// The seq of `content` in `stream`, if delivered anywhere.
-    pub fn seq_of(&self, stream: u64, content: (PublisherId, PubSeq)) -> Option<Seq> {
-        self.seq_of
-            .get(&stream)
-            .and_then(|m| m.get(&content))
-            .copied()
+        self.seq_of.get(&stream)?.get(&content)?.1
     }
 }
 
